@@ -1,0 +1,39 @@
+# mlkd developer tasks. Everything installs into .venv; nothing touches the system Python.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+MLKD   := $(VENV)/bin/mlkd
+# The torch build this workplace resolves from local disk; users elsewhere may bring any torch>=2.1.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-fast demo lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install
+	$(MLKD) teacher train --preset digits --name demo_teacher --output-dir runs/demo
+
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info runs .pytest_cache

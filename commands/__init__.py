@@ -1,0 +1,1 @@
+"""Typer command modules, one per group (installed as mlkd_cli.commands)."""

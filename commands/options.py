@@ -1,0 +1,48 @@
+"""Option declarations shared by the command modules, so every command spells them alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+Preset = Annotated[
+    str | None,
+    typer.Option("--preset", help="A shipped preset name or a YAML file; flags given here win."),
+]
+Dataset = Annotated[
+    str | None, typer.Option("--dataset", "-d", help="Dataset name (see `mlkd data list`).")
+]
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Folder holding the dataset files [default: data]."),
+]
+Download = Annotated[
+    bool | None,
+    typer.Option(
+        "--download/--no-download", help="Download the dataset if absent (needs a network)."
+    ),
+]
+WorldSize = Annotated[
+    int | None,
+    typer.Option(
+        "--world-size", help="Processes to spawn (one per GPU; gloo on CPU) [default: 1]."
+    ),
+]
+Device = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda [default: auto].")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Random seed [default: 0].")]
+Workers = Annotated[
+    int | None, typer.Option("--workers", help="Data-loading workers per process [default: auto].")
+]
+OutputDir = Annotated[
+    Path | None,
+    typer.Option("--output-dir", help="Where checkpoints and histories go [default: models]."),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print results only, no progress.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The options the user actually passed (Typer gives None for the rest)."""
+    return {k: v for k, v in values.items() if v is not None}

@@ -1,0 +1,151 @@
+"""`mlkd teacher`: train (fine-tune) a teacher model on a dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlkd_cli.config import TeacherTrainConfig, build_config, config_field_names
+from mlkd_cli.console import OutputOptions, Reporter
+from mlkd_cli.engine.launch import launch
+from mlkd_cli.engine.trainer import plan_teacher_training, train_teacher
+from mlkd_cli.presets import preset_section
+
+from . import options as opt
+
+app = typer.Typer(help="Train teacher models.", no_args_is_help=True)
+
+
+@app.command("train")
+def train(
+    dataset: opt.Dataset = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="timm model name, e.g. resnet50.")
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", "-n", help="Run name: files are <output-dir>/<name>*.pth."),
+    ] = None,
+    pretrained: Annotated[
+        bool | None,
+        typer.Option("--pretrained/--no-pretrained", help="Start from timm's hub weights."),
+    ] = None,
+    init_checkpoint: Annotated[
+        Path | None,
+        typer.Option("--init-checkpoint", help="Start from local weights (.pth or .safetensors)."),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", "-e", help="Epochs [default: 30].")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", "-b", help="Images per process per step [default: 64]."),
+    ] = None,
+    effective_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--effective-batch-size",
+            help="Images per optimiser step over all processes (gradient accumulation).",
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Peak learning rate [default: 1e-3].")
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option("--weight-decay", help="AdamW weight decay [default: 1e-4].")
+    ] = None,
+    warmup_epochs: Annotated[
+        float | None, typer.Option("--warmup-epochs", help="Linear warmup [default: 1].")
+    ] = None,
+    label_smoothing: Annotated[
+        float | None, typer.Option("--label-smoothing", help="[default: 0.1]")
+    ] = None,
+    mixup_alpha: Annotated[float | None, typer.Option("--mixup-alpha", help="[default: 0]")] = None,
+    cutmix_alpha: Annotated[
+        float | None, typer.Option("--cutmix-alpha", help="[default: 0]")
+    ] = None,
+    img_size: Annotated[
+        int | None, typer.Option("--img-size", help="Training resolution [default: the dataset's].")
+    ] = None,
+    val_fraction: Annotated[
+        float | None,
+        typer.Option("--val-fraction", help="Share of training data held out [default: 0.1]."),
+    ] = None,
+    data_dir: opt.DataDir = None,
+    download: opt.Download = None,
+    world_size: opt.WorldSize = None,
+    device: opt.Device = None,
+    seed: opt.Seed = None,
+    workers: opt.Workers = None,
+    output_dir: opt.OutputDir = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run from <name>_last.pth.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing run of the same name.")
+    ] = False,
+    preset: opt.Preset = None,
+    quiet: opt.Quiet = False,
+    json: opt.Json = False,
+) -> None:
+    """Fine-tune any timm model on a dataset; saves the best model by validation top-1."""
+    flags = opt.given(
+        dataset=dataset,
+        model=model,
+        name=name,
+        pretrained=pretrained,
+        init_checkpoint=init_checkpoint,
+        epochs=epochs,
+        batch_size=batch_size,
+        effective_batch_size=effective_batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing,
+        mixup_alpha=mixup_alpha,
+        cutmix_alpha=cutmix_alpha,
+        img_size=img_size,
+        val_fraction=val_fraction,
+        data_dir=data_dir,
+        download=download,
+        world_size=world_size,
+        device=device,
+        seed=seed,
+        workers=workers,
+        output_dir=output_dir,
+    )
+    values = {**preset_section(preset, "teacher", config_field_names(TeacherTrainConfig)), **flags}
+    values.update(resume=resume, overwrite=overwrite, output=OutputOptions(quiet=quiet, json=json))
+    cfg = build_config(TeacherTrainConfig, values, origin=preset or "options")
+    plan = plan_teacher_training(cfg)
+    summary = launch(train_teacher, plan, cfg.world_size, cfg.device)
+    report = Reporter(cfg.output)
+    best = summary["best_row"] or {}
+    report.table(
+        f"teacher {summary['name']}: {summary['model']} on {summary['dataset']}",
+        ["best epoch", "val top-1 %", "val top-5 %", "val NLL", "img/s"],
+        [
+            [
+                f"{summary['best_epoch']}/{summary['epochs']}",
+                _pct(best.get("val_top1")),
+                _pct(best.get("val_top5")),
+                best.get("val_nll"),
+                _rate(best.get("images_per_s")),
+            ]
+        ],
+    )
+    files = summary["files"]
+    report.info(
+        f"saved {files['best']}; history {files['history_csv']}; resume state {files['last']}"
+    )
+    report.result(summary)
+
+
+def _pct(value: float | None) -> str | None:
+    return None if value is None else f"{value:.2f}"
+
+
+def _rate(value: float | None) -> str | None:
+    return None if value is None else f"{value:.0f}"

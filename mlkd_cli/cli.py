@@ -1,0 +1,85 @@
+"""The `mlkd` root app: command groups, --version, and how errors reach the terminal."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from mlkd_cli import __version__
+from mlkd_cli.commands import data, distill, ensemble, evaluate, export, teacher
+from mlkd_cli.console import UserError
+
+
+class MlkdGroup(TyperGroup):
+    """Root group whose errors are one line on stderr with exit code 2, never a traceback.
+
+    Usage errors from click (bad flag, bad value) and mlkd's own UserError are both mistakes the
+    user can fix; anything else is a bug and keeps its traceback.
+    """
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        kwargs.setdefault("prog_name", "mlkd")
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            code = _fail(f"{exc.format_message()}{hint}", exc.exit_code)
+        except UserError as exc:
+            code = _fail(str(exc), 2)
+        except click.ClickException as exc:
+            code = _fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            code = _fail("aborted", 130)
+        else:
+            code = result if isinstance(result, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _fail(message: str, code: int) -> int:
+    click.echo(f"mlkd: error: {message}", err=True)
+    return code
+
+
+app = typer.Typer(
+    cls=MlkdGroup,
+    name="mlkd",
+    help="Multi-level knowledge distillation: small, fast image classifiers from big teachers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mlkd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Multi-level knowledge distillation: small, fast image classifiers from big teachers."""
+
+
+app.add_typer(teacher.app, name="teacher")
+app.add_typer(ensemble.app, name="ensemble")
+app.command("distill", help=distill.distill.__doc__)(distill.distill)
+app.command("eval", help=evaluate.evaluate.__doc__)(evaluate.evaluate)
+app.command("export", help=export.export.__doc__)(export.export)
+app.add_typer(data.app, name="data")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,1 @@
+"""Datasets: the registry, on-disk readers, the embedded digits set, transforms and loaders."""

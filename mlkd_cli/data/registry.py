@@ -1,0 +1,177 @@
+"""The dataset registry: what each name means, where it looks, and its train/val/test splits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlkd_cli.console import UserError
+from mlkd_cli.data import sources
+from mlkd_cli.data.sources import ImageSource, RawSplits
+
+# The validation split is held out of the training data with this seed, never with the run's
+# --seed: teachers trained with different seeds must share one validation split, or fitting an
+# ensemble on it would score members on images they were trained on.
+HOLDOUT_SEED = 53_303
+DEFAULT_VAL_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset name: its classes, files, and the image recipe it trains with."""
+
+    name: str
+    description: str
+    num_classes: int | None  # None: read from the files (image folders)
+    looks_in: Callable[[Path], str]
+    read: Callable[[Path, bool], RawSplits]
+    img_size: int = 224
+    crop_pct: float = 0.875
+    hflip: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    splits: str = "train/val (held out), test"
+    downloadable: bool = False
+
+
+def _torchvision_download(kind: str) -> Callable[[Path], None]:
+    def download(root: Path) -> None:
+        # Imported here: torchvision's dataset module is only needed by users who download.
+        from torchvision import datasets
+
+        if kind == "cifar-10":
+            datasets.CIFAR10(str(root), train=True, download=True)
+            datasets.CIFAR10(str(root), train=False, download=True)
+        elif kind == "cifar-100":
+            datasets.CIFAR100(str(root), train=True, download=True)
+            datasets.CIFAR100(str(root), train=False, download=True)
+        else:
+            datasets.OxfordIIITPet(str(root), split="trainval", download=True)
+
+    return download
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            name="cifar-10",
+            description="CIFAR-10, 60,000 32x32 colour images (torchvision's python batches)",
+            num_classes=10,
+            looks_in=lambda d: str(d / sources.CIFAR10_LAYOUT.folder),
+            read=lambda d, dl: sources.load_cifar(
+                d, sources.CIFAR10_LAYOUT, dl, _torchvision_download("cifar-10")
+            ),
+            downloadable=True,
+        ),
+        DatasetSpec(
+            name="cifar-100",
+            description="CIFAR-100, 60,000 32x32 colour images, 100 fine classes",
+            num_classes=100,
+            looks_in=lambda d: str(d / sources.CIFAR100_LAYOUT.folder),
+            read=lambda d, dl: sources.load_cifar(
+                d, sources.CIFAR100_LAYOUT, dl, _torchvision_download("cifar-100")
+            ),
+            downloadable=True,
+        ),
+        DatasetSpec(
+            name="oxford-iiit",
+            description="Oxford-IIIT Pet, 37 cat and dog breeds (images/ + annotations/ lists)",
+            num_classes=37,
+            looks_in=lambda d: str(d / sources.OXFORD_FOLDER),
+            read=lambda d, dl: sources.load_oxford_pet(d, dl, _torchvision_download("oxford-iiit")),
+            downloadable=True,
+        ),
+        DatasetSpec(
+            name="imagefolder",
+            description="your images: --data-dir with train/<class>/ and optional val/, test/",
+            num_classes=None,
+            looks_in=lambda d: f"{d}/train, {d}/val, {d}/test",
+            read=lambda d, dl: sources.load_image_folder(d),
+            splits="train, val (its own or held out), test (if present)",
+        ),
+        DatasetSpec(
+            name="digits",
+            description="UCI optical handwritten digits, 1,797 8x8 images, embedded in mlkd",
+            num_classes=10,
+            looks_in=lambda d: "(embedded in the package)",
+            read=lambda d, dl: sources.load_digits(),
+            img_size=32,
+            crop_pct=1.0,
+            hflip=False,  # a mirrored 2 is not a 2
+            crop_scale=(0.5, 1.0),  # 8x8 glyphs do not survive ImageNet's 8% crops
+            splits="train/val (held out), test (fixed 20%)",
+        ),
+    )
+}
+
+
+def get_dataset_spec(name: str) -> DatasetSpec:
+    """The registered dataset called `name`, or a UserError listing the known names."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        known = ", ".join(DATASETS)
+        raise UserError(f"unknown dataset {name!r}; choose one of: {known}") from None
+
+
+@dataclass
+class DataSplits:
+    """The three splits of a dataset as untransformed sources plus index lists."""
+
+    spec: DatasetSpec
+    class_names: list[str]
+    train: ImageSource
+    train_indices: list[int]
+    val: ImageSource
+    val_indices: list[int]
+    test: ImageSource | None
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes the dataset has."""
+        return len(self.class_names)
+
+    def counts(self) -> dict[str, int | None]:
+        """Number of images in each split."""
+        return {
+            "train": len(self.train_indices),
+            "val": len(self.val_indices),
+            "test": None if self.test is None else len(self.test),
+        }
+
+
+def load_splits(
+    name: str,
+    data_dir: Path,
+    download: bool = False,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+) -> DataSplits:
+    """Read a dataset's files and split off the validation set (stable across runs and ranks)."""
+    spec = get_dataset_spec(name)
+    if download and not spec.downloadable:
+        raise UserError(f"{name} cannot be downloaded; drop --download")
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    raw = spec.read(data_dir, download)
+    if spec.num_classes is not None and len(raw.class_names) != spec.num_classes:
+        raise UserError(
+            f"{spec.looks_in(data_dir)} lists {len(raw.class_names)} classes, "
+            f"{name} has {spec.num_classes}; re-download it"
+        )
+    if raw.val is not None:
+        return DataSplits(
+            spec,
+            raw.class_names,
+            raw.train,
+            list(range(len(raw.train))),
+            raw.val,
+            list(range(len(raw.val))),
+            raw.test,
+        )
+    train_idx, val_idx = sources.stratified_holdout(raw.train.targets, val_fraction, HOLDOUT_SEED)
+    if not train_idx or not val_idx:
+        raise UserError(
+            f"{name} has too few training images ({len(raw.train)}) to hold out a validation split"
+        )
+    return DataSplits(spec, raw.class_names, raw.train, train_idx, raw.train, val_idx, raw.test)

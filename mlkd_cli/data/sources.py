@@ -1,0 +1,329 @@
+"""Readers for each dataset's on-disk format, returning untransformed (PIL image, label) sources."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mlkd_cli.console import UserError
+
+
+class ImageSource(Protocol):
+    """A dataset of (PIL RGB image, int label) pairs with its labels known up front."""
+
+    targets: Sequence[int]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]: ...
+
+
+class ArraySource(Dataset):
+    """Images held in memory as a uint8 array (N, H, W, 3), as CIFAR and digits are."""
+
+    def __init__(self, images: np.ndarray, targets: Sequence[int]) -> None:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.shape}")
+        if len(images) != len(targets):
+            raise ValueError("images and targets differ in length")
+        self.images = images
+        self.targets = [int(t) for t in targets]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]), self.targets[index]
+
+
+@dataclass
+class RawSplits:
+    """What a dataset's files hold: its training images, test images (if any), class names.
+
+    `val` is set only where the dataset ships its own validation split (an image folder's val/).
+    """
+
+    train: ImageSource
+    test: ImageSource | None
+    class_names: list[str]
+    val: ImageSource | None = None
+
+
+# ----------------------------------------------------------------------------- CIFAR
+
+# CIFAR's "python version" files are pickles. Unpickling can run code, so only the globals that
+# numpy arrays need are let through; anything else in the file is refused.
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+
+
+def read_cifar_pickle(path: Path) -> dict[str, Any]:
+    """Read one CIFAR batch or meta file, allowing nothing but plain data and numpy arrays."""
+    try:
+        with path.open("rb") as handle:
+            # latin1: the official files were written by Python 2 (numpy's advice for such pickles)
+            content = _ArrayOnlyUnpickler(handle, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise UserError(
+            f"{path} is not a readable CIFAR batch ({exc}); delete it and re-download"
+        ) from exc
+    if not isinstance(content, dict):
+        raise UserError(f"{path} is not a CIFAR batch (no dictionary inside); re-download it")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """File names of one CIFAR variant, as torchvision downloads and extracts them."""
+
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    label_key: str
+    names_key: str
+
+
+CIFAR10_LAYOUT = CifarLayout(
+    folder="cifar-10-batches-py",
+    train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+    test_files=("test_batch",),
+    meta_file="batches.meta",
+    label_key="labels",
+    names_key="label_names",
+)
+CIFAR100_LAYOUT = CifarLayout(
+    folder="cifar-100-python",
+    train_files=("train",),
+    test_files=("test",),
+    meta_file="meta",
+    label_key="fine_labels",
+    names_key="fine_label_names",
+)
+
+
+def _read_cifar_files(root: Path, files: Sequence[str], label_key: str) -> ArraySource:
+    images, labels = [], []
+    for name in files:
+        batch = read_cifar_pickle(root / name)
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.extend(int(v) for v in batch[label_key])
+    return ArraySource(np.ascontiguousarray(np.concatenate(images)), labels)
+
+
+def load_cifar(data_dir: Path, layout: CifarLayout, download: bool, download_fn: Any) -> RawSplits:
+    """Read CIFAR-10/100 from torchvision's extracted layout under `data_dir`."""
+    root = data_dir / layout.folder
+    expected = [*layout.train_files, *layout.test_files, layout.meta_file]
+    if download and not all((root / f).is_file() for f in expected):
+        _download(download_fn, data_dir)
+    missing = [f for f in expected if not (root / f).is_file()]
+    if missing:
+        raise UserError(
+            f"CIFAR files missing in {root} ({', '.join(missing)}); "
+            "pass --download, or point --data-dir at the folder holding "
+            f"{layout.folder}/"
+        )
+    meta = read_cifar_pickle(root / layout.meta_file)
+    return RawSplits(
+        train=_read_cifar_files(root, layout.train_files, layout.label_key),
+        test=_read_cifar_files(root, layout.test_files, layout.label_key),
+        class_names=[str(n) for n in meta[layout.names_key]],
+    )
+
+
+def _download(download_fn: Any, data_dir: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        download_fn(data_dir)
+    except (OSError, RuntimeError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"download into {data_dir} failed ({first_line}); check the network "
+            "or place the files there by hand"
+        ) from exc
+
+
+# ----------------------------------------------------------------------------- Oxford-IIIT Pet
+
+OXFORD_FOLDER = "oxford-iiit-pet"
+
+
+class _ListedImages(Dataset):
+    """Image files with labels, decoded on access."""
+
+    def __init__(self, paths: Sequence[Path], targets: Sequence[int]) -> None:
+        self.paths = list(paths)
+        self.targets = [int(t) for t in targets]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        with Image.open(self.paths[index]) as image:
+            return image.convert("RGB"), self.targets[index]
+
+
+def load_oxford_pet(data_dir: Path, download: bool, download_fn: Any) -> RawSplits:
+    """Read Oxford-IIIT Pet in torchvision's layout (images/ and annotations/ lists)."""
+    root = data_dir / OXFORD_FOLDER
+    lists = {split: root / "annotations" / f"{split}.txt" for split in ("trainval", "test")}
+    if download and not all(p.is_file() for p in lists.values()):
+        _download(download_fn, data_dir)
+    missing = [str(p) for p in [root / "images", *lists.values()] if not p.exists()]
+    if missing:
+        raise UserError(
+            f"Oxford-IIIT Pet files missing ({', '.join(missing)}); pass --download, or point "
+            f"--data-dir at the folder holding {OXFORD_FOLDER}/"
+        )
+    parsed = {split: _read_pet_list(path) for split, path in lists.items()}
+    # Class names come from the image names ("great_pyrenees_12" -> "Great Pyrenees"), as
+    # torchvision names them; the list's class id (1-based) is authoritative for the label.
+    names: dict[int, str] = {}
+    for entries in parsed.values():
+        for image_id, label in entries:
+            breed = image_id.rsplit("_", 1)[0]
+            names.setdefault(label, " ".join(part.title() for part in breed.split("_")))
+    class_names = [names[i] for i in sorted(names)]
+    if sorted(names) != list(range(len(names))):
+        raise UserError(
+            f"class ids in {root / 'annotations'} are not contiguous; re-download the dataset"
+        )
+
+    def source(entries: list[tuple[str, int]]) -> _ListedImages:
+        return _ListedImages(
+            [root / "images" / f"{image_id}.jpg" for image_id, _ in entries],
+            [label for _, label in entries],
+        )
+
+    return RawSplits(source(parsed["trainval"]), source(parsed["test"]), class_names)
+
+
+def _read_pet_list(path: Path) -> list[tuple[str, int]]:
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.split()
+        try:
+            entries.append((fields[0], int(fields[1]) - 1))
+        except (IndexError, ValueError):
+            raise UserError(
+                f"{path}:{number} is not '<image> <class id> ...'; re-download the dataset"
+            ) from None
+    return entries
+
+
+# ----------------------------------------------------------------------------- image folders
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _scan_folder(folder: Path) -> tuple[list[str], list[Path], list[int]]:
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{folder} has no class subfolders; expected {folder}/<class>/<image>")
+    paths, targets = [], []
+    for label, name in enumerate(classes):
+        files = sorted(
+            p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise UserError(
+                f"class folder {folder / name} holds no images; add images or remove it"
+            )
+        paths.extend(files)
+        targets.extend([label] * len(files))
+    return classes, paths, targets
+
+
+def load_image_folder(data_dir: Path) -> RawSplits:
+    """Read `data_dir/train/<class>/...` with optional `val/` and `test/` of the same classes."""
+    train_dir = data_dir / "train"
+    if not train_dir.is_dir():
+        raise UserError(
+            f"no {train_dir} folder; an image folder dataset needs --data-dir with "
+            "train/<class>/<image> (and optionally val/ and test/)"
+        )
+    classes, paths, targets = _scan_folder(train_dir)
+    extra: dict[str, _ListedImages | None] = {}
+    for split in ("val", "test"):
+        folder = data_dir / split
+        if not folder.is_dir():
+            extra[split] = None
+            continue
+        split_classes, split_paths, split_targets = _scan_folder(folder)
+        if split_classes != classes:
+            raise UserError(
+                f"{folder} has classes {split_classes[:5]}... but train/ has {classes[:5]}...; "
+                "the split folders must hold the same class subfolders"
+            )
+        extra[split] = _ListedImages(split_paths, split_targets)
+    return RawSplits(_ListedImages(paths, targets), extra["test"], classes, val=extra["val"])
+
+
+# ----------------------------------------------------------------------------- digits
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_TEST_SEED = 20_260_101  # fixed forever: the digits test split must never move
+
+
+def load_digits() -> RawSplits:
+    """The embedded UCI optical handwritten digits (1,797 8x8 images) with a fixed test split."""
+    resource = importlib.resources.files("mlkd_cli.data").joinpath("digits.csv.gz")
+    with resource.open("rb") as raw, gzip.open(raw, "rt") as text:
+        table = np.loadtxt(text, delimiter=",", dtype=np.int64)
+    pixels, labels = table[:, :64], table[:, 64]
+    # 0..16 counts of "on" pixels in 4x4 blocks -> 0..255 grey, repeated to three channels.
+    grey = np.round(pixels.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
+    images = np.repeat(grey[..., None], 3, axis=-1)
+    train_idx, test_idx = stratified_holdout(
+        labels.tolist(), DIGITS_TEST_FRACTION, DIGITS_TEST_SEED
+    )
+    return RawSplits(
+        train=ArraySource(images[train_idx], labels[train_idx].tolist()),
+        test=ArraySource(images[test_idx], labels[test_idx].tolist()),
+        class_names=[str(d) for d in range(10)],
+    )
+
+
+def stratified_holdout(
+    targets: Sequence[int], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Split indices into (kept, held out), holding out `fraction` of each class.
+
+    Depends only on the labels, the fraction and the seed, so every run and every rank
+    computes the same split.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(targets)
+    kept, held = [], []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        members = members[rng.permutation(len(members))]
+        count = int(round(fraction * len(members)))
+        held.extend(members[:count].tolist())
+        kept.extend(members[count:].tolist())
+    return sorted(kept), sorted(held)

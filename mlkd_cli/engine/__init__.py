@@ -1,0 +1,1 @@
+"""The shared engine: launching (single, spawned DDP, torchrun), the epoch runner, checkpoints."""

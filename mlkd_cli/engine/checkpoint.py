@@ -1,0 +1,133 @@
+"""Self-describing, atomically written checkpoints, loaded without unpickling arbitrary objects.
+
+A model checkpoint is a dict with timm's `state_dict` key beside plain metadata, so
+`timm.create_model(arch, checkpoint_path=path, num_classes=n)` loads it with no mlkd installed,
+and `mlkd eval` knows the architecture, classes and image recipe without being told.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlkd_cli import __version__
+from mlkd_cli.console import UserError
+from mlkd_cli.engine.atomic import atomic_write
+
+MODEL_FORMAT = "mlkd-model/1"
+TRAINING_STATE_FORMAT = "mlkd-training-state/1"
+
+
+@dataclass
+class ModelCard:
+    """What a checkpoint must say about its model for anyone to use it correctly."""
+
+    arch: str
+    num_classes: int
+    class_names: list[str]
+    dataset: str
+    img_size: int
+    crop_pct: float
+    mean: list[float]
+    std: list[float]
+    interpolation: str = "bicubic"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> ModelCard:
+        """Read the card back from a loaded checkpoint dict."""
+        names = [f.name for f in cls.__dataclass_fields__.values()]
+        return cls(**{k: checkpoint[k] for k in names if k in checkpoint})
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save such that a crash or full disk mid-write leaves the previous file intact."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def save_model(
+    path: Path,
+    model: torch.nn.Module,
+    card: ModelCard,
+    epoch: int,
+    metrics: dict[str, float],
+) -> None:
+    """Write a plain timm state dict with the model card, epoch and metrics beside it."""
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    card_dict = asdict(card)
+    atomic_save(
+        {
+            "format": MODEL_FORMAT,
+            "state_dict": state_dict,
+            **card_dict,
+            "epoch": epoch,
+            "metrics": dict(metrics),
+            "mlkd_version": __version__,
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a .pth file with `weights_only=True`, turning every failure into a UserError."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; check the path")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(
+            f"{path} holds objects that need arbitrary code to unpickle, which mlkd refuses; "
+            "re-save it as a plain state dict or .safetensors"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"{path} is not a readable checkpoint ({first_line}); it may be truncated, re-save it"
+        ) from exc
+    return content
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and whatever metadata a .pth or .safetensors file carries."""
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    content = load_checkpoint(path)
+    if not isinstance(content, dict):
+        raise UserError(f"{path} holds a {type(content).__name__}, not a state dict")
+    for key in ("state_dict", "model"):
+        if isinstance(content.get(key), dict):
+            meta = {k: v for k, v in content.items() if k != key}
+            return _strip_wrappers(content[key]), meta
+    if content and all(isinstance(v, torch.Tensor) for v in content.values()):
+        return _strip_wrappers(content), {}
+    raise UserError(f"{path} has no state dict inside (no 'state_dict' or 'model' key)")
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; check the path")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not iterable)
+            meta = dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path} is not a readable .safetensors file ({exc})") from exc
+    return tensors, meta
+
+
+def _strip_wrappers(state_dict: dict[str, Any]) -> dict[str, Any]:
+    # DDP and torch.compile prefix parameter names; a plain model has neither.
+    prefixes = ("module.", "_orig_mod.")
+    cleaned = {}
+    for key, value in state_dict.items():
+        while key.startswith(prefixes):
+            key = key.split(".", 1)[1]
+        cleaned[key] = value
+    return cleaned

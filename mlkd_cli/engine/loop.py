@@ -1,0 +1,224 @@
+"""One epoch of training and one exact evaluation pass, shared by every training command.
+
+The step function passed in computes the loss for one batch (cross-entropy for teachers, the KD
+loss for students); this module owns everything around it: accumulation, DDP gradient syncs,
+autocast, the optimiser and scheduler steps, and metric reduction across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data.mixup import Mixup, mixup_target
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from mlkd_cli.engine.launch import DistContext
+
+StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# Reading the loss forces a host-device sync; do it this often, not every step.
+LOSS_READ_EVERY = 20
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the model runs on this device: bf16 autocast and channels_last on CUDA only."""
+
+    device: torch.device
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether inputs and weights use the NHWC layout tensor cores prefer."""
+        return self.device.type == "cuda"
+
+    def autocast(self) -> AbstractContextManager:
+        """bf16 autocast on CUDA, nothing elsewhere."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """Move a batch to the device in the right memory format, without blocking the host."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
+class BatchMixer:
+    """Mixup/CutMix from timm, or plain label smoothing, always returning soft targets.
+
+    timm's Mixup needs an even batch; an odd batch loses its last image instead of crashing.
+    """
+
+    def __init__(
+        self, num_classes: int, mixup_alpha: float, cutmix_alpha: float, label_smoothing: float
+    ) -> None:
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.mixup = (
+            Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+            if mixup_alpha > 0 or cutmix_alpha > 0
+            else None
+        )
+
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mixup is None:
+            return images, mixup_target(labels, self.num_classes, 1.0, self.label_smoothing)
+        if images.shape[0] % 2:
+            images, labels = images[:-1], labels[:-1]
+        if images.shape[0] == 0:
+            return images, labels.new_zeros((0, self.num_classes), dtype=torch.float32)
+        return self.mixup(images, labels)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against probability targets, computed in fp32."""
+    return F.cross_entropy(logits.float(), targets)
+
+
+def cross_entropy_step(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """The teacher-training step: soft-target cross-entropy of the model's logits."""
+    return soft_cross_entropy(model(images), targets)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP wrapper."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    step_fn: StepFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    mixer: BatchMixer,
+    ctx: DistContext,
+    precision: Precision,
+    accum_steps: int,
+    on_step: Callable[[int, float | None], None] | None = None,
+) -> dict[str, Any]:
+    """Train for one pass over `loader`; returns the mean loss over ranks and the step count.
+
+    Gradients of `accum_steps` consecutive batches are summed before each optimiser step
+    (DDP syncs only on the last of them); a short final group is scaled by its own length.
+    """
+    model.train()
+    num_batches = len(loader)
+    loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    samples = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    optimizer_steps = 0
+    start = time.perf_counter()
+    for index, (images, labels) in enumerate(loader):
+        group_start = (index // accum_steps) * accum_steps
+        group_size = min(accum_steps, num_batches - group_start)
+        closes_group = index - group_start + 1 == group_size
+        images = precision.to_device(images)
+        labels = labels.to(ctx.device, non_blocking=True)
+        images, targets = mixer(images, labels)
+        if images.shape[0] == 0:
+            continue
+        sync = nullcontext() if closes_group or not ctx.distributed else model.no_sync()
+        with sync:
+            with precision.autocast():
+                loss = step_fn(model, images, targets)
+            (loss / group_size).backward()
+        if closes_group:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            optimizer_steps += 1
+        loss_sum += loss.detach() * images.shape[0]
+        samples += images.shape[0]
+        if on_step is not None:
+            shown = loss.item() if index % LOSS_READ_EVERY == 0 else None
+            on_step(index + 1, shown)
+    totals = ctx.all_reduce_sum(torch.stack([loss_sum, samples]))
+    elapsed = time.perf_counter() - start
+    seen = float(totals[1])
+    return {
+        "train_loss": float(totals[0]) / max(seen, 1.0),
+        "train_images": int(seen),
+        "optimizer_steps": optimizer_steps,
+        "images_per_s": seen / elapsed if elapsed > 0 else math.nan,
+        "epoch_time_s": elapsed,
+    }
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, loader: DataLoader, ctx: DistContext, precision: Precision
+) -> dict[str, float]:
+    """Top-1, top-5 and NLL over the loader's dataset, each image counted once across ranks."""
+    model = unwrap(model)
+    model.eval()
+    totals = torch.zeros(4, device=ctx.device, dtype=torch.float64)  # top1, top5, nll, count
+    for images, labels in loader:
+        images = precision.to_device(images)
+        labels = labels.to(ctx.device, non_blocking=True)
+        with precision.autocast():
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        hits = topk == labels[:, None]
+        totals[0] += hits[:, 0].sum()
+        totals[1] += hits.any(dim=1).sum()
+        totals[2] += F.cross_entropy(logits, labels, reduction="sum")
+        totals[3] += labels.shape[0]
+    ctx.all_reduce_sum(totals)
+    count = float(totals[3])
+    if count == 0:
+        return {"top1": math.nan, "top5": math.nan, "nll": math.nan, "count": 0}
+    return {
+        "top1": 100.0 * float(totals[0]) / count,
+        "top5": 100.0 * float(totals[1]) / count,
+        "nll": float(totals[2]) / count,
+        "count": int(count),
+    }
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, with no weight decay on biases and normalisation weights (1-d tensors)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the base rate, then cosine decay to `min_lr_ratio` of it, per step."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

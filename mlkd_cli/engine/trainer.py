@@ -1,0 +1,314 @@
+"""The teacher-training run, assembled top to bottom: plan (in the launching process), then train.
+
+`plan_teacher_training` checks everything a user can get wrong before any worker starts;
+`train_teacher` runs on every rank: data, model, optimiser, the epoch loop, checkpoints.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from mlkd_cli import __version__
+from mlkd_cli.config import TeacherTrainConfig
+from mlkd_cli.console import Reporter, UserError
+from mlkd_cli.data.loaders import TransformedSubset, build_eval_loader, build_train_loader
+from mlkd_cli.data.registry import HOLDOUT_SEED, DataSplits, load_splits
+from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
+from mlkd_cli.engine import loop
+from mlkd_cli.engine.checkpoint import (
+    TRAINING_STATE_FORMAT,
+    ModelCard,
+    atomic_save,
+    load_checkpoint,
+    save_model,
+)
+from mlkd_cli.engine.history import History
+from mlkd_cli.engine.launch import DistContext
+from mlkd_cli.models.factory import build_model, check_model_name
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a run named `name` writes, all inside the output folder."""
+
+    output_dir: Path
+    name: str
+
+    @property
+    def best(self) -> Path:
+        """The best model by validation top-1 (a plain timm checkpoint)."""
+        return self.output_dir / f"{self.name}.pth"
+
+    @property
+    def last(self) -> Path:
+        """The full training state, for --resume."""
+        return self.output_dir / f"{self.name}_last.pth"
+
+    @property
+    def history_json(self) -> Path:
+        """Per-epoch metrics as JSON."""
+        return self.output_dir / f"{self.name}_history.json"
+
+    @property
+    def history_csv(self) -> Path:
+        """Per-epoch metrics as CSV."""
+        return self.output_dir / f"{self.name}_history.csv"
+
+
+@dataclass(frozen=True)
+class TeacherPlan:
+    """A checked run: the config plus what was derived from the data, sent to every worker."""
+
+    config: TeacherTrainConfig
+    card: ModelCard
+    recipe: ImageRecipe
+    files: RunFiles
+
+
+def plan_teacher_training(cfg: TeacherTrainConfig) -> TeacherPlan:
+    """Validate flags, data, model and files in the launching process; raise UserError early."""
+    cfg.validate()
+    check_model_name(cfg.model)
+    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
+    files = RunFiles(cfg.output_dir, cfg.run_name)
+    _check_output_files(cfg, files)
+    if cfg.init_checkpoint is not None:
+        build_model(cfg.model, splits.num_classes, init_checkpoint=cfg.init_checkpoint)
+    spec = splits.spec
+    recipe = ImageRecipe(
+        img_size=cfg.img_size or spec.img_size,
+        crop_pct=spec.crop_pct,
+        hflip=spec.hflip,
+        crop_scale=spec.crop_scale,
+    )
+    card = ModelCard(
+        arch=cfg.model,
+        num_classes=splits.num_classes,
+        class_names=list(splits.class_names),
+        dataset=cfg.dataset,
+        img_size=recipe.img_size,
+        crop_pct=recipe.crop_pct,
+        mean=list(recipe.mean),
+        std=list(recipe.std),
+        interpolation=recipe.interpolation,
+        extra={"val_fraction": cfg.val_fraction, "holdout_seed": HOLDOUT_SEED},
+    )
+    return TeacherPlan(cfg, card, recipe, files)
+
+
+def _check_output_files(cfg: TeacherTrainConfig, files: RunFiles) -> None:
+    if cfg.resume:
+        if not files.last.is_file():
+            raise UserError(
+                f"nothing to resume: {files.last} does not exist; drop --resume to start the run"
+            )
+        state = load_checkpoint(files.last)
+        if state.get("format") != TRAINING_STATE_FORMAT:
+            raise UserError(f"{files.last} is not an mlkd training state; drop --resume")
+        before = state.get("config", {})
+        for key in ("model", "dataset"):
+            if before.get(key) != getattr(cfg, key):
+                raise UserError(
+                    f"{files.last} was trained with --{key} {before.get(key)}, not "
+                    f"{getattr(cfg, key)}; resume with the same --{key} or choose another --name"
+                )
+        return
+    existing = [p for p in (files.best, files.last) if p.exists()]
+    if existing and not cfg.overwrite:
+        raise UserError(
+            f"{existing[0]} already exists; pass --resume to continue that run, --overwrite "
+            "to replace it, or another --name"
+        )
+
+
+def seed_everything(seed: int, rank: int, epoch: int) -> int:
+    """Seed Python, NumPy and torch from (seed, rank, epoch); returns the derived seed.
+
+    Reseeding at every epoch makes a run resumed at an epoch boundary draw the same random
+    numbers as one that never stopped, without saving each rank's generator state.
+    """
+    derived = int(np.random.SeedSequence([seed, rank, epoch + 1]).generate_state(1)[0])
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)
+    return derived
+
+
+def _datasets(
+    splits: DataSplits, recipe: ImageRecipe
+) -> tuple[TransformedSubset, TransformedSubset]:
+    train = TransformedSubset(splits.train, splits.train_indices, build_train_transform(recipe))
+    val = TransformedSubset(splits.val, splits.val_indices, build_eval_transform(recipe))
+    return train, val
+
+
+def train_teacher(ctx: DistContext, plan: TeacherPlan) -> dict[str, Any]:
+    """Fine-tune one timm model on one dataset; runs on every rank, rank 0 writes the files."""
+    cfg, files = plan.config, plan.files
+    report = Reporter(cfg.output, ctx.rank)
+    precision = loop.Precision(ctx.device)
+
+    splits = load_splits(cfg.dataset, cfg.data_dir, False, cfg.val_fraction)
+    train_set, val_set = _datasets(splits, plan.recipe)
+    train_loader, train_sampler = build_train_loader(
+        train_set, cfg.batch_size, ctx, cfg.seed, cfg.workers
+    )
+    val_loader = build_eval_loader(val_set, cfg.batch_size * 2, ctx, cfg.workers)
+    if len(train_loader) == 0:
+        raise UserError(f"{cfg.dataset} has no training batches; lower --batch-size")
+
+    seed_everything(cfg.seed, 0, -1)  # identical initial weights on every rank
+    model = build_model(cfg.model, plan.card.num_classes, cfg.pretrained, cfg.init_checkpoint)
+    model.to(ctx.device)
+    if precision.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    accum = cfg.accumulation_steps(ctx.world_size)
+    steps_per_epoch = -(-len(train_loader) // accum)
+    optimizer = loop.build_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = loop.build_scheduler(
+        optimizer,
+        total_steps=cfg.epochs * steps_per_epoch,
+        warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
+        min_lr_ratio=cfg.min_lr_ratio,
+    )
+    history = History(
+        cfg.output_dir,
+        files.name,
+        {
+            "name": files.name,
+            "kind": "teacher",
+            "mlkd_version": __version__,
+            "config": cfg.to_record(),
+            "model_card": asdict(plan.card),
+        },
+    )
+    start_epoch, best = 0, {"top1": -1.0, "epoch": 0}
+    if cfg.resume:
+        state = load_checkpoint(files.last)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best = int(state["epoch"]), dict(state["best"])
+        for row in state["history"]:
+            history.append(row)
+        report.info(
+            f"resuming {files.name} after epoch {start_epoch} (best top-1 {best['top1']:.2f})"
+        )
+
+    if ctx.distributed:
+        model = DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
+    mixer = loop.BatchMixer(
+        plan.card.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing
+    )
+    effective_batch = cfg.batch_size * ctx.world_size * accum
+    report.info(
+        f"training {cfg.model} on {cfg.dataset}: {len(train_set)} train / {len(val_set)} val "
+        f"images, {ctx.world_size} process(es) on {ctx.device.type}, effective batch "
+        f"{effective_batch}, {cfg.epochs} epochs"
+    )
+
+    for epoch in range(start_epoch, cfg.epochs):
+        derived = seed_everything(cfg.seed, ctx.rank, epoch)
+        train_sampler.set_epoch(epoch)
+        train_loader.generator.manual_seed(derived)
+        with report.progress() as progress:
+            task = None
+            if progress is not None:
+                task = progress.add_task(
+                    f"epoch {epoch + 1}/{cfg.epochs}", total=len(train_loader), status=""
+                )
+
+            def on_step(done: int, loss: float | None, progress=progress, task=task) -> None:
+                if progress is not None:
+                    status = {} if loss is None else {"status": f"loss {loss:.4f}"}
+                    progress.update(task, completed=done, **status)
+
+            train_metrics = loop.train_one_epoch(
+                model,
+                train_loader,
+                loop.cross_entropy_step,
+                optimizer,
+                scheduler,
+                mixer,
+                ctx,
+                precision,
+                accum,
+                on_step,
+            )
+        val_metrics = loop.evaluate(model, val_loader, ctx, precision)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_metrics["train_loss"],
+            "val_top1": val_metrics["top1"],
+            "val_top5": val_metrics["top5"],
+            "val_nll": val_metrics["nll"],
+            "val_images": val_metrics["count"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "effective_batch": effective_batch,
+            "optimizer_steps": train_metrics["optimizer_steps"],
+            "images_per_s": train_metrics["images_per_s"],
+            "epoch_time_s": train_metrics["epoch_time_s"],
+        }
+        history.append(row)
+        improved = val_metrics["top1"] > best["top1"]
+        if improved:
+            best = {"top1": val_metrics["top1"], "epoch": epoch + 1}
+        if ctx.is_main:
+            plain = loop.unwrap(model)
+            if improved:
+                save_model(files.best, plain, plan.card, epoch + 1, _metrics(row))
+            atomic_save(
+                {
+                    "format": TRAINING_STATE_FORMAT,
+                    "model": {k: v.detach().cpu() for k, v in plain.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "best": best,
+                    "history": history.rows,
+                    "config": cfg.to_record(),
+                    "card": asdict(plan.card),
+                    "mlkd_version": __version__,
+                },
+                files.last,
+            )
+            history.save()
+        report.info(
+            f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
+            f"val top-1 {row['val_top1']:.2f}  top-5 {row['val_top5']:.2f}  "
+            f"nll {row['val_nll']:.4f}  {row['images_per_s']:.0f} img/s"
+            + ("  *best*" if improved else "")
+        )
+    ctx.barrier()
+    return {
+        "name": files.name,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "epochs": cfg.epochs,
+        "best_epoch": best["epoch"],
+        "best_val_top1": best["top1"],
+        "last": history.rows[-1] if history.rows else None,
+        "best_row": next((r for r in history.rows if r["epoch"] == best["epoch"]), None),
+        "world_size": ctx.world_size,
+        "effective_batch": effective_batch,
+        "files": {
+            "best": str(files.best),
+            "last": str(files.last),
+            "history_json": str(files.history_json),
+            "history_csv": str(files.history_csv),
+        },
+    }
+
+
+def _metrics(row: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items() if k.startswith("val_")}

@@ -1,0 +1,1 @@
+"""Models: timm model construction, teachers and (later) the multi-exit student."""

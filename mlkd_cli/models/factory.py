@@ -1,0 +1,83 @@
+"""Build any timm model by name, from scratch, timm's hub weights, or a local checkpoint."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from mlkd_cli.console import UserError
+from mlkd_cli.engine.checkpoint import read_weights
+
+
+def check_model_name(arch: str) -> None:
+    """Refuse a name timm does not know, suggesting the closest ones it does."""
+    if timm.is_model(arch):
+        return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "see `timm.list_models()` for names"
+    raise UserError(f"unknown model {arch!r}; {hint}")
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    pretrained: bool = False,
+    init_checkpoint: Path | None = None,
+) -> nn.Module:
+    """A timm model with a classifier for `num_classes`.
+
+    `pretrained` downloads timm's weights; `init_checkpoint` loads local weights, keeping
+    everything but a classifier whose shape does not fit (which is then freshly initialised).
+    """
+    check_model_name(arch)
+    if pretrained and init_checkpoint is not None:
+        raise UserError("--pretrained and --init-checkpoint both give initial weights; pass one")
+    if pretrained:
+        try:
+            return timm.create_model(arch, pretrained=True, num_classes=num_classes)
+        except Exception as exc:  # hub, network and cache errors have no common base class
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(
+                f"could not fetch timm's pretrained weights for {arch} ({first_line}); "
+                "check the network, or pass --init-checkpoint with local weights"
+            ) from exc
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    if init_checkpoint is not None:
+        load_backbone(model, init_checkpoint)
+    return model
+
+
+def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of the model's classifier head(s), from timm's pretrained config."""
+    names = model.pretrained_cfg.get("classifier") or "fc"
+    if isinstance(names, str):
+        names = (names,)
+    return tuple(f"{name}." for name in names)
+
+
+def load_backbone(model: nn.Module, path: Path) -> None:
+    """Load local weights into `model`, replacing a classifier of another class count."""
+    weights, _ = read_weights(path)
+    own = model.state_dict()
+    heads = classifier_prefixes(model)
+    kept = {
+        k: v
+        for k, v in weights.items()
+        if not (k.startswith(heads) and k in own and own[k].shape != v.shape)
+    }
+    mismatched = [k for k, v in kept.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in kept and not k.startswith(heads)]
+    unexpected = [k for k in kept if k not in own]
+    if mismatched or missing or unexpected:
+        example = (mismatched or missing or unexpected)[0]
+        raise UserError(
+            f"{path} does not fit {type(model).__name__} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} "
+            f"mis-shaped tensors, e.g. {example!r}); pass a checkpoint of the same --model"
+        )
+    with torch.no_grad():
+        model.load_state_dict(kept, strict=False)

@@ -1,0 +1,1 @@
+"""Shipped YAML presets (installed as mlkd_cli.presets)."""
