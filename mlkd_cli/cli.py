@@ -5,9 +5,15 @@ from __future__ import annotations
 import sys
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # typer >= 0.2x carries its own copy of click; its exceptions are what the app raises
+    from typer._click import exceptions as click_errors
+    from typer._click.termui import echo
+except ImportError:  # older typer runs on click itself
+    from click import echo
+    from click import exceptions as click_errors
 
 from mlkd_cli import __version__
 from mlkd_cli.commands import data, distill, ensemble, evaluate, export, teacher
@@ -25,24 +31,28 @@ class MlkdGroup(TyperGroup):
         kwargs.setdefault("prog_name", "mlkd")
         try:
             result = super().main(*args, standalone_mode=False, **kwargs)
-        except click.UsageError as exc:
+        except click_errors.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
             code = _fail(f"{exc.format_message()}{hint}", exc.exit_code)
         except UserError as exc:
             code = _fail(str(exc), 2)
-        except click.ClickException as exc:
+        except click_errors.ClickException as exc:
             code = _fail(exc.format_message(), exc.exit_code)
-        except click.Abort:
+        except click_errors.Abort:
             code = _fail("aborted", 130)
         else:
             code = result if isinstance(result, int) else 0
+            if code == 130:  # typer turns Ctrl-C into exit code 130
+                _fail(
+                    "interrupted; a training run continues from its last epoch with --resume", 130
+                )
         if standalone_mode:
             sys.exit(code)
         return code
 
 
 def _fail(message: str, code: int) -> int:
-    click.echo(f"mlkd: error: {message}", err=True)
+    echo(f"mlkd: error: {message}", err=True)
     return code
 
 

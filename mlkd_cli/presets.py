@@ -10,16 +10,19 @@ import yaml
 
 from mlkd_cli.console import UserError
 
+# The repository's presets/ folder, installed inside the package under this name.
+PRESET_PACKAGE = "mlkd_cli.shipped_presets"
+
 
 def available_presets() -> list[str]:
     """Names of the presets shipped with mlkd."""
-    folder = importlib.resources.files("mlkd_cli.presets")
+    folder = importlib.resources.files(PRESET_PACKAGE)
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def load_preset(name_or_path: str) -> tuple[dict[str, Any], str]:
     """A preset's contents and where it came from: a shipped name or a YAML file path."""
-    shipped = importlib.resources.files("mlkd_cli.presets").joinpath(f"{name_or_path}.yaml")
+    shipped = importlib.resources.files(PRESET_PACKAGE).joinpath(f"{name_or_path}.yaml")
     if shipped.is_file():
         text, origin = shipped.read_text(encoding="utf-8"), f"preset {name_or_path}"
     else:

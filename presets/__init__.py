@@ -1,1 +1,1 @@
-"""Shipped YAML presets (installed as mlkd_cli.presets)."""
+"""Shipped YAML presets (installed as mlkd_cli.shipped_presets)."""

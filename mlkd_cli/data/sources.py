@@ -312,18 +312,25 @@ def load_digits() -> RawSplits:
 def stratified_holdout(
     targets: Sequence[int], fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
-    """Split indices into (kept, held out), holding out `fraction` of each class.
+    """Split indices into (kept, held out), holding out `fraction` of the images, per class.
 
-    Depends only on the labels, the fraction and the seed, so every run and every rank
-    computes the same split.
+    Each class gives its share, rounded so that the total is `round(fraction * n)` (largest
+    remainders first). Depends only on the labels, the fraction and the seed, so every run and
+    every rank computes the same split.
     """
     rng = np.random.default_rng(seed)
     labels = np.asarray(targets)
+    classes = np.unique(labels)
+    members = {c: np.flatnonzero(labels == c) for c in classes}
+    members = {c: m[rng.permutation(len(m))] for c, m in members.items()}
+    shares = {c: fraction * len(m) for c, m in members.items()}
+    quota = {c: int(np.floor(v)) for c, v in shares.items()}
+    spare = int(round(fraction * len(labels))) - sum(quota.values())
+    by_remainder = sorted(classes, key=lambda c: (-(shares[c] - quota[c]), int(c)))
+    for c in by_remainder[: max(0, spare)]:
+        quota[c] += 1
     kept, held = [], []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        members = members[rng.permutation(len(members))]
-        count = int(round(fraction * len(members)))
-        held.extend(members[:count].tolist())
-        kept.extend(members[count:].tolist())
+    for c in classes:
+        held.extend(members[c][: quota[c]].tolist())
+        kept.extend(members[c][quota[c] :].tolist())
     return sorted(kept), sorted(held)

@@ -80,11 +80,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UserError(
-            f"{path} holds objects that need arbitrary code to unpickle, which mlkd refuses; "
-            "re-save it as a plain state dict or .safetensors"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        if "global" in str(exc).lower():
+            raise UserError(
+                f"{path} holds objects that need arbitrary code to unpickle, which mlkd refuses; "
+                "re-save it as a plain state dict or .safetensors"
+            ) from exc
+        raise UserError(f"{path} is not a readable checkpoint (damaged pickle data)") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, zipfile.BadZipFile) as exc:
+        # An untrusted file can fail the restricted unpickler in many ways; all mean "unreadable".
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
             f"{path} is not a readable checkpoint ({first_line}); it may be truncated, re-save it"

@@ -52,6 +52,12 @@ class DistContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Overwrite a tensor in place with rank 0's value (a no-op on one process)."""
+        if self.distributed:
+            dist.broadcast(tensor, src=0)
+        return tensor
+
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's value of a picklable object, on every rank."""
         if not self.distributed:

@@ -170,6 +170,10 @@ def evaluate(
     """Top-1, top-5 and NLL over the loader's dataset, each image counted once across ranks."""
     model = unwrap(model)
     model.eval()
+    # Each rank's last training forward updated its own BatchNorm statistics; evaluate rank 0's,
+    # the ones that get saved, everywhere.
+    for buffer in model.buffers():
+        ctx.broadcast_(buffer)
     totals = torch.zeros(4, device=ctx.device, dtype=torch.float64)  # top1, top5, nll, count
     for images, labels in loader:
         images = precision.to_device(images)

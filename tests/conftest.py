@@ -1,0 +1,127 @@
+"""Shared fixtures: tiny datasets in the real on-disk formats, and a CLI runner."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mlkd_cli.cli import app
+
+RNG_SEED = 1234
+
+
+@dataclass
+class CliResult:
+    """What a user sees from one command."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke `mlkd ARGS...` in-process through the real root group (errors included)."""
+    runner = CliRunner()
+
+    def invoke(*args: str) -> CliResult:
+        result = runner.invoke(app, [str(a) for a in args])
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return CliResult(result.exit_code, result.stdout, result.stderr)
+
+    return invoke
+
+
+def _pickle(path: Path, content: dict) -> None:
+    # Protocol 2 with plain str keys: what torchvision's reader (latin1) also accepts.
+    with path.open("wb") as handle:
+        pickle.dump(content, handle, protocol=2)
+
+
+def write_cifar(root: Path, classes: int, per_file: int, fine: bool) -> dict:
+    """Write a tiny CIFAR-10 (or -100 with `fine`) in the official python-pickle layout."""
+    rng = np.random.default_rng(RNG_SEED)
+    label_key = "fine_labels" if fine else "labels"
+    folder = root / ("cifar-100-python" if fine else "cifar-10-batches-py")
+    folder.mkdir(parents=True)
+    files = ["train", "test"] if fine else [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
+    written = {}
+    for name in files:
+        labels = [i % classes for i in range(per_file)]
+        data = rng.integers(0, 256, size=(per_file, 3 * 32 * 32), dtype=np.uint8)
+        content = {
+            "batch_label": name,
+            label_key: labels,
+            "data": data,
+            "filenames": [f"{name}_{i}.png" for i in range(per_file)],
+        }
+        if fine:
+            content["coarse_labels"] = [label // 5 for label in labels]
+        _pickle(folder / name, content)
+        written[name] = content
+    names = [f"class_{i}" for i in range(classes)]
+    if fine:
+        _pickle(folder / "meta", {"fine_label_names": names, "coarse_label_names": names[:20]})
+    else:
+        _pickle(folder / "batches.meta", {"label_names": names, "num_cases_per_batch": per_file})
+    return written
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path: Path) -> Path:
+    """A data dir holding a 10-class CIFAR-10 with 20 images per file (100 train, 20 test)."""
+    write_cifar(tmp_path, classes=10, per_file=20, fine=False)
+    return tmp_path
+
+
+@pytest.fixture
+def cifar100_dir(tmp_path: Path) -> Path:
+    """A data dir holding a CIFAR-100 with 200 training and 200 test images."""
+    write_cifar(tmp_path, classes=100, per_file=200, fine=True)
+    return tmp_path
+
+
+# The real list has 37 breeds; the first three keep their real names, the rest are stand-ins.
+PET_BREEDS = [("Abyssinian", 1), ("american_bulldog", 2), ("great_pyrenees", 2)] + [
+    (f"breed{i:02d}", 1 + i % 2) for i in range(4, 38)
+]
+
+
+@pytest.fixture
+def oxford_dir(tmp_path: Path) -> Path:
+    """A tiny Oxford-IIIT Pet: 37 breeds x 4 JPEGs in images/, trainval.txt and test.txt lists."""
+    root = tmp_path / "oxford-iiit-pet"
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    rng = np.random.default_rng(RNG_SEED)
+    lists = {"trainval": ["#Image CLASS-ID SPECIES BREED ID"], "test": []}
+    for class_id, (breed, species) in enumerate(PET_BREEDS, start=1):
+        for i in range(1, 5):
+            image_id = f"{breed}_{i}"
+            pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "images" / f"{image_id}.jpg")
+            split = "trainval" if i <= 3 else "test"
+            lists[split].append(f"{image_id} {class_id} {species} {i}")
+    for split, lines in lists.items():
+        (root / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def write_image_folder(root: Path, splits: dict[str, int], classes=("cat", "dog")) -> Path:
+    """train/<class>/*.png (and other splits) with `splits[split]` images per class."""
+    rng = np.random.default_rng(RNG_SEED)
+    for split, count in splits.items():
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root

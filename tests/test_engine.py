@@ -1,0 +1,147 @@
+"""The epoch runner, evaluation, samplers, schedules and file writing, on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mlkd_cli.console import UserError
+from mlkd_cli.data.loaders import ShardSampler
+from mlkd_cli.engine import loop
+from mlkd_cli.engine.atomic import atomic_write
+from mlkd_cli.engine.checkpoint import load_checkpoint, read_weights
+from mlkd_cli.engine.launch import DistContext
+
+CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+PRECISION = loop.Precision(torch.device("cpu"))
+
+
+def test_shard_sampler_covers_every_item_once() -> None:
+    for length in (0, 1, 7, 10):
+        for world in (1, 2, 3):
+            shards = [list(ShardSampler(length, r, world)) for r in range(world)]
+            assert sorted(i for shard in shards for i in shard) == list(range(length))
+
+
+def test_evaluate_matches_a_direct_count() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4)
+    images, labels = torch.randn(23, 6), torch.randint(0, 4, (23,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=5)
+    metrics = loop.evaluate(model, loader, CPU, PRECISION)
+    logits = model(images)
+    assert metrics["count"] == 23
+    assert metrics["top1"] == pytest.approx(
+        100 * (logits.argmax(1) == labels).float().mean().item()
+    )
+    assert metrics["nll"] == pytest.approx(
+        nn.functional.cross_entropy(logits, labels).item(), rel=1e-6
+    )
+    assert metrics["top5"] == 100.0  # four classes: the label is always in the top five
+
+
+def test_batch_mixer_handles_odd_batches_and_gives_distributions() -> None:
+    mixer = loop.BatchMixer(num_classes=5, mixup_alpha=1.0, cutmix_alpha=1.0, label_smoothing=0.1)
+    images, targets = mixer(torch.randn(7, 3, 8, 8), torch.randint(0, 5, (7,)))
+    assert images.shape[0] == 6 and targets.shape == (6, 5)
+    assert torch.allclose(targets.sum(1), torch.ones(6))
+    single, none = mixer(torch.randn(1, 3, 8, 8), torch.zeros(1, dtype=torch.long))
+    assert single.shape[0] == 0 and none.shape == (0, 5)
+    plain = loop.BatchMixer(num_classes=4, mixup_alpha=0, cutmix_alpha=0, label_smoothing=0.2)
+    _, soft = plain(torch.randn(3, 2), torch.tensor([0, 1, 3]))
+    assert soft[0].tolist() == pytest.approx([0.85, 0.05, 0.05, 0.05])
+
+
+def test_schedule_warms_up_then_decays_to_the_floor() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = loop.build_scheduler(opt, total_steps=100, warmup_steps=10, min_lr_ratio=0.01)
+    rates = []
+    for _ in range(100):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[0] < rates[5] < rates[9] <= 1.0
+    assert rates[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:], strict=False))
+    assert rates[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def _one_epoch(model: nn.Module, batch_size: int, accum: int) -> list[float]:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = loop.build_scheduler(opt, total_steps=10, warmup_steps=0, min_lr_ratio=1.0)
+    mixer = loop.BatchMixer(3, 0.0, 0.0, 0.0)
+    result = loop.train_one_epoch(
+        model, loader, loop.cross_entropy_step, opt, sched, mixer, CPU, PRECISION, accum
+    )
+    assert result["train_images"] == 16
+    return [result["optimizer_steps"], *model.weight.detach().flatten().tolist()]
+
+
+def test_gradient_accumulation_equals_the_large_batch() -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(6, 3)
+    big = _one_epoch(copy.deepcopy(base), batch_size=8, accum=1)
+    accumulated = _one_epoch(copy.deepcopy(base), batch_size=4, accum=2)
+    assert big[0] == accumulated[0] == 2
+    assert accumulated[1:] == pytest.approx(big[1:], abs=1e-6)
+
+
+def test_short_final_accumulation_group_still_steps() -> None:
+    torch.manual_seed(0)
+    steps = _one_epoch(nn.Linear(6, 3), batch_size=4, accum=3)[0]
+    assert steps == 2  # batches 1-3, then batch 4 alone
+
+
+def test_atomic_write_failure_keeps_previous_file(tmp_path: Path) -> None:
+    target = tmp_path / "file.bin"
+    atomic_write(target, lambda h: h.write(b"old"))
+
+    def broken(handle) -> None:
+        handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(target, broken)
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["file.bin"]
+
+
+def test_checkpoint_needing_code_to_unpickle_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "payload": Exploit()}, path, pickle_module=pickle)
+    with pytest.raises(UserError, match="arbitrary code"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_a_user_error(tmp_path: Path) -> None:
+    path = tmp_path / "model.pth"
+    torch.save({"state_dict": {"w": torch.ones(100)}}, path)
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        read_weights(path)
+
+
+def test_read_weights_strips_ddp_prefixes(tmp_path: Path) -> None:
+    path = tmp_path / "ddp.pth"
+    torch.save({"module.fc.weight": torch.ones(2)}, path)
+    weights, meta = read_weights(path)
+    assert list(weights) == ["fc.weight"] and meta == {}
+    assert math.isclose(float(weights["fc.weight"].sum()), 2.0)
