@@ -9,7 +9,7 @@ import typer
 
 from mlkd_cli.config import TeacherTrainConfig, build_config, config_field_names
 from mlkd_cli.console import OutputOptions, Reporter
-from mlkd_cli.engine.launch import launch
+from mlkd_cli.engine.launch import launch, launcher_rank
 from mlkd_cli.engine.trainer import plan_teacher_training, train_teacher
 from mlkd_cli.presets import preset_section
 
@@ -121,7 +121,7 @@ def train(
     cfg = build_config(TeacherTrainConfig, values, origin=preset or "options")
     plan = plan_teacher_training(cfg)
     summary = launch(train_teacher, plan, cfg.world_size, cfg.device)
-    report = Reporter(cfg.output)
+    report = Reporter(cfg.output, rank=launcher_rank())
     best = summary["best_row"] or {}
     report.table(
         f"teacher {summary['name']}: {summary['model']} on {summary['dataset']}",

@@ -18,9 +18,20 @@ pytestmark = pytest.mark.slow
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(ROOT)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
     )
     (built,) = out.glob("mlkd-*.whl")
     return built
@@ -28,9 +39,13 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_wheel_holds_commands_presets_and_digits(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("mlkd_cli/cli.py", "mlkd_cli/commands/teacher.py",
-                     "mlkd_cli/shipped_presets/digits.yaml", "mlkd_cli/data/digits.csv.gz",
-                     "mlkd_cli/data/DIGITS.md"):
+    for required in (
+        "mlkd_cli/cli.py",
+        "mlkd_cli/commands/teacher.py",
+        "mlkd_cli/shipped_presets/digits.yaml",
+        "mlkd_cli/data/digits.csv.gz",
+        "mlkd_cli/data/DIGITS.md",
+    ):
         assert required in names
     # No generic top-level package lands in site-packages.
     assert {n.split("/")[0] for n in names if not n.startswith("mlkd-")} == {"mlkd_cli"}
@@ -40,16 +55,39 @@ def test_wheel_holds_commands_presets_and_digits(wheel: Path) -> None:
 
 def test_installed_wheel_runs_outside_the_source_tree(wheel: Path, tmp_path: Path) -> None:
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                    str(target), str(wheel)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
     env = {**os.environ, "PYTHONPATH": str(target)}
     code = "import mlkd_cli, sys; print(mlkd_cli.__file__); from mlkd_cli.cli import main; main()"
-    done = subprocess.run([sys.executable, "-c", code, "data", "info", "digits", "--json"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code, "data", "info", "digits", "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].startswith(str(target))
     assert '"test": 359' in done.stdout
-    listed = subprocess.run([sys.executable, "-c", code, "--help"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True)
+    listed = subprocess.run(
+        [sys.executable, "-c", code, "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     for group in ("teacher", "ensemble", "distill", "eval", "export", "data"):
         assert group in listed.stdout

@@ -90,6 +90,11 @@ def under_torchrun() -> bool:
     return all(v in os.environ for v in TORCHRUN_VARIABLES)
 
 
+def launcher_rank() -> int:
+    """This process's global rank as the launcher sees it: torchrun's RANK, else 0."""
+    return int(os.environ["RANK"]) if under_torchrun() else 0
+
+
 def launch(worker: Callable[[DistContext, P], T], payload: P, world_size: int, device: str) -> T:
     """Run `worker(ctx, payload)` on every rank and return rank 0's result.
 
