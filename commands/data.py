@@ -35,12 +35,10 @@ def list_datasets(
     report = Reporter(OutputOptions(json=json))
     report.table(
         "datasets",
-        ["name", "classes", "splits", "looks in", "description"],
-        [
-            [r["name"], r["classes"] or "from files", r["splits"], r["looks_in"], r["description"]]
-            for r in rows
-        ],
+        ["name", "classes", "splits", "looks in"],
+        [[r["name"], r["classes"] or "from files", r["splits"], r["looks_in"]] for r in rows],
     )
+    report.info("val is held out of the training images with a fixed seed (--val-fraction)")
     report.result({"datasets": rows})
 
 
@@ -62,10 +60,11 @@ def info(
     report = Reporter(OutputOptions(json=json))
     shown = ", ".join(splits.class_names[:5]) + (", ..." if splits.num_classes > 5 else "")
     report.table(
-        f"{name} ({spec.looks_in(root)})",
+        name,
         ["split", "images"],
         [[split, "absent" if n is None else n] for split, n in counts.items()],
     )
+    report.info(f"files: {spec.looks_in(root)}")
     report.info(f"{splits.num_classes} classes: {shown}")
     report.result(
         {

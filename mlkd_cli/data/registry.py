@@ -30,7 +30,7 @@ class DatasetSpec:
     crop_pct: float = 0.875
     hflip: bool = True
     crop_scale: tuple[float, float] = (0.08, 1.0)
-    splits: str = "train/val (held out), test"
+    splits: str = "train, val, test"
     downloadable: bool = False
 
 
@@ -56,7 +56,7 @@ DATASETS: dict[str, DatasetSpec] = {
     for spec in (
         DatasetSpec(
             name="cifar-10",
-            description="CIFAR-10, 60,000 32x32 colour images (torchvision's python batches)",
+            description="CIFAR-10: 60,000 32x32 images, 10 classes",
             num_classes=10,
             looks_in=lambda d: str(d / sources.CIFAR10_LAYOUT.folder),
             read=lambda d, dl: sources.load_cifar(
@@ -66,7 +66,7 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             name="cifar-100",
-            description="CIFAR-100, 60,000 32x32 colour images, 100 fine classes",
+            description="CIFAR-100: 60,000 32x32 images, 100 classes",
             num_classes=100,
             looks_in=lambda d: str(d / sources.CIFAR100_LAYOUT.folder),
             read=lambda d, dl: sources.load_cifar(
@@ -76,7 +76,7 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             name="oxford-iiit",
-            description="Oxford-IIIT Pet, 37 cat and dog breeds (images/ + annotations/ lists)",
+            description="Oxford-IIIT Pet: 7,349 photos of 37 breeds",
             num_classes=37,
             looks_in=lambda d: str(d / sources.OXFORD_FOLDER),
             read=lambda d, dl: sources.load_oxford_pet(d, dl, _torchvision_download("oxford-iiit")),
@@ -84,23 +84,23 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             name="imagefolder",
-            description="your images: --data-dir with train/<class>/ and optional val/, test/",
+            description="your images in class subfolders",
             num_classes=None,
             looks_in=lambda d: f"{d}/train, {d}/val, {d}/test",
             read=lambda d, dl: sources.load_image_folder(d),
-            splits="train, val (its own or held out), test (if present)",
+            splits="train, val, test (if present)",
         ),
         DatasetSpec(
             name="digits",
-            description="UCI optical handwritten digits, 1,797 8x8 images, embedded in mlkd",
+            description="UCI handwritten digits: 1,797 8x8 images",
             num_classes=10,
-            looks_in=lambda d: "(embedded in the package)",
+            looks_in=lambda d: "embedded in mlkd",
             read=lambda d, dl: sources.load_digits(),
             img_size=32,
             crop_pct=1.0,
             hflip=False,  # a mirrored 2 is not a 2
             crop_scale=(0.5, 1.0),  # 8x8 glyphs do not survive ImageNet's 8% crops
-            splits="train/val (held out), test (fixed 20%)",
+            splits="train, val, test (fixed 20%)",
         ),
     )
 }
