@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,26 @@ class Reporter:
             console=self.err,
             transient=True,
         )
+
+    @contextmanager
+    def step_progress(
+        self, description: str, total: int
+    ) -> Iterator[Callable[[int, float | None], None] | None]:
+        """A progress bar for one pass of `total` steps, as an `on_step(done, loss)` callback.
+
+        Yields None when nothing is shown, so the caller does no per-step work for it.
+        """
+        with self.progress() as progress:
+            if progress is None:
+                yield None
+                return
+            task = progress.add_task(description, total=total, status="")
+
+            def on_step(done: int, loss: float | None) -> None:
+                status = {} if loss is None else {"status": f"loss {loss:.4f}"}
+                progress.update(task, completed=done, **status)
+
+            yield on_step
 
     def table(self, title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
         """A result table on stdout (rank 0; suppressed in JSON mode, kept when quiet)."""

@@ -124,3 +124,30 @@ def test_stratified_holdout_is_a_stable_partition() -> None:
 def test_unknown_dataset_lists_known_names() -> None:
     with pytest.raises(UserError, match="choose one of: cifar-10, cifar-100"):
         load_splits("mnist", Path("data"))
+
+
+def test_failed_download_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from urllib.error import URLError
+
+    from mlkd_cli.data import registry
+
+    calls = []
+
+    def offline(kind: str):
+        def download(root: Path) -> None:
+            calls.append((kind, root))
+            raise URLError("[Errno -3] Temporary failure in name resolution")
+
+        return download
+
+    monkeypatch.setattr(registry, "_torchvision_download", offline)
+    with pytest.raises(UserError, match=r"download into .* failed .*name resolution"):
+        load_splits("oxford-iiit", tmp_path / "d", download=True)
+    assert calls == [("oxford-iiit", tmp_path / "d")]
+
+
+def test_download_of_embedded_dataset_is_refused() -> None:
+    with pytest.raises(UserError, match="drop --download"):
+        load_splits("digits", Path("data"), download=True)

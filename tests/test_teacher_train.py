@@ -202,3 +202,27 @@ def test_init_checkpoint_replaces_the_classifier(run_cli, tmp_path: Path) -> Non
     # With a negligible learning rate the backbone is still the checkpoint's.
     first_conv = next(k for k in trained if k.endswith("conv.weight") or k.endswith("conv1.weight"))
     assert torch.allclose(trained[first_conv], source.state_dict()[first_conv], atol=1e-5)
+
+
+def test_resnet10t_learns_digits_to_90_percent(run_cli, tmp_path: Path) -> None:
+    """The foundation's promise, as a user types it: 10 epochs of resnet10t on CPU."""
+    result = run_cli(
+        "teacher",
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "resnet10t",
+        "--name",
+        "t",
+        "--epochs",
+        "10",
+        "--output-dir",
+        tmp_path,
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["best_val_top1"] >= 90.0
+    model = timm.create_model("resnet10t", checkpoint_path=str(tmp_path / "t.pth"), num_classes=10)
+    assert model.fc.out_features == 10

@@ -221,18 +221,7 @@ def train_teacher(ctx: DistContext, plan: TeacherPlan) -> dict[str, Any]:
         derived = seed_everything(cfg.seed, ctx.rank, epoch)
         train_sampler.set_epoch(epoch)
         train_loader.generator.manual_seed(derived)
-        with report.progress() as progress:
-            task = None
-            if progress is not None:
-                task = progress.add_task(
-                    f"epoch {epoch + 1}/{cfg.epochs}", total=len(train_loader), status=""
-                )
-
-            def on_step(done: int, loss: float | None, progress=progress, task=task) -> None:
-                if progress is not None:
-                    status = {} if loss is None else {"status": f"loss {loss:.4f}"}
-                    progress.update(task, completed=done, **status)
-
+        with report.step_progress(f"epoch {epoch + 1}/{cfg.epochs}", len(train_loader)) as on_step:
             train_metrics = loop.train_one_epoch(
                 model,
                 train_loader,
