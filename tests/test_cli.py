@@ -52,51 +52,33 @@ def _assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in lines[0]
 
 
-TRAIN = ("teacher", "train", "--epochs", "1", "--quiet")
+def train(run_cli, out: Path, *extra, dataset: str = "digits", model: str = "test_resnet"):
+    """`mlkd teacher train` with a quick default for every option the test does not care about."""
+    args = ["--dataset", dataset, "--model", model, "--output-dir", out, *extra]
+    if "--epochs" not in extra:
+        args += ["--epochs", "1"]
+    return run_cli("teacher", "train", "--quiet", *args)
 
 
 def test_unknown_dataset(run_cli, tmp_path: Path) -> None:
-    result = run_cli(
-        *TRAIN, "--dataset", "mnist", "--model", "test_resnet", "--output-dir", tmp_path
-    )
-    _assert_one_line_error(result, "unknown dataset 'mnist'", "cifar-10")
+    _assert_one_line_error(train(run_cli, tmp_path, dataset="mnist"), "'mnist'", "cifar-10")
 
 
 def test_unknown_model_suggests_names(run_cli, tmp_path: Path) -> None:
-    result = run_cli(*TRAIN, "--dataset", "digits", "--model", "resnet5O", "--output-dir", tmp_path)
+    result = train(run_cli, tmp_path, model="resnet5O")
     _assert_one_line_error(result, "unknown model 'resnet5O'", "did you mean")
 
 
 def test_missing_data_directory(run_cli, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir"
-    result = run_cli(
-        *TRAIN,
-        "--dataset",
-        "oxford-iiit",
-        "--model",
-        "test_resnet",
-        "--data-dir",
-        missing,
-        "--output-dir",
-        tmp_path,
-    )
+    result = train(run_cli, tmp_path, "--data-dir", missing, dataset="oxford-iiit")
     _assert_one_line_error(result, str(missing), "--download")
 
 
 def test_unreadable_init_checkpoint(run_cli, tmp_path: Path) -> None:
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"this is not a checkpoint")
-    result = run_cli(
-        *TRAIN,
-        "--dataset",
-        "digits",
-        "--model",
-        "test_resnet",
-        "--init-checkpoint",
-        bad,
-        "--output-dir",
-        tmp_path / "out",
-    )
+    result = train(run_cli, tmp_path / "out", "--init-checkpoint", bad)
     _assert_one_line_error(result, str(bad), "not a readable checkpoint")
     assert not (tmp_path / "out").exists()
 
@@ -104,27 +86,13 @@ def test_unreadable_init_checkpoint(run_cli, tmp_path: Path) -> None:
 def test_init_checkpoint_of_another_architecture(run_cli, tmp_path: Path) -> None:
     other = tmp_path / "other.pth"
     torch.save({"state_dict": {"blocks.0.weight": torch.zeros(3)}}, other)
-    result = run_cli(
-        *TRAIN,
-        "--dataset",
-        "digits",
-        "--model",
-        "test_resnet",
-        "--init-checkpoint",
-        other,
-        "--output-dir",
-        tmp_path / "out",
-    )
+    result = train(run_cli, tmp_path / "out", "--init-checkpoint", other)
     _assert_one_line_error(result, "does not fit", "same --model")
 
 
 @pytest.mark.parametrize("flag", ["--batch-size", "--epochs", "--world-size"])
 def test_zero_counts_are_refused(run_cli, tmp_path: Path, flag: str) -> None:
-    args = [a for a in TRAIN if a != "--epochs" and a != "1"] if flag == "--epochs" else list(TRAIN)
-    result = run_cli(
-        *args, "--dataset", "digits", "--model", "test_resnet", flag, "0", "--output-dir", tmp_path
-    )
-    _assert_one_line_error(result, flag, "at least 1")
+    _assert_one_line_error(train(run_cli, tmp_path, flag, "0"), flag, "at least 1")
 
 
 def test_bad_option_value_is_one_line(run_cli) -> None:
@@ -138,68 +106,23 @@ def test_unknown_option_is_one_line(run_cli) -> None:
 
 
 def test_effective_batch_must_be_a_multiple(run_cli, tmp_path: Path) -> None:
-    result = run_cli(
-        *TRAIN,
-        "--dataset",
-        "digits",
-        "--model",
-        "test_resnet",
-        "--batch-size",
-        "8",
-        "--effective-batch-size",
-        "12",
-        "--output-dir",
-        tmp_path,
-    )
+    result = train(run_cli, tmp_path, "--batch-size", "8", "--effective-batch-size", "12")
     _assert_one_line_error(result, "--effective-batch-size 12", "multiple")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="about machines without a GPU")
 def test_cuda_requested_without_gpu(run_cli, tmp_path: Path) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this check is about machines without a GPU")
-    result = run_cli(
-        *TRAIN,
-        "--dataset",
-        "digits",
-        "--model",
-        "test_resnet",
-        "--device",
-        "cuda",
-        "--output-dir",
-        tmp_path,
-    )
-    _assert_one_line_error(result, "--device cpu")
+    _assert_one_line_error(train(run_cli, tmp_path, "--device", "cuda"), "--device cpu")
 
 
 def test_resume_without_a_run(run_cli, tmp_path: Path) -> None:
-    result = run_cli(
-        *TRAIN,
-        "--dataset",
-        "digits",
-        "--model",
-        "test_resnet",
-        "--name",
-        "x",
-        "--resume",
-        "--output-dir",
-        tmp_path,
-    )
+    result = train(run_cli, tmp_path, "--name", "x", "--resume")
     _assert_one_line_error(result, "nothing to resume", "x_last.pth")
 
 
 def test_existing_run_is_not_overwritten(run_cli, tmp_path: Path) -> None:
     (tmp_path / "x.pth").write_bytes(b"precious")
-    result = run_cli(
-        *TRAIN,
-        "--dataset",
-        "digits",
-        "--model",
-        "test_resnet",
-        "--name",
-        "x",
-        "--output-dir",
-        tmp_path,
-    )
+    result = train(run_cli, tmp_path, "--name", "x")
     _assert_one_line_error(result, "already exists", "--resume", "--overwrite")
     assert (tmp_path / "x.pth").read_bytes() == b"precious"
 

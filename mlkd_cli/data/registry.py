@@ -51,28 +51,27 @@ def _torchvision_download(kind: str) -> Callable[[Path], None]:
     return download
 
 
+def _cifar_spec(
+    name: str, layout: sources.CifarLayout, description: str, classes: int
+) -> DatasetSpec:
+    return DatasetSpec(
+        name=name,
+        description=description,
+        num_classes=classes,
+        looks_in=lambda d: str(d / layout.folder),
+        read=lambda d, dl: sources.load_cifar(d, layout, dl, _torchvision_download(name)),
+        downloadable=True,
+    )
+
+
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
-        DatasetSpec(
-            name="cifar-10",
-            description="CIFAR-10: 60,000 32x32 images, 10 classes",
-            num_classes=10,
-            looks_in=lambda d: str(d / sources.CIFAR10_LAYOUT.folder),
-            read=lambda d, dl: sources.load_cifar(
-                d, sources.CIFAR10_LAYOUT, dl, _torchvision_download("cifar-10")
-            ),
-            downloadable=True,
+        _cifar_spec(
+            "cifar-10", sources.CIFAR10_LAYOUT, "CIFAR-10: 60,000 32x32 images, 10 classes", 10
         ),
-        DatasetSpec(
-            name="cifar-100",
-            description="CIFAR-100: 60,000 32x32 images, 100 classes",
-            num_classes=100,
-            looks_in=lambda d: str(d / sources.CIFAR100_LAYOUT.folder),
-            read=lambda d, dl: sources.load_cifar(
-                d, sources.CIFAR100_LAYOUT, dl, _torchvision_download("cifar-100")
-            ),
-            downloadable=True,
+        _cifar_spec(
+            "cifar-100", sources.CIFAR100_LAYOUT, "CIFAR-100: 60,000 32x32 images, 100 classes", 100
         ),
         DatasetSpec(
             name="oxford-iiit",
