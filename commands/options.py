@@ -16,7 +16,7 @@ Dataset = Annotated[
 ]
 DataDir = Annotated[
     Path | None,
-    typer.Option("--data-dir", help="Folder holding the dataset files [default: data]."),
+    typer.Option("--data-dir", help="Folder holding the dataset files (default data)."),
 ]
 Download = Annotated[
     bool | None,
@@ -26,18 +26,16 @@ Download = Annotated[
 ]
 WorldSize = Annotated[
     int | None,
-    typer.Option(
-        "--world-size", help="Processes to spawn (one per GPU; gloo on CPU) [default: 1]."
-    ),
+    typer.Option("--world-size", help="Processes to spawn (one per GPU; gloo on CPU) (default 1)."),
 ]
-Device = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda [default: auto].")]
-Seed = Annotated[int | None, typer.Option("--seed", help="Random seed [default: 0].")]
+Device = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda (default auto).")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")]
 Workers = Annotated[
-    int | None, typer.Option("--workers", help="Data-loading workers per process [default: auto].")
+    int | None, typer.Option("--workers", help="Data-loading workers per process (default auto).")
 ]
 OutputDir = Annotated[
     Path | None,
-    typer.Option("--output-dir", help="Where checkpoints and histories go [default: models]."),
+    typer.Option("--output-dir", help="Where checkpoints and histories go (default models)."),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print results only, no progress.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]

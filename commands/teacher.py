@@ -16,6 +16,8 @@ from mlkd_cli.presets import preset_section
 from . import options as opt
 
 app = typer.Typer(help="Train teacher models.", no_args_is_help=True)
+# Defaults live in the config class; the help text reads them from there.
+D = TeacherTrainConfig(dataset="", model="")
 
 
 @app.command("train")
@@ -37,11 +39,13 @@ def train(
         typer.Option("--init-checkpoint", help="Start from local weights (.pth or .safetensors)."),
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option("--epochs", "-e", help="Epochs [default: 30].")
+        int | None, typer.Option("--epochs", "-e", help=f"Epochs (default {D.epochs}).")
     ] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option("--batch-size", "-b", help="Images per process per step [default: 64]."),
+        typer.Option(
+            "--batch-size", "-b", help=f"Images per process per step (default {D.batch_size})."
+        ),
     ] = None,
     effective_batch_size: Annotated[
         int | None,
@@ -51,27 +55,38 @@ def train(
         ),
     ] = None,
     lr: Annotated[
-        float | None, typer.Option("--lr", help="Peak learning rate [default: 1e-3].")
+        float | None, typer.Option("--lr", help=f"Peak learning rate (default {D.lr:g}).")
     ] = None,
     weight_decay: Annotated[
-        float | None, typer.Option("--weight-decay", help="AdamW weight decay [default: 1e-4].")
+        float | None,
+        typer.Option("--weight-decay", help=f"AdamW weight decay (default {D.weight_decay:g})."),
     ] = None,
     warmup_epochs: Annotated[
-        float | None, typer.Option("--warmup-epochs", help="Linear warmup [default: 1].")
+        float | None,
+        typer.Option(
+            "--warmup-epochs", help=f"Linear warmup epochs (default {D.warmup_epochs:g})."
+        ),
     ] = None,
     label_smoothing: Annotated[
-        float | None, typer.Option("--label-smoothing", help="[default: 0.1]")
+        float | None,
+        typer.Option("--label-smoothing", help=f"Label smoothing (default {D.label_smoothing:g})."),
     ] = None,
-    mixup_alpha: Annotated[float | None, typer.Option("--mixup-alpha", help="[default: 0]")] = None,
+    mixup_alpha: Annotated[
+        float | None,
+        typer.Option("--mixup-alpha", help=f"Mixup alpha, 0 off (default {D.mixup_alpha:g})."),
+    ] = None,
     cutmix_alpha: Annotated[
-        float | None, typer.Option("--cutmix-alpha", help="[default: 0]")
+        float | None,
+        typer.Option("--cutmix-alpha", help=f"CutMix alpha, 0 off (default {D.cutmix_alpha:g})."),
     ] = None,
     img_size: Annotated[
-        int | None, typer.Option("--img-size", help="Training resolution [default: the dataset's].")
+        int | None, typer.Option("--img-size", help="Training resolution (default: the dataset's).")
     ] = None,
     val_fraction: Annotated[
         float | None,
-        typer.Option("--val-fraction", help="Share of training data held out [default: 0.1]."),
+        typer.Option(
+            "--val-fraction", help=f"Share of training data held out (default {D.val_fraction:g})."
+        ),
     ] = None,
     data_dir: opt.DataDir = None,
     download: opt.Download = None,

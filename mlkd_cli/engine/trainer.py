@@ -119,6 +119,14 @@ def _check_output_files(cfg: TeacherTrainConfig, files: RunFiles) -> None:
                     f"{files.last} was trained with --{key} {before.get(key)}, not "
                     f"{getattr(cfg, key)}; resume with the same --{key} or choose another --name"
                 )
+        now = cfg.to_record()
+        changed = [
+            f"{k} {now[k]} (was {before[k]})"
+            for k in sorted(now)
+            if k in before and k not in ("resume", "overwrite") and before[k] != now[k]
+        ]
+        if changed:
+            Reporter(cfg.output).warn("resuming with changed settings: " + ", ".join(changed))
         return
     existing = [p for p in (files.best, files.last) if p.exists()]
     if existing and not cfg.overwrite:
