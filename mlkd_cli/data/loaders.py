@@ -46,11 +46,15 @@ class ShardSampler(Sampler[int]):
 
 
 def default_workers(ctx: DistContext) -> int:
-    """Loader workers per rank: the cores this rank can spare, at most 8."""
+    """Loader workers per rank: on a GPU the cores this rank has (at most 8); on a CPU few.
+
+    On a CPU-only run the model computes on the same cores the workers would decode on; on
+    2 cores loading in the main process was faster (BENCHMARKS.md), so workers start at 8 cores.
+    """
     per_rank = (os.cpu_count() or 1) // max(1, ctx.world_size)
-    # On a CPU-only run the model competes with the workers for the same cores.
-    spare = per_rank - 1 if ctx.device.type == "cpu" else per_rank
-    return max(0, min(8, spare))
+    if ctx.device.type == "cpu":
+        return per_rank // 4 if per_rank >= 8 else 0
+    return max(0, min(8, per_rank))
 
 
 def _loader_kwargs(ctx: DistContext, workers: int | None) -> dict[str, Any]:
