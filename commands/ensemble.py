@@ -1,15 +1,219 @@
-"""`mlkd ensemble`: weighted teacher ensembles (fitting lands in a later release)."""
+"""`mlkd ensemble`: fit a weighted teacher ensemble on held-out data, and evaluate it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
 import typer
 
-from mlkd_cli.console import UserError
+from mlkd_cli.console import OutputOptions, Reporter, UserError
+from mlkd_cli.engine.ensemble import (
+    collect_member_logits,
+    ensemble_table_rows,
+    fit_ensemble_weights,
+    plan_ensemble_run,
+)
+from mlkd_cli.engine.launch import launch, launcher_rank
+from mlkd_cli.models.ensemble_config import read_ensemble_config, write_ensemble_config
+
+from . import options as opt
 
 app = typer.Typer(help="Build and evaluate weighted teacher ensembles.", no_args_is_help=True)
 
+Config = Annotated[
+    Path,
+    typer.Argument(help="Ensemble file: the original's JSON or a members list (YAML/JSON)."),
+]
+ModelsDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--models-dir",
+        help="Where the original format's names resolve, as <dir>/<name>.pth "
+        "(default: models/ beside the file).",
+    ),
+]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per process per step.")]
+ValFraction = Annotated[
+    float | None,
+    typer.Option(
+        "--val-fraction", help="Held-out share of the training data (default: as the members')."
+    ),
+]
+
+
+def _collect(
+    config_path: Path,
+    models_dir: Path | None,
+    dataset: str | None,
+    data_dir: Path | None,
+    split: str,
+    val_fraction: float | None,
+    batch_size: int,
+    world_size: int | None,
+    device: str | None,
+    workers: int | None,
+    output: OutputOptions,
+) -> tuple[Any, dict[str, Any], Any]:
+    config = read_ensemble_config(config_path, models_dir)
+    plan = plan_ensemble_run(
+        config, dataset, data_dir or Path("data"), split, val_fraction, batch_size, workers, output
+    )
+    collected = launch(collect_member_logits, plan, world_size or 1, device or "auto")
+    return config, collected, plan
+
+
+def _render(
+    report: Reporter, title: str, rows: list[dict[str, Any]], member_weights: list[float]
+) -> None:
+    lines = []
+    for i, row in enumerate(rows):
+        weight = member_weights[i] if i < len(member_weights) else None
+        lines.append(
+            [
+                row["name"],
+                row["arch"],
+                None if weight is None else f"{weight:.4f}",
+                f"{row['top1']:.2f}",
+                f"{row['nll']:.4f}",
+            ]
+        )
+    report.table(title, ["member", "architecture", "weight", "top-1 %", "NLL"], lines)
+
 
 @app.command("build")
-def build() -> None:
-    """Fit ensemble weights on held-out data (not available yet)."""
-    raise UserError("`mlkd ensemble build` is not available in this version of mlkd yet")
+def build(
+    config_path: Config = Path("config.json"),
+    dataset: opt.Dataset = None,
+    data_dir: opt.DataDir = None,
+    models_dir: ModelsDir = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the fitted file here instead.")
+    ] = None,
+    in_place: Annotated[
+        bool, typer.Option("--in-place", help="Rewrite CONFIG (the default without --output).")
+    ] = False,
+    fit_temperature: Annotated[
+        bool,
+        typer.Option("--fit-temperature", help="Also fit a temperature (weights then mean 1)."),
+    ] = False,
+    val_fraction: ValFraction = None,
+    batch_size: BatchSize = 128,
+    world_size: opt.WorldSize = None,
+    device: opt.Device = None,
+    workers: opt.Workers = None,
+    quiet: opt.Quiet = False,
+    json: opt.Json = False,
+) -> None:
+    """Fit member weights on the held-out validation split and write them into the file."""
+    if output is not None and in_place:
+        raise UserError("--output writes a new file and --in-place rewrites CONFIG; pass one")
+    out = OutputOptions(quiet=quiet, json=json)
+    config, collected, plan = _collect(
+        config_path,
+        models_dir,
+        dataset,
+        data_dir,
+        "val",
+        val_fraction,
+        batch_size,
+        world_size,
+        device,
+        workers,
+        out,
+    )
+    report = Reporter(out, rank=launcher_rank())
+    if launcher_rank() != 0:
+        return
+    logits = torch.from_numpy(collected["logits"])
+    labels = torch.from_numpy(collected["labels"])
+    fit = fit_ensemble_weights(logits, labels, fit_temperature)
+    n = len(config.members)
+    rows = ensemble_table_rows(
+        logits,
+        labels,
+        collected["names"],
+        collected["archs"],
+        [("equal weights", [1.0] * n, 1.0), ("fitted", fit.weights, fit.temperature or 1.0)],
+    )
+    destination = output or config_path
+    write_ensemble_config(config.with_fit(fit.weights, fit.temperature), destination)
+    title = f"ensemble on {plan.dataset} val ({len(labels)} images)"
+    _render(report, title, rows, fit.weights)
+    temperature = f", temperature {fit.temperature:.4f}" if fit.temperature is not None else ""
+    report.info(
+        f"held-out NLL {fit.equal_nll:.4f} with equal weights, {fit.fitted_nll:.4f} fitted"
+        f"{temperature}; wrote {destination}"
+    )
+    report.result(
+        {
+            "dataset": plan.dataset,
+            "split": "val",
+            "images": len(labels),
+            "weights": fit.weights,
+            "temperature": fit.temperature,
+            "equal_nll": fit.equal_nll,
+            "fitted_nll": fit.fitted_nll,
+            "written": str(destination),
+            "rows": rows,
+        }
+    )
+
+
+@app.command("eval")
+def evaluate(
+    config_path: Config = Path("config.json"),
+    dataset: opt.Dataset = None,
+    data_dir: opt.DataDir = None,
+    models_dir: ModelsDir = None,
+    split: Annotated[str, typer.Option("--split", help="val or test.")] = "val",
+    val_fraction: ValFraction = None,
+    batch_size: BatchSize = 128,
+    world_size: opt.WorldSize = None,
+    device: opt.Device = None,
+    workers: opt.Workers = None,
+    quiet: opt.Quiet = False,
+    json: opt.Json = False,
+) -> None:
+    """Every member's and the ensemble's top-1 and NLL on a split, with the file's weights."""
+    out = OutputOptions(quiet=quiet, json=json)
+    config, collected, plan = _collect(
+        config_path,
+        models_dir,
+        dataset,
+        data_dir,
+        split,
+        val_fraction,
+        batch_size,
+        world_size,
+        device,
+        workers,
+        out,
+    )
+    if launcher_rank() != 0:
+        return
+    logits = torch.from_numpy(collected["logits"])
+    labels = torch.from_numpy(collected["labels"])
+    n = len(config.members)
+    rows = ensemble_table_rows(
+        logits,
+        labels,
+        collected["names"],
+        collected["archs"],
+        [("equal weights", [1.0] * n, 1.0), ("file weights", config.weights, config.temperature)],
+    )
+    report = Reporter(out)
+    _render(
+        report, f"ensemble on {plan.dataset} {split} ({len(labels)} images)", rows, config.weights
+    )
+    report.result(
+        {
+            "dataset": plan.dataset,
+            "split": split,
+            "images": len(labels),
+            "weights": config.weights,
+            "temperature": config.temperature,
+            "rows": rows,
+        }
+    )

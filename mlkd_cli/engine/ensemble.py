@@ -1,0 +1,246 @@
+"""Ensemble weight fitting: member logits over one split, then a likelihood fit on them.
+
+Members run once over the held-out validation split (no augmentation); the logits are kept and
+the weights (and optionally a temperature) fitted by minimising the ensemble's negative
+log-likelihood on them. Nothing else of the dataset is read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlkd_cli.console import OutputOptions, Reporter, UserError
+from mlkd_cli.data.loaders import TransformedSubset, build_eval_loader
+from mlkd_cli.data.registry import DEFAULT_VAL_FRACTION, get_dataset_spec, load_splits
+from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
+from mlkd_cli.engine.launch import DistContext
+from mlkd_cli.engine.loop import Precision
+from mlkd_cli.models.ensemble_config import EnsembleConfig
+from mlkd_cli.models.teacher import InputSpec, build_teacher, combine_logits, load_member
+
+SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class EnsemblePlan:
+    """A checked ensemble job: which file, which data, which split, how to run."""
+
+    config: EnsembleConfig
+    dataset: str
+    data_dir: Path
+    split: str
+    val_fraction: float
+    recipe: ImageRecipe
+    batch_size: int = 128
+    workers: int | None = None
+    output: OutputOptions = OutputOptions()
+
+
+def plan_ensemble_run(
+    config: EnsembleConfig,
+    dataset: str | None,
+    data_dir: Path,
+    split: str,
+    val_fraction: float | None,
+    batch_size: int,
+    workers: int | None,
+    output: OutputOptions,
+) -> EnsemblePlan:
+    """Check every member and the data before any worker starts."""
+    if split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    num_classes = get_dataset_spec(dataset).num_classes if dataset else None
+    members = [load_member(spec, num_classes) for spec in config.members]
+    cards = [m.card for m in members if m.card is not None]
+    recorded = sorted({c.dataset for c in cards})
+    if dataset is None:
+        if len(recorded) != 1 or len(cards) != len(members):
+            raise UserError(
+                "the members do not record one common dataset; pass --dataset"
+                + (f" (they say {', '.join(recorded)})" if recorded else "")
+            )
+        dataset = recorded[0]
+    if val_fraction is None:
+        fractions = {c.extra.get("val_fraction") for c in cards} - {None}
+        if len(fractions) > 1:
+            raise UserError(
+                f"the members were trained with different validation splits ({sorted(fractions)}); "
+                "pass --val-fraction"
+            )
+        val_fraction = fractions.pop() if fractions else DEFAULT_VAL_FRACTION
+    splits = load_splits(dataset, data_dir, False, val_fraction)
+    for member in members:
+        classes = member.card.num_classes if member.card else splits.num_classes
+        if classes != splits.num_classes:
+            raise UserError(
+                f"{member.spec.checkpoint} predicts {classes} classes but {dataset} has "
+                f"{splits.num_classes}; use teachers trained on {dataset}"
+            )
+    if split == "test" and splits.test is None:
+        raise UserError(f"{dataset} in {data_dir} has no test split; use --split val")
+    spec = splits.spec
+    first = cards[0] if cards else None
+    img_size = max((c.img_size for c in cards), default=spec.img_size)
+    recipe = ImageRecipe(
+        img_size=img_size,
+        crop_pct=first.crop_pct if first else spec.crop_pct,
+        mean=tuple(first.mean) if first else ImageRecipe(img_size).mean,
+        std=tuple(first.std) if first else ImageRecipe(img_size).std,
+    )
+    return EnsemblePlan(
+        config, dataset, data_dir, split, val_fraction, recipe, batch_size, workers, output
+    )
+
+
+def collect_member_logits(ctx: DistContext, plan: EnsemblePlan) -> dict[str, Any]:
+    """Every member's logits over the plan's split, gathered in dataset order (rank 0 returns)."""
+    splits = load_splits(plan.dataset, plan.data_dir, False, plan.val_fraction)
+    if plan.split == "val":
+        source, indices = splits.val, splits.val_indices
+    else:
+        assert splits.test is not None  # checked by the plan
+        source, indices = splits.test, list(range(len(splits.test)))
+    dataset = TransformedSubset(source, indices, build_eval_transform(plan.recipe))
+    loader = build_eval_loader(dataset, plan.batch_size, ctx, plan.workers)
+    input_spec = InputSpec(plan.recipe.img_size, plan.recipe.mean, plan.recipe.std)
+    teacher, loaded, _ = build_teacher(plan.config, splits.num_classes, input_spec)
+    teacher.to(ctx.device)
+    precision = Precision(ctx.device)
+    if precision.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    report = Reporter(plan.output, ctx.rank)
+    chunks, labels = [], []
+    with report.step_progress(
+        f"{len(teacher.members)} members on {plan.split}", len(loader)
+    ) as tick:
+        for step, (images, targets) in enumerate(loader, start=1):
+            chunks.append(teacher.member_logits(precision.to_device(images)).cpu())
+            labels.append(targets)
+            if tick is not None:
+                tick(step, None)
+    shard_logits = torch.cat(chunks, dim=1) if chunks else torch.zeros(len(teacher.members), 0, 0)
+    shard_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    # Rank r evaluated items r, r + W, ...; interleave the shards back into dataset order.
+    shards = ctx.gather_objects((shard_logits.numpy(), shard_labels.numpy()))
+    total = sum(len(s[1]) for s in shards)
+    members, classes = len(teacher.members), splits.num_classes
+    logits = np.zeros((members, total, classes), dtype=np.float32)
+    ordered = np.zeros(total, dtype=np.int64)
+    for rank, (shard_l, shard_y) in enumerate(shards):
+        if len(shard_y):
+            logits[:, rank :: ctx.world_size] = shard_l
+            ordered[rank :: ctx.world_size] = shard_y
+    return {
+        "logits": logits,
+        "labels": ordered,
+        "names": teacher.names,
+        "archs": [m.arch for m in loaded],
+    }
+
+
+def ensemble_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 (percent) and mean NLL of one set of logits."""
+    logits = logits.double()
+    return {
+        "top1": 100.0 * float((logits.argmax(1) == labels).double().mean()),
+        "nll": float(F.cross_entropy(logits, labels)),
+    }
+
+
+@dataclass
+class EnsembleFit:
+    """Fitted weights and temperature, with the held-out NLL before and after."""
+
+    weights: list[float]
+    temperature: float | None
+    equal_nll: float
+    fitted_nll: float
+
+
+def fit_ensemble_weights(
+    member_logits: torch.Tensor,
+    labels: torch.Tensor,
+    fit_temperature: bool = False,
+    max_iter: int = 200,
+) -> EnsembleFit:
+    """Minimise the ensemble's NLL over weights (kept positive), and a temperature if asked.
+
+    Without a temperature the weights are free in scale (their scale is the temperature). With
+    one, the weights are held to mean 1 and the temperature takes the scale. Starts from equal
+    weights, so the fit is never worse than them; should the optimiser end worse, equal weights
+    are kept.
+    """
+    z = member_logits.double()
+    y = labels.long()
+    n = z.shape[0]
+    equal = torch.ones(n, dtype=torch.float64)
+    equal_nll = float(F.cross_entropy(combine_logits(z, equal), y))
+    raw = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    softplus_one = math.log(math.e - 1.0)
+
+    def weights_of() -> torch.Tensor:
+        if fit_temperature:
+            return n * torch.softmax(raw, 0)
+        return F.softplus(raw + softplus_one)
+
+    def nll() -> torch.Tensor:
+        temperature = log_t.exp() if fit_temperature else 1.0
+        return F.cross_entropy(combine_logits(z, weights_of(), temperature), y)
+
+    params = [raw, log_t] if fit_temperature else [raw]
+    optimiser = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = nll()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    with torch.no_grad():
+        fitted_nll = float(nll())
+        weights = weights_of().tolist()
+        temperature = float(log_t.exp()) if fit_temperature else None
+    if not math.isfinite(fitted_nll) or fitted_nll > equal_nll:
+        return EnsembleFit(equal.tolist(), 1.0 if fit_temperature else None, equal_nll, equal_nll)
+    return EnsembleFit(weights, temperature, equal_nll, fitted_nll)
+
+
+def ensemble_table_rows(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    names: list[str],
+    archs: list[str],
+    rows: list[tuple[str, list[float], float]],
+) -> list[dict[str, Any]]:
+    """Each member's figures, then one row per (label, weights, temperature) ensemble."""
+    table = []
+    for i, (name, arch) in enumerate(zip(names, archs, strict=True)):
+        table.append(
+            {"name": name, "arch": arch, "weight": None, **ensemble_metrics(logits[i], labels)}
+        )
+    for label, weights, temperature in rows:
+        combined = combine_logits(
+            logits.double(), torch.tensor(weights, dtype=torch.float64), temperature
+        )
+        table.append(
+            {
+                "name": label,
+                "arch": "ensemble",
+                "weight": None,
+                "weights": [round(w, 4) for w in weights],
+                "temperature": temperature,
+                **ensemble_metrics(combined, labels),
+            }
+        )
+    return table

@@ -1,0 +1,200 @@
+"""Ensemble files: the original project's JSON verbatim, or an explicit members list (YAML/JSON).
+
+Original form (names resolve to `<models dir>/<name>.pth`, the models dir defaulting to `models/`
+beside the file):
+
+    {"models": ["deit_small_distilled_patch16_224", ...], "names": ["oxford_deit", ...],
+     "weights": [0.97, ...]}
+
+Explicit form (checkpoint paths relative to the file; `model` optional when the checkpoint
+records its architecture; `weight` optional):
+
+    members:
+      - checkpoint: models/a.pth
+        model: resnet10t
+        weight: 1.0
+    temperature: 1.0
+
+`weights` may be absent before fitting (equal weights then); `temperature` is optional in both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlkd_cli.console import UserError
+from mlkd_cli.engine.history import atomic_write_text
+
+ORIGINAL = "original"
+MEMBERS = "members"
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One ensemble member as the file names it."""
+
+    checkpoint: Path
+    model: str | None = None
+    weight: float = 1.0
+    label: str = ""  # the original's checkpoint name, or the file's stem
+
+    @property
+    def name(self) -> str:
+        """What tables call this member."""
+        return self.label or self.checkpoint.stem
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """An ensemble file, parsed: its members, temperature, and how to write it back."""
+
+    path: Path
+    members: tuple[MemberSpec, ...]
+    temperature: float = 1.0
+    layout: str = MEMBERS  # ORIGINAL or MEMBERS
+    syntax: str = "json"  # json or yaml
+    raw: dict[str, Any] = field(default_factory=dict)
+    has_weights: bool = True
+
+    @property
+    def weights(self) -> list[float]:
+        """Member weights in file order."""
+        return [m.weight for m in self.members]
+
+    def with_fit(self, weights: list[float], temperature: float | None) -> EnsembleConfig:
+        """The same ensemble with fitted weights (and temperature, when one was fitted)."""
+        members = tuple(
+            replace(m, weight=float(w)) for m, w in zip(self.members, weights, strict=True)
+        )
+        return replace(
+            self,
+            members=members,
+            temperature=self.temperature if temperature is None else float(temperature),
+            has_weights=True,
+        )
+
+
+def read_ensemble_config(path: Path, models_dir: Path | None = None) -> EnsembleConfig:
+    """Parse an ensemble file, checking its shape (not yet its checkpoints)."""
+    if not path.is_file():
+        raise UserError(
+            f"no ensemble file {path}; pass its path (the original's is config.json), "
+            "or train teachers and write one"
+        )
+    text = path.read_text(encoding="utf-8")
+    syntax = "yaml" if path.suffix.lower() in (".yaml", ".yml") else "json"
+    try:
+        content = yaml.safe_load(text) if syntax == "yaml" else json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"{path} is not valid {syntax.upper()} ({exc}); fix the file") from exc
+    if not isinstance(content, dict):
+        raise UserError(f"{path} must hold a mapping, not a {type(content).__name__}")
+    if "members" in content:
+        members = _explicit_members(path, content)
+        layout = MEMBERS
+    elif "models" in content or "names" in content:
+        members = _original_members(path, content, models_dir or path.parent / "models")
+        layout = ORIGINAL
+    else:
+        raise UserError(
+            f"{path} has neither 'members' nor 'models'/'names'; see `mlkd ensemble --help`"
+        )
+    temperature = _finite(path, "temperature", content.get("temperature", 1.0))
+    if temperature <= 0:
+        raise UserError(f"{path}: temperature must be positive, got {temperature}")
+    has_weights = "weights" in content or any(
+        isinstance(m, dict) and "weight" in m for m in content.get("members", [])
+    )
+    return EnsembleConfig(path, tuple(members), temperature, layout, syntax, content, has_weights)
+
+
+def _finite(path: Path, what: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{path}: {what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise UserError(f"{path}: {what} is {value}, not a finite number; fix or remove it")
+    return float(value)
+
+
+def _original_members(path: Path, content: dict[str, Any], models_dir: Path) -> list[MemberSpec]:
+    models, names = content.get("models"), content.get("names")
+    if not isinstance(models, list) or not isinstance(names, list) or not models:
+        raise UserError(f"{path}: 'models' and 'names' must be non-empty lists")
+    weights = content.get("weights", [1.0] * len(models))
+    if not isinstance(weights, list):
+        raise UserError(f"{path}: 'weights' must be a list")
+    if not len(models) == len(names) == len(weights):
+        raise UserError(
+            f"{path}: {len(models)} models, {len(names)} names and {len(weights)} weights; "
+            "the three lists must be the same length"
+        )
+    return [
+        MemberSpec(
+            checkpoint=models_dir / f"{name}.pth",
+            model=str(model),
+            weight=_finite(path, f"weight of {name}", weight),
+            label=str(name),
+        )
+        for model, name, weight in zip(models, names, weights, strict=True)
+    ]
+
+
+def _explicit_members(path: Path, content: dict[str, Any]) -> list[MemberSpec]:
+    entries = content["members"]
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{path}: 'members' must be a non-empty list")
+    members = []
+    for number, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict) or "checkpoint" not in entry:
+            raise UserError(f"{path}: member {number} needs a 'checkpoint' path")
+        unknown = sorted(set(entry) - {"checkpoint", "model", "weight", "name"})
+        if unknown:
+            raise UserError(f"{path}: member {number} has unknown key {unknown[0]!r}")
+        checkpoint = Path(entry["checkpoint"])
+        members.append(
+            MemberSpec(
+                checkpoint=checkpoint if checkpoint.is_absolute() else path.parent / checkpoint,
+                model=entry.get("model"),
+                weight=_finite(path, f"weight of member {number}", entry.get("weight", 1.0)),
+                label=str(entry.get("name", "")),
+            )
+        )
+    return members
+
+
+def write_ensemble_config(config: EnsembleConfig, destination: Path) -> None:
+    """Write the ensemble back in the layout and syntax it was read in, atomically."""
+    content = dict(config.raw)
+    weights = [round(w, 6) for w in config.weights]
+    if config.layout == ORIGINAL:
+        content["weights"] = weights
+    else:
+        content["members"] = [
+            {**entry, "weight": w} for entry, w in zip(content["members"], weights, strict=True)
+        ]
+    if config.temperature != 1.0 or "temperature" in content:
+        content["temperature"] = round(config.temperature, 6)
+    if config.syntax == "yaml":
+        text = yaml.safe_dump(content, sort_keys=False)
+    else:
+        text = _json_text(content)
+    atomic_write_text(destination, text)
+
+
+def _json_text(content: dict[str, Any]) -> str:
+    # The original's layout: one key per line, lists of names and weights kept on that line.
+    def value(v: Any) -> str:
+        if isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[\n" + ",\n".join(f"        {json.dumps(x)}" for x in v) + "\n    ]"
+        return json.dumps(v)
+
+    body = ",\n".join(f"    {json.dumps(k)}: {value(v)}" for k, v in content.items())
+    return "{\n" + body + "\n}\n"

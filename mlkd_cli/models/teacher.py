@@ -1,0 +1,202 @@
+"""The teacher: one timm model or a weighted ensemble of several, as one frozen module."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlkd_cli.console import UserError
+from mlkd_cli.data.transforms import DEFAULT_MEAN, DEFAULT_STD
+from mlkd_cli.engine.checkpoint import MODEL_FORMAT, ModelCard, read_weights
+from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec
+from mlkd_cli.models.factory import check_model_name
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The size and normalisation a model's input is expected in."""
+
+    img_size: int
+    mean: tuple[float, ...] = DEFAULT_MEAN
+    std: tuple[float, ...] = DEFAULT_STD
+
+    @classmethod
+    def of(cls, card: ModelCard | None, fallback: InputSpec) -> InputSpec:
+        """A checkpoint's recorded input, or the fallback for checkpoints that record none."""
+        if card is None:
+            return fallback
+        return cls(int(card.img_size), tuple(card.mean), tuple(card.std))
+
+
+class InputAdapter(nn.Module):
+    """Turns a batch prepared for one input spec into one for another, on the device.
+
+    Resizes (bicubic, antialiased) when sizes differ and re-normalises when mean/std differ;
+    an identity when the two agree.
+    """
+
+    def __init__(self, source: InputSpec, target: InputSpec) -> None:
+        super().__init__()
+        self.size = None if source.img_size == target.img_size else target.img_size
+        self.renormalise = (source.mean, source.std) != (target.mean, target.std)
+        # x_target = (x_source * s_std + s_mean - t_mean) / t_std = x_source * scale + shift
+        s_mean, s_std = torch.tensor(source.mean), torch.tensor(source.std)
+        t_mean, t_std = torch.tensor(target.mean), torch.tensor(target.std)
+        self.register_buffer("scale", (s_std / t_std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "shift", ((s_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.size is not None:
+            images = F.interpolate(
+                images,
+                size=(self.size, self.size),
+                mode="bicubic",
+                antialias=True,
+                align_corners=False,
+            )
+        if self.renormalise:
+            images = images * self.scale + self.shift
+        return images
+
+
+@dataclass
+class LoadedMember:
+    """A member's model with what its checkpoint said about it."""
+
+    spec: MemberSpec
+    arch: str
+    model: nn.Module
+    card: ModelCard | None
+
+
+def load_member(spec: MemberSpec, num_classes: int | None) -> LoadedMember:
+    """Build a member from its checkpoint, checking architecture and class count."""
+    if not spec.checkpoint.is_file():
+        raise UserError(
+            f"ensemble member checkpoint {spec.checkpoint} does not exist; train it or fix the path"
+        )
+    weights, meta = read_weights(spec.checkpoint)
+    card = ModelCard.from_checkpoint(meta) if meta.get("format") == MODEL_FORMAT else None
+    arch = spec.model or (card.arch if card else None)
+    if arch is None:
+        raise UserError(
+            f"{spec.checkpoint} does not record its architecture; give the member a 'model'"
+        )
+    check_model_name(arch)
+    if card is not None and spec.model is not None and card.arch != spec.model:
+        raise UserError(
+            f"{spec.checkpoint} holds a {card.arch}, but the ensemble file says {spec.model}; "
+            "fix the model name or the checkpoint"
+        )
+    classes = card.num_classes if card is not None else num_classes
+    if classes is None:
+        raise UserError(f"{spec.checkpoint} does not record its class count; pass --dataset")
+    if num_classes is not None and classes != num_classes:
+        raise UserError(
+            f"{spec.checkpoint} predicts {classes} classes but the dataset has {num_classes}; "
+            "use a teacher trained on this dataset"
+        )
+    model = timm.create_model(arch, num_classes=classes)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()[0]
+        shape_hint = " (wrong class count?)" if "size mismatch" in str(exc) else ""
+        raise UserError(
+            f"{spec.checkpoint} does not fit {arch}{shape_hint}: {detail}; check the member's model"
+        ) from None
+    return LoadedMember(spec, arch, model, card)
+
+
+class TeacherEnsemble(nn.Module):
+    """A frozen weighted ensemble (a single model is an ensemble of one).
+
+    Output: `(sum_i w_i * logits_i / n) / temperature`, the original project's combination.
+    Members stay in eval mode whatever `.train()` is called with and run under
+    `torch.inference_mode` (bf16 autocast on CUDA); the weights are a buffer, so they move with
+    `.to()`. The output is an ordinary tensor, usable in a student's loss.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        weights: Sequence[float],
+        adapters: Sequence[nn.Module] | None = None,
+        temperature: float = 1.0,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(members) != len(weights) or not members:
+            raise ValueError("an ensemble needs one weight per member and at least one member")
+        self.members = nn.ModuleList(members)
+        self.adapters = nn.ModuleList(adapters or [nn.Identity() for _ in members])
+        self.register_buffer("weights", torch.tensor(list(weights), dtype=torch.float32))
+        self.temperature = float(temperature)
+        self.names = list(names or [f"member{i}" for i in range(len(members))])
+        for param in self.parameters():
+            param.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> TeacherEnsemble:
+        """Members are always in eval mode: a teacher's BatchNorm must not drift."""
+        super().train(False)
+        return self
+
+    def _autocast(self, device: torch.device):
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def member_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Each member's logits, stacked as (members, batch, classes), in fp32."""
+        with torch.inference_mode(), self._autocast(images.device):
+            outputs = [
+                member(adapter(images)).float()
+                for member, adapter in zip(self.members, self.adapters, strict=True)
+            ]
+            stacked = torch.stack(outputs)
+        return stacked.clone()  # leave inference mode: a plain tensor for the caller's graph
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return combine_logits(self.member_logits(images), self.weights, self.temperature)
+
+
+def combine_logits(
+    member_logits: torch.Tensor, weights: torch.Tensor, temperature: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    """`(sum_i w_i * logits_i / n) / temperature` for logits of shape (members, batch, classes)."""
+    n = member_logits.shape[0]
+    weighted = (weights.to(member_logits.dtype).view(n, 1, 1) * member_logits).sum(0) / n
+    return weighted / temperature
+
+
+def build_teacher(
+    config: EnsembleConfig, num_classes: int | None, input_spec: InputSpec | None = None
+) -> tuple[TeacherEnsemble, list[LoadedMember], InputSpec]:
+    """Load every member and wrap them; inputs arrive prepared for `input_spec`.
+
+    Without an `input_spec`, the largest recorded input size (and the first member's
+    normalisation) is used, and the other members get adapters.
+    """
+    loaded = [load_member(spec, num_classes) for spec in config.members]
+    fallback = InputSpec(224)
+    specs = [InputSpec.of(m.card, fallback) for m in loaded]
+    if input_spec is None:
+        input_spec = InputSpec(max(s.img_size for s in specs), specs[0].mean, specs[0].std)
+    adapters = [InputAdapter(input_spec, spec) for spec in specs]
+    teacher = TeacherEnsemble(
+        [m.model for m in loaded],
+        config.weights,
+        adapters,
+        config.temperature,
+        [m.spec.name for m in loaded],
+    )
+    return teacher, loaded, input_spec
