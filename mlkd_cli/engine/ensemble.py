@@ -226,9 +226,7 @@ def ensemble_table_rows(
     """Each member's figures, then one row per (label, weights, temperature) ensemble."""
     table = []
     for i, (name, arch) in enumerate(zip(names, archs, strict=True)):
-        table.append(
-            {"name": name, "arch": arch, "weight": None, **ensemble_metrics(logits[i], labels)}
-        )
+        table.append({"name": name, "arch": arch, **ensemble_metrics(logits[i], labels)})
     for label, weights, temperature in rows:
         combined = combine_logits(
             logits.double(), torch.tensor(weights, dtype=torch.float64), temperature
@@ -237,8 +235,7 @@ def ensemble_table_rows(
             {
                 "name": label,
                 "arch": "ensemble",
-                "weight": None,
-                "weights": [round(w, 4) for w in weights],
+                "weights": list(weights),
                 "temperature": temperature,
                 **ensemble_metrics(combined, labels),
             }
