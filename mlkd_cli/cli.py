@@ -38,7 +38,7 @@ class MlkdGroup(TyperGroup):
             code = _fail(str(exc), 2)
         except click_errors.ClickException as exc:
             code = _fail(exc.format_message(), exc.exit_code)
-        except click_errors.Abort:
+        except typer.Abort:
             code = _fail("aborted", 130)
         else:
             code = result if isinstance(result, int) else 0

@@ -25,18 +25,18 @@ class CliResult:
     stderr: str
 
 
+def invoke_cli(*args: object) -> CliResult:
+    """Run `mlkd ARGS...` in-process through the real root group (its error handling included)."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
 @pytest.fixture
 def run_cli():
-    """Invoke `mlkd ARGS...` in-process through the real root group (errors included)."""
-    runner = CliRunner()
-
-    def invoke(*args: str) -> CliResult:
-        result = runner.invoke(app, [str(a) for a in args])
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        return CliResult(result.exit_code, result.stdout, result.stderr)
-
-    return invoke
+    """The `invoke_cli` function, as a fixture."""
+    return invoke_cli
 
 
 def _pickle(path: Path, content: dict) -> None:
