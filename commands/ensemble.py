@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +17,11 @@ from mlkd_cli.engine.ensemble import (
     plan_ensemble_run,
 )
 from mlkd_cli.engine.launch import launch, launcher_rank
-from mlkd_cli.models.ensemble_config import read_ensemble_config, write_ensemble_config
+from mlkd_cli.models.ensemble_config import (
+    ORIGINAL,
+    read_ensemble_config,
+    write_ensemble_config,
+)
 
 from . import options as opt
 
@@ -82,6 +87,16 @@ def _render(
     report.table(title, ["member", "architecture", "weight", "top-1 %", "NLL"], lines)
 
 
+def _check_writable(destination: Path) -> None:
+    folder = destination.parent
+    if not folder.is_dir():
+        raise UserError(
+            f"cannot write {destination}: folder {folder} does not exist; create it first"
+        )
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write {destination}: folder {folder} is not writable")
+
+
 @app.command("build")
 def build(
     config_path: Config = Path("config.json"),
@@ -109,6 +124,7 @@ def build(
     """Fit member weights on the held-out validation split and write them into the file."""
     if output is not None and in_place:
         raise UserError("--output writes a new file and --in-place rewrites CONFIG; pass one")
+    _check_writable(output or config_path)
     out = OutputOptions(quiet=quiet, json=json)
     config, collected, plan = _collect(
         config_path,
@@ -138,7 +154,14 @@ def build(
         [("equal weights", [1.0] * n, 1.0), ("fitted", fit.weights, fit.temperature or 1.0)],
     )
     destination = output or config_path
-    write_ensemble_config(config.with_fit(fit.weights, fit.temperature), destination)
+    # Without a fitted temperature the weights carry the scale: the file's temperature becomes 1.
+    write_ensemble_config(config.with_fit(fit.weights, fit.temperature or 1.0), destination)
+    moved = destination.resolve().parent != config_path.resolve().parent
+    if moved and config.layout == ORIGINAL:
+        report.warn(
+            f"{destination}'s names resolve against models/ beside it; "
+            f"pass --models-dir {config.members[0].checkpoint.parent} when using it"
+        )
     title = f"ensemble on {plan.dataset} val ({len(labels)} images)"
     _render(report, title, rows, fit.weights)
     temperature = f", temperature {fit.temperature:.4f}" if fit.temperature is not None else ""

@@ -63,7 +63,7 @@ def test_original_form_round_trips_in_its_own_layout(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     path.write_text('{"models": ["a", "b"], "names": ["x", "y"]}')
     config = read_ensemble_config(path)
-    write_ensemble_config(config.with_fit([2.0, 0.5], None), path)
+    write_ensemble_config(config.with_fit([2.0, 0.5], 1.0), path)
     content = json.loads(path.read_text())
     assert content == {"models": ["a", "b"], "names": ["x", "y"], "weights": [2.0, 0.5]}
 
@@ -184,6 +184,26 @@ def test_bare_build_fits_and_rewrites_config(
     assert rows["fitted"]["nll"] == pytest.approx(report["fitted_nll"], rel=1e-6)
     assert rows["equal weights"]["nll"] == pytest.approx(report["equal_nll"], rel=1e-6)
     assert rows["good"]["top1"] > rows["bad"]["top1"]
+    # What was written is what was fitted: evaluating the file on val gives the fitted NLL.
+    evaluated = json.loads(_cli("ensemble", "eval", "--json").stdout)
+    file_row = next(r for r in evaluated["rows"] if r["name"] == "file weights")
+    assert file_row["nll"] == pytest.approx(report["fitted_nll"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_refit_without_temperature_resets_a_stale_one(
+    trained_members: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(_project(trained_members, tmp_path, {**GOOD_BAD, "temperature": 0.25}))
+    report = json.loads(_cli("ensemble", "build", "--json").stdout)
+    assert json.loads(Path("config.json").read_text())["temperature"] == 1.0
+    evaluated = json.loads(_cli("ensemble", "eval", "--json").stdout)
+    file_row = next(r for r in evaluated["rows"] if r["name"] == "file weights")
+    assert file_row["nll"] == pytest.approx(report["fitted_nll"], rel=1e-5)
+    tempered = json.loads(_cli("ensemble", "build", "--json", "--fit-temperature").stdout)
+    written = json.loads(Path("config.json").read_text())
+    assert written["temperature"] == pytest.approx(tempered["temperature"], rel=1e-5)
+    assert sum(written["weights"]) == pytest.approx(2.0, abs=1e-5)
 
 
 class _Untouchable:

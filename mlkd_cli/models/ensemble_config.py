@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -67,17 +68,12 @@ class EnsembleConfig:
         """Member weights in file order."""
         return [m.weight for m in self.members]
 
-    def with_fit(self, weights: list[float], temperature: float | None) -> EnsembleConfig:
-        """The same ensemble with fitted weights (and temperature, when one was fitted)."""
+    def with_fit(self, weights: list[float], temperature: float) -> EnsembleConfig:
+        """The same ensemble with fitted weights and the temperature they were fitted with."""
         members = tuple(
             replace(m, weight=float(w)) for m, w in zip(self.members, weights, strict=True)
         )
-        return replace(
-            self,
-            members=members,
-            temperature=self.temperature if temperature is None else float(temperature),
-            has_weights=True,
-        )
+        return replace(self, members=members, temperature=float(temperature), has_weights=True)
 
 
 def read_ensemble_config(path: Path, models_dir: Path | None = None) -> EnsembleConfig:
@@ -176,7 +172,14 @@ def write_ensemble_config(config: EnsembleConfig, destination: Path) -> None:
         content["weights"] = weights
     else:
         content["members"] = [
-            {**entry, "weight": w} for entry, w in zip(content["members"], weights, strict=True)
+            {
+                **entry,
+                "checkpoint": _relative_to(
+                    member.checkpoint, entry["checkpoint"], destination.parent
+                ),
+                "weight": w,
+            }
+            for entry, member, w in zip(content["members"], config.members, weights, strict=True)
         ]
     if config.temperature != 1.0 or "temperature" in content:
         content["temperature"] = round(config.temperature, 6)
@@ -185,6 +188,14 @@ def write_ensemble_config(config: EnsembleConfig, destination: Path) -> None:
     else:
         text = _json_text(content)
     atomic_write_text(destination, text)
+
+
+def _relative_to(resolved: Path, written: str, folder: Path) -> str:
+    # Relative checkpoint paths are relative to the file: a copy written into another folder
+    # gets them re-expressed so they still reach the same checkpoints.
+    if Path(written).is_absolute():
+        return written
+    return os.path.relpath(resolved.resolve(), folder.resolve())
 
 
 def _json_text(content: dict[str, Any]) -> str:
