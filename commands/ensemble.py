@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +12,7 @@ import typer
 
 from mlkd_cli.console import OutputOptions, Reporter, UserError
 from mlkd_cli.engine.ensemble import (
+    EnsemblePlan,
     collect_member_logits,
     ensemble_table_rows,
     fit_ensemble_weights,
@@ -19,6 +21,7 @@ from mlkd_cli.engine.ensemble import (
 from mlkd_cli.engine.launch import launch, launcher_rank
 from mlkd_cli.models.ensemble_config import (
     ORIGINAL,
+    EnsembleConfig,
     read_ensemble_config,
     write_ensemble_config,
 )
@@ -48,7 +51,26 @@ ValFraction = Annotated[
 ]
 
 
-def _collect(
+@dataclass
+class _LogitsPass:
+    """One pass of every member over a split, as the commands need it."""
+
+    config: EnsembleConfig
+    plan: EnsemblePlan
+    logits: torch.Tensor
+    labels: torch.Tensor
+    names: list[str]
+    archs: list[str]
+
+    def rows(self, label: str, weights: list[float], temperature: float) -> list[dict[str, Any]]:
+        """Member rows, the equal-weight ensemble, and the ensemble with these weights."""
+        equal = ("equal weights", [1.0] * len(self.config.members), 1.0)
+        return ensemble_table_rows(
+            self.logits, self.labels, self.names, self.archs, [equal, (label, weights, temperature)]
+        )
+
+
+def _run_pass(
     config_path: Path,
     models_dir: Path | None,
     dataset: str | None,
@@ -60,13 +82,23 @@ def _collect(
     device: str | None,
     workers: int | None,
     output: OutputOptions,
-) -> tuple[Any, dict[str, Any], Any]:
+) -> _LogitsPass | None:
+    """Run the members over the split; None on ranks other than 0 under torchrun."""
     config = read_ensemble_config(config_path, models_dir)
     plan = plan_ensemble_run(
         config, dataset, data_dir or Path("data"), split, val_fraction, batch_size, workers, output
     )
     collected = launch(collect_member_logits, plan, world_size or 1, device or "auto")
-    return config, collected, plan
+    if launcher_rank() != 0:
+        return None
+    return _LogitsPass(
+        config,
+        plan,
+        torch.from_numpy(collected["logits"]),
+        torch.from_numpy(collected["labels"]),
+        collected["names"],
+        collected["archs"],
+    )
 
 
 def _render(
@@ -126,7 +158,7 @@ def build(
         raise UserError("--output writes a new file and --in-place rewrites CONFIG; pass one")
     _check_writable(output or config_path)
     out = OutputOptions(quiet=quiet, json=json)
-    config, collected, plan = _collect(
+    run = _run_pass(
         config_path,
         models_dir,
         dataset,
@@ -139,20 +171,12 @@ def build(
         workers,
         out,
     )
-    report = Reporter(out, rank=launcher_rank())
-    if launcher_rank() != 0:
+    if run is None:
         return
-    logits = torch.from_numpy(collected["logits"])
-    labels = torch.from_numpy(collected["labels"])
-    fit = fit_ensemble_weights(logits, labels, fit_temperature)
-    n = len(config.members)
-    rows = ensemble_table_rows(
-        logits,
-        labels,
-        collected["names"],
-        collected["archs"],
-        [("equal weights", [1.0] * n, 1.0), ("fitted", fit.weights, fit.temperature or 1.0)],
-    )
+    config, plan, labels = run.config, run.plan, run.labels
+    report = Reporter(out)
+    fit = fit_ensemble_weights(run.logits, labels, fit_temperature)
+    rows = run.rows("fitted", fit.weights, fit.temperature or 1.0)
     destination = output or config_path
     # Without a fitted temperature the weights carry the scale: the file's temperature becomes 1.
     write_ensemble_config(config.with_fit(fit.weights, fit.temperature or 1.0), destination)
@@ -201,7 +225,7 @@ def evaluate(
 ) -> None:
     """Every member's and the ensemble's top-1 and NLL on a split, with the file's weights."""
     out = OutputOptions(quiet=quiet, json=json)
-    config, collected, plan = _collect(
+    run = _run_pass(
         config_path,
         models_dir,
         dataset,
@@ -214,18 +238,10 @@ def evaluate(
         workers,
         out,
     )
-    if launcher_rank() != 0:
+    if run is None:
         return
-    logits = torch.from_numpy(collected["logits"])
-    labels = torch.from_numpy(collected["labels"])
-    n = len(config.members)
-    rows = ensemble_table_rows(
-        logits,
-        labels,
-        collected["names"],
-        collected["archs"],
-        [("equal weights", [1.0] * n, 1.0), ("file weights", config.weights, config.temperature)],
-    )
+    config, plan, labels = run.config, run.plan, run.labels
+    rows = run.rows("file weights", config.weights, config.temperature)
     report = Reporter(out)
     _render(
         report, f"ensemble on {plan.dataset} {split} ({len(labels)} images)", rows, config.weights
