@@ -13,24 +13,20 @@ from mlkd_cli.console import OutputOptions, UserError
 C = TypeVar("C")
 
 
-@dataclass
-class TeacherTrainConfig:
-    """Everything `mlkd teacher train` needs: data, model, optimisation, launch and output."""
+@dataclass(kw_only=True)
+class TrainConfig:
+    """What every training run needs: data, optimisation, launch and output (defaults here)."""
 
     dataset: str
-    model: str
     name: str | None = None
     data_dir: Path = Path("data")
     download: bool = False
     val_fraction: float = 0.1
     img_size: int | None = None  # None: the dataset's own size
-    pretrained: bool = False
-    init_checkpoint: Path | None = None
     epochs: int = 30
     batch_size: int = 64  # per process, per forward pass
-    effective_batch_size: int | None = (
-        None  # per optimiser step over all ranks; None: no accumulation
-    )
+    # Images per optimiser step over all ranks; None: one forward pass per step.
+    effective_batch_size: int | None = None
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
@@ -38,6 +34,7 @@ class TeacherTrainConfig:
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    save_frequency: int = 0  # also keep <name>_e<N>.pth every N epochs; 0: never
     seed: int = 0
     world_size: int = 1
     device: str = "auto"
@@ -49,8 +46,8 @@ class TeacherTrainConfig:
 
     @property
     def run_name(self) -> str:
-        """The name the run's files carry: `--name`, or `<dataset>_<model>`."""
-        return self.name or f"{self.dataset}_{self.model}"
+        """The name the run's files carry: `--name`, or a default of the run's kind."""
+        return self.name or self.dataset
 
     def accumulation_steps(self, world_size: int) -> int:
         """Forward passes per optimiser step so that the global batch is `effective_batch_size`."""
@@ -90,6 +87,8 @@ class TeacherTrainConfig:
                 raise UserError(f"--{flag} must not be negative, got {value}")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.save_frequency < 0:
+            raise UserError(f"--save-frequency must not be negative, got {self.save_frequency}")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must not be negative, got {self.workers}")
         if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.batch_size < 2:
@@ -103,6 +102,72 @@ class TeacherTrainConfig:
         record = asdict(self)
         record.pop("output")
         return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}
+
+
+@dataclass(kw_only=True)
+class TeacherTrainConfig(TrainConfig):
+    """`mlkd teacher train`: one timm model fine-tuned with cross-entropy."""
+
+    model: str
+    pretrained: bool = False
+    init_checkpoint: Path | None = None
+
+    @property
+    def run_name(self) -> str:
+        """`--name`, or `<dataset>_<model>`."""
+        return self.name or f"{self.dataset}_{self.model}"
+
+
+# The original project's distillation recipe.
+ORIGINAL_EFFECTIVE_BATCH = 128
+
+
+@dataclass(kw_only=True)
+class DistillConfig(TrainConfig):
+    """`mlkd distill`: a multi-exit student learning from a teacher's softened outputs."""
+
+    student: str = "resnetv2_50x1_bit"
+    student_checkpoint: Path | None = None
+    pretrained: bool = False
+    teacher_model: str | None = None
+    teacher_checkpoint: Path | None = None
+    ensemble: Path | None = None
+    models_dir: Path | None = None
+    exits: str | None = None  # comma-separated stage indices; None: every stage but the last
+    exit_weights: str | None = None  # comma-separated; None: 1 for each exit
+    alpha: float = 1.0
+    temperature: float = 10.0
+    name: str | None = "mlkd_student"
+    epochs: int = 100
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 1.0
+    cutmix_alpha: float = 1.0
+    save_frequency: int = 50
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """As the original: enough forward passes for 128 images a step, unless told otherwise."""
+        if self.effective_batch_size is None:
+            per_step = self.batch_size * world_size
+            return max(1, ORIGINAL_EFFECTIVE_BATCH // per_step)
+        return super().accumulation_steps(world_size)
+
+    def validate(self) -> None:
+        """Refuse impossible values before any work starts."""
+        super().validate()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(
+                f"--alpha mixes KD and cross-entropy and must be in [0, 1], got {self.alpha}"
+            )
+        if self.temperature <= 0:
+            raise UserError(f"--temperature must be positive, got {self.temperature}")
+        if self.pretrained and self.student_checkpoint is not None:
+            raise UserError(
+                "--pretrained and --student-checkpoint both give initial weights; pass one"
+            )
+        if self.ensemble is not None and (self.teacher_model or self.teacher_checkpoint):
+            raise UserError("name the teacher once: --ensemble, or --model with --checkpoint")
+        if (self.teacher_model is None) != (self.teacher_checkpoint is None):
+            raise UserError("a single teacher needs both --model and --checkpoint")
 
 
 def config_field_names(cls: type) -> set[str]:

@@ -1,7 +1,9 @@
-"""The teacher-training run, assembled top to bottom: plan (in the launching process), then train.
+"""Training runs: a plan (in the launching process), then `fit` (on every rank).
 
-`plan_teacher_training` checks everything a user can get wrong before any worker starts;
-`train_teacher` runs on every rank: data, model, optimiser, the epoch loop, checkpoints.
+`fit` is the one loop behind every command that trains: data, optimiser, schedule, resume, the
+epoch loop, validation and checkpoints. What differs between teacher training and distillation
+is a `Task`: which module trains, what one step's loss is, how validation is scored, and which
+plain model gets saved.
 """
 
 from __future__ import annotations
@@ -9,14 +11,16 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from mlkd_cli import __version__
-from mlkd_cli.config import TeacherTrainConfig
+from mlkd_cli.config import TeacherTrainConfig, TrainConfig
 from mlkd_cli.console import Reporter, UserError
 from mlkd_cli.data.loaders import TransformedSubset, build_eval_loader, build_train_loader
 from mlkd_cli.data.registry import HOLDOUT_SEED, DataSplits, load_splits
@@ -51,6 +55,10 @@ class RunFiles:
         """The full training state, for --resume."""
         return self.output_dir / f"{self.name}_last.pth"
 
+    def periodic(self, epoch: int) -> Path:
+        """The plain model as it was after `epoch` (with --save-frequency)."""
+        return self.output_dir / f"{self.name}_e{epoch}.pth"
+
     @property
     def history_json(self) -> Path:
         """Per-epoch metrics as JSON."""
@@ -63,33 +71,41 @@ class RunFiles:
 
 
 @dataclass(frozen=True)
-class TeacherPlan:
+class RunPlan:
     """A checked run: the config plus what was derived from the data, sent to every worker."""
 
-    config: TeacherTrainConfig
+    config: TrainConfig
     card: ModelCard
     recipe: ImageRecipe
     files: RunFiles
+    kind: str  # "teacher" or "student": what the history files say the run made
 
 
-def plan_teacher_training(cfg: TeacherTrainConfig) -> TeacherPlan:
-    """Validate flags, data, model and files in the launching process; raise UserError early."""
-    cfg.validate()
-    check_model_name(cfg.model)
-    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
-    files = RunFiles(cfg.output_dir, cfg.run_name)
-    _check_output_files(cfg, files)
-    if cfg.init_checkpoint is not None:
-        build_model(cfg.model, splits.num_classes, init_checkpoint=cfg.init_checkpoint)
-    spec = splits.spec
-    recipe = ImageRecipe(
-        img_size=cfg.img_size or spec.img_size,
-        crop_pct=spec.crop_pct,
-        hflip=spec.hflip,
-        crop_scale=spec.crop_scale,
-    )
-    card = ModelCard(
-        arch=cfg.model,
+class Task(Protocol):
+    """What a kind of training run supplies to `fit`."""
+
+    def build(self, ctx: DistContext) -> nn.Module:
+        """The module that trains (on the CPU; `fit` moves it)."""
+
+    def step(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One batch's loss (inside autocast)."""
+
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision
+    ) -> dict[str, float]:
+        """Validation metrics: `val_top1`, `val_top5`, `val_nll`, `val_images`, and any others."""
+
+    def plain_model(self, model: nn.Module) -> nn.Module:
+        """The plain timm model inside what trains, as `<name>.pth` stores it."""
+
+    def report_epoch(self, report: Reporter, row: dict[str, Any], improved: bool) -> None:
+        """Tell the user how the epoch went."""
+
+
+def make_card(cfg: TrainConfig, arch: str, splits: DataSplits, recipe: ImageRecipe) -> ModelCard:
+    """The model card a run's checkpoints carry."""
+    return ModelCard(
+        arch=arch,
         num_classes=splits.num_classes,
         class_names=list(splits.class_names),
         dataset=cfg.dataset,
@@ -100,10 +116,24 @@ def plan_teacher_training(cfg: TeacherTrainConfig) -> TeacherPlan:
         interpolation=recipe.interpolation,
         extra={"val_fraction": cfg.val_fraction, "holdout_seed": HOLDOUT_SEED},
     )
-    return TeacherPlan(cfg, card, recipe, files)
 
 
-def _check_output_files(cfg: TeacherTrainConfig, files: RunFiles) -> None:
+def dataset_recipe(cfg: TrainConfig, splits: DataSplits) -> ImageRecipe:
+    """The dataset's image recipe at the run's image size."""
+    spec = splits.spec
+    return ImageRecipe(
+        img_size=cfg.img_size or spec.img_size,
+        crop_pct=spec.crop_pct,
+        hflip=spec.hflip,
+        crop_scale=spec.crop_scale,
+    )
+
+
+def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, ...]) -> None:
+    """Refuse to overwrite a run by accident, or to resume one that is absent or different.
+
+    `identity` names the settings a resumed run must share with the one it continues.
+    """
     if cfg.resume:
         if not files.last.is_file():
             raise UserError(
@@ -113,13 +143,14 @@ def _check_output_files(cfg: TeacherTrainConfig, files: RunFiles) -> None:
         if state.get("format") != TRAINING_STATE_FORMAT:
             raise UserError(f"{files.last} is not an mlkd training state; drop --resume")
         before = state.get("config", {})
-        for key in ("model", "dataset"):
-            if before.get(key) != getattr(cfg, key):
-                raise UserError(
-                    f"{files.last} was trained with --{key} {before.get(key)}, not "
-                    f"{getattr(cfg, key)}; resume with the same --{key} or choose another --name"
-                )
         now = cfg.to_record()
+        for key in identity:
+            if before.get(key) != now.get(key):
+                flag = key.replace("_", "-")
+                raise UserError(
+                    f"{files.last} was trained with {flag} {before.get(key)}, not "
+                    f"{now.get(key)}; resume with the same {flag} or choose another --name"
+                )
         changed = [
             f"{k} {now[k]} (was {before[k]})"
             for k in sorted(now)
@@ -149,22 +180,17 @@ def seed_everything(seed: int, rank: int, epoch: int) -> int:
     return derived
 
 
-def _datasets(
-    splits: DataSplits, recipe: ImageRecipe
-) -> tuple[TransformedSubset, TransformedSubset]:
-    train = TransformedSubset(splits.train, splits.train_indices, build_train_transform(recipe))
-    val = TransformedSubset(splits.val, splits.val_indices, build_eval_transform(recipe))
-    return train, val
-
-
-def train_teacher(ctx: DistContext, plan: TeacherPlan) -> dict[str, Any]:
-    """Fine-tune one timm model on one dataset; runs on every rank, rank 0 writes the files."""
+def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
+    """Train `task`'s module under `plan`; runs on every rank, rank 0 writes the files."""
     cfg, files = plan.config, plan.files
     report = Reporter(cfg.output, ctx.rank)
     precision = loop.Precision(ctx.device)
 
     splits = load_splits(cfg.dataset, cfg.data_dir, False, cfg.val_fraction)
-    train_set, val_set = _datasets(splits, plan.recipe)
+    train_set = TransformedSubset(
+        splits.train, splits.train_indices, build_train_transform(plan.recipe)
+    )
+    val_set = TransformedSubset(splits.val, splits.val_indices, build_eval_transform(plan.recipe))
     train_loader, train_sampler = build_train_loader(
         train_set, cfg.batch_size, ctx, cfg.seed, cfg.workers
     )
@@ -173,7 +199,7 @@ def train_teacher(ctx: DistContext, plan: TeacherPlan) -> dict[str, Any]:
         raise UserError(f"{cfg.dataset} has no training batches; lower --batch-size")
 
     seed_everything(cfg.seed, 0, -1)  # identical initial weights on every rank
-    model = build_model(cfg.model, plan.card.num_classes, cfg.pretrained, cfg.init_checkpoint)
+    model = task.build(ctx)
     model.to(ctx.device)
     if precision.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -192,7 +218,7 @@ def train_teacher(ctx: DistContext, plan: TeacherPlan) -> dict[str, Any]:
         files.name,
         {
             "name": files.name,
-            "kind": "teacher",
+            "kind": plan.kind,
             "mlkd_version": __version__,
             "config": cfg.to_record(),
             "model_card": asdict(plan.card),
@@ -220,20 +246,21 @@ def train_teacher(ctx: DistContext, plan: TeacherPlan) -> dict[str, Any]:
     )
     effective_batch = cfg.batch_size * ctx.world_size * accum
     report.info(
-        f"training {cfg.model} on {cfg.dataset}: {len(train_set)} train / {len(val_set)} val "
-        f"images, {ctx.world_size} process(es) on {ctx.device.type}, effective batch "
-        f"{effective_batch}, {cfg.epochs} epochs"
+        f"training {plan.card.arch} ({plan.kind}) on {cfg.dataset}: {len(train_set)} train / "
+        f"{len(val_set)} val images, {ctx.world_size} process(es) on {ctx.device.type}, "
+        f"effective batch {effective_batch}, {cfg.epochs} epochs"
     )
 
     for epoch in range(start_epoch, cfg.epochs):
         derived = seed_everything(cfg.seed, ctx.rank, epoch)
         train_sampler.set_epoch(epoch)
         train_loader.generator.manual_seed(derived)
-        with report.step_progress(f"epoch {epoch + 1}/{cfg.epochs}", len(train_loader)) as on_step:
+        description = f"epoch {epoch + 1}/{cfg.epochs}"
+        with report.step_progress(description, len(train_loader)) as on_step:
             train_metrics = loop.train_one_epoch(
                 model,
                 train_loader,
-                loop.cross_entropy_step,
+                task.step,
                 optimizer,
                 scheduler,
                 mixer,
@@ -242,14 +269,10 @@ def train_teacher(ctx: DistContext, plan: TeacherPlan) -> dict[str, Any]:
                 accum,
                 on_step,
             )
-        val_metrics = loop.evaluate(model, val_loader, ctx, precision)
         row = {
             "epoch": epoch + 1,
             "train_loss": train_metrics["train_loss"],
-            "val_top1": val_metrics["top1"],
-            "val_top5": val_metrics["top5"],
-            "val_nll": val_metrics["nll"],
-            "val_images": val_metrics["count"],
+            **task.evaluate(model, val_loader, ctx, precision),
             "lr": optimizer.param_groups[0]["lr"],
             "effective_batch": effective_batch,
             "optimizer_steps": train_metrics["optimizer_steps"],
@@ -257,39 +280,17 @@ def train_teacher(ctx: DistContext, plan: TeacherPlan) -> dict[str, Any]:
             "epoch_time_s": train_metrics["epoch_time_s"],
         }
         history.append(row)
-        improved = val_metrics["top1"] > best["top1"]
+        improved = row["val_top1"] > best["top1"]
         if improved:
-            best = {"top1": val_metrics["top1"], "epoch": epoch + 1}
+            best = {"top1": row["val_top1"], "epoch": epoch + 1}
         if ctx.is_main:
-            plain = loop.unwrap(model)
-            if improved:
-                save_model(files.best, plain, plan.card, epoch + 1, _metrics(row))
-            atomic_save(
-                {
-                    "format": TRAINING_STATE_FORMAT,
-                    "model": {k: v.detach().cpu() for k, v in plain.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "best": best,
-                    "history": history.rows,
-                    "config": cfg.to_record(),
-                    "card": asdict(plan.card),
-                    "mlkd_version": __version__,
-                },
-                files.last,
-            )
-            history.save()
-        report.info(
-            f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
-            f"val top-1 {row['val_top1']:.2f}  top-5 {row['val_top5']:.2f}  "
-            f"nll {row['val_nll']:.4f}  {row['images_per_s']:.0f} img/s"
-            + ("  *best*" if improved else "")
-        )
+            _save_epoch(plan, task, model, optimizer, scheduler, history, best, row, improved)
+        task.report_epoch(report, row, improved)
     ctx.barrier()
     return {
         "name": files.name,
-        "model": cfg.model,
+        "kind": plan.kind,
+        "model": plan.card.arch,
         "dataset": cfg.dataset,
         "epochs": cfg.epochs,
         "best_epoch": best["epoch"],
@@ -307,5 +308,96 @@ def train_teacher(ctx: DistContext, plan: TeacherPlan) -> dict[str, Any]:
     }
 
 
-def _metrics(row: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in row.items() if k.startswith("val_")}
+def _save_epoch(
+    plan: RunPlan,
+    task: Task,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    history: History,
+    best: dict[str, Any],
+    row: dict[str, Any],
+    improved: bool,
+) -> None:
+    cfg, files = plan.config, plan.files
+    trained = loop.unwrap(model)
+    plain = task.plain_model(trained)
+    metrics = {k: float(v) for k, v in row.items() if k.startswith(("val_", "exit"))}
+    if improved:
+        save_model(files.best, plain, plan.card, row["epoch"], metrics)
+    if cfg.save_frequency and row["epoch"] % cfg.save_frequency == 0:
+        save_model(files.periodic(row["epoch"]), plain, plan.card, row["epoch"], metrics)
+    atomic_save(
+        {
+            "format": TRAINING_STATE_FORMAT,
+            "model": {k: v.detach().cpu() for k, v in trained.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": row["epoch"],
+            "best": best,
+            "history": history.rows,
+            "config": cfg.to_record(),
+            "card": asdict(plan.card),
+            "mlkd_version": __version__,
+        },
+        files.last,
+    )
+    history.save()
+
+
+# ----------------------------------------------------------------------------- teachers
+
+
+def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
+    """Validate flags, data, model and files in the launching process; raise UserError early."""
+    cfg.validate()
+    check_model_name(cfg.model)
+    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
+    files = RunFiles(cfg.output_dir, cfg.run_name)
+    check_output_files(cfg, files, identity=("model", "dataset"))
+    if cfg.init_checkpoint is not None:
+        build_model(cfg.model, splits.num_classes, init_checkpoint=cfg.init_checkpoint)
+    recipe = dataset_recipe(cfg, splits)
+    return RunPlan(cfg, make_card(cfg, cfg.model, splits, recipe), recipe, files, "teacher")
+
+
+class TeacherTask:
+    """Cross-entropy training of one timm model."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.plan = plan
+
+    def build(self, ctx: DistContext) -> nn.Module:
+        """The timm model, from scratch, the hub or a local checkpoint."""
+        cfg = self.plan.config
+        assert isinstance(cfg, TeacherTrainConfig)
+        return build_model(
+            cfg.model, self.plan.card.num_classes, cfg.pretrained, cfg.init_checkpoint
+        )
+
+    step = staticmethod(loop.cross_entropy_step)
+
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision
+    ) -> dict[str, float]:
+        """Top-1, top-5 and NLL of the model on the validation split."""
+        metrics = loop.evaluate(model, loader, ctx, precision)
+        return {f"val_{k}" if k != "count" else "val_images": v for k, v in metrics.items()}
+
+    def plain_model(self, model: nn.Module) -> nn.Module:
+        """A teacher is already a plain timm model."""
+        return model
+
+    def report_epoch(self, report: Reporter, row: dict[str, Any], improved: bool) -> None:
+        """One line per epoch."""
+        report.info(
+            f"epoch {row['epoch']}/{self.plan.config.epochs}  loss {row['train_loss']:.4f}  "
+            f"val top-1 {row['val_top1']:.2f}  top-5 {row['val_top5']:.2f}  "
+            f"nll {row['val_nll']:.4f}  {row['images_per_s']:.0f} img/s"
+            + ("  *best*" if improved else "")
+        )
+
+
+def train_teacher(ctx: DistContext, plan: RunPlan) -> dict[str, Any]:
+    """Fine-tune one timm model on one dataset (the worker `mlkd teacher train` launches)."""
+    return fit(ctx, plan, TeacherTask(plan))
