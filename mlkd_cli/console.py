@@ -96,6 +96,20 @@ class Reporter:
 
             yield on_step
 
+    def epoch_table(
+        self, title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    ) -> None:
+        """A progress table on stderr (rank 0, not quiet): what a long run reports as it goes."""
+        if not self.chatty:
+            return
+        self.err.print(title, soft_wrap=True)
+        table = Table()
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(format_value(v) for v in row))
+        self.err.print(table)
+
     def table(self, title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
         """A result table on stdout (rank 0; suppressed in JSON mode, kept when quiet)."""
         if not self.enabled or self.options.json:

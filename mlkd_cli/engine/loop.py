@@ -163,41 +163,61 @@ def train_one_epoch(
     }
 
 
-@torch.inference_mode()
 def evaluate(
     model: nn.Module, loader: DataLoader, ctx: DistContext, precision: Precision
 ) -> dict[str, float]:
     """Top-1, top-5 and NLL over the loader's dataset, each image counted once across ranks."""
+    return evaluate_heads(model, loader, ctx, precision)[0]
+
+
+@torch.inference_mode()
+def evaluate_heads(
+    model: nn.Module, loader: DataLoader, ctx: DistContext, precision: Precision
+) -> list[dict[str, float]]:
+    """`evaluate` for every head of a model returning a tuple of logits (one dict per head)."""
     model = unwrap(model)
     model.eval()
     # Each rank's last training forward updated its own BatchNorm statistics; evaluate rank 0's,
     # the ones that get saved, everywhere.
     for buffer in model.buffers():
         ctx.broadcast_(buffer)
-    totals = torch.zeros(4, device=ctx.device, dtype=torch.float64)  # top1, top5, nll, count
+    # (heads, 4): top-1 hits, top-5 hits, summed NLL, count; sized up front so that a rank with an
+    # empty shard still joins the reduction with the right shape.
+    totals = torch.zeros(_head_count(model), 4, device=ctx.device, dtype=torch.float64)
     for images, labels in loader:
         images = precision.to_device(images)
         labels = labels.to(ctx.device, non_blocking=True)
         with precision.autocast():
-            logits = model(images)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        hits = topk == labels[:, None]
-        totals[0] += hits[:, 0].sum()
-        totals[1] += hits.any(dim=1).sum()
-        totals[2] += F.cross_entropy(logits, labels, reduction="sum")
-        totals[3] += labels.shape[0]
+            outputs = model(images)
+        heads = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        for h, logits in enumerate(heads):
+            logits = logits.float()
+            topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = topk == labels[:, None]
+            totals[h, 0] += hits[:, 0].sum()
+            totals[h, 1] += hits.any(dim=1).sum()
+            totals[h, 2] += F.cross_entropy(logits, labels, reduction="sum")
+            totals[h, 3] += labels.shape[0]
     ctx.all_reduce_sum(totals)
-    count = float(totals[3])
-    if count == 0:
-        return {"top1": math.nan, "top5": math.nan, "nll": math.nan, "count": 0}
-    return {
-        "top1": 100.0 * float(totals[0]) / count,
-        "top5": 100.0 * float(totals[1]) / count,
-        "nll": float(totals[2]) / count,
-        "count": int(count),
-    }
+    results = []
+    for top1, top5, nll, count in totals.tolist():
+        if count == 0:
+            results.append({"top1": math.nan, "top5": math.nan, "nll": math.nan, "count": 0})
+        else:
+            results.append(
+                {
+                    "top1": 100.0 * top1 / count,
+                    "top5": 100.0 * top5 / count,
+                    "nll": nll / count,
+                    "count": int(count),
+                }
+            )
+    return results
+
+
+def _head_count(model: nn.Module) -> int:
+    # A multi-exit student has its final head plus one per exit; any other model has one.
+    return len(getattr(model, "exits", ())) + 1
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -1,0 +1,194 @@
+"""Multi-level knowledge distillation: a multi-exit student learns from a frozen teacher.
+
+The run is the shared `fit` loop with a `DistillTask`: every step the teacher (one model or an
+ensemble) sees exactly the student's augmented batch, once, and every head of the student — the
+final classifier and each exit — takes the KD loss against the teacher's softened outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mlkd_cli.config import DistillConfig
+from mlkd_cli.console import Reporter, UserError
+from mlkd_cli.data.registry import load_splits
+from mlkd_cli.engine import loop
+from mlkd_cli.engine.launch import DistContext
+from mlkd_cli.engine.trainer import (
+    RunFiles,
+    RunPlan,
+    check_output_files,
+    dataset_recipe,
+    fit,
+    make_card,
+)
+from mlkd_cli.losses import MultiExitKDLoss
+from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec, read_ensemble_config
+from mlkd_cli.models.factory import build_model, check_model_name
+from mlkd_cli.models.student import (
+    MultiExitStudent,
+    find_stages,
+    parse_exit_weights,
+    parse_exits,
+)
+from mlkd_cli.models.teacher import InputSpec, build_teacher, load_member
+
+DEFAULT_ENSEMBLE_FILE = Path("config.json")
+
+
+@dataclass(frozen=True)
+class DistillPlan:
+    """A checked distillation run: the shared run plan plus teacher and exits."""
+
+    run: RunPlan
+    teacher: EnsembleConfig
+    exits: tuple[int, ...]
+    exit_weights: tuple[float, ...]
+
+
+def resolve_teacher(cfg: DistillConfig) -> EnsembleConfig:
+    """The teacher the user named, or `config.json` here, as an ensemble (of one, maybe)."""
+    if cfg.teacher_checkpoint is not None and cfg.teacher_model is not None:
+        member = MemberSpec(cfg.teacher_checkpoint, cfg.teacher_model, 1.0)
+        return EnsembleConfig(path=cfg.teacher_checkpoint, members=(member,))
+    path = cfg.ensemble
+    if path is None:
+        if not DEFAULT_ENSEMBLE_FILE.is_file():
+            raise UserError(
+                "no teacher named and no config.json here; pass --ensemble FILE, or --model NAME "
+                "--checkpoint PATH for a single teacher"
+            )
+        path = DEFAULT_ENSEMBLE_FILE
+    return read_ensemble_config(path, cfg.models_dir)
+
+
+def build_student(
+    arch: str,
+    num_classes: int,
+    exits: list[int] | None,
+    img_size: int,
+    pretrained: bool = False,
+    init_checkpoint: Path | None = None,
+    exits_text: str | None = None,
+) -> MultiExitStudent:
+    """A timm model wrapped with exits after the chosen stages (default: all but the last)."""
+    backbone = build_model(arch, num_classes, pretrained, init_checkpoint)
+    if exits is None:
+        exits = parse_exits(exits_text, find_stages(backbone, arch), arch)
+    return MultiExitStudent(backbone, arch, exits, num_classes, img_size)
+
+
+def plan_distillation(cfg: DistillConfig) -> DistillPlan:
+    """Check flags, teacher, student, data and files before any worker starts."""
+    cfg.validate()
+    check_model_name(cfg.student)
+    teacher = resolve_teacher(cfg)
+    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
+    for spec in teacher.members:
+        load_member(spec, splits.num_classes)
+    files = RunFiles(cfg.output_dir, cfg.run_name)
+    check_output_files(cfg, files, identity=("student", "dataset"))
+    recipe = dataset_recipe(cfg, splits)
+    # Built once here, on the CPU, so that an unsuitable student is refused before any worker.
+    student = build_student(
+        cfg.student,
+        splits.num_classes,
+        None,
+        recipe.img_size,
+        False,
+        cfg.student_checkpoint,
+        cfg.exits,
+    )
+    exits = parse_exits(cfg.exits, find_stages(student.backbone, cfg.student), cfg.student)
+    weights = parse_exit_weights(cfg.exit_weights, len(exits))
+    run = RunPlan(cfg, make_card(cfg, cfg.student, splits, recipe), recipe, files, "student")
+    return DistillPlan(run, teacher, tuple(exits), tuple(weights))
+
+
+class DistillTask:
+    """The student with exits learns from the teacher's softened outputs."""
+
+    def __init__(self, ctx: DistContext, plan: DistillPlan) -> None:
+        self.plan = plan
+        cfg = plan.run.config
+        assert isinstance(cfg, DistillConfig)
+        self.cfg = cfg
+        recipe = plan.run.recipe
+        student_input = InputSpec(recipe.img_size, recipe.mean, recipe.std)
+        teacher, _, _ = build_teacher(plan.teacher, plan.run.card.num_classes, student_input)
+        teacher.to(ctx.device)
+        if ctx.device.type == "cuda":
+            teacher.to(memory_format=torch.channels_last)
+        self.teacher = teacher
+        self.loss = MultiExitKDLoss(cfg.temperature, cfg.alpha, plan.exit_weights)
+        self.head_names: list[str] = []
+
+    def build(self, ctx: DistContext) -> nn.Module:
+        """The student backbone (scratch, hub or local weights) with its exits."""
+        cfg = self.cfg
+        student = build_student(
+            cfg.student,
+            self.plan.run.card.num_classes,
+            list(self.plan.exits),
+            self.plan.run.recipe.img_size,
+            cfg.pretrained,
+            cfg.student_checkpoint,
+        )
+        self.head_names = student.head_names
+        return student
+
+    def step(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The teacher sees exactly this augmented batch; every head takes the KD loss."""
+        teacher_logits = self.teacher(images)
+        return self.loss(model(images), teacher_logits, targets)
+
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision
+    ) -> dict[str, float]:
+        """Top-1/top-5/NLL of the final head, top-1 and NLL of each exit."""
+        heads = loop.evaluate_heads(model, loader, ctx, precision)
+        final = heads[0]
+        row = {
+            "val_top1": final["top1"],
+            "val_top5": final["top5"],
+            "val_nll": final["nll"],
+            "val_images": final["count"],
+        }
+        for i, head in enumerate(heads[1:], start=1):
+            row[f"exit{i}_top1"] = head["top1"]
+            row[f"exit{i}_nll"] = head["nll"]
+        return row
+
+    def plain_model(self, model: nn.Module) -> nn.Module:
+        """The timm model inside, exits dropped."""
+        assert isinstance(model, MultiExitStudent)
+        return model.backbone
+
+    def report_epoch(self, report: Reporter, row: dict[str, Any], improved: bool) -> None:
+        """A table per epoch: loss, and each head's validation top-1 and NLL."""
+        rows = [["final", row["val_top1"], row["val_nll"]]]
+        for i, name in enumerate(self.head_names[1:], start=1):
+            rows.append([name, row[f"exit{i}_top1"], row[f"exit{i}_nll"]])
+        title = (
+            f"epoch {row['epoch']}/{self.cfg.epochs}  loss {row['train_loss']:.4f}  "
+            f"{row['images_per_s']:.0f} img/s" + ("  *best*" if improved else "")
+        )
+        report.epoch_table(
+            title,
+            ["head", "val top-1 %", "val NLL"],
+            [[n, f"{t:.2f}", f"{v:.4f}"] for n, t, v in rows],
+        )
+
+
+def distill_student(ctx: DistContext, plan: DistillPlan) -> dict[str, Any]:
+    """The worker `mlkd distill` launches on every rank."""
+    summary = fit(ctx, plan.run, DistillTask(ctx, plan))
+    summary["teacher"] = [str(m.checkpoint) for m in plan.teacher.members]
+    summary["exits"] = list(plan.exits)
+    return summary

@@ -1,0 +1,166 @@
+"""The multi-exit student: any timm CNN with auxiliary classifiers after its intermediate stages.
+
+Stages come from timm's feature information (`feature_info`, `forward_intermediates`), so no
+architecture is hard-coded. Each exit, as in the original project: 1x1 conv to a quarter of the
+final feature width, a k x k conv with stride k that brings the map to the last stage's resolution,
+a 1x1 conv to the final feature width (each with BatchNorm + ReLU), global pooling, a classifier.
+The exits are training-time only: the saved student is the plain timm model inside.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlkd_cli.console import UserError
+
+# Feature maps finer than this are stems (ResNet's act1, stem convs), not stages.
+MIN_STAGE_REDUCTION = 4
+CNN_EXAMPLES = "resnet50, resnetv2_50x1_bit, convnext_tiny or efficientnet_b0"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a backbone as timm describes it."""
+
+    feature_index: int  # index into the model's feature_info
+    module: str
+    channels: int
+    reduction: int
+
+
+def find_stages(model: nn.Module, arch: str) -> list[Stage]:
+    """The model's stages (feature maps at stride 4 or coarser), from timm's feature_info."""
+    info = getattr(model, "feature_info", None)
+    if not info or not hasattr(model, "forward_intermediates"):
+        raise UserError(
+            f"timm gives no stage information for {arch}, so exits cannot be attached; "
+            f"choose a CNN such as {CNN_EXAMPLES}"
+        )
+    stages = [
+        Stage(i, str(f.get("module", i)), int(f["num_chs"]), int(f["reduction"]))
+        for i, f in enumerate(info)
+        if int(f["reduction"]) >= MIN_STAGE_REDUCTION
+    ]
+    if len(stages) < 2:
+        raise UserError(f"{arch} has fewer than two stages; exits need intermediate stages")
+    return stages
+
+
+def parse_exits(text: str | None, stages: Sequence[Stage], arch: str) -> list[int]:
+    """Stage positions for `--exits` ("0,1,2"); default every stage but the last."""
+    last = len(stages) - 1
+    if text is None:
+        return list(range(last))
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        chosen = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise UserError(f"--exits takes stage numbers like 0,1,2, not {text!r}") from None
+    if chosen[0] < 0 or chosen[-1] >= last:
+        names = ", ".join(f"{i}={s.module}" for i, s in enumerate(stages[:-1]))
+        raise UserError(f"--exits {text}: {arch} has exit stages {names}; choose among them")
+    return chosen
+
+
+def parse_exit_weights(text: str | None, count: int) -> list[float]:
+    """Per-exit loss weights for `--exit-weights` ("1,0.5,0.5"); default 1 each."""
+    if text is None:
+        return [1.0] * count
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--exit-weights takes numbers like 1,1,0.5, not {text!r}") from None
+    if len(weights) != count or any(not math.isfinite(w) or w < 0 for w in weights):
+        raise UserError(f"--exit-weights needs {count} non-negative numbers, one per exit")
+    return weights
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride=stride, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ExitBranch(nn.Module):
+    """An auxiliary classifier on one stage's feature map."""
+
+    def __init__(self, in_channels: int, width: int, factor: int, num_classes: int) -> None:
+        super().__init__()
+        mid = max(1, width // 4)
+        self.factor = factor
+        self.reduce = _conv_bn_relu(in_channels, mid, 1)
+        self.downsample = _conv_bn_relu(mid, mid, factor, stride=factor)
+        self.expand = _conv_bn_relu(mid, width, 1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(features)
+        # Pad to a multiple of the stride so odd sizes reach the last stage's resolution too.
+        pad_h, pad_w = (-x.shape[-2]) % self.factor, (-x.shape[-1]) % self.factor
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.expand(self.downsample(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class MultiExitStudent(nn.Module):
+    """A timm backbone plus exits; forward returns (final logits, exit logits...)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        arch: str,
+        exits: Sequence[int],
+        num_classes: int,
+        img_size: int,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        stages = find_stages(backbone, arch)
+        self.stages = [stages[i] for i in exits]
+        self.feature_indices = [s.feature_index for s in self.stages]
+        final, maps = self._probe(img_size)
+        if final.ndim != 4:
+            raise UserError(
+                f"{arch} does not end in a convolutional feature map, so exits cannot be "
+                f"attached; choose a CNN such as {CNN_EXAMPLES}"
+            )
+        width, final_size = final.shape[1], final.shape[-1]
+        self.exits = nn.ModuleList(
+            ExitBranch(m.shape[1], width, max(1, math.ceil(m.shape[-1] / final_size)), num_classes)
+            for m in maps
+        )
+
+    def _probe(self, img_size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Shapes of the final and exit feature maps for one image of the training size."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, img_size, img_size)
+                return self.backbone.forward_intermediates(probe, indices=self.feature_indices)
+        except (RuntimeError, NotImplementedError, AssertionError, TypeError) as exc:
+            raise UserError(f"cannot take intermediate features from this model ({exc})") from exc
+        finally:
+            self.backbone.train(was_training)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.exits:
+            return (self.backbone(images),)
+        final, maps = self.backbone.forward_intermediates(images, indices=self.feature_indices)
+        logits = self.backbone.forward_head(final)
+        return (logits, *(branch(m) for branch, m in zip(self.exits, maps, strict=True)))
+
+    @property
+    def head_names(self) -> list[str]:
+        """'final', then each exit's stage module name."""
+        return ["final", *(f"exit {s.module}" for s in self.stages)]
