@@ -128,6 +128,9 @@ class MultiExitStudent(nn.Module):
         stages = find_stages(backbone, arch)
         self.stages = [stages[i] for i in exits]
         self.feature_indices = [s.feature_index for s in self.stages]
+        self.exits = nn.ModuleList()
+        if not self.stages:  # --exits none: plain training of the final head
+            return
         final, maps = self._probe(img_size)
         if final.ndim != 4:
             raise UserError(
@@ -135,7 +138,7 @@ class MultiExitStudent(nn.Module):
                 f"attached; choose a CNN such as {CNN_EXAMPLES}"
             )
         width, final_size = final.shape[1], final.shape[-1]
-        self.exits = nn.ModuleList(
+        self.exits.extend(
             ExitBranch(m.shape[1], width, max(1, math.ceil(m.shape[-1] / final_size)), num_classes)
             for m in maps
         )

@@ -1,0 +1,279 @@
+"""Multi-exit students, the KD loss, and `mlkd distill` end to end on tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from conftest import invoke_cli
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from mlkd_cli.console import UserError
+from mlkd_cli.engine import loop
+from mlkd_cli.engine.distiller import build_student
+from mlkd_cli.engine.launch import DistContext, launch
+from mlkd_cli.losses import MultiExitKDLoss, kd_loss
+from mlkd_cli.models.student import find_stages, parse_exit_weights, parse_exits
+from mlkd_cli.models.teacher import TeacherEnsemble
+
+
+def test_kd_loss_matches_the_formula() -> None:
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    y = torch.softmax(torch.randn(6, 5), 1)
+    T = 4.0
+    kl = F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction="batchmean")
+    ce = -(y * F.log_softmax(s, 1)).sum(1).mean()
+    assert kd_loss(s, t, y, T, 1.0) == pytest.approx(float(T * T * kl), rel=1e-5)
+    assert kd_loss(s, t, y, T, 0.0) == pytest.approx(float(ce), rel=1e-5)
+    assert kd_loss(s, t, y, T, 0.3) == pytest.approx(float(0.3 * T * T * kl + 0.7 * ce), rel=1e-5)
+    assert float(kd_loss(t, t, y, T, 1.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_multi_exit_loss_weights_each_head() -> None:
+    torch.manual_seed(0)
+    t, y = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
+    heads = [torch.randn(4, 3) for _ in range(3)]
+    loss = MultiExitKDLoss(temperature=2.0, alpha=1.0, exit_weights=[0.5, 0.0])
+    expected = kd_loss(heads[0], t, y, 2.0, 1.0) + 0.5 * kd_loss(heads[1], t, y, 2.0, 1.0)
+    assert float(loss(heads, t, y)) == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError):
+        loss(heads[:2], t, y)
+
+
+@pytest.mark.parametrize(
+    ("arch", "stages"),
+    [
+        ("test_resnet", ["layer1", "layer2", "layer3"]),  # ResNet v1
+        ("resnetv2_18", ["stages.0", "stages.1", "stages.2"]),  # ResNet v2
+        ("test_convnext", ["stages.0", "stages.1", "stages.2"]),
+        ("test_efficientnet", ["blocks.1", "blocks.2", "blocks.3"]),
+    ],
+)
+def test_exits_found_from_timm_feature_info(arch: str, stages: list[str]) -> None:
+    torch.manual_seed(0)
+    student = build_student(arch, 7, None, 32)
+    assert [s.module for s in student.stages] == stages
+    images = torch.randn(2, 3, 32, 32)
+    outputs = student(images)
+    assert len(outputs) == 4 and all(o.shape == (2, 7) for o in outputs)
+    student.eval()
+    # The final head is exactly the plain timm model's forward.
+    assert torch.allclose(student(images)[0], student.backbone(images), atol=1e-5)
+
+
+def test_exits_on_odd_sizes_reach_the_last_resolution() -> None:
+    student = build_student("test_resnet", 3, None, 40)
+    assert all(o.shape == (1, 3) for o in student(torch.randn(1, 3, 40, 40)))
+
+
+def test_model_without_stages_is_a_clear_error() -> None:
+    with pytest.raises(UserError, match="does not end in a convolutional feature map"):
+        build_student("test_vit", 10, None, 32)
+
+    class Plain(nn.Module):
+        pass
+
+    with pytest.raises(UserError, match="no stage information"):
+        find_stages(Plain(), "plain")
+
+
+def test_exit_choices_are_checked() -> None:
+    stages = find_stages(timm.create_model("test_resnet"), "test_resnet")
+    assert parse_exits(None, stages, "x") == [0, 1, 2]
+    assert parse_exits("2,0", stages, "x") == [0, 2]
+    assert parse_exits("none", stages, "x") == []
+    plain = build_student("test_resnet", 3, [], 16)
+    assert len(plain(torch.randn(2, 3, 16, 16))) == 1
+    with pytest.raises(UserError, match="0=layer1"):
+        parse_exits("3", stages, "x")
+    with pytest.raises(UserError, match="stage numbers"):
+        parse_exits("first", stages, "x")
+    assert parse_exit_weights("1,0.5", 2) == [1.0, 0.5]
+    with pytest.raises(UserError, match="2 non-negative"):
+        parse_exit_weights("1", 2)
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def _ddp_sync_worker(ctx: DistContext, steps: int) -> list[bool]:
+    """Distil on random data; after every optimiser step compare parameters across ranks."""
+    torch.manual_seed(0)
+    student = build_student("test_resnet", 5, None, 16)
+    teacher = TeacherEnsemble([timm.create_model("test_resnet", num_classes=5)], [1.0])
+    model = DistributedDataParallel(student)
+    torch.manual_seed(1 + ctx.rank)  # different data on each rank
+    data = TensorDataset(torch.randn(8 * steps, 3, 16, 16), torch.randint(0, 5, (8 * steps,)))
+    loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, 2, ctx.rank))
+    optimizer = loop.build_optimizer(model, 1e-2, 1e-4)
+    scheduler = loop.build_scheduler(optimizer, steps, 0, 1.0)
+    loss = MultiExitKDLoss(4.0, 0.5, [1.0, 1.0, 1.0])
+    same: list[bool] = []
+
+    def step(m: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return loss(m(images), teacher(images), targets)
+
+    def check(done: int, _loss: float | None) -> None:
+        if done % 2 == 0:  # accumulation of 2: an optimiser step just happened
+            flat = torch.cat([p.detach().flatten() for p in student.parameters()])
+            gathered = ctx.gather_objects(flat)
+            same.append(all(torch.equal(gathered[0], g) for g in gathered))
+
+    mixer = loop.BatchMixer(5, 1.0, 1.0, 0.0)
+    loop.train_one_epoch(
+        model, loader, step, optimizer, scheduler, mixer, ctx, loop.Precision(ctx.device), 2, check
+    )
+    return same
+
+
+@pytest.mark.slow
+def test_ddp_ranks_hold_identical_parameters_after_every_step() -> None:
+    same = launch(_ddp_sync_worker, 3, world_size=2, device="cpu")
+    assert same == [True, True, True]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+FAST = ("--dataset", "digits", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def small_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """models/t.pth: a test_resnet digits teacher trained at 16 px (the students use 32)."""
+    folder = tmp_path_factory.mktemp("teacher")
+    result = invoke_cli(
+        "teacher",
+        "train",
+        *FAST,
+        "--model",
+        "test_resnet",
+        "--name",
+        "t",
+        "--epochs",
+        "2",
+        "--img-size",
+        "16",
+        "--output-dir",
+        folder / "models",
+    )
+    assert result.exit_code == 0, result.stderr
+    return folder
+
+
+@pytest.mark.slow
+def test_distilled_student_is_plain_timm_with_the_training_logits(
+    small_teacher: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "models"
+    result = invoke_cli(
+        "distill",
+        *FAST,
+        "--model",
+        "test_resnet",
+        "--checkpoint",
+        small_teacher / "models/t.pth",
+        "--student",
+        "test_resnet",
+        "-e",
+        "2",
+        "-b",
+        "32",
+        "-n",
+        "s",
+        "-s",
+        "1",
+        "--output-dir",
+        out,
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["exits"] == [0, 1, 2] and summary["kind"] == "student"
+    last = summary["last"]
+    assert last["effective_batch"] == 128 and last["optimizer_steps"] == 10  # 40 batches / 4
+    assert {"exit1_top1", "exit2_nll", "exit3_top1"} <= set(last)
+    assert (out / "s_e1.pth").is_file() and (out / "s_e2.pth").is_file()
+    # The epoch-2 model, plain timm, against the training-time model's final head.
+    plain = timm.create_model("test_resnet", checkpoint_path=str(out / "s_e2.pth"), num_classes=10)
+    trained = build_student("test_resnet", 10, [0, 1, 2], 32)
+    trained.load_state_dict(torch.load(out / "s_last.pth", weights_only=True)["model"])
+    plain.eval()
+    trained.eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain(images), trained(images)[0], atol=1e-6)
+    saved = torch.load(out / "s.pth", weights_only=True)
+    assert saved["arch"] == "test_resnet" and saved["img_size"] == 32
+    assert not any(k.startswith("exits.") for k in saved["state_dict"])
+    history = json.loads((out / "s_history.json").read_text())
+    assert history["kind"] == "student" and len(history["epochs"]) == 2
+
+
+@pytest.mark.slow
+def test_config_json_here_is_the_default_teacher(
+    small_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    missing = invoke_cli("distill", *FAST, "-e", "1")
+    assert missing.exit_code == 2 and "--ensemble FILE" in missing.stderr
+    (tmp_path / "config.json").write_text(
+        json.dumps({"members": [{"checkpoint": str(small_teacher / "models/t.pth")}]})
+    )
+    result = invoke_cli(
+        "distill",
+        *FAST,
+        "--student",
+        "test_resnet",
+        "-e",
+        "1",
+        "--json",
+        "--exits",
+        "1",
+        "--mixup-alpha",
+        "0",
+        "--cutmix-alpha",
+        "0",
+    )
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["teacher"] == [str(small_teacher / "models/t.pth")]
+    assert summary["exits"] == [1] and Path("models/mlkd_student.pth").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--model", "test_resnet"), "both --model and --checkpoint"),
+        (("--ensemble", "nowhere.json"), "no ensemble file nowhere.json"),
+        (("--student", "test_vit"), "convolutional feature map"),
+        (("--exits", "7"), "--exits 7"),
+        (("--alpha", "2"), "--alpha"),
+        (("--temperature", "0"), "--temperature"),
+    ],
+)
+def test_bad_distill_input_is_one_line(
+    small_teacher: Path,
+    tmp_path: Path,
+    args: tuple[str, ...],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    teacher = ("--ensemble", str(tmp_path / "t.json"))
+    (tmp_path / "t.json").write_text(
+        json.dumps({"members": [{"checkpoint": str(small_teacher / "models/t.pth")}]})
+    )
+    given = args if any(a in ("--model", "--ensemble") for a in args) else teacher + args
+    result = invoke_cli("distill", *FAST, "--student", "test_resnet", "-e", "1", *given)
+    assert result.exit_code == 2, result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "models").exists()
