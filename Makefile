@@ -7,7 +7,7 @@ MLKD   := $(VENV)/bin/mlkd
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo lint format clean
+.PHONY: install test test-fast demo bench lint format clean
 
 install: $(STAMP)
 
@@ -26,6 +26,9 @@ test-fast: install
 
 demo: install
 	$(MLKD) teacher train --preset digits --name demo_teacher --output-dir runs/demo --overwrite
+
+bench: install
+	$(PY) benchmarks/distill_step.py
 
 lint: install
 	$(VENV)/bin/ruff format --check .
