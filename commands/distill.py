@@ -7,11 +7,10 @@ from typing import Annotated
 
 import typer
 
-from mlkd_cli.config import DistillConfig, build_config, config_field_names
-from mlkd_cli.console import OutputOptions, Reporter
+from mlkd_cli.config import DistillConfig
+from mlkd_cli.console import Reporter
 from mlkd_cli.engine.distiller import distill_student, plan_distillation
 from mlkd_cli.engine.launch import launch, launcher_rank
-from mlkd_cli.presets import preset_section
 
 from . import options as opt
 
@@ -110,12 +109,8 @@ def distill(
             help=f"Keep <name>_e<N>.pth every N epochs, 0 never (default {D.save_frequency}).",
         ),
     ] = None,
-    img_size: Annotated[
-        int | None, typer.Option("--img-size", help="Resolution (default: the dataset's).")
-    ] = None,
-    val_fraction: Annotated[
-        float | None, typer.Option("--val-fraction", help=f"(default {D.val_fraction:g})")
-    ] = None,
+    img_size: opt.ImgSize = None,
+    val_fraction: opt.ValFraction = None,
     data_dir: opt.DataDir = None,
     download: opt.Download = None,
     world_size: opt.WorldSize = None,
@@ -123,12 +118,8 @@ def distill(
     seed: opt.Seed = None,
     workers: opt.Workers = None,
     output_dir: opt.OutputDir = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run from <name>_last.pth.")
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing run of the same name.")
-    ] = False,
+    resume: opt.Resume = False,
+    overwrite: opt.Overwrite = False,
     preset: opt.Preset = None,
     quiet: opt.Quiet = False,
     json: opt.Json = False,
@@ -168,9 +159,16 @@ def distill(
         workers=workers,
         output_dir=output_dir,
     )
-    values = {**preset_section(preset, "distill", config_field_names(DistillConfig)), **flags}
-    values.update(resume=resume, overwrite=overwrite, output=OutputOptions(quiet=quiet, json=json))
-    cfg = build_config(DistillConfig, values, origin=preset or "options")
+    cfg = opt.training_config(
+        DistillConfig,
+        "distill",
+        preset,
+        flags,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=quiet,
+        json=json,
+    )
     plan = plan_distillation(cfg)
     summary = launch(distill_student, plan, cfg.world_size, cfg.device)
     report = Reporter(cfg.output, rank=launcher_rank())

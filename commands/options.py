@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
+
+from mlkd_cli.config import build_config, config_field_names
+from mlkd_cli.console import OutputOptions
+from mlkd_cli.presets import preset_section
+
+C = TypeVar("C")
 
 Preset = Annotated[
     str | None,
@@ -37,6 +43,19 @@ OutputDir = Annotated[
     Path | None,
     typer.Option("--output-dir", help="Where checkpoints and histories go (default models)."),
 ]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run from <name>_last.pth.")]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing run of the same name.")
+]
+ImgSize = Annotated[
+    int | None, typer.Option("--img-size", help="Training resolution (default: the dataset's).")
+]
+ValFraction = Annotated[
+    float | None,
+    typer.Option(
+        "--val-fraction", help="Share of each class held out for validation (default 0.1)."
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print results only, no progress.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 
@@ -44,3 +63,20 @@ Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON
 def given(**values: Any) -> dict[str, Any]:
     """The options the user actually passed (Typer gives None for the rest)."""
     return {k: v for k, v in values.items() if v is not None}
+
+
+def training_config(
+    cls: type[C],
+    section: str,
+    preset: str | None,
+    flags: dict[str, Any],
+    *,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    json: bool,
+) -> C:
+    """A run's config: class defaults, then the preset's section, then the flags given."""
+    values = {**preset_section(preset, section, config_field_names(cls)), **flags}
+    values.update(resume=resume, overwrite=overwrite, output=OutputOptions(quiet=quiet, json=json))
+    return build_config(cls, values, origin=preset or "options")

@@ -7,11 +7,10 @@ from typing import Annotated
 
 import typer
 
-from mlkd_cli.config import TeacherTrainConfig, build_config, config_field_names
-from mlkd_cli.console import OutputOptions, Reporter
+from mlkd_cli.config import TeacherTrainConfig
+from mlkd_cli.console import Reporter
 from mlkd_cli.engine.launch import launch, launcher_rank
 from mlkd_cli.engine.trainer import plan_teacher_training, train_teacher
-from mlkd_cli.presets import preset_section
 
 from . import options as opt
 
@@ -79,15 +78,8 @@ def train(
         float | None,
         typer.Option("--cutmix-alpha", help=f"CutMix alpha, 0 off (default {D.cutmix_alpha:g})."),
     ] = None,
-    img_size: Annotated[
-        int | None, typer.Option("--img-size", help="Training resolution (default: the dataset's).")
-    ] = None,
-    val_fraction: Annotated[
-        float | None,
-        typer.Option(
-            "--val-fraction", help=f"Share of training data held out (default {D.val_fraction:g})."
-        ),
-    ] = None,
+    img_size: opt.ImgSize = None,
+    val_fraction: opt.ValFraction = None,
     data_dir: opt.DataDir = None,
     download: opt.Download = None,
     world_size: opt.WorldSize = None,
@@ -95,12 +87,8 @@ def train(
     seed: opt.Seed = None,
     workers: opt.Workers = None,
     output_dir: opt.OutputDir = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run from <name>_last.pth.")
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing run of the same name.")
-    ] = False,
+    resume: opt.Resume = False,
+    overwrite: opt.Overwrite = False,
     preset: opt.Preset = None,
     quiet: opt.Quiet = False,
     json: opt.Json = False,
@@ -131,9 +119,16 @@ def train(
         workers=workers,
         output_dir=output_dir,
     )
-    values = {**preset_section(preset, "teacher", config_field_names(TeacherTrainConfig)), **flags}
-    values.update(resume=resume, overwrite=overwrite, output=OutputOptions(quiet=quiet, json=json))
-    cfg = build_config(TeacherTrainConfig, values, origin=preset or "options")
+    cfg = opt.training_config(
+        TeacherTrainConfig,
+        "teacher",
+        preset,
+        flags,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=quiet,
+        json=json,
+    )
     plan = plan_teacher_training(cfg)
     summary = launch(train_teacher, plan, cfg.world_size, cfg.device)
     report = Reporter(cfg.output, rank=launcher_rank())
