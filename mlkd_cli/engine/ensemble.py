@@ -172,37 +172,39 @@ def fit_ensemble_weights(
     fit_temperature: bool = False,
     max_iter: int = 200,
 ) -> EnsembleFit:
-    """Minimise the ensemble's NLL over weights (kept positive), and a temperature if asked.
+    """Minimise the ensemble's NLL over its weights, and over a temperature if asked.
 
-    Without a temperature the weights are free in scale (their scale is the temperature). With
-    one, the weights are held to mean 1 and the temperature takes the scale. Starts from equal
-    weights, so the fit is never worse than them; should the optimiser end worse, equal weights
-    are kept.
+    The weights are a mixture held to mean 1 (`n * softmax`), like the original's fitted weights
+    (all near 1): free in scale they would, on a validation split every member already classifies
+    perfectly, grow without bound and make the teacher wildly over-confident. The temperature
+    carries a weak Gaussian prior on its logarithm (strength 1/N) for the same reason. Starts from
+    equal weights at temperature 1, so the fit is never worse than them on the fitting split.
     """
     z = member_logits.double()
     y = labels.long()
-    n = z.shape[0]
+    n, count = z.shape[0], max(1, z.shape[1])
     equal = torch.ones(n, dtype=torch.float64)
     equal_nll = float(F.cross_entropy(combine_logits(z, equal), y))
     raw = torch.zeros(n, dtype=torch.float64, requires_grad=True)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    softplus_one = math.log(math.e - 1.0)
 
     def weights_of() -> torch.Tensor:
-        if fit_temperature:
-            return n * torch.softmax(raw, 0)
-        return F.softplus(raw + softplus_one)
+        return n * torch.softmax(raw, 0)
 
     def nll() -> torch.Tensor:
         temperature = log_t.exp() if fit_temperature else 1.0
         return F.cross_entropy(combine_logits(z, weights_of(), temperature), y)
+
+    def objective() -> torch.Tensor:
+        prior = 0.5 * log_t.square() / count if fit_temperature else 0.0
+        return nll() + prior
 
     params = [raw, log_t] if fit_temperature else [raw]
     optimiser = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
-        loss = nll()
+        loss = objective()
         loss.backward()
         return loss
 
