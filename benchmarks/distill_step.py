@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -26,6 +27,17 @@ from mlkd_cli.losses import MultiExitKDLoss
 from mlkd_cli.models.teacher import TeacherEnsemble
 
 ORIGINAL_TEACHERS = "deit_small_distilled_patch16_224,convnextv2_nano,hrnet_w18"
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), or what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def main() -> None:

@@ -143,7 +143,9 @@ def build(
     ] = False,
     fit_temperature: Annotated[
         bool,
-        typer.Option("--fit-temperature", help="Also fit a temperature (with a weak prior towards 1)."),
+        typer.Option(
+            "--fit-temperature", help="Also fit a temperature (with a weak prior towards 1)."
+        ),
     ] = False,
     val_fraction: ValFraction = None,
     batch_size: BatchSize = 128,
