@@ -1,10 +1,180 @@
-"""`mlkd eval`: measure a checkpoint (lands in a later release)."""
+"""`mlkd eval`: honest numbers for a checkpoint, several checkpoints, or an ensemble file."""
 
 from __future__ import annotations
 
-from mlkd_cli.console import UserError
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from mlkd_cli.console import OutputOptions, Reporter, UserError
+from mlkd_cli.engine.ensemble import plan_ensemble_run
+from mlkd_cli.engine.evaluation import EvalJob, plan_model_job, run_eval_job
+from mlkd_cli.engine.launch import launch, launcher_rank
+from mlkd_cli.metrics import classification_metrics, confusion_matrix, reliability_bins
+from mlkd_cli.models.ensemble_config import read_ensemble_config
+
+from . import options as opt
+
+ENSEMBLE_SUFFIXES = (".json", ".yaml", ".yml")
 
 
-def evaluate() -> None:
-    """Evaluate a checkpoint on a dataset split (not available yet)."""
-    raise UserError("`mlkd eval` is not available in this version of mlkd yet")
+def evaluate(
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(help="Checkpoints (.pth, .safetensors) or ensemble files to evaluate."),
+    ],
+    dataset: opt.Dataset = None,
+    split: Annotated[str, typer.Option("--split", help="test or val.")] = "test",
+    data_dir: opt.DataDir = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Architecture, for plain state dicts.")
+    ] = None,
+    num_classes: Annotated[
+        int | None, typer.Option("--num-classes", help="Class count, for plain state dicts.")
+    ] = None,
+    img_size: opt.ImgSize = None,
+    models_dir: Annotated[
+        Path | None, typer.Option("--models-dir", help="Where an ensemble file's names resolve.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per step.")] = 128,
+    plots: Annotated[
+        Path | None,
+        typer.Option("--plots", help="Write a confusion matrix and a reliability diagram here."),
+    ] = None,
+    world_size: opt.WorldSize = None,
+    device: opt.Device = None,
+    workers: opt.Workers = None,
+    quiet: opt.Quiet = False,
+    json: opt.Json = False,
+) -> None:
+    """Top-1, top-5, NLL, calibration (ECE) and the worst classes of a model on a split."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if plots is not None:
+        plots.mkdir(parents=True, exist_ok=True)
+        if not os.access(plots, os.W_OK):
+            raise UserError(f"--plots folder {plots} is not writable")
+    out = OutputOptions(quiet=quiet, json=json)
+    root = data_dir or Path("data")
+    jobs = [
+        _plan(
+            path,
+            dataset,
+            root,
+            split,
+            model,
+            num_classes,
+            img_size,
+            models_dir,
+            batch_size,
+            workers,
+            out,
+        )
+        for path in checkpoints
+    ]
+    results = []
+    for job in jobs:
+        collected = launch(run_eval_job, job, world_size or 1, device or "auto")
+        if launcher_rank() != 0:
+            continue
+        logits = torch.from_numpy(collected["logits"])
+        labels = torch.from_numpy(collected["labels"])
+        metrics = classification_metrics(logits, labels, collected["class_names"])
+        metrics["images_per_s"] = (
+            len(labels) / collected["seconds"] if collected["seconds"] else None
+        )
+        result = {
+            "checkpoint": str(job.path),
+            "dataset": job.dataset,
+            "split": job.split,
+            **metrics,
+        }
+        if plots is not None:
+            result["plots"] = _plots(plots, job, logits, labels, collected["class_names"], metrics)
+        results.append(result)
+    if launcher_rank() != 0:
+        return
+    _render(Reporter(out), results)
+
+
+def _plan(
+    path: Path,
+    dataset: str | None,
+    data_dir: Path,
+    split: str,
+    model: str | None,
+    num_classes: int | None,
+    img_size: int | None,
+    models_dir: Path | None,
+    batch_size: int,
+    workers: int | None,
+    out: OutputOptions,
+) -> EvalJob:
+    if path.suffix.lower() in ENSEMBLE_SUFFIXES:
+        config = read_ensemble_config(path, models_dir)
+        plan = plan_ensemble_run(config, dataset, data_dir, split, None, batch_size, workers, out)
+        return EvalJob(
+            path,
+            path.name,
+            plan.dataset,
+            data_dir,
+            split,
+            plan.val_fraction,
+            plan.recipe,
+            ensemble=config,
+            batch_size=batch_size,
+            workers=workers,
+            output=out,
+        )
+    return plan_model_job(
+        path, model, num_classes, dataset, data_dir, split, img_size, batch_size, workers, out
+    )
+
+
+def _plots(
+    folder: Path,
+    job: EvalJob,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: list[str],
+    metrics: dict[str, Any],
+) -> dict[str, str]:
+    from mlkd_cli.plots import confusion_matrix_png, reliability_png
+
+    stem = job.path.stem
+    title = f"{job.label} on {job.dataset} {job.split}"
+    confusion, reliability = folder / f"{stem}_confusion.png", folder / f"{stem}_reliability.png"
+    confusion_matrix_png(confusion_matrix(logits, labels), class_names, title, confusion)
+    bins = reliability_bins(logits.double().softmax(1), labels)
+    reliability_png(bins, metrics["ece"], title, reliability)
+    return {"confusion_matrix": str(confusion), "reliability": str(reliability)}
+
+
+def _render(report: Reporter, results: list[dict[str, Any]]) -> None:
+    columns = ["checkpoint", "images", "top-1 %", "top-5 %", "NLL", "ECE", "img/s"]
+    rows = [
+        [
+            r["checkpoint"],
+            r["images"],
+            f"{r['top1']:.2f}",
+            f"{r['top5']:.2f}",
+            f"{r['nll']:.4f}",
+            f"{r['ece']:.4f}",
+            f"{r['images_per_s']:.0f}" if r["images_per_s"] else None,
+        ]
+        for r in results
+    ]
+    first = results[0]
+    report.table(f"{first['dataset']} {first['split']}", columns, rows)
+    if len(results) == 1:
+        report.table(
+            "worst classes",
+            ["class", "images", "top-1 %"],
+            [[c["class"], c["images"], f"{c['top1']:.2f}"] for c in first["worst_classes"]],
+        )
+        report.result(first)
+    else:
+        report.result({"results": results})

@@ -12,20 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mlkd_cli.console import OutputOptions, Reporter, UserError
-from mlkd_cli.data.loaders import TransformedSubset, build_eval_loader
 from mlkd_cli.data.registry import DEFAULT_VAL_FRACTION, get_dataset_spec, load_splits
-from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
+from mlkd_cli.data.transforms import ImageRecipe
+from mlkd_cli.engine.evaluation import SPLITS, split_dataset, split_logits
 from mlkd_cli.engine.launch import DistContext
-from mlkd_cli.engine.loop import Precision
 from mlkd_cli.models.ensemble_config import EnsembleConfig
 from mlkd_cli.models.teacher import InputSpec, build_teacher, combine_logits, load_member
-
-SPLITS = ("val", "test")
 
 
 @dataclass(frozen=True)
@@ -104,44 +100,24 @@ def plan_ensemble_run(
 def collect_member_logits(ctx: DistContext, plan: EnsemblePlan) -> dict[str, Any]:
     """Every member's logits over the plan's split, gathered in dataset order (rank 0 returns)."""
     splits = load_splits(plan.dataset, plan.data_dir, False, plan.val_fraction)
-    if plan.split == "val":
-        source, indices = splits.val, splits.val_indices
-    else:
-        assert splits.test is not None  # checked by the plan
-        source, indices = splits.test, list(range(len(splits.test)))
-    dataset = TransformedSubset(source, indices, build_eval_transform(plan.recipe))
-    loader = build_eval_loader(dataset, plan.batch_size, ctx, plan.workers)
+    dataset = split_dataset(splits, plan.split, plan.recipe)
     input_spec = InputSpec(plan.recipe.img_size, plan.recipe.mean, plan.recipe.std)
     teacher, loaded, _ = build_teacher(plan.config, splits.num_classes, input_spec)
     teacher.to(ctx.device)
-    precision = Precision(ctx.device)
-    if precision.channels_last:
+    if ctx.device.type == "cuda":
         teacher.to(memory_format=torch.channels_last)
-    report = Reporter(plan.output, ctx.rank)
-    chunks, labels = [], []
-    with report.step_progress(
-        f"{len(teacher.members)} members on {plan.split}", len(loader)
-    ) as tick:
-        for step, (images, targets) in enumerate(loader, start=1):
-            chunks.append(teacher.member_logits(precision.to_device(images)).cpu())
-            labels.append(targets)
-            if tick is not None:
-                tick(step, None)
-    shard_logits = torch.cat(chunks, dim=1) if chunks else torch.zeros(len(teacher.members), 0, 0)
-    shard_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    # Rank r evaluated items r, r + W, ...; interleave the shards back into dataset order.
-    shards = ctx.gather_objects((shard_logits.numpy(), shard_labels.numpy()))
-    total = sum(len(s[1]) for s in shards)
-    members, classes = len(teacher.members), splits.num_classes
-    logits = np.zeros((members, total, classes), dtype=np.float32)
-    ordered = np.zeros(total, dtype=np.int64)
-    for rank, (shard_l, shard_y) in enumerate(shards):
-        if len(shard_y):
-            logits[:, rank :: ctx.world_size] = shard_l
-            ordered[rank :: ctx.world_size] = shard_y
+    logits, labels, _ = split_logits(
+        ctx,
+        teacher.member_logits,
+        dataset,
+        plan.batch_size,
+        plan.workers,
+        Reporter(plan.output, ctx.rank),
+        f"{len(teacher.members)} members on {plan.split}",
+    )
     return {
         "logits": logits,
-        "labels": ordered,
+        "labels": labels,
         "names": teacher.names,
         "archs": [m.arch for m in loaded],
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 
 import timm
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from mlkd_cli.console import UserError
-from mlkd_cli.engine.checkpoint import read_weights
+from mlkd_cli.engine.checkpoint import MODEL_FORMAT, ModelCard, read_weights
 
 
 def check_model_name(arch: str) -> None:
@@ -81,3 +82,54 @@ def load_backbone(model: nn.Module, path: Path) -> None:
         )
     with torch.no_grad():
         model.load_state_dict(kept, strict=False)
+
+
+def load_trained_model(
+    path: Path, arch: str | None = None, num_classes: int | None = None
+) -> tuple[nn.Module, ModelCard | None]:
+    """A trained classifier from an mlkd checkpoint, a plain state dict or a .safetensors file.
+
+    mlkd checkpoints (and safetensors exported by mlkd) say what they are; for anything else
+    `arch` and `num_classes` must be given.
+    """
+    weights, meta = read_weights(path)
+    card = card_of(meta)
+    arch = arch or (card.arch if card else None)
+    if arch is None:
+        raise UserError(f"{path} does not record its architecture; pass --model and --num-classes")
+    check_model_name(arch)
+    if card is not None and card.arch != arch:
+        raise UserError(f"{path} holds a {card.arch}, not a {arch}; drop --model or fix it")
+    if card is not None and num_classes is not None and card.num_classes != num_classes:
+        raise UserError(
+            f"{path} has {card.num_classes} classes, not --num-classes {num_classes}; drop the flag"
+        )
+    classes = card.num_classes if card else num_classes
+    if classes is None:
+        raise UserError(f"{path} does not record its class count; pass --num-classes")
+    model = timm.create_model(arch, num_classes=classes)
+    heads = classifier_prefixes(model)
+    for key, tensor in weights.items():
+        if key.startswith(heads) and key.endswith("weight") and tensor.shape[0] != classes:
+            raise UserError(
+                f"{path} has a classifier for {tensor.shape[0]} classes, not {classes}; "
+                "fix --num-classes"
+            )
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()[0]
+        raise UserError(f"{path} does not fit {arch} ({detail}); check --model") from None
+    return model, card
+
+
+def card_of(meta: dict) -> ModelCard | None:
+    """The model card in a checkpoint's metadata (.pth dict or safetensors header), if any."""
+    if meta.get("format") == MODEL_FORMAT:
+        return ModelCard.from_checkpoint(meta)
+    if isinstance(meta.get("mlkd"), str):  # safetensors metadata holds strings only
+        try:
+            return ModelCard(**json.loads(meta["mlkd"]))
+        except (ValueError, TypeError):
+            return None
+    return None

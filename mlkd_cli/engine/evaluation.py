@@ -1,0 +1,183 @@
+"""Running models over a dataset split: logits gathered in dataset order, and `mlkd eval`'s jobs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mlkd_cli.console import OutputOptions, Reporter, UserError
+from mlkd_cli.data.loaders import TransformedSubset, build_eval_loader
+from mlkd_cli.data.registry import DataSplits, get_dataset_spec, load_splits
+from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
+from mlkd_cli.engine.checkpoint import ModelCard
+from mlkd_cli.engine.launch import DistContext
+from mlkd_cli.engine.loop import Precision
+from mlkd_cli.models.ensemble_config import EnsembleConfig
+from mlkd_cli.models.factory import load_trained_model
+from mlkd_cli.models.teacher import InputSpec, build_teacher
+
+SPLITS = ("val", "test")
+
+
+def split_dataset(splits: DataSplits, split: str, recipe: ImageRecipe) -> TransformedSubset:
+    """The evaluation-transformed images of one split ('val' or 'test')."""
+    if split == "val":
+        return TransformedSubset(splits.val, splits.val_indices, build_eval_transform(recipe))
+    if split == "test":
+        if splits.test is None:
+            raise UserError(f"{splits.spec.name} has no test split here; use --split val")
+        return TransformedSubset(splits.test, range(len(splits.test)), build_eval_transform(recipe))
+    raise UserError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+
+
+def split_logits(
+    ctx: DistContext,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Dataset,
+    batch_size: int,
+    workers: int | None,
+    report: Reporter,
+    description: str,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """`forward`'s logits over `dataset` (batch on the second-to-last axis), in dataset order.
+
+    Each rank runs its shard (items r, r + W, ...); rank 0 reassembles them. Also returns the
+    wall-clock seconds of the pass.
+    """
+    loader = build_eval_loader(dataset, batch_size, ctx, workers)
+    precision = Precision(ctx.device)
+    chunks, labels = [], []
+    start = time.perf_counter()
+    with report.step_progress(description, len(loader)) as tick, torch.inference_mode():
+        for step, (images, targets) in enumerate(loader, start=1):
+            with precision.autocast():
+                logits = forward(precision.to_device(images))
+            chunks.append(logits.float().cpu())
+            labels.append(targets)
+            if tick is not None:
+                tick(step, None)
+    seconds = time.perf_counter() - start
+    shard_logits = torch.cat(chunks, dim=-2).numpy() if chunks else None
+    shard_labels = torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64)
+    shards = ctx.gather_objects((shard_logits, shard_labels))
+    total = sum(len(y) for _, y in shards)
+    template = next(x for x, _ in shards if x is not None)
+    logits = np.zeros((*template.shape[:-2], total, template.shape[-1]), dtype=np.float32)
+    ordered = np.zeros(total, dtype=np.int64)
+    for rank, (shard_x, shard_y) in enumerate(shards):
+        if len(shard_y):
+            logits[..., rank :: ctx.world_size, :] = shard_x
+            ordered[rank :: ctx.world_size] = shard_y
+    return logits, ordered, seconds
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One checkpoint (or ensemble file) to evaluate on one split."""
+
+    path: Path
+    label: str
+    dataset: str
+    data_dir: Path
+    split: str
+    val_fraction: float
+    recipe: ImageRecipe
+    arch: str | None = None
+    num_classes: int | None = None
+    ensemble: EnsembleConfig | None = None
+    batch_size: int = 128
+    workers: int | None = None
+    output: OutputOptions = field(default_factory=OutputOptions)
+
+
+def plan_model_job(
+    path: Path,
+    arch: str | None,
+    num_classes: int | None,
+    dataset: str | None,
+    data_dir: Path,
+    split: str,
+    img_size: int | None,
+    batch_size: int,
+    workers: int | None,
+    output: OutputOptions,
+) -> EvalJob:
+    """Check a model checkpoint and settle what to run it on, from its card or the flags."""
+    _, card = load_trained_model(path, arch, num_classes)
+    dataset = dataset or (card.dataset if card else None)
+    if dataset is None:
+        raise UserError(f"{path} does not record its dataset; pass --dataset")
+    spec = get_dataset_spec(dataset)
+    if card is not None:
+        recipe = card_recipe(card)
+    else:
+        recipe = ImageRecipe(img_size=spec.img_size, crop_pct=spec.crop_pct)
+    if img_size is not None:
+        recipe = replace(recipe, img_size=img_size)
+    val_fraction = float(card.extra.get("val_fraction", 0.1)) if card else 0.1
+    splits = load_splits(dataset, data_dir, False, val_fraction)
+    classes = card.num_classes if card else num_classes
+    if classes != splits.num_classes:
+        raise UserError(
+            f"{path} predicts {classes} classes but {dataset} has {splits.num_classes}; "
+            "pass the --dataset it was trained on"
+        )
+    split_dataset(splits, split, recipe)  # refuses a split the dataset lacks, before any worker
+    return EvalJob(
+        path,
+        path.name,
+        dataset,
+        data_dir,
+        split,
+        val_fraction,
+        recipe,
+        arch or (card.arch if card else None),
+        classes,
+        None,
+        batch_size,
+        workers,
+        output,
+    )
+
+
+def run_eval_job(ctx: DistContext, job: EvalJob) -> dict[str, Any]:
+    """Logits of one checkpoint or ensemble over the job's split (rank 0's result is complete)."""
+    splits = load_splits(job.dataset, job.data_dir, False, job.val_fraction)
+    dataset = split_dataset(splits, job.split, job.recipe)
+    if job.ensemble is not None:
+        input_spec = InputSpec(job.recipe.img_size, job.recipe.mean, job.recipe.std)
+        model, _, _ = build_teacher(job.ensemble, splits.num_classes, input_spec)
+    else:
+        model, _ = load_trained_model(job.path, job.arch, job.num_classes)
+        model.eval()
+    model.to(ctx.device)
+    if ctx.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    report = Reporter(job.output, ctx.rank)
+    logits, labels, seconds = split_logits(
+        ctx, model, dataset, job.batch_size, job.workers, report, f"{job.label} on {job.split}"
+    )
+    return {
+        "logits": logits,
+        "labels": labels,
+        "seconds": seconds,
+        "class_names": splits.class_names,
+    }
+
+
+def card_recipe(card: ModelCard) -> ImageRecipe:
+    """The evaluation recipe a model card records."""
+    return ImageRecipe(
+        img_size=card.img_size,
+        crop_pct=card.crop_pct,
+        mean=tuple(card.mean),
+        std=tuple(card.std),
+        interpolation=card.interpolation,
+    )
