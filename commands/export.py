@@ -1,10 +1,58 @@
-"""`mlkd export`: ship a student outside mlkd (lands in a later release)."""
+"""`mlkd export`: a trained model as safetensors (+ timm config.json), ONNX or TorchScript."""
 
 from __future__ import annotations
 
-from mlkd_cli.console import UserError
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlkd_cli.console import OutputOptions, Reporter
+from mlkd_cli.export import FORMATS, TOLERANCE, export_checkpoint
+
+from . import options as opt
 
 
-def export() -> None:
-    """Export a checkpoint to safetensors, ONNX or TorchScript (not available yet)."""
-    raise UserError("`mlkd export` is not available in this version of mlkd yet")
+def export(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A trained checkpoint (.pth or .safetensors).")
+    ],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help=f"One of {', '.join(FORMATS)}.")
+    ] = "safetensors",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Destination (default beside the checkpoint; a folder for safetensors).",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Architecture, for plain state dicts.")
+    ] = None,
+    num_classes: Annotated[
+        int | None, typer.Option("--num-classes", help="Class count, for plain state dicts.")
+    ] = None,
+    img_size: opt.ImgSize = None,
+    quiet: opt.Quiet = False,
+    json: opt.Json = False,
+) -> None:
+    """Export a checkpoint to safetensors, ONNX or TorchScript, checked against PyTorch."""
+    result = export_checkpoint(checkpoint, fmt, output, model, num_classes, img_size)
+    report = Reporter(OutputOptions(quiet=quiet, json=json))
+    report.table(
+        f"export of {checkpoint}",
+        ["format", "written", "checked with", "max |diff|"],
+        [
+            [
+                result["format"],
+                result["output"],
+                result["checked_with"],
+                f"{result['max_abs_diff']:.2e} (limit {TOLERANCE:g})",
+            ]
+        ],
+    )
+    if fmt == "onnx" and "onnxruntime" not in result["checked_with"]:
+        report.warn("onnxruntime is not installed: the file passed the checker but was not run")
+    report.result(result)

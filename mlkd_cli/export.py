@@ -1,0 +1,203 @@
+"""Exporting a trained classifier so it runs without mlkd: safetensors, ONNX, TorchScript.
+
+Every export is written to a temporary file beside its destination, reloaded and run on a batch,
+compared with PyTorch (largest absolute difference at most 1e-4), and only then renamed into
+place: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlkd_cli.console import UserError
+from mlkd_cli.data.transforms import DEFAULT_MEAN, DEFAULT_STD
+from mlkd_cli.engine.checkpoint import ModelCard
+from mlkd_cli.engine.history import atomic_write_text
+from mlkd_cli.models.factory import load_trained_model
+
+FORMATS = ("safetensors", "onnx", "torchscript")
+TOLERANCE = 1e-4
+ONNX_OPSET = 18  # onnxruntime >= 1.16 and every current runtime run it
+
+
+def default_output(checkpoint: Path, fmt: str) -> Path:
+    """Where an export goes without --output: beside the checkpoint."""
+    if fmt == "safetensors":
+        return checkpoint.with_suffix("")  # a model folder: model.safetensors + config.json
+    return checkpoint.with_suffix(".onnx" if fmt == "onnx" else ".torchscript.pt")
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    fmt: str,
+    output: Path | None = None,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+) -> dict[str, Any]:
+    """Export, verify against PyTorch, and return what was written and how close it is."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    destination = output or default_output(checkpoint, fmt)
+    parent = destination if fmt == "safetensors" else destination.parent
+    writable_root = parent if parent.exists() else parent.parent
+    if not writable_root.is_dir() or not os.access(writable_root, os.W_OK):
+        raise UserError(f"cannot write {destination}: {writable_root} is not a writable folder")
+    model, card = load_trained_model(checkpoint, arch, num_classes)
+    model.eval()
+    size = img_size or (card.img_size if card else 224)
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, size, size, generator=generator)
+    check = torch.randn(3, 3, size, size, generator=generator)  # another batch size: dynamic axis
+    with torch.no_grad():
+        expected = model(check)
+    writer = {"safetensors": _safetensors, "onnx": _onnx, "torchscript": _torchscript}[fmt]
+    diff, checked_with = writer(model, card, example, check, expected, destination)
+    if diff > TOLERANCE:
+        raise UserError(
+            f"the {fmt} export differs from PyTorch by {diff:.2e} (> {TOLERANCE:g}); not written"
+        )
+    return {
+        "format": fmt,
+        "output": str(destination),
+        "max_abs_diff": diff,
+        "checked_with": checked_with,
+        "img_size": size,
+    }
+
+
+def _verified_file(
+    destination: Path, write: Callable[[Path], None], verify: Callable[[Path], float]
+) -> float:
+    """Write to a temporary file beside `destination`, verify it, then rename it into place."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
+    )
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        diff = verify(tmp)
+        if diff <= TOLERANCE:
+            os.replace(tmp, destination)
+        return diff
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def timm_config(model: nn.Module, card: ModelCard | None, size: int) -> dict[str, Any]:
+    """config.json in timm's hub form: architecture, classes, and the pretrained config."""
+    arch = card.arch if card else model.default_cfg.get("architecture", type(model).__name__)
+    classes = model.num_classes
+    config: dict[str, Any] = {
+        "architecture": arch,
+        "num_classes": classes,
+        "num_features": getattr(model, "num_features", None),
+        "pretrained_cfg": {
+            "input_size": [3, size, size],
+            "interpolation": card.interpolation if card else "bicubic",
+            "mean": list(card.mean) if card else list(DEFAULT_MEAN),
+            "std": list(card.std) if card else list(DEFAULT_STD),
+            "crop_pct": card.crop_pct if card else 0.875,
+            "crop_mode": "center",
+            "num_classes": classes,
+            "classifier": model.pretrained_cfg.get("classifier", "fc"),
+        },
+    }
+    if card is not None:
+        config["label_names"] = list(card.class_names)
+    return config
+
+
+def _safetensors(model, card, example, check, expected, destination: Path) -> tuple[float, str]:
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": "pt"}
+    if card is not None:
+        metadata["mlkd"] = json.dumps(asdict(card))
+
+    def verify(path: Path) -> float:
+        import timm
+
+        fresh = timm.create_model(
+            timm_config(model, card, check.shape[-1])["architecture"], num_classes=model.num_classes
+        )
+        fresh.load_state_dict(load_file(str(path)))
+        fresh.eval()
+        with torch.no_grad():
+            return float((fresh(check) - expected).abs().max())
+
+    diff = _verified_file(
+        destination / "model.safetensors",
+        lambda p: save_file(state, str(p), metadata=metadata),
+        verify,
+    )
+    if diff <= TOLERANCE:
+        config = timm_config(model, card, check.shape[-1])
+        atomic_write_text(destination / "config.json", json.dumps(config, indent=2) + "\n")
+    return diff, "timm.create_model + safetensors"
+
+
+def _onnx(model, card, example, check, expected, destination: Path) -> tuple[float, str]:
+    try:
+        import onnx
+    except ImportError:
+        raise UserError(
+            "ONNX export needs onnx and onnxscript: pip install 'mlkd[export]'"
+        ) from None
+
+    def write(path: Path) -> None:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["images"],
+            output_names=["logits"],
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            dynamic_shapes=({0: batch},),
+            external_data=False,
+            verbose=False,
+        )
+
+    checked_with = ["onnx.checker"]
+
+    def verify(path: Path) -> float:
+        onnx.checker.check_model(onnx.load(str(path)))
+        try:
+            import onnxruntime
+        except ImportError:
+            return 0.0  # structurally valid; nothing here can run it (the caller says so)
+        checked_with.append("onnxruntime")
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: check.numpy()})[0]
+        return float((torch.from_numpy(got) - expected).abs().max())
+
+    diff = _verified_file(destination, write, verify)
+    return diff, " + ".join(checked_with)
+
+
+def _torchscript(model, card, example, check, expected, destination: Path) -> tuple[float, str]:
+    def write(path: Path) -> None:
+        with torch.no_grad():
+            traced = torch.jit.trace(model, example)
+        traced.save(str(path))
+
+    def verify(path: Path) -> float:
+        loaded = torch.jit.load(str(path))
+        with torch.no_grad():
+            return float((loaded(check) - expected).abs().max())
+
+    return _verified_file(destination, write, verify), "torch.jit.load"
