@@ -7,6 +7,8 @@ place: a failed export leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -159,18 +161,20 @@ def _onnx(model, card, example, check, expected, destination: Path) -> tuple[flo
 
     def write(path: Path) -> None:
         batch = torch.export.Dim("batch", min=1, max=4096)
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=["images"],
-            output_names=["logits"],
-            opset_version=ONNX_OPSET,
-            dynamo=True,
-            dynamic_shapes=({0: batch},),
-            external_data=False,
-            verbose=False,
-        )
+        # The exporter prints its progress on stdout, which --json reserves for the result.
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                input_names=["images"],
+                output_names=["logits"],
+                opset_version=ONNX_OPSET,
+                dynamo=True,
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                verbose=False,
+            )
 
     checked_with = ["onnx.checker"]
 
