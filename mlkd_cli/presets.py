@@ -12,6 +12,10 @@ from mlkd_cli.console import UserError
 
 # The repository's presets/ folder, installed inside the package under this name.
 PRESET_PACKAGE = "mlkd_cli.shipped_presets"
+# Top-level keys about the preset itself, not settings of any command.
+PRESET_META_KEYS = {"description", "baseline"}
+# Sections a preset may hold: one per command it feeds, plus the list of teachers.
+PRESET_SECTIONS = {"teacher", "teachers", "ensemble", "distill"}
 
 
 def available_presets() -> list[str]:
@@ -52,7 +56,11 @@ def preset_section(name_or_path: str | None, section: str, allowed: set[str]) ->
     if name_or_path is None:
         return {}
     content, origin = load_preset(name_or_path)
-    shared = {k: v for k, v in content.items() if not isinstance(v, dict)}
+    shared = {
+        k: v
+        for k, v in content.items()
+        if not isinstance(v, (dict, list)) and k not in PRESET_META_KEYS
+    }
     own = content.get(section) or {}
     if not isinstance(own, dict):
         raise UserError(f"{origin}: section {section!r} must be a mapping")
@@ -63,3 +71,83 @@ def preset_section(name_or_path: str | None, section: str, allowed: set[str]) ->
             f"{origin}: unknown key {unknown[0]!r} for `{section}`; remove or rename it"
         )
     return merged
+
+
+def preset_teachers(name_or_path: str) -> list[dict[str, Any]]:
+    """The preset's teachers, each its `teacher` section overlaid with the entry's own keys."""
+    content, origin = load_preset(name_or_path)
+    entries = content.get("teachers") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise UserError(f"{origin}: 'teachers' must be a list of mappings")
+    return [{k.replace("-", "_"): v for k, v in entry.items()} for entry in entries]
+
+
+def check_preset_layout(name_or_path: str) -> dict[str, Any]:
+    """Refuse top-level sections the preset format does not know."""
+    content, origin = load_preset(name_or_path)
+    for key, value in content.items():
+        if isinstance(value, (dict, list)) and key not in PRESET_SECTIONS:
+            raise UserError(
+                f"{origin}: unknown section {key!r}; sections are {sorted(PRESET_SECTIONS)}"
+            )
+    return content
+
+
+ENSEMBLE_KEYS = {"fit_temperature"}
+
+
+def resolve_preset(name_or_path: str) -> dict[str, Any]:
+    """Every stage of a preset as the full, checked settings of the command it feeds."""
+    from mlkd_cli.config import (
+        DistillConfig,
+        TeacherTrainConfig,
+        build_config,
+        config_field_names,
+    )
+
+    content = check_preset_layout(name_or_path)
+    origin = load_preset(name_or_path)[1]
+    base = preset_section(name_or_path, "teacher", config_field_names(TeacherTrainConfig))
+    teachers = []
+    for entry in preset_teachers(name_or_path):
+        unknown = sorted(set(entry) - config_field_names(TeacherTrainConfig))
+        if unknown:
+            raise UserError(f"{origin}: unknown key {unknown[0]!r} in a teacher entry")
+        config = build_config(TeacherTrainConfig, {**base, **entry}, origin)
+        config.validate()
+        teachers.append(config)
+    ensemble = content.get("ensemble") or {}
+    if not isinstance(ensemble, dict) or set(ensemble) - ENSEMBLE_KEYS:
+        raise UserError(f"{origin}: the ensemble section takes only {sorted(ENSEMBLE_KEYS)}")
+    if not isinstance(ensemble.get("fit_temperature", False), bool):
+        raise UserError(f"{origin}: ensemble.fit_temperature must be true or false")
+    distill = None
+    if "distill" in content:
+        distill = build_config(
+            DistillConfig,
+            preset_section(name_or_path, "distill", config_field_names(DistillConfig)),
+            origin,
+        )
+        distill.validate()
+    baseline = content.get("baseline", False)
+    if not isinstance(baseline, bool):
+        raise UserError(f"{origin}: baseline must be true or false")
+    return {
+        "origin": origin,
+        "description": str(content.get("description", "")).strip(),
+        "teachers": teachers,
+        "ensemble": {"fit_temperature": bool(ensemble.get("fit_temperature", False))},
+        "distill": distill,
+        "baseline": baseline,
+    }
+
+
+def resolved_record(resolved: dict[str, Any]) -> dict[str, Any]:
+    """A resolved preset as plain data (for `mlkd presets show`)."""
+    return {
+        "description": resolved["description"],
+        "teachers": [t.to_record() for t in resolved["teachers"]],
+        "ensemble": resolved["ensemble"],
+        "distill": resolved["distill"].to_record() if resolved["distill"] else None,
+        "baseline": resolved["baseline"],
+    }

@@ -1,0 +1,96 @@
+"""Shipped presets resolve to valid settings of every command they feed; flags win over them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import yaml
+
+from mlkd_cli.console import UserError
+from mlkd_cli.presets import available_presets, resolve_preset
+
+
+def test_the_four_recipes_ship() -> None:
+    assert available_presets() == ["cifar-10", "cifar-100", "digits", "oxford-iiit"]
+
+
+@pytest.mark.parametrize("name", ["cifar-10", "cifar-100", "digits", "oxford-iiit"])
+def test_each_shipped_preset_resolves_to_valid_settings(name: str) -> None:
+    resolved = resolve_preset(name)
+    assert resolved["teachers"] and resolved["distill"] is not None
+    for teacher in resolved["teachers"]:
+        assert teacher.dataset == name and timm.is_model(teacher.model)
+    distill = resolved["distill"]
+    assert distill.dataset == name and timm.is_model(distill.student)
+    names = [t.run_name for t in resolved["teachers"]]
+    assert len(set(names)) == len(names) and distill.run_name not in names
+
+
+def test_paper_recipes_hold_the_original_settings() -> None:
+    resolved = resolve_preset("cifar-100")
+    assert [t.model for t in resolved["teachers"]] == [
+        "deit_small_distilled_patch16_224",
+        "convnextv2_nano",
+        "gmlp_s16_224",
+        "hrnet_w18",
+        "swinv2_cr_tiny_ns_224",
+    ]
+    assert all(t.pretrained and t.img_size == 224 for t in resolved["teachers"])
+    d = resolved["distill"]
+    assert (d.student, d.temperature, d.alpha, d.mixup_alpha, d.cutmix_alpha) == (
+        "resnetv2_50x1_bit",
+        10.0,
+        1.0,
+        1.0,
+        1.0,
+    )
+    assert (d.lr, d.weight_decay, d.effective_batch_size, d.img_size) == (1e-3, 1e-4, 128, 224)
+
+
+def test_presets_show_prints_the_resolved_recipe(run_cli) -> None:
+    result = run_cli("presets", "show", "cifar-100")
+    assert result.exit_code == 0
+    shown = yaml.safe_load(result.stdout)
+    assert shown["distill"]["student"] == "resnetv2_50x1_bit"
+    assert shown["distill"]["temperature"] == 10.0
+    assert [t["name"] for t in shown["teachers"]][0] == "e_deit"
+    listed = json.loads(run_cli("presets", "list", "--json").stdout)
+    assert [p["name"] for p in listed["presets"]] == available_presets()
+
+
+def test_unknown_section_and_key_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("dataset: digits\nstudents:\n  - x\n")
+    with pytest.raises(UserError, match=r"unknown section 'students'"):
+        resolve_preset(str(path))
+    path.write_text("dataset: digits\ndistill:\n  temprature: 3\n")
+    with pytest.raises(UserError, match=rf"{path}: unknown key 'temprature'"):
+        resolve_preset(str(path))
+
+
+@pytest.mark.slow
+def test_a_flag_overrides_the_preset(run_cli, tmp_path: Path) -> None:
+    result = run_cli(
+        "teacher",
+        "train",
+        "--preset",
+        "digits",
+        "--model",
+        "test_resnet",
+        "--epochs",
+        "1",
+        "--img-size",
+        "16",
+        "--output-dir",
+        tmp_path,
+        "--json",
+        "-q",
+    )
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["model"] == "test_resnet" and summary["epochs"] == 1  # preset: resnet10t, 30
+    config = json.loads((tmp_path / "digits_test_resnet_history.json").read_text())["config"]
+    assert config["lr"] == 0.001 and config["batch_size"] == 64  # the rest from the preset
