@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 
 from mlkd_cli.console import OutputOptions, Reporter, UserError
-from mlkd_cli.engine.ensemble import (
-    EnsemblePlan,
-    collect_member_logits,
-    ensemble_table_rows,
-    fit_ensemble_weights,
-    plan_ensemble_run,
-)
-from mlkd_cli.engine.launch import launch, launcher_rank
-from mlkd_cli.models.ensemble_config import (
-    ORIGINAL,
-    EnsembleConfig,
-    read_ensemble_config,
-    write_ensemble_config,
-)
+from mlkd_cli.engine.ensemble import fit_and_write, run_logits_pass
+from mlkd_cli.models.ensemble_config import ORIGINAL
 
 from . import options as opt
 
@@ -49,56 +35,6 @@ ValFraction = Annotated[
         "--val-fraction", help="Held-out share of the training data (default: as the members')."
     ),
 ]
-
-
-@dataclass
-class _LogitsPass:
-    """One pass of every member over a split, as the commands need it."""
-
-    config: EnsembleConfig
-    plan: EnsemblePlan
-    logits: torch.Tensor
-    labels: torch.Tensor
-    names: list[str]
-    archs: list[str]
-
-    def rows(self, label: str, weights: list[float], temperature: float) -> list[dict[str, Any]]:
-        """Member rows, the equal-weight ensemble, and the ensemble with these weights."""
-        equal = ("equal weights", [1.0] * len(self.config.members), 1.0)
-        return ensemble_table_rows(
-            self.logits, self.labels, self.names, self.archs, [equal, (label, weights, temperature)]
-        )
-
-
-def _run_pass(
-    config_path: Path,
-    models_dir: Path | None,
-    dataset: str | None,
-    data_dir: Path | None,
-    split: str,
-    val_fraction: float | None,
-    batch_size: int,
-    world_size: int | None,
-    device: str | None,
-    workers: int | None,
-    output: OutputOptions,
-) -> _LogitsPass | None:
-    """Run the members over the split; None on ranks other than 0 under torchrun."""
-    config = read_ensemble_config(config_path, models_dir)
-    plan = plan_ensemble_run(
-        config, dataset, data_dir or Path("data"), split, val_fraction, batch_size, workers, output
-    )
-    collected = launch(collect_member_logits, plan, world_size or 1, device or "auto")
-    if launcher_rank() != 0:
-        return None
-    return _LogitsPass(
-        config,
-        plan,
-        torch.from_numpy(collected["logits"]),
-        torch.from_numpy(collected["labels"]),
-        collected["names"],
-        collected["archs"],
-    )
 
 
 def _render(
@@ -160,7 +96,7 @@ def build(
         raise UserError("--output writes a new file and --in-place rewrites CONFIG; pass one")
     _check_writable(output or config_path)
     out = OutputOptions(quiet=quiet, json=json)
-    run = _run_pass(
+    run = run_logits_pass(
         config_path,
         models_dir,
         dataset,
@@ -177,11 +113,8 @@ def build(
         return
     config, plan, labels = run.config, run.plan, run.labels
     report = Reporter(out)
-    fit = fit_ensemble_weights(run.logits, labels, fit_temperature)
-    rows = run.rows("fitted", fit.weights, fit.temperature or 1.0)
     destination = output or config_path
-    # Without a fitted temperature the weights carry the scale: the file's temperature becomes 1.
-    write_ensemble_config(config.with_fit(fit.weights, fit.temperature or 1.0), destination)
+    fit, rows = fit_and_write(run, fit_temperature, destination)
     moved = destination.resolve().parent != config_path.resolve().parent
     if moved and config.layout == ORIGINAL:
         report.warn(
@@ -227,7 +160,7 @@ def evaluate(
 ) -> None:
     """Every member's and the ensemble's top-1 and NLL on a split, with the file's weights."""
     out = OutputOptions(quiet=quiet, json=json)
-    run = _run_pass(
+    run = run_logits_pass(
         config_path,
         models_dir,
         dataset,

@@ -19,8 +19,12 @@ from mlkd_cli.console import OutputOptions, Reporter, UserError
 from mlkd_cli.data.registry import DEFAULT_VAL_FRACTION, get_dataset_spec, load_splits
 from mlkd_cli.data.transforms import ImageRecipe
 from mlkd_cli.engine.evaluation import SPLITS, split_dataset, split_logits
-from mlkd_cli.engine.launch import DistContext
-from mlkd_cli.models.ensemble_config import EnsembleConfig
+from mlkd_cli.engine.launch import DistContext, launch, launcher_rank
+from mlkd_cli.models.ensemble_config import (
+    EnsembleConfig,
+    read_ensemble_config,
+    write_ensemble_config,
+)
 from mlkd_cli.models.teacher import InputSpec, build_teacher, combine_logits, load_member
 
 
@@ -219,3 +223,64 @@ def ensemble_table_rows(
             }
         )
     return table
+
+
+@dataclass
+class LogitsPass:
+    """One pass of every member over a split, as the commands need it."""
+
+    config: EnsembleConfig
+    plan: EnsemblePlan
+    logits: torch.Tensor
+    labels: torch.Tensor
+    names: list[str]
+    archs: list[str]
+
+    def rows(self, label: str, weights: list[float], temperature: float) -> list[dict[str, Any]]:
+        """Member rows, the equal-weight ensemble, and the ensemble with these weights."""
+        equal = ("equal weights", [1.0] * len(self.config.members), 1.0)
+        return ensemble_table_rows(
+            self.logits, self.labels, self.names, self.archs, [equal, (label, weights, temperature)]
+        )
+
+
+def run_logits_pass(
+    config_path: Path,
+    models_dir: Path | None,
+    dataset: str | None,
+    data_dir: Path | None,
+    split: str,
+    val_fraction: float | None,
+    batch_size: int,
+    world_size: int | None,
+    device: str | None,
+    workers: int | None,
+    output: OutputOptions,
+) -> LogitsPass | None:
+    """Run the members over the split; None on ranks other than 0 under torchrun."""
+    config = read_ensemble_config(config_path, models_dir)
+    plan = plan_ensemble_run(
+        config, dataset, data_dir or Path("data"), split, val_fraction, batch_size, workers, output
+    )
+    collected = launch(collect_member_logits, plan, world_size or 1, device or "auto")
+    if launcher_rank() != 0:
+        return None
+    return LogitsPass(
+        config,
+        plan,
+        torch.from_numpy(collected["logits"]),
+        torch.from_numpy(collected["labels"]),
+        collected["names"],
+        collected["archs"],
+    )
+
+
+def fit_and_write(
+    run: LogitsPass, fit_temperature: bool, destination: Path
+) -> tuple[EnsembleFit, list[dict[str, Any]]]:
+    """Fit the weights on the pass's logits and write the file; returns the fit and table rows."""
+    fit = fit_ensemble_weights(run.logits, run.labels, fit_temperature)
+    rows = run.rows("fitted", fit.weights, fit.temperature or 1.0)
+    # Without a fitted temperature the weights were fitted at temperature 1: the file says so.
+    write_ensemble_config(run.config.with_fit(fit.weights, fit.temperature or 1.0), destination)
+    return fit, rows
