@@ -6,19 +6,14 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 
 from mlkd_cli.console import OutputOptions, Reporter, UserError
-from mlkd_cli.engine.ensemble import plan_ensemble_run
-from mlkd_cli.engine.evaluation import EvalJob, plan_model_job, run_eval_job
-from mlkd_cli.engine.launch import launch, launcher_rank
-from mlkd_cli.metrics import classification_metrics, confusion_matrix, reliability_bins
-from mlkd_cli.models.ensemble_config import read_ensemble_config
+from mlkd_cli.engine.evaluation import EvalJob, Measured, measure, plan_eval_job
+from mlkd_cli.engine.launch import launcher_rank
+from mlkd_cli.metrics import confusion_matrix, reliability_bins
 
 from . import options as opt
-
-ENSEMBLE_SUFFIXES = (".json", ".yaml", ".yml")
 
 
 def evaluate(
@@ -60,7 +55,7 @@ def evaluate(
     out = OutputOptions(quiet=quiet, json=json)
     root = data_dir or Path("data")
     jobs = [
-        _plan(
+        plan_eval_job(
             path,
             dataset,
             root,
@@ -77,79 +72,28 @@ def evaluate(
     ]
     results = []
     for job in jobs:
-        collected = launch(run_eval_job, job, world_size or 1, device or "auto")
-        if launcher_rank() != 0:
+        measured = measure(job, world_size or 1, device or "auto")
+        if measured is None:
             continue
-        logits = torch.from_numpy(collected["logits"])
-        labels = torch.from_numpy(collected["labels"])
-        metrics = classification_metrics(logits, labels, collected["class_names"])
-        metrics["images_per_s"] = (
-            len(labels) / collected["seconds"] if collected["seconds"] else None
-        )
-        result = {
-            "checkpoint": str(job.path),
-            "dataset": job.dataset,
-            "split": job.split,
-            **metrics,
-        }
+        result = measured.result
         if plots is not None:
-            result["plots"] = _plots(plots, job, logits, labels, collected["class_names"], metrics)
+            result["plots"] = _plots(plots, job, measured)
         results.append(result)
     if launcher_rank() != 0:
         return
     _render(Reporter(out), results)
 
 
-def _plan(
-    path: Path,
-    dataset: str | None,
-    data_dir: Path,
-    split: str,
-    model: str | None,
-    num_classes: int | None,
-    img_size: int | None,
-    models_dir: Path | None,
-    batch_size: int,
-    workers: int | None,
-    out: OutputOptions,
-) -> EvalJob:
-    if path.suffix.lower() in ENSEMBLE_SUFFIXES:
-        config = read_ensemble_config(path, models_dir)
-        plan = plan_ensemble_run(config, dataset, data_dir, split, None, batch_size, workers, out)
-        return EvalJob(
-            path,
-            path.name,
-            plan.dataset,
-            data_dir,
-            split,
-            plan.val_fraction,
-            plan.recipe,
-            ensemble=config,
-            batch_size=batch_size,
-            workers=workers,
-            output=out,
-        )
-    return plan_model_job(
-        path, model, num_classes, dataset, data_dir, split, img_size, batch_size, workers, out
-    )
-
-
-def _plots(
-    folder: Path,
-    job: EvalJob,
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    class_names: list[str],
-    metrics: dict[str, Any],
-) -> dict[str, str]:
+def _plots(folder: Path, job: EvalJob, measured: Measured) -> dict[str, str]:
     from mlkd_cli.plots import confusion_matrix_png, reliability_png
 
     stem = job.path.stem
     title = f"{job.label} on {job.dataset} {job.split}"
     confusion, reliability = folder / f"{stem}_confusion.png", folder / f"{stem}_reliability.png"
-    confusion_matrix_png(confusion_matrix(logits, labels), class_names, title, confusion)
+    logits, labels = measured.logits, measured.labels
+    confusion_matrix_png(confusion_matrix(logits, labels), measured.class_names, title, confusion)
     bins = reliability_bins(logits.double().softmax(1), labels)
-    reliability_png(bins, metrics["ece"], title, reliability)
+    reliability_png(bins, measured.result["ece"], title, reliability)
     return {"confusion_matrix": str(confusion), "reliability": str(reliability)}
 
 

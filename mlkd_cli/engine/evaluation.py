@@ -181,3 +181,71 @@ def card_recipe(card: ModelCard) -> ImageRecipe:
         std=tuple(card.std),
         interpolation=card.interpolation,
     )
+
+
+ENSEMBLE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def plan_eval_job(
+    path: Path,
+    dataset: str | None,
+    data_dir: Path,
+    split: str,
+    arch: str | None,
+    num_classes: int | None,
+    img_size: int | None,
+    models_dir: Path | None,
+    batch_size: int,
+    workers: int | None,
+    output: OutputOptions,
+) -> EvalJob:
+    """An evaluation job for a checkpoint, or for an ensemble file (by its suffix)."""
+    if path.suffix.lower() not in ENSEMBLE_SUFFIXES:
+        return plan_model_job(
+            path, arch, num_classes, dataset, data_dir, split, img_size, batch_size, workers, output
+        )
+    from mlkd_cli.engine.ensemble import plan_ensemble_run  # it builds on this module
+    from mlkd_cli.models.ensemble_config import read_ensemble_config
+
+    config = read_ensemble_config(path, models_dir)
+    plan = plan_ensemble_run(config, dataset, data_dir, split, None, batch_size, workers, output)
+    return EvalJob(
+        path,
+        path.name,
+        plan.dataset,
+        data_dir,
+        split,
+        plan.val_fraction,
+        plan.recipe,
+        ensemble=config,
+        batch_size=batch_size,
+        workers=workers,
+        output=output,
+    )
+
+
+@dataclass
+class Measured:
+    """One evaluation's figures, with the logits behind them (rank 0 only)."""
+
+    result: dict[str, Any]
+    logits: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+
+
+def measure(job: EvalJob, world_size: int, device: str) -> Measured | None:
+    """Run a job on `world_size` processes; rank 0 gets the metrics, other torchrun ranks None."""
+    from mlkd_cli.engine.launch import launch, launcher_rank
+    from mlkd_cli.metrics import classification_metrics
+
+    collected = launch(run_eval_job, job, world_size, device)
+    if launcher_rank() != 0:
+        return None
+    logits = torch.from_numpy(collected["logits"])
+    labels = torch.from_numpy(collected["labels"])
+    metrics = classification_metrics(logits, labels, collected["class_names"])
+    seconds = collected["seconds"]
+    metrics["images_per_s"] = len(labels) / seconds if seconds else None
+    result = {"checkpoint": str(job.path), "dataset": job.dataset, "split": job.split, **metrics}
+    return Measured(result, logits, labels, collected["class_names"])
