@@ -18,7 +18,7 @@ def _pyplot() -> Any:
         matplotlib.use("Agg")  # files only, no display
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("--plots needs matplotlib: pip install 'mlkd[plots]'") from None
+        raise UserError("drawing figures needs matplotlib: pip install matplotlib") from None
     return plt
 
 
@@ -65,5 +65,60 @@ def reliability_png(bins: list[dict], ece: float, title: str, path: Path) -> Non
     axes.set_ylabel("accuracy")
     axes.set_title(f"{title}\nECE {ece:.4f}")
     axes.legend(loc="upper left")
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def training_curves_png(rows: list[dict[str, Any]], title: str, path: Path) -> None:
+    """Training loss, and validation top-1 of the final head and of each exit, per epoch."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in rows]
+    figure, (loss_axes, top1_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axes.plot(epochs, [row["train_loss"] for row in rows], marker="o", markersize=3)
+    loss_axes.set_xlabel("epoch")
+    loss_axes.set_ylabel("training loss")
+    top1_axes.plot(
+        epochs, [row["val_top1"] for row in rows], marker="o", markersize=3, label="final head"
+    )
+    exit_keys = sorted(k for k in rows[-1] if k.startswith("exit") and k.endswith("_top1"))
+    for key in exit_keys:
+        top1_axes.plot(
+            epochs,
+            [row.get(key) for row in rows],
+            linestyle="--",
+            label=key.removesuffix("_top1").replace("exit", "exit "),
+        )
+    top1_axes.set_xlabel("epoch")
+    top1_axes.set_ylabel("validation top-1 %")
+    top1_axes.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def comparison_png(rows: list[dict[str, Any]], title: str, path: Path) -> None:
+    """Bar chart of test top-1 and NLL for every model of a pipeline run."""
+    plt = _pyplot()
+    labels = [row["name"] for row in rows]
+    figure, (top1_axes, nll_axes) = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(rows) + 4), 4.5))
+    colours = [
+        {
+            "teacher": "tab:grey",
+            "ensemble": "tab:purple",
+            "student": "tab:blue",
+            "exit": "tab:cyan",
+            "baseline": "tab:orange",
+        }.get(r["role"], "tab:grey")
+        for r in rows
+    ]
+    top1_axes.bar(labels, [row["top1"] for row in rows], color=colours)
+    top1_axes.set_ylabel("test top-1 %")
+    low = min(row["top1"] for row in rows)
+    top1_axes.set_ylim(max(0, low - 5), 100)
+    nll_axes.bar(labels, [row["nll"] for row in rows], color=colours)
+    nll_axes.set_ylabel("test NLL")
+    for axes in (top1_axes, nll_axes):
+        axes.tick_params(axis="x", rotation=60, labelsize=8)
+    figure.suptitle(title)
     figure.tight_layout()
     _save(figure, path)

@@ -36,6 +36,7 @@ from mlkd_cli.engine.checkpoint import (
 from mlkd_cli.engine.history import History
 from mlkd_cli.engine.launch import DistContext
 from mlkd_cli.models.factory import build_model, check_model_name
+from mlkd_cli.plots import training_curves_png
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class RunFiles:
     def history_csv(self) -> Path:
         """Per-epoch metrics as CSV."""
         return self.output_dir / f"{self.name}_history.csv"
+
+    @property
+    def curves(self) -> Path:
+        """Loss and validation top-1 per epoch, drawn."""
+        return self.output_dir / f"{self.name}_curves.png"
 
 
 @dataclass(frozen=True)
@@ -304,6 +310,7 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
             "last": str(files.last),
             "history_json": str(files.history_json),
             "history_csv": str(files.history_csv),
+            "curves": str(files.curves),
         },
     }
 
@@ -343,6 +350,7 @@ def _save_epoch(
         files.last,
     )
     history.save()
+    training_curves_png(history.rows, f"{files.name} ({plan.card.arch}, {plan.kind})", files.curves)
 
 
 # ----------------------------------------------------------------------------- teachers
