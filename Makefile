@@ -25,7 +25,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
-	$(MLKD) teacher train --preset digits --name demo_teacher --output-dir runs/demo --overwrite
+	$(MLKD) pipeline --preset digits --run-dir runs/demo
 
 bench: install
 	$(PY) benchmarks/distill_step.py

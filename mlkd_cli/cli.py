@@ -16,7 +16,16 @@ except ImportError:  # older typer runs on click itself
     from click import exceptions as click_errors
 
 from mlkd_cli import __version__
-from mlkd_cli.commands import data, distill, ensemble, evaluate, export, presets, teacher
+from mlkd_cli.commands import (
+    data,
+    distill,
+    ensemble,
+    evaluate,
+    export,
+    pipeline,
+    presets,
+    teacher,
+)
 from mlkd_cli.console import UserError
 
 
@@ -87,6 +96,7 @@ app.add_typer(ensemble.app, name="ensemble")
 app.command("distill", help=distill.distill.__doc__)(distill.distill)
 app.command("eval", help=evaluate.evaluate.__doc__)(evaluate.evaluate)
 app.command("export", help=export.export.__doc__)(export.export)
+app.command("pipeline", help=pipeline.pipeline.__doc__)(pipeline.pipeline)
 app.add_typer(data.app, name="data")
 app.add_typer(presets.app, name="presets")
 

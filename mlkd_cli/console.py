@@ -54,7 +54,7 @@ class Reporter:
     def info(self, message: str) -> None:
         """One informational line on stderr (rank 0, not quiet)."""
         if self.chatty:
-            self.err.print(message, soft_wrap=True)
+            self.err.print(message, soft_wrap=True, markup=False)
 
     def warn(self, message: str) -> None:
         """A warning on stderr; shown even when quiet, on rank 0 only."""
@@ -102,7 +102,7 @@ class Reporter:
         """A progress table on stderr (rank 0, not quiet): what a long run reports as it goes."""
         if not self.chatty:
             return
-        self.err.print(title, soft_wrap=True)
+        self.err.print(title, soft_wrap=True, markup=False)
         table = Table()
         for column in columns:
             table.add_column(column)

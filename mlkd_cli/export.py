@@ -50,10 +50,10 @@ def export_checkpoint(
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     destination = output or default_output(checkpoint, fmt)
-    parent = destination if fmt == "safetensors" else destination.parent
-    writable_root = parent if parent.exists() else parent.parent
-    if not writable_root.is_dir() or not os.access(writable_root, os.W_OK):
-        raise UserError(f"cannot write {destination}: {writable_root} is not a writable folder")
+    # The folder that receives the export must exist (a safetensors folder itself is created).
+    parent = destination.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {destination}: {parent} is not a writable folder")
     model, card = load_trained_model(checkpoint, arch, num_classes)
     model.eval()
     size = img_size or (card.img_size if card else 224)

@@ -1,0 +1,64 @@
+"""`mlkd pipeline`: teachers, ensemble, student, baseline, evaluation and export in one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlkd_cli.console import OutputOptions, Reporter
+from mlkd_cli.engine.launch import launcher_rank
+from mlkd_cli.pipeline import PipelineOptions, run_pipeline
+
+from . import options as opt
+
+
+def pipeline(
+    preset: Annotated[str, typer.Option("--preset", help="A shipped preset name or a YAML file.")],
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="The run folder (default runs/<preset>).")
+    ] = None,
+    baseline: Annotated[
+        bool | None,
+        typer.Option(
+            "--baseline/--no-baseline",
+            help="Also train a cross-entropy-only student (default: as the preset).",
+        ),
+    ] = None,
+    data_dir: opt.DataDir = None,
+    world_size: opt.WorldSize = None,
+    device: opt.Device = None,
+    workers: opt.Workers = None,
+    quiet: opt.Quiet = False,
+    json: opt.Json = False,
+) -> None:
+    """Run the whole method from a preset; a stopped run continues where it stopped."""
+    out = OutputOptions(quiet=quiet, json=json)
+    folder = run_dir or Path("runs") / Path(preset).stem
+    summary = run_pipeline(
+        PipelineOptions(
+            preset, folder, data_dir, baseline, world_size or 1, device or "auto", workers, out
+        )
+    )
+    if summary is None or launcher_rank() != 0:
+        return
+    report = Reporter(out)
+    report.table(
+        f"{summary['preset']}: test split ({summary['run_dir']})",
+        ["model", "role", "params (M)", "top-1 %", "NLL", "ECE", "img/s"],
+        [
+            [
+                r["name"],
+                r["role"],
+                None if r["params_m"] is None else f"{r['params_m']:.2f}",
+                f"{r['top1']:.2f}",
+                f"{r['nll']:.4f}",
+                None if r["ece"] is None else f"{r['ece']:.4f}",
+                None if r["images_per_s"] is None else f"{r['images_per_s']:.0f}",
+            ]
+            for r in summary["rows"]
+        ],
+    )
+    report.info(f"figure {summary['comparison_png']}; student exported to {summary['export']}")
+    report.result(summary)

@@ -1,0 +1,270 @@
+"""`mlkd pipeline`: the whole method from a preset, into one run folder, resumable stage by stage.
+
+Stages: train each teacher → fit the ensemble on the validation split → distil the student →
+(optionally) train a cross-entropy-only student of the same architecture and budget → evaluate
+everything on the test split → export the student. A stage whose outputs are complete is skipped;
+an interrupted training stage resumes from its `_last.pth`; so running the same command again
+after any interruption finishes the run without redoing what is done.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlkd_cli.config import DistillConfig, TeacherTrainConfig, TrainConfig
+from mlkd_cli.console import OutputOptions, Reporter, UserError
+from mlkd_cli.data.loaders import build_eval_loader
+from mlkd_cli.data.registry import load_splits
+from mlkd_cli.engine import loop
+from mlkd_cli.engine.checkpoint import ModelCard, load_checkpoint
+from mlkd_cli.engine.distiller import build_student, distill_student, plan_distillation
+from mlkd_cli.engine.ensemble import fit_and_write, run_logits_pass
+from mlkd_cli.engine.evaluation import card_recipe, measure, plan_eval_job, split_dataset
+from mlkd_cli.engine.history import atomic_write_text
+from mlkd_cli.engine.launch import DistContext, launch, resolve_device
+from mlkd_cli.engine.trainer import RunFiles, plan_teacher_training, train_teacher
+from mlkd_cli.export import export_checkpoint
+from mlkd_cli.models.ensemble_config import read_ensemble_config
+from mlkd_cli.plots import comparison_png
+from mlkd_cli.presets import resolve_preset
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """What `mlkd pipeline` was asked to do."""
+
+    preset: str
+    run_dir: Path
+    data_dir: Path | None = None
+    baseline: bool | None = None  # None: as the preset says
+    world_size: int = 1
+    device: str = "auto"
+    workers: int | None = None
+    output: OutputOptions = OutputOptions()
+
+
+def run_complete(files: RunFiles, epochs: int) -> bool:
+    """True when a training run has its best model and a history of every epoch."""
+    if not (files.best.is_file() and files.history_json.is_file()):
+        return False
+    try:
+        rows = json.loads(files.history_json.read_text())["epochs"]
+    except (ValueError, KeyError):
+        return False
+    return len(rows) >= epochs
+
+
+def _train(
+    cfg: TrainConfig, planner: Callable, worker: Callable, report: Reporter, what: str
+) -> str:
+    files = RunFiles(cfg.output_dir, cfg.run_name)
+    if run_complete(files, cfg.epochs):
+        report.info(f"skip {what}: {files.best} is complete")
+        return "skipped"
+    resume = files.last.is_file()
+    cfg = replace(cfg, resume=resume, overwrite=not resume)
+    report.info(f"{'resume' if resume else 'run'} {what}")
+    launch(worker, planner(cfg), cfg.world_size, cfg.device)
+    return "resumed" if resume else "trained"
+
+
+def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
+    """Run (or finish) every stage of the preset; returns the comparison on the test split."""
+    resolved = resolve_preset(options.preset)
+    distill: DistillConfig | None = resolved["distill"]
+    if distill is None or not resolved["teachers"]:
+        raise UserError(f"{resolved['origin']} needs teachers and a distill section for a pipeline")
+    report = Reporter(options.output)
+    run_dir, models = options.run_dir, options.run_dir / "models"
+    common: dict[str, Any] = {
+        "output_dir": models,
+        "world_size": options.world_size,
+        "device": options.device,
+        "workers": options.workers,
+        "output": options.output,
+    }
+    if options.data_dir is not None:
+        common["data_dir"] = options.data_dir
+    stages: dict[str, str] = {}
+
+    teachers = [replace(t, **common) for t in resolved["teachers"]]
+    for t in teachers:
+        stages[t.run_name] = _train(
+            t, plan_teacher_training, train_teacher, report, f"teacher {t.run_name} ({t.model})"
+        )
+
+    ensemble_path = run_dir / ENSEMBLE_FILE
+    fit_temperature = resolved["ensemble"]["fit_temperature"]
+    if ensemble_path.is_file() and read_ensemble_config(ensemble_path, models).has_weights:
+        report.info(f"skip ensemble: {ensemble_path} has fitted weights")
+        stages["ensemble"] = "skipped"
+    else:
+        report.info(f"run ensemble of {len(teachers)} teachers")
+        original = {"models": [t.model for t in teachers], "names": [t.run_name for t in teachers]}
+        atomic_write_text(ensemble_path, json.dumps(original, indent=4) + "\n")
+        run = run_logits_pass(
+            ensemble_path,
+            models,
+            teachers[0].dataset,
+            teachers[0].data_dir,
+            "val",
+            None,
+            128,
+            options.world_size,
+            options.device,
+            options.workers,
+            options.output,
+        )
+        if run is not None:
+            fit_and_write(run, fit_temperature, ensemble_path)
+        stages["ensemble"] = "fitted"
+
+    student = replace(distill, **common, ensemble=ensemble_path, models_dir=models)
+    stages[student.run_name] = _train(
+        student,
+        plan_distillation,
+        distill_student,
+        report,
+        f"student {student.run_name} ({student.student})",
+    )
+    use_baseline = resolved["baseline"] if options.baseline is None else options.baseline
+    baseline = None
+    if use_baseline:
+        baseline = TeacherTrainConfig(
+            dataset=student.dataset,
+            model=student.student,
+            name=f"{student.run_name}_ce_baseline",
+            epochs=student.epochs,
+            batch_size=student.batch_size,
+            img_size=student.img_size,
+            seed=student.seed,
+            val_fraction=student.val_fraction,
+            **common,
+            **({"data_dir": student.data_dir} if options.data_dir is None else {}),
+        )
+        stages[baseline.run_name] = _train(
+            baseline,
+            plan_teacher_training,
+            train_teacher,
+            report,
+            f"cross-entropy baseline {baseline.run_name}",
+        )
+
+    export_dir = run_dir / "export" / student.run_name
+    if (export_dir / "model.safetensors").is_file():
+        stages["export"] = "skipped"
+    else:
+        export_dir.parent.mkdir(parents=True, exist_ok=True)
+        export_checkpoint(models / f"{student.run_name}.pth", "safetensors", export_dir)
+        stages["export"] = "exported"
+
+    rows = _compare(options, teachers, ensemble_path, student, baseline)
+    if rows is None:
+        return None
+    comparison_png(rows, f"{Path(resolved['origin']).stem}: test split", run_dir / "comparison.png")
+    summary = {
+        "preset": options.preset,
+        "run_dir": str(run_dir),
+        "stages": stages,
+        "rows": rows,
+        "ensemble": str(ensemble_path),
+        "export": str(export_dir),
+        "comparison_png": str(run_dir / "comparison.png"),
+    }
+    atomic_write_text(run_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _compare(
+    options: PipelineOptions,
+    teachers: list[TeacherTrainConfig],
+    ensemble_path: Path,
+    student: DistillConfig,
+    baseline: TeacherTrainConfig | None,
+) -> list[dict[str, Any]] | None:
+    models = options.run_dir / "models"
+    data_dir = student.data_dir
+    entries = [(t.run_name, "teacher", models / f"{t.run_name}.pth") for t in teachers]
+    entries.append(("ensemble", "ensemble", ensemble_path))
+    entries.append((student.run_name, "student", models / f"{student.run_name}.pth"))
+    if baseline is not None:
+        entries.append((baseline.run_name, "baseline", models / f"{baseline.run_name}.pth"))
+    rows = []
+    for name, role, path in entries:
+        job = plan_eval_job(
+            path,
+            None,
+            data_dir,
+            "test",
+            None,
+            None,
+            None,
+            models,
+            128,
+            options.workers,
+            options.output,
+        )
+        measured = measure(job, options.world_size, options.device)
+        if measured is None:
+            return None
+        rows.append(
+            {
+                "name": name,
+                "role": role,
+                "params_m": _params(path, models),
+                "top1": measured.result["top1"],
+                "nll": measured.result["nll"],
+                "ece": measured.result["ece"],
+                "images_per_s": measured.result["images_per_s"],
+            }
+        )
+        if role == "student":
+            rows.extend(_exit_rows(models, student, data_dir, options))
+    return rows
+
+
+def _params(path: Path, models: Path) -> float:
+    if path.suffix == ".json":
+        config = read_ensemble_config(path, models)
+        return sum(_params(m.checkpoint, models) for m in config.members)
+    state = load_checkpoint(path)["state_dict"]
+    return sum(t.numel() for t in state.values() if t.is_floating_point()) / 1e6
+
+
+def _exit_rows(
+    models: Path, student: DistillConfig, data_dir: Path, options: PipelineOptions
+) -> list[dict[str, Any]]:
+    """Test top-1/NLL of each exit of the student's last training state (exits live there)."""
+    state = load_checkpoint(models / f"{student.run_name}_last.pth")
+    card = ModelCard(**state["card"])
+    network = build_student(
+        card.arch, card.num_classes, None, card.img_size, exits_text=state["config"].get("exits")
+    )
+    network.load_state_dict(state["model"])
+    device = torch.device(resolve_device(options.device))
+    ctx = DistContext(0, 1, 0, device)
+    splits = load_splits(card.dataset, data_dir, False, float(card.extra.get("val_fraction", 0.1)))
+    loader = build_eval_loader(
+        split_dataset(splits, "test", card_recipe(card)), 128, ctx, options.workers
+    )
+    heads = loop.evaluate_heads(network.to(device), loader, ctx, loop.Precision(device))
+    return [
+        {
+            "name": f"{student.run_name} {name}",
+            "role": "exit",
+            "params_m": None,
+            "top1": head["top1"],
+            "nll": head["nll"],
+            "ece": None,
+            "images_per_s": None,
+        }
+        for name, head in zip(network.head_names[1:], heads[1:], strict=True)
+    ]
