@@ -95,6 +95,11 @@ def test_zero_counts_are_refused(run_cli, tmp_path: Path, flag: str) -> None:
     _assert_one_line_error(train(run_cli, tmp_path, flag, "0"), flag, "at least 1")
 
 
+def test_image_size_too_small_for_the_model(run_cli, tmp_path: Path) -> None:
+    result = train(run_cli, tmp_path, "--img-size", "16", model="test_convnext")
+    _assert_one_line_error(result, "test_convnext cannot run on 16x16", "--img-size")
+
+
 def test_bad_option_value_is_one_line(run_cli) -> None:
     result = run_cli("teacher", "train", "--batch-size", "many")
     _assert_one_line_error(result, "--batch-size", "valid integer")

@@ -30,7 +30,7 @@ from mlkd_cli.engine.trainer import (
 )
 from mlkd_cli.losses import MultiExitKDLoss
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec, read_ensemble_config
-from mlkd_cli.models.factory import build_model, check_model_name
+from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
 from mlkd_cli.models.student import (
     MultiExitStudent,
     find_stages,
@@ -105,6 +105,7 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
         cfg.student_checkpoint,
         cfg.exits,
     )
+    check_input_size(student.backbone, cfg.student, recipe.img_size)
     exits = parse_exits(cfg.exits, find_stages(student.backbone, cfg.student), cfg.student)
     weights = parse_exit_weights(cfg.exit_weights, len(exits))
     run = RunPlan(cfg, make_card(cfg, cfg.student, splits, recipe), recipe, files, "student")

@@ -35,7 +35,7 @@ from mlkd_cli.engine.checkpoint import (
 )
 from mlkd_cli.engine.history import History
 from mlkd_cli.engine.launch import DistContext
-from mlkd_cli.models.factory import build_model, check_model_name
+from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
 from mlkd_cli.plots import training_curves_png
 
 
@@ -363,9 +363,10 @@ def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     files = RunFiles(cfg.output_dir, cfg.run_name)
     check_output_files(cfg, files, identity=("model", "dataset"))
-    if cfg.init_checkpoint is not None:
-        build_model(cfg.model, splits.num_classes, init_checkpoint=cfg.init_checkpoint)
     recipe = dataset_recipe(cfg, splits)
+    # Built once here, on the CPU, so a bad checkpoint or image size fails before any worker.
+    model = build_model(cfg.model, splits.num_classes, init_checkpoint=cfg.init_checkpoint)
+    check_input_size(model, cfg.model, recipe.img_size)
     return RunPlan(cfg, make_card(cfg, cfg.model, splits, recipe), recipe, files, "teacher")
 
 

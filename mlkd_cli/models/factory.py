@@ -133,3 +133,19 @@ def card_of(meta: dict) -> ModelCard | None:
         except (ValueError, TypeError):
             return None
     return None
+
+
+def check_input_size(model: nn.Module, arch: str, img_size: int) -> None:
+    """Refuse an image size the architecture cannot run (one dry forward of one image)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size))
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()[0]
+        raise UserError(
+            f"{arch} cannot run on {img_size}x{img_size} images ({detail}); raise --img-size"
+        ) from None
+    finally:
+        model.train(was_training)

@@ -152,7 +152,11 @@ class MultiExitStudent(nn.Module):
                 probe = torch.zeros(1, 3, img_size, img_size)
                 return self.backbone.forward_intermediates(probe, indices=self.feature_indices)
         except (RuntimeError, NotImplementedError, AssertionError, TypeError) as exc:
-            raise UserError(f"cannot take intermediate features from this model ({exc})") from exc
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(
+                f"cannot take {img_size}x{img_size} intermediate features from this model "
+                f"({detail}); raise --img-size or choose another --student"
+            ) from None
         finally:
             self.backbone.train(was_training)
 
