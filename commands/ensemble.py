@@ -11,6 +11,7 @@ import typer
 from mlkd_cli.console import OutputOptions, Reporter, UserError
 from mlkd_cli.engine.ensemble import fit_and_write, run_logits_pass
 from mlkd_cli.models.ensemble_config import ORIGINAL
+from mlkd_cli.presets import resolve_preset
 
 from . import options as opt
 
@@ -78,11 +79,13 @@ def build(
         bool, typer.Option("--in-place", help="Rewrite CONFIG (the default without --output).")
     ] = False,
     fit_temperature: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--fit-temperature", help="Also fit a temperature (with a weak prior towards 1)."
+            "--fit-temperature/--no-fit-temperature",
+            help="Also fit a temperature, weakly pulled towards 1 (default: the preset's, or no).",
         ),
-    ] = False,
+    ] = None,
+    preset: opt.Preset = None,
     val_fraction: ValFraction = None,
     batch_size: BatchSize = 128,
     world_size: opt.WorldSize = None,
@@ -95,6 +98,12 @@ def build(
     if output is not None and in_place:
         raise UserError("--output writes a new file and --in-place rewrites CONFIG; pass one")
     _check_writable(output or config_path)
+    if preset is not None:  # the preset's dataset and ensemble settings, under the flags given
+        resolved = resolve_preset(preset)
+        dataset = dataset or (resolved["distill"].dataset if resolved["distill"] else None)
+        if fit_temperature is None:
+            fit_temperature = resolved["ensemble"]["fit_temperature"]
+    fit_temperature = bool(fit_temperature)
     out = OutputOptions(quiet=quiet, json=json)
     run = run_logits_pass(
         config_path,
