@@ -24,12 +24,8 @@ def evaluate(
     dataset: opt.Dataset = None,
     split: Annotated[str, typer.Option("--split", help="test or val.")] = "test",
     data_dir: opt.DataDir = None,
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Architecture, for plain state dicts.")
-    ] = None,
-    num_classes: Annotated[
-        int | None, typer.Option("--num-classes", help="Class count, for plain state dicts.")
-    ] = None,
+    model: opt.PlainModel = None,
+    num_classes: opt.PlainClasses = None,
     img_size: opt.ImgSize = None,
     models_dir: Annotated[
         Path | None, typer.Option("--models-dir", help="Where an ensemble file's names resolve.")

@@ -28,12 +28,8 @@ def export(
             help="Destination (default beside the checkpoint; a folder for safetensors).",
         ),
     ] = None,
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Architecture, for plain state dicts.")
-    ] = None,
-    num_classes: Annotated[
-        int | None, typer.Option("--num-classes", help="Class count, for plain state dicts.")
-    ] = None,
+    model: opt.PlainModel = None,
+    num_classes: opt.PlainClasses = None,
     img_size: opt.ImgSize = None,
     quiet: opt.Quiet = False,
     json: opt.Json = False,

@@ -56,6 +56,12 @@ ValFraction = Annotated[
         "--val-fraction", help="Share of each class held out for validation (default 0.1)."
     ),
 ]
+PlainModel = Annotated[
+    str | None, typer.Option("--model", "-m", help="Architecture, for plain state dicts.")
+]
+PlainClasses = Annotated[
+    int | None, typer.Option("--num-classes", help="Class count, for plain state dicts.")
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print results only, no progress.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 

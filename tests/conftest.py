@@ -125,3 +125,28 @@ def write_image_folder(root: Path, splits: dict[str, int], classes=("cat", "dog"
                 pixels = rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """<tmp>/models/t.pth: a test_resnet digits teacher, 2 epochs at 16 px (read-only: share it)."""
+    folder = tmp_path_factory.mktemp("digits-teacher")
+    result = invoke_cli(
+        "teacher",
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "test_resnet",
+        "--name",
+        "t",
+        "--epochs",
+        "2",
+        "--img-size",
+        "16",
+        "--quiet",
+        "--output-dir",
+        folder / "models",
+    )
+    assert result.exit_code == 0, result.stderr
+    return folder / "models" / "t.pth"

@@ -144,27 +144,10 @@ def test_ddp_ranks_hold_identical_parameters_after_every_step() -> None:
 FAST = ("--dataset", "digits", "--quiet")
 
 
-@pytest.fixture(scope="module")
-def small_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """models/t.pth: a test_resnet digits teacher trained at 16 px (the students use 32)."""
-    folder = tmp_path_factory.mktemp("teacher")
-    result = invoke_cli(
-        "teacher",
-        "train",
-        *FAST,
-        "--model",
-        "test_resnet",
-        "--name",
-        "t",
-        "--epochs",
-        "2",
-        "--img-size",
-        "16",
-        "--output-dir",
-        folder / "models",
-    )
-    assert result.exit_code == 0, result.stderr
-    return folder
+@pytest.fixture
+def small_teacher(digits_teacher: Path) -> Path:
+    """The folder holding models/t.pth (trained at 16 px; the students use 32)."""
+    return digits_teacher.parent.parent
 
 
 @pytest.mark.slow

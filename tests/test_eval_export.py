@@ -47,29 +47,10 @@ def test_worst_classes_and_confusion_matrix() -> None:
     assert confusion_matrix(logits, labels).tolist() == [[1, 0, 1], [1, 1, 0], [0, 0, 2]]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """models/t.pth: a test_resnet digits teacher at 16 px."""
-    folder = tmp_path_factory.mktemp("eval")
-    result = invoke_cli(
-        "teacher",
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "test_resnet",
-        "--name",
-        "t",
-        "--epochs",
-        "2",
-        "--img-size",
-        "16",
-        "--quiet",
-        "--output-dir",
-        folder / "models",
-    )
-    assert result.exit_code == 0, result.stderr
-    return folder / "models" / "t.pth"
+@pytest.fixture
+def trained(digits_teacher: Path) -> Path:
+    """The shared test_resnet digits teacher at 16 px."""
+    return digits_teacher
 
 
 def _independent_test_top1(checkpoint: Path) -> float:
