@@ -27,6 +27,7 @@ from mlkd_cli.commands import (
     teacher,
 )
 from mlkd_cli.console import UserError
+from mlkd_cli.engine.launch import WorkerDied
 
 
 class MlkdGroup(TyperGroup):
@@ -45,6 +46,8 @@ class MlkdGroup(TyperGroup):
             code = _fail(f"{exc.format_message()}{hint}", exc.exit_code)
         except UserError as exc:
             code = _fail(str(exc), 2)
+        except WorkerDied as exc:
+            code = _fail(str(exc), 1)
         except click_errors.ClickException as exc:
             code = _fail(exc.format_message(), exc.exit_code)
         except typer.Abort:

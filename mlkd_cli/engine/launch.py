@@ -7,6 +7,7 @@ one code path: the worker receives a `DistContext` and does the same thing whate
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -80,6 +81,10 @@ class DistContext:
             dist.barrier()
 
 
+class WorkerDied(Exception):
+    """A DDP worker ended without finishing (killed, out of memory, pre-empted)."""
+
+
 def resolve_device(name: str) -> str:
     """Turn `auto|cpu|cuda` into the device type to use, refusing CUDA where there is none."""
     if name not in ("auto", "cpu", "cuda"):
@@ -150,6 +155,8 @@ def _spawn(
     os.environ.update(added)
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
+    # torch logs each survivor it stops; mlkd says once, below, what happened and what to do.
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
         mp.spawn(
             _spawned_entry,
@@ -161,7 +168,11 @@ def _spawn(
         message = _first_user_error(results)
         if message is not None:
             raise UserError(message) from None
-        raise RuntimeError(f"a DDP worker died: {exc}") from exc
+        how = f"signal {exc.signal_name}" if exc.signal_name else f"exit code {exc.exit_code}"
+        raise WorkerDied(
+            f"DDP worker {exc.error_index} of {world_size} died ({how}); the others were "
+            "stopped. A training run continues from its last epoch with --resume"
+        ) from None
     finally:
         for key in added:
             os.environ.pop(key, None)
