@@ -118,6 +118,7 @@ def distill(
     seed: opt.Seed = None,
     workers: opt.Workers = None,
     output_dir: opt.OutputDir = None,
+    skip_nonfinite: opt.SkipNonfinite = None,
     resume: opt.Resume = False,
     overwrite: opt.Overwrite = False,
     preset: opt.Preset = None,
@@ -158,6 +159,7 @@ def distill(
         seed=seed,
         workers=workers,
         output_dir=output_dir,
+        skip_nonfinite=skip_nonfinite,
     )
     cfg = opt.training_config(
         DistillConfig,

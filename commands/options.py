@@ -62,6 +62,13 @@ PlainModel = Annotated[
 PlainClasses = Annotated[
     int | None, typer.Option("--num-classes", help="Class count, for plain state dicts.")
 ]
+SkipNonfinite = Annotated[
+    bool | None,
+    typer.Option(
+        "--skip-nonfinite/--stop-nonfinite",
+        help="Skip optimiser steps whose loss is NaN/inf instead of stopping the run.",
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print results only, no progress.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 

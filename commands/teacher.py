@@ -87,6 +87,7 @@ def train(
     seed: opt.Seed = None,
     workers: opt.Workers = None,
     output_dir: opt.OutputDir = None,
+    skip_nonfinite: opt.SkipNonfinite = None,
     resume: opt.Resume = False,
     overwrite: opt.Overwrite = False,
     preset: opt.Preset = None,
@@ -118,6 +119,7 @@ def train(
         seed=seed,
         workers=workers,
         output_dir=output_dir,
+        skip_nonfinite=skip_nonfinite,
     )
     cfg = opt.training_config(
         TeacherTrainConfig,

@@ -26,8 +26,7 @@ from mlkd_cli.commands import (
     presets,
     teacher,
 )
-from mlkd_cli.console import UserError
-from mlkd_cli.engine.launch import WorkerDied
+from mlkd_cli.console import RunStopped, UserError
 
 
 class MlkdGroup(TyperGroup):
@@ -46,7 +45,7 @@ class MlkdGroup(TyperGroup):
             code = _fail(f"{exc.format_message()}{hint}", exc.exit_code)
         except UserError as exc:
             code = _fail(str(exc), 2)
-        except WorkerDied as exc:
+        except RunStopped as exc:
             code = _fail(str(exc), 1)
         except click_errors.ClickException as exc:
             code = _fail(exc.format_message(), exc.exit_code)

@@ -35,6 +35,7 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     save_frequency: int = 0  # also keep <name>_e<N>.pth every N epochs; 0: never
+    skip_nonfinite: bool = False  # skip steps with a NaN/inf loss instead of stopping
     seed: int = 0
     world_size: int = 1
     device: str = "auto"

@@ -25,6 +25,10 @@ class UserError(Exception):
     """A mistake the user can fix (bad flag, missing data, wrong file): one line, exit code 2."""
 
 
+class RunStopped(Exception):
+    """A run that could not go on (a worker died, the loss diverged): one line, exit code 1."""
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     """How a run talks to the user; travels to DDP workers inside the run's config."""

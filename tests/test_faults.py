@@ -1,7 +1,9 @@
-"""Faults a long run meets: a DDP worker killed mid-run."""
+"""Faults a long run meets: a DDP worker killed mid-run, a loss that diverges."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -10,6 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import invoke_cli
+
+from mlkd_cli.engine import loop, trainer
 
 pytestmark = pytest.mark.slow
 
@@ -77,3 +83,58 @@ def test_killed_ddp_worker_ends_the_job_quickly_with_one_line(tmp_path: Path) ->
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "DDP worker" in lines[0] and "SIGKILL" in lines[0], stderr
     assert "--resume" in lines[0]
+
+
+def _nan_on_call(monkeypatch: pytest.MonkeyPatch, which: int) -> None:
+    """Make the teacher-training step return NaN on its `which`-th call."""
+    calls = []
+
+    def step(model, images, targets):
+        calls.append(1)
+        loss = loop.cross_entropy_step(model, images, targets)
+        return loss * float("nan") if len(calls) == which else loss
+
+    monkeypatch.setattr(trainer.TeacherTask, "step", staticmethod(step))
+
+
+TINY_RUN = (
+    "teacher",
+    "train",
+    "--dataset",
+    "digits",
+    "--model",
+    "test_resnet",
+    "--img-size",
+    "16",
+    "--batch-size",
+    "32",
+    "--name",
+    "t",
+    "-q",
+)
+
+
+def test_nonfinite_loss_stops_naming_step_and_last_good_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nan_on_call(monkeypatch, 45)  # 40 batches an epoch: the 5th batch of epoch 2
+    result = invoke_cli(*TINY_RUN, "--epochs", "3", "--output-dir", tmp_path)
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "epoch 2" in lines[0] and str(tmp_path / "t_last.pth") in lines[0]
+    assert "--skip-nonfinite" in lines[0]
+    state = torch.load(tmp_path / "t_last.pth", weights_only=True)
+    assert state["epoch"] == 1  # the good state, not overwritten by NaN weights
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_skip_nonfinite_skips_and_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _nan_on_call(monkeypatch, 3)
+    result = invoke_cli(
+        *TINY_RUN, "--epochs", "1", "--skip-nonfinite", "--json", "--output-dir", tmp_path
+    )
+    assert result.exit_code == 0, result.stderr
+    row = json.loads(result.stdout)["last"]
+    assert row["nonfinite_skipped"] == 1 and row["optimizer_steps"] == 39
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_nll"])

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mlkd_cli.console import UserError
+from mlkd_cli.console import RunStopped, UserError
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -81,7 +81,7 @@ class DistContext:
             dist.barrier()
 
 
-class WorkerDied(Exception):
+class WorkerDied(RunStopped):
     """A DDP worker ended without finishing (killed, out of memory, pre-empted)."""
 
 
@@ -165,9 +165,10 @@ def _spawn(
             join=True,
         )
     except mp.ProcessExitedException as exc:
-        message = _first_user_error(results)
-        if message is not None:
-            raise UserError(message) from None
+        reported = _first_report(results)
+        if reported is not None:
+            kind, message = reported
+            raise (UserError if kind == "user_error" else RunStopped)(message) from None
         how = f"signal {exc.signal_name}" if exc.signal_name else f"exit code {exc.exit_code}"
         raise WorkerDied(
             f"DDP worker {exc.error_index} of {world_size} died ({how}); the others were "
@@ -179,6 +180,8 @@ def _spawn(
     status, value = results.get()
     if status == "user_error":
         raise UserError(value)
+    if status == "stopped":
+        raise RunStopped(value)
     return value
 
 
@@ -196,6 +199,9 @@ def _spawned_entry(
     except UserError as exc:
         results.put(("user_error", str(exc)))
         raise SystemExit(2) from None
+    except RunStopped as exc:
+        results.put(("stopped", str(exc)))
+        raise SystemExit(1) from None
     finally:
         _shutdown(ctx)
     if ctx.is_main:
@@ -229,11 +235,11 @@ def _shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def _first_user_error(results: Any) -> str | None:
+def _first_report(results: Any) -> tuple[str, str] | None:
     while not results.empty():
         status, value = results.get()
-        if status == "user_error":
-            return value
+        if status in ("user_error", "stopped"):
+            return status, value
     return None
 
 

@@ -87,6 +87,14 @@ class BatchMixer:
         return self.mixup(images, labels)
 
 
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; `batch` is the 1-based batch of the epoch where seen."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__(f"non-finite loss by batch {batch}")
+        self.batch = batch
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against probability targets, computed in fp32."""
     return F.cross_entropy(logits.float(), targets)
@@ -115,17 +123,23 @@ def train_one_epoch(
     precision: Precision,
     accum_steps: int,
     on_step: Callable[[int, float | None], None] | None = None,
+    skip_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Train for one pass over `loader`; returns the mean loss over ranks and the step count.
 
     Gradients of `accum_steps` consecutive batches are summed before each optimiser step
     (DDP syncs only on the last of them); a short final group is scaled by its own length.
+    A non-finite loss raises `NonFiniteLoss` (checked when the loss is read, every
+    LOSS_READ_EVERY batches and at the end, so no step waits on the device); with
+    `skip_nonfinite`, every batch is checked on every rank and a group holding a non-finite loss
+    takes no optimiser step (its gradients are dropped), counted in `nonfinite_skipped`.
     """
     model.train()
     num_batches = len(loader)
     loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
     samples = torch.zeros((), device=ctx.device, dtype=torch.float64)
-    optimizer_steps = 0
+    nonfinite = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    optimizer_steps, skipped, group_bad = 0, 0, False
     start = time.perf_counter()
     for index, (images, labels) in enumerate(loader):
         group_start = (index // accum_steps) * accum_steps
@@ -140,24 +154,39 @@ def train_one_epoch(
         with sync:
             with precision.autocast():
                 loss = step_fn(model, images, targets)
-            (loss / group_size).backward()
+            bad = (~torch.isfinite(loss.detach())).double()
+            if skip_nonfinite and float(ctx.all_reduce_sum(bad.clone())) > 0:
+                # Every rank sees the same verdict, so every rank skips alike (no stray collective).
+                skipped += 1
+                group_bad = True
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                (loss / group_size).backward()
+                loss_sum += loss.detach() * images.shape[0]
+                samples += images.shape[0]
+                nonfinite += bad
         if closes_group:
-            optimizer.step()
+            if not group_bad:
+                optimizer.step()
+                optimizer_steps += 1
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            optimizer_steps += 1
-        loss_sum += loss.detach() * images.shape[0]
-        samples += images.shape[0]
+            scheduler.step()  # the schedule follows the data, skipped steps or not
+            group_bad = False
+        if index % LOSS_READ_EVERY == 0 and float(nonfinite) > 0:
+            raise NonFiniteLoss(index + 1)
         if on_step is not None:
             shown = loss.item() if index % LOSS_READ_EVERY == 0 else None
             on_step(index + 1, shown)
-    totals = ctx.all_reduce_sum(torch.stack([loss_sum, samples]))
+    totals = ctx.all_reduce_sum(torch.stack([loss_sum, samples, nonfinite]))
+    if float(totals[2]) > 0:
+        raise NonFiniteLoss(num_batches)
     elapsed = time.perf_counter() - start
     seen = float(totals[1])
     return {
         "train_loss": float(totals[0]) / max(seen, 1.0),
         "train_images": int(seen),
         "optimizer_steps": optimizer_steps,
+        "nonfinite_skipped": skipped,
         "images_per_s": seen / elapsed if elapsed > 0 else math.nan,
         "epoch_time_s": elapsed,
     }

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from mlkd_cli import __version__
 from mlkd_cli.config import TeacherTrainConfig, TrainConfig
-from mlkd_cli.console import Reporter, UserError
+from mlkd_cli.console import Reporter, RunStopped, UserError
 from mlkd_cli.data.loaders import TransformedSubset, build_eval_loader, build_train_loader
 from mlkd_cli.data.registry import HOLDOUT_SEED, DataSplits, load_splits
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
@@ -263,18 +263,22 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
         train_loader.generator.manual_seed(derived)
         description = f"epoch {epoch + 1}/{cfg.epochs}"
         with report.step_progress(description, len(train_loader)) as on_step:
-            train_metrics = loop.train_one_epoch(
-                model,
-                train_loader,
-                task.step,
-                optimizer,
-                scheduler,
-                mixer,
-                ctx,
-                precision,
-                accum,
-                on_step,
-            )
+            try:
+                train_metrics = loop.train_one_epoch(
+                    model,
+                    train_loader,
+                    task.step,
+                    optimizer,
+                    scheduler,
+                    mixer,
+                    ctx,
+                    precision,
+                    accum,
+                    on_step,
+                    cfg.skip_nonfinite,
+                )
+            except loop.NonFiniteLoss as exc:
+                raise RunStopped(_diverged_message(files, epoch, exc.batch)) from None
         row = {
             "epoch": epoch + 1,
             "train_loss": train_metrics["train_loss"],
@@ -282,6 +286,7 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
             "lr": optimizer.param_groups[0]["lr"],
             "effective_batch": effective_batch,
             "optimizer_steps": train_metrics["optimizer_steps"],
+            "nonfinite_skipped": train_metrics["nonfinite_skipped"],
             "images_per_s": train_metrics["images_per_s"],
             "epoch_time_s": train_metrics["epoch_time_s"],
         }
@@ -313,6 +318,16 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
             "curves": str(files.curves),
         },
     }
+
+
+def _diverged_message(files: RunFiles, epoch: int, batch: int) -> str:
+    where = f"the loss became NaN/infinite in epoch {epoch + 1} (by batch {batch})"
+    if epoch == 0 or not files.last.is_file():
+        return f"{where}, before any training state was saved; lower --lr or pass --skip-nonfinite"
+    return (
+        f"{where}; the last good training state is {files.last} (epoch {epoch}): "
+        "rerun with --resume and a lower --lr, or pass --skip-nonfinite"
+    )
 
 
 def _save_epoch(
