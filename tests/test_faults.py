@@ -138,3 +138,67 @@ def test_skip_nonfinite_skips_and_counts(tmp_path: Path, monkeypatch: pytest.Mon
     row = json.loads(result.stdout)["last"]
     assert row["nonfinite_skipped"] == 1 and row["optimizer_steps"] == 39
     assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_nll"])
+
+
+def _distill_command(teacher: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mlkd_cli",
+        "distill",
+        "--dataset",
+        "digits",
+        "--model",
+        "test_resnet",
+        "--checkpoint",
+        str(teacher),
+        "--student",
+        "test_resnet",
+        "-e",
+        "3",
+        "-b",
+        "32",
+        "-n",
+        "s",
+        "--mixup-alpha",
+        "0.5",
+        "--output-dir",
+        str(out),
+        "-q",
+        "--workers",
+        "0",
+        *extra,
+    ]
+
+
+def test_sigkilled_distillation_resumes_to_the_same_weights(
+    digits_teacher: Path, tmp_path: Path
+) -> None:
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_distill_command(digits_teacher, straight), check=True, capture_output=True)
+
+    job = subprocess.Popen(
+        _distill_command(digits_teacher, killed),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    history = killed / "s_history.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.poll() is None:
+        if history.exists() and len(json.loads(history.read_text())["epochs"]) == 1:
+            time.sleep(0.5)  # into the second epoch
+            break
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert job.returncode == -signal.SIGKILL
+    assert torch.load(killed / "s_last.pth", weights_only=True)["epoch"] < 3
+    resumed = subprocess.run(
+        _distill_command(digits_teacher, killed, "--resume"), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(straight / "s_last.pth", weights_only=True)["model"]
+    b = torch.load(killed / "s_last.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
