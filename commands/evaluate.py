@@ -94,10 +94,11 @@ def _plots(folder: Path, job: EvalJob, measured: Measured) -> dict[str, str]:
 
 
 def _render(report: Reporter, results: list[dict[str, Any]]) -> None:
-    columns = ["checkpoint", "images", "top-1 %", "top-5 %", "NLL", "ECE", "img/s"]
+    columns = ["checkpoint", "params (M)", "images", "top-1 %", "top-5 %", "NLL", "ECE", "img/s"]
     rows = [
         [
             r["checkpoint"],
+            f"{r['params_m']:.2f}",
             r["images"],
             f"{r['top1']:.2f}",
             f"{r['top5']:.2f}",

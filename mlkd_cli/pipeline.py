@@ -219,7 +219,7 @@ def _compare(
             {
                 "name": name,
                 "role": role,
-                "params_m": _params(path, models),
+                "params_m": measured.result["params_m"],
                 "top1": measured.result["top1"],
                 "nll": measured.result["nll"],
                 "ece": measured.result["ece"],
@@ -229,14 +229,6 @@ def _compare(
         if role == "student":
             rows.extend(_exit_rows(models, student, data_dir, options))
     return rows
-
-
-def _params(path: Path, models: Path) -> float:
-    if path.suffix == ".json":
-        config = read_ensemble_config(path, models)
-        return sum(_params(m.checkpoint, models) for m in config.members)
-    state = load_checkpoint(path)["state_dict"]
-    return sum(t.numel() for t in state.values() if t.is_floating_point()) / 1e6
 
 
 def _exit_rows(

@@ -25,6 +25,17 @@ class CliResult:
     stderr: str
 
 
+def assert_error_line(stderr: str, *fragments: str) -> str:
+    """Stderr is one `mlkd: error:` line holding every fragment, with no traceback; returns it."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("mlkd: error: "), stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0], stderr
+    return lines[0]
+
+
 def invoke_cli(*args: object) -> CliResult:
     """Run `mlkd ARGS...` in-process through the real root group (its error handling included)."""
     result = CliRunner().invoke(app, [str(a) for a in args])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_error_line
 
 from mlkd_cli import __version__
 
@@ -44,12 +45,8 @@ def test_data_info_counts_a_real_layout(run_cli, cifar10_dir: Path) -> None:
 
 def _assert_one_line_error(result, *fragments: str) -> None:
     assert result.exit_code == 2, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("mlkd: error: ")
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0]
+    assert "Traceback" not in result.stdout
+    assert_error_line(result.stderr, *fragments)
 
 
 def train(run_cli, out: Path, *extra, dataset: str = "digits", model: str = "test_resnet"):

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import invoke_cli
+from conftest import assert_error_line, invoke_cli
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -257,6 +257,5 @@ def test_bad_distill_input_is_one_line(
     given = args if any(a in ("--model", "--ensemble") for a in args) else teacher + args
     result = invoke_cli("distill", *FAST, "--student", "test_resnet", "-e", "1", *given)
     assert result.exit_code == 2, result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert_error_line(result.stderr, message)
     assert not (tmp_path / "models").exists()

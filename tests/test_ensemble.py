@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import assert_error_line
 from conftest import invoke_cli as _cli
 
 from mlkd_cli.console import UserError
@@ -299,9 +300,7 @@ def test_bad_configs_are_one_line_and_leave_the_file(
     before = Path("config.json").read_bytes()
     result = _cli("ensemble", "build")
     assert result.exit_code == 2, result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    assert_error_line(result.stderr, message)
     assert Path("config.json").read_bytes() == before
 
 

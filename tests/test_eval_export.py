@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import invoke_cli
+from conftest import assert_error_line, invoke_cli
 
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
@@ -179,7 +179,6 @@ def test_export_refusals_write_nothing(trained: Path, tmp_path: Path, args, mess
     before = sorted(p.name for p in trained.parent.iterdir())
     result = invoke_cli("export", trained, *args)
     assert result.exit_code == 2, result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert_error_line(result.stderr, message)
     assert sorted(p.name for p in trained.parent.iterdir()) == before
     assert not Path("/nonexistent").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke_cli
+from conftest import assert_error_line, invoke_cli
 
 from mlkd_cli.engine import loop, trainer
 
@@ -80,9 +80,7 @@ def test_killed_ddp_worker_ends_the_job_quickly_with_one_line(tmp_path: Path) ->
         if job.poll() is None:
             job.kill()
     assert job.returncode == 1
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "DDP worker" in lines[0] and "SIGKILL" in lines[0], stderr
-    assert "--resume" in lines[0]
+    assert_error_line(stderr, "DDP worker", "SIGKILL", "--resume")
 
 
 def _nan_on_call(monkeypatch: pytest.MonkeyPatch, which: int) -> None:
@@ -120,10 +118,7 @@ def test_nonfinite_loss_stops_naming_step_and_last_good_state(
     _nan_on_call(monkeypatch, 45)  # 40 batches an epoch: the 5th batch of epoch 2
     result = invoke_cli(*TINY_RUN, "--epochs", "3", "--output-dir", tmp_path)
     assert result.exit_code == 1
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "epoch 2" in lines[0] and str(tmp_path / "t_last.pth") in lines[0]
-    assert "--skip-nonfinite" in lines[0]
+    assert_error_line(result.stderr, "epoch 2", str(tmp_path / "t_last.pth"), "--skip-nonfinite")
     state = torch.load(tmp_path / "t_last.pth", weights_only=True)
     assert state["epoch"] == 1  # the good state, not overwritten by NaN weights
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from mlkd_cli.console import OutputOptions, Reporter, UserError
 from mlkd_cli.data.registry import DEFAULT_VAL_FRACTION, get_dataset_spec, load_splits
-from mlkd_cli.data.transforms import ImageRecipe
-from mlkd_cli.engine.evaluation import SPLITS, split_dataset, split_logits
+from mlkd_cli.data.transforms import DEFAULT_MEAN, DEFAULT_STD, ImageRecipe
+from mlkd_cli.engine.evaluation import split_dataset, split_logits
 from mlkd_cli.engine.launch import DistContext, launch, launcher_rank
+from mlkd_cli.metrics import classification_metrics
 from mlkd_cli.models.ensemble_config import (
     EnsembleConfig,
     read_ensemble_config,
@@ -54,8 +55,6 @@ def plan_ensemble_run(
     output: OutputOptions,
 ) -> EnsemblePlan:
     """Check every member and the data before any worker starts."""
-    if split not in SPLITS:
-        raise UserError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     num_classes = get_dataset_spec(dataset).num_classes if dataset else None
@@ -85,17 +84,16 @@ def plan_ensemble_run(
                 f"{member.spec.checkpoint} predicts {classes} classes but {dataset} has "
                 f"{splits.num_classes}; use teachers trained on {dataset}"
             )
-    if split == "test" and splits.test is None:
-        raise UserError(f"{dataset} in {data_dir} has no test split; use --split val")
     spec = splits.spec
     first = cards[0] if cards else None
     img_size = max((c.img_size for c in cards), default=spec.img_size)
     recipe = ImageRecipe(
         img_size=img_size,
         crop_pct=first.crop_pct if first else spec.crop_pct,
-        mean=tuple(first.mean) if first else ImageRecipe(img_size).mean,
-        std=tuple(first.std) if first else ImageRecipe(img_size).std,
+        mean=tuple(first.mean) if first else DEFAULT_MEAN,
+        std=tuple(first.std) if first else DEFAULT_STD,
     )
+    split_dataset(splits, split, recipe)  # refuses an unknown or absent split, before any worker
     return EnsemblePlan(
         config, dataset, data_dir, split, val_fraction, recipe, batch_size, workers, output
     )
@@ -129,11 +127,8 @@ def collect_member_logits(ctx: DistContext, plan: EnsemblePlan) -> dict[str, Any
 
 def ensemble_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Top-1 (percent) and mean NLL of one set of logits."""
-    logits = logits.double()
-    return {
-        "top1": 100.0 * float((logits.argmax(1) == labels).double().mean()),
-        "nll": float(F.cross_entropy(logits, labels)),
-    }
+    metrics = classification_metrics(logits, labels)
+    return {"top1": metrics["top1"], "nll": metrics["nll"]}
 
 
 @dataclass

@@ -169,6 +169,7 @@ def run_eval_job(ctx: DistContext, job: EvalJob) -> dict[str, Any]:
         "labels": labels,
         "seconds": seconds,
         "class_names": splits.class_names,
+        "params": sum(p.numel() for p in model.parameters()),
     }
 
 
@@ -247,5 +248,6 @@ def measure(job: EvalJob, world_size: int, device: str) -> Measured | None:
     metrics = classification_metrics(logits, labels, collected["class_names"])
     seconds = collected["seconds"]
     metrics["images_per_s"] = len(labels) / seconds if seconds else None
+    metrics["params_m"] = collected["params"] / 1e6
     result = {"checkpoint": str(job.path), "dataset": job.dataset, "split": job.split, **metrics}
     return Measured(result, logits, labels, collected["class_names"])

@@ -59,14 +59,6 @@ class DistContext:
             dist.broadcast(tensor, src=0)
         return tensor
 
-    def broadcast_object(self, obj: Any) -> Any:
-        """Rank 0's value of a picklable object, on every rank."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's value of a picklable object, in rank order, on every rank."""
         if not self.distributed:
