@@ -8,13 +8,21 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
 from mlkd_cli.console import UserError
+
+
+class UnreadableImage(NamedTuple):
+    """Stands in for an image file that could not be decoded (damaged, truncated, not an image)."""
+
+    path: str
+    reason: str
+    position: int = -1  # the item's position in the dataset that asked for it
 
 
 class ImageSource(Protocol):
@@ -24,7 +32,7 @@ class ImageSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]: ...
+    def __getitem__(self, index: int) -> tuple[Image.Image, int] | UnreadableImage: ...
 
 
 class ArraySource(Dataset):
@@ -181,9 +189,16 @@ class _ListedImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        with Image.open(self.paths[index]) as image:
-            return image.convert("RGB"), self.targets[index]
+    def __getitem__(self, index: int) -> tuple[Image.Image, int] | UnreadableImage:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB"), self.targets[index]
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            # PIL reports damaged files as OSError (truncated data, unidentified format) or
+            # SyntaxError/ValueError (malformed headers); the loaders leave such images out.
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return UnreadableImage(str(path), reason)
 
 
 def load_oxford_pet(data_dir: Path, download: bool, download_fn: Any) -> RawSplits:

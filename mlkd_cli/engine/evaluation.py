@@ -53,29 +53,62 @@ def split_logits(
     """
     loader = build_eval_loader(dataset, batch_size, ctx, workers)
     precision = Precision(ctx.device)
-    chunks, labels = [], []
+    chunks, unreadable = [], []
     start = time.perf_counter()
     with report.step_progress(description, len(loader)) as tick, torch.inference_mode():
-        for step, (images, targets) in enumerate(loader, start=1):
-            with precision.autocast():
-                logits = forward(precision.to_device(images))
-            chunks.append(logits.float().cpu())
-            labels.append(targets)
+        for step, batch in enumerate(loader, start=1):
+            logits = None
+            if batch.images.shape[0]:
+                with precision.autocast():
+                    logits = forward(precision.to_device(batch.images)).float().cpu()
+            chunks.append((logits, batch))
+            unreadable.extend(batch.skipped)
             if tick is not None:
                 tick(step, None)
     seconds = time.perf_counter() - start
-    shard_logits = torch.cat(chunks, dim=-2).numpy() if chunks else None
-    shard_labels = torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64)
-    shards = ctx.gather_objects((shard_logits, shard_labels))
-    total = sum(len(y) for _, y in shards)
-    template = next(x for x, _ in shards if x is not None)
+    shard_logits, shard_labels = _assemble_shard(chunks)
+    shards = ctx.gather_objects((shard_logits, shard_labels, unreadable))
+    total = sum(len(y) for _, y, _ in shards)
+    template = next((x for x, _, _ in shards if x is not None), None)
+    if template is None:
+        raise UserError(f"no image of the split could be read ({description}); check the files")
     logits = np.zeros((*template.shape[:-2], total, template.shape[-1]), dtype=np.float32)
     ordered = np.zeros(total, dtype=np.int64)
-    for rank, (shard_x, shard_y) in enumerate(shards):
+    for rank, (shard_x, shard_y, _) in enumerate(shards):
         if len(shard_y):
             logits[..., rank :: ctx.world_size, :] = shard_x
             ordered[rank :: ctx.world_size] = shard_y
+    left_out = [image for _, _, part in shards for image in part]
+    if left_out:
+        # Unreadable images hold label -1; every pass over the split leaves out the same ones.
+        for image in left_out:
+            report.warn(f"left out unreadable image {image.path} ({image.reason})")
+        keep = ordered >= 0
+        logits, ordered = logits[..., keep, :], ordered[keep]
     return logits, ordered, seconds
+
+
+def _assemble_shard(chunks: list) -> tuple[np.ndarray | None, np.ndarray]:
+    """One rank's logits and labels in loader order, unreadable items as NaN rows, label -1."""
+    template = next((x for x, _ in chunks if x is not None), None)
+    if template is None:
+        count = sum(len(b.skipped) for _, b in chunks)
+        return None, np.full(count, -1, dtype=np.int64)
+    rows, labels = [], []
+    for logits, batch in chunks:
+        size = len(batch.labels) + len(batch.skipped)
+        if batch.kept is None:
+            rows.append(logits)
+            labels.append(batch.labels)
+            continue
+        full = torch.full((*template.shape[:-2], size, template.shape[-1]), float("nan"))
+        full_labels = torch.full((size,), -1, dtype=torch.long)
+        if logits is not None:
+            full[..., batch.kept, :] = logits
+            full_labels[batch.kept] = batch.labels
+        rows.append(full)
+        labels.append(full_labels)
+    return torch.cat(rows, dim=-2).numpy(), torch.cat(labels).numpy()
 
 
 @dataclass(frozen=True)
