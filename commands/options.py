@@ -69,6 +69,21 @@ SkipNonfinite = Annotated[
         help="Skip optimiser steps whose loss is NaN/inf instead of stopping the run.",
     ),
 ]
+SaveEverySteps = Annotated[
+    int | None,
+    typer.Option(
+        "--save-every-steps",
+        help="Also write the resumable training state every N optimiser steps (default 0: "
+        "at epoch ends only).",
+    ),
+]
+StrictData = Annotated[
+    bool | None,
+    typer.Option(
+        "--strict-data/--skip-unreadable",
+        help="Stop at an image file that cannot be decoded instead of leaving it out.",
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print results only, no progress.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 

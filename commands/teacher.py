@@ -88,6 +88,8 @@ def train(
     workers: opt.Workers = None,
     output_dir: opt.OutputDir = None,
     skip_nonfinite: opt.SkipNonfinite = None,
+    save_every_steps: opt.SaveEverySteps = None,
+    strict_data: opt.StrictData = None,
     resume: opt.Resume = False,
     overwrite: opt.Overwrite = False,
     preset: opt.Preset = None,
@@ -120,6 +122,8 @@ def train(
         workers=workers,
         output_dir=output_dir,
         skip_nonfinite=skip_nonfinite,
+        save_every_steps=save_every_steps,
+        strict_data=strict_data,
     )
     cfg = opt.training_config(
         TeacherTrainConfig,

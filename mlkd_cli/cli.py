@@ -26,7 +26,7 @@ from mlkd_cli.commands import (
     presets,
     teacher,
 )
-from mlkd_cli.console import RunStopped, UserError
+from mlkd_cli.console import RunInterrupted, RunStopped, UserError
 
 
 class MlkdGroup(TyperGroup):
@@ -45,6 +45,8 @@ class MlkdGroup(TyperGroup):
             code = _fail(f"{exc.format_message()}{hint}", exc.exit_code)
         except UserError as exc:
             code = _fail(str(exc), 2)
+        except RunInterrupted as exc:
+            code = _fail(str(exc), 128 + exc.signum)
         except RunStopped as exc:
             code = _fail(str(exc), 1)
         except click_errors.ClickException as exc:
@@ -55,7 +57,8 @@ class MlkdGroup(TyperGroup):
             code = result if isinstance(result, int) else 0
             if code == 130:  # typer turns Ctrl-C into exit code 130
                 _fail(
-                    "interrupted; a training run continues from its last epoch with --resume", 130
+                    "interrupted; a training run continues from its last saved state with --resume",
+                    130,
                 )
         if standalone_mode:
             sys.exit(code)

@@ -36,6 +36,8 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     save_frequency: int = 0  # also keep <name>_e<N>.pth every N epochs; 0: never
     skip_nonfinite: bool = False  # skip steps with a NaN/inf loss instead of stopping
+    save_every_steps: int = 0  # also write the training state every N optimiser steps; 0: never
+    strict_data: bool = False  # stop at an unreadable image instead of leaving it out
     seed: int = 0
     world_size: int = 1
     device: str = "auto"
@@ -55,6 +57,12 @@ class TrainConfig:
         per_step = self.batch_size * world_size
         if self.effective_batch_size is None:
             return 1
+        if self.effective_batch_size < world_size:
+            raise UserError(
+                f"--effective-batch-size {self.effective_batch_size} is smaller than the "
+                f"{world_size} processes: each needs at least one image a step; raise it or "
+                "lower --world-size"
+            )
         if self.effective_batch_size % per_step:
             raise UserError(
                 f"--effective-batch-size {self.effective_batch_size} is not a multiple of "
@@ -90,6 +98,8 @@ class TrainConfig:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.save_frequency < 0:
             raise UserError(f"--save-frequency must not be negative, got {self.save_frequency}")
+        if self.save_every_steps < 0:
+            raise UserError(f"--save-every-steps must not be negative, got {self.save_every_steps}")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must not be negative, got {self.workers}")
         if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.batch_size < 2:

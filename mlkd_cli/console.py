@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,6 +28,14 @@ class UserError(Exception):
 
 class RunStopped(Exception):
     """A run that could not go on (a worker died, the loss diverged): one line, exit code 1."""
+
+
+class RunInterrupted(RunStopped):
+    """A run stopped on request (SIGINT/SIGTERM) after saving its state: exit 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,7 @@ class Reporter:
     def warn(self, message: str) -> None:
         """A warning on stderr; shown even when quiet, on rank 0 only."""
         if self.enabled:
-            self.err.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+            self.err.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
     def progress(self) -> AbstractContextManager[Progress | None]:
         """A rich progress display when on a terminal and not quiet, else a no-op context."""

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from mlkd_cli.console import UserError
+from mlkd_cli.data.loaders import collate_readable
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.distiller import build_student
 from mlkd_cli.engine.launch import DistContext, launch
@@ -111,7 +112,12 @@ def _ddp_sync_worker(ctx: DistContext, steps: int) -> list[bool]:
     model = DistributedDataParallel(student)
     torch.manual_seed(1 + ctx.rank)  # different data on each rank
     data = TensorDataset(torch.randn(8 * steps, 3, 16, 16), torch.randint(0, 5, (8 * steps,)))
-    loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, 2, ctx.rank))
+    loader = DataLoader(
+        data,
+        batch_size=2,
+        sampler=DistributedSampler(data, 2, ctx.rank),
+        collate_fn=collate_readable,
+    )
     optimizer = loop.build_optimizer(model, 1e-2, 1e-4)
     scheduler = loop.build_scheduler(optimizer, steps, 0, 1.0)
     loss = MultiExitKDLoss(4.0, 0.5, [1.0, 1.0, 1.0])
@@ -120,15 +126,27 @@ def _ddp_sync_worker(ctx: DistContext, steps: int) -> list[bool]:
     def step(m: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return loss(m(images), teacher(images), targets)
 
-    def check(done: int, _loss: float | None) -> None:
-        if done % 2 == 0:  # accumulation of 2: an optimiser step just happened
-            flat = torch.cat([p.detach().flatten() for p in student.parameters()])
-            gathered = ctx.gather_objects(flat)
-            same.append(all(torch.equal(gathered[0], g) for g in gathered))
+    def check(_done: int, _snapshot: object) -> bool:
+        # Called after each optimiser step (every 2 batches: accumulation of 2).
+        flat = torch.cat([p.detach().flatten() for p in student.parameters()])
+        gathered = ctx.gather_objects(flat)
+        same.append(all(torch.equal(gathered[0], g) for g in gathered))
+        return False
 
     mixer = loop.BatchMixer(5, 1.0, 1.0, 0.0)
+    precision = loop.Precision(ctx.device)
     loop.train_one_epoch(
-        model, loader, step, optimizer, scheduler, mixer, ctx, loop.Precision(ctx.device), 2, check
+        model,
+        loader,
+        len(loader),
+        step,
+        optimizer,
+        scheduler,
+        mixer,
+        ctx,
+        precision,
+        2,
+        at_boundary=check,
     )
     return same
 

@@ -6,6 +6,7 @@ import copy
 import math
 import os
 import pickle
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from mlkd_cli.console import UserError
-from mlkd_cli.data.loaders import ShardSampler
+from mlkd_cli.data.loaders import ShardSampler, collate_readable
 from mlkd_cli.engine import loop
-from mlkd_cli.engine.atomic import atomic_write
+from mlkd_cli.engine.atomic import WriteFailed, atomic_write
 from mlkd_cli.engine.checkpoint import load_checkpoint, read_weights
+from mlkd_cli.engine.interrupt import StopRequest
 from mlkd_cli.engine.launch import DistContext
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -77,12 +79,21 @@ def test_schedule_warms_up_then_decays_to_the_floor() -> None:
 def _one_epoch(model: nn.Module, batch_size: int, accum: int) -> list[float]:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(16, 6), torch.randint(0, 3, (16,)))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_readable)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = loop.build_scheduler(opt, total_steps=10, warmup_steps=0, min_lr_ratio=1.0)
     mixer = loop.BatchMixer(3, 0.0, 0.0, 0.0)
     result = loop.train_one_epoch(
-        model, loader, loop.cross_entropy_step, opt, sched, mixer, CPU, PRECISION, accum
+        model,
+        loader,
+        len(loader),
+        loop.cross_entropy_step,
+        opt,
+        sched,
+        mixer,
+        CPU,
+        PRECISION,
+        accum,
     )
     assert result["train_images"] == 16
     return [result["optimizer_steps"], *model.weight.detach().flatten().tolist()]
@@ -111,7 +122,7 @@ def test_atomic_write_failure_keeps_previous_file(tmp_path: Path) -> None:
         handle.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(WriteFailed, match="No space left on device.*previous file is intact"):
         atomic_write(target, broken)
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["file.bin"]
@@ -145,3 +156,13 @@ def test_read_weights_strips_ddp_prefixes(tmp_path: Path) -> None:
     weights, meta = read_weights(path)
     assert list(weights) == ["fc.weight"] and meta == {}
     assert math.isclose(float(weights["fc.weight"].sum()), 2.0)
+
+
+def test_stop_request_records_a_signal_and_a_second_ctrl_c_interrupts() -> None:
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM and stop.agreed(CPU) == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler repeating itself: still just a request
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle  # handlers put back

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import pytest
 import torch
 from conftest import assert_error_line, invoke_cli
 
-from mlkd_cli.engine import loop, trainer
+from mlkd_cli.engine import atomic, loop, trainer
 
 pytestmark = pytest.mark.slow
 
@@ -166,34 +167,118 @@ def _distill_command(teacher: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_sigkilled_distillation_resumes_to_the_same_weights(
-    digits_teacher: Path, tmp_path: Path
-) -> None:
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_distill_command(digits_teacher, straight), check=True, capture_output=True)
+@pytest.fixture(scope="module")
+def straight_student(digits_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The training state of the distillation run below, never interrupted."""
+    out = tmp_path_factory.mktemp("straight")
+    subprocess.run(_distill_command(digits_teacher, out), check=True, capture_output=True)
+    return out / "s_last.pth"
 
-    job = subprocess.Popen(
-        _distill_command(digits_teacher, killed),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    history = killed / "s_history.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and job.poll() is None:
-        if history.exists() and len(json.loads(history.read_text())["epochs"]) == 1:
-            time.sleep(0.5)  # into the second epoch
-            break
-        time.sleep(0.05)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    assert job.returncode == -signal.SIGKILL
-    assert torch.load(killed / "s_last.pth", weights_only=True)["epoch"] < 3
-    resumed = subprocess.run(
-        _distill_command(digits_teacher, killed, "--resume"), capture_output=True, text=True
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    a = torch.load(straight / "s_last.pth", weights_only=True)["model"]
-    b = torch.load(killed / "s_last.pth", weights_only=True)["model"]
+
+def _assert_same_weights(a_path: Path, b_path: Path) -> None:
+    a = torch.load(a_path, weights_only=True)["model"]
+    b = torch.load(b_path, weights_only=True)["model"]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def _saved_part_way(state_file: Path) -> bool:
+    try:
+        return torch.load(state_file, weights_only=True)["partial_epoch"] is not None
+    except (OSError, RuntimeError, KeyError):
+        return False
+
+
+def test_sigkilled_distillation_resumes_mid_epoch_to_the_same_weights(
+    digits_teacher: Path, straight_student: Path, tmp_path: Path
+) -> None:
+    command = _distill_command(digits_teacher, tmp_path, "--save-every-steps", "2")
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "s_last.pth"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.poll() is None and not _saved_part_way(state):
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)  # right after a mid-epoch save: the epoch is part-done
+    job.wait()
+    assert job.returncode == -signal.SIGKILL
+    saved = torch.load(state, weights_only=True)
+    assert saved["partial_epoch"]["progress"][0]["batches_done"] > 0
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_weights(straight_student, state)
+
+
+def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(
+    digits_teacher: Path, straight_student: Path, tmp_path: Path
+) -> None:
+    command = _distill_command(digits_teacher, tmp_path)
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    curves = tmp_path / "s_curves.png"  # the last file written after an epoch
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.poll() is None and not curves.exists():
+        time.sleep(0.02)
+    time.sleep(0.4)  # into the second epoch (an epoch takes about 1.4 s here)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 128 + signal.SIGTERM
+    assert_error_line(stderr, "stopped by SIGTERM", str(tmp_path / "s_last.pth"), "--resume")
+    saved = torch.load(tmp_path / "s_last.pth", weights_only=True)
+    assert saved["epoch"] == 1 and saved["partial_epoch"] is not None
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_weights(straight_student, tmp_path / "s_last.pth")
+
+
+def test_sigterm_to_the_launcher_stops_every_ddp_worker_cleanly(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "mlkd_cli",
+        *TINY_RUN,
+        "--epochs",
+        "50",
+        "--world-size",
+        "2",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (tmp_path / "t_last.pth").exists():
+            time.sleep(0.2)
+        job.send_signal(signal.SIGTERM)  # the launcher alone, as a scheduler's `kill` would
+        sent = time.monotonic()
+        _, stderr = job.communicate(timeout=60)
+        assert time.monotonic() - sent < 60
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 128 + signal.SIGTERM, stderr
+    assert_error_line(stderr, "stopped by SIGTERM", "--resume")
+    saved = torch.load(tmp_path / "t_last.pth", weights_only=True)
+    assert saved["epoch"] < 50
+    assert saved["partial_epoch"] is None or saved["partial_epoch"]["world_size"] == 2
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = invoke_cli(*TINY_RUN, "--epochs", "1", "--output-dir", tmp_path)
+    assert first.exit_code == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def disk_full(src: object, dst: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic.os, "replace", disk_full)
+    result = invoke_cli(*TINY_RUN, "--epochs", "2", "--resume", "--output-dir", tmp_path)
+    assert result.exit_code == 1
+    errors = "\n".join(line for line in result.stderr.splitlines() if "warning:" not in line)
+    assert_error_line(
+        errors, "could not write", "No space left on device", "previous file is intact"
+    )
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no stray temp files
+    assert torch.load(tmp_path / "t_last.pth", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "t.pth", weights_only=True)["epoch"] == 1

@@ -89,6 +89,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError, ValueError, IndexError, zipfile.BadZipFile) as exc:
         # An untrusted file can fail the restricted unpickler in many ways; all mean "unreadable".
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first_line = first_line.split(". ", 1)[0]  # torch appends paragraphs of advice
         raise UserError(
             f"{path} is not a readable checkpoint ({first_line}); it may be truncated, re-save it"
         ) from exc

@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mlkd_cli.console import RunStopped, UserError
+from mlkd_cli.console import Reporter, RunInterrupted, RunStopped, UserError
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -51,6 +53,12 @@ class DistContext:
         """Sum a tensor over ranks in place (a no-op on one process) and return it."""
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Take the maximum of a tensor over ranks in place (a no-op on one process)."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -137,44 +145,82 @@ def _spawn(
 ) -> T:
     # The children inherit the rendezvous address through the environment; what we set for this
     # launch is taken back afterwards so that a second launch in the same process gets a new port.
-    added = {
-        k: v
-        for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", None))
-        if k not in os.environ
-    }
-    if "MASTER_PORT" in added:
+    added = {k: v for k, v in (("MASTER_ADDR", "127.0.0.1"),) if k not in os.environ}
+    given_port = os.environ.get("MASTER_PORT")
+    if given_port is None or not port_is_free(
+        os.environ.get("MASTER_ADDR", "127.0.0.1"), given_port
+    ):
+        if given_port is not None:
+            Reporter().warn(f"MASTER_PORT {given_port} is busy or invalid; using a free port")
         added["MASTER_PORT"] = str(free_port())
+    saved = {k: os.environ[k] for k in added if k in os.environ}
     os.environ.update(added)
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     # torch logs each survivor it stops; mlkd says once, below, what happened and what to do.
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
-        mp.spawn(
-            _spawned_entry,
-            args=(worker, payload, world_size, device_type, results),
-            nprocs=world_size,
-            join=True,
-        )
+        with _ForwardSignals(context):
+            mp.spawn(
+                _spawned_entry,
+                args=(worker, payload, world_size, device_type, results),
+                nprocs=world_size,
+                join=True,
+            )
     except mp.ProcessExitedException as exc:
         reported = _first_report(results)
         if reported is not None:
-            kind, message = reported
-            raise (UserError if kind == "user_error" else RunStopped)(message) from None
+            _raise_report(*reported)
         how = f"signal {exc.signal_name}" if exc.signal_name else f"exit code {exc.exit_code}"
         raise WorkerDied(
             f"DDP worker {exc.error_index} of {world_size} died ({how}); the others were "
-            "stopped. A training run continues from its last epoch with --resume"
+            "stopped. A training run continues from its last saved state with --resume"
         ) from None
     finally:
         for key in added:
             os.environ.pop(key, None)
+        os.environ.update(saved)
     status, value = results.get()
+    if status != "ok":
+        _raise_report(status, value)
+    return value
+
+
+def _raise_report(status: str, value: Any) -> None:
     if status == "user_error":
         raise UserError(value)
-    if status == "stopped":
-        raise RunStopped(value)
-    return value
+    if status == "interrupted":
+        message, signum = value
+        raise RunInterrupted(message, signum)
+    raise RunStopped(value)
+
+
+class _ForwardSignals:
+    """While workers run, the launching process passes SIGTERM on to them and outlives SIGINT.
+
+    Ctrl-C reaches every process of the terminal's group, the workers included, so the launcher
+    only has to keep waiting while they save; a SIGTERM sent to the launcher alone (a scheduler,
+    `kill`) is passed on so that the workers save and stop too.
+    """
+
+    def __init__(self, context: Any) -> None:
+        self.context = context
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _ForwardSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._forward)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        for child in mp.active_children():
+            if child.pid is not None:
+                os.kill(child.pid, signum)
 
 
 def _spawned_entry(
@@ -185,12 +231,19 @@ def _spawned_entry(
     device_type: str,
     results: Any,
 ) -> None:
+    # The launcher ignores SIGINT while waiting and its children inherit that; the worker's
+    # training loop installs its own handler, everything else should die on Ctrl-C as usual.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ctx = _init_process(local_rank, world_size, local_rank, device_type)
     try:
         value = worker(ctx, payload)
     except UserError as exc:
         results.put(("user_error", str(exc)))
         raise SystemExit(2) from None
+    except RunInterrupted as exc:
+        # Every rank says so: the launcher may see any of them end first.
+        results.put(("interrupted", (str(exc), exc.signum)))
+        raise SystemExit(128 + exc.signum) from None
     except RunStopped as exc:
         results.put(("stopped", str(exc)))
         raise SystemExit(1) from None
@@ -227,12 +280,23 @@ def _shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def _first_report(results: Any) -> tuple[str, str] | None:
+def _first_report(results: Any) -> tuple[str, Any] | None:
     while not results.empty():
         status, value = results.get()
-        if status in ("user_error", "stopped"):
+        if status != "ok":
             return status, value
     return None
+
+
+def port_is_free(address: str, port: str) -> bool:
+    """Whether a TCP port can be bound on `address` now (False for a malformed port)."""
+    try:
+        number = int(port)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((address, number))
+    except (OSError, ValueError, OverflowError):
+        return False
+    return True
 
 
 def free_port() -> int:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from mlkd_cli.data.loaders import Batch
+from mlkd_cli.data.sources import UnreadableImage
 from mlkd_cli.engine.launch import DistContext
 
 StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -95,6 +97,33 @@ class NonFiniteLoss(Exception):
         self.batch = batch
 
 
+class UnreadableData(Exception):
+    """An image could not be decoded and the run was told to stop on such (`--strict-data`)."""
+
+    def __init__(self, image: UnreadableImage) -> None:
+        super().__init__(f"{image.path}: {image.reason}")
+        self.image = image
+
+
+@dataclass
+class EpochProgress:
+    """How far one rank is through an epoch: what a mid-epoch checkpoint needs to continue it."""
+
+    batches_done: int = 0
+    optimizer_steps: int = 0
+    nonfinite_skipped: int = 0
+    loss_sum: float = 0.0
+    samples: float = 0.0
+    seconds: float = 0.0
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+# Called after each optimiser step with the batches done so far and a way to snapshot the
+# epoch's progress (which reads device values, so only when a checkpoint is written); returns
+# True to end the epoch there.
+BoundaryFn = Callable[[int, Callable[[], EpochProgress]], bool]
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against probability targets, computed in fp32."""
     return F.cross_entropy(logits.float(), targets)
@@ -114,7 +143,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    batches: Iterable[Batch],
+    num_batches: int,
     step_fn: StepFn,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -122,49 +152,75 @@ def train_one_epoch(
     ctx: DistContext,
     precision: Precision,
     accum_steps: int,
+    *,
+    resume_from: EpochProgress | None = None,
     on_step: Callable[[int, float | None], None] | None = None,
+    at_boundary: BoundaryFn | None = None,
     skip_nonfinite: bool = False,
+    strict_data: bool = False,
 ) -> dict[str, Any]:
-    """Train for one pass over `loader`; returns the mean loss over ranks and the step count.
+    """Train on `batches`, the rest of an epoch of `num_batches`; returns the epoch's metrics.
 
     Gradients of `accum_steps` consecutive batches are summed before each optimiser step
     (DDP syncs only on the last of them); a short final group is scaled by its own length.
+    `resume_from` continues an epoch a checkpoint left part-way (at an optimiser step).
     A non-finite loss raises `NonFiniteLoss` (checked when the loss is read, every
     LOSS_READ_EVERY batches and at the end, so no step waits on the device); with
     `skip_nonfinite`, every batch is checked on every rank and a group holding a non-finite loss
     takes no optimiser step (its gradients are dropped), counted in `nonfinite_skipped`.
+    Unreadable images are left out of their batch and listed, or raise `UnreadableData` under
+    `strict_data`. The result's `stopped` is True when `at_boundary` ended the epoch early.
     """
     model.train()
-    num_batches = len(loader)
-    loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
-    samples = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    done = resume_from or EpochProgress()
+    loss_sum = torch.tensor(done.loss_sum, device=ctx.device, dtype=torch.float64)
+    samples = torch.tensor(done.samples, device=ctx.device, dtype=torch.float64)
     nonfinite = torch.zeros((), device=ctx.device, dtype=torch.float64)
-    optimizer_steps, skipped, group_bad = 0, 0, False
+    optimizer_steps, skipped = done.optimizer_steps, done.nonfinite_skipped
+    unreadable = list(done.unreadable)
+    group_bad, stopped, index = False, False, done.batches_done - 1
     start = time.perf_counter()
-    for index, (images, labels) in enumerate(loader):
+
+    def snapshot() -> EpochProgress:
+        if float(nonfinite) > 0:  # never checkpoint weights a NaN step may have touched
+            raise NonFiniteLoss(index + 1)
+        return EpochProgress(
+            batches_done=index + 1,
+            optimizer_steps=optimizer_steps,
+            nonfinite_skipped=skipped,
+            loss_sum=float(loss_sum),
+            samples=float(samples),
+            seconds=done.seconds + time.perf_counter() - start,
+            unreadable=list(unreadable),
+        )
+
+    for index, batch in enumerate(batches, start=done.batches_done):
         group_start = (index // accum_steps) * accum_steps
         group_size = min(accum_steps, num_batches - group_start)
         closes_group = index - group_start + 1 == group_size
-        images = precision.to_device(images)
-        labels = labels.to(ctx.device, non_blocking=True)
+        for image in batch.skipped:
+            if strict_data:
+                raise UnreadableData(image)
+            unreadable.append((image.path, image.reason))
+        images = precision.to_device(batch.images)
+        labels = batch.labels.to(ctx.device, non_blocking=True)
         images, targets = mixer(images, labels)
-        if images.shape[0] == 0:
-            continue
-        sync = nullcontext() if closes_group or not ctx.distributed else model.no_sync()
-        with sync:
-            with precision.autocast():
-                loss = step_fn(model, images, targets)
-            bad = (~torch.isfinite(loss.detach())).double()
-            if skip_nonfinite and float(ctx.all_reduce_sum(bad.clone())) > 0:
-                # Every rank sees the same verdict, so every rank skips alike (no stray collective).
-                skipped += 1
-                group_bad = True
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                (loss / group_size).backward()
-                loss_sum += loss.detach() * images.shape[0]
-                samples += images.shape[0]
-                nonfinite += bad
+        if images.shape[0] > 0:
+            sync = nullcontext() if closes_group or not ctx.distributed else model.no_sync()
+            with sync:
+                with precision.autocast():
+                    loss = step_fn(model, images, targets)
+                bad = (~torch.isfinite(loss.detach())).double()
+                if skip_nonfinite and float(ctx.all_reduce_sum(bad.clone())) > 0:
+                    # Every rank sees the same verdict, so every rank skips alike.
+                    skipped += 1
+                    group_bad = True
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    (loss / group_size).backward()
+                    loss_sum += loss.detach() * images.shape[0]
+                    samples += images.shape[0]
+                    nonfinite += bad
         if closes_group:
             if not group_bad:
                 optimizer.step()
@@ -175,20 +231,27 @@ def train_one_epoch(
         if index % LOSS_READ_EVERY == 0 and float(nonfinite) > 0:
             raise NonFiniteLoss(index + 1)
         if on_step is not None:
-            shown = loss.item() if index % LOSS_READ_EVERY == 0 else None
+            shown = loss.item() if index % LOSS_READ_EVERY == 0 and images.shape[0] else None
             on_step(index + 1, shown)
+        if closes_group and at_boundary is not None and at_boundary(index + 1, snapshot):
+            stopped = index + 1 < num_batches
+            break
     totals = ctx.all_reduce_sum(torch.stack([loss_sum, samples, nonfinite]))
     if float(totals[2]) > 0:
-        raise NonFiniteLoss(num_batches)
-    elapsed = time.perf_counter() - start
+        raise NonFiniteLoss(index + 1)
+    elapsed = done.seconds + time.perf_counter() - start
     seen = float(totals[1])
     return {
         "train_loss": float(totals[0]) / max(seen, 1.0),
         "train_images": int(seen),
         "optimizer_steps": optimizer_steps,
         "nonfinite_skipped": skipped,
-        "images_per_s": seen / elapsed if elapsed > 0 else math.nan,
+        "unreadable": unreadable,
+        "images_per_s": (seen - ctx.world_size * done.samples) / (elapsed - done.seconds)
+        if elapsed > done.seconds
+        else math.nan,
         "epoch_time_s": elapsed,
+        "stopped": stopped,
     }
 
 
@@ -213,7 +276,9 @@ def evaluate_heads(
     # (heads, 4): top-1 hits, top-5 hits, summed NLL, count; sized up front so that a rank with an
     # empty shard still joins the reduction with the right shape.
     totals = torch.zeros(_head_count(model), 4, device=ctx.device, dtype=torch.float64)
-    for images, labels in loader:
+    for images, labels, *_ in loader:
+        if images.shape[0] == 0:
+            continue  # every image of the batch was unreadable
         images = precision.to_device(images)
         labels = labels.to(ctx.device, non_blocking=True)
         with precision.autocast():

@@ -9,7 +9,8 @@ plain model gets saved.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+import signal
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,11 +22,12 @@ from torch.utils.data import DataLoader
 
 from mlkd_cli import __version__
 from mlkd_cli.config import TeacherTrainConfig, TrainConfig
-from mlkd_cli.console import Reporter, RunStopped, UserError
-from mlkd_cli.data.loaders import TransformedSubset, build_eval_loader, build_train_loader
+from mlkd_cli.console import Reporter, RunInterrupted, RunStopped, UserError
+from mlkd_cli.data.loaders import TransformedSubset, build_eval_loader, build_train_batches
 from mlkd_cli.data.registry import HOLDOUT_SEED, DataSplits, load_splits
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
 from mlkd_cli.engine import loop
+from mlkd_cli.engine.atomic import check_writable
 from mlkd_cli.engine.checkpoint import (
     TRAINING_STATE_FORMAT,
     ModelCard,
@@ -34,6 +36,7 @@ from mlkd_cli.engine.checkpoint import (
     save_model,
 )
 from mlkd_cli.engine.history import History
+from mlkd_cli.engine.interrupt import StopRequest
 from mlkd_cli.engine.launch import DistContext
 from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
 from mlkd_cli.plots import training_curves_png
@@ -140,6 +143,7 @@ def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, .
 
     `identity` names the settings a resumed run must share with the one it continues.
     """
+    check_writable(files.output_dir)
     if cfg.resume:
         if not files.last.is_file():
             raise UserError(
@@ -154,9 +158,15 @@ def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, .
             if before.get(key) != now.get(key):
                 flag = key.replace("_", "-")
                 raise UserError(
-                    f"{files.last} was trained with {flag} {before.get(key)}, not "
-                    f"{now.get(key)}; resume with the same {flag} or choose another --name"
+                    f"{files.last} was trained with --{flag} {before.get(key)}, not "
+                    f"{now.get(key)}; resume with the same --{flag} or choose another --name"
                 )
+        partial = state.get("partial_epoch")
+        if partial is not None and partial["world_size"] != cfg.world_size:
+            raise UserError(
+                f"{files.last} was saved part-way through an epoch by {partial['world_size']} "
+                f"processes; resume with --world-size {partial['world_size']}"
+            )
         changed = [
             f"{k} {now[k]} (was {before[k]})"
             for k in sorted(now)
@@ -177,13 +187,60 @@ def seed_everything(seed: int, rank: int, epoch: int) -> int:
     """Seed Python, NumPy and torch from (seed, rank, epoch); returns the derived seed.
 
     Reseeding at every epoch makes a run resumed at an epoch boundary draw the same random
-    numbers as one that never stopped, without saving each rank's generator state.
+    numbers as one that never stopped; a mid-epoch checkpoint saves each rank's generators.
     """
     derived = int(np.random.SeedSequence([seed, rank, epoch + 1]).generate_state(1)[0])
     random.seed(derived)
     np.random.seed(derived)
     torch.manual_seed(derived)
     return derived
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random generators, in types `torch.load(weights_only=True)` reads back."""
+    numpy_state = np.random.get_state(legacy=False)
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Put back what `rng_state` saved."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    saved = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
+            "has_gauss": saved["has_gauss"],
+            "gauss": saved["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@dataclass
+class _Resumed:
+    """What a training state gives back: where to start, and a part-done epoch if any."""
+
+    epoch: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "epoch": 0})
+    progress: loop.EpochProgress | None = None
+    rng: dict[str, Any] | None = None
 
 
 def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
@@ -197,11 +254,10 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
         splits.train, splits.train_indices, build_train_transform(plan.recipe)
     )
     val_set = TransformedSubset(splits.val, splits.val_indices, build_eval_transform(plan.recipe))
-    train_loader, train_sampler = build_train_loader(
-        train_set, cfg.batch_size, ctx, cfg.seed, cfg.workers
-    )
+    train_batches = build_train_batches(train_set, cfg.batch_size, ctx, cfg.seed, cfg.workers)
     val_loader = build_eval_loader(val_set, cfg.batch_size * 2, ctx, cfg.workers)
-    if len(train_loader) == 0:
+    num_batches = train_batches.batches_per_epoch
+    if num_batches == 0:
         raise UserError(f"{cfg.dataset} has no training batches; lower --batch-size")
 
     seed_everything(cfg.seed, 0, -1)  # identical initial weights on every rank
@@ -211,7 +267,7 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
         model.to(memory_format=torch.channels_last)
 
     accum = cfg.accumulation_steps(ctx.world_size)
-    steps_per_epoch = -(-len(train_loader) // accum)
+    steps_per_epoch = -(-num_batches // accum)
     optimizer = loop.build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = loop.build_scheduler(
         optimizer,
@@ -230,18 +286,14 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
             "model_card": asdict(plan.card),
         },
     )
-    start_epoch, best = 0, {"top1": -1.0, "epoch": 0}
+    resumed = _Resumed()
     if cfg.resume:
-        state = load_checkpoint(files.last)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best = int(state["epoch"]), dict(state["best"])
-        for row in state["history"]:
-            history.append(row)
-        report.info(
-            f"resuming {files.name} after epoch {start_epoch} (best top-1 {best['top1']:.2f})"
-        )
+        resumed = _load_training_state(ctx, files, model, optimizer, scheduler, history)
+        where = f"after epoch {resumed.epoch}"
+        if resumed.progress is not None:
+            where = f"in epoch {resumed.epoch + 1} after batch {resumed.progress.batches_done}"
+        report.info(f"resuming {files.name} {where} (best top-1 {resumed.best['top1']:.2f})")
+    best = resumed.best
 
     if ctx.distributed:
         model = DistributedDataParallel(
@@ -256,47 +308,87 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
         f"{len(val_set)} val images, {ctx.world_size} process(es) on {ctx.device.type}, "
         f"effective batch {effective_batch}, {cfg.epochs} epochs"
     )
+    state = _TrainingState(plan, task, model, optimizer, scheduler, history, ctx)
+    warned: set[str] = set()
 
-    for epoch in range(start_epoch, cfg.epochs):
-        derived = seed_everything(cfg.seed, ctx.rank, epoch)
-        train_sampler.set_epoch(epoch)
-        train_loader.generator.manual_seed(derived)
-        description = f"epoch {epoch + 1}/{cfg.epochs}"
-        with report.step_progress(description, len(train_loader)) as on_step:
-            try:
-                train_metrics = loop.train_one_epoch(
-                    model,
-                    train_loader,
-                    task.step,
-                    optimizer,
-                    scheduler,
-                    mixer,
-                    ctx,
-                    precision,
-                    accum,
-                    on_step,
-                    cfg.skip_nonfinite,
-                )
-            except loop.NonFiniteLoss as exc:
-                raise RunStopped(_diverged_message(files, epoch, exc.batch)) from None
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": train_metrics["train_loss"],
-            **task.evaluate(model, val_loader, ctx, precision),
-            "lr": optimizer.param_groups[0]["lr"],
-            "effective_batch": effective_batch,
-            "optimizer_steps": train_metrics["optimizer_steps"],
-            "nonfinite_skipped": train_metrics["nonfinite_skipped"],
-            "images_per_s": train_metrics["images_per_s"],
-            "epoch_time_s": train_metrics["epoch_time_s"],
-        }
-        history.append(row)
-        improved = row["val_top1"] > best["top1"]
-        if improved:
-            best = {"top1": row["val_top1"], "epoch": epoch + 1}
-        if ctx.is_main:
-            _save_epoch(plan, task, model, optimizer, scheduler, history, best, row, improved)
-        task.report_epoch(report, row, improved)
+    with StopRequest() as stop:
+        for epoch in range(resumed.epoch, cfg.epochs):
+            seed_everything(cfg.seed, ctx.rank, epoch)
+            progress = resumed.progress if epoch == resumed.epoch else None
+            if progress is not None and resumed.rng is not None:
+                set_rng_state(resumed.rng, ctx.device)
+            batches = train_batches.epoch(epoch, progress.batches_done if progress else 0)
+
+            def at_boundary(
+                batches_done: int, snapshot: Any, epoch: int = epoch, best: dict = best
+            ) -> bool:
+                step = epoch * steps_per_epoch + -(-batches_done // accum)
+                # On one process the request is a flag read; across ranks it takes a collective,
+                # so it is agreed every LOSS_READ_EVERY steps, not at every one.
+                check = not ctx.distributed or step % loop.LOSS_READ_EVERY == 0
+                stopping = check and stop.agreed(ctx) is not None
+                periodic = cfg.save_every_steps and step % cfg.save_every_steps == 0
+                if (stopping or periodic) and batches_done < num_batches:
+                    state.save_mid_epoch(epoch, snapshot(), best)
+                return stopping
+
+            description = f"epoch {epoch + 1}/{cfg.epochs}"
+            with report.step_progress(description, num_batches) as on_step:
+                try:
+                    train_metrics = loop.train_one_epoch(
+                        model,
+                        batches,
+                        num_batches,
+                        task.step,
+                        optimizer,
+                        scheduler,
+                        mixer,
+                        ctx,
+                        precision,
+                        accum,
+                        resume_from=progress,
+                        on_step=on_step,
+                        at_boundary=at_boundary,
+                        skip_nonfinite=cfg.skip_nonfinite,
+                        strict_data=cfg.strict_data,
+                    )
+                except loop.NonFiniteLoss as exc:
+                    raise RunStopped(_diverged_message(files, epoch, exc.batch)) from None
+                except loop.UnreadableData as exc:
+                    raise UserError(
+                        f"{exc.image.path} is not a readable image ({exc.image.reason}); remove "
+                        "or replace it, or drop --strict-data to leave unreadable images out"
+                    ) from None
+            if train_metrics["stopped"]:
+                raise _interrupted(stop, files, f"in epoch {epoch + 1}")
+            unreadable = [
+                u for part in ctx.gather_objects(train_metrics["unreadable"]) for u in part
+            ]
+            for path, reason in unreadable:
+                if path not in warned:
+                    warned.add(path)
+                    report.warn(f"left out unreadable image {path} ({reason})")
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": train_metrics["train_loss"],
+                **task.evaluate(model, val_loader, ctx, precision),
+                "lr": optimizer.param_groups[0]["lr"],
+                "effective_batch": effective_batch,
+                "optimizer_steps": train_metrics["optimizer_steps"],
+                "nonfinite_skipped": train_metrics["nonfinite_skipped"],
+                "unreadable_skipped": len(unreadable),
+                "images_per_s": train_metrics["images_per_s"],
+                "epoch_time_s": train_metrics["epoch_time_s"],
+            }
+            history.append(row)
+            improved = row["val_top1"] > best["top1"]
+            if improved:
+                best = {"top1": row["val_top1"], "epoch": epoch + 1}
+            if ctx.is_main:
+                state.save_epoch(best, row, improved)
+            task.report_epoch(report, row, improved)
+            if epoch + 1 < cfg.epochs and stop.agreed(ctx) is not None:
+                raise _interrupted(stop, files, f"after epoch {epoch + 1}")
     ctx.barrier()
     return {
         "name": files.name,
@@ -320,6 +412,109 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
     }
 
 
+def _interrupted(stop: StopRequest, files: RunFiles, where: str) -> RunInterrupted:
+    return RunInterrupted(
+        f"stopped by {stop.name} {where}; the training state is saved in {files.last}: "
+        "run the same command with --resume to continue",
+        stop.signum or signal.SIGTERM,
+    )
+
+
+def _load_training_state(
+    ctx: DistContext,
+    files: RunFiles,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    history: History,
+) -> _Resumed:
+    state = load_checkpoint(files.last)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for row in state["history"]:
+        history.append(row)
+    resumed = _Resumed(int(state["epoch"]), dict(state["best"]))
+    part = state.get("partial_epoch")
+    if part is not None:
+        if len(part["progress"]) != ctx.world_size:
+            raise UserError(
+                f"{files.last} was saved part-way through an epoch by {len(part['progress'])} "
+                f"processes, not {ctx.world_size}; resume with the same number of processes"
+            )
+        resumed.progress = loop.EpochProgress(**part["progress"][ctx.rank])
+        resumed.rng = part["rng"][ctx.rank]
+    return resumed
+
+
+class _TrainingState:
+    """Writes a run's files: the best model, periodic models, the training state, history."""
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        task: Task,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        history: History,
+        ctx: DistContext,
+    ) -> None:
+        self.plan, self.task, self.model = plan, task, model
+        self.optimizer, self.scheduler, self.history, self.ctx = optimizer, scheduler, history, ctx
+
+    def _write_state(self, epoch: int, best: dict[str, Any], partial: dict | None) -> None:
+        trained = loop.unwrap(self.model)
+        atomic_save(
+            {
+                "format": TRAINING_STATE_FORMAT,
+                "model": {k: v.detach().cpu() for k, v in trained.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "epoch": epoch,
+                "partial_epoch": partial,
+                "best": best,
+                "history": self.history.rows,
+                "config": self.plan.config.to_record(),
+                "card": asdict(self.plan.card),
+                "mlkd_version": __version__,
+            },
+            self.plan.files.last,
+        )
+
+    def save_mid_epoch(self, epoch: int, progress: loop.EpochProgress, best: dict) -> None:
+        """The state part-way through `epoch` (0-based): every rank's progress and generators.
+
+        A collective: every rank calls it at the same step.
+        """
+        parts = self.ctx.gather_objects((asdict(progress), rng_state(self.ctx.device)))
+        if self.ctx.is_main:
+            partial = {
+                "world_size": self.ctx.world_size,
+                "progress": [p for p, _ in parts],
+                "rng": [r for _, r in parts],
+            }
+            self._write_state(epoch, best, partial)
+        self.ctx.barrier()
+
+    def save_epoch(self, best: dict[str, Any], row: dict[str, Any], improved: bool) -> None:
+        """After an epoch (rank 0 only): best and periodic models, state, history, curves."""
+        cfg, files = self.plan.config, self.plan.files
+        plain = self.task.plain_model(loop.unwrap(self.model))
+        metrics = {k: float(v) for k, v in row.items() if k.startswith(("val_", "exit"))}
+        if improved:
+            save_model(files.best, plain, self.plan.card, row["epoch"], metrics)
+        if cfg.save_frequency and row["epoch"] % cfg.save_frequency == 0:
+            save_model(files.periodic(row["epoch"]), plain, self.plan.card, row["epoch"], metrics)
+        self._write_state(row["epoch"], best, None)
+        self.history.save()
+        training_curves_png(
+            self.history.rows,
+            f"{files.name} ({self.plan.card.arch}, {self.plan.kind})",
+            files.curves,
+        )
+
+
 def _diverged_message(files: RunFiles, epoch: int, batch: int) -> str:
     where = f"the loss became NaN/infinite in epoch {epoch + 1} (by batch {batch})"
     if epoch == 0 or not files.last.is_file():
@@ -328,44 +523,6 @@ def _diverged_message(files: RunFiles, epoch: int, batch: int) -> str:
         f"{where}; the last good training state is {files.last} (epoch {epoch}): "
         "rerun with --resume and a lower --lr, or pass --skip-nonfinite"
     )
-
-
-def _save_epoch(
-    plan: RunPlan,
-    task: Task,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    history: History,
-    best: dict[str, Any],
-    row: dict[str, Any],
-    improved: bool,
-) -> None:
-    cfg, files = plan.config, plan.files
-    trained = loop.unwrap(model)
-    plain = task.plain_model(trained)
-    metrics = {k: float(v) for k, v in row.items() if k.startswith(("val_", "exit"))}
-    if improved:
-        save_model(files.best, plain, plan.card, row["epoch"], metrics)
-    if cfg.save_frequency and row["epoch"] % cfg.save_frequency == 0:
-        save_model(files.periodic(row["epoch"]), plain, plan.card, row["epoch"], metrics)
-    atomic_save(
-        {
-            "format": TRAINING_STATE_FORMAT,
-            "model": {k: v.detach().cpu() for k, v in trained.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": row["epoch"],
-            "best": best,
-            "history": history.rows,
-            "config": cfg.to_record(),
-            "card": asdict(plan.card),
-            "mlkd_version": __version__,
-        },
-        files.last,
-    )
-    history.save()
-    training_curves_png(history.rows, f"{files.name} ({plan.card.arch}, {plan.kind})", files.curves)
 
 
 # ----------------------------------------------------------------------------- teachers

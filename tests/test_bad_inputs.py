@@ -1,0 +1,309 @@
+"""Every bad input listed in the README's table: one line on stderr, exit code 2, nothing changed.
+
+Each case runs `mlkd` in a scratch folder that its `setup` fills; afterwards every file there
+must hold exactly what it held before. The README table and `CASES` name the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import assert_error_line, invoke_cli, write_cifar, write_image_folder
+
+from mlkd_cli.engine.checkpoint import ModelCard, save_model
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+TRAIN = ("teacher", "train", "-d", "digits", "-m", "test_resnet", "-e", "1", "-q")
+DISTILL = ("distill", "-d", "digits", "--student", "test_resnet", "-e", "1", "-q")
+
+
+class _RunsCode:
+    """Unpickling this creates a file: proof that code from a file ran."""
+
+    def __reduce__(self):
+        return (os.system, ("touch code-ran",))
+
+
+def _card(num_classes: int) -> ModelCard:
+    return ModelCard(
+        arch="test_resnet",
+        num_classes=num_classes,
+        class_names=[str(i) for i in range(num_classes)],
+        dataset="digits",
+        img_size=16,
+        crop_pct=1.0,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        interpolation="bicubic",
+    )
+
+
+def _checkpoint(path: str, num_classes: int) -> Callable[[Path], None]:
+    def setup(root: Path) -> None:
+        model = timm.create_model("test_resnet", num_classes=num_classes)
+        save_model(root / path, model, _card(num_classes), 1, {})
+
+    return setup
+
+
+def _write(path: str, content: str | bytes) -> Callable[[Path], None]:
+    def setup(root: Path) -> None:
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(content)
+
+    return setup
+
+
+def _truncated_checkpoint(root: Path) -> None:
+    _checkpoint("t.pth", 10)(root)
+    data = (root / "t.pth").read_bytes()
+    (root / "t.pth").write_bytes(data[: len(data) // 2])
+
+
+def _evil_checkpoint(root: Path) -> None:
+    torch.save({"state_dict": {}, "payload": _RunsCode()}, root / "evil.pth")
+
+
+def _evil_cifar(root: Path) -> None:
+    write_cifar(root / "data", classes=10, per_file=10, fine=False)
+    batch = root / "data" / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({"data": _RunsCode()}, protocol=2))
+
+
+def _empty_class(root: Path) -> None:
+    write_image_folder(root / "pets", {"train": 3})
+    (root / "pets" / "train" / "bird").mkdir()
+
+
+def _corrupt_image(root: Path) -> None:
+    write_image_folder(root / "pets", {"train": 4, "val": 2})
+    image = root / "pets" / "train" / "cat" / "2.png"
+    image.write_bytes(image.read_bytes()[:50])
+
+
+def _resumable_run(root: Path) -> None:
+    result = invoke_cli(*TRAIN, "--img-size", "16", "--output-dir", root / "models")
+    assert result.exit_code == 0, result.stderr
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the README table."""
+
+    id: str
+    args: tuple[str, ...]
+    expect: tuple[str, ...]
+    setup: Callable[[Path], None] | None = None
+
+
+CASES = [
+    Case("unknown option", ("teacher", "train", "--batchsize", "8"), ("--batchsize",)),
+    Case(
+        "option value of the wrong type",
+        ("teacher", "train", "--batch-size", "many"),
+        ("--batch-size", "valid integer"),
+    ),
+    Case("required option missing", ("teacher", "train", "-d", "digits"), ("--model is required",)),
+    Case("zero or negative count", (*TRAIN, "--epochs", "0"), ("--epochs", "at least 1")),
+    Case(
+        "unknown dataset",
+        ("teacher", "train", "-d", "mnist", "-m", "test_resnet"),
+        ("'mnist'", "cifar-10"),
+    ),
+    Case(
+        "unknown model (typo)",
+        ("teacher", "train", "-d", "digits", "-m", "resnet5O"),
+        ("unknown model 'resnet5O'", "did you mean"),
+    ),
+    Case(
+        "dataset files missing",
+        ("teacher", "train", "-d", "oxford-iiit", "-m", "test_resnet", "--data-dir", "nowhere"),
+        ("nowhere", "--download"),
+    ),
+    Case(
+        "CIFAR batch whose pickle would run code",
+        ("teacher", "train", "-d", "cifar-10", "-m", "test_resnet", "--data-dir", "data"),
+        ("data_batch_1", "not a readable CIFAR batch", "posix.system"),
+        _evil_cifar,
+    ),
+    Case(
+        "image folder with an empty class folder",
+        ("teacher", "train", "-d", "imagefolder", "-m", "test_resnet", "--data-dir", "pets"),
+        ("bird", "holds no images"),
+        _empty_class,
+    ),
+    Case(
+        "corrupt image under --strict-data",
+        (
+            "teacher",
+            "train",
+            "-d",
+            "imagefolder",
+            "-m",
+            "test_resnet",
+            "--data-dir",
+            "pets",
+            "--img-size",
+            "16",
+            "-b",
+            "4",
+            "--strict-data",
+            "-q",
+        ),
+        ("2.png", "not a readable image", "--strict-data"),
+        _corrupt_image,
+    ),  # fmt: skip
+    Case(
+        "truncated checkpoint",
+        ("eval", "t.pth"),
+        ("t.pth", "not a readable checkpoint", "truncated"),
+        _truncated_checkpoint,
+    ),
+    Case(
+        "checkpoint that needs code to unpickle",
+        ("eval", "evil.pth"),
+        ("evil.pth", "arbitrary code", "safetensors"),
+        _evil_checkpoint,
+    ),
+    Case(
+        "checkpoint of another architecture",
+        ("teacher", "train", "-d", "digits", "-m", "resnet10t", "--init-checkpoint", "t.pth"),
+        ("does not fit", "same --model"),
+        _checkpoint("t.pth", 10),
+    ),
+    Case(
+        "teacher of another class count",
+        (*DISTILL, "--model", "test_resnet", "--checkpoint", "five.pth"),
+        ("five.pth predicts 5 classes", "dataset has 10"),
+        _checkpoint("five.pth", 5),
+    ),
+    Case(
+        "ensemble member missing",
+        (*DISTILL, "--ensemble", "e.json"),
+        ("models/missing.pth does not exist",),
+        _write("e.json", '{"models": ["test_resnet"], "names": ["missing"], "weights": [1]}'),
+    ),
+    Case(
+        "ensemble file that is not JSON",
+        (*DISTILL, "--ensemble", "e.json"),
+        ("e.json is not valid JSON",),
+        _write("e.json", "models: [test_resnet"),
+    ),
+    Case(
+        "image too small for the model",
+        ("teacher", "train", "-d", "digits", "-m", "test_convnext", "--img-size", "16"),
+        ("test_convnext cannot run on 16x16", "--img-size"),
+    ),
+    Case(
+        "effective batch not a multiple",
+        (*TRAIN, "-b", "8", "--effective-batch-size", "12"),
+        ("--effective-batch-size 12", "multiple"),
+    ),
+    Case(
+        "batch smaller than the world size",
+        (*TRAIN, "--effective-batch-size", "1", "--world-size", "2"),
+        ("--effective-batch-size 1", "2 processes", "--world-size"),
+    ),
+    pytest.param(
+        Case("CUDA asked for, none present", (*TRAIN, "--device", "cuda"), ("--device cpu",)),
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="about machines without GPU"),
+    ),
+    Case(
+        "--resume with nothing to resume",
+        (*TRAIN, "--name", "x", "--resume"),
+        ("nothing to resume", "x_last.pth"),
+    ),
+    Case(
+        "a run of that name exists",
+        (*TRAIN, "--name", "x"),
+        ("already exists", "--resume", "--overwrite"),
+        _write("models/x.pth", b"precious"),
+    ),
+    Case(
+        "--resume with another model",
+        (
+            "teacher",
+            "train",
+            "-d",
+            "digits",
+            "-m",
+            "resnet10t",
+            "--name",
+            "digits_test_resnet",
+            "--resume",
+            "-q",
+        ),
+        ("trained with --model test_resnet", "another --name"),
+        _resumable_run,
+    ),  # fmt: skip
+    Case(
+        "output folder is a file",
+        (*TRAIN, "--output-dir", "afile"),
+        ("afile is a file, not a folder",),
+        _write("afile", "x"),
+    ),
+    Case(
+        "preset with an unknown key",
+        ("teacher", "train", "--preset", "p.yaml"),
+        ("'epochz'", "p.yaml"),
+        _write("p.yaml", "dataset: digits\nteacher:\n  model: test_resnet\n  epochz: 3\n"),
+    ),
+    Case(
+        "preset with a wrong type",
+        ("teacher", "train", "--preset", "p.yaml"),
+        ("epochs must be int", "'three'"),
+        _write("p.yaml", "dataset: digits\nteacher:\n  model: test_resnet\n  epochs: three\n"),
+    ),
+    Case(
+        "preset that is not YAML",
+        ("teacher", "train", "--preset", "p.yaml"),
+        ("p.yaml is not valid YAML",),
+        _write("p.yaml", "teacher: [1, 2\n"),
+    ),
+]
+
+
+def _case_id(case: object) -> str:
+    return case.id if isinstance(case, Case) else "?"
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(
+    case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    if case.setup is not None:
+        case.setup(tmp_path)
+    before = _files(tmp_path)
+    result = invoke_cli(*case.args)
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert_error_line(result.stderr, *case.expect)
+    assert _files(tmp_path) == before
+    assert not (tmp_path / "code-ran").exists()
+
+
+def _readme_rows() -> list[str]:
+    text = README.read_text()
+    section = text.split("## Bad input, and what you see", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| ([^|]+?) \|", section, flags=re.MULTILINE)[1:]  # after the header
+
+
+def test_the_readme_table_lists_exactly_these_cases() -> None:
+    ids = [(c.values[0] if not isinstance(c, Case) else c).id for c in CASES]
+    assert _readme_rows() == ids
