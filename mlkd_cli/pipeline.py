@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from mlkd_cli.config import DistillConfig, TeacherTrainConfig, TrainConfig
-from mlkd_cli.console import OutputOptions, Reporter, UserError
+from mlkd_cli.console import OutputOptions, Reporter, RunInterrupted, UserError
 from mlkd_cli.data.loaders import build_eval_loader
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine import loop
@@ -72,7 +72,14 @@ def _train(
     resume = files.last.is_file()
     cfg = replace(cfg, resume=resume, overwrite=not resume)
     report.info(f"{'resume' if resume else 'run'} {what}")
-    launch(worker, planner(cfg), cfg.world_size, cfg.device)
+    try:
+        launch(worker, planner(cfg), cfg.world_size, cfg.device)
+    except RunInterrupted as exc:
+        # The pipeline resumes by itself: say so instead of the --resume of a single command.
+        message = str(exc).split(": run the same command", 1)[0]
+        raise RunInterrupted(
+            f"{message}: run the same pipeline command again to continue", exc.signum
+        ) from None
     return "resumed" if resume else "trained"
 
 
