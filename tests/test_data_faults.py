@@ -10,9 +10,15 @@ import pytest
 import torch
 from conftest import assert_error_line, write_image_folder
 
-from mlkd_cli.data.loaders import ResumableSampler, TransformedSubset, collate_readable
+from mlkd_cli.data.loaders import (
+    ResumableSampler,
+    TransformedSubset,
+    build_train_batches,
+    collate_readable,
+)
 from mlkd_cli.data.sources import ArraySource, UnreadableImage, load_image_folder
 from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
+from mlkd_cli.engine.launch import DistContext
 
 
 def _damage(path: Path) -> Path:
@@ -108,13 +114,25 @@ def test_per_image_seeds_make_augmentation_independent_of_order() -> None:
     subset = TransformedSubset(
         ArraySource(images, [0, 1, 2, 0, 1, 2]), range(6), build_train_transform(_recipe())
     )
-    subset.augment_seed = 7
-    forward = [subset[i] for i in range(6)]
+    forward = [subset[(i, 7)] for i in range(6)]
     torch.manual_seed(123)  # the process's generator plays no part
-    backward = [subset[i] for i in reversed(range(6))][::-1]
+    backward = [subset[(i, 7)] for i in reversed(range(6))][::-1]
     assert all(torch.equal(a[0], b[0]) for a, b in zip(forward, backward, strict=True))
-    subset.augment_seed = 8
-    assert not torch.equal(subset[0][0], forward[0][0])
+    assert not torch.equal(subset[(0, 8)][0], forward[0][0])
+
+
+def test_loader_workers_see_each_epochs_seed(damaged_folder: tuple[Path, Path]) -> None:
+    root, _ = damaged_folder
+    raw = load_image_folder(root)
+    subset = TransformedSubset(raw.val, range(len(raw.val)), build_train_transform(_recipe()))
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    in_process = build_train_batches(subset, 4, ctx, seed=1, workers=0)
+    with_workers = build_train_batches(subset, 4, ctx, seed=1, workers=2)  # persistent workers
+    for epoch in (0, 1):
+        a = torch.cat([b.images for b in in_process.epoch(epoch)])
+        b = torch.cat([b.images for b in with_workers.epoch(epoch)])
+        assert torch.equal(a, b)
+    assert not torch.equal(a, torch.cat([b.images for b in in_process.epoch(0)]))
 
 
 def test_resumable_sampler_continues_where_it_stopped() -> None:

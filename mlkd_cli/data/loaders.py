@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +27,8 @@ class Batch(NamedTuple):
     skipped: tuple[UnreadableImage, ...] = ()
     # Positions in the requested batch of the items kept; None when none was left out.
     kept: torch.Tensor | None = None
+    # Each kept item's position in the dataset (what a teacher-output cache is indexed by).
+    indices: torch.Tensor | None = None
 
 
 def augment_seed(seed: int, epoch: int, rank: int) -> int:
@@ -37,8 +39,8 @@ def augment_seed(seed: int, epoch: int, rank: int) -> int:
 class TransformedSubset(Dataset):
     """Selected items of a source, transformed on access.
 
-    With `augment_seed` set, each item's random transform is drawn from its own generator seeded
-    by (augment_seed, position): the augmented data of an epoch is then a function of the seed
+    An item asked for as `(position, seed)` draws its random transform from its own generator
+    seeded by (seed, position): the augmented data of an epoch is then a function of the seed
     alone, the same with or without loader workers and when a resumed run skips batches.
     """
 
@@ -46,37 +48,45 @@ class TransformedSubset(Dataset):
         self.source = source
         self.indices = list(indices)
         self.transform = transform
-        self.augment_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | UnreadableImage:
+    def __getitem__(
+        self, key: int | tuple[int, int]
+    ) -> tuple[torch.Tensor, int, int] | UnreadableImage:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         item = self.source[self.indices[index]]
         if isinstance(item, UnreadableImage):
             return item._replace(position=index)
         image, label = item
-        if self.augment_seed is None:
-            return self.transform(image), label
+        if seed is None:
+            return self.transform(image), label, index
         # torchvision's random transforms draw from torch's global generator; give each image
         # its own stream and put the process's generator back as it was.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.augment_seed * 1_000_003 + index) % (1 << 63))
-            return self.transform(image), label
+            torch.manual_seed((seed * 1_000_003 + index) % (1 << 63))
+            return self.transform(image), label, index
 
 
 def collate_readable(items: list[Any]) -> Batch:
-    """Stack the readable items of a batch; list the unreadable ones beside it."""
+    """Stack the readable items of a batch; list the unreadable ones beside it.
+
+    Items are (image, label) or (image, label, dataset position).
+    """
     skipped = tuple(item for item in items if isinstance(item, UnreadableImage))
-    if not skipped:
-        images, labels = default_collate(items)
-        return Batch(images, labels)
     kept = [i for i, item in enumerate(items) if not isinstance(item, UnreadableImage)]
     if kept:
-        images, labels = default_collate([items[i] for i in kept])
+        images, labels, *rest = default_collate([items[i] for i in kept])
     else:
-        images, labels = torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    return Batch(images, labels, skipped, torch.tensor(kept, dtype=torch.long))
+        images, labels, rest = torch.zeros(0), torch.zeros(0, dtype=torch.long), []
+    return Batch(
+        images,
+        labels,
+        skipped,
+        torch.tensor(kept, dtype=torch.long) if skipped else None,
+        rest[0] if rest else None,
+    )
 
 
 class ShardSampler(Sampler[int]):
@@ -110,6 +120,36 @@ class ResumableSampler(DistributedSampler):
         return max(0, self.num_samples - self.skip)
 
 
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Another sampler's indices, each paired with the epoch's augmentation seed.
+
+    The seed travels with the index, so persistent loader workers need not be told of epochs.
+    """
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler = sampler
+        self.seed = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((index, self.seed) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
+class TrainingBatches(Protocol):
+    """What the training loop draws from: either pipeline (CPU workers or on the device)."""
+
+    @property
+    def batches_per_epoch(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]: ...
+
+    def shard_in_order(self, batch_size: int) -> Iterator[Batch]: ...
+
+
 class TrainBatches:
     """One rank's training batches, epoch by epoch, resumable part-way through an epoch.
 
@@ -122,20 +162,24 @@ class TrainBatches:
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
-        self.rank = ctx.rank
+        self.rank, self.world_size = ctx.rank, ctx.world_size
         self.sampler = ResumableSampler(dataset, ctx.rank, ctx.world_size, seed)
         self.drop_last = self.sampler.num_samples >= batch_size
+        self.seeded = SeededSampler(self.sampler)
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=self.sampler,
+            sampler=self.seeded,
             drop_last=self.drop_last,
             # Its own generator: making an iterator draws a seed, and drawing it from torch's
             # global generator would shift the model's random stream on a mid-epoch resume.
             generator=torch.Generator().manual_seed(seed),
             collate_fn=collate_readable,
-            **_loader_kwargs(ctx, workers, train=True),
+            **_loader_kwargs(ctx, workers),
         )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -147,9 +191,20 @@ class TrainBatches:
         """Batches `start_batch`, `start_batch + 1`, ... of `epoch`."""
         self.sampler.set_epoch(epoch)
         self.sampler.skip = start_batch * self.batch_size
-        self.dataset.augment_seed = augment_seed(self.seed, epoch, self.rank)
-        # Workers are not persistent, so each epoch's workers see the new augmentation seed.
+        self.seeded.seed = augment_seed(self.seed, epoch, self.rank)
         return iter(self.loader)
+
+    def shard_in_order(self, batch_size: int) -> Iterator[Batch]:
+        """This rank's share (items r, r + W, ...) in order, through the training transform."""
+        loader = DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            sampler=ShardSampler(len(self.dataset), self.rank, self.world_size),
+            collate_fn=collate_readable,
+            num_workers=self.loader.num_workers,
+            pin_memory=self.loader.pin_memory,
+        )
+        return iter(loader)
 
 
 def default_workers(ctx: DistContext) -> int:
@@ -164,14 +219,13 @@ def default_workers(ctx: DistContext) -> int:
     return max(0, min(8, per_rank))
 
 
-def _loader_kwargs(ctx: DistContext, workers: int | None, train: bool = False) -> dict[str, Any]:
+def _loader_kwargs(ctx: DistContext, workers: int | None) -> dict[str, Any]:
     n = default_workers(ctx) if workers is None else workers
     kwargs: dict[str, Any] = {"num_workers": n, "pin_memory": ctx.device.type == "cuda"}
     if n > 0:
+        # Workers live for the whole run (no start-up each epoch) and keep 4 batches ready each.
         kwargs["prefetch_factor"] = 4
-        # Training workers are not kept between epochs: they must pick up each epoch's
-        # augmentation seed, and their start-up is hidden behind the prefetch.
-        kwargs["persistent_workers"] = not train
+        kwargs["persistent_workers"] = True
     return kwargs
 
 

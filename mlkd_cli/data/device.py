@@ -1,0 +1,183 @@
+"""The GPU-resident data pipeline for datasets held in memory (CIFAR, digits).
+
+The uint8 images live on the device; each batch is gathered there and augmented in one batched
+pass — random resized crop, flip, colour jitter and normalisation — so the accelerator never
+waits on CPU decoding and there are no loader workers. Randomness comes from a generator seeded
+per (seed, epoch, rank, batch), so a batch is the same whenever it is made: a resumed run skips
+batches without drawing them. Nothing here reads a device value back to the host.
+
+Differences from the CPU pipeline (torchvision): crop boxes are continuous rather than whole
+pixels, the three colour jitters are applied in a fixed order rather than a random one, and
+resampling has no antialiasing (the in-memory datasets are upscaled, where it plays no part).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlkd_cli.data.loaders import Batch, ResumableSampler
+from mlkd_cli.data.sources import ArraySource
+from mlkd_cli.data.transforms import ImageRecipe
+from mlkd_cli.engine.launch import DistContext
+
+CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop, before it falls back to a centre crop
+RATIO = (3 / 4, 4 / 3)
+_GREY = (0.299, 0.587, 0.114)
+
+
+class DeviceAugment:
+    """Batched augmentation of uint8 images (B, 3, H, W) on their own device."""
+
+    def __init__(self, recipe: ImageRecipe, device: torch.device, augment: bool = True) -> None:
+        self.recipe = recipe
+        self.augment = augment
+        self.mode = recipe.interpolation if recipe.interpolation != "nearest" else "nearest"
+        self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
+        self.grey = torch.tensor(_GREY, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Float images of the recipe's size, normalised; random only when augmenting."""
+        count, _, height, width = images.shape
+        x = images.float().div_(255)
+        if self.augment:
+            draws = torch.rand(
+                count, 2 * CROP_ATTEMPTS + 6, generator=generator, device=images.device
+            )
+            theta = self._crop_boxes(draws, height, width)
+            x = self._resample(x, theta)
+            if self.recipe.color_jitter > 0:
+                x = self._jitter(x, draws[:, -3:])
+        else:
+            x = self._resample(x, self._centre_box(count, height, width, images.device))
+        return (x - self.mean) / self.std
+
+    def _crop_boxes(self, draws: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        # (B, 2, 3) affine maps from output to input coordinates: a random resized crop,
+        # mirrored for half of the images when flips are on.
+        low, high = self.recipe.crop_scale
+        area = height * width
+        scale = low + (high - low) * draws[:, :CROP_ATTEMPTS]
+        log_ratio = (
+            math.log(RATIO[0])
+            + (math.log(RATIO[1]) - math.log(RATIO[0]))
+            * draws[:, CROP_ATTEMPTS : 2 * CROP_ATTEMPTS]
+        )
+        ratio = log_ratio.exp()
+        w = (area * scale * ratio).sqrt()
+        h = (area * scale / ratio).sqrt()
+        fits = (w <= width) & (h <= height)
+        first = fits.int().argmax(dim=1, keepdim=True)  # the first attempt that fits
+        found = fits.any(dim=1)
+        w = torch.where(found, w.gather(1, first).squeeze(1), float(min(width, height)))
+        h = torch.where(found, h.gather(1, first).squeeze(1), float(min(width, height)))
+        base = 2 * CROP_ATTEMPTS
+        x0 = draws[:, base] * (width - w)
+        y0 = draws[:, base + 1] * (height - h)
+        flip = torch.where(draws[:, base + 2] < 0.5, -1.0, 1.0) if self.recipe.hflip else 1.0
+        return _affine(x0, y0, w, h, height, width, flip)
+
+    def _centre_box(
+        self, count: int, height: int, width: int, device: torch.device
+    ) -> torch.Tensor:
+        # The evaluation view: the central crop_pct of the short side, resized.
+        side = self.recipe.crop_pct * min(height, width)
+        w = torch.full((count,), side, device=device)
+        return _affine((width - w) / 2, (height - w) / 2, w, w, height, width, 1.0)
+
+    def _resample(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        size = self.recipe.img_size
+        grid = F.affine_grid(theta, [x.shape[0], 3, size, size], align_corners=False)
+        out = F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False)
+        return out.clamp_(0, 1)  # bicubic overshoots
+
+    def _jitter(self, x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        j = self.recipe.color_jitter
+        factors = max(0.0, 1 - j) + (1 + j - max(0.0, 1 - j)) * draws  # (B, 3)
+        brightness, contrast, saturation = (factors[:, i].view(-1, 1, 1, 1) for i in range(3))
+        x = (x * brightness).clamp_(0, 1)
+        mean = (x * self.grey).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+        x = (contrast * x + (1 - contrast) * mean).clamp_(0, 1)
+        grey = (x * self.grey).sum(1, keepdim=True)
+        return (saturation * x + (1 - saturation) * grey).clamp_(0, 1)
+
+
+def _affine(
+    x0: torch.Tensor,
+    y0: torch.Tensor,
+    w: torch.Tensor,
+    h: torch.Tensor,
+    height: int,
+    width: int,
+    flip: torch.Tensor | float,
+) -> torch.Tensor:
+    # affine_grid's coordinates run from -1 to 1 over the whole input.
+    theta = torch.zeros(w.shape[0], 2, 3, device=w.device)
+    theta[:, 0, 0] = flip * w / width
+    theta[:, 0, 2] = (2 * x0 + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * y0 + h) / height - 1
+    return theta
+
+
+def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
+    """The generator seed of one training batch."""
+    return int(np.random.SeedSequence([seed, epoch, rank, batch, 0xD1]).generate_state(1)[0])
+
+
+class DeviceBatches:
+    """One rank's training batches from images held on its device (same order as the CPU path)."""
+
+    def __init__(
+        self,
+        source: ArraySource,
+        indices: Sequence[int],
+        recipe: ImageRecipe,
+        batch_size: int,
+        ctx: DistContext,
+        seed: int,
+        augment: bool = True,
+    ) -> None:
+        chosen = np.asarray(indices, dtype=np.int64)
+        images = torch.from_numpy(source.images[chosen]).permute(0, 3, 1, 2).contiguous()
+        self.images = images.to(ctx.device)
+        targets = torch.as_tensor(np.asarray(source.targets)[chosen], dtype=torch.long)
+        self.labels = targets.to(ctx.device)
+        self.batch_size, self.seed, self.ctx = batch_size, seed, ctx
+        self.augment = DeviceAugment(recipe, ctx.device, augment)
+        self.sampler = ResumableSampler(range(len(chosen)), ctx.rank, ctx.world_size, seed)
+        self.drop_last = self.sampler.num_samples >= batch_size
+        self.generator = torch.Generator(device=ctx.device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches in a whole epoch (the same on every rank)."""
+        n = self.sampler.num_samples
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches `start_batch`, `start_batch + 1`, ... of `epoch`, augmented on the device."""
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = 0
+        order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.ctx.device)
+        for b in range(start_batch, self.batches_per_epoch):
+            index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            self.generator.manual_seed(batch_seed(self.seed, epoch, self.ctx.rank, b))
+            images = self.augment(self.images[index], self.generator)
+            yield Batch(images, self.labels[index], indices=index)
+
+    def shard_in_order(self, batch_size: int) -> Iterator[Batch]:
+        """This rank's share (items r, r + W, ...) in order, in the evaluation view."""
+        view = DeviceAugment(self.augment.recipe, self.ctx.device, augment=False)
+        mine = torch.arange(self.ctx.rank, len(self), self.ctx.world_size, device=self.ctx.device)
+        for start in range(0, len(mine), batch_size):
+            index = mine[start : start + batch_size]
+            yield Batch(view(self.images[index], None), self.labels[index], indices=index)
