@@ -28,7 +28,7 @@ demo: install
 	$(MLKD) pipeline --preset digits --run-dir runs/demo
 
 bench: install
-	$(PY) benchmarks/distill_step.py
+	$(PY) benchmarks/bench.py
 
 lint: install
 	$(VENV)/bin/ruff format --check .

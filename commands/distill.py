@@ -121,6 +121,17 @@ def distill(
     skip_nonfinite: opt.SkipNonfinite = None,
     save_every_steps: opt.SaveEverySteps = None,
     strict_data: opt.StrictData = None,
+    data_pipeline: opt.DataPipeline = None,
+    augment: opt.Augment = None,
+    compile_models: opt.Compile = None,
+    teacher_cache: Annotated[
+        bool | None,
+        typer.Option(
+            "--teacher-cache/--no-teacher-cache",
+            help="Compute the teacher's outputs once and reuse them every epoch (needs "
+            "--no-augment and no Mixup/CutMix).",
+        ),
+    ] = None,
     resume: opt.Resume = False,
     overwrite: opt.Overwrite = False,
     preset: opt.Preset = None,
@@ -164,6 +175,10 @@ def distill(
         skip_nonfinite=skip_nonfinite,
         save_every_steps=save_every_steps,
         strict_data=strict_data,
+        data_pipeline=data_pipeline,
+        augment=augment,
+        compile=compile_models,
+        teacher_cache=teacher_cache,
     )
     cfg = opt.training_config(
         DistillConfig,

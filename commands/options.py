@@ -84,6 +84,25 @@ StrictData = Annotated[
         help="Stop at an image file that cannot be decoded instead of leaving it out.",
     ),
 ]
+DataPipeline = Annotated[
+    str | None,
+    typer.Option(
+        "--data-pipeline",
+        help="device: hold an in-memory dataset on the GPU and augment it there; cpu: loader "
+        "workers; auto (default): device on CUDA for cifar-10/100 and digits.",
+    ),
+]
+Augment = Annotated[
+    bool | None,
+    typer.Option(
+        "--augment/--no-augment",
+        help="Random crop, flip and colour jitter on training images (default on).",
+    ),
+]
+Compile = Annotated[
+    bool | None,
+    typer.Option("--compile/--no-compile", help="torch.compile the models (default off)."),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print results only, no progress.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 

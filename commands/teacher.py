@@ -90,6 +90,9 @@ def train(
     skip_nonfinite: opt.SkipNonfinite = None,
     save_every_steps: opt.SaveEverySteps = None,
     strict_data: opt.StrictData = None,
+    data_pipeline: opt.DataPipeline = None,
+    augment: opt.Augment = None,
+    compile_models: opt.Compile = None,
     resume: opt.Resume = False,
     overwrite: opt.Overwrite = False,
     preset: opt.Preset = None,
@@ -124,6 +127,9 @@ def train(
         skip_nonfinite=skip_nonfinite,
         save_every_steps=save_every_steps,
         strict_data=strict_data,
+        data_pipeline=data_pipeline,
+        augment=augment,
+        compile=compile_models,
     )
     cfg = opt.training_config(
         TeacherTrainConfig,

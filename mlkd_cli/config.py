@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from mlkd_cli.console import OutputOptions, UserError
 
 C = TypeVar("C")
+DATA_PIPELINES = ("auto", "device", "cpu")
 
 
 @dataclass(kw_only=True)
@@ -38,6 +39,11 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip steps with a NaN/inf loss instead of stopping
     save_every_steps: int = 0  # also write the training state every N optimiser steps; 0: never
     strict_data: bool = False  # stop at an unreadable image instead of leaving it out
+    # Where training images are augmented: "device" (in-memory datasets: held and augmented on
+    # the GPU), "cpu" (DataLoader workers), or "auto" (device on CUDA where possible).
+    data_pipeline: str = "auto"
+    augment: bool = True  # random crop, flip and colour jitter; off: the evaluation view
+    compile: bool = False  # torch.compile the models that run each step
     seed: int = 0
     world_size: int = 1
     device: str = "auto"
@@ -98,6 +104,11 @@ class TrainConfig:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.save_frequency < 0:
             raise UserError(f"--save-frequency must not be negative, got {self.save_frequency}")
+        if self.data_pipeline not in DATA_PIPELINES:
+            raise UserError(
+                f"--data-pipeline must be one of {', '.join(DATA_PIPELINES)}, "
+                f"not {self.data_pipeline!r}"
+            )
         if self.save_every_steps < 0:
             raise UserError(f"--save-every-steps must not be negative, got {self.save_every_steps}")
         if self.workers is not None and self.workers < 0:
@@ -154,6 +165,9 @@ class DistillConfig(TrainConfig):
     mixup_alpha: float = 1.0
     cutmix_alpha: float = 1.0
     save_frequency: int = 50
+    # Compute the teacher's outputs once, before training, and reuse them every epoch; needs a
+    # fixed teacher input (--no-augment, no Mixup/CutMix).
+    teacher_cache: bool = False
 
     def accumulation_steps(self, world_size: int) -> int:
         """As the original: enough forward passes for 128 images a step, unless told otherwise."""
@@ -177,6 +191,11 @@ class DistillConfig(TrainConfig):
             )
         if self.ensemble is not None and (self.teacher_model or self.teacher_checkpoint):
             raise UserError("name the teacher once: --ensemble, or --model with --checkpoint")
+        if self.teacher_cache and (self.augment or self.mixup_alpha > 0 or self.cutmix_alpha > 0):
+            raise UserError(
+                "--teacher-cache reuses the teacher's outputs, so its input must not change "
+                "between epochs: add --no-augment --mixup-alpha 0 --cutmix-alpha 0"
+            )
         if (self.teacher_model is None) != (self.teacher_checkpoint is None):
             raise UserError("a single teacher needs both --model and --checkpoint")
 

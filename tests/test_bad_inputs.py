@@ -216,6 +216,34 @@ CASES = [
         (*TRAIN, "--effective-batch-size", "1", "--world-size", "2"),
         ("--effective-batch-size 1", "2 processes", "--world-size"),
     ),
+    Case(
+        "unknown data pipeline",
+        (*TRAIN, "--data-pipeline", "gpu"),
+        ("--data-pipeline must be one of auto, device, cpu",),
+    ),
+    Case(
+        "device pipeline for images decoded from files",
+        (
+            "teacher",
+            "train",
+            "-d",
+            "imagefolder",
+            "-m",
+            "test_resnet",
+            "--data-dir",
+            "pets",
+            "--data-pipeline",
+            "device",
+        ),
+        ("--data-pipeline device needs a dataset held in memory", "--data-pipeline cpu"),
+        _corrupt_image,
+    ),  # fmt: skip
+    Case(
+        "teacher cache with random augmentation",
+        (*DISTILL, "--model", "test_resnet", "--checkpoint", "t.pth", "--teacher-cache"),
+        ("--teacher-cache", "--no-augment --mixup-alpha 0 --cutmix-alpha 0"),
+        _checkpoint("t.pth", 10),
+    ),
     pytest.param(
         Case("CUDA asked for, none present", (*TRAIN, "--device", "cuda"), ("--device cpu",)),
         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="about machines without GPU"),

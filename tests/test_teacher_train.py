@@ -125,17 +125,22 @@ def _independent_val_count(checkpoint: Path) -> tuple[int, float, int]:
     hits, nll = 0, 0.0
     with torch.no_grad():
         for index in range(len(val)):
-            image, label = val[index]
+            image, label, _ = val[index]
             logits = model(image[None])
             hits += int(logits.argmax(1).item() == label)
             nll += torch.nn.functional.cross_entropy(logits, torch.tensor([label])).item()
     return hits, nll, len(val)
 
 
-def test_two_process_ddp_metrics_equal_an_independent_count(run_cli, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_two_process_ddp_metrics_equal_an_independent_count(
+    run_cli, tmp_path: Path, pipeline: str
+) -> None:
     summary = train(
         run_cli,
         tmp_path,
+        "--data-pipeline",
+        pipeline,
         "--epochs",
         "2",
         "--world-size",

@@ -7,6 +7,7 @@ final classifier and each exit — takes the KD loss against the teacher's softe
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,15 @@ from torch.utils.data import DataLoader
 
 from mlkd_cli.config import DistillConfig
 from mlkd_cli.console import Reporter, UserError
+from mlkd_cli.data.loaders import TrainingBatches
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine import loop
-from mlkd_cli.engine.launch import DistContext
+from mlkd_cli.engine.launch import DistContext, resolve_device
 from mlkd_cli.engine.trainer import (
     RunFiles,
     RunPlan,
     check_output_files,
+    data_pipeline,
     dataset_recipe,
     fit,
     make_card,
@@ -95,6 +98,7 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     files = RunFiles(cfg.output_dir, cfg.run_name)
     check_output_files(cfg, files, identity=("student", "dataset"))
     recipe = dataset_recipe(cfg, splits)
+    data_pipeline(cfg, splits, resolve_device(cfg.device))
     # Built once here, on the CPU, so that an unsuitable student is refused before any worker.
     student = build_student(
         cfg.student,
@@ -129,6 +133,7 @@ class DistillTask:
         self.teacher = teacher
         self.loss = MultiExitKDLoss(cfg.temperature, cfg.alpha, plan.exit_weights)
         self.head_names: list[str] = []
+        self.cache: torch.Tensor | None = None
 
     def build(self, ctx: DistContext) -> nn.Module:
         """The student backbone (scratch, hub or local weights) with its exits."""
@@ -144,9 +149,44 @@ class DistillTask:
         self.head_names = student.head_names
         return student
 
-    def step(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The teacher sees exactly this augmented batch; every head takes the KD loss."""
-        teacher_logits = self.teacher(images)
+    def prepare(
+        self, ctx: DistContext, batches: TrainingBatches, precision: loop.Precision
+    ) -> None:
+        """With --compile, compile the teacher; with --teacher-cache, fill the output cache."""
+        report = Reporter(self.cfg.output, ctx.rank)
+        if self.cfg.compile:
+            for member in self.teacher.members:
+                failed = loop.compile_module(member, ctx.device)
+                if failed:
+                    report.warn(f"--compile is not available for the teacher ({failed})")
+                    break
+        if self.cfg.teacher_cache:
+            start = time.perf_counter()
+            self.cache = teacher_outputs(
+                self.teacher,
+                batches,
+                ctx,
+                precision,
+                self.cfg.batch_size,
+                self.plan.run.card.num_classes,
+            )
+            report.info(
+                f"teacher outputs cached for {len(batches)} images in "
+                f"{time.perf_counter() - start:.1f} s; no teacher forward during training"
+            )
+
+    def step(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The teacher sees exactly this augmented batch (or its cached outputs are used)."""
+        if self.cache is not None and indices is not None:
+            teacher_logits = self.cache[indices.to(self.cache.device, non_blocking=True)]
+        else:
+            teacher_logits = self.teacher(images)
         return self.loss(model(images), teacher_logits, targets)
 
     def evaluate(
@@ -185,6 +225,26 @@ class DistillTask:
             ["head", "val top-1 %", "val NLL"],
             [[n, f"{t:.2f}", f"{v:.4f}"] for n, t, v in rows],
         )
+
+
+def teacher_outputs(
+    teacher: nn.Module,
+    batches: TrainingBatches,
+    ctx: DistContext,
+    precision: loop.Precision,
+    batch_size: int,
+    num_classes: int,
+) -> torch.Tensor:
+    """The teacher's logits for every training image, (N, classes) on every rank's device.
+
+    Each rank runs its share; the rows are summed across ranks (the others' rows are zero).
+    """
+    cache = torch.zeros(len(batches), num_classes, device=ctx.device)
+    for batch in batches.shard_in_order(batch_size):
+        if batch.images.shape[0]:
+            logits = teacher(precision.to_device(batch.images)).float()
+            cache[batch.indices.to(ctx.device)] = logits
+    return ctx.all_reduce_sum(cache)
 
 
 def distill_student(ctx: DistContext, plan: DistillPlan) -> dict[str, Any]:

@@ -7,7 +7,9 @@ autocast, the optimiser and scheduler steps, and metric reduction across ranks.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -25,7 +27,8 @@ from mlkd_cli.data.loaders import Batch
 from mlkd_cli.data.sources import UnreadableImage
 from mlkd_cli.engine.launch import DistContext
 
-StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# (model, images, soft targets, dataset positions of the images or None) -> loss
+StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 # Reading the loss forces a host-device sync; do it this often, not every step.
 LOSS_READ_EVERY = 20
 
@@ -130,10 +133,32 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def cross_entropy_step(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The teacher-training step: soft-target cross-entropy of the model's logits."""
     return soft_cross_entropy(model(images), targets)
+
+
+def compile_module(module: nn.Module, device: torch.device) -> str | None:
+    """torch.compile `module` in place (its state_dict keys unchanged); None, or why it could not.
+
+    Compilation happens at the first forward; where a backend would fail there (no C++ compiler
+    for the CPU, no Triton for CUDA) the module is left as it is and the reason returned.
+    """
+    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        return "no C++ compiler found for the CPU backend"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    try:
+        module.compile()
+    except Exception as exc:  # torch refuses some platforms and Python versions up front
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    # A graph the compiler still cannot handle runs eagerly rather than stopping the run.
+    torch._dynamo.config.suppress_errors = True
+    return None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -205,11 +230,12 @@ def train_one_epoch(
         images = precision.to_device(batch.images)
         labels = batch.labels.to(ctx.device, non_blocking=True)
         images, targets = mixer(images, labels)
+        indices = None if batch.indices is None else batch.indices[: images.shape[0]]
         if images.shape[0] > 0:
             sync = nullcontext() if closes_group or not ctx.distributed else model.no_sync()
             with sync:
                 with precision.autocast():
-                    loss = step_fn(model, images, targets)
+                    loss = step_fn(model, images, targets, indices)
                 bad = (~torch.isfinite(loss.detach())).double()
                 if skip_nonfinite and float(ctx.all_reduce_sum(bad.clone())) > 0:
                     # Every rank sees the same verdict, so every rank skips alike.

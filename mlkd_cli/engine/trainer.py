@@ -23,8 +23,15 @@ from torch.utils.data import DataLoader
 from mlkd_cli import __version__
 from mlkd_cli.config import TeacherTrainConfig, TrainConfig
 from mlkd_cli.console import Reporter, RunInterrupted, RunStopped, UserError
-from mlkd_cli.data.loaders import TransformedSubset, build_eval_loader, build_train_batches
+from mlkd_cli.data.device import DeviceBatches
+from mlkd_cli.data.loaders import (
+    TrainingBatches,
+    TransformedSubset,
+    build_eval_loader,
+    build_train_batches,
+)
 from mlkd_cli.data.registry import HOLDOUT_SEED, DataSplits, load_splits
+from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.atomic import check_writable
@@ -37,7 +44,7 @@ from mlkd_cli.engine.checkpoint import (
 )
 from mlkd_cli.engine.history import History
 from mlkd_cli.engine.interrupt import StopRequest
-from mlkd_cli.engine.launch import DistContext
+from mlkd_cli.engine.launch import DistContext, resolve_device
 from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
 from mlkd_cli.plots import training_curves_png
 
@@ -96,8 +103,19 @@ class Task(Protocol):
     def build(self, ctx: DistContext) -> nn.Module:
         """The module that trains (on the CPU; `fit` moves it)."""
 
-    def step(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """One batch's loss (inside autocast)."""
+    def prepare(
+        self, ctx: DistContext, batches: TrainingBatches, precision: loop.Precision
+    ) -> None:
+        """Work before the first epoch, with the training data at hand (may do nothing)."""
+
+    def step(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        indices: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One batch's loss (inside autocast); `indices` are the images' dataset positions."""
 
     def evaluate(
         self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision
@@ -233,6 +251,39 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def data_pipeline(cfg: TrainConfig, splits: DataSplits, device_type: str) -> str:
+    """Which training pipeline a run uses: "device" or "cpu" (refusing what cannot work)."""
+    in_memory = isinstance(splits.train, ArraySource)
+    if cfg.data_pipeline == "device" and not in_memory:
+        raise UserError(
+            f"--data-pipeline device needs a dataset held in memory (cifar-10, cifar-100, "
+            f"digits); {cfg.dataset} is decoded from files: use --data-pipeline cpu"
+        )
+    if cfg.data_pipeline == "auto":
+        return "device" if in_memory and device_type == "cuda" else "cpu"
+    return cfg.data_pipeline
+
+
+def build_training_batches(
+    cfg: TrainConfig, splits: DataSplits, recipe: ImageRecipe, ctx: DistContext
+) -> TrainingBatches:
+    """This rank's training batches from the pipeline the run asked for."""
+    if data_pipeline(cfg, splits, ctx.device.type) == "device":
+        assert isinstance(splits.train, ArraySource)
+        return DeviceBatches(
+            splits.train,
+            splits.train_indices,
+            recipe,
+            cfg.batch_size,
+            ctx,
+            cfg.seed,
+            cfg.augment,
+        )
+    transform = build_train_transform(recipe) if cfg.augment else build_eval_transform(recipe)
+    train_set = TransformedSubset(splits.train, splits.train_indices, transform)
+    return build_train_batches(train_set, cfg.batch_size, ctx, cfg.seed, cfg.workers)
+
+
 @dataclass
 class _Resumed:
     """What a training state gives back: where to start, and a part-done epoch if any."""
@@ -250,11 +301,8 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
     precision = loop.Precision(ctx.device)
 
     splits = load_splits(cfg.dataset, cfg.data_dir, False, cfg.val_fraction)
-    train_set = TransformedSubset(
-        splits.train, splits.train_indices, build_train_transform(plan.recipe)
-    )
+    train_batches = build_training_batches(cfg, splits, plan.recipe, ctx)
     val_set = TransformedSubset(splits.val, splits.val_indices, build_eval_transform(plan.recipe))
-    train_batches = build_train_batches(train_set, cfg.batch_size, ctx, cfg.seed, cfg.workers)
     val_loader = build_eval_loader(val_set, cfg.batch_size * 2, ctx, cfg.workers)
     num_batches = train_batches.batches_per_epoch
     if num_batches == 0:
@@ -265,6 +313,11 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
     model.to(ctx.device)
     if precision.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        failed = loop.compile_module(model, ctx.device)
+        if failed:
+            report.warn(f"--compile is not available here ({failed}); training uncompiled")
+    task.prepare(ctx, train_batches, precision)
 
     accum = cfg.accumulation_steps(ctx.world_size)
     steps_per_epoch = -(-num_batches // accum)
@@ -304,9 +357,10 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
     )
     effective_batch = cfg.batch_size * ctx.world_size * accum
     report.info(
-        f"training {plan.card.arch} ({plan.kind}) on {cfg.dataset}: {len(train_set)} train / "
-        f"{len(val_set)} val images, {ctx.world_size} process(es) on {ctx.device.type}, "
-        f"effective batch {effective_batch}, {cfg.epochs} epochs"
+        f"training {plan.card.arch} ({plan.kind}) on {cfg.dataset}: {len(train_batches)} train "
+        f"/ {len(val_set)} val images, {_pipeline_name(train_batches)} data pipeline, "
+        f"{ctx.world_size} process(es) on {ctx.device.type}, effective batch {effective_batch}, "
+        f"{cfg.epochs} epochs"
     )
     state = _TrainingState(plan, task, model, optimizer, scheduler, history, ctx)
     warned: set[str] = set()
@@ -410,6 +464,10 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
             "curves": str(files.curves),
         },
     }
+
+
+def _pipeline_name(batches: TrainingBatches) -> str:
+    return "device" if isinstance(batches, DeviceBatches) else "cpu"
 
 
 def _interrupted(stop: StopRequest, files: RunFiles, where: str) -> RunInterrupted:
@@ -536,6 +594,7 @@ def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
     files = RunFiles(cfg.output_dir, cfg.run_name)
     check_output_files(cfg, files, identity=("model", "dataset"))
     recipe = dataset_recipe(cfg, splits)
+    data_pipeline(cfg, splits, resolve_device(cfg.device))
     # Built once here, on the CPU, so a bad checkpoint or image size fails before any worker.
     model = build_model(cfg.model, splits.num_classes, init_checkpoint=cfg.init_checkpoint)
     check_input_size(model, cfg.model, recipe.img_size)
@@ -555,6 +614,11 @@ class TeacherTask:
         return build_model(
             cfg.model, self.plan.card.num_classes, cfg.pretrained, cfg.init_checkpoint
         )
+
+    def prepare(
+        self, ctx: DistContext, batches: TrainingBatches, precision: loop.Precision
+    ) -> None:
+        """Nothing to prepare for cross-entropy training."""
 
     step = staticmethod(loop.cross_entropy_step)
 

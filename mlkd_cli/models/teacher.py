@@ -141,6 +141,7 @@ class TeacherEnsemble(nn.Module):
         self.register_buffer("weights", torch.tensor(list(weights), dtype=torch.float32))
         self.temperature = float(temperature)
         self.names = list(names or [f"member{i}" for i in range(len(members))])
+        self.bf16 = True  # bf16 autocast on CUDA; the benchmark's reference mode turns it off
         for param in self.parameters():
             param.requires_grad_(False)
         self.train(False)
@@ -151,7 +152,7 @@ class TeacherEnsemble(nn.Module):
         return self
 
     def _autocast(self, device: torch.device):
-        if device.type == "cuda":
+        if device.type == "cuda" and self.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 

@@ -1,0 +1,391 @@
+"""`make bench`: distillation throughput of mlkd's defaults against the original's settings.
+
+Not a test. For the CIFAR-100 recipe — the ResNet-50 student (`resnetv2_50x1_bit` with its
+exits, 100 classes), teachers of three and five of the original ensemble's architectures
+(random weights: speed does not depend on them), CIFAR-sized 32 px uint8 images upscaled to the
+training size — it prints images/s of
+
+  data      the training data pipeline alone (augmented, normalised batches on the device)
+  teacher   the teacher's forward pass alone
+  student   the student's training step alone (KD loss against fixed teacher outputs)
+  full      the whole distillation step: data, teacher, student, optimiser (`train_one_epoch`)
+
+in two modes, each in its own process so that global settings cannot leak:
+
+  reference  the original project: fp32, torch.use_deterministic_algorithms(True), images
+             decoded and augmented on 4 DataLoader workers
+  default    mlkd: bf16 autocast and channels_last on CUDA, the data held and augmented on the
+             device (`--data-pipeline device`), teacher under inference mode
+
+with default/reference ratios and, from FLOPs counted by torch's FlopCounterMode, the model
+TFLOP/s achieved (and its share of the device's dense bf16 peak on a known GPU). On a CPU it runs
+at a small image size and batch and says so: those figures are not 224 px figures.
+
+    python benchmarks/bench.py                   # 224 px, batch 128 on CUDA; 64 px, batch 16 on CPU
+    python benchmarks/bench.py --modes reference,default,compiled --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
+
+from mlkd_cli.data.device import DeviceBatches
+from mlkd_cli.data.loaders import Batch, TransformedSubset, build_train_batches
+from mlkd_cli.data.sources import ArraySource
+from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
+from mlkd_cli.engine import loop
+from mlkd_cli.engine.distiller import build_student
+from mlkd_cli.engine.launch import DistContext, resolve_device
+from mlkd_cli.losses import MultiExitKDLoss
+from mlkd_cli.models.teacher import TeacherEnsemble
+
+# The original project's five-member ensemble (its README's config.json); the first three form
+# the smaller teacher.
+ORIGINAL_ENSEMBLE = (
+    "deit_small_distilled_patch16_224",
+    "convnextv2_nano",
+    "gmlp_s16_224",
+    "hrnet_w18",
+    "swinv2_cr_tiny_ns_224",
+)
+CLASSES = 100
+# Dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts), FLOP/s.
+BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+MODES = ("reference", "default", "compiled")
+
+
+class FP32(loop.Precision):
+    """The reference mode's precision: fp32, NCHW, on any device."""
+
+    @property
+    def channels_last(self) -> bool:
+        """Never."""
+        return False
+
+    def autocast(self):
+        """No autocast."""
+        return torch.autocast(self.device.type, enabled=False)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (timings must include it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def create(name: str, img_size: int) -> torch.nn.Module:
+    """A teacher architecture at the benchmark's size (fixed-size models are told the size)."""
+    try:
+        return timm.create_model(name, num_classes=CLASSES, img_size=img_size)
+    except TypeError:
+        return timm.create_model(name, num_classes=CLASSES)
+
+
+class Worker:
+    """Everything one mode measures, in the process that runs that mode."""
+
+    def __init__(self, mode: str, args: argparse.Namespace) -> None:
+        self.mode, self.args = mode, args
+        self.device = torch.device(resolve_device(args.device))
+        self.ctx = DistContext(0, 1, 0, self.device)
+        reference = mode == "reference"
+        if reference:
+            torch.use_deterministic_algorithms(True)
+        self.precision = FP32(self.device) if reference else loop.Precision(self.device)
+        self.recipe = ImageRecipe(img_size=args.img_size, crop_pct=1.0)
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, size=(args.images, 32, 32, 3), dtype=np.uint8)
+        self.source = ArraySource(images, rng.integers(0, CLASSES, size=args.images).tolist())
+        torch.manual_seed(0)
+        self.student = self._place(build_student(args.student, CLASSES, None, args.img_size))
+        self.teachers = {}
+        for size in (3, 5):
+            members = [create(name, args.img_size) for name in ORIGINAL_ENSEMBLE[:size]]
+            teacher = self._place(TeacherEnsemble(members, [1.0] * size))
+            teacher.bf16 = not reference
+            self.teachers[size] = teacher
+        if mode == "compiled":
+            for module in [self.student, *self.teachers[3].members, *self.teachers[5].members]:
+                failed = loop.compile_module(module, self.device)
+                if failed:
+                    raise SystemExit(f"--compile is not available here: {failed}")
+        self.loss = MultiExitKDLoss(10.0, 1.0, [1.0] * len(self.student.exits))
+        self.mixer = loop.BatchMixer(CLASSES, 1.0, 1.0, 0.0)
+
+    def _place(self, module: torch.nn.Module) -> torch.nn.Module:
+        module.to(self.device)
+        if self.precision.channels_last:
+            module.to(memory_format=torch.channels_last)
+        return module
+
+    def batches(self) -> Iterator[Batch]:
+        """The mode's training pipeline, endlessly."""
+        batch = self.args.batch_size
+        if self.mode == "reference":
+            transform = build_train_transform(self.recipe)
+            subset = TransformedSubset(self.source, range(len(self.source)), transform)
+            workers = min(4, os.cpu_count() or 1)
+            source = build_train_batches(subset, batch, self.ctx, seed=0, workers=workers)
+        else:
+            indices = range(len(self.source))
+            source = DeviceBatches(self.source, indices, self.recipe, batch, self.ctx, seed=0)
+        epoch = 0
+        while True:
+            yield from source.epoch(epoch)
+            epoch += 1
+
+    def rate(self, work: Callable[[int], None]) -> float:
+        """Images/s of `work(steps)` after `work(warmup)`, device work included."""
+        work(self.args.warmup)
+        synchronize(self.device)
+        start = time.perf_counter()
+        work(self.args.steps)
+        synchronize(self.device)
+        return self.args.steps * self.args.batch_size / (time.perf_counter() - start)
+
+    def data(self) -> float:
+        """The pipeline alone: batches made and put on the device."""
+        stream = self.batches()
+
+        def work(steps: int) -> None:
+            for _ in range(steps):
+                self.precision.to_device(next(stream).images)
+
+        return self.rate(work)
+
+    def teacher(self, size: int) -> float:
+        """One teacher forward on a ready batch."""
+        images = self._random_images()
+
+        def work(steps: int) -> None:
+            for _ in range(steps):
+                self.teachers[size](images)
+
+        return self.rate(work)
+
+    def _random_images(self) -> torch.Tensor:
+        shape = (self.args.batch_size, 3, self.args.img_size, self.args.img_size)
+        return self.precision.to_device(torch.randn(shape))
+
+    def _train(self, batches: Iterator[Batch], step: loop.StepFn, steps: int) -> None:
+        optimizer = self.optimizer
+        scheduler = loop.build_scheduler(optimizer, max(steps, 1), 0, 1.0)
+        taken = (next(batches) for _ in range(steps))
+        loop.train_one_epoch(
+            self.student, taken, steps, step, optimizer, scheduler, self.mixer, self.ctx,
+            self.precision, 1,
+        )  # fmt: skip
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """One AdamW for the whole run (its state is part of the step's cost)."""
+        if not hasattr(self, "_optimizer"):
+            self._optimizer = loop.build_optimizer(self.student, 1e-3, 1e-4)
+        return self._optimizer
+
+    def student_step(self) -> float:
+        """The student's step on a ready batch, against fixed teacher logits."""
+        batch = Batch(self._random_images(), torch.randint(0, CLASSES, (self.args.batch_size,)))
+        fixed = torch.randn(self.args.batch_size, CLASSES, device=self.device)
+
+        def step(model, images, targets, indices):
+            return self.loss(model(images), fixed[: images.shape[0]], targets)
+
+        def endless() -> Iterator[Batch]:
+            while True:
+                yield batch
+
+        stream = endless()
+        return self.rate(lambda steps: self._train(stream, step, steps))
+
+    def full_step(self, size: int) -> float:
+        """Data pipeline, teacher, student and optimiser: `mlkd distill`'s step."""
+        teacher = self.teachers[size]
+
+        def step(model, images, targets, indices):
+            return self.loss(model(images), teacher(images), targets)
+
+        stream = self.batches()
+        return self.rate(lambda steps: self._train(stream, step, steps))
+
+    def measure(self) -> dict[str, float]:
+        """Every row of the table, in images/s."""
+        return {
+            "data": self.data(),
+            "teacher3": self.teacher(3),
+            "teacher5": self.teacher(5),
+            "student": self.student_step(),
+            "full3": self.full_step(3),
+            "full5": self.full_step(5),
+        }
+
+
+def count_flops(args: argparse.Namespace) -> dict[str, float]:
+    """FLOPs per image of each row's models (student: forward and backward), on the CPU."""
+    size = args.img_size
+    images = torch.randn(2, 3, size, size)
+    student = build_student(args.student, CLASSES, None, size)
+    with FlopCounterMode(display=False) as counter:
+        sum(head.sum() for head in student(images)).backward()
+    flops = {"student": counter.get_total_flops() / 2}
+    for n in (3, 5):
+        teacher = TeacherEnsemble([create(m, size) for m in ORIGINAL_ENSEMBLE[:n]], [1.0] * n)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            teacher(images)
+        flops[f"teacher{n}"] = counter.get_total_flops() / 2
+    flops["full3"] = flops["student"] + flops["teacher3"]
+    flops["full5"] = flops["student"] + flops["teacher5"]
+    return flops
+
+
+ROWS = {
+    "data": "data pipeline alone",
+    "teacher3": "teacher forward, 3 models",
+    "teacher5": "teacher forward, 5 models",
+    "student": "student step alone",
+    "full3": "full step, 3-model teacher",
+    "full5": "full step, 5-model teacher",
+}
+
+
+def device_description(device: torch.device) -> tuple[str, float | None]:
+    """The machine in words, and its dense bf16 peak in FLOP/s where known."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in BF16_PEAKS.items() if k in name), None)
+        return name, peak
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores", None
+
+
+def main() -> None:
+    """Run each mode in its own process, then print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--student", default="resnetv2_50x1_bit")
+    parser.add_argument("--img-size", type=int, help="default 224 on CUDA, 64 on a CPU")
+    parser.add_argument("--batch-size", type=int, help="default 128 on CUDA, 16 on a CPU")
+    parser.add_argument("--steps", type=int, help="measured steps (default 20 on CUDA, 10 on CPU)")
+    parser.add_argument(
+        "--warmup", type=int, help="unmeasured steps first (default 5 on CUDA, 2 on CPU)"
+    )
+    parser.add_argument("--images", type=int, default=4096, help="synthetic CIFAR-sized images")
+    parser.add_argument("--modes", default="reference,default")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table too")
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(resolve_device(args.device))
+    cuda = device.type == "cuda"
+    args.img_size = args.img_size or (224 if cuda else 64)
+    args.batch_size = args.batch_size or (128 if cuda else 16)
+    args.steps = args.steps or (20 if cuda else 10)
+    args.warmup = args.warmup or (5 if cuda else 2)
+    if args.worker:
+        print(json.dumps(Worker(args.worker, args).measure()))
+        return
+
+    modes = [m.strip() for m in args.modes.split(",")]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(sorted(unknown))}; choose from {MODES}")
+    console = Console(stderr=True)
+    results: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        console.print(f"measuring {mode} ...")
+        env = dict(os.environ)
+        if mode == "reference":
+            env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # deterministic cuBLAS needs it
+        passed = [
+            "--device", args.device, "--student", args.student, "--img-size", str(args.img_size),
+            "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--images", str(args.images),
+        ]  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", mode, *passed],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            console.print(f"{mode} failed:\n{done.stderr.strip()[-2000:]}")
+            continue
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    flops = count_flops(args)
+    name, peak = device_description(device)
+    print_table(args, results, flops, name, peak)
+
+
+def print_table(
+    args: argparse.Namespace,
+    results: dict[str, dict[str, float]],
+    flops: dict[str, float],
+    name: str,
+    peak: float | None,
+) -> None:
+    """The table on stdout (rich), and in Markdown with --markdown."""
+    modes = list(results)
+    fastest = next((m for m in ("compiled", "default") if m in results), None)
+    header = ["measurement", *(f"{m} img/s" for m in modes)]
+    if "reference" in results and fastest:
+        header.append(f"{fastest} / reference")
+    header.append(f"{fastest or modes[0]} model TFLOP/s")
+    if peak:
+        header.append("% of bf16 peak")
+    rows: list[list[str]] = []
+    for key, label in ROWS.items():
+        row = [label, *(f"{results[m][key]:.1f}" for m in modes)]
+        if "reference" in results and fastest:
+            row.append(f"{results[fastest][key] / results['reference'][key]:.2f}x")
+        best = results[fastest or modes[0]][key]
+        tflops = best * flops[key] / 1e12 if key in flops else None
+        row.append(f"{tflops:.3f}" if tflops is not None else "-")
+        if peak:
+            row.append(f"{100 * tflops * 1e12 / peak:.1f}" if tflops is not None else "-")
+        rows.append(row)
+    title = (
+        f"{name} | torch {torch.__version__} | {args.student} student, {CLASSES} classes | "
+        f"{args.img_size} px, batch {args.batch_size}, {args.steps} steps after {args.warmup}"
+    )
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    if args.img_size < 224:
+        console.print(
+            f"[yellow]note:[/yellow] {args.img_size} px on this machine, not the recipe's 224 px: "
+            "compare the modes with each other, not with GPU figures."
+        )
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
