@@ -23,6 +23,7 @@ from mlkd_cli.engine.checkpoint import ModelCard, save_model
 README = Path(__file__).resolve().parent.parent / "README.md"
 TRAIN = ("teacher", "train", "-d", "digits", "-m", "test_resnet", "-e", "1", "-q")
 DISTILL = ("distill", "-d", "digits", "--student", "test_resnet", "-e", "1", "-q")
+FOLDER = ("teacher", "train", "-d", "imagefolder", "-m", "test_resnet", "--data-dir", "pets")
 
 
 class _RunsCode:
@@ -140,28 +141,13 @@ CASES = [
     ),
     Case(
         "image folder with an empty class folder",
-        ("teacher", "train", "-d", "imagefolder", "-m", "test_resnet", "--data-dir", "pets"),
+        FOLDER,
         ("bird", "holds no images"),
         _empty_class,
     ),
     Case(
         "corrupt image under --strict-data",
-        (
-            "teacher",
-            "train",
-            "-d",
-            "imagefolder",
-            "-m",
-            "test_resnet",
-            "--data-dir",
-            "pets",
-            "--img-size",
-            "16",
-            "-b",
-            "4",
-            "--strict-data",
-            "-q",
-        ),
+        (*FOLDER, "--img-size", "16", "-b", "4", "--strict-data", "-q"),
         ("2.png", "not a readable image", "--strict-data"),
         _corrupt_image,
     ),  # fmt: skip
@@ -223,18 +209,7 @@ CASES = [
     ),
     Case(
         "device pipeline for images decoded from files",
-        (
-            "teacher",
-            "train",
-            "-d",
-            "imagefolder",
-            "-m",
-            "test_resnet",
-            "--data-dir",
-            "pets",
-            "--data-pipeline",
-            "device",
-        ),
+        (*FOLDER, "--data-pipeline", "device"),
         ("--data-pipeline device needs a dataset held in memory", "--data-pipeline cpu"),
         _corrupt_image,
     ),  # fmt: skip

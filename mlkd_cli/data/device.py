@@ -151,7 +151,6 @@ class DeviceBatches:
         self.batch_size, self.seed, self.ctx = batch_size, seed, ctx
         self.augment = DeviceAugment(recipe, ctx.device, augment)
         self.sampler = ResumableSampler(range(len(chosen)), ctx.rank, ctx.world_size, seed)
-        self.drop_last = self.sampler.num_samples >= batch_size
         self.generator = torch.Generator(device=ctx.device)
 
     def __len__(self) -> int:
@@ -160,8 +159,7 @@ class DeviceBatches:
     @property
     def batches_per_epoch(self) -> int:
         """Batches in a whole epoch (the same on every rank)."""
-        n = self.sampler.num_samples
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self.sampler.batch_count(self.batch_size)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches `start_batch`, `start_batch + 1`, ... of `epoch`, augmented on the device."""

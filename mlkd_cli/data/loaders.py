@@ -119,6 +119,11 @@ class ResumableSampler(DistributedSampler):
     def __len__(self) -> int:
         return max(0, self.num_samples - self.skip)
 
+    def batch_count(self, batch_size: int) -> int:
+        """Batches in a whole epoch: full ones only, unless the shard is under one batch."""
+        n = self.num_samples
+        return n // batch_size if n >= batch_size else min(n, 1)
+
 
 class SeededSampler(Sampler[tuple[int, int]]):
     """Another sampler's indices, each paired with the epoch's augmentation seed.
@@ -184,8 +189,7 @@ class TrainBatches:
     @property
     def batches_per_epoch(self) -> int:
         """Batches in a whole epoch (the same on every rank)."""
-        n = self.sampler.num_samples
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self.sampler.batch_count(self.batch_size)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches `start_batch`, `start_batch + 1`, ... of `epoch`."""
