@@ -277,6 +277,7 @@ def train_one_epoch(
         if elapsed > done.seconds
         else math.nan,
         "epoch_time_s": elapsed,
+        "batches_done": index + 1,
         "stopped": stopped,
     }
 

@@ -414,7 +414,8 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
                         "or replace it, or drop --strict-data to leave unreadable images out"
                     ) from None
             if train_metrics["stopped"]:
-                raise _interrupted(stop, files, f"in epoch {epoch + 1}")
+                where = f"in epoch {epoch + 1} after batch {train_metrics['batches_done']}"
+                raise _interrupted(stop, files, f"{where} of {num_batches}")
             unreadable = [
                 u for part in ctx.gather_objects(train_metrics["unreadable"]) for u in part
             ]
