@@ -41,36 +41,25 @@ def _spawned_workers(parent: int) -> list[int]:
     return found
 
 
+def _ddp_training(out: Path) -> subprocess.Popen:
+    """A long two-process CPU teacher run in the background, writing to `out`."""
+    command = [sys.executable, "-m", "mlkd_cli", *TINY_RUN, "--epochs", "200", "--world-size"]
+    command += ["2", "--output-dir", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(ready, job: subprocess.Popen, seconds: float = 120, poll: float = 0.05) -> None:
+    """Wait until `ready()` holds, the job ends, or `seconds` pass."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and job.poll() is None and not ready():
+        time.sleep(poll)
+
+
 def test_killed_ddp_worker_ends_the_job_quickly_with_one_line(tmp_path: Path) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "mlkd_cli",
-        "teacher",
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "test_resnet",
-        "--epochs",
-        "200",
-        "--img-size",
-        "16",
-        "--batch-size",
-        "16",
-        "--world-size",
-        "2",
-        "--output-dir",
-        str(tmp_path),
-        "--quiet",
-    ]
-    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = _ddp_training(tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while (
-            time.monotonic() < deadline and not (tmp_path / "digits_test_resnet_last.pth").exists()
-        ):
-            time.sleep(0.2)  # wait until training is under way (the first epoch is saved)
+        # Until training is under way (the first epoch is saved).
+        _wait_for((tmp_path / "t_last.pth").exists, job, 60, 0.2)
         workers = _spawned_workers(job.pid)
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)
@@ -196,9 +185,7 @@ def test_sigkilled_distillation_resumes_mid_epoch_to_the_same_weights(
     command = _distill_command(digits_teacher, tmp_path, "--save-every-steps", "2")
     job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "s_last.pth"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and job.poll() is None and not _saved_part_way(state):
-        time.sleep(0.05)
+    _wait_for(lambda: _saved_part_way(state), job)
     job.send_signal(signal.SIGKILL)  # right after a mid-epoch save: the epoch is part-done
     job.wait()
     assert job.returncode == -signal.SIGKILL
@@ -214,10 +201,7 @@ def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(
 ) -> None:
     command = _distill_command(digits_teacher, tmp_path)
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    curves = tmp_path / "s_curves.png"  # the last file written after an epoch
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and job.poll() is None and not curves.exists():
-        time.sleep(0.02)
+    _wait_for((tmp_path / "s_curves.png").exists, job, poll=0.02)  # last file of an epoch
     time.sleep(0.4)  # into the second epoch (an epoch takes about 1.4 s here)
     job.send_signal(signal.SIGTERM)
     _, stderr = job.communicate(timeout=60)
@@ -231,23 +215,9 @@ def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(
 
 
 def test_sigterm_to_the_launcher_stops_every_ddp_worker_cleanly(tmp_path: Path) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "mlkd_cli",
-        *TINY_RUN,
-        "--epochs",
-        "50",
-        "--world-size",
-        "2",
-        "--output-dir",
-        str(tmp_path),
-    ]
-    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = _ddp_training(tmp_path)
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not (tmp_path / "t_last.pth").exists():
-            time.sleep(0.2)
+        _wait_for((tmp_path / "t_last.pth").exists, job, 90, 0.2)
         job.send_signal(signal.SIGTERM)  # the launcher alone, as a scheduler's `kill` would
         sent = time.monotonic()
         _, stderr = job.communicate(timeout=60)
@@ -258,7 +228,7 @@ def test_sigterm_to_the_launcher_stops_every_ddp_worker_cleanly(tmp_path: Path) 
     assert job.returncode == 128 + signal.SIGTERM, stderr
     assert_error_line(stderr, "stopped by SIGTERM", "--resume")
     saved = torch.load(tmp_path / "t_last.pth", weights_only=True)
-    assert saved["epoch"] < 50
+    assert saved["epoch"] < 200
     assert saved["partial_epoch"] is None or saved["partial_epoch"]["world_size"] == 2
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlkd_cli.data.loaders import Batch, ResumableSampler
+from mlkd_cli.data.loaders import Batch, ResumableSampler, derive_seed
 from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe
 from mlkd_cli.engine.launch import DistContext
@@ -36,7 +36,6 @@ class DeviceAugment:
     def __init__(self, recipe: ImageRecipe, device: torch.device, augment: bool = True) -> None:
         self.recipe = recipe
         self.augment = augment
-        self.mode = recipe.interpolation if recipe.interpolation != "nearest" else "nearest"
         self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
         self.grey = torch.tensor(_GREY, device=device).view(1, 3, 1, 1)
@@ -93,7 +92,9 @@ class DeviceAugment:
     def _resample(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         size = self.recipe.img_size
         grid = F.affine_grid(theta, [x.shape[0], 3, size, size], align_corners=False)
-        out = F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False)
+        out = F.grid_sample(
+            x, grid, mode=self.recipe.interpolation, padding_mode="border", align_corners=False
+        )
         return out.clamp_(0, 1)  # bicubic overshoots
 
     def _jitter(self, x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
@@ -123,11 +124,6 @@ def _affine(
     theta[:, 1, 1] = h / height
     theta[:, 1, 2] = (2 * y0 + h) / height - 1
     return theta
-
-
-def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
-    """The generator seed of one training batch."""
-    return int(np.random.SeedSequence([seed, epoch, rank, batch, 0xD1]).generate_state(1)[0])
 
 
 class DeviceBatches:
@@ -168,7 +164,7 @@ class DeviceBatches:
         order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.ctx.device)
         for b in range(start_batch, self.batches_per_epoch):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
-            self.generator.manual_seed(batch_seed(self.seed, epoch, self.ctx.rank, b))
+            self.generator.manual_seed(derive_seed(self.seed, epoch, self.ctx.rank, b, 0xD1))
             images = self.augment(self.images[index], self.generator)
             yield Batch(images, self.labels[index], indices=index)
 

@@ -31,9 +31,9 @@ class Batch(NamedTuple):
     indices: torch.Tensor | None = None
 
 
-def augment_seed(seed: int, epoch: int, rank: int) -> int:
-    """The base seed of one epoch's per-image augmentation on one rank."""
-    return int(np.random.SeedSequence([seed, epoch, rank, 0xA06]).generate_state(1)[0])
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed drawn from a tuple of integers (the run's seed, epoch, rank, ...)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 class TransformedSubset(Dataset):
@@ -167,7 +167,7 @@ class TrainBatches:
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
-        self.rank, self.world_size = ctx.rank, ctx.world_size
+        self.ctx, self.workers = ctx, workers
         self.sampler = ResumableSampler(dataset, ctx.rank, ctx.world_size, seed)
         self.drop_last = self.sampler.num_samples >= batch_size
         self.seeded = SeededSampler(self.sampler)
@@ -195,20 +195,12 @@ class TrainBatches:
         """Batches `start_batch`, `start_batch + 1`, ... of `epoch`."""
         self.sampler.set_epoch(epoch)
         self.sampler.skip = start_batch * self.batch_size
-        self.seeded.seed = augment_seed(self.seed, epoch, self.rank)
+        self.seeded.seed = derive_seed(self.seed, epoch, self.ctx.rank, 0xA06)
         return iter(self.loader)
 
     def shard_in_order(self, batch_size: int) -> Iterator[Batch]:
         """This rank's share (items r, r + W, ...) in order, through the training transform."""
-        loader = DataLoader(
-            self.dataset,
-            batch_size=batch_size,
-            sampler=ShardSampler(len(self.dataset), self.rank, self.world_size),
-            collate_fn=collate_readable,
-            num_workers=self.loader.num_workers,
-            pin_memory=self.loader.pin_memory,
-        )
-        return iter(loader)
+        return iter(build_eval_loader(self.dataset, batch_size, self.ctx, self.workers))
 
 
 def default_workers(ctx: DistContext) -> int:

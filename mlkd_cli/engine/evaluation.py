@@ -75,9 +75,9 @@ def split_logits(
     logits = np.zeros((*template.shape[:-2], total, template.shape[-1]), dtype=np.float32)
     ordered = np.zeros(total, dtype=np.int64)
     for rank, (shard_x, shard_y, _) in enumerate(shards):
-        if len(shard_y):
+        if shard_x is not None:  # None: no image of that shard was readable
             logits[..., rank :: ctx.world_size, :] = shard_x
-            ordered[rank :: ctx.world_size] = shard_y
+        ordered[rank :: ctx.world_size] = shard_y
     left_out = [image for _, _, part in shards for image in part]
     if left_out:
         # Unreadable images hold label -1; every pass over the split leaves out the same ones.

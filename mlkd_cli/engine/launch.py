@@ -160,7 +160,7 @@ def _spawn(
     # torch logs each survivor it stops; mlkd says once, below, what happened and what to do.
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
-        with _ForwardSignals(context):
+        with _ForwardSignals():
             mp.spawn(
                 _spawned_entry,
                 args=(worker, payload, world_size, device_type, results),
@@ -203,8 +203,7 @@ class _ForwardSignals:
     `kill`) is passed on so that the workers save and stop too.
     """
 
-    def __init__(self, context: Any) -> None:
-        self.context = context
+    def __init__(self) -> None:
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> _ForwardSignals:

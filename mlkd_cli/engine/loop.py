@@ -262,10 +262,11 @@ def train_one_epoch(
         if closes_group and at_boundary is not None and at_boundary(index + 1, snapshot):
             stopped = index + 1 < num_batches
             break
-    totals = ctx.all_reduce_sum(torch.stack([loss_sum, samples, nonfinite]))
+    fresh = samples - done.samples  # images trained since this call began (not the resumed part)
+    totals = ctx.all_reduce_sum(torch.stack([loss_sum, samples, nonfinite, fresh]))
     if float(totals[2]) > 0:
         raise NonFiniteLoss(index + 1)
-    elapsed = done.seconds + time.perf_counter() - start
+    running = time.perf_counter() - start
     seen = float(totals[1])
     return {
         "train_loss": float(totals[0]) / max(seen, 1.0),
@@ -273,10 +274,8 @@ def train_one_epoch(
         "optimizer_steps": optimizer_steps,
         "nonfinite_skipped": skipped,
         "unreadable": unreadable,
-        "images_per_s": (seen - ctx.world_size * done.samples) / (elapsed - done.seconds)
-        if elapsed > done.seconds
-        else math.nan,
-        "epoch_time_s": elapsed,
+        "images_per_s": float(totals[3]) / running if running > 0 else math.nan,
+        "epoch_time_s": done.seconds + running,
         "batches_done": index + 1,
         "stopped": stopped,
     }

@@ -29,6 +29,7 @@ from mlkd_cli.data.loaders import (
     TransformedSubset,
     build_eval_loader,
     build_train_batches,
+    derive_seed,
 )
 from mlkd_cli.data.registry import HOLDOUT_SEED, DataSplits, load_splits
 from mlkd_cli.data.sources import ArraySource
@@ -179,12 +180,6 @@ def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, .
                     f"{files.last} was trained with --{flag} {before.get(key)}, not "
                     f"{now.get(key)}; resume with the same --{flag} or choose another --name"
                 )
-        partial = state.get("partial_epoch")
-        if partial is not None and partial["world_size"] != cfg.world_size:
-            raise UserError(
-                f"{files.last} was saved part-way through an epoch by {partial['world_size']} "
-                f"processes; resume with --world-size {partial['world_size']}"
-            )
         changed = [
             f"{k} {now[k]} (was {before[k]})"
             for k in sorted(now)
@@ -207,7 +202,7 @@ def seed_everything(seed: int, rank: int, epoch: int) -> int:
     Reseeding at every epoch makes a run resumed at an epoch boundary draw the same random
     numbers as one that never stopped; a mid-epoch checkpoint saves each rank's generators.
     """
-    derived = int(np.random.SeedSequence([seed, rank, epoch + 1]).generate_state(1)[0])
+    derived = derive_seed(seed, rank, epoch + 1)
     random.seed(derived)
     np.random.seed(derived)
     torch.manual_seed(derived)
@@ -499,7 +494,8 @@ def _load_training_state(
         if len(part["progress"]) != ctx.world_size:
             raise UserError(
                 f"{files.last} was saved part-way through an epoch by {len(part['progress'])} "
-                f"processes, not {ctx.world_size}; resume with the same number of processes"
+                f"processes, not {ctx.world_size}; resume with that many (--world-size "
+                f"{len(part['progress'])})"
             )
         resumed.progress = loop.EpochProgress(**part["progress"][ctx.rank])
         resumed.rng = part["rng"][ctx.rank]
