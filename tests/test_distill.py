@@ -20,7 +20,7 @@ from mlkd_cli.engine import loop
 from mlkd_cli.engine.distiller import build_student
 from mlkd_cli.engine.launch import DistContext, launch
 from mlkd_cli.losses import MultiExitKDLoss, kd_loss
-from mlkd_cli.models.student import find_stages, parse_exit_weights, parse_exits
+from mlkd_cli.models.student import PatchConv2d, find_stages, parse_exit_weights, parse_exits
 from mlkd_cli.models.teacher import TeacherEnsemble
 
 
@@ -72,6 +72,33 @@ def test_exits_found_from_timm_feature_info(arch: str, stages: list[str]) -> Non
 def test_exits_on_odd_sizes_reach_the_last_resolution() -> None:
     student = build_student("test_resnet", 3, None, 40)
     assert all(o.shape == (1, 3) for o in student(torch.randn(1, 3, 40, 40)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_patch_conv_equals_the_strided_convolution(channels_last: bool) -> None:
+    # The exits' k x k / stride-k conv runs as a GEMM over patches: same outputs, same gradients,
+    # same state-dict keys as nn.Conv2d.
+    torch.manual_seed(0)
+    patch = PatchConv2d(6, 5, 4, stride=4, bias=True)
+    plain = nn.Conv2d(6, 5, 4, stride=4, bias=True)
+    plain.load_state_dict(patch.state_dict())
+    assert list(patch.state_dict()) == list(plain.state_dict())
+    for size in (16, 18):  # divisible, and not (the latter takes the plain path)
+        x = torch.randn(3, 6, size, size)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_patch, out_plain = patch(a), plain(b)
+        assert out_patch.shape == out_plain.shape
+        assert torch.allclose(out_patch, out_plain, atol=1e-5)
+        grad = torch.randn_like(out_plain)
+        out_patch.backward(grad)
+        out_plain.backward(grad)
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+        assert torch.allclose(patch.weight.grad, plain.weight.grad, atol=1e-4)
+        patch.zero_grad(), plain.zero_grad()
+    student = build_student("test_resnet", 3, None, 32)
+    assert any(isinstance(m, PatchConv2d) for m in student.exits.modules())
 
 
 def test_model_without_stages_is_a_clear_error() -> None:
