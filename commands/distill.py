@@ -10,7 +10,8 @@ import typer
 from mlkd_cli.config import DistillConfig
 from mlkd_cli.console import Reporter
 from mlkd_cli.engine.distiller import distill_student, plan_distillation
-from mlkd_cli.engine.launch import launch, launcher_rank
+from mlkd_cli.engine.launch import launcher_rank
+from mlkd_cli.engine.trainer import launch_training
 
 from . import options as opt
 
@@ -114,6 +115,7 @@ def distill(
     data_dir: opt.DataDir = None,
     download: opt.Download = None,
     world_size: opt.WorldSize = None,
+    max_restarts: opt.MaxRestarts = None,
     device: opt.Device = None,
     seed: opt.Seed = None,
     workers: opt.Workers = None,
@@ -168,6 +170,7 @@ def distill(
         data_dir=data_dir,
         download=download,
         world_size=world_size,
+        max_restarts=max_restarts,
         device=device,
         seed=seed,
         workers=workers,
@@ -191,7 +194,7 @@ def distill(
         json=json,
     )
     plan = plan_distillation(cfg)
-    summary = launch(distill_student, plan, cfg.world_size, cfg.device)
+    summary = launch_training(distill_student, plan)
     report = Reporter(cfg.output, rank=launcher_rank())
     best = summary["best_row"] or {}
     rows = [["final", _pct(best.get("val_top1")), best.get("val_nll")]]

@@ -34,6 +34,14 @@ WorldSize = Annotated[
     int | None,
     typer.Option("--world-size", help="Processes to spawn (one per GPU; gloo on CPU) (default 1)."),
 ]
+MaxRestarts = Annotated[
+    int | None,
+    typer.Option(
+        "--max-restarts",
+        help="Restart the workers up to N times when one dies, each time from the last saved "
+        "state (default 0; under torchrun, torchrun's own --max-restarts applies).",
+    ),
+]
 Device = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda (default auto).")]
 Seed = Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")]
 Workers = Annotated[

@@ -28,6 +28,7 @@ def pipeline(
     ] = None,
     data_dir: opt.DataDir = None,
     world_size: opt.WorldSize = None,
+    max_restarts: opt.MaxRestarts = None,
     device: opt.Device = None,
     workers: opt.Workers = None,
     quiet: opt.Quiet = False,
@@ -38,7 +39,15 @@ def pipeline(
     folder = run_dir or Path("runs") / Path(preset).stem
     summary = run_pipeline(
         PipelineOptions(
-            preset, folder, data_dir, baseline, world_size or 1, device or "auto", workers, out
+            preset,
+            folder,
+            data_dir,
+            baseline,
+            world_size or 1,
+            device or "auto",
+            workers,
+            out,
+            max_restarts or 0,
         )
     )
     if summary is None or launcher_rank() != 0:

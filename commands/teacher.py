@@ -9,8 +9,8 @@ import typer
 
 from mlkd_cli.config import TeacherTrainConfig
 from mlkd_cli.console import Reporter
-from mlkd_cli.engine.launch import launch, launcher_rank
-from mlkd_cli.engine.trainer import plan_teacher_training, train_teacher
+from mlkd_cli.engine.launch import launcher_rank
+from mlkd_cli.engine.trainer import launch_training, plan_teacher_training, train_teacher
 
 from . import options as opt
 
@@ -83,6 +83,7 @@ def train(
     data_dir: opt.DataDir = None,
     download: opt.Download = None,
     world_size: opt.WorldSize = None,
+    max_restarts: opt.MaxRestarts = None,
     device: opt.Device = None,
     seed: opt.Seed = None,
     workers: opt.Workers = None,
@@ -120,6 +121,7 @@ def train(
         data_dir=data_dir,
         download=download,
         world_size=world_size,
+        max_restarts=max_restarts,
         device=device,
         seed=seed,
         workers=workers,
@@ -142,7 +144,7 @@ def train(
         json=json,
     )
     plan = plan_teacher_training(cfg)
-    summary = launch(train_teacher, plan, cfg.world_size, cfg.device)
+    summary = launch_training(train_teacher, plan)
     report = Reporter(cfg.output, rank=launcher_rank())
     best = summary["best_row"] or {}
     report.table(

@@ -14,6 +14,42 @@ C = TypeVar("C")
 DATA_PIPELINES = ("auto", "device", "cpu")
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """One optimiser step: `accumulation` forward passes of `per_process` images on each of
+    `world_size` processes.
+
+    `--batch-size` is the most images one process takes in a forward pass (what its memory
+    holds); `--effective-batch-size` is the number of images per optimiser step over all
+    processes (what the learning rate is tuned for). mlkd reaches the effective batch with the
+    fewest forward passes that fit: accumulation = ceil(E / (B x W)), then the per-process batch
+    is lowered to ceil(E / (W x accumulation)) so the step is not larger than it needs to be.
+    When E is not a multiple of W x accumulation, the step holds the next multiple above E
+    (128 on 3 processes: 3 x 43 = 129 images); `global_batch` says how many, and the run prints it.
+    """
+
+    per_process: int
+    accumulation: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimiser step over all processes."""
+        return self.per_process * self.accumulation * self.world_size
+
+    @classmethod
+    def for_target(cls, target: int, batch_size: int, world_size: int) -> BatchPlan:
+        """The plan reaching `target` images per step with at most `batch_size` per pass."""
+        if target < world_size:
+            raise UserError(
+                f"--effective-batch-size {target} is smaller than the {world_size} processes: "
+                "each needs at least one image a step; raise it or lower --world-size"
+            )
+        accumulation = -(-target // (batch_size * world_size))
+        per_process = -(-target // (world_size * accumulation))
+        return cls(per_process, accumulation, world_size)
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """What every training run needs: data, optimisation, launch and output (defaults here)."""
@@ -46,6 +82,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the models that run each step
     seed: int = 0
     world_size: int = 1
+    # Restarts of the worker processes after one dies, each from the last saved state.
+    max_restarts: int = 0
     device: str = "auto"
     workers: int | None = None
     output_dir: Path = Path("models")
@@ -58,23 +96,15 @@ class TrainConfig:
         """The name the run's files carry: `--name`, or a default of the run's kind."""
         return self.name or self.dataset
 
-    def accumulation_steps(self, world_size: int) -> int:
-        """Forward passes per optimiser step so that the global batch is `effective_batch_size`."""
-        per_step = self.batch_size * world_size
+    def batch_plan(self, world_size: int) -> BatchPlan:
+        """How each optimiser step is made up at this world size (see `BatchPlan`)."""
         if self.effective_batch_size is None:
-            return 1
-        if self.effective_batch_size < world_size:
-            raise UserError(
-                f"--effective-batch-size {self.effective_batch_size} is smaller than the "
-                f"{world_size} processes: each needs at least one image a step; raise it or "
-                "lower --world-size"
-            )
-        if self.effective_batch_size % per_step:
-            raise UserError(
-                f"--effective-batch-size {self.effective_batch_size} is not a multiple of "
-                f"--batch-size x world size = {per_step}; change one of them"
-            )
-        return self.effective_batch_size // per_step
+            return BatchPlan(self.batch_size, 1, world_size)
+        return BatchPlan.for_target(self.effective_batch_size, self.batch_size, world_size)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Forward passes per optimiser step at this world size."""
+        return self.batch_plan(world_size).accumulation
 
     def validate(self) -> None:
         """Refuse impossible values before any work starts."""
@@ -90,6 +120,8 @@ class TrainConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise UserError(f"--{flag} must be at least 1, got {value}")
+        if self.max_restarts < 0:
+            raise UserError(f"--max-restarts must not be negative, got {self.max_restarts}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         for flag, value in {
@@ -117,7 +149,7 @@ class TrainConfig:
             raise UserError("Mixup/CutMix mixes pairs of images: use --batch-size 2 or more")
         if self.resume and self.overwrite:
             raise UserError("--resume continues a run and --overwrite replaces it; pass one")
-        self.accumulation_steps(self.world_size)
+        self.batch_plan(self.world_size)
 
     def to_record(self) -> dict[str, Any]:
         """Plain values for history files and checkpoints (paths as strings)."""
@@ -169,12 +201,18 @@ class DistillConfig(TrainConfig):
     # fixed teacher input (--no-augment, no Mixup/CutMix).
     teacher_cache: bool = False
 
-    def accumulation_steps(self, world_size: int) -> int:
-        """As the original: enough forward passes for 128 images a step, unless told otherwise."""
+    def batch_plan(self, world_size: int) -> BatchPlan:
+        """As the original: enough forward passes for 128 images a step, unless told otherwise.
+
+        Without --effective-batch-size, a step is whole forward passes of --batch-size (as
+        many as fit in 128 images, at least one), so a larger --batch-size is never cut.
+        """
         if self.effective_batch_size is None:
             per_step = self.batch_size * world_size
-            return max(1, ORIGINAL_EFFECTIVE_BATCH // per_step)
-        return super().accumulation_steps(world_size)
+            return BatchPlan(
+                self.batch_size, max(1, ORIGINAL_EFFECTIVE_BATCH // per_step), world_size
+            )
+        return super().batch_plan(world_size)
 
     def validate(self) -> None:
         """Refuse impossible values before any work starts."""

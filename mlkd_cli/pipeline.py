@@ -27,10 +27,16 @@ from mlkd_cli.engine.distiller import build_student, distill_student, plan_disti
 from mlkd_cli.engine.ensemble import fit_and_write, run_logits_pass
 from mlkd_cli.engine.evaluation import card_recipe, measure, plan_eval_job, split_dataset
 from mlkd_cli.engine.history import atomic_write_text
-from mlkd_cli.engine.launch import DistContext, launch, resolve_device
-from mlkd_cli.engine.trainer import RunFiles, plan_teacher_training, train_teacher
+from mlkd_cli.engine.launch import DistContext, resolve_device
+from mlkd_cli.engine.trainer import (
+    RunFiles,
+    launch_training,
+    plan_teacher_training,
+    train_teacher,
+)
 from mlkd_cli.export import export_checkpoint
 from mlkd_cli.models.ensemble_config import read_ensemble_config
+from mlkd_cli.models.factory import check_model_name
 from mlkd_cli.plots import comparison_png
 from mlkd_cli.presets import resolve_preset
 
@@ -49,6 +55,7 @@ class PipelineOptions:
     device: str = "auto"
     workers: int | None = None
     output: OutputOptions = OutputOptions()
+    max_restarts: int = 0
 
 
 def run_complete(files: RunFiles, epochs: int) -> bool:
@@ -73,7 +80,7 @@ def _train(
     cfg = replace(cfg, resume=resume, overwrite=not resume)
     report.info(f"{'resume' if resume else 'run'} {what}")
     try:
-        launch(worker, planner(cfg), cfg.world_size, cfg.device)
+        launch_training(worker, planner(cfg))
     except RunInterrupted as exc:
         # The pipeline resumes by itself: say so instead of the --resume of a single command.
         message = str(exc).split(": run the same command", 1)[0]
@@ -81,6 +88,37 @@ def _train(
             f"{message}: run the same pipeline command again to continue", exc.signum
         ) from None
     return "resumed" if resume else "trained"
+
+
+def _baseline_config(
+    student: DistillConfig, common: dict[str, Any], options: PipelineOptions
+) -> TeacherTrainConfig:
+    """The cross-entropy student: the student's architecture, data and budget, no teacher."""
+    return TeacherTrainConfig(
+        dataset=student.dataset,
+        model=student.student,
+        name=f"{student.run_name}_ce_baseline",
+        epochs=student.epochs,
+        batch_size=student.batch_size,
+        img_size=student.img_size,
+        seed=student.seed,
+        val_fraction=student.val_fraction,
+        **common,
+        **({"data_dir": student.data_dir} if options.data_dir is None else {}),
+    )
+
+
+def _check_stages(configs: list[TrainConfig], options: PipelineOptions) -> None:
+    """Validate every training stage's settings (batch arithmetic at this world size included),
+    model names and data before the first stage runs; raises UserError naming the stage."""
+    for cfg in configs:
+        try:
+            cfg.validate()
+            check_model_name(cfg.student if isinstance(cfg, DistillConfig) else cfg.model)
+        except UserError as exc:
+            raise UserError(f"{options.preset}: stage {cfg.run_name}: {exc}") from None
+    first = configs[0]
+    load_splits(first.dataset, first.data_dir, first.download, first.val_fraction)
 
 
 def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
@@ -97,18 +135,26 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
         "device": options.device,
         "workers": options.workers,
         "output": options.output,
+        "max_restarts": options.max_restarts,
     }
     if options.data_dir is not None:
         common["data_dir"] = options.data_dir
     stages: dict[str, str] = {}
+    ensemble_path = run_dir / ENSEMBLE_FILE
 
     teachers = [replace(t, **common) for t in resolved["teachers"]]
+    student = replace(distill, **common, ensemble=ensemble_path, models_dir=models)
+    use_baseline = resolved["baseline"] if options.baseline is None else options.baseline
+    baseline = _baseline_config(student, common, options) if use_baseline else None
+    # Every stage is checked now, so that a bad setting of a late stage is not found only
+    # after the teachers have trained for hours.
+    _check_stages([*teachers, student, *([baseline] if baseline else [])], options)
+
     for t in teachers:
         stages[t.run_name] = _train(
             t, plan_teacher_training, train_teacher, report, f"teacher {t.run_name} ({t.model})"
         )
 
-    ensemble_path = run_dir / ENSEMBLE_FILE
     fit_temperature = resolved["ensemble"]["fit_temperature"]
     if ensemble_path.is_file() and read_ensemble_config(ensemble_path, models).has_weights:
         report.info(f"skip ensemble: {ensemble_path} has fitted weights")
@@ -134,7 +180,6 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
             fit_and_write(run, fit_temperature, ensemble_path)
         stages["ensemble"] = "fitted"
 
-    student = replace(distill, **common, ensemble=ensemble_path, models_dir=models)
     stages[student.run_name] = _train(
         student,
         plan_distillation,
@@ -142,21 +187,7 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
         report,
         f"student {student.run_name} ({student.student})",
     )
-    use_baseline = resolved["baseline"] if options.baseline is None else options.baseline
-    baseline = None
-    if use_baseline:
-        baseline = TeacherTrainConfig(
-            dataset=student.dataset,
-            model=student.student,
-            name=f"{student.run_name}_ce_baseline",
-            epochs=student.epochs,
-            batch_size=student.batch_size,
-            img_size=student.img_size,
-            seed=student.seed,
-            val_fraction=student.val_fraction,
-            **common,
-            **({"data_dir": student.data_dir} if options.data_dir is None else {}),
-        )
+    if baseline is not None:
         stages[baseline.run_name] = _train(
             baseline,
             plan_teacher_training,

@@ -193,9 +193,9 @@ CASES = [
         ("test_convnext cannot run on 16x16", "--img-size"),
     ),
     Case(
-        "effective batch not a multiple",
-        (*TRAIN, "-b", "8", "--effective-batch-size", "12"),
-        ("--effective-batch-size 12", "multiple"),
+        "negative restart count",
+        (*TRAIN, "--max-restarts", "-1"),
+        ("--max-restarts", "must not be negative"),
     ),
     Case(
         "batch smaller than the world size",

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mlkd_cli.console import UserError
 from mlkd_cli.data.loaders import ShardSampler, collate_readable
-from mlkd_cli.engine import loop
+from mlkd_cli.engine import interrupt, loop
 from mlkd_cli.engine.atomic import WriteFailed, atomic_write
 from mlkd_cli.engine.checkpoint import load_checkpoint, read_weights
 from mlkd_cli.engine.interrupt import StopRequest
@@ -158,11 +158,17 @@ def test_read_weights_strips_ddp_prefixes(tmp_path: Path) -> None:
     assert math.isclose(float(weights["fc.weight"].sum()), 2.0)
 
 
-def test_stop_request_records_a_signal_and_a_second_ctrl_c_interrupts() -> None:
+def test_stop_request_records_a_signal_and_a_second_ctrl_c_interrupts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     with StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signum == signal.SIGTERM and stop.agreed(CPU) == signal.SIGTERM
         os.kill(os.getpid(), signal.SIGTERM)  # a scheduler repeating itself: still just a request
+        # The launcher's copy of the terminal's Ctrl-C arrives at once: the same request.
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGTERM
+        monkeypatch.setattr(interrupt, "SAME_REQUEST_S", 0.0)  # a person's later second Ctrl-C
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is not stop._handle  # handlers put back

@@ -257,7 +257,13 @@ def run_logits_pass(
     plan = plan_ensemble_run(
         config, dataset, data_dir or Path("data"), split, val_fraction, batch_size, workers, output
     )
-    collected = launch(collect_member_logits, plan, world_size or 1, device or "auto")
+    collected = launch(
+        collect_member_logits,
+        plan,
+        world_size or 1,
+        device or "auto",
+        memory_hint=f"lower --batch-size, now {batch_size} per process",
+    )
     if launcher_rank() != 0:
         return None
     return LogitsPass(

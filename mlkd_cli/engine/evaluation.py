@@ -273,7 +273,13 @@ def measure(job: EvalJob, world_size: int, device: str) -> Measured | None:
     from mlkd_cli.engine.launch import launch, launcher_rank
     from mlkd_cli.metrics import classification_metrics
 
-    collected = launch(run_eval_job, job, world_size, device)
+    collected = launch(
+        run_eval_job,
+        job,
+        world_size,
+        device,
+        memory_hint=f"lower --batch-size, now {job.batch_size} per process",
+    )
     if launcher_rank() != 0:
         return None
     logits = torch.from_numpy(collected["logits"])

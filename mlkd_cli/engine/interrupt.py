@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -17,6 +18,10 @@ import torch
 from mlkd_cli.engine.launch import DistContext
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+# A Ctrl-C reaches a DDP worker twice: from the terminal (the whole process group) and from the
+# launcher, which passes the signals it gets on to its workers. Copies this close together are
+# one request; a person's second Ctrl-C comes later.
+SAME_REQUEST_S = 1.0
 
 
 class StopRequest:
@@ -24,6 +29,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -43,9 +49,11 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._first_at = signum, now
+        elif signum == signal.SIGINT and now - self._first_at > SAME_REQUEST_S:
             raise KeyboardInterrupt  # the user insists: stop now, without saving
-        self.signum = self.signum or signum
 
     @property
     def name(self) -> str:

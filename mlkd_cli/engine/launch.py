@@ -6,19 +6,29 @@ one code path: the worker receives a `DistContext` and does the same thing whate
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
+import json
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
+import time
+import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from mlkd_cli.console import Reporter, RunInterrupted, RunStopped, UserError
 
@@ -28,6 +38,9 @@ P = TypeVar("P")
 # A collective that waits longer than this is a dead peer, not a slow one.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# How long workers told to stop (SIGTERM, Ctrl-C) get to finish their step and save their state
+# before they are killed.
+SHUTDOWN_GRACE_S = 120
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,8 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    # How many times the launcher restarted the workers before this attempt (0: the first run).
+    restart: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -108,151 +123,289 @@ def launcher_rank() -> int:
     return int(os.environ["RANK"]) if under_torchrun() else 0
 
 
-def launch(worker: Callable[[DistContext, P], T], payload: P, world_size: int, device: str) -> T:
+def launch(
+    worker: Callable[[DistContext, P], T],
+    payload: P,
+    world_size: int,
+    device: str,
+    *,
+    max_restarts: int = 0,
+    memory_hint: str = "lower --batch-size",
+) -> T:
     """Run `worker(ctx, payload)` on every rank and return rank 0's result.
 
-    `world_size` > 1 spawns that many local processes; a torchrun launch is detected from its
-    environment and runs in place (its world size wins). Any worker's `UserError` comes back
-    to the caller as a `UserError`.
+    One process runs the worker in place. `world_size` > 1 (or `max_restarts` > 0) starts
+    local worker processes through PyTorch's elastic launcher (torchrun's engine), which reads
+    each worker's return value while the workers run, so results of any size come back. A
+    torchrun launch is detected from its environment and runs in place (its world size and its
+    own --max-restarts win). A worker's `UserError`, interruption or stop comes back to the
+    caller as the same exception; a worker that dies is restarted up to `max_restarts` times
+    (training resumes from its last saved state), then reported as `WorkerDied`.
+    `memory_hint` is what an out-of-memory report tells the user to do.
     """
     device_type = resolve_device(device)
     if world_size < 1:
         raise UserError(f"--world-size must be at least 1, got {world_size}")
+    if max_restarts < 0:
+        raise UserError(f"--max-restarts must not be negative, got {max_restarts}")
     if under_torchrun():
         local_rank = int(os.environ["LOCAL_RANK"])
         ctx = _init_process(
-            int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device_type
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            local_rank,
+            device_type,
+            int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         )
         try:
-            return worker(ctx, payload)
+            return _run_worker(worker, ctx, payload, memory_hint)
         finally:
             _shutdown(ctx)
-    if world_size == 1:
-        torch_device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
-        if device_type == "cuda":
-            torch.cuda.set_device(torch_device)
-        return worker(DistContext(0, 1, 0, torch_device), payload)
     if device_type == "cuda" and world_size > torch.cuda.device_count():
         raise UserError(
             f"--world-size {world_size} needs {world_size} GPUs but only "
             f"{torch.cuda.device_count()} are visible; lower --world-size"
         )
-    return _spawn(worker, payload, world_size, device_type)
+    if world_size == 1 and max_restarts == 0:
+        torch_device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
+        if device_type == "cuda":
+            torch.cuda.set_device(torch_device)
+        return _run_worker(worker, DistContext(0, 1, 0, torch_device), payload, memory_hint)
+    return _elastic(worker, payload, world_size, device_type, max_restarts, memory_hint)
 
 
-def _spawn(
-    worker: Callable[[DistContext, P], T], payload: P, world_size: int, device_type: str
+def _run_worker(
+    worker: Callable[[DistContext, P], T], ctx: DistContext, payload: P, memory_hint: str
 ) -> T:
-    # The children inherit the rendezvous address through the environment; what we set for this
-    # launch is taken back afterwards so that a second launch in the same process gets a new port.
-    added = {k: v for k, v in (("MASTER_ADDR", "127.0.0.1"),) if k not in os.environ}
+    """The worker, with an out-of-memory error turned into one line naming what to lower."""
+    try:
+        return worker(ctx, payload)
+    except torch.OutOfMemoryError as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        raise RunStopped(
+            f"{ctx.device.type.upper()} ran out of memory on rank {ctx.rank} ({detail}); "
+            f"{memory_hint}"
+        ) from None
+
+
+def _elastic(
+    worker: Callable[[DistContext, P], T],
+    payload: P,
+    world_size: int,
+    device_type: str,
+    max_restarts: int,
+    memory_hint: str,
+) -> T:
+    """Start `world_size` local workers through torch's elastic launcher, restarting on death."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     given_port = os.environ.get("MASTER_PORT")
-    if given_port is None or not port_is_free(
+    if given_port is not None and not port_is_free(
         os.environ.get("MASTER_ADDR", "127.0.0.1"), given_port
     ):
-        if given_port is not None:
-            Reporter().warn(f"MASTER_PORT {given_port} is busy or invalid; using a free port")
-        added["MASTER_PORT"] = str(free_port())
-    saved = {k: os.environ[k] for k in added if k in os.environ}
-    os.environ.update(added)
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    # torch logs each survivor it stops; mlkd says once, below, what happened and what to do.
-    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+        Reporter().warn(f"MASTER_PORT {given_port} is busy or invalid; using a free port")
+    scratch = Path(tempfile.mkdtemp(prefix="mlkd-launch-"))
     try:
-        with _ForwardSignals():
-            mp.spawn(
-                _spawned_entry,
-                args=(worker, payload, world_size, device_type, results),
-                nprocs=world_size,
-                join=True,
-            )
-    except mp.ProcessExitedException as exc:
-        reported = _first_report(results)
-        if reported is not None:
-            _raise_report(*reported)
-        how = f"signal {exc.signal_name}" if exc.signal_name else f"exit code {exc.exit_code}"
-        raise WorkerDied(
-            f"DDP worker {exc.error_index} of {world_size} died ({how}); the others were "
-            "stopped. A training run continues from its last saved state with --resume"
-        ) from None
+        for attempt in range(max_restarts + 1):
+            reports = scratch / f"attempt{attempt}"
+            reports.mkdir()
+            try:
+                with _LauncherState():
+                    results = elastic_launch(
+                        _launch_config(world_size, scratch / f"logs{attempt}"), _elastic_entry
+                    )(worker, payload, device_type, attempt, str(reports), memory_hint)
+            except SignalException as exc:
+                _kill_children()
+                signum = int(exc.sigval)
+                raise _reported(reports, world_size) or RunInterrupted(
+                    f"stopped by {signal.Signals(signum).name} before the workers finished; "
+                    "nothing was written by this pass",
+                    signum,
+                ) from None
+            except ChildFailedError as exc:
+                _kill_children()
+                killed = any(f.exitcode < 0 for f in exc.failures.values())
+                reported = _reported(reports, world_size, crashes=not killed)
+                if reported is not None:
+                    raise reported from None
+                died = _death_message(exc, world_size, memory_hint)
+                if attempt < max_restarts:
+                    Reporter().warn(
+                        f"{died}; restarting every worker from the last saved state "
+                        f"(restart {attempt + 1} of {max_restarts})"
+                    )
+                    continue
+                raise WorkerDied(
+                    f"{died}; the others were stopped. A training run continues from its last "
+                    "saved state with --resume (or add --max-restarts N to restart by itself)"
+                ) from None
+            return results[0]
+        raise AssertionError("unreachable")  # the loop returns or raises
     finally:
-        for key in added:
-            os.environ.pop(key, None)
-        os.environ.update(saved)
-    status, value = results.get()
-    if status != "ok":
-        _raise_report(status, value)
-    return value
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _raise_report(status: str, value: Any) -> None:
-    if status == "user_error":
-        raise UserError(value)
-    if status == "interrupted":
-        message, signum = value
-        raise RunInterrupted(message, signum)
-    raise RunStopped(value)
+def _launch_config(world_size: int, log_dir: Path) -> Any:
+    """One node, `world_size` workers, a rendezvous on a free loopback port, no restarts.
+
+    mlkd restarts by itself (`_elastic`) so that a user error or an interrupt is never
+    restarted; torch's own restarts belong to torchrun. Fields newer torch versions added are
+    passed only where this torch has them.
+    """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+
+    wanted: dict[str, Any] = {
+        "min_nodes": 1,
+        "max_nodes": 1,
+        "nproc_per_node": world_size,
+        "run_id": f"mlkd-{uuid.uuid4().hex[:12]}",
+        "rdzv_backend": "c10d",
+        "rdzv_endpoint": "127.0.0.1:0",
+        "max_restarts": 0,
+        "monitor_interval": 0.1,
+        "start_method": "spawn",
+        "logs_specs": DefaultLogsSpecs(log_dir=str(log_dir)),
+        # Workers stopping on a signal finish their step and save their state first.
+        "shutdown_timeout": SHUTDOWN_GRACE_S,
+    }
+    known = {f.name for f in dataclasses.fields(LaunchConfig)}
+    return LaunchConfig(**{k: v for k, v in wanted.items() if k in known})
 
 
-class _ForwardSignals:
-    """While workers run, the launching process passes SIGTERM on to them and outlives SIGINT.
+class _LauncherState:
+    """Put back what the elastic launcher changes in this process: signal handlers, logging, env.
 
-    Ctrl-C reaches every process of the terminal's group, the workers included, so the launcher
-    only has to keep waiting while they save; a SIGTERM sent to the launcher alone (a scheduler,
-    `kill`) is passed on so that the workers save and stop too.
+    torch's agent installs handlers that raise `SignalException` for SIGTERM/SIGINT/SIGHUP/
+    SIGQUIT and leaves them behind; later stages of a pipeline must not inherit them. Its
+    loggers narrate every worker it stops; mlkd says once what happened and what to do.
     """
 
-    def __init__(self) -> None:
-        self.previous: dict[int, Any] = {}
+    LOGGERS = ("torch.distributed", "torch.multiprocessing")
 
-    def __enter__(self) -> _ForwardSignals:
+    def __enter__(self) -> _LauncherState:
+        self.environ = dict(os.environ)
+        # torch's modules set their loggers' own levels, so each one is quieted by name.
+        names = [n for n in logging.root.manager.loggerDict if n.startswith(self.LOGGERS)]
+        self.levels = {name: logging.getLogger(name).level for name in {*names, *self.LOGGERS}}
+        for name in self.levels:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        self.handlers = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._forward)
+            for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"):
+                signum = getattr(signal, name, None)
+                if signum is not None:
+                    self.handlers[signum] = signal.getsignal(signum)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for signum, handler in self.previous.items():
+        for signum, handler in self.handlers.items():
             signal.signal(signum, handler)
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)
+        os.environ.clear()
+        os.environ.update(self.environ)
 
-    def _forward(self, signum: int, frame: Any) -> None:
-        for child in mp.active_children():
-            if child.pid is not None:
-                os.kill(child.pid, signum)
+
+def _kill_children() -> None:
+    """SIGKILL whatever worker is still alive (a second Ctrl-C, or a stuck shutdown)."""
+    for child in mp.active_children():
+        if child.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+            child.join(timeout=5)
 
 
-def _spawned_entry(
-    local_rank: int,
+def _death_message(exc: Any, world_size: int, memory_hint: str) -> str:
+    """Which worker died and how, the one killed by a signal first (it is the cause)."""
+    failures = sorted(exc.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[0]))
+    rank, failure = failures[0] if failures else (0, None)
+    code = failure.exitcode if failure is not None else 1
+    if code < 0:
+        how = f"signal {signal.Signals(-code).name}"
+        if -code == signal.SIGKILL:
+            how += f", most likely out of memory: {memory_hint}"
+    else:
+        how = f"exit code {code}"
+    return f"DDP worker {rank} of {world_size} died ({how})"
+
+
+def _reported(reports: Path, world_size: int, *, crashes: bool = True) -> Exception | None:
+    """The exception a worker reported before it ended, if any.
+
+    A user error, a stop or an interruption explains the whole run. Crashes come last and the
+    earliest wins: when one worker dies, its peers fail in their next collective ("connection
+    closed by peer"), which is a consequence, not the cause. `crashes=False` leaves them out
+    (a worker killed by a signal is the cause then).
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for rank in range(world_size):
+        with contextlib.suppress(OSError, ValueError):
+            report = json.loads((reports / f"rank{rank}.json").read_text())
+            earlier = found.get(report["status"])
+            if earlier is None or report["time"] < earlier["time"]:
+                found[report["status"]] = report
+    if "user_error" in found:
+        return UserError(found["user_error"]["message"])
+    if "stopped" in found:
+        return RunStopped(found["stopped"]["message"])
+    if "interrupted" in found:
+        return RunInterrupted(found["interrupted"]["message"], int(found["interrupted"]["signum"]))
+    if crashes and "crashed" in found:
+        return WorkerCrashed(found["crashed"]["message"])
+    return None
+
+
+class WorkerCrashed(RuntimeError):
+    """A worker raised an unexpected exception (a bug): its traceback is the message."""
+
+
+def _elastic_entry(
     worker: Callable[[DistContext, Any], Any],
     payload: Any,
-    world_size: int,
     device_type: str,
-    results: Any,
-) -> None:
-    # The launcher ignores SIGINT while waiting and its children inherit that; the worker's
-    # training loop installs its own handler, everything else should die on Ctrl-C as usual.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    ctx = _init_process(local_rank, world_size, local_rank, device_type)
+    restart: int,
+    reports: str,
+    memory_hint: str,
+) -> Any:
+    """What each elastic worker runs: the worker, with failures written where the launcher looks.
+
+    A worker's exceptions do not cross the process boundary, so each outcome other than success
+    is written to `<reports>/rank<N>.json` and the process exits with the usual code.
+    """
+    rank = int(os.environ["RANK"])
+    ctx = _init_process(
+        rank, int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), device_type, restart
+    )
+    outcome: dict[str, Any] | None = None
+    code = 0
     try:
-        value = worker(ctx, payload)
+        value = _run_worker(worker, ctx, payload, memory_hint)
+        # Only rank 0's result is used: the others send nothing back through the launcher.
+        return value if ctx.is_main else None
     except UserError as exc:
-        results.put(("user_error", str(exc)))
-        raise SystemExit(2) from None
+        outcome, code = {"status": "user_error", "message": str(exc)}, 2
     except RunInterrupted as exc:
-        # Every rank says so: the launcher may see any of them end first.
-        results.put(("interrupted", (str(exc), exc.signum)))
-        raise SystemExit(128 + exc.signum) from None
+        outcome = {"status": "interrupted", "message": str(exc), "signum": exc.signum}
+        code = 128 + exc.signum
     except RunStopped as exc:
-        results.put(("stopped", str(exc)))
-        raise SystemExit(1) from None
+        outcome, code = {"status": "stopped", "message": str(exc)}, 1
+    except KeyboardInterrupt:
+        code = 128 + signal.SIGINT  # a second Ctrl-C: stop now, quietly
+    except Exception:
+        outcome, code = {"status": "crashed", "message": traceback.format_exc()}, 1
     finally:
         _shutdown(ctx)
-    if ctx.is_main:
-        results.put(("ok", value))
+        if outcome is not None:
+            with contextlib.suppress(OSError):
+                outcome["time"] = time.time()
+                (Path(reports) / f"rank{rank}.json").write_text(json.dumps(outcome))
+    raise SystemExit(code)
 
 
-def _init_process(rank: int, world_size: int, local_rank: int, device_type: str) -> DistContext:
+def _init_process(
+    rank: int, world_size: int, local_rank: int, device_type: str, restart: int = 0
+) -> DistContext:
     if device_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -271,20 +424,12 @@ def _init_process(rank: int, world_size: int, local_rank: int, device_type: str)
             world_size=world_size,
             timeout=PROCESS_GROUP_TIMEOUT,
         )
-    return DistContext(rank, world_size, local_rank, device)
+    return DistContext(rank, world_size, local_rank, device, restart)
 
 
 def _shutdown(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _first_report(results: Any) -> tuple[str, Any] | None:
-    while not results.empty():
-        status, value = results.get()
-        if status != "ok":
-            return status, value
-    return None
 
 
 def port_is_free(address: str, port: str) -> bool:
@@ -296,10 +441,3 @@ def port_is_free(address: str, port: str) -> bool:
     except (OSError, ValueError, OverflowError):
         return False
     return True
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on the loopback interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -45,7 +45,7 @@ from mlkd_cli.engine.checkpoint import (
 )
 from mlkd_cli.engine.history import History
 from mlkd_cli.engine.interrupt import StopRequest
-from mlkd_cli.engine.launch import DistContext, resolve_device
+from mlkd_cli.engine.launch import DistContext, launch, resolve_device
 from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
 from mlkd_cli.plots import training_curves_png
 
@@ -263,20 +263,21 @@ def build_training_batches(
     cfg: TrainConfig, splits: DataSplits, recipe: ImageRecipe, ctx: DistContext
 ) -> TrainingBatches:
     """This rank's training batches from the pipeline the run asked for."""
+    per_process = cfg.batch_plan(ctx.world_size).per_process
     if data_pipeline(cfg, splits, ctx.device.type) == "device":
         assert isinstance(splits.train, ArraySource)
         return DeviceBatches(
             splits.train,
             splits.train_indices,
             recipe,
-            cfg.batch_size,
+            per_process,
             ctx,
             cfg.seed,
             cfg.augment,
         )
     transform = build_train_transform(recipe) if cfg.augment else build_eval_transform(recipe)
     train_set = TransformedSubset(splits.train, splits.train_indices, transform)
-    return build_train_batches(train_set, cfg.batch_size, ctx, cfg.seed, cfg.workers)
+    return build_train_batches(train_set, per_process, ctx, cfg.seed, cfg.workers)
 
 
 @dataclass
@@ -287,6 +288,24 @@ class _Resumed:
     best: dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "epoch": 0})
     progress: loop.EpochProgress | None = None
     rng: dict[str, Any] | None = None
+    restarts: list[dict[str, Any]] = field(default_factory=list)  # launcher restarts so far
+
+
+def launch_training(worker: Any, plan: Any) -> dict[str, Any]:
+    """Run a planned training `worker` on the run's processes; returns rank 0's summary.
+
+    `plan` is a `RunPlan`, or a plan holding one as `run` (distillation).
+    """
+    cfg = (plan.run if hasattr(plan, "run") else plan).config
+    per_process = cfg.batch_plan(cfg.world_size).per_process
+    return launch(
+        worker,
+        plan,
+        cfg.world_size,
+        cfg.device,
+        max_restarts=cfg.max_restarts,
+        memory_hint=f"lower --batch-size, now {per_process} per process",
+    )
 
 
 def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
@@ -314,7 +333,8 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
             report.warn(f"--compile is not available here ({failed}); training uncompiled")
     task.prepare(ctx, train_batches, precision)
 
-    accum = cfg.accumulation_steps(ctx.world_size)
+    batch_plan = cfg.batch_plan(ctx.world_size)
+    accum = batch_plan.accumulation
     steps_per_epoch = -(-num_batches // accum)
     optimizer = loop.build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = loop.build_scheduler(
@@ -335,12 +355,18 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
         },
     )
     resumed = _Resumed()
-    if cfg.resume:
+    # A launcher restart (--max-restarts, or torchrun's) continues from the last saved state.
+    restarted = ctx.restart > 0 and files.last.is_file()
+    where = "the start"
+    if cfg.resume or restarted:
         resumed = _load_training_state(ctx, files, model, optimizer, scheduler, history)
         where = f"after epoch {resumed.epoch}"
         if resumed.progress is not None:
             where = f"in epoch {resumed.epoch + 1} after batch {resumed.progress.batches_done}"
         report.info(f"resuming {files.name} {where} (best top-1 {resumed.best['top1']:.2f})")
+    history.run_info["restarts"] = list(resumed.restarts)
+    if ctx.restart > 0:
+        history.run_info["restarts"].append({"restart": ctx.restart, "resumed_from": where})
     best = resumed.best
 
     if ctx.distributed:
@@ -350,11 +376,12 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
     mixer = loop.BatchMixer(
         plan.card.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing
     )
-    effective_batch = cfg.batch_size * ctx.world_size * accum
+    effective_batch = batch_plan.global_batch
     report.info(
         f"training {plan.card.arch} ({plan.kind}) on {cfg.dataset}: {len(train_batches)} train "
         f"/ {len(val_set)} val images, {_pipeline_name(train_batches)} data pipeline, "
-        f"{ctx.world_size} process(es) on {ctx.device.type}, effective batch {effective_batch}, "
+        f"{ctx.world_size} process(es) on {ctx.device.type}, effective batch {effective_batch} "
+        f"({batch_plan.per_process} x {ctx.world_size} process(es) x {accum} pass(es)), "
         f"{cfg.epochs} epochs"
     )
     state = _TrainingState(plan, task, model, optimizer, scheduler, history, ctx)
@@ -489,6 +516,7 @@ def _load_training_state(
     for row in state["history"]:
         history.append(row)
     resumed = _Resumed(int(state["epoch"]), dict(state["best"]))
+    resumed.restarts = list(state.get("restarts", []))
     part = state.get("partial_epoch")
     if part is not None:
         if len(part["progress"]) != ctx.world_size:
@@ -530,6 +558,7 @@ class _TrainingState:
                 "partial_epoch": partial,
                 "best": best,
                 "history": self.history.rows,
+                "restarts": self.history.run_info.get("restarts", []),
                 "config": self.plan.config.to_record(),
                 "card": asdict(self.plan.card),
                 "mlkd_version": __version__,
