@@ -90,13 +90,19 @@ def collate_readable(items: list[Any]) -> Batch:
 
 
 class ShardSampler(Sampler[int]):
-    """Rank r takes items r, r + W, r + 2W, ...: every item exactly once over all ranks.
+    """Whole batches dealt to ranks in turn: rank r takes batches r, r + W, r + 2W, ...
 
-    Unlike DistributedSampler it never pads, so summed metrics count each image once.
+    Every item is taken exactly once over all ranks (never padded, so summed metrics count each
+    image once), and every batch a rank's loader makes is a batch one process would make: the
+    same images, the same size. Per-batch arithmetic (kernels chosen by batch size) is then the
+    same, so W processes produce bit-identical outputs to one.
     """
 
-    def __init__(self, length: int, rank: int, world_size: int) -> None:
-        self.indices = range(rank, length, world_size)
+    def __init__(self, length: int, rank: int, world_size: int, batch_size: int = 1) -> None:
+        starts = range(rank * batch_size, length, world_size * batch_size)
+        self.indices = [
+            i for start in starts for i in range(start, min(start + batch_size, length))
+        ]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -249,7 +255,7 @@ def build_eval_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=ShardSampler(len(dataset), ctx.rank, ctx.world_size),
+        sampler=ShardSampler(len(dataset), ctx.rank, ctx.world_size, batch_size),
         collate_fn=collate_readable,
         **_loader_kwargs(ctx, workers),
     )

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mlkd_cli.console import OutputOptions, Reporter, UserError
-from mlkd_cli.data.loaders import TransformedSubset, build_eval_loader
+from mlkd_cli.data.loaders import ShardSampler, TransformedSubset, build_eval_loader
 from mlkd_cli.data.registry import DataSplits, get_dataset_spec, load_splits
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
 from mlkd_cli.engine.checkpoint import ModelCard
@@ -75,9 +75,13 @@ def split_logits(
     logits = np.zeros((*template.shape[:-2], total, template.shape[-1]), dtype=np.float32)
     ordered = np.zeros(total, dtype=np.int64)
     for rank, (shard_x, shard_y, _) in enumerate(shards):
+        # The positions the loader's sampler gave this rank, in the order it gave them.
+        positions = np.asarray(
+            ShardSampler(total, rank, ctx.world_size, batch_size).indices, dtype=np.int64
+        )
         if shard_x is not None:  # None: no image of that shard was readable
-            logits[..., rank :: ctx.world_size, :] = shard_x
-        ordered[rank :: ctx.world_size] = shard_y
+            logits[..., positions, :] = shard_x
+        ordered[positions] = shard_y
     left_out = [image for _, _, part in shards for image in part]
     if left_out:
         # Unreadable images hold label -1; every pass over the split leaves out the same ones.

@@ -413,9 +413,12 @@ def _init_process(
     else:
         device = torch.device("cpu")
         backend = "gloo"
-        # N workers on one machine share its cores instead of each taking all of them.
+        # N workers on one machine share its cores instead of each taking all of them; an
+        # explicit OMP_NUM_THREADS (torchrun sets 1 for several processes a node) wins.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        share = max(1, (os.cpu_count() or 1) // local_world)
+        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else share)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend=backend,

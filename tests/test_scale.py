@@ -1,0 +1,228 @@
+"""Many processes at the sizes users run: results of megabytes, signals mid-pass, torchrun.
+
+A result larger than a pipe's buffer (64 KiB) once hung every `--world-size 2` evaluation; these
+tests use a CIFAR-100 in its real on-disk format with 12,500 images a split and 100 classes, so
+each logits result is megabytes, and require the two-process answers to equal one process's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_error_line, write_cifar
+
+pytestmark = pytest.mark.slow
+
+MLKD = [sys.executable, "-m", "mlkd_cli"]
+IMAGES = 12_500  # per split file; --val-fraction 0.8 holds out 10,000 of the training images
+VAL_FRACTION = "0.8"
+
+
+def _run(*args: object, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [*MLKD, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project folder: CIFAR-100 (12,500 train / 12,500 test images) and two 1-epoch teachers."""
+    root = tmp_path_factory.mktemp("big")
+    write_cifar(root / "data", classes=100, per_file=IMAGES, fine=True)
+    for name, arch in (("a", "test_resnet"), ("b", "test_efficientnet")):
+        _run(
+            "teacher", "train", "-d", "cifar-100", "-m", arch, "--img-size", "16", "-e", "1",
+            "--val-fraction", VAL_FRACTION, "-n", name, "--output-dir", "models", "-q",
+            cwd=root,
+        )  # fmt: skip
+    config = {"models": ["test_resnet", "test_efficientnet"], "names": ["a", "b"]}
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def _json(done: subprocess.CompletedProcess) -> dict:
+    return json.loads(done.stdout)
+
+
+def _without_speed(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "images_per_s"}
+
+
+def test_eval_of_megabytes_on_two_processes_equals_one(big: Path) -> None:
+    one = _json(_run("eval", "models/a.pth", "--split", "test", "--json", cwd=big))
+    two = _json(
+        _run("eval", "models/a.pth", "--split", "test", "--json", "--world-size", "2", cwd=big)
+    )
+    # 12,500 x 100 float32 logits: 5 MB came back from the workers.
+    assert one["images"] == IMAGES and len(one["worst_classes"]) > 0
+    assert _without_speed(two) == _without_speed(one)
+
+
+def test_ensemble_build_and_eval_on_two_processes_equal_one(big: Path) -> None:
+    build = ["ensemble", "build", "--json", "--val-fraction", VAL_FRACTION]
+    one = _json(_run(*build, "-o", "one.json", cwd=big))
+    two = _json(_run(*build, "-o", "two.json", "--world-size", "2", cwd=big))
+    assert one["images"] == 10_000  # two members x 10,000 x 100 logits: 8 MB
+    assert two == {**one, "written": two["written"]}
+    assert json.loads((big / "one.json").read_text()) == json.loads((big / "two.json").read_text())
+    evaluate = ["ensemble", "eval", "one.json", "--split", "test", "--json"]
+    one_eval = _json(_run(*evaluate, cwd=big))
+    assert one_eval["images"] == IMAGES
+    assert _json(_run(*evaluate, "--world-size", "2", cwd=big)) == one_eval
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, their children, ...)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int(
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                )
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        children = [p for p, parent in parents.items() if parent == current]
+        found += children
+        frontier += children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_stops_a_two_process_eval_within_15_s_leaving_nothing(big: Path) -> None:
+    # One image a batch: a pass of minutes, so the signal lands mid-pass.
+    command = [*MLKD, "eval", "models/a.pth", "--split", "test", "-b", "1", "--world-size", "2"]
+    job = subprocess.Popen(command, cwd=big, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(_descendants(job.pid)) < 2:
+            time.sleep(0.1)
+        workers = _descendants(job.pid)
+        assert len(workers) >= 2, "the workers never started"
+        time.sleep(3)  # into the pass
+        assert job.poll() is None, job.communicate()[1]
+        job.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, stderr = job.communicate(timeout=60)
+        assert time.monotonic() - sent < 15
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 128 + signal.SIGTERM
+    assert_error_line(stderr.decode(), "stopped by SIGTERM")
+    time.sleep(0.5)
+    assert not [pid for pid in workers if _alive(pid)]
+
+
+# ------------------------------------------------------------------- torchrun across "nodes"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_nodes(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`mlkd ARGS` as a two-node torchrun job (one process a node) on this machine."""
+    port = str(_free_port())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+                "-m",
+                "mlkd_cli",
+                *args,
+            ],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [job.communicate(timeout=600) for job in jobs]
+    for job, (_, stderr) in zip(jobs, outputs, strict=True):
+        assert job.returncode == 0, stderr
+    return subprocess.CompletedProcess(args, 0, outputs[0][0], outputs[0][1])
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    left = torch.load(a, weights_only=True)["state_dict"]
+    right = torch.load(b, weights_only=True)["state_dict"]
+    assert left.keys() == right.keys()
+    for key in left:
+        assert torch.equal(left[key], right[key]), key
+
+
+def _metrics(history: Path) -> list[dict]:
+    timing = ("images_per_s", "epoch_time_s")
+    rows = json.loads(history.read_text())["epochs"]
+    return [{k: v for k, v in row.items() if k not in timing} for row in rows]
+
+
+def test_two_node_torchrun_equals_a_two_process_spawn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both "nodes" share this machine: give every process one thread in both launches, as
+    # torchrun would for two processes on one node (thread count changes float summation order).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spawn, nodes = tmp_path / "spawn", tmp_path / "nodes"
+    for folder in (spawn, nodes):
+        folder.mkdir()
+    teacher = ["teacher", "train", "-d", "digits", "-m", "test_resnet", "--img-size", "16"]
+    teacher += ["-e", "2", "-b", "32", "-n", "t", "--output-dir", "models", "-q", "--json"]
+    distill = ["distill", "-d", "digits", "-m", "test_resnet", "-c", "models/t.pth"]
+    distill += ["--student", "test_resnet", "--img-size", "16", "-e", "2", "-b", "32", "-n", "s"]
+    distill += ["--mixup-alpha", "0.5", "--output-dir", "models", "-q", "--json"]
+    ensemble = ["ensemble", "build", "--json", "-o", "fitted.json"]
+    evaluate = ["eval", "models/s.pth", "--split", "test", "--json"]
+    results = {}
+    for folder, run in ((spawn, None), (nodes, _two_nodes)):
+        (folder / "config.json").write_text(json.dumps({"models": ["test_resnet"], "names": ["t"]}))
+        for step in (teacher, distill, ensemble, evaluate):
+            done = run(step, folder) if run else _run(*step, "--world-size", "2", cwd=folder)
+            results[(folder.name, step[0])] = json.loads(done.stdout)
+    for name in ("t", "s"):
+        _same_weights(spawn / "models" / f"{name}.pth", nodes / "models" / f"{name}.pth")
+        assert _metrics(spawn / "models" / f"{name}_history.json") == _metrics(
+            nodes / "models" / f"{name}_history.json"
+        )
+    assert results[("nodes", "ensemble")]["weights"] == results[("spawn", "ensemble")]["weights"]
+    assert _without_speed(results[("nodes", "eval")]) == _without_speed(results[("spawn", "eval")])
+    assert results[("nodes", "teacher")]["world_size"] == 2
