@@ -41,10 +41,23 @@ def _spawned_workers(parent: int) -> list[int]:
     return found
 
 
+def _ddp_command(out: Path) -> list[str]:
+    """A two-process CPU teacher run writing to `out` (add --epochs)."""
+    return [
+        sys.executable,
+        "-m",
+        "mlkd_cli",
+        *TINY_RUN,
+        "--world-size",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
+
+
 def _ddp_training(out: Path) -> subprocess.Popen:
     """A long two-process CPU teacher run in the background, writing to `out`."""
-    command = [sys.executable, "-m", "mlkd_cli", *TINY_RUN, "--epochs", "200", "--world-size"]
-    command += ["2", "--output-dir", str(out)]
+    command = [*_ddp_command(out), "--epochs", "200"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -70,7 +83,45 @@ def test_killed_ddp_worker_ends_the_job_quickly_with_one_line(tmp_path: Path) ->
         if job.poll() is None:
             job.kill()
     assert job.returncode == 1
-    assert_error_line(stderr, "DDP worker", "SIGKILL", "--resume")
+    assert_error_line(
+        stderr, "DDP worker 1 of 2", "SIGKILL", "most likely out of memory: lower --batch-size"
+    )
+    assert "--resume" in stderr
+
+
+def test_max_restarts_finishes_a_run_whose_worker_was_killed_with_the_same_weights(
+    tmp_path: Path,
+) -> None:
+    straight, restarted = tmp_path / "straight", tmp_path / "restarted"
+    epochs = ["--epochs", "3"]
+    whole = subprocess.run(
+        [*_ddp_command(straight), *epochs], capture_output=True, text=True, timeout=300
+    )
+    assert whole.returncode == 0, whole.stderr
+    job = subprocess.Popen(
+        [*_ddp_command(restarted), *epochs, "--max-restarts", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for((restarted / "t_last.pth").exists, job, 60, 0.05)  # epoch 1 saved
+        workers = _spawned_workers(job.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        _, stderr = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, stderr
+    assert "DDP worker 1 of 2 died (signal SIGKILL" in stderr and "restart 1 of 1" in stderr
+    history = json.loads((restarted / "t_history.json").read_text())
+    assert [row["epoch"] for row in history["epochs"]] == [1, 2, 3]
+    (restart,) = history["restarts"]  # killed after epoch 1 was saved (2 if the kill was slow)
+    assert restart["restart"] == 1 and restart["resumed_from"] in ("after epoch 1", "after epoch 2")
+    state = torch.load(restarted / "t_last.pth", weights_only=True)
+    assert state["restarts"] == history["restarts"]
+    _assert_same_weights(straight / "t_last.pth", restarted / "t_last.pth")
 
 
 def _nan_on_call(monkeypatch: pytest.MonkeyPatch, which: int) -> None:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import timm
 import yaml
+from conftest import assert_error_line
 
+from mlkd_cli.config import BatchPlan
 from mlkd_cli.console import UserError
 from mlkd_cli.presets import available_presets, resolve_preset
+
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
 
 
 def test_the_four_recipes_ship() -> None:
@@ -94,3 +99,52 @@ def test_a_flag_overrides_the_preset(run_cli, tmp_path: Path) -> None:
     assert summary["model"] == "test_resnet" and summary["epochs"] == 1  # preset: resnet10t, 30
     config = json.loads((tmp_path / "digits_test_resnet_history.json").read_text())["config"]
     assert config["lr"] == 0.001 and config["batch_size"] == 64  # the rest from the preset
+
+
+@pytest.mark.parametrize("name", ["cifar-10", "cifar-100", "digits", "oxford-iiit"])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+def test_every_shipped_preset_runs_at_any_world_size(name: str, world_size: int) -> None:
+    resolved = resolve_preset(name)
+    for cfg in [*resolved["teachers"], resolved["distill"]]:
+        cfg = replace(cfg, world_size=world_size)
+        cfg.validate()  # never refused
+        plan = cfg.batch_plan(world_size)
+        assert plan.per_process <= cfg.batch_size and plan.world_size == world_size
+        if cfg.effective_batch_size is not None:
+            # The asked-for images per step, or the next multiple of the processes above it.
+            target = cfg.effective_batch_size
+            assert target <= plan.global_batch < target + world_size * plan.accumulation
+
+
+@pytest.mark.parametrize(
+    ("target", "batch", "world", "expected"),
+    [
+        (128, 64, 1, (64, 2, 128)),  # accumulation, as before
+        (128, 64, 2, (64, 1, 128)),
+        (128, 64, 4, (32, 1, 128)),  # one pass was 256 images: the per-process batch shrinks
+        (128, 64, 8, (16, 1, 128)),
+        (128, 64, 3, (43, 1, 129)),  # not a multiple of 3: the next multiple above
+        (100, 16, 2, (13, 4, 104)),
+    ],
+)
+def test_batch_plan_reaches_the_effective_batch(
+    target: int, batch: int, world: int, expected: tuple[int, int, int]
+) -> None:
+    plan = BatchPlan.for_target(target, batch, world)
+    assert (plan.per_process, plan.accumulation, plan.global_batch) == expected
+    with pytest.raises(UserError, match="smaller than the 4 processes"):
+        BatchPlan.for_target(3, batch, 4)
+
+
+def test_pipeline_refuses_a_bad_late_stage_before_any_teacher_trains(
+    run_cli, tmp_path: Path
+) -> None:
+    recipe = yaml.safe_load((PRESETS / "digits.yaml").read_text())
+    recipe["distill"]["effective_batch_size"] = 1  # fewer images a step than processes
+    preset = tmp_path / "bad.yaml"
+    preset.write_text(yaml.safe_dump(recipe))
+    run_dir = tmp_path / "run"
+    result = run_cli("pipeline", "--preset", preset, "--run-dir", run_dir, "--world-size", "2")
+    assert result.exit_code == 2
+    assert_error_line(result.stderr, "--effective-batch-size 1", "2 processes")
+    assert not (run_dir / "models").exists()  # no teacher started
