@@ -14,13 +14,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mlkd_cli.console import UserError
+from mlkd_cli.console import RunStopped, UserError
 from mlkd_cli.data.loaders import ShardSampler, collate_readable
 from mlkd_cli.engine import interrupt, loop
 from mlkd_cli.engine.atomic import WriteFailed, atomic_write
 from mlkd_cli.engine.checkpoint import load_checkpoint, read_weights
 from mlkd_cli.engine.interrupt import StopRequest
-from mlkd_cli.engine.launch import DistContext
+from mlkd_cli.engine.launch import DistContext, launch
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 PRECISION = loop.Precision(torch.device("cpu"))
@@ -180,3 +180,15 @@ def test_stop_request_records_a_signal_and_a_second_ctrl_c_interrupts(
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is not stop._handle  # handlers put back
+
+
+def _out_of_memory(ctx: DistContext, payload: None) -> None:
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_names_the_batch_size_to_lower() -> None:
+    with pytest.raises(RunStopped) as stopped:
+        launch(_out_of_memory, None, 1, "cpu", memory_hint="lower --batch-size, now 256")
+    message = str(stopped.value)
+    assert "ran out of memory on rank 0" in message and "Tried to allocate 2.00 GiB" in message
+    assert message.endswith("lower --batch-size, now 256")
