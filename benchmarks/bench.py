@@ -44,14 +44,15 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
+from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.device import DeviceBatches
 from mlkd_cli.data.loaders import Batch, TransformedSubset, build_train_batches
 from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.distiller import build_student
-from mlkd_cli.engine.launch import DistContext, resolve_device
-from mlkd_cli.losses import MultiExitKDLoss
+from mlkd_cli.engine.launch import resolve_device
+from mlkd_cli.engine.losses import MultiExitKDLoss
 from mlkd_cli.models.teacher import TeacherEnsemble
 
 # The original project's five-member ensemble (its README's config.json); the first three form

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mlkd_cli.console import OutputOptions, Reporter
+from mlkd_cli.core.console import OutputOptions, Reporter
 from mlkd_cli.data.registry import DATASETS, get_dataset_spec, load_splits
 
 from . import options as opt

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from mlkd_cli.config import DistillConfig
-from mlkd_cli.console import Reporter
+from mlkd_cli.core.console import Reporter
+from mlkd_cli.engine.config import DistillConfig
 from mlkd_cli.engine.distiller import distill_student, plan_distillation
 from mlkd_cli.engine.launch import launcher_rank
 from mlkd_cli.engine.trainer import launch_training

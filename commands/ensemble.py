@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from mlkd_cli.console import OutputOptions, Reporter, UserError
+from mlkd_cli.core.console import OutputOptions, Reporter
+from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.ensemble import fit_and_write, run_logits_pass
 from mlkd_cli.models.ensemble_config import ORIGINAL
 from mlkd_cli.presets import resolve_preset

@@ -8,10 +8,11 @@ from typing import Annotated, Any
 
 import typer
 
-from mlkd_cli.console import OutputOptions, Reporter, UserError
+from mlkd_cli.core.console import OutputOptions, Reporter
+from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.metrics import confusion_matrix, reliability_bins
 from mlkd_cli.engine.evaluation import EvalJob, Measured, measure, plan_eval_job
 from mlkd_cli.engine.launch import launcher_rank
-from mlkd_cli.metrics import confusion_matrix, reliability_bins
 
 from . import options as opt
 
@@ -81,7 +82,7 @@ def evaluate(
 
 
 def _plots(folder: Path, job: EvalJob, measured: Measured) -> dict[str, str]:
-    from mlkd_cli.plots import confusion_matrix_png, reliability_png
+    from mlkd_cli.core.plots import confusion_matrix_png, reliability_png
 
     stem = job.path.stem
     title = f"{job.label} on {job.dataset} {job.split}"

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mlkd_cli.console import OutputOptions, Reporter
+from mlkd_cli.core.console import OutputOptions, Reporter
 from mlkd_cli.export import FORMATS, TOLERANCE, export_checkpoint
 
 from . import options as opt

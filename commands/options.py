@@ -7,8 +7,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from mlkd_cli.config import build_config, config_field_names
-from mlkd_cli.console import OutputOptions
+from mlkd_cli.core.console import OutputOptions
+from mlkd_cli.engine.config import build_config, config_field_names
 from mlkd_cli.presets import preset_section
 
 C = TypeVar("C")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mlkd_cli.console import OutputOptions, Reporter
+from mlkd_cli.core.console import OutputOptions, Reporter
 from mlkd_cli.engine.launch import launcher_rank
 from mlkd_cli.pipeline import PipelineOptions, run_pipeline
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from mlkd_cli.console import OutputOptions, Reporter
+from mlkd_cli.core.console import OutputOptions, Reporter
 from mlkd_cli.presets import available_presets, resolve_preset, resolved_record
 
 from . import options as opt

@@ -26,7 +26,7 @@ from mlkd_cli.commands import (
     presets,
     teacher,
 )
-from mlkd_cli.console import RunInterrupted, RunStopped, UserError
+from mlkd_cli.core.errors import RunInterrupted, RunStopped, UserError
 
 
 class MlkdGroup(TyperGroup):

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlkd_cli.console import UserError
-from mlkd_cli.data.transforms import DEFAULT_MEAN, DEFAULT_STD
-from mlkd_cli.engine.checkpoint import ModelCard
-from mlkd_cli.engine.history import atomic_write_text
+from mlkd_cli.core.atomic import atomic_write_text
+from mlkd_cli.core.checkpoint import ModelCard
+from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD
+from mlkd_cli.core.errors import UserError
 from mlkd_cli.models.factory import load_trained_model
 
 FORMATS = ("safetensors", "onnx", "torchscript")

@@ -17,17 +17,21 @@ from typing import Any
 
 import torch
 
-from mlkd_cli.config import DistillConfig, TeacherTrainConfig, TrainConfig
-from mlkd_cli.console import OutputOptions, Reporter, RunInterrupted, UserError
+from mlkd_cli.core.atomic import atomic_write_text
+from mlkd_cli.core.checkpoint import ModelCard, load_checkpoint
+from mlkd_cli.core.console import OutputOptions, Reporter
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.core.errors import RunInterrupted, UserError
+from mlkd_cli.core.plots import comparison_png
 from mlkd_cli.data.loaders import build_eval_loader
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine import loop
-from mlkd_cli.engine.checkpoint import ModelCard, load_checkpoint
+from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig, TrainConfig
 from mlkd_cli.engine.distiller import build_student, distill_student, plan_distillation
 from mlkd_cli.engine.ensemble import fit_and_write, run_logits_pass
-from mlkd_cli.engine.evaluation import card_recipe, measure, plan_eval_job, split_dataset
-from mlkd_cli.engine.history import atomic_write_text
-from mlkd_cli.engine.launch import DistContext, resolve_device
+from mlkd_cli.engine.evaluation import measure, plan_eval_job
+from mlkd_cli.engine.launch import resolve_device
+from mlkd_cli.engine.logits import card_recipe, split_dataset
 from mlkd_cli.engine.trainer import (
     RunFiles,
     launch_training,
@@ -37,7 +41,6 @@ from mlkd_cli.engine.trainer import (
 from mlkd_cli.export import export_checkpoint
 from mlkd_cli.models.ensemble_config import read_ensemble_config
 from mlkd_cli.models.factory import check_model_name
-from mlkd_cli.plots import comparison_png
 from mlkd_cli.presets import resolve_preset
 
 ENSEMBLE_FILE = "ensemble.json"

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from mlkd_cli.console import UserError
+from mlkd_cli.core.errors import UserError
 
 # The repository's presets/ folder, installed inside the package under this name.
 PRESET_PACKAGE = "mlkd_cli.shipped_presets"
@@ -98,7 +98,7 @@ ENSEMBLE_KEYS = {"fit_temperature"}
 
 def resolve_preset(name_or_path: str) -> dict[str, Any]:
     """Every stage of a preset as the full, checked settings of the command it feeds."""
-    from mlkd_cli.config import (
+    from mlkd_cli.engine.config import (
         DistillConfig,
         TeacherTrainConfig,
         build_config,

@@ -18,7 +18,7 @@ import timm
 import torch
 from conftest import assert_error_line, invoke_cli, write_cifar, write_image_folder
 
-from mlkd_cli.engine.checkpoint import ModelCard, save_model
+from mlkd_cli.core.checkpoint import ModelCard, save_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TRAIN = ("teacher", "train", "-d", "digits", "-m", "test_resnet", "-e", "1", "-q")

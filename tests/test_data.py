@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import write_cifar, write_image_folder
 
-from mlkd_cli.console import UserError
+from mlkd_cli.core.errors import UserError
 from mlkd_cli.data import sources
 from mlkd_cli.data.registry import load_splits
 

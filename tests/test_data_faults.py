@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import assert_error_line, write_image_folder
 
+from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.loaders import (
     ResumableSampler,
     TransformedSubset,
@@ -18,7 +19,6 @@ from mlkd_cli.data.loaders import (
 )
 from mlkd_cli.data.sources import ArraySource, UnreadableImage, load_image_folder
 from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
-from mlkd_cli.engine.launch import DistContext
 
 
 def _damage(path: Path) -> Path:

@@ -14,12 +14,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from mlkd_cli.console import UserError
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import collate_readable
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.distiller import build_student
-from mlkd_cli.engine.launch import DistContext, launch
-from mlkd_cli.losses import MultiExitKDLoss, kd_loss
+from mlkd_cli.engine.launch import launch
+from mlkd_cli.engine.losses import MultiExitKDLoss, kd_loss
 from mlkd_cli.models.student import PatchConv2d, find_stages, parse_exit_weights, parse_exits
 from mlkd_cli.models.teacher import TeacherEnsemble
 

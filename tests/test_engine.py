@@ -14,13 +14,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mlkd_cli.console import RunStopped, UserError
+from mlkd_cli.core.atomic import WriteFailed, atomic_write
+from mlkd_cli.core.checkpoint import load_checkpoint, read_weights
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.core.errors import RunStopped, UserError
 from mlkd_cli.data.loaders import ShardSampler, collate_readable
 from mlkd_cli.engine import interrupt, loop
-from mlkd_cli.engine.atomic import WriteFailed, atomic_write
-from mlkd_cli.engine.checkpoint import load_checkpoint, read_weights
 from mlkd_cli.engine.interrupt import StopRequest
-from mlkd_cli.engine.launch import DistContext, launch
+from mlkd_cli.engine.launch import launch
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 PRECISION = loop.Precision(torch.device("cpu"))

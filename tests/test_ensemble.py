@@ -13,9 +13,9 @@ import torch
 from conftest import assert_error_line
 from conftest import invoke_cli as _cli
 
-from mlkd_cli.console import UserError
+from mlkd_cli.core.checkpoint import ModelCard, save_model
+from mlkd_cli.core.errors import UserError
 from mlkd_cli.data import sources
-from mlkd_cli.engine.checkpoint import ModelCard, save_model
 from mlkd_cli.engine.ensemble import fit_ensemble_weights
 from mlkd_cli.models.ensemble_config import read_ensemble_config, write_ensemble_config
 from mlkd_cli.models.teacher import InputAdapter, InputSpec, TeacherEnsemble

@@ -12,13 +12,13 @@ import timm
 import torch
 from conftest import assert_error_line, invoke_cli
 
-from mlkd_cli.data.registry import load_splits
-from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
-from mlkd_cli.metrics import (
+from mlkd_cli.core.metrics import (
     classification_metrics,
     confusion_matrix,
     expected_calibration_error,
 )
+from mlkd_cli.data.registry import load_splits
+from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
 
 
 def test_nll_and_ece_against_hand_computed_values() -> None:

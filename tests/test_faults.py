@@ -16,7 +16,8 @@ import pytest
 import torch
 from conftest import assert_error_line, invoke_cli
 
-from mlkd_cli.engine import atomic, loop, trainer
+from mlkd_cli.core import atomic
+from mlkd_cli.engine import loop, trainer
 
 pytestmark = pytest.mark.slow
 

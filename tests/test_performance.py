@@ -11,15 +11,15 @@ import pytest
 import torch
 from conftest import invoke_cli
 
-from mlkd_cli.config import DistillConfig
+from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.device import DeviceAugment, DeviceBatches
 from mlkd_cli.data.loaders import TransformedSubset, build_train_batches
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
 from mlkd_cli.engine import loop
+from mlkd_cli.engine.config import DistillConfig
 from mlkd_cli.engine.distiller import DistillTask, plan_distillation, teacher_outputs
-from mlkd_cli.engine.launch import DistContext
 from mlkd_cli.models.teacher import TeacherEnsemble
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

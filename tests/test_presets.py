@@ -11,8 +11,8 @@ import timm
 import yaml
 from conftest import assert_error_line
 
-from mlkd_cli.config import BatchPlan
-from mlkd_cli.console import UserError
+from mlkd_cli.core.errors import UserError
+from mlkd_cli.engine.config import BatchPlan
 from mlkd_cli.presets import available_presets, resolve_preset
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlkd_cli.data.loaders import Batch, ResumableSampler, derive_seed
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.core.rng import derive_seed
+from mlkd_cli.data.loaders import Batch, ResumableSampler
 from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe
-from mlkd_cli.engine.launch import DistContext
 
 CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop, before it falls back to a centre crop
 RATIO = (3 / 4, 4 / 3)

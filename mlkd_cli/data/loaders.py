@@ -11,12 +11,12 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.core.rng import derive_seed
 from mlkd_cli.data.sources import ImageSource, UnreadableImage
-from mlkd_cli.engine.launch import DistContext
 
 
 class Batch(NamedTuple):
@@ -29,11 +29,6 @@ class Batch(NamedTuple):
     kept: torch.Tensor | None = None
     # Each kept item's position in the dataset (what a teacher-output cache is indexed by).
     indices: torch.Tensor | None = None
-
-
-def derive_seed(*keys: int) -> int:
-    """A 32-bit seed drawn from a tuple of integers (the run's seed, epoch, rank, ...)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 class TransformedSubset(Dataset):

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlkd_cli.console import UserError
+from mlkd_cli.core.errors import UserError
 from mlkd_cli.data import sources
 from mlkd_cli.data.sources import ImageSource, RawSplits
 

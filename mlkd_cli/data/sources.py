@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mlkd_cli.console import UserError
+from mlkd_cli.core.errors import UserError
 
 
 class UnreadableImage(NamedTuple):

@@ -8,8 +8,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 # The original normalised every dataset to [-1, 1]; checkpoints record these so eval matches.
-DEFAULT_MEAN = (0.5, 0.5, 0.5)
-DEFAULT_STD = (0.5, 0.5, 0.5)
+from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mlkd_cli.config import DistillConfig
-from mlkd_cli.console import Reporter, UserError
+from mlkd_cli.core.console import Reporter
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import TrainingBatches
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine import loop
-from mlkd_cli.engine.launch import DistContext, resolve_device
+from mlkd_cli.engine.config import DistillConfig
+from mlkd_cli.engine.launch import resolve_device
+from mlkd_cli.engine.losses import MultiExitKDLoss
 from mlkd_cli.engine.trainer import (
     RunFiles,
     RunPlan,
@@ -31,7 +34,6 @@ from mlkd_cli.engine.trainer import (
     fit,
     make_card,
 )
-from mlkd_cli.losses import MultiExitKDLoss
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec, read_ensemble_config
 from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
 from mlkd_cli.models.student import (

@@ -15,12 +15,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mlkd_cli.console import OutputOptions, Reporter, UserError
+from mlkd_cli.core.console import OutputOptions, Reporter
+from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.metrics import classification_metrics
 from mlkd_cli.data.registry import DEFAULT_VAL_FRACTION, get_dataset_spec, load_splits
-from mlkd_cli.data.transforms import DEFAULT_MEAN, DEFAULT_STD, ImageRecipe
-from mlkd_cli.engine.evaluation import split_dataset, split_logits
-from mlkd_cli.engine.launch import DistContext, launch, launcher_rank
-from mlkd_cli.metrics import classification_metrics
+from mlkd_cli.data.transforms import ImageRecipe
+from mlkd_cli.engine.launch import launch, launcher_rank
+from mlkd_cli.engine.logits import split_dataset, split_logits
 from mlkd_cli.models.ensemble_config import (
     EnsembleConfig,
     read_ensemble_config,

@@ -8,12 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlkd_cli.engine.atomic import atomic_write
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text so that `path` holds either the old or the new content, never a mix."""
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+from mlkd_cli.core.atomic import atomic_write_text
 
 
 class History:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mlkd_cli.engine.launch import DistContext
+from mlkd_cli.core.dist import DistContext
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 # A Ctrl-C reaches a DDP worker twice: from the terminal (the whole process group) and from the

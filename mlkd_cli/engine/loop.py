@@ -23,9 +23,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.loaders import Batch
 from mlkd_cli.data.sources import UnreadableImage
-from mlkd_cli.engine.launch import DistContext
 
 # (model, images, soft targets, dataset positions of the images or None) -> loss
 StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]

@@ -8,46 +8,46 @@ plain model gets saved.
 
 from __future__ import annotations
 
-import random
 import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mlkd_cli import __version__
-from mlkd_cli.config import TeacherTrainConfig, TrainConfig
-from mlkd_cli.console import Reporter, RunInterrupted, RunStopped, UserError
-from mlkd_cli.data.device import DeviceBatches
-from mlkd_cli.data.loaders import (
-    TrainingBatches,
-    TransformedSubset,
-    build_eval_loader,
-    build_train_batches,
-    derive_seed,
-)
-from mlkd_cli.data.registry import HOLDOUT_SEED, DataSplits, load_splits
-from mlkd_cli.data.sources import ArraySource
-from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
-from mlkd_cli.engine import loop
-from mlkd_cli.engine.atomic import check_writable
-from mlkd_cli.engine.checkpoint import (
+from mlkd_cli.core.atomic import check_writable
+from mlkd_cli.core.checkpoint import (
     TRAINING_STATE_FORMAT,
     ModelCard,
     atomic_save,
     load_checkpoint,
     save_model,
 )
+from mlkd_cli.core.console import Reporter
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.core.errors import RunInterrupted, RunStopped, UserError
+from mlkd_cli.core.plots import training_curves_png
+from mlkd_cli.core.rng import rng_state, seed_everything, set_rng_state
+from mlkd_cli.data.device import DeviceBatches
+from mlkd_cli.data.loaders import (
+    TrainingBatches,
+    TransformedSubset,
+    build_eval_loader,
+    build_train_batches,
+)
+from mlkd_cli.data.registry import HOLDOUT_SEED, DataSplits, load_splits
+from mlkd_cli.data.sources import ArraySource
+from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
+from mlkd_cli.engine import loop
+from mlkd_cli.engine.config import TeacherTrainConfig, TrainConfig
 from mlkd_cli.engine.history import History
 from mlkd_cli.engine.interrupt import StopRequest
-from mlkd_cli.engine.launch import DistContext, launch, resolve_device
+from mlkd_cli.engine.launch import launch, resolve_device
 from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
-from mlkd_cli.plots import training_curves_png
 
 
 @dataclass(frozen=True)
@@ -194,56 +194,6 @@ def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, .
             f"{existing[0]} already exists; pass --resume to continue that run, --overwrite "
             "to replace it, or another --name"
         )
-
-
-def seed_everything(seed: int, rank: int, epoch: int) -> int:
-    """Seed Python, NumPy and torch from (seed, rank, epoch); returns the derived seed.
-
-    Reseeding at every epoch makes a run resumed at an epoch boundary draw the same random
-    numbers as one that never stopped; a mid-epoch checkpoint saves each rank's generators.
-    """
-    derived = derive_seed(seed, rank, epoch + 1)
-    random.seed(derived)
-    np.random.seed(derived)
-    torch.manual_seed(derived)
-    return derived
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's random generators, in types `torch.load(weights_only=True)` reads back."""
-    numpy_state = np.random.get_state(legacy=False)
-    version, internal, gauss = random.getstate()
-    state: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "numpy": {
-            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-            "pos": int(numpy_state["state"]["pos"]),
-            "has_gauss": int(numpy_state["has_gauss"]),
-            "gauss": float(numpy_state["gauss"]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    """Put back what `rng_state` saved."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    saved = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": "MT19937",
-            "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
-            "has_gauss": saved["has_gauss"],
-            "gauss": saved["gauss"],
-        }
-    )
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def data_pipeline(cfg: TrainConfig, splits: DataSplits, device_type: str) -> str:

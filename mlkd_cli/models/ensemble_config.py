@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from mlkd_cli.console import UserError
-from mlkd_cli.engine.history import atomic_write_text
+from mlkd_cli.core.atomic import atomic_write_text
+from mlkd_cli.core.errors import UserError
 
 ORIGINAL = "original"
 MEMBERS = "members"

@@ -10,8 +10,8 @@ import timm
 import torch
 from torch import nn
 
-from mlkd_cli.console import UserError
-from mlkd_cli.engine.checkpoint import MODEL_FORMAT, ModelCard, read_weights
+from mlkd_cli.core.checkpoint import MODEL_FORMAT, ModelCard, read_weights
+from mlkd_cli.core.errors import UserError
 
 
 def check_model_name(arch: str) -> None:

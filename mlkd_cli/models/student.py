@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlkd_cli.console import UserError
+from mlkd_cli.core.errors import UserError
 
 # Feature maps finer than this are stems (ResNet's act1, stem convs), not stages.
 MIN_STAGE_REDUCTION = 4

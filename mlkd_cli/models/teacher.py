@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlkd_cli.console import UserError
-from mlkd_cli.data.transforms import DEFAULT_MEAN, DEFAULT_STD
-from mlkd_cli.engine.checkpoint import MODEL_FORMAT, ModelCard, read_weights
+from mlkd_cli.core.checkpoint import MODEL_FORMAT, ModelCard, read_weights
+from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD
+from mlkd_cli.core.errors import UserError
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec
 from mlkd_cli.models.factory import check_model_name
 

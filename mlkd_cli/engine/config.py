@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mlkd_cli.console import OutputOptions, UserError
+from mlkd_cli.core.console import OutputOptions
+from mlkd_cli.core.errors import UserError
 
 C = TypeVar("C")
 DATA_PIPELINES = ("auto", "device", "cpu")

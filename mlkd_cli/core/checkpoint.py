@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from mlkd_cli import __version__
-from mlkd_cli.console import UserError
-from mlkd_cli.engine.atomic import atomic_write
+from mlkd_cli.core.atomic import atomic_write
+from mlkd_cli.core.errors import UserError
 
 MODEL_FORMAT = "mlkd-model/1"
 TRAINING_STATE_FORMAT = "mlkd-training-state/1"

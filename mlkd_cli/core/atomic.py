@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from mlkd_cli.console import RunStopped, UserError
+from mlkd_cli.core.errors import RunStopped, UserError
 
 
 class WriteFailed(RunStopped):
@@ -70,3 +70,8 @@ def check_writable(folder: Path, flag: str = "--output-dir") -> None:
         raise UserError(
             f"{flag} {folder} is not writable ({exc.strerror or exc}); choose another folder"
         ) from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text so that `path` holds either the old or the new content, never a mix."""
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))

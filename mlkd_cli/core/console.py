@@ -1,4 +1,4 @@
-"""Terminal output: rich on rank 0, quiet mode, JSON mode, and the user-error type."""
+"""Terminal output: rich on rank 0, quiet mode, JSON mode."""
 
 from __future__ import annotations
 
@@ -20,22 +20,6 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing data, wrong file): one line, exit code 2."""
-
-
-class RunStopped(Exception):
-    """A run that could not go on (a worker died, the loss diverged): one line, exit code 1."""
-
-
-class RunInterrupted(RunStopped):
-    """A run stopped on request (SIGINT/SIGTERM) after saving its state: exit 128 + signal."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from mlkd_cli.console import UserError
-from mlkd_cli.engine.atomic import atomic_write
+from mlkd_cli.core.atomic import atomic_write
+from mlkd_cli.core.errors import UserError
 
 
 def _pyplot() -> Any:

@@ -1,0 +1,124 @@
+"""Running a model over a dataset split on every rank: logits gathered in dataset order.
+
+Shared by evaluation, ensemble fitting and the pipeline's comparison (one pass, one way).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mlkd_cli.core.checkpoint import ModelCard
+from mlkd_cli.core.console import Reporter
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.core.errors import UserError
+from mlkd_cli.data.loaders import ShardSampler, TransformedSubset, build_eval_loader
+from mlkd_cli.data.registry import DataSplits
+from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
+from mlkd_cli.engine.loop import Precision
+
+SPLITS = ("val", "test")
+
+
+def split_dataset(splits: DataSplits, split: str, recipe: ImageRecipe) -> TransformedSubset:
+    """The evaluation-transformed images of one split ('val' or 'test')."""
+    if split == "val":
+        return TransformedSubset(splits.val, splits.val_indices, build_eval_transform(recipe))
+    if split == "test":
+        if splits.test is None:
+            raise UserError(f"{splits.spec.name} has no test split here; use --split val")
+        return TransformedSubset(splits.test, range(len(splits.test)), build_eval_transform(recipe))
+    raise UserError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+
+
+def split_logits(
+    ctx: DistContext,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Dataset,
+    batch_size: int,
+    workers: int | None,
+    report: Reporter,
+    description: str,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """`forward`'s logits over `dataset` (batch on the second-to-last axis), in dataset order.
+
+    Each rank runs its shard (items r, r + W, ...); rank 0 reassembles them. Also returns the
+    wall-clock seconds of the pass.
+    """
+    loader = build_eval_loader(dataset, batch_size, ctx, workers)
+    precision = Precision(ctx.device)
+    chunks, unreadable = [], []
+    start = time.perf_counter()
+    with report.step_progress(description, len(loader)) as tick, torch.inference_mode():
+        for step, batch in enumerate(loader, start=1):
+            logits = None
+            if batch.images.shape[0]:
+                with precision.autocast():
+                    logits = forward(precision.to_device(batch.images)).float().cpu()
+            chunks.append((logits, batch))
+            unreadable.extend(batch.skipped)
+            if tick is not None:
+                tick(step, None)
+    seconds = time.perf_counter() - start
+    shard_logits, shard_labels = _assemble_shard(chunks)
+    shards = ctx.gather_objects((shard_logits, shard_labels, unreadable))
+    total = sum(len(y) for _, y, _ in shards)
+    template = next((x for x, _, _ in shards if x is not None), None)
+    if template is None:
+        raise UserError(f"no image of the split could be read ({description}); check the files")
+    logits = np.zeros((*template.shape[:-2], total, template.shape[-1]), dtype=np.float32)
+    ordered = np.zeros(total, dtype=np.int64)
+    for rank, (shard_x, shard_y, _) in enumerate(shards):
+        # The positions the loader's sampler gave this rank, in the order it gave them.
+        positions = np.asarray(
+            ShardSampler(total, rank, ctx.world_size, batch_size).indices, dtype=np.int64
+        )
+        if shard_x is not None:  # None: no image of that shard was readable
+            logits[..., positions, :] = shard_x
+        ordered[positions] = shard_y
+    left_out = [image for _, _, part in shards for image in part]
+    if left_out:
+        # Unreadable images hold label -1; every pass over the split leaves out the same ones.
+        for image in left_out:
+            report.warn(f"left out unreadable image {image.path} ({image.reason})")
+        keep = ordered >= 0
+        logits, ordered = logits[..., keep, :], ordered[keep]
+    return logits, ordered, seconds
+
+
+def _assemble_shard(chunks: list) -> tuple[np.ndarray | None, np.ndarray]:
+    """One rank's logits and labels in loader order, unreadable items as NaN rows, label -1."""
+    template = next((x for x, _ in chunks if x is not None), None)
+    if template is None:
+        count = sum(len(b.skipped) for _, b in chunks)
+        return None, np.full(count, -1, dtype=np.int64)
+    rows, labels = [], []
+    for logits, batch in chunks:
+        size = len(batch.labels) + len(batch.skipped)
+        if batch.kept is None:
+            rows.append(logits)
+            labels.append(batch.labels)
+            continue
+        full = torch.full((*template.shape[:-2], size, template.shape[-1]), float("nan"))
+        full_labels = torch.full((size,), -1, dtype=torch.long)
+        if logits is not None:
+            full[..., batch.kept, :] = logits
+            full_labels[batch.kept] = batch.labels
+        rows.append(full)
+        labels.append(full_labels)
+    return torch.cat(rows, dim=-2).numpy(), torch.cat(labels).numpy()
+
+
+def card_recipe(card: ModelCard) -> ImageRecipe:
+    """The evaluation recipe a model card records."""
+    return ImageRecipe(
+        img_size=card.img_size,
+        crop_pct=card.crop_pct,
+        mean=tuple(card.mean),
+        std=tuple(card.std),
+        interpolation=card.interpolation,
+    )

@@ -1,0 +1,116 @@
+"""The package's layers import one way only: core <- data, models <- engine <- services <- commands.
+
+Walks every module's imports with `ast` (those inside functions too), so the rule lasts.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Module-name prefix -> layer; the longest matching prefix wins.
+LAYERS = {
+    "mlkd_cli": 0,
+    "mlkd_cli.core": 0,
+    "mlkd_cli.data": 1,
+    "mlkd_cli.models": 1,
+    "mlkd_cli.engine": 2,
+    "mlkd_cli.pipeline": 3,
+    "mlkd_cli.export": 3,
+    "mlkd_cli.presets": 3,
+    "mlkd_cli.commands": 4,
+    "mlkd_cli.shipped_presets": 4,
+    "mlkd_cli.cli": 4,
+    "mlkd_cli.__main__": 4,
+}
+NAMES = {0: "core", 1: "data/models", 2: "engine", 3: "services", 4: "commands"}
+
+
+def module_files() -> dict[str, Path]:
+    """Installed module name -> source file (commands/ installs as mlkd_cli.commands)."""
+    found = {}
+    for folder, package in (
+        (ROOT / "mlkd_cli", "mlkd_cli"),
+        (ROOT / "commands", "mlkd_cli.commands"),
+    ):
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            name = ".".join((package, *parts))
+            found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def imports_of(name: str, path: Path) -> set[str]:
+    """The mlkd_cli modules `name` imports, anywhere in its file."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            targets.add(module)
+            # `from mlkd_cli.engine import loop` imports the submodule mlkd_cli.engine.loop.
+            targets |= {f"{module}.{a.name}" for a in node.names}
+    known = module_files()
+    return {t for t in targets if t in known and t != name}
+
+
+def layer(name: str) -> tuple[str, int]:
+    prefix = max((p for p in LAYERS if name == p or name.startswith(p + ".")), key=len)
+    return prefix, LAYERS[prefix]
+
+
+def test_every_module_has_a_layer() -> None:
+    for name in module_files():
+        layer(name)  # raises ValueError (max of nothing) for a module outside every layer
+
+
+def test_no_module_imports_a_higher_layer_or_a_sibling() -> None:
+    wrong = []
+    for name, path in module_files().items():
+        home, level = layer(name)
+        for target in imports_of(name, path):
+            there, target_level = layer(target)
+            higher = target_level > level
+            # data/ and models/ share a layer but do not import each other.
+            sibling = level == 1 and target_level == 1 and there != home
+            if higher or sibling:
+                wrong.append(f"{name} ({NAMES[level]}) imports {target} ({NAMES[target_level]})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycles() -> None:
+    files = module_files()
+    graph = {name: imports_of(name, path) for name, path in files.items()}
+    # A package's __init__ importing nothing makes `a.b -> a` edges harmless: only real ones count.
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(node: str, trail: list[str]) -> bool:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle.extend([*trail[trail.index(nxt) :], nxt] if nxt in trail else [node, nxt])
+                return True
+            if state.get(nxt) is None and visit(nxt, [*trail, nxt]):
+                return True
+        state[node] = 2
+        return False
+
+    for name in sorted(graph):
+        if state.get(name) is None and visit(name, [name]):
+            break
+    assert not cycle, " -> ".join(cycle)
+
+
+def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
+    # The walk finds imports inside functions too (a test of the test).
+    path = tmp_path / "bad.py"
+    path.write_text("def f():\n    from mlkd_cli.engine import launch\n")
+    assert "mlkd_cli.engine.launch" in imports_of("mlkd_cli.data.bad", path)
