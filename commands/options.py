@@ -34,6 +34,14 @@ WorldSize = Annotated[
     int | None,
     typer.Option("--world-size", help="Processes to spawn (one per GPU; gloo on CPU) (default 1)."),
 ]
+LogTo = Annotated[
+    str | None,
+    typer.Option(
+        "--log-to",
+        help="Also send each epoch's metrics to: tensorboard (writes <output-dir>/"
+        "<name>_tensorboard/; needs pip install 'mlkd[tensorboard]').",
+    ),
+]
 MaxRestarts = Annotated[
     int | None,
     typer.Option(

@@ -49,6 +49,25 @@ def test_multi_exit_loss_weights_each_head() -> None:
         loss(heads[:2], t, y)
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.7])
+def test_named_losses_add_up_to_the_loss(alpha: float) -> None:
+    torch.manual_seed(0)
+    t, y = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
+    heads = [torch.randn(4, 3) for _ in range(3)]
+    loss = MultiExitKDLoss(temperature=3.0, alpha=alpha, exit_weights=[0.5, 2.0])
+    parts = loss.named(heads, t, y)
+    expected = {"loss", "kd", "exit1_loss", "exit2_loss"} | ({"ce"} if alpha < 1 else set())
+    assert set(parts) == expected
+    final = alpha * parts["kd"] + (1 - alpha) * parts.get("ce", 0.0)
+    assert float(final) == pytest.approx(float(kd_loss(heads[0], t, y, 3.0, alpha)), rel=1e-6)
+    assert float(parts["exit1_loss"]) == pytest.approx(
+        float(kd_loss(heads[1], t, y, 3.0, alpha)), rel=1e-6
+    )
+    total = final + 0.5 * parts["exit1_loss"] + 2.0 * parts["exit2_loss"]
+    assert float(parts["loss"]) == pytest.approx(float(total), rel=1e-6)
+    assert float(loss(heads, t, y)) == float(parts["loss"])
+
+
 @pytest.mark.parametrize(
     ("arch", "stages"),
     [
@@ -243,6 +262,13 @@ def test_distilled_student_is_plain_timm_with_the_training_logits(
     assert not any(k.startswith("exits.") for k in saved["state_dict"])
     history = json.loads((out / "s_history.json").read_text())
     assert history["kind"] == "student" and len(history["epochs"]) == 2
+    # The loss by component: the final head's KD term and each exit's loss (α = 1: no CE).
+    for row in history["epochs"]:
+        assert "ce" not in row
+        parts = row["kd"] + row["exit1_loss"] + row["exit2_loss"] + row["exit3_loss"]
+        assert row["train_loss"] == pytest.approx(parts, rel=1e-6)
+    header = (out / "s_history.csv").read_text().splitlines()[0].split(",")
+    assert {"kd", "exit1_loss", "exit2_loss", "exit3_loss"} <= set(header)
 
 
 @pytest.mark.slow
@@ -305,3 +331,35 @@ def test_bad_distill_input_is_one_line(
     assert result.exit_code == 2, result.stdout
     assert_error_line(result.stderr, message)
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+def test_tensorboard_receives_the_loss_by_component(small_teacher: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "models"
+    result = invoke_cli(
+        "distill", *FAST, "--model", "test_resnet", "--checkpoint", small_teacher / "models/t.pth",
+        "--student", "test_resnet", "-e", "2", "-b", "32", "-n", "s", "--alpha", "0.9",
+        "--output-dir", out, "--log-to", "tensorboard", "-q",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads((out / "s_history.json").read_text())["epochs"]
+    assert {"kd", "ce", "exit1_loss", "exit3_loss"} <= set(rows[-1])
+    events = EventAccumulator(str(out / "s_tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/kd", "train/ce", "train/exit1_loss", "val/top1"} <= tags
+    kd = events.Scalars("train/kd")
+    assert [e.step for e in kd] == [1, 2]
+    assert [e.value for e in kd] == pytest.approx([row["kd"] for row in rows], rel=1e-6)
+
+
+def test_unknown_metric_logger_is_refused(run_cli, tmp_path: Path) -> None:
+    result = run_cli(
+        "teacher", "train", "-d", "digits", "-m", "test_resnet", "--log-to", "mlflow",
+        "--output-dir", tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert_error_line(result.stderr, "--log-to mlflow", "tensorboard")
+    assert not any(tmp_path.iterdir())

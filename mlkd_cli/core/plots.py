@@ -69,14 +69,24 @@ def reliability_png(bins: list[dict], ece: float, title: str, path: Path) -> Non
     _save(figure, path)
 
 
+def loss_part_keys(row: dict[str, Any]) -> list[str]:
+    """The named parts of the training loss a history row holds: kd, ce, exit1_loss, ..."""
+    return [k for k in row if k in ("kd", "ce") or (k.startswith("exit") and k.endswith("_loss"))]
+
+
 def training_curves_png(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     """Training loss, and validation top-1 of the final head and of each exit, per epoch."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in rows]
     figure, (loss_axes, top1_axes) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axes.plot(epochs, [row["train_loss"] for row in rows], marker="o", markersize=3)
+    loss_axes.plot(
+        epochs, [row["train_loss"] for row in rows], marker="o", markersize=3, label="loss"
+    )
+    for key in loss_part_keys(rows[-1]):
+        loss_axes.plot(epochs, [row.get(key) for row in rows], linestyle="--", label=key)
     loss_axes.set_xlabel("epoch")
     loss_axes.set_ylabel("training loss")
+    loss_axes.legend()
     top1_axes.plot(
         epochs, [row["val_top1"] for row in rows], marker="o", markersize=3, label="final head"
     )

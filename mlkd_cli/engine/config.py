@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from mlkd_cli.core.console import OutputOptions
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.engine.loggers import parse_log_to
 
 C = TypeVar("C")
 DATA_PIPELINES = ("auto", "device", "cpu")
@@ -82,6 +83,8 @@ class TrainConfig:
     augment: bool = True  # random crop, flip and colour jitter; off: the evaluation view
     compile: bool = False  # torch.compile the models that run each step
     seed: int = 0
+    # Metric loggers fed the history's rows, comma-separated (see engine/loggers.py).
+    log_to: str | None = None
     world_size: int = 1
     # Restarts of the worker processes after one dies, each from the last saved state.
     max_restarts: int = 0
@@ -121,6 +124,7 @@ class TrainConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise UserError(f"--{flag} must be at least 1, got {value}")
+        parse_log_to(self.log_to)
         if self.max_restarts < 0:
             raise UserError(f"--max-restarts must not be negative, got {self.max_restarts}")
         if self.lr <= 0:

@@ -183,13 +183,14 @@ class DistillTask:
         images: torch.Tensor,
         targets: torch.Tensor,
         indices: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The teacher sees exactly this augmented batch (or its cached outputs are used)."""
+    ) -> dict[str, torch.Tensor]:
+        """The loss and its named parts; the teacher sees exactly this augmented batch (or its
+        cached outputs are used)."""
         if self.cache is not None and indices is not None:
             teacher_logits = self.cache[indices.to(self.cache.device, non_blocking=True)]
         else:
             teacher_logits = self.teacher(images)
-        return self.loss(model(images), teacher_logits, targets)
+        return self.loss.named(model(images), teacher_logits, targets)
 
     def evaluate(
         self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision

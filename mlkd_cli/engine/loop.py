@@ -27,8 +27,12 @@ from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.loaders import Batch
 from mlkd_cli.data.sources import UnreadableImage
 
-# (model, images, soft targets, dataset positions of the images or None) -> loss
-StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (model, images, soft targets, dataset positions of the images or None) -> the loss, or a dict
+# of named losses whose "loss" entry trains (the others, e.g. "kd", "ce", are recorded).
+StepFn = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    torch.Tensor | dict[str, torch.Tensor],
+]
 # Reading the loss forces a host-device sync; do it this often, not every step.
 LOSS_READ_EVERY = 20
 
@@ -116,6 +120,7 @@ class EpochProgress:
     optimizer_steps: int = 0
     nonfinite_skipped: int = 0
     loss_sum: float = 0.0
+    part_sums: dict[str, float] = field(default_factory=dict)  # named losses x images
     samples: float = 0.0
     seconds: float = 0.0
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
@@ -199,6 +204,10 @@ def train_one_epoch(
     model.train()
     done = resume_from or EpochProgress()
     loss_sum = torch.tensor(done.loss_sum, device=ctx.device, dtype=torch.float64)
+    part_sums = {
+        name: torch.tensor(value, device=ctx.device, dtype=torch.float64)
+        for name, value in done.part_sums.items()
+    }
     samples = torch.tensor(done.samples, device=ctx.device, dtype=torch.float64)
     nonfinite = torch.zeros((), device=ctx.device, dtype=torch.float64)
     optimizer_steps, skipped = done.optimizer_steps, done.nonfinite_skipped
@@ -214,6 +223,7 @@ def train_one_epoch(
             optimizer_steps=optimizer_steps,
             nonfinite_skipped=skipped,
             loss_sum=float(loss_sum),
+            part_sums={name: float(value) for name, value in part_sums.items()},
             samples=float(samples),
             seconds=done.seconds + time.perf_counter() - start,
             unreadable=list(unreadable),
@@ -235,7 +245,9 @@ def train_one_epoch(
             sync = nullcontext() if closes_group or not ctx.distributed else model.no_sync()
             with sync:
                 with precision.autocast():
-                    loss = step_fn(model, images, targets, indices)
+                    out = step_fn(model, images, targets, indices)
+                parts = out if isinstance(out, dict) else {"loss": out}
+                loss = parts["loss"]
                 bad = (~torch.isfinite(loss.detach())).double()
                 if skip_nonfinite and float(ctx.all_reduce_sum(bad.clone())) > 0:
                     # Every rank sees the same verdict, so every rank skips alike.
@@ -245,6 +257,12 @@ def train_one_epoch(
                 else:
                     (loss / group_size).backward()
                     loss_sum += loss.detach() * images.shape[0]
+                    for name, value in parts.items():
+                        if name != "loss":
+                            total = value.detach().double() * images.shape[0]
+                            part_sums[name] = (
+                                part_sums[name] + total if name in part_sums else total
+                            )
                     samples += images.shape[0]
                     nonfinite += bad
         if closes_group:
@@ -263,18 +281,23 @@ def train_one_epoch(
             stopped = index + 1 < num_batches
             break
     fresh = samples - done.samples  # images trained since this call began (not the resumed part)
-    totals = ctx.all_reduce_sum(torch.stack([loss_sum, samples, nonfinite, fresh]))
-    if float(totals[2]) > 0:
+    names = sorted(part_sums)  # every rank has the same parts: the same loss ran on each
+    zero = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    totals = ctx.all_reduce_sum(
+        torch.stack([loss_sum, samples, nonfinite, fresh, *(part_sums.get(n, zero) for n in names)])
+    ).tolist()  # one read of the device for all the epoch's totals
+    if totals[2] > 0:
         raise NonFiniteLoss(index + 1)
     running = time.perf_counter() - start
-    seen = float(totals[1])
+    seen = totals[1]
     return {
-        "train_loss": float(totals[0]) / max(seen, 1.0),
+        "train_loss": totals[0] / max(seen, 1.0),
+        "losses": {n: totals[4 + i] / max(seen, 1.0) for i, n in enumerate(names)},
         "train_images": int(seen),
         "optimizer_steps": optimizer_steps,
         "nonfinite_skipped": skipped,
         "unreadable": unreadable,
-        "images_per_s": float(totals[3]) / running if running > 0 else math.nan,
+        "images_per_s": totals[3] / running if running > 0 else math.nan,
         "epoch_time_s": done.seconds + running,
         "batches_done": index + 1,
         "stopped": stopped,

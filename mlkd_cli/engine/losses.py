@@ -9,6 +9,28 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def kd_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    with_ce: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(T²·KL(softmax(t/T) ‖ softmax(s/T)), CE(s, y))`, in fp32; CE is None without `with_ce`.
+
+    The KL divergence is summed over classes and averaged over the batch (the original averaged
+    over classes too, shrinking the distillation term by the class count). `targets` are
+    probabilities (Mixup/CutMix soft targets).
+    """
+    s = student_logits.float()
+    t = teacher_logits.float() / temperature
+    log_p_student = F.log_softmax(s / temperature, dim=1)
+    p_teacher = F.softmax(t, dim=1)
+    kl = (p_teacher * (F.log_softmax(t, dim=1) - log_p_student)).sum(dim=1).mean()
+    ce = F.cross_entropy(s, targets) if with_ce else None
+    return temperature * temperature * kl, ce
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -16,21 +38,9 @@ def kd_loss(
     temperature: float,
     alpha: float,
 ) -> torch.Tensor:
-    """Hinton KD: `α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y)`.
-
-    The KL divergence is summed over classes and averaged over the batch (the original averaged
-    over classes too, shrinking the distillation term by the class count). `targets` are
-    probabilities (Mixup/CutMix soft targets). Computed in fp32.
-    """
-    s = student_logits.float()
-    t = teacher_logits.float() / temperature
-    log_p_student = F.log_softmax(s / temperature, dim=1)
-    p_teacher = F.softmax(t, dim=1)
-    kl = (p_teacher * (F.log_softmax(t, dim=1) - log_p_student)).sum(dim=1).mean()
-    loss = alpha * temperature * temperature * kl
-    if alpha < 1.0:
-        loss = loss + (1.0 - alpha) * F.cross_entropy(s, targets)
-    return loss
+    """Hinton KD: `α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y)` (see `kd_terms`)."""
+    kd, ce = kd_terms(student_logits, teacher_logits, targets, temperature, alpha < 1.0)
+    return alpha * kd if ce is None else alpha * kd + (1.0 - alpha) * ce
 
 
 class MultiExitKDLoss(nn.Module):
@@ -42,13 +52,29 @@ class MultiExitKDLoss(nn.Module):
         self.alpha = alpha
         self.head_weights = [1.0, *exit_weights]
 
-    def forward(
+    def named(
         self, outputs: Sequence[torch.Tensor], teacher_logits: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> dict[str, torch.Tensor]:
+        """The loss and its parts: `loss` (what trains), the final head's `kd` term and `ce`
+        term (when α < 1), and each exit's own loss `exit1_loss`, ... (before its weight)."""
         if len(outputs) != len(self.head_weights):
             raise ValueError(f"expected {len(self.head_weights)} heads, got {len(outputs)}")
         teacher_logits = teacher_logits.detach()
-        return sum(
-            w * kd_loss(s, teacher_logits, targets, self.temperature, self.alpha)
-            for w, s in zip(self.head_weights, outputs, strict=True)
-        )
+        parts: dict[str, torch.Tensor] = {}
+        total = None
+        for head, (weight, logits) in enumerate(zip(self.head_weights, outputs, strict=True)):
+            kd, ce = kd_terms(logits, teacher_logits, targets, self.temperature, self.alpha < 1.0)
+            loss = self.alpha * kd if ce is None else self.alpha * kd + (1.0 - self.alpha) * ce
+            if head == 0:
+                parts["kd"] = kd
+                if ce is not None:
+                    parts["ce"] = ce
+            else:
+                parts[f"exit{head}_loss"] = loss
+            total = weight * loss if total is None else total + weight * loss
+        return {"loss": total, **parts}
+
+    def forward(
+        self, outputs: Sequence[torch.Tensor], teacher_logits: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        return self.named(outputs, teacher_logits, targets)["loss"]

@@ -8,6 +8,7 @@ plain model gets saved.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from mlkd_cli.engine.config import TeacherTrainConfig, TrainConfig
 from mlkd_cli.engine.history import History
 from mlkd_cli.engine.interrupt import StopRequest
 from mlkd_cli.engine.launch import launch, resolve_device
+from mlkd_cli.engine.loggers import build_loggers, parse_log_to
 from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
 
 
@@ -337,7 +339,12 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
     state = _TrainingState(plan, task, model, optimizer, scheduler, history, ctx)
     warned: set[str] = set()
 
-    with StopRequest() as stop:
+    loggers = (
+        build_loggers(parse_log_to(cfg.log_to), cfg.output_dir, files.name) if ctx.is_main else []
+    )
+    with StopRequest() as stop, contextlib.ExitStack() as closing:
+        for logger in loggers:
+            closing.callback(logger.close)
         for epoch in range(resumed.epoch, cfg.epochs):
             seed_everything(cfg.seed, ctx.rank, epoch)
             progress = resumed.progress if epoch == resumed.epoch else None
@@ -398,6 +405,7 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
             row = {
                 "epoch": epoch + 1,
                 "train_loss": train_metrics["train_loss"],
+                **train_metrics["losses"],
                 **task.evaluate(model, val_loader, ctx, precision),
                 "lr": optimizer.param_groups[0]["lr"],
                 "effective_batch": effective_batch,
@@ -408,6 +416,8 @@ def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
                 "epoch_time_s": train_metrics["epoch_time_s"],
             }
             history.append(row)
+            for logger in loggers:
+                logger.log_epoch(row)
             improved = row["val_top1"] > best["top1"]
             if improved:
                 best = {"top1": row["val_top1"], "epoch": epoch + 1}
