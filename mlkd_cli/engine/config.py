@@ -52,6 +52,20 @@ class BatchPlan:
         return cls(per_process, accumulation, world_size)
 
 
+def _check_at_least_one(values: dict[str, int | None]) -> None:
+    """Each given count (flag -> value; None: not set) is 1 or more."""
+    for flag, value in values.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be at least 1, got {value}")
+
+
+def _check_not_negative(values: dict[str, float | None]) -> None:
+    """Each given value (flag -> value; None: not set) is 0 or more."""
+    for flag, value in values.items():
+        if value is not None and value < 0:
+            raise UserError(f"--{flag} must not be negative, got {value}")
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """What every training run needs: data, optimisation, launch and output (defaults here)."""
@@ -112,44 +126,33 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse impossible values before any work starts."""
-        positive = {
-            "epochs": self.epochs,
-            "batch-size": self.batch_size,
-            "world-size": self.world_size,
-        }
-        if self.effective_batch_size is not None:
-            positive["effective-batch-size"] = self.effective_batch_size
-        if self.img_size is not None:
-            positive["img-size"] = self.img_size
-        for flag, value in positive.items():
-            if value < 1:
-                raise UserError(f"--{flag} must be at least 1, got {value}")
+        counts = {"epochs": self.epochs, "batch-size": self.batch_size}
+        counts["world-size"] = self.world_size
+        counts["effective-batch-size"] = self.effective_batch_size
+        counts["img-size"] = self.img_size
+        _check_at_least_one(counts)
         parse_log_to(self.log_to)
-        if self.max_restarts < 0:
-            raise UserError(f"--max-restarts must not be negative, got {self.max_restarts}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
-        for flag, value in {
-            "weight-decay": self.weight_decay,
-            "warmup-epochs": self.warmup_epochs,
-            "mixup-alpha": self.mixup_alpha,
-            "cutmix-alpha": self.cutmix_alpha,
-        }.items():
-            if value < 0:
-                raise UserError(f"--{flag} must not be negative, got {value}")
+        _check_not_negative(
+            {
+                "max-restarts": self.max_restarts,
+                "weight-decay": self.weight_decay,
+                "warmup-epochs": self.warmup_epochs,
+                "mixup-alpha": self.mixup_alpha,
+                "cutmix-alpha": self.cutmix_alpha,
+                "save-frequency": self.save_frequency,
+                "save-every-steps": self.save_every_steps,
+                "workers": self.workers,
+            }
+        )
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.save_frequency < 0:
-            raise UserError(f"--save-frequency must not be negative, got {self.save_frequency}")
         if self.data_pipeline not in DATA_PIPELINES:
             raise UserError(
                 f"--data-pipeline must be one of {', '.join(DATA_PIPELINES)}, "
                 f"not {self.data_pipeline!r}"
             )
-        if self.save_every_steps < 0:
-            raise UserError(f"--save-every-steps must not be negative, got {self.save_every_steps}")
-        if self.workers is not None and self.workers < 0:
-            raise UserError(f"--workers must not be negative, got {self.workers}")
         if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.batch_size < 2:
             raise UserError("Mixup/CutMix mixes pairs of images: use --batch-size 2 or more")
         if self.resume and self.overwrite:

@@ -171,6 +171,58 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+class _EpochSums:
+    """An epoch's running sums, kept on the device: read at checkpoints and at the end only."""
+
+    def __init__(self, done: EpochProgress, device: torch.device) -> None:
+        def tensor(value: float) -> torch.Tensor:
+            return torch.tensor(value, device=device, dtype=torch.float64)
+
+        self.device = device
+        self.loss = tensor(done.loss_sum)
+        self.parts = {name: tensor(value) for name, value in done.part_sums.items()}
+        self.samples = tensor(done.samples)
+        self.nonfinite = tensor(0.0)
+
+    def add(self, parts: dict[str, torch.Tensor], count: int, bad: torch.Tensor) -> None:
+        """One batch's loss and named parts (batch means), weighted by its image count."""
+        self.loss += parts["loss"].detach() * count
+        for name, value in parts.items():
+            if name != "loss":
+                total = value.detach().double() * count
+                self.parts[name] = self.parts[name] + total if name in self.parts else total
+        self.samples += count
+        self.nonfinite += bad
+
+    def read(self) -> dict[str, Any]:
+        """The sums as plain numbers, for a mid-epoch checkpoint (reads the device)."""
+        return {
+            "loss_sum": float(self.loss),
+            "part_sums": {name: float(value) for name, value in self.parts.items()},
+            "samples": float(self.samples),
+        }
+
+    def reduce(
+        self, ctx: DistContext, fresh_from: float
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Totals over every rank (one device read), and the named parts' totals."""
+        names = sorted(self.parts)  # every rank has the same parts: the same loss ran on each
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        fresh = self.samples - fresh_from
+        stacked = [self.loss, self.samples, self.nonfinite, fresh]
+        stacked += [self.parts.get(name, zero) for name in names]
+        values = ctx.all_reduce_sum(torch.stack(stacked)).tolist()
+        keys = ("loss", "samples", "nonfinite", "fresh")
+        return dict(zip(keys, values[:4], strict=True)), dict(zip(names, values[4:], strict=True))
+
+
+def _unreadable(batch: Batch, strict_data: bool) -> list[tuple[str, str]]:
+    """The batch's images that could not be decoded, as (path, reason); raises under strict."""
+    if strict_data and batch.skipped:
+        raise UnreadableData(batch.skipped[0])
+    return [(image.path, image.reason) for image in batch.skipped]
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -203,40 +255,29 @@ def train_one_epoch(
     """
     model.train()
     done = resume_from or EpochProgress()
-    loss_sum = torch.tensor(done.loss_sum, device=ctx.device, dtype=torch.float64)
-    part_sums = {
-        name: torch.tensor(value, device=ctx.device, dtype=torch.float64)
-        for name, value in done.part_sums.items()
-    }
-    samples = torch.tensor(done.samples, device=ctx.device, dtype=torch.float64)
-    nonfinite = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    sums = _EpochSums(done, ctx.device)
     optimizer_steps, skipped = done.optimizer_steps, done.nonfinite_skipped
     unreadable = list(done.unreadable)
     group_bad, stopped, index = False, False, done.batches_done - 1
     start = time.perf_counter()
 
     def snapshot() -> EpochProgress:
-        if float(nonfinite) > 0:  # never checkpoint weights a NaN step may have touched
+        if float(sums.nonfinite) > 0:  # never checkpoint weights a NaN step may have touched
             raise NonFiniteLoss(index + 1)
         return EpochProgress(
             batches_done=index + 1,
             optimizer_steps=optimizer_steps,
             nonfinite_skipped=skipped,
-            loss_sum=float(loss_sum),
-            part_sums={name: float(value) for name, value in part_sums.items()},
-            samples=float(samples),
             seconds=done.seconds + time.perf_counter() - start,
             unreadable=list(unreadable),
+            **sums.read(),
         )
 
     for index, batch in enumerate(batches, start=done.batches_done):
         group_start = (index // accum_steps) * accum_steps
         group_size = min(accum_steps, num_batches - group_start)
         closes_group = index - group_start + 1 == group_size
-        for image in batch.skipped:
-            if strict_data:
-                raise UnreadableData(image)
-            unreadable.append((image.path, image.reason))
+        unreadable += _unreadable(batch, strict_data)
         images = precision.to_device(batch.images)
         labels = batch.labels.to(ctx.device, non_blocking=True)
         images, targets = mixer(images, labels)
@@ -256,15 +297,7 @@ def train_one_epoch(
                     optimizer.zero_grad(set_to_none=True)
                 else:
                     (loss / group_size).backward()
-                    loss_sum += loss.detach() * images.shape[0]
-                    for name, value in parts.items():
-                        if name != "loss":
-                            total = value.detach().double() * images.shape[0]
-                            part_sums[name] = (
-                                part_sums[name] + total if name in part_sums else total
-                            )
-                    samples += images.shape[0]
-                    nonfinite += bad
+                    sums.add(parts, images.shape[0], bad)
         if closes_group:
             if not group_bad:
                 optimizer.step()
@@ -272,7 +305,7 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()  # the schedule follows the data, skipped steps or not
             group_bad = False
-        if index % LOSS_READ_EVERY == 0 and float(nonfinite) > 0:
+        if index % LOSS_READ_EVERY == 0 and float(sums.nonfinite) > 0:
             raise NonFiniteLoss(index + 1)
         if on_step is not None:
             shown = loss.item() if index % LOSS_READ_EVERY == 0 and images.shape[0] else None
@@ -280,24 +313,20 @@ def train_one_epoch(
         if closes_group and at_boundary is not None and at_boundary(index + 1, snapshot):
             stopped = index + 1 < num_batches
             break
-    fresh = samples - done.samples  # images trained since this call began (not the resumed part)
-    names = sorted(part_sums)  # every rank has the same parts: the same loss ran on each
-    zero = torch.zeros((), device=ctx.device, dtype=torch.float64)
-    totals = ctx.all_reduce_sum(
-        torch.stack([loss_sum, samples, nonfinite, fresh, *(part_sums.get(n, zero) for n in names)])
-    ).tolist()  # one read of the device for all the epoch's totals
-    if totals[2] > 0:
+    # Images trained since this call began (not the resumed part) give the rate.
+    totals, losses = sums.reduce(ctx, fresh_from=done.samples)
+    if totals["nonfinite"] > 0:
         raise NonFiniteLoss(index + 1)
     running = time.perf_counter() - start
-    seen = totals[1]
+    seen = totals["samples"]
     return {
-        "train_loss": totals[0] / max(seen, 1.0),
-        "losses": {n: totals[4 + i] / max(seen, 1.0) for i, n in enumerate(names)},
+        "train_loss": totals["loss"] / max(seen, 1.0),
+        "losses": {name: value / max(seen, 1.0) for name, value in losses.items()},
         "train_images": int(seen),
         "optimizer_steps": optimizer_steps,
         "nonfinite_skipped": skipped,
         "unreadable": unreadable,
-        "images_per_s": totals[3] / running if running > 0 else math.nan,
+        "images_per_s": totals["fresh"] / running if running > 0 else math.nan,
         "epoch_time_s": done.seconds + running,
         "batches_done": index + 1,
         "stopped": stopped,

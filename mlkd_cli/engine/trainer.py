@@ -262,191 +262,245 @@ def launch_training(worker: Any, plan: Any) -> dict[str, Any]:
 
 def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
     """Train `task`'s module under `plan`; runs on every rank, rank 0 writes the files."""
-    cfg, files = plan.config, plan.files
-    report = Reporter(cfg.output, ctx.rank)
-    precision = loop.Precision(ctx.device)
-
-    splits = load_splits(cfg.dataset, cfg.data_dir, False, cfg.val_fraction)
-    train_batches = build_training_batches(cfg, splits, plan.recipe, ctx)
-    val_set = TransformedSubset(splits.val, splits.val_indices, build_eval_transform(plan.recipe))
-    val_loader = build_eval_loader(val_set, cfg.batch_size * 2, ctx, cfg.workers)
-    num_batches = train_batches.batches_per_epoch
-    if num_batches == 0:
-        raise UserError(f"{cfg.dataset} has no training batches; lower --batch-size")
-
-    seed_everything(cfg.seed, 0, -1)  # identical initial weights on every rank
-    model = task.build(ctx)
-    model.to(ctx.device)
-    if precision.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        failed = loop.compile_module(model, ctx.device)
-        if failed:
-            report.warn(f"--compile is not available here ({failed}); training uncompiled")
-    task.prepare(ctx, train_batches, precision)
-
-    batch_plan = cfg.batch_plan(ctx.world_size)
-    accum = batch_plan.accumulation
-    steps_per_epoch = -(-num_batches // accum)
-    optimizer = loop.build_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = loop.build_scheduler(
-        optimizer,
-        total_steps=cfg.epochs * steps_per_epoch,
-        warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
-        min_lr_ratio=cfg.min_lr_ratio,
-    )
-    history = History(
-        cfg.output_dir,
-        files.name,
-        {
-            "name": files.name,
-            "kind": plan.kind,
-            "mlkd_version": __version__,
-            "config": cfg.to_record(),
-            "model_card": asdict(plan.card),
-        },
-    )
-    resumed = _Resumed()
-    # A launcher restart (--max-restarts, or torchrun's) continues from the last saved state.
-    restarted = ctx.restart > 0 and files.last.is_file()
-    where = "the start"
-    if cfg.resume or restarted:
-        resumed = _load_training_state(ctx, files, model, optimizer, scheduler, history)
-        where = f"after epoch {resumed.epoch}"
-        if resumed.progress is not None:
-            where = f"in epoch {resumed.epoch + 1} after batch {resumed.progress.batches_done}"
-        report.info(f"resuming {files.name} {where} (best top-1 {resumed.best['top1']:.2f})")
-    history.run_info["restarts"] = list(resumed.restarts)
-    if ctx.restart > 0:
-        history.run_info["restarts"].append({"restart": ctx.restart, "resumed_from": where})
-    best = resumed.best
-
-    if ctx.distributed:
-        model = DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
-        )
-    mixer = loop.BatchMixer(
-        plan.card.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing
-    )
-    effective_batch = batch_plan.global_batch
-    report.info(
-        f"training {plan.card.arch} ({plan.kind}) on {cfg.dataset}: {len(train_batches)} train "
-        f"/ {len(val_set)} val images, {_pipeline_name(train_batches)} data pipeline, "
-        f"{ctx.world_size} process(es) on {ctx.device.type}, effective batch {effective_batch} "
-        f"({batch_plan.per_process} x {ctx.world_size} process(es) x {accum} pass(es)), "
-        f"{cfg.epochs} epochs"
-    )
-    state = _TrainingState(plan, task, model, optimizer, scheduler, history, ctx)
-    warned: set[str] = set()
-
-    loggers = (
-        build_loggers(parse_log_to(cfg.log_to), cfg.output_dir, files.name) if ctx.is_main else []
-    )
+    run = _Run(ctx, plan, task)
     with StopRequest() as stop, contextlib.ExitStack() as closing:
-        for logger in loggers:
+        for logger in run.loggers:
             closing.callback(logger.close)
-        for epoch in range(resumed.epoch, cfg.epochs):
-            seed_everything(cfg.seed, ctx.rank, epoch)
-            progress = resumed.progress if epoch == resumed.epoch else None
-            if progress is not None and resumed.rng is not None:
-                set_rng_state(resumed.rng, ctx.device)
-            batches = train_batches.epoch(epoch, progress.batches_done if progress else 0)
-
-            def at_boundary(
-                batches_done: int, snapshot: Any, epoch: int = epoch, best: dict = best
-            ) -> bool:
-                step = epoch * steps_per_epoch + -(-batches_done // accum)
-                # On one process the request is a flag read; across ranks it takes a collective,
-                # so it is agreed every LOSS_READ_EVERY steps, not at every one.
-                check = not ctx.distributed or step % loop.LOSS_READ_EVERY == 0
-                stopping = check and stop.agreed(ctx) is not None
-                periodic = cfg.save_every_steps and step % cfg.save_every_steps == 0
-                if (stopping or periodic) and batches_done < num_batches:
-                    state.save_mid_epoch(epoch, snapshot(), best)
-                return stopping
-
-            description = f"epoch {epoch + 1}/{cfg.epochs}"
-            with report.step_progress(description, num_batches) as on_step:
-                try:
-                    train_metrics = loop.train_one_epoch(
-                        model,
-                        batches,
-                        num_batches,
-                        task.step,
-                        optimizer,
-                        scheduler,
-                        mixer,
-                        ctx,
-                        precision,
-                        accum,
-                        resume_from=progress,
-                        on_step=on_step,
-                        at_boundary=at_boundary,
-                        skip_nonfinite=cfg.skip_nonfinite,
-                        strict_data=cfg.strict_data,
-                    )
-                except loop.NonFiniteLoss as exc:
-                    raise RunStopped(_diverged_message(files, epoch, exc.batch)) from None
-                except loop.UnreadableData as exc:
-                    raise UserError(
-                        f"{exc.image.path} is not a readable image ({exc.image.reason}); remove "
-                        "or replace it, or drop --strict-data to leave unreadable images out"
-                    ) from None
-            if train_metrics["stopped"]:
-                where = f"in epoch {epoch + 1} after batch {train_metrics['batches_done']}"
-                raise _interrupted(stop, files, f"{where} of {num_batches}")
-            unreadable = [
-                u for part in ctx.gather_objects(train_metrics["unreadable"]) for u in part
-            ]
-            for path, reason in unreadable:
-                if path not in warned:
-                    warned.add(path)
-                    report.warn(f"left out unreadable image {path} ({reason})")
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": train_metrics["train_loss"],
-                **train_metrics["losses"],
-                **task.evaluate(model, val_loader, ctx, precision),
-                "lr": optimizer.param_groups[0]["lr"],
-                "effective_batch": effective_batch,
-                "optimizer_steps": train_metrics["optimizer_steps"],
-                "nonfinite_skipped": train_metrics["nonfinite_skipped"],
-                "unreadable_skipped": len(unreadable),
-                "images_per_s": train_metrics["images_per_s"],
-                "epoch_time_s": train_metrics["epoch_time_s"],
-            }
-            history.append(row)
-            for logger in loggers:
-                logger.log_epoch(row)
-            improved = row["val_top1"] > best["top1"]
-            if improved:
-                best = {"top1": row["val_top1"], "epoch": epoch + 1}
-            if ctx.is_main:
-                state.save_epoch(best, row, improved)
-            task.report_epoch(report, row, improved)
-            if epoch + 1 < cfg.epochs and stop.agreed(ctx) is not None:
-                raise _interrupted(stop, files, f"after epoch {epoch + 1}")
+        for epoch in range(run.resumed.epoch, plan.config.epochs):
+            metrics = run.train_epoch(epoch, stop)
+            run.finish_epoch(epoch, metrics, stop)
     ctx.barrier()
-    return {
-        "name": files.name,
-        "kind": plan.kind,
-        "model": plan.card.arch,
-        "dataset": cfg.dataset,
-        "epochs": cfg.epochs,
-        "best_epoch": best["epoch"],
-        "best_val_top1": best["top1"],
-        "last": history.rows[-1] if history.rows else None,
-        "best_row": next((r for r in history.rows if r["epoch"] == best["epoch"]), None),
-        "world_size": ctx.world_size,
-        "effective_batch": effective_batch,
-        "files": {
-            "best": str(files.best),
-            "last": str(files.last),
-            "history_json": str(files.history_json),
-            "history_csv": str(files.history_csv),
-            "curves": str(files.curves),
-        },
-    }
+    return run.summary()
+
+
+class _Run:
+    """One training run's parts, built once on this rank, and its epoch-level steps.
+
+    The parts are set up in the order the loop needs them (data, model, optimiser and schedule,
+    history and resume, DDP); `train_epoch` runs one epoch of `loop.train_one_epoch`, and
+    `finish_epoch` validates, records, saves and reports it.
+    """
+
+    def __init__(self, ctx: DistContext, plan: RunPlan, task: Task) -> None:
+        cfg = plan.config
+        self.ctx, self.plan, self.task, self.cfg, self.files = ctx, plan, task, cfg, plan.files
+        self.report = Reporter(cfg.output, ctx.rank)
+        self.precision = loop.Precision(ctx.device)
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_history()
+        if ctx.distributed:
+            self.model = DistributedDataParallel(
+                self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+            )
+        self.mixer = loop.BatchMixer(
+            plan.card.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing
+        )
+        self.state = _TrainingState(
+            plan, task, self.model, self.optimizer, self.scheduler, self.history, ctx
+        )
+        self.warned: set[str] = set()
+        names = parse_log_to(cfg.log_to)
+        self.loggers = build_loggers(names, cfg.output_dir, self.files.name) if ctx.is_main else []
+        self._announce()
+
+    def _setup_data(self) -> None:
+        cfg, ctx, recipe = self.cfg, self.ctx, self.plan.recipe
+        splits = load_splits(cfg.dataset, cfg.data_dir, False, cfg.val_fraction)
+        self.train_batches = build_training_batches(cfg, splits, recipe, ctx)
+        self.val_set = TransformedSubset(
+            splits.val, splits.val_indices, build_eval_transform(recipe)
+        )
+        self.val_loader = build_eval_loader(self.val_set, cfg.batch_size * 2, ctx, cfg.workers)
+        self.num_batches = self.train_batches.batches_per_epoch
+        if self.num_batches == 0:
+            raise UserError(f"{cfg.dataset} has no training batches; lower --batch-size")
+
+    def _setup_model(self) -> None:
+        seed_everything(self.cfg.seed, 0, -1)  # identical initial weights on every rank
+        model = self.task.build(self.ctx)
+        model.to(self.ctx.device)
+        if self.precision.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if self.cfg.compile:
+            failed = loop.compile_module(model, self.ctx.device)
+            if failed:
+                self.report.warn(f"--compile is not available here ({failed}); training uncompiled")
+        self.task.prepare(self.ctx, self.train_batches, self.precision)
+        self.model = model
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.cfg
+        self.batch_plan = cfg.batch_plan(self.ctx.world_size)
+        self.accum = self.batch_plan.accumulation
+        self.steps_per_epoch = -(-self.num_batches // self.accum)
+        self.optimizer = loop.build_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.scheduler = loop.build_scheduler(
+            self.optimizer,
+            total_steps=cfg.epochs * self.steps_per_epoch,
+            warmup_steps=int(cfg.warmup_epochs * self.steps_per_epoch),
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
+
+    def _setup_history(self) -> None:
+        """The history, and where a resumed (or launcher-restarted) run continues from."""
+        cfg, ctx, files = self.cfg, self.ctx, self.files
+        self.history = History(
+            cfg.output_dir,
+            files.name,
+            {
+                "name": files.name,
+                "kind": self.plan.kind,
+                "mlkd_version": __version__,
+                "config": cfg.to_record(),
+                "model_card": asdict(self.plan.card),
+            },
+        )
+        self.resumed = _Resumed()
+        # A launcher restart (--max-restarts, or torchrun's) continues from the last saved state.
+        restarted = ctx.restart > 0 and files.last.is_file()
+        where = "the start"
+        if cfg.resume or restarted:
+            self.resumed = _load_training_state(
+                ctx, files, self.model, self.optimizer, self.scheduler, self.history
+            )
+            where = f"after epoch {self.resumed.epoch}"
+            if self.resumed.progress is not None:
+                done = self.resumed.progress.batches_done
+                where = f"in epoch {self.resumed.epoch + 1} after batch {done}"
+            top1 = self.resumed.best["top1"]
+            self.report.info(f"resuming {files.name} {where} (best top-1 {top1:.2f})")
+        self.history.run_info["restarts"] = list(self.resumed.restarts)
+        if ctx.restart > 0:
+            self.history.run_info["restarts"].append(
+                {"restart": ctx.restart, "resumed_from": where}
+            )
+        self.best = self.resumed.best
+
+    def _announce(self) -> None:
+        cfg, ctx, plan = self.cfg, self.ctx, self.batch_plan
+        self.report.info(
+            f"training {self.plan.card.arch} ({self.plan.kind}) on {cfg.dataset}: "
+            f"{len(self.train_batches)} train / {len(self.val_set)} val images, "
+            f"{_pipeline_name(self.train_batches)} data pipeline, {ctx.world_size} process(es) "
+            f"on {ctx.device.type}, effective batch {plan.global_batch} ({plan.per_process} x "
+            f"{ctx.world_size} process(es) x {self.accum} pass(es)), {cfg.epochs} epochs"
+        )
+
+    def train_epoch(self, epoch: int, stop: StopRequest) -> dict[str, Any]:
+        """One epoch (or the rest of a part-done one); raises on a stop, divergence or bad data."""
+        cfg, ctx, resumed = self.cfg, self.ctx, self.resumed
+        seed_everything(cfg.seed, ctx.rank, epoch)
+        progress = resumed.progress if epoch == resumed.epoch else None
+        if progress is not None and resumed.rng is not None:
+            set_rng_state(resumed.rng, ctx.device)
+        batches = self.train_batches.epoch(epoch, progress.batches_done if progress else 0)
+        description = f"epoch {epoch + 1}/{cfg.epochs}"
+        with self.report.step_progress(description, self.num_batches) as on_step:
+            try:
+                metrics = loop.train_one_epoch(
+                    self.model,
+                    batches,
+                    self.num_batches,
+                    self.task.step,
+                    self.optimizer,
+                    self.scheduler,
+                    self.mixer,
+                    ctx,
+                    self.precision,
+                    self.accum,
+                    resume_from=progress,
+                    on_step=on_step,
+                    at_boundary=self._boundary(epoch, stop),
+                    skip_nonfinite=cfg.skip_nonfinite,
+                    strict_data=cfg.strict_data,
+                )
+            except loop.NonFiniteLoss as exc:
+                raise RunStopped(_diverged_message(self.files, epoch, exc.batch)) from None
+            except loop.UnreadableData as exc:
+                raise UserError(
+                    f"{exc.image.path} is not a readable image ({exc.image.reason}); remove "
+                    "or replace it, or drop --strict-data to leave unreadable images out"
+                ) from None
+        if metrics["stopped"]:
+            where = f"in epoch {epoch + 1} after batch {metrics['batches_done']}"
+            raise _interrupted(stop, self.files, f"{where} of {self.num_batches}")
+        return metrics
+
+    def _boundary(self, epoch: int, stop: StopRequest) -> loop.BoundaryFn:
+        """What runs after each optimiser step: stop requests and mid-epoch saves."""
+        ctx, best = self.ctx, self.best
+
+        def at_boundary(batches_done: int, snapshot: Any) -> bool:
+            step = epoch * self.steps_per_epoch + -(-batches_done // self.accum)
+            # On one process the request is a flag read; across ranks it takes a collective,
+            # so it is agreed every LOSS_READ_EVERY steps, not at every one.
+            check = not ctx.distributed or step % loop.LOSS_READ_EVERY == 0
+            stopping = check and stop.agreed(ctx) is not None
+            periodic = self.cfg.save_every_steps and step % self.cfg.save_every_steps == 0
+            if (stopping or periodic) and batches_done < self.num_batches:
+                self.state.save_mid_epoch(epoch, snapshot(), best)
+            return stopping
+
+        return at_boundary
+
+    def finish_epoch(self, epoch: int, metrics: dict[str, Any], stop: StopRequest) -> None:
+        """Validate, record, save and report the epoch; stop here if asked to."""
+        ctx = self.ctx
+        unreadable = [u for part in ctx.gather_objects(metrics["unreadable"]) for u in part]
+        for path, reason in unreadable:
+            if path not in self.warned:
+                self.warned.add(path)
+                self.report.warn(f"left out unreadable image {path} ({reason})")
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": metrics["train_loss"],
+            **metrics["losses"],
+            **self.task.evaluate(self.model, self.val_loader, ctx, self.precision),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "effective_batch": self.batch_plan.global_batch,
+            "optimizer_steps": metrics["optimizer_steps"],
+            "nonfinite_skipped": metrics["nonfinite_skipped"],
+            "unreadable_skipped": len(unreadable),
+            "images_per_s": metrics["images_per_s"],
+            "epoch_time_s": metrics["epoch_time_s"],
+        }
+        self.history.append(row)
+        for logger in self.loggers:
+            logger.log_epoch(row)
+        improved = row["val_top1"] > self.best["top1"]
+        if improved:
+            self.best = {"top1": row["val_top1"], "epoch": epoch + 1}
+        if ctx.is_main:
+            self.state.save_epoch(self.best, row, improved)
+        self.task.report_epoch(self.report, row, improved)
+        if epoch + 1 < self.cfg.epochs and stop.agreed(ctx) is not None:
+            raise _interrupted(stop, self.files, f"after epoch {epoch + 1}")
+
+    def summary(self) -> dict[str, Any]:
+        """What the command prints and returns."""
+        files, rows, best = self.files, self.history.rows, self.best
+        return {
+            "name": files.name,
+            "kind": self.plan.kind,
+            "model": self.plan.card.arch,
+            "dataset": self.cfg.dataset,
+            "epochs": self.cfg.epochs,
+            "best_epoch": best["epoch"],
+            "best_val_top1": best["top1"],
+            "last": rows[-1] if rows else None,
+            "best_row": next((r for r in rows if r["epoch"] == best["epoch"]), None),
+            "world_size": self.ctx.world_size,
+            "effective_batch": self.batch_plan.global_batch,
+            "files": {
+                "best": str(files.best),
+                "last": str(files.last),
+                "history_json": str(files.history_json),
+                "history_csv": str(files.history_csv),
+                "curves": str(files.curves),
+            },
+        }
 
 
 def _pipeline_name(batches: TrainingBatches) -> str:
