@@ -19,6 +19,7 @@ from . import options as opt
 D = DistillConfig(dataset="")
 
 
+@opt.with_options(opt.training_options(D))
 def distill(
     dataset: opt.Dataset = None,
     model: Annotated[
@@ -53,23 +54,6 @@ def distill(
     exit_weights: Annotated[
         str | None, typer.Option("--exit-weights", help="Loss weight per exit (default 1 each).")
     ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size", "-b", help=f"Images per process per step (default {D.batch_size})."
-        ),
-    ] = None,
-    effective_batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--effective-batch-size",
-            help="Images per optimiser step over all processes (default: 128 as the original, "
-            "or one step's worth if larger).",
-        ),
-    ] = None,
-    epochs: Annotated[
-        int | None, typer.Option("--epochs", "-e", help=f"Epochs (default {D.epochs}).")
-    ] = None,
     name: Annotated[
         str | None, typer.Option("--name", "-n", help=f"Run name (default {D.name}).")
     ] = None,
@@ -83,50 +67,6 @@ def distill(
         float | None,
         typer.Option("--temperature", help=f"KD temperature (default {D.temperature:g})."),
     ] = None,
-    mixup_alpha: Annotated[
-        float | None, typer.Option("--mixup-alpha", help=f"(default {D.mixup_alpha:g})")
-    ] = None,
-    cutmix_alpha: Annotated[
-        float | None, typer.Option("--cutmix-alpha", help=f"(default {D.cutmix_alpha:g})")
-    ] = None,
-    label_smoothing: Annotated[
-        float | None,
-        typer.Option("--label-smoothing", help=f"Of the CE term (default {D.label_smoothing:g})."),
-    ] = None,
-    lr: Annotated[
-        float | None, typer.Option("--lr", help=f"AdamW rate (default {D.lr:g}).")
-    ] = None,
-    weight_decay: Annotated[
-        float | None, typer.Option("--weight-decay", help=f"(default {D.weight_decay:g})")
-    ] = None,
-    warmup_epochs: Annotated[
-        float | None, typer.Option("--warmup-epochs", help=f"(default {D.warmup_epochs:g})")
-    ] = None,
-    save_frequency: Annotated[
-        int | None,
-        typer.Option(
-            "--save-frequency",
-            "-s",
-            help=f"Keep <name>_e<N>.pth every N epochs, 0 never (default {D.save_frequency}).",
-        ),
-    ] = None,
-    img_size: opt.ImgSize = None,
-    val_fraction: opt.ValFraction = None,
-    data_dir: opt.DataDir = None,
-    download: opt.Download = None,
-    world_size: opt.WorldSize = None,
-    max_restarts: opt.MaxRestarts = None,
-    log_to: opt.LogTo = None,
-    device: opt.Device = None,
-    seed: opt.Seed = None,
-    workers: opt.Workers = None,
-    output_dir: opt.OutputDir = None,
-    skip_nonfinite: opt.SkipNonfinite = None,
-    save_every_steps: opt.SaveEverySteps = None,
-    strict_data: opt.StrictData = None,
-    data_pipeline: opt.DataPipeline = None,
-    augment: opt.Augment = None,
-    compile_models: opt.Compile = None,
     teacher_cache: Annotated[
         bool | None,
         typer.Option(
@@ -135,66 +75,27 @@ def distill(
             "--no-augment and no Mixup/CutMix).",
         ),
     ] = None,
-    resume: opt.Resume = False,
-    overwrite: opt.Overwrite = False,
-    preset: opt.Preset = None,
-    quiet: opt.Quiet = False,
-    json: opt.Json = False,
+    *,
+    shared: opt.Shared,
 ) -> None:
     """Distil a teacher (model or ensemble) into a multi-exit student; saves a plain timm model."""
-    flags = opt.given(
-        dataset=dataset,
-        teacher_model=model,
-        teacher_checkpoint=checkpoint,
-        ensemble=ensemble,
-        models_dir=models_dir,
-        student=student,
-        student_checkpoint=student_checkpoint,
-        pretrained=pretrained,
-        exits=exits,
-        exit_weights=exit_weights,
-        batch_size=batch_size,
-        effective_batch_size=effective_batch_size,
-        epochs=epochs,
-        name=name,
-        alpha=alpha,
-        temperature=temperature,
-        mixup_alpha=mixup_alpha,
-        cutmix_alpha=cutmix_alpha,
-        label_smoothing=label_smoothing,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        save_frequency=save_frequency,
-        img_size=img_size,
-        val_fraction=val_fraction,
-        data_dir=data_dir,
-        download=download,
-        world_size=world_size,
-        max_restarts=max_restarts,
-        log_to=log_to,
-        device=device,
-        seed=seed,
-        workers=workers,
-        output_dir=output_dir,
-        skip_nonfinite=skip_nonfinite,
-        save_every_steps=save_every_steps,
-        strict_data=strict_data,
-        data_pipeline=data_pipeline,
-        augment=augment,
-        compile=compile_models,
-        teacher_cache=teacher_cache,
-    )
-    cfg = opt.training_config(
-        DistillConfig,
-        "distill",
-        preset,
-        flags,
-        resume=resume,
-        overwrite=overwrite,
-        quiet=quiet,
-        json=json,
-    )
+    flags = {
+        "dataset": dataset,
+        "teacher_model": model,
+        "teacher_checkpoint": checkpoint,
+        "ensemble": ensemble,
+        "models_dir": models_dir,
+        "student": student,
+        "student_checkpoint": student_checkpoint,
+        "pretrained": pretrained,
+        "exits": exits,
+        "exit_weights": exit_weights,
+        "name": name,
+        "alpha": alpha,
+        "temperature": temperature,
+        "teacher_cache": teacher_cache,
+    }
+    cfg = shared.training_config(DistillConfig, "distill", flags)
     plan = plan_distillation(cfg)
     summary = launch_training(distill_student, plan)
     report = Reporter(cfg.output, rank=launcher_rank())

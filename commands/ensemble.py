@@ -8,9 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from mlkd_cli.core.console import OutputOptions, Reporter
+from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.errors import UserError
-from mlkd_cli.engine.ensemble import fit_and_write, run_logits_pass
+from mlkd_cli.engine.ensemble import LogitsRequest, fit_and_write, run_logits_pass
 from mlkd_cli.models.ensemble_config import ORIGINAL
 from mlkd_cli.presets import resolve_preset
 
@@ -67,7 +67,34 @@ def _check_writable(destination: Path) -> None:
         raise UserError(f"cannot write {destination}: folder {folder} is not writable")
 
 
+def _request(
+    shared: opt.Shared,
+    config_path: Path,
+    models_dir: Path | None,
+    dataset: str | None,
+    data_dir: Path | None,
+    split: str,
+    val_fraction: float | None,
+    batch_size: int,
+) -> LogitsRequest:
+    """The logits pass both commands run, from their options."""
+    return LogitsRequest(
+        config_path=config_path,
+        models_dir=models_dir,
+        dataset=dataset,
+        data_dir=data_dir or Path("data"),
+        split=split,
+        val_fraction=val_fraction,
+        batch_size=batch_size,
+        world_size=shared["world_size"] or 1,
+        device=shared["device"] or "auto",
+        workers=shared["workers"],
+        output=shared.output,
+    )
+
+
 @app.command("build")
+@opt.with_options(opt.run_options(), opt.output_options())
 def build(
     config_path: Config = Path("config.json"),
     dataset: opt.Dataset = None,
@@ -89,11 +116,8 @@ def build(
     preset: opt.Preset = None,
     val_fraction: ValFraction = None,
     batch_size: BatchSize = 128,
-    world_size: opt.WorldSize = None,
-    device: opt.Device = None,
-    workers: opt.Workers = None,
-    quiet: opt.Quiet = False,
-    json: opt.Json = False,
+    *,
+    shared: opt.Shared,
 ) -> None:
     """Fit member weights on the held-out validation split and write them into the file."""
     if output is not None and in_place:
@@ -105,19 +129,11 @@ def build(
         if fit_temperature is None:
             fit_temperature = resolved["ensemble"]["fit_temperature"]
     fit_temperature = bool(fit_temperature)
-    out = OutputOptions(quiet=quiet, json=json)
+    out = shared.output
     run = run_logits_pass(
-        config_path,
-        models_dir,
-        dataset,
-        data_dir,
-        "val",
-        val_fraction,
-        batch_size,
-        world_size,
-        device,
-        workers,
-        out,
+        _request(
+            shared, config_path, models_dir, dataset, data_dir, "val", val_fraction, batch_size
+        )
     )
     if run is None:
         return
@@ -154,34 +170,27 @@ def build(
 
 
 @app.command("eval")
+@opt.with_options(opt.run_options(), opt.output_options())
 def evaluate(
     config_path: Config = Path("config.json"),
     dataset: opt.Dataset = None,
     data_dir: opt.DataDir = None,
     models_dir: ModelsDir = None,
-    split: Annotated[str, typer.Option("--split", help="val or test.")] = "val",
+    split: Annotated[opt.SplitChoice, typer.Option("--split", help="Which split.")] = (
+        opt.SplitChoice.val
+    ),
     val_fraction: ValFraction = None,
     batch_size: BatchSize = 128,
-    world_size: opt.WorldSize = None,
-    device: opt.Device = None,
-    workers: opt.Workers = None,
-    quiet: opt.Quiet = False,
-    json: opt.Json = False,
+    *,
+    shared: opt.Shared,
 ) -> None:
     """Every member's and the ensemble's top-1 and NLL on a split, with the file's weights."""
-    out = OutputOptions(quiet=quiet, json=json)
+    out = shared.output
+    split_name = split.value
     run = run_logits_pass(
-        config_path,
-        models_dir,
-        dataset,
-        data_dir,
-        split,
-        val_fraction,
-        batch_size,
-        world_size,
-        device,
-        workers,
-        out,
+        _request(
+            shared, config_path, models_dir, dataset, data_dir, split_name, val_fraction, batch_size
+        )
     )
     if run is None:
         return
@@ -189,12 +198,15 @@ def evaluate(
     rows = run.rows("file weights", config.weights, config.temperature)
     report = Reporter(out)
     _render(
-        report, f"ensemble on {plan.dataset} {split} ({len(labels)} images)", rows, config.weights
+        report,
+        f"ensemble on {plan.dataset} {split_name} ({len(labels)} images)",
+        rows,
+        config.weights,
     )
     report.result(
         {
             "dataset": plan.dataset,
-            "split": split,
+            "split": split_name,
             "images": len(labels),
             "weights": config.weights,
             "temperature": config.temperature,

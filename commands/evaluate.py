@@ -8,22 +8,25 @@ from typing import Annotated, Any
 
 import typer
 
-from mlkd_cli.core.console import OutputOptions, Reporter
+from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.metrics import confusion_matrix, reliability_bins
-from mlkd_cli.engine.evaluation import EvalJob, Measured, measure, plan_eval_job
+from mlkd_cli.engine.evaluation import EvalJob, EvalRequest, Measured, measure, plan_eval_job
 from mlkd_cli.engine.launch import launcher_rank
 
 from . import options as opt
 
 
+@opt.with_options(opt.run_options(), opt.output_options())
 def evaluate(
     checkpoints: Annotated[
         list[Path],
         typer.Argument(help="Checkpoints (.pth, .safetensors) or ensemble files to evaluate."),
     ],
     dataset: opt.Dataset = None,
-    split: Annotated[str, typer.Option("--split", help="test or val.")] = "test",
+    split: Annotated[opt.SplitChoice, typer.Option("--split", help="Which split.")] = (
+        opt.SplitChoice.test
+    ),
     data_dir: opt.DataDir = None,
     model: opt.PlainModel = None,
     num_classes: opt.PlainClasses = None,
@@ -36,11 +39,8 @@ def evaluate(
         Path | None,
         typer.Option("--plots", help="Write a confusion matrix and a reliability diagram here."),
     ] = None,
-    world_size: opt.WorldSize = None,
-    device: opt.Device = None,
-    workers: opt.Workers = None,
-    quiet: opt.Quiet = False,
-    json: opt.Json = False,
+    *,
+    shared: opt.Shared,
 ) -> None:
     """Top-1, top-5, NLL, calibration (ECE) and the worst classes of a model on a split."""
     if batch_size < 1:
@@ -49,27 +49,28 @@ def evaluate(
         plots.mkdir(parents=True, exist_ok=True)
         if not os.access(plots, os.W_OK):
             raise UserError(f"--plots folder {plots} is not writable")
-    out = OutputOptions(quiet=quiet, json=json)
-    root = data_dir or Path("data")
+    out = shared.output
     jobs = [
         plan_eval_job(
-            path,
-            dataset,
-            root,
-            split,
-            model,
-            num_classes,
-            img_size,
-            models_dir,
-            batch_size,
-            workers,
-            out,
+            EvalRequest(
+                path=path,
+                dataset=dataset,
+                data_dir=data_dir or Path("data"),
+                split=split.value,
+                arch=model,
+                num_classes=num_classes,
+                img_size=img_size,
+                models_dir=models_dir,
+                batch_size=batch_size,
+                workers=shared["workers"],
+                output=out,
+            )
         )
         for path in checkpoints
     ]
     results = []
     for job in jobs:
-        measured = measure(job, world_size or 1, device or "auto")
+        measured = measure(job, shared["world_size"] or 1, shared["device"] or "auto")
         if measured is None:
             continue
         result = measured.result

@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
-from mlkd_cli.core.console import OutputOptions, Reporter
+from mlkd_cli.core.console import Reporter
 from mlkd_cli.export import FORMATS, TOLERANCE, export_checkpoint
 
 from . import options as opt
 
 
+@opt.with_options(opt.output_options())
 def export(
     checkpoint: Annotated[
         Path, typer.Argument(help="A trained checkpoint (.pth or .safetensors).")
@@ -31,12 +32,12 @@ def export(
     model: opt.PlainModel = None,
     num_classes: opt.PlainClasses = None,
     img_size: opt.ImgSize = None,
-    quiet: opt.Quiet = False,
-    json: opt.Json = False,
+    *,
+    shared: opt.Shared,
 ) -> None:
     """Export a checkpoint to safetensors, ONNX or TorchScript, checked against PyTorch."""
     result = export_checkpoint(checkpoint, fmt, output, model, num_classes, img_size)
-    report = Reporter(OutputOptions(quiet=quiet, json=json))
+    report = Reporter(shared.output)
     report.table(
         f"export of {checkpoint}",
         ["format", "written", "checked with", "max |diff|"],

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -12,6 +18,7 @@ from mlkd_cli.engine.config import build_config, config_field_names
 from mlkd_cli.presets import preset_section
 
 C = TypeVar("C")
+R = TypeVar("R")
 
 Preset = Annotated[
     str | None,
@@ -143,3 +150,244 @@ def training_config(
     values = {**preset_section(preset, section, config_field_names(cls)), **flags}
     values.update(resume=resume, overwrite=overwrite, output=OutputOptions(quiet=quiet, json=json))
     return build_config(cls, values, origin=preset or "options")
+
+
+# ------------------------------------------------------------------------- shared option groups
+
+
+class DeviceChoice(str, Enum):
+    """Where models run."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class PipelineChoice(str, Enum):
+    """Where training images are augmented."""
+
+    auto = "auto"
+    device = "device"
+    cpu = "cpu"
+
+
+class SplitChoice(str, Enum):
+    """Which held-out split to run on."""
+
+    val = "val"
+    test = "test"
+
+
+def _plain(value: Any) -> Any:
+    """An Enum choice as its string (what configs hold); anything else as it is."""
+    return value.value if isinstance(value, Enum) else value
+
+
+def _group(**options: tuple[Any, Any]) -> list[inspect.Parameter]:
+    """Keyword parameters `name: annotation = default`, as Typer reads them."""
+    kind = inspect.Parameter.KEYWORD_ONLY
+    return [
+        inspect.Parameter(name, kind, annotation=annotation, default=default)
+        for name, (annotation, default) in options.items()
+    ]
+
+
+def _opt(kind: Any, *names: str, help: str) -> Any:
+    return Annotated[kind | None, typer.Option(*names, help=help)]
+
+
+def run_options() -> list[inspect.Parameter]:
+    """Where and how processes run: every command that runs models takes these."""
+    return _group(
+        world_size=(WorldSize, None),
+        device=(
+            Annotated[
+                DeviceChoice | None,
+                typer.Option("--device", help="Where models run (default auto)."),
+            ],
+            None,
+        ),
+        workers=(Workers, None),
+    )
+
+
+def restart_options() -> list[inspect.Parameter]:
+    """How often dead workers are restarted: every command that trains takes this."""
+    return _group(max_restarts=(MaxRestarts, None))
+
+
+def output_options() -> list[inspect.Parameter]:
+    """How results are shown: every command that reports takes these."""
+    return _group(quiet=(Quiet, False), json=(Json, False))
+
+
+def training_options(d: Any) -> list[inspect.Parameter]:
+    """Options `teacher train` and `distill` share; help shows `d`'s (the command's) defaults."""
+    return [
+        *_group(
+            epochs=(_opt(int, "--epochs", "-e", help=f"Epochs (default {d.epochs})."), None),
+            batch_size=(
+                _opt(
+                    int,
+                    "--batch-size",
+                    "-b",
+                    help=f"Most images per process per forward pass (default {d.batch_size}).",
+                ),
+                None,
+            ),
+            effective_batch_size=(
+                _opt(
+                    int,
+                    "--effective-batch-size",
+                    help="Images per optimiser step over all processes (accumulation, and a "
+                    "smaller per-process batch where that fits better).",
+                ),
+                None,
+            ),
+            lr=(_opt(float, "--lr", help=f"Peak AdamW learning rate (default {d.lr:g})."), None),
+            weight_decay=(
+                _opt(
+                    float,
+                    "--weight-decay",
+                    help=f"AdamW weight decay (default {d.weight_decay:g}).",
+                ),
+                None,
+            ),
+            warmup_epochs=(
+                _opt(
+                    float,
+                    "--warmup-epochs",
+                    help=f"Linear warmup epochs (default {d.warmup_epochs:g}).",
+                ),
+                None,
+            ),
+            label_smoothing=(
+                _opt(
+                    float,
+                    "--label-smoothing",
+                    help=f"Label smoothing (default {d.label_smoothing:g}).",
+                ),
+                None,
+            ),
+            mixup_alpha=(
+                _opt(
+                    float, "--mixup-alpha", help=f"Mixup alpha, 0 off (default {d.mixup_alpha:g})."
+                ),
+                None,
+            ),
+            cutmix_alpha=(
+                _opt(
+                    float,
+                    "--cutmix-alpha",
+                    help=f"CutMix alpha, 0 off (default {d.cutmix_alpha:g}).",
+                ),
+                None,
+            ),
+            save_frequency=(
+                _opt(
+                    int,
+                    "--save-frequency",
+                    "-s",
+                    help="Keep <name>_e<N>.pth every N epochs, 0 never "
+                    f"(default {d.save_frequency}).",
+                ),
+                None,
+            ),
+            img_size=(ImgSize, None),
+            val_fraction=(ValFraction, None),
+            data_dir=(DataDir, None),
+            download=(Download, None),
+        ),
+        *run_options(),
+        *restart_options(),
+        *_group(
+            log_to=(LogTo, None),
+            seed=(Seed, None),
+            output_dir=(OutputDir, None),
+            skip_nonfinite=(SkipNonfinite, None),
+            save_every_steps=(SaveEverySteps, None),
+            strict_data=(StrictData, None),
+            data_pipeline=(
+                Annotated[
+                    PipelineChoice | None,
+                    typer.Option(
+                        "--data-pipeline",
+                        help="device: hold an in-memory dataset on the GPU and augment it there; "
+                        "cpu: loader workers; auto (default): device on CUDA for cifar-10/100 and "
+                        "digits.",
+                    ),
+                ],
+                None,
+            ),
+            augment=(Augment, None),
+            compile=(Compile, None),
+            resume=(Resume, False),
+            overwrite=(Overwrite, False),
+            preset=(Preset, None),
+        ),
+        *output_options(),
+    ]
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The values of a command's shared options, handed to it as one argument."""
+
+    values: dict[str, Any]
+
+    def given(self) -> dict[str, Any]:
+        """The shared config settings the user passed (flags that map to config fields)."""
+        skip = {"resume", "overwrite", "preset", "quiet", "json"}
+        return {k: v for k, v in self.values.items() if k not in skip and v is not None}
+
+    @property
+    def output(self) -> OutputOptions:
+        """--quiet / --json."""
+        return OutputOptions(quiet=self.values["quiet"], json=self.values["json"])
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def training_config(self, cls: type[C], section: str, flags: dict[str, Any]) -> C:
+        """The run's config: class defaults, the preset's section, then every flag given."""
+        v = self.values
+        return training_config(
+            cls,
+            section,
+            v["preset"],
+            {**self.given(), **given(**flags)},
+            resume=v["resume"],
+            overwrite=v["overwrite"],
+            quiet=v["quiet"],
+            json=v["json"],
+        )
+
+
+def with_options(
+    *groups: list[inspect.Parameter],
+) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """Add the groups' options to a command; it receives their values as `shared: Shared`.
+
+    Typer reads a command's parameters from its signature, so the shared ones are declared once
+    here and spliced into each command's signature instead of being written out in each.
+    """
+    extra = [p for group in groups for p in group]
+
+    def decorate(command: Callable[..., R]) -> Callable[..., R]:
+        own = inspect.signature(command, eval_str=True)
+        params = [p for p in own.parameters.values() if p.name != "shared"]
+        hints = typing.get_type_hints(command, include_extras=True)
+        hints.pop("shared", None)
+        names = [p.name for p in extra]
+
+        @functools.wraps(command)
+        def run(**values: Any) -> R:
+            shared = Shared({name: _plain(values.pop(name)) for name in names})
+            return command(**values, shared=shared)
+
+        run.__signature__ = own.replace(parameters=[*params, *extra])  # type: ignore[attr-defined]
+        run.__annotations__ = {**hints, **{p.name: p.annotation for p in extra}}
+        del run.__wrapped__  # Typer must see this signature, not the command's own
+        return run
+
+    return decorate

@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
-from mlkd_cli.core.console import OutputOptions, Reporter
+from mlkd_cli.core.console import Reporter
 from mlkd_cli.engine.launch import launcher_rank
 from mlkd_cli.pipeline import PipelineOptions, run_pipeline
 
 from . import options as opt
 
 
+@opt.with_options(opt.run_options(), opt.restart_options(), opt.output_options())
 def pipeline(
     preset: Annotated[str, typer.Option("--preset", help="A shipped preset name or a YAML file.")],
     run_dir: Annotated[
@@ -27,27 +28,23 @@ def pipeline(
         ),
     ] = None,
     data_dir: opt.DataDir = None,
-    world_size: opt.WorldSize = None,
-    max_restarts: opt.MaxRestarts = None,
-    device: opt.Device = None,
-    workers: opt.Workers = None,
-    quiet: opt.Quiet = False,
-    json: opt.Json = False,
+    *,
+    shared: opt.Shared,
 ) -> None:
     """Run the whole method from a preset; a stopped run continues where it stopped."""
-    out = OutputOptions(quiet=quiet, json=json)
+    out = shared.output
     folder = run_dir or Path("runs") / Path(preset).stem
     summary = run_pipeline(
         PipelineOptions(
-            preset,
-            folder,
-            data_dir,
-            baseline,
-            world_size or 1,
-            device or "auto",
-            workers,
-            out,
-            max_restarts or 0,
+            preset=preset,
+            run_dir=folder,
+            data_dir=data_dir,
+            baseline=baseline,
+            world_size=shared["world_size"] or 1,
+            device=shared["device"] or "auto",
+            workers=shared["workers"],
+            output=out,
+            max_restarts=shared["max_restarts"] or 0,
         )
     )
     if summary is None or launcher_rank() != 0:

@@ -20,6 +20,7 @@ D = TeacherTrainConfig(dataset="", model="")
 
 
 @app.command("train")
+@opt.with_options(opt.training_options(D))
 def train(
     dataset: opt.Dataset = None,
     model: Annotated[
@@ -37,114 +38,13 @@ def train(
         Path | None,
         typer.Option("--init-checkpoint", help="Start from local weights (.pth or .safetensors)."),
     ] = None,
-    epochs: Annotated[
-        int | None, typer.Option("--epochs", "-e", help=f"Epochs (default {D.epochs}).")
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size", "-b", help=f"Images per process per step (default {D.batch_size})."
-        ),
-    ] = None,
-    effective_batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--effective-batch-size",
-            help="Images per optimiser step over all processes (gradient accumulation).",
-        ),
-    ] = None,
-    lr: Annotated[
-        float | None, typer.Option("--lr", help=f"Peak learning rate (default {D.lr:g}).")
-    ] = None,
-    weight_decay: Annotated[
-        float | None,
-        typer.Option("--weight-decay", help=f"AdamW weight decay (default {D.weight_decay:g})."),
-    ] = None,
-    warmup_epochs: Annotated[
-        float | None,
-        typer.Option(
-            "--warmup-epochs", help=f"Linear warmup epochs (default {D.warmup_epochs:g})."
-        ),
-    ] = None,
-    label_smoothing: Annotated[
-        float | None,
-        typer.Option("--label-smoothing", help=f"Label smoothing (default {D.label_smoothing:g})."),
-    ] = None,
-    mixup_alpha: Annotated[
-        float | None,
-        typer.Option("--mixup-alpha", help=f"Mixup alpha, 0 off (default {D.mixup_alpha:g})."),
-    ] = None,
-    cutmix_alpha: Annotated[
-        float | None,
-        typer.Option("--cutmix-alpha", help=f"CutMix alpha, 0 off (default {D.cutmix_alpha:g})."),
-    ] = None,
-    img_size: opt.ImgSize = None,
-    val_fraction: opt.ValFraction = None,
-    data_dir: opt.DataDir = None,
-    download: opt.Download = None,
-    world_size: opt.WorldSize = None,
-    max_restarts: opt.MaxRestarts = None,
-    log_to: opt.LogTo = None,
-    device: opt.Device = None,
-    seed: opt.Seed = None,
-    workers: opt.Workers = None,
-    output_dir: opt.OutputDir = None,
-    skip_nonfinite: opt.SkipNonfinite = None,
-    save_every_steps: opt.SaveEverySteps = None,
-    strict_data: opt.StrictData = None,
-    data_pipeline: opt.DataPipeline = None,
-    augment: opt.Augment = None,
-    compile_models: opt.Compile = None,
-    resume: opt.Resume = False,
-    overwrite: opt.Overwrite = False,
-    preset: opt.Preset = None,
-    quiet: opt.Quiet = False,
-    json: opt.Json = False,
+    *,
+    shared: opt.Shared,
 ) -> None:
     """Fine-tune any timm model on a dataset; saves the best model by validation top-1."""
-    flags = opt.given(
-        dataset=dataset,
-        model=model,
-        name=name,
-        pretrained=pretrained,
-        init_checkpoint=init_checkpoint,
-        epochs=epochs,
-        batch_size=batch_size,
-        effective_batch_size=effective_batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing,
-        mixup_alpha=mixup_alpha,
-        cutmix_alpha=cutmix_alpha,
-        img_size=img_size,
-        val_fraction=val_fraction,
-        data_dir=data_dir,
-        download=download,
-        world_size=world_size,
-        max_restarts=max_restarts,
-        log_to=log_to,
-        device=device,
-        seed=seed,
-        workers=workers,
-        output_dir=output_dir,
-        skip_nonfinite=skip_nonfinite,
-        save_every_steps=save_every_steps,
-        strict_data=strict_data,
-        data_pipeline=data_pipeline,
-        augment=augment,
-        compile=compile_models,
-    )
-    cfg = opt.training_config(
-        TeacherTrainConfig,
-        "teacher",
-        preset,
-        flags,
-        resume=resume,
-        overwrite=overwrite,
-        quiet=quiet,
-        json=json,
-    )
+    flags = {"dataset": dataset, "model": model, "name": name, "pretrained": pretrained}
+    flags["init_checkpoint"] = init_checkpoint
+    cfg = shared.training_config(TeacherTrainConfig, "teacher", flags)
     plan = plan_teacher_training(cfg)
     summary = launch_training(train_teacher, plan)
     report = Reporter(cfg.output, rank=launcher_rank())

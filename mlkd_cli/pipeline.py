@@ -28,8 +28,8 @@ from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig, TrainConfig
 from mlkd_cli.engine.distiller import build_student, distill_student, plan_distillation
-from mlkd_cli.engine.ensemble import fit_and_write, run_logits_pass
-from mlkd_cli.engine.evaluation import measure, plan_eval_job
+from mlkd_cli.engine.ensemble import LogitsRequest, fit_and_write, run_logits_pass
+from mlkd_cli.engine.evaluation import EvalRequest, measure, plan_eval_job
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.logits import card_recipe, split_dataset
 from mlkd_cli.engine.trainer import (
@@ -167,17 +167,17 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
         original = {"models": [t.model for t in teachers], "names": [t.run_name for t in teachers]}
         atomic_write_text(ensemble_path, json.dumps(original, indent=4) + "\n")
         run = run_logits_pass(
-            ensemble_path,
-            models,
-            teachers[0].dataset,
-            teachers[0].data_dir,
-            "val",
-            None,
-            128,
-            options.world_size,
-            options.device,
-            options.workers,
-            options.output,
+            LogitsRequest(
+                config_path=ensemble_path,
+                models_dir=models,
+                dataset=teachers[0].dataset,
+                data_dir=teachers[0].data_dir,
+                split="val",
+                world_size=options.world_size,
+                device=options.device,
+                workers=options.workers,
+                output=options.output,
+            )
         )
         if run is not None:
             fit_and_write(run, fit_temperature, ensemble_path)
@@ -241,17 +241,14 @@ def _compare(
     rows = []
     for name, role, path in entries:
         job = plan_eval_job(
-            path,
-            None,
-            data_dir,
-            "test",
-            None,
-            None,
-            None,
-            models,
-            128,
-            options.workers,
-            options.output,
+            EvalRequest(
+                path=path,
+                data_dir=data_dir,
+                split="test",
+                models_dir=models,
+                workers=options.workers,
+                output=options.output,
+            )
         )
         measured = measure(job, options.world_size, options.device)
         if measured is None:

@@ -205,7 +205,7 @@ CASES = [
     Case(
         "unknown data pipeline",
         (*TRAIN, "--data-pipeline", "gpu"),
-        ("--data-pipeline must be one of auto, device, cpu",),
+        ("--data-pipeline", "'gpu' is not one of 'auto', 'device', 'cpu'"),
     ),
     Case(
         "device pipeline for images decoded from files",

@@ -8,7 +8,7 @@ log-likelihood on them. Nothing else of the dataset is read.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from mlkd_cli.models.ensemble_config import (
 from mlkd_cli.models.teacher import InputSpec, build_teacher, combine_logits, load_member
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EnsemblePlan:
     """A checked ensemble job: which file, which data, which split, how to run."""
 
@@ -44,20 +44,30 @@ class EnsemblePlan:
     recipe: ImageRecipe
     batch_size: int = 128
     workers: int | None = None
-    output: OutputOptions = OutputOptions()
+    output: OutputOptions = field(default_factory=OutputOptions)
 
 
-def plan_ensemble_run(
-    config: EnsembleConfig,
-    dataset: str | None,
-    data_dir: Path,
-    split: str,
-    val_fraction: float | None,
-    batch_size: int,
-    workers: int | None,
-    output: OutputOptions,
-) -> EnsemblePlan:
+@dataclass(frozen=True, kw_only=True)
+class LogitsRequest:
+    """A pass of an ensemble file's members over a split (`ensemble build/eval`, the pipeline)."""
+
+    config_path: Path
+    models_dir: Path | None = None  # where the original format's names resolve
+    dataset: str | None = None  # None: the members' cards say
+    data_dir: Path = Path("data")
+    split: str = "val"
+    val_fraction: float | None = None  # None: the members'
+    batch_size: int = 128
+    world_size: int = 1
+    device: str = "auto"
+    workers: int | None = None
+    output: OutputOptions = field(default_factory=OutputOptions)
+
+
+def plan_ensemble_run(request: LogitsRequest, config: EnsembleConfig) -> EnsemblePlan:
     """Check every member and the data before any worker starts."""
+    dataset, data_dir, split = request.dataset, request.data_dir, request.split
+    val_fraction, batch_size = request.val_fraction, request.batch_size
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     num_classes = get_dataset_spec(dataset).num_classes if dataset else None
@@ -98,7 +108,15 @@ def plan_ensemble_run(
     )
     split_dataset(splits, split, recipe)  # refuses an unknown or absent split, before any worker
     return EnsemblePlan(
-        config, dataset, data_dir, split, val_fraction, recipe, batch_size, workers, output
+        config=config,
+        dataset=dataset,
+        data_dir=data_dir,
+        split=split,
+        val_fraction=val_fraction,
+        recipe=recipe,
+        batch_size=batch_size,
+        workers=request.workers,
+        output=request.output,
     )
 
 
@@ -242,30 +260,16 @@ class LogitsPass:
         )
 
 
-def run_logits_pass(
-    config_path: Path,
-    models_dir: Path | None,
-    dataset: str | None,
-    data_dir: Path | None,
-    split: str,
-    val_fraction: float | None,
-    batch_size: int,
-    world_size: int | None,
-    device: str | None,
-    workers: int | None,
-    output: OutputOptions,
-) -> LogitsPass | None:
+def run_logits_pass(request: LogitsRequest) -> LogitsPass | None:
     """Run the members over the split; None on ranks other than 0 under torchrun."""
-    config = read_ensemble_config(config_path, models_dir)
-    plan = plan_ensemble_run(
-        config, dataset, data_dir or Path("data"), split, val_fraction, batch_size, workers, output
-    )
+    config = read_ensemble_config(request.config_path, request.models_dir)
+    plan = plan_ensemble_run(request, config)
     collected = launch(
         collect_member_logits,
         plan,
-        world_size or 1,
-        device or "auto",
-        memory_hint=f"lower --batch-size, now {batch_size} per process",
+        request.world_size,
+        request.device,
+        memory_hint=f"lower --batch-size, now {request.batch_size} per process",
     )
     if launcher_rank() != 0:
         return None

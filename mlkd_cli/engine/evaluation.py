@@ -14,7 +14,7 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.metrics import classification_metrics
 from mlkd_cli.data.registry import get_dataset_spec, load_splits
 from mlkd_cli.data.transforms import ImageRecipe
-from mlkd_cli.engine.ensemble import plan_ensemble_run
+from mlkd_cli.engine.ensemble import LogitsRequest, plan_ensemble_run
 from mlkd_cli.engine.launch import launch, launcher_rank
 from mlkd_cli.engine.logits import card_recipe, split_dataset, split_logits
 from mlkd_cli.models.ensemble_config import EnsembleConfig, read_ensemble_config
@@ -22,7 +22,7 @@ from mlkd_cli.models.factory import load_trained_model
 from mlkd_cli.models.teacher import InputSpec, build_teacher
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalJob:
     """One checkpoint (or ensemble file) to evaluate on one split."""
 
@@ -41,19 +41,32 @@ class EvalJob:
     output: OutputOptions = field(default_factory=OutputOptions)
 
 
-def plan_model_job(
-    path: Path,
-    arch: str | None,
-    num_classes: int | None,
-    dataset: str | None,
-    data_dir: Path,
-    split: str,
-    img_size: int | None,
-    batch_size: int,
-    workers: int | None,
-    output: OutputOptions,
-) -> EvalJob:
+@dataclass(frozen=True, kw_only=True)
+class EvalRequest:
+    """What `mlkd eval` (or the pipeline) asks of one checkpoint or ensemble file."""
+
+    path: Path
+    dataset: str | None = None  # None: the checkpoint's card says
+    data_dir: Path = Path("data")
+    split: str = "test"
+    arch: str | None = None  # for plain state dicts
+    num_classes: int | None = None  # for plain state dicts
+    img_size: int | None = None  # None: the card's
+    models_dir: Path | None = None  # where an ensemble file's names resolve
+    batch_size: int = 128
+    workers: int | None = None
+    output: OutputOptions = field(default_factory=OutputOptions)
+
+
+def plan_model_job(request: EvalRequest) -> EvalJob:
     """Check a model checkpoint and settle what to run it on, from its card or the flags."""
+    path, arch, num_classes, img_size = (
+        request.path,
+        request.arch,
+        request.num_classes,
+        request.img_size,
+    )
+    dataset, data_dir, split = request.dataset, request.data_dir, request.split
     _, card = load_trained_model(path, arch, num_classes)
     dataset = dataset or (card.dataset if card else None)
     if dataset is None:
@@ -75,19 +88,18 @@ def plan_model_job(
         )
     split_dataset(splits, split, recipe)  # refuses a split the dataset lacks, before any worker
     return EvalJob(
-        path,
-        path.name,
-        dataset,
-        data_dir,
-        split,
-        val_fraction,
-        recipe,
-        arch or (card.arch if card else None),
-        classes,
-        None,
-        batch_size,
-        workers,
-        output,
+        path=path,
+        label=path.name,
+        dataset=dataset,
+        data_dir=data_dir,
+        split=split,
+        val_fraction=val_fraction,
+        recipe=recipe,
+        arch=arch or (card.arch if card else None),
+        num_classes=classes,
+        batch_size=request.batch_size,
+        workers=request.workers,
+        output=request.output,
     )
 
 
@@ -120,38 +132,35 @@ def run_eval_job(ctx: DistContext, job: EvalJob) -> dict[str, Any]:
 ENSEMBLE_SUFFIXES = (".json", ".yaml", ".yml")
 
 
-def plan_eval_job(
-    path: Path,
-    dataset: str | None,
-    data_dir: Path,
-    split: str,
-    arch: str | None,
-    num_classes: int | None,
-    img_size: int | None,
-    models_dir: Path | None,
-    batch_size: int,
-    workers: int | None,
-    output: OutputOptions,
-) -> EvalJob:
+def plan_eval_job(request: EvalRequest) -> EvalJob:
     """An evaluation job for a checkpoint, or for an ensemble file (by its suffix)."""
-    if path.suffix.lower() not in ENSEMBLE_SUFFIXES:
-        return plan_model_job(
-            path, arch, num_classes, dataset, data_dir, split, img_size, batch_size, workers, output
-        )
-    config = read_ensemble_config(path, models_dir)
-    plan = plan_ensemble_run(config, dataset, data_dir, split, None, batch_size, workers, output)
+    if request.path.suffix.lower() not in ENSEMBLE_SUFFIXES:
+        return plan_model_job(request)
+    config = read_ensemble_config(request.path, request.models_dir)
+    plan = plan_ensemble_run(
+        LogitsRequest(
+            config_path=request.path,
+            dataset=request.dataset,
+            data_dir=request.data_dir,
+            split=request.split,
+            batch_size=request.batch_size,
+            workers=request.workers,
+            output=request.output,
+        ),
+        config,
+    )
     return EvalJob(
-        path,
-        path.name,
-        plan.dataset,
-        data_dir,
-        split,
-        plan.val_fraction,
-        plan.recipe,
+        path=request.path,
+        label=request.path.name,
+        dataset=plan.dataset,
+        data_dir=request.data_dir,
+        split=request.split,
+        val_fraction=plan.val_fraction,
+        recipe=plan.recipe,
         ensemble=config,
-        batch_size=batch_size,
-        workers=workers,
-        output=output,
+        batch_size=request.batch_size,
+        workers=request.workers,
+        output=request.output,
     )
 
 
