@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -12,15 +13,18 @@ from mlkd_cli.export import FORMATS, TOLERANCE, export_checkpoint
 
 from . import options as opt
 
+# The formats mlkd_cli.export writes, as a choice --help lists.
+FormatChoice = Enum("FormatChoice", {name: name for name in FORMATS}, type=str)
+
 
 @opt.with_options(opt.output_options())
 def export(
     checkpoint: Annotated[
         Path, typer.Argument(help="A trained checkpoint (.pth or .safetensors).")
     ],
-    fmt: Annotated[
-        str, typer.Option("--format", "-f", help=f"One of {', '.join(FORMATS)}.")
-    ] = "safetensors",
+    fmt: Annotated[FormatChoice, typer.Option("--format", "-f", help="What to write.")] = (
+        FormatChoice.safetensors  # type: ignore[attr-defined]
+    ),
     output: Annotated[
         Path | None,
         typer.Option(
@@ -36,7 +40,7 @@ def export(
     shared: opt.Shared,
 ) -> None:
     """Export a checkpoint to safetensors, ONNX or TorchScript, checked against PyTorch."""
-    result = export_checkpoint(checkpoint, fmt, output, model, num_classes, img_size)
+    result = export_checkpoint(checkpoint, fmt.value, output, model, num_classes, img_size)
     report = Reporter(shared.output)
     report.table(
         f"export of {checkpoint}",
@@ -50,6 +54,6 @@ def export(
             ]
         ],
     )
-    if fmt == "onnx" and "onnxruntime" not in result["checked_with"]:
+    if fmt.value == "onnx" and "onnxruntime" not in result["checked_with"]:
         report.warn("onnxruntime is not installed: the file passed the checker but was not run")
     report.result(result)

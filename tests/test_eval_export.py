@@ -169,7 +169,7 @@ def test_each_export_reloads_outside_mlkd_and_matches(trained: Path, tmp_path: P
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--format", "tflite"), "unknown --format 'tflite'"),
+        (("--format", "tflite"), "'tflite' is not one of 'safetensors', 'onnx', 'torchscript'"),
         (("--format", "onnx", "-o", "/nonexistent/dir/t.onnx"), "not a writable folder"),
         (("--model", "resnet10t"), "holds a test_resnet"),
         (("--num-classes", "3"), "has 10 classes, not --num-classes 3"),
