@@ -67,25 +67,29 @@ def _check_writable(destination: Path) -> None:
         raise UserError(f"cannot write {destination}: folder {folder} is not writable")
 
 
+def _pass_options() -> list:
+    """The data and batching options both commands take."""
+    return opt.option_group(
+        dataset=(opt.Dataset, None),
+        data_dir=(opt.DataDir, None),
+        models_dir=(ModelsDir, None),
+        val_fraction=(ValFraction, None),
+        batch_size=(BatchSize, 128),
+    )
+
+
 def _request(
-    shared: opt.Shared,
-    config_path: Path,
-    models_dir: Path | None,
-    dataset: str | None,
-    data_dir: Path | None,
-    split: str,
-    val_fraction: float | None,
-    batch_size: int,
+    shared: opt.Shared, config_path: Path, split: str, dataset: str | None
 ) -> LogitsRequest:
     """The logits pass both commands run, from their options."""
     return LogitsRequest(
         config_path=config_path,
-        models_dir=models_dir,
+        models_dir=shared["models_dir"],
         dataset=dataset,
-        data_dir=data_dir or Path("data"),
+        data_dir=shared["data_dir"] or Path("data"),
         split=split,
-        val_fraction=val_fraction,
-        batch_size=batch_size,
+        val_fraction=shared["val_fraction"],
+        batch_size=shared["batch_size"],
         world_size=shared["world_size"] or 1,
         device=shared["device"] or "auto",
         workers=shared["workers"],
@@ -94,12 +98,9 @@ def _request(
 
 
 @app.command("build")
-@opt.with_options(opt.run_options(), opt.output_options())
+@opt.with_options(_pass_options(), opt.run_options(), opt.output_options())
 def build(
     config_path: Config = Path("config.json"),
-    dataset: opt.Dataset = None,
-    data_dir: opt.DataDir = None,
-    models_dir: ModelsDir = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the fitted file here instead.")
     ] = None,
@@ -114,8 +115,6 @@ def build(
         ),
     ] = None,
     preset: opt.Preset = None,
-    val_fraction: ValFraction = None,
-    batch_size: BatchSize = 128,
     *,
     shared: opt.Shared,
 ) -> None:
@@ -123,6 +122,7 @@ def build(
     if output is not None and in_place:
         raise UserError("--output writes a new file and --in-place rewrites CONFIG; pass one")
     _check_writable(output or config_path)
+    dataset = shared["dataset"]
     if preset is not None:  # the preset's dataset and ensemble settings, under the flags given
         resolved = resolve_preset(preset)
         dataset = dataset or (resolved["distill"].dataset if resolved["distill"] else None)
@@ -130,11 +130,7 @@ def build(
             fit_temperature = resolved["ensemble"]["fit_temperature"]
     fit_temperature = bool(fit_temperature)
     out = shared.output
-    run = run_logits_pass(
-        _request(
-            shared, config_path, models_dir, dataset, data_dir, "val", val_fraction, batch_size
-        )
-    )
+    run = run_logits_pass(_request(shared, config_path, "val", dataset))
     if run is None:
         return
     config, plan, labels = run.config, run.plan, run.labels
@@ -170,28 +166,19 @@ def build(
 
 
 @app.command("eval")
-@opt.with_options(opt.run_options(), opt.output_options())
+@opt.with_options(_pass_options(), opt.run_options(), opt.output_options())
 def evaluate(
     config_path: Config = Path("config.json"),
-    dataset: opt.Dataset = None,
-    data_dir: opt.DataDir = None,
-    models_dir: ModelsDir = None,
     split: Annotated[opt.SplitChoice, typer.Option("--split", help="Which split.")] = (
         opt.SplitChoice.val
     ),
-    val_fraction: ValFraction = None,
-    batch_size: BatchSize = 128,
     *,
     shared: opt.Shared,
 ) -> None:
     """Every member's and the ensemble's top-1 and NLL on a split, with the file's weights."""
     out = shared.output
     split_name = split.value
-    run = run_logits_pass(
-        _request(
-            shared, config_path, models_dir, dataset, data_dir, split_name, val_fraction, batch_size
-        )
-    )
+    run = run_logits_pass(_request(shared, config_path, split_name, shared["dataset"]))
     if run is None:
         return
     config, plan, labels = run.config, run.plan, run.labels

@@ -183,7 +183,7 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
-def _group(**options: tuple[Any, Any]) -> list[inspect.Parameter]:
+def option_group(**options: tuple[Any, Any]) -> list[inspect.Parameter]:
     """Keyword parameters `name: annotation = default`, as Typer reads them."""
     kind = inspect.Parameter.KEYWORD_ONLY
     return [
@@ -198,7 +198,7 @@ def _opt(kind: Any, *names: str, help: str) -> Any:
 
 def run_options() -> list[inspect.Parameter]:
     """Where and how processes run: every command that runs models takes these."""
-    return _group(
+    return option_group(
         world_size=(WorldSize, None),
         device=(
             Annotated[
@@ -213,18 +213,18 @@ def run_options() -> list[inspect.Parameter]:
 
 def restart_options() -> list[inspect.Parameter]:
     """How often dead workers are restarted: every command that trains takes this."""
-    return _group(max_restarts=(MaxRestarts, None))
+    return option_group(max_restarts=(MaxRestarts, None))
 
 
 def output_options() -> list[inspect.Parameter]:
     """How results are shown: every command that reports takes these."""
-    return _group(quiet=(Quiet, False), json=(Json, False))
+    return option_group(quiet=(Quiet, False), json=(Json, False))
 
 
 def training_options(d: Any) -> list[inspect.Parameter]:
     """Options `teacher train` and `distill` share; help shows `d`'s (the command's) defaults."""
     return [
-        *_group(
+        *option_group(
             epochs=(_opt(int, "--epochs", "-e", help=f"Epochs (default {d.epochs})."), None),
             batch_size=(
                 _opt(
@@ -300,7 +300,7 @@ def training_options(d: Any) -> list[inspect.Parameter]:
         ),
         *run_options(),
         *restart_options(),
-        *_group(
+        *option_group(
             log_to=(LogTo, None),
             seed=(Seed, None),
             output_dir=(OutputDir, None),

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,26 +142,61 @@ def write_image_folder(root: Path, splits: dict[str, int], classes=("cat", "dog"
     return root
 
 
+# `mlkd teacher train` of a tiny model on the embedded digits, at 16 px (add name, epochs, ...).
+DIGITS_TEACHER = (
+    "teacher",
+    "train",
+    "--dataset",
+    "digits",
+    "--model",
+    "test_resnet",
+    "--img-size",
+    "16",
+)
+
+
+@contextmanager
+def reaped(job: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """A background job that is killed if it is still running when the block ends."""
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+
+
+def ended_after(job: subprocess.Popen, seconds: float) -> tuple[str, float]:
+    """Wait (at most `seconds`) for the job to end: its stderr and how long it took."""
+    start = time.monotonic()
+    _, stderr = job.communicate(timeout=seconds)
+    return stderr if isinstance(stderr, str) else stderr.decode(), time.monotonic() - start
+
+
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """<tmp>/models/t.pth: a test_resnet digits teacher, 2 epochs at 16 px (read-only: share it)."""
     folder = tmp_path_factory.mktemp("digits-teacher")
     result = invoke_cli(
-        "teacher",
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "test_resnet",
+        *DIGITS_TEACHER,
         "--name",
         "t",
         "--epochs",
         "2",
-        "--img-size",
-        "16",
         "--quiet",
         "--output-dir",
         folder / "models",
     )
     assert result.exit_code == 0, result.stderr
     return folder / "models" / "t.pth"
+
+
+def assert_same_weights(a: Path, b: Path, key: str) -> None:
+    """Two checkpoints hold bitwise-equal tensors under `key` ("model", "state_dict")."""
+    import torch
+
+    left = torch.load(a, weights_only=True)[key]
+    right = torch.load(b, weights_only=True)[key]
+    assert left.keys() == right.keys()
+    for name in left:
+        assert torch.equal(left[name], right[name]), name

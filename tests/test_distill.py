@@ -221,26 +221,10 @@ def test_distilled_student_is_plain_timm_with_the_training_logits(
 ) -> None:
     out = tmp_path / "models"
     result = invoke_cli(
-        "distill",
-        *FAST,
-        "--model",
-        "test_resnet",
-        "--checkpoint",
-        small_teacher / "models/t.pth",
-        "--student",
-        "test_resnet",
-        "-e",
-        "2",
-        "-b",
-        "32",
-        "-n",
-        "s",
-        "-s",
-        "1",
-        "--output-dir",
-        out,
-        "--json",
-    )
+        "distill", *FAST, "--model", "test_resnet", "--checkpoint",
+        small_teacher / "models/t.pth", "--student", "test_resnet", "-e", "2", "-b", "32",
+        "-n", "s", "-s", "1", "--output-dir", out, "--json",
+    )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["exits"] == [0, 1, 2] and summary["kind"] == "student"
@@ -282,20 +266,9 @@ def test_config_json_here_is_the_default_teacher(
         json.dumps({"members": [{"checkpoint": str(small_teacher / "models/t.pth")}]})
     )
     result = invoke_cli(
-        "distill",
-        *FAST,
-        "--student",
-        "test_resnet",
-        "-e",
-        "1",
-        "--json",
-        "--exits",
-        "1",
-        "--mixup-alpha",
-        "0",
-        "--cutmix-alpha",
-        "0",
-    )
+        "distill", *FAST, "--student", "test_resnet", "-e", "1", "--json", "--exits", "1",
+        "--mixup-alpha", "0", "--cutmix-alpha", "0",
+    )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["teacher"] == [str(small_teacher / "models/t.pth")]

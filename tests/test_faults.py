@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_error_line, invoke_cli
+from conftest import (
+    DIGITS_TEACHER,
+    assert_error_line,
+    assert_same_weights,
+    ended_after,
+    invoke_cli,
+    reaped,
+)
 
 from mlkd_cli.core import atomic
 from mlkd_cli.engine import loop, trainer
@@ -70,19 +77,14 @@ def _wait_for(ready, job: subprocess.Popen, seconds: float = 120, poll: float = 
 
 
 def test_killed_ddp_worker_ends_the_job_quickly_with_one_line(tmp_path: Path) -> None:
-    job = _ddp_training(tmp_path)
-    try:
+    with reaped(_ddp_training(tmp_path)) as job:
         # Until training is under way (the first epoch is saved).
         _wait_for((tmp_path / "t_last.pth").exists, job, 60, 0.2)
         workers = _spawned_workers(job.pid)
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)
-        killed_at = time.monotonic()
-        _, stderr = job.communicate(timeout=60)
-        assert time.monotonic() - killed_at < 60
-    finally:
-        if job.poll() is None:
-            job.kill()
+        stderr, took = ended_after(job, 60)
+    assert took < 60
     assert job.returncode == 1
     assert_error_line(
         stderr, "DDP worker 1 of 2", "SIGKILL", "most likely out of memory: lower --batch-size"
@@ -99,21 +101,15 @@ def test_max_restarts_finishes_a_run_whose_worker_was_killed_with_the_same_weigh
         [*_ddp_command(straight), *epochs], capture_output=True, text=True, timeout=300
     )
     assert whole.returncode == 0, whole.stderr
-    job = subprocess.Popen(
-        [*_ddp_command(restarted), *epochs, "--max-restarts", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    command = [*_ddp_command(restarted), *epochs, "--max-restarts", "1"]
+    with reaped(
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ) as job:
         _wait_for((restarted / "t_last.pth").exists, job, 60, 0.05)  # epoch 1 saved
         workers = _spawned_workers(job.pid)
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)
-        _, stderr = job.communicate(timeout=300)
-    finally:
-        if job.poll() is None:
-            job.kill()
+        stderr, _ = ended_after(job, 300)
     assert job.returncode == 0, stderr
     assert "DDP worker 1 of 2 died (signal SIGKILL" in stderr and "restart 1 of 1" in stderr
     history = json.loads((restarted / "t_history.json").read_text())
@@ -137,21 +133,7 @@ def _nan_on_call(monkeypatch: pytest.MonkeyPatch, which: int) -> None:
     monkeypatch.setattr(trainer.TeacherTask, "step", staticmethod(step))
 
 
-TINY_RUN = (
-    "teacher",
-    "train",
-    "--dataset",
-    "digits",
-    "--model",
-    "test_resnet",
-    "--img-size",
-    "16",
-    "--batch-size",
-    "32",
-    "--name",
-    "t",
-    "-q",
-)
+TINY_RUN = (*DIGITS_TEACHER, "--batch-size", "32", "--name", "t", "-q")
 
 
 def test_nonfinite_loss_stops_naming_step_and_last_good_state(
@@ -217,11 +199,7 @@ def straight_student(digits_teacher: Path, tmp_path_factory: pytest.TempPathFact
 
 
 def _assert_same_weights(a_path: Path, b_path: Path) -> None:
-    a = torch.load(a_path, weights_only=True)["model"]
-    b = torch.load(b_path, weights_only=True)["model"]
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_weights(a_path, b_path, "model")
 
 
 def _saved_part_way(state_file: Path) -> bool:
@@ -267,16 +245,11 @@ def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(
 
 
 def test_sigterm_to_the_launcher_stops_every_ddp_worker_cleanly(tmp_path: Path) -> None:
-    job = _ddp_training(tmp_path)
-    try:
+    with reaped(_ddp_training(tmp_path)) as job:
         _wait_for((tmp_path / "t_last.pth").exists, job, 90, 0.2)
         job.send_signal(signal.SIGTERM)  # the launcher alone, as a scheduler's `kill` would
-        sent = time.monotonic()
-        _, stderr = job.communicate(timeout=60)
-        assert time.monotonic() - sent < 60
-    finally:
-        if job.poll() is None:
-            job.kill()
+        stderr, took = ended_after(job, 60)
+    assert took < 60
     assert job.returncode == 128 + signal.SIGTERM, stderr
     assert_error_line(stderr, "stopped by SIGTERM", "--resume")
     saved = torch.load(tmp_path / "t_last.pth", weights_only=True)

@@ -79,21 +79,9 @@ def test_unknown_section_and_key_are_named(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_flag_overrides_the_preset(run_cli, tmp_path: Path) -> None:
     result = run_cli(
-        "teacher",
-        "train",
-        "--preset",
-        "digits",
-        "--model",
-        "test_resnet",
-        "--epochs",
-        "1",
-        "--img-size",
-        "16",
-        "--output-dir",
-        tmp_path,
-        "--json",
-        "-q",
-    )
+        "teacher", "train", "--preset", "digits", "--model", "test_resnet", "--epochs", "1",
+        "--img-size", "16", "--output-dir", tmp_path, "--json", "-q",
+    )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["model"] == "test_resnet" and summary["epochs"] == 1  # preset: resnet10t, 30

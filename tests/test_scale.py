@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import assert_error_line, write_cifar
+from conftest import assert_error_line, assert_same_weights, ended_after, reaped, write_cifar
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +113,7 @@ def test_sigterm_stops_a_two_process_eval_within_15_s_leaving_nothing(big: Path)
     # One image a batch: a pass of minutes, so the signal lands mid-pass.
     command = [*MLKD, "eval", "models/a.pth", "--split", "test", "-b", "1", "--world-size", "2"]
     job = subprocess.Popen(command, cwd=big, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with reaped(job):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(_descendants(job.pid)) < 2:
             time.sleep(0.1)
@@ -123,14 +122,10 @@ def test_sigterm_stops_a_two_process_eval_within_15_s_leaving_nothing(big: Path)
         time.sleep(3)  # into the pass
         assert job.poll() is None, job.communicate()[1]
         job.send_signal(signal.SIGTERM)
-        sent = time.monotonic()
-        _, stderr = job.communicate(timeout=60)
-        assert time.monotonic() - sent < 15
-    finally:
-        if job.poll() is None:
-            job.kill()
+        stderr, took = ended_after(job, 60)
+    assert took < 15
     assert job.returncode == 128 + signal.SIGTERM
-    assert_error_line(stderr.decode(), "stopped by SIGTERM")
+    assert_error_line(stderr, "stopped by SIGTERM")
     time.sleep(0.5)
     assert not [pid for pid in workers if _alive(pid)]
 
@@ -183,11 +178,7 @@ def _two_nodes(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _same_weights(a: Path, b: Path) -> None:
-    left = torch.load(a, weights_only=True)["state_dict"]
-    right = torch.load(b, weights_only=True)["state_dict"]
-    assert left.keys() == right.keys()
-    for key in left:
-        assert torch.equal(left[key], right[key]), key
+    assert_same_weights(a, b, "state_dict")
 
 
 def _metrics(history: Path) -> list[dict]:

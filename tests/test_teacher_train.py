@@ -163,23 +163,10 @@ def test_trains_on_real_cifar_and_pet_layouts(
 ) -> None:
     for dataset, data_dir in (("cifar-10", cifar10_dir), ("oxford-iiit", oxford_dir)):
         result = run_cli(
-            "teacher",
-            "train",
-            "--dataset",
-            dataset,
-            "--data-dir",
-            data_dir,
-            *FAST,
-            "--epochs",
-            "1",
-            "--mixup-alpha",
-            "0.8",
-            "--cutmix-alpha",
-            "1.0",
-            "--output-dir",
-            tmp_path,
+            "teacher", "train", "--dataset", dataset, "--data-dir", data_dir, *FAST, "--epochs",
+            "1", "--mixup-alpha", "0.8", "--cutmix-alpha", "1.0", "--output-dir", tmp_path,
             "--json",
-        )
+        )  # fmt: skip
         assert result.exit_code == 0, result.stderr
         summary = json.loads(result.stdout)
         checkpoint = torch.load(summary["files"]["best"], weights_only=True)
@@ -212,20 +199,9 @@ def test_init_checkpoint_replaces_the_classifier(run_cli, tmp_path: Path) -> Non
 def test_resnet10t_learns_digits_to_90_percent(run_cli, tmp_path: Path) -> None:
     """The foundation's promise, as a user types it: 10 epochs of resnet10t on CPU."""
     result = run_cli(
-        "teacher",
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "resnet10t",
-        "--name",
-        "t",
-        "--epochs",
-        "10",
-        "--output-dir",
-        tmp_path,
-        "--json",
-    )
+        "teacher", "train", "--dataset", "digits", "--model", "resnet10t", "--name", "t",
+        "--epochs", "10", "--output-dir", tmp_path, "--json",
+    )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["best_val_top1"] >= 90.0

@@ -23,7 +23,7 @@ from mlkd_cli.core.metrics import classification_metrics
 from mlkd_cli.data.registry import DEFAULT_VAL_FRACTION, get_dataset_spec, load_splits
 from mlkd_cli.data.transforms import ImageRecipe
 from mlkd_cli.engine.launch import launch, launcher_rank
-from mlkd_cli.engine.logits import split_dataset, split_logits
+from mlkd_cli.engine.logits import PlannedPass, split_dataset, split_logits
 from mlkd_cli.models.ensemble_config import (
     EnsembleConfig,
     read_ensemble_config,
@@ -33,18 +33,10 @@ from mlkd_cli.models.teacher import InputSpec, build_teacher, combine_logits, lo
 
 
 @dataclass(frozen=True, kw_only=True)
-class EnsemblePlan:
+class EnsemblePlan(PlannedPass):
     """A checked ensemble job: which file, which data, which split, how to run."""
 
     config: EnsembleConfig
-    dataset: str
-    data_dir: Path
-    split: str
-    val_fraction: float
-    recipe: ImageRecipe
-    batch_size: int = 128
-    workers: int | None = None
-    output: OutputOptions = field(default_factory=OutputOptions)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,29 +16,21 @@ from mlkd_cli.data.registry import get_dataset_spec, load_splits
 from mlkd_cli.data.transforms import ImageRecipe
 from mlkd_cli.engine.ensemble import LogitsRequest, plan_ensemble_run
 from mlkd_cli.engine.launch import launch, launcher_rank
-from mlkd_cli.engine.logits import card_recipe, split_dataset, split_logits
+from mlkd_cli.engine.logits import PlannedPass, card_recipe, split_dataset, split_logits
 from mlkd_cli.models.ensemble_config import EnsembleConfig, read_ensemble_config
 from mlkd_cli.models.factory import load_trained_model
 from mlkd_cli.models.teacher import InputSpec, build_teacher
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalJob:
+class EvalJob(PlannedPass):
     """One checkpoint (or ensemble file) to evaluate on one split."""
 
     path: Path
     label: str
-    dataset: str
-    data_dir: Path
-    split: str
-    val_fraction: float
-    recipe: ImageRecipe
     arch: str | None = None
     num_classes: int | None = None
     ensemble: EnsembleConfig | None = None
-    batch_size: int = 128
-    workers: int | None = None
-    output: OutputOptions = field(default_factory=OutputOptions)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,19 +141,8 @@ def plan_eval_job(request: EvalRequest) -> EvalJob:
         ),
         config,
     )
-    return EvalJob(
-        path=request.path,
-        label=request.path.name,
-        dataset=plan.dataset,
-        data_dir=request.data_dir,
-        split=request.split,
-        val_fraction=plan.val_fraction,
-        recipe=plan.recipe,
-        ensemble=config,
-        batch_size=request.batch_size,
-        workers=request.workers,
-        output=request.output,
-    )
+    passed = {f.name: getattr(plan, f.name) for f in fields(PlannedPass)}
+    return EvalJob(path=request.path, label=request.path.name, ensemble=config, **passed)
 
 
 @dataclass

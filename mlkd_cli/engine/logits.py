@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from mlkd_cli.core.checkpoint import ModelCard
-from mlkd_cli.core.console import Reporter
+from mlkd_cli.core.console import OutputOptions, Reporter
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import ShardSampler, TransformedSubset, build_eval_loader
@@ -22,6 +24,20 @@ from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
 from mlkd_cli.engine.loop import Precision
 
 SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlannedPass:
+    """A checked pass over one split: which data, how it is viewed, batched and reported."""
+
+    dataset: str
+    data_dir: Path
+    split: str
+    val_fraction: float
+    recipe: ImageRecipe
+    batch_size: int = 128
+    workers: int | None = None
+    output: OutputOptions = field(default_factory=OutputOptions)
 
 
 def split_dataset(splits: DataSplits, split: str, recipe: ImageRecipe) -> TransformedSubset:
