@@ -283,6 +283,18 @@ def training_options(d: Any) -> list[inspect.Parameter]:
                 ),
                 None,
             ),
+            optimizer=(
+                _opt(str, "--optimizer", help=f"adamw or sgd (default {d.optimizer})."),
+                None,
+            ),
+            schedule=(
+                _opt(
+                    str,
+                    "--schedule",
+                    help=f"cosine (with warmup) or constant (default {d.schedule}).",
+                ),
+                None,
+            ),
             save_frequency=(
                 _opt(
                     int,

@@ -10,7 +10,8 @@ import typer
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.engine.config import TeacherTrainConfig
 from mlkd_cli.engine.launch import launcher_rank
-from mlkd_cli.engine.trainer import launch_training, plan_teacher_training, train_teacher
+from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
+from mlkd_cli.engine.trainer import launch_training
 
 from . import options as opt
 

@@ -32,12 +32,8 @@ from mlkd_cli.engine.ensemble import LogitsRequest, fit_and_write, run_logits_pa
 from mlkd_cli.engine.evaluation import EvalRequest, measure, plan_eval_job
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.logits import card_recipe, split_dataset
-from mlkd_cli.engine.trainer import (
-    RunFiles,
-    launch_training,
-    plan_teacher_training,
-    train_teacher,
-)
+from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
+from mlkd_cli.engine.trainer import RunFiles, launch_training
 from mlkd_cli.export import export_checkpoint
 from mlkd_cli.models.ensemble_config import read_ensemble_config
 from mlkd_cli.models.factory import check_model_name

@@ -24,7 +24,7 @@ from conftest import (
 )
 
 from mlkd_cli.core import atomic
-from mlkd_cli.engine import loop, trainer
+from mlkd_cli.engine import loop, teacher
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,7 @@ def _nan_on_call(monkeypatch: pytest.MonkeyPatch, which: int) -> None:
         loss = loop.cross_entropy_step(model, images, targets)
         return loss * float("nan") if len(calls) == which else loss
 
-    monkeypatch.setattr(trainer.TeacherTask, "step", staticmethod(step))
+    monkeypatch.setattr(teacher.TeacherTask, "step", staticmethod(step))
 
 
 TINY_RUN = (*DIGITS_TEACHER, "--batch-size", "32", "--name", "t", "-q")

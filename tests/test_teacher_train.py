@@ -207,3 +207,22 @@ def test_resnet10t_learns_digits_to_90_percent(run_cli, tmp_path: Path) -> None:
     assert summary["best_val_top1"] >= 90.0
     model = timm.create_model("resnet10t", checkpoint_path=str(tmp_path / "t.pth"), num_classes=10)
     assert model.fc.out_features == 10
+
+
+def test_optimizer_and_schedule_are_chosen_by_name(run_cli, tmp_path: Path) -> None:
+    result = run_cli(
+        "teacher", "train", "-d", "digits", "-m", "test_resnet", "--img-size", "16", "-e", "2",
+        "--optimizer", "sgd", "--schedule", "constant", "--lr", "0.05", "--output-dir", tmp_path,
+        "--name", "t", "--json", "-q",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    state = torch.load(tmp_path / "t_last.pth", weights_only=True)
+    assert "momentum_buffer" in next(iter(state["optimizer"]["state"].values()))  # SGD's state
+    rows = json.loads((tmp_path / "t_history.json").read_text())["epochs"]
+    assert [row["lr"] for row in rows] == [0.05, 0.05]  # constant: no warmup, no decay
+    refused = run_cli(
+        "teacher", "train", "-d", "digits", "-m", "test_resnet", "--optimizer", "lamb"
+    )
+    assert (
+        refused.exit_code == 2 and "--optimizer 'lamb' is not one of adamw, sgd" in refused.stderr
+    )

@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 from mlkd_cli.core.console import OutputOptions
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.loggers import parse_log_to
+from mlkd_cli.engine.loop import OPTIMIZERS, SCHEDULES
+from mlkd_cli.engine.losses import LOSSES
 
 C = TypeVar("C")
 DATA_PIPELINES = ("auto", "device", "cpu")
@@ -52,6 +54,12 @@ class BatchPlan:
         return cls(per_process, accumulation, world_size)
 
 
+def _check_choice(flag: str, value: str, registry: dict[str, Any]) -> None:
+    """`value` names an entry of `registry`."""
+    if value not in registry:
+        raise UserError(f"--{flag} {value!r} is not one of {', '.join(sorted(registry))}")
+
+
 def _check_at_least_one(values: dict[str, int | None]) -> None:
     """Each given count (flag -> value; None: not set) is 1 or more."""
     for flag, value in values.items():
@@ -82,6 +90,8 @@ class TrainConfig:
     effective_batch_size: int | None = None
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # a name in loop.OPTIMIZERS
+    schedule: str = "cosine"  # a name in loop.SCHEDULES: warmup + cosine, or constant
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     label_smoothing: float = 0.1
@@ -148,6 +158,8 @@ class TrainConfig:
         )
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
         if self.data_pipeline not in DATA_PIPELINES:
             raise UserError(
                 f"--data-pipeline must be one of {', '.join(DATA_PIPELINES)}, "
@@ -208,6 +220,7 @@ class DistillConfig(TrainConfig):
     # Compute the teacher's outputs once, before training, and reuse them every epoch; needs a
     # fixed teacher input (--no-augment, no Mixup/CutMix).
     teacher_cache: bool = False
+    loss: str = "multi_exit_kd"  # a name in losses.LOSSES
 
     def batch_plan(self, world_size: int) -> BatchPlan:
         """As the original: enough forward passes for 128 images a step, unless told otherwise.
@@ -229,6 +242,7 @@ class DistillConfig(TrainConfig):
             raise UserError(
                 f"--alpha mixes KD and cross-entropy and must be in [0, 1], got {self.alpha}"
             )
+        _check_choice("loss", self.loss, LOSSES)
         if self.temperature <= 0:
             raise UserError(f"--temperature must be positive, got {self.temperature}")
         if self.pretrained and self.student_checkpoint is not None:

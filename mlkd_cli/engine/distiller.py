@@ -24,7 +24,7 @@ from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.config import DistillConfig
 from mlkd_cli.engine.launch import resolve_device
-from mlkd_cli.engine.losses import MultiExitKDLoss
+from mlkd_cli.engine.losses import LOSSES
 from mlkd_cli.engine.trainer import (
     RunFiles,
     RunPlan,
@@ -133,7 +133,7 @@ class DistillTask:
         if ctx.device.type == "cuda":
             teacher.to(memory_format=torch.channels_last)
         self.teacher = teacher
-        self.loss = MultiExitKDLoss(cfg.temperature, cfg.alpha, plan.exit_weights)
+        self.loss = LOSSES[cfg.loss](cfg.temperature, cfg.alpha, plan.exit_weights)
         self.head_names: list[str] = []
         self.cache: torch.Tensor | None = None
 

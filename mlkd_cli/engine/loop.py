@@ -418,3 +418,34 @@ def build_scheduler(
         return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_sgd(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with Nesterov momentum 0.9, no weight decay on 1-d params (as `build_optimizer`)."""
+    groups = build_optimizer(model, lr, weight_decay).param_groups
+    return torch.optim.SGD(
+        [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
+        lr=lr,
+        momentum=0.9,
+        nesterov=True,
+    )
+
+
+def build_constant_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The base rate at every step (the original project's schedule; warmup and decay ignored)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+# Parts a run builds by name (config keys `optimizer` and `schedule`): a new one is one entry.
+OPTIMIZERS: dict[str, Callable[[nn.Module, float, float], torch.optim.Optimizer]] = {
+    "adamw": build_optimizer,
+    "sgd": build_sgd,
+}
+SCHEDULES: dict[
+    str, Callable[[torch.optim.Optimizer, int, int, float], torch.optim.lr_scheduler.LRScheduler]
+] = {
+    "cosine": build_scheduler,
+    "constant": build_constant_schedule,
+}

@@ -78,3 +78,8 @@ class MultiExitKDLoss(nn.Module):
         self, outputs: Sequence[torch.Tensor], teacher_logits: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
         return self.named(outputs, teacher_logits, targets)["loss"]
+
+
+# Distillation losses by name (config key `loss`): a new loss is one entry here. Each takes
+# (temperature, alpha, exit weights) and has `named(outputs, teacher_logits, targets)`.
+LOSSES: dict[str, type[MultiExitKDLoss]] = {"multi_exit_kd": MultiExitKDLoss}

@@ -44,12 +44,11 @@ from mlkd_cli.data.registry import HOLDOUT_SEED, DataSplits, load_splits
 from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
 from mlkd_cli.engine import loop
-from mlkd_cli.engine.config import TeacherTrainConfig, TrainConfig
+from mlkd_cli.engine.config import TrainConfig
 from mlkd_cli.engine.history import History
 from mlkd_cli.engine.interrupt import StopRequest
-from mlkd_cli.engine.launch import launch, resolve_device
+from mlkd_cli.engine.launch import launch
 from mlkd_cli.engine.loggers import build_loggers, parse_log_to
-from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
 
 
 @dataclass(frozen=True)
@@ -335,8 +334,8 @@ class _Run:
         self.batch_plan = cfg.batch_plan(self.ctx.world_size)
         self.accum = self.batch_plan.accumulation
         self.steps_per_epoch = -(-self.num_batches // self.accum)
-        self.optimizer = loop.build_optimizer(self.model, cfg.lr, cfg.weight_decay)
-        self.scheduler = loop.build_scheduler(
+        self.optimizer = loop.OPTIMIZERS[cfg.optimizer](self.model, cfg.lr, cfg.weight_decay)
+        self.scheduler = loop.SCHEDULES[cfg.schedule](
             self.optimizer,
             total_steps=cfg.epochs * self.steps_per_epoch,
             warmup_steps=int(cfg.warmup_epochs * self.steps_per_epoch),
@@ -515,6 +514,19 @@ def _interrupted(stop: StopRequest, files: RunFiles, where: str) -> RunInterrupt
     )
 
 
+def stateful_parts(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """The parts whose `state_dict` a training state holds, by the key it holds them under.
+
+    Saving and resuming both walk this one mapping, so a part added here is saved and restored
+    without touching either (the training state's other keys are the loop's own bookkeeping).
+    """
+    return {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+
+
 def _load_training_state(
     ctx: DistContext,
     files: RunFiles,
@@ -524,9 +536,8 @@ def _load_training_state(
     history: History,
 ) -> _Resumed:
     state = load_checkpoint(files.last)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    for name, part in stateful_parts(model, optimizer, scheduler).items():
+        part.load_state_dict(state[name])
     for row in state["history"]:
         history.append(row)
     resumed = _Resumed(int(state["epoch"]), dict(state["best"]))
@@ -561,13 +572,13 @@ class _TrainingState:
         self.optimizer, self.scheduler, self.history, self.ctx = optimizer, scheduler, history, ctx
 
     def _write_state(self, epoch: int, best: dict[str, Any], partial: dict | None) -> None:
-        trained = loop.unwrap(self.model)
+        parts = stateful_parts(loop.unwrap(self.model), self.optimizer, self.scheduler)
+        states = {name: part.state_dict() for name, part in parts.items()}
+        states["model"] = {k: v.detach().cpu() for k, v in states["model"].items()}
         atomic_save(
             {
                 "format": TRAINING_STATE_FORMAT,
-                "model": {k: v.detach().cpu() for k, v in trained.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
+                **states,
                 "epoch": epoch,
                 "partial_epoch": partial,
                 "best": best,
@@ -621,68 +632,3 @@ def _diverged_message(files: RunFiles, epoch: int, batch: int) -> str:
         f"{where}; the last good training state is {files.last} (epoch {epoch}): "
         "rerun with --resume and a lower --lr, or pass --skip-nonfinite"
     )
-
-
-# ----------------------------------------------------------------------------- teachers
-
-
-def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
-    """Validate flags, data, model and files in the launching process; raise UserError early."""
-    cfg.validate()
-    check_model_name(cfg.model)
-    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
-    files = RunFiles(cfg.output_dir, cfg.run_name)
-    check_output_files(cfg, files, identity=("model", "dataset"))
-    recipe = dataset_recipe(cfg, splits)
-    data_pipeline(cfg, splits, resolve_device(cfg.device))
-    # Built once here, on the CPU, so a bad checkpoint or image size fails before any worker.
-    model = build_model(cfg.model, splits.num_classes, init_checkpoint=cfg.init_checkpoint)
-    check_input_size(model, cfg.model, recipe.img_size)
-    return RunPlan(cfg, make_card(cfg, cfg.model, splits, recipe), recipe, files, "teacher")
-
-
-class TeacherTask:
-    """Cross-entropy training of one timm model."""
-
-    def __init__(self, plan: RunPlan) -> None:
-        self.plan = plan
-
-    def build(self, ctx: DistContext) -> nn.Module:
-        """The timm model, from scratch, the hub or a local checkpoint."""
-        cfg = self.plan.config
-        assert isinstance(cfg, TeacherTrainConfig)
-        return build_model(
-            cfg.model, self.plan.card.num_classes, cfg.pretrained, cfg.init_checkpoint
-        )
-
-    def prepare(
-        self, ctx: DistContext, batches: TrainingBatches, precision: loop.Precision
-    ) -> None:
-        """Nothing to prepare for cross-entropy training."""
-
-    step = staticmethod(loop.cross_entropy_step)
-
-    def evaluate(
-        self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision
-    ) -> dict[str, float]:
-        """Top-1, top-5 and NLL of the model on the validation split."""
-        metrics = loop.evaluate(model, loader, ctx, precision)
-        return {f"val_{k}" if k != "count" else "val_images": v for k, v in metrics.items()}
-
-    def plain_model(self, model: nn.Module) -> nn.Module:
-        """A teacher is already a plain timm model."""
-        return model
-
-    def report_epoch(self, report: Reporter, row: dict[str, Any], improved: bool) -> None:
-        """One line per epoch."""
-        report.info(
-            f"epoch {row['epoch']}/{self.plan.config.epochs}  loss {row['train_loss']:.4f}  "
-            f"val top-1 {row['val_top1']:.2f}  top-5 {row['val_top5']:.2f}  "
-            f"nll {row['val_nll']:.4f}  {row['images_per_s']:.0f} img/s"
-            + ("  *best*" if improved else "")
-        )
-
-
-def train_teacher(ctx: DistContext, plan: RunPlan) -> dict[str, Any]:
-    """Fine-tune one timm model on one dataset (the worker `mlkd teacher train` launches)."""
-    return fit(ctx, plan, TeacherTask(plan))

@@ -1,0 +1,91 @@
+"""The teacher task: cross-entropy training of one timm model (`mlkd teacher train`).
+
+Beside `distiller.py` (the distillation task); both hand a `Task` to `trainer.fit`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mlkd_cli.core.console import Reporter
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.data.loaders import TrainingBatches
+from mlkd_cli.data.registry import load_splits
+from mlkd_cli.engine import loop
+from mlkd_cli.engine.config import TeacherTrainConfig
+from mlkd_cli.engine.launch import resolve_device
+from mlkd_cli.engine.trainer import (
+    RunFiles,
+    RunPlan,
+    check_output_files,
+    data_pipeline,
+    dataset_recipe,
+    fit,
+    make_card,
+)
+from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
+
+
+def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
+    """Validate flags, data, model and files in the launching process; raise UserError early."""
+    cfg.validate()
+    check_model_name(cfg.model)
+    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
+    files = RunFiles(cfg.output_dir, cfg.run_name)
+    check_output_files(cfg, files, identity=("model", "dataset"))
+    recipe = dataset_recipe(cfg, splits)
+    data_pipeline(cfg, splits, resolve_device(cfg.device))
+    # Built once here, on the CPU, so a bad checkpoint or image size fails before any worker.
+    model = build_model(cfg.model, splits.num_classes, init_checkpoint=cfg.init_checkpoint)
+    check_input_size(model, cfg.model, recipe.img_size)
+    return RunPlan(cfg, make_card(cfg, cfg.model, splits, recipe), recipe, files, "teacher")
+
+
+class TeacherTask:
+    """Cross-entropy training of one timm model."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.plan = plan
+
+    def build(self, ctx: DistContext) -> nn.Module:
+        """The timm model, from scratch, the hub or a local checkpoint."""
+        cfg = self.plan.config
+        assert isinstance(cfg, TeacherTrainConfig)
+        return build_model(
+            cfg.model, self.plan.card.num_classes, cfg.pretrained, cfg.init_checkpoint
+        )
+
+    def prepare(
+        self, ctx: DistContext, batches: TrainingBatches, precision: loop.Precision
+    ) -> None:
+        """Nothing to prepare for cross-entropy training."""
+
+    step = staticmethod(loop.cross_entropy_step)
+
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision
+    ) -> dict[str, float]:
+        """Top-1, top-5 and NLL of the model on the validation split."""
+        metrics = loop.evaluate(model, loader, ctx, precision)
+        return {f"val_{k}" if k != "count" else "val_images": v for k, v in metrics.items()}
+
+    def plain_model(self, model: nn.Module) -> nn.Module:
+        """A teacher is already a plain timm model."""
+        return model
+
+    def report_epoch(self, report: Reporter, row: dict[str, Any], improved: bool) -> None:
+        """One line per epoch."""
+        report.info(
+            f"epoch {row['epoch']}/{self.plan.config.epochs}  loss {row['train_loss']:.4f}  "
+            f"val top-1 {row['val_top1']:.2f}  top-5 {row['val_top5']:.2f}  "
+            f"nll {row['val_nll']:.4f}  {row['images_per_s']:.0f} img/s"
+            + ("  *best*" if improved else "")
+        )
+
+
+def train_teacher(ctx: DistContext, plan: RunPlan) -> dict[str, Any]:
+    """Fine-tune one timm model on one dataset (the worker `mlkd teacher train` launches)."""
+    return fit(ctx, plan, TeacherTask(plan))
