@@ -125,9 +125,9 @@ def build(
     dataset = shared["dataset"]
     if preset is not None:  # the preset's dataset and ensemble settings, under the flags given
         resolved = resolve_preset(preset)
-        dataset = dataset or (resolved["distill"].dataset if resolved["distill"] else None)
+        dataset = dataset or (resolved.distill.dataset if resolved.distill else None)
         if fit_temperature is None:
-            fit_temperature = resolved["ensemble"]["fit_temperature"]
+            fit_temperature = resolved.fit_temperature
     fit_temperature = bool(fit_temperature)
     out = shared.output
     run = run_logits_pass(_request(shared, config_path, "val", dataset))

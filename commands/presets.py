@@ -24,9 +24,9 @@ def list_presets(json: opt.Json = False) -> None:
         rows.append(
             {
                 "name": name,
-                "teachers": len(resolved["teachers"]),
-                "student": resolved["distill"].student if resolved["distill"] else None,
-                "description": resolved["description"],
+                "teachers": len(resolved.teachers),
+                "student": resolved.distill.student if resolved.distill else None,
+                "description": resolved.description,
             }
         )
     report = Reporter(OutputOptions(json=json))

@@ -123,9 +123,9 @@ def _check_stages(configs: list[TrainConfig], options: PipelineOptions) -> None:
 def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
     """Run (or finish) every stage of the preset; returns the comparison on the test split."""
     resolved = resolve_preset(options.preset)
-    distill: DistillConfig | None = resolved["distill"]
-    if distill is None or not resolved["teachers"]:
-        raise UserError(f"{resolved['origin']} needs teachers and a distill section for a pipeline")
+    distill = resolved.distill
+    if distill is None or not resolved.teachers:
+        raise UserError(f"{resolved.origin} needs teachers and a distill section for a pipeline")
     report = Reporter(options.output)
     run_dir, models = options.run_dir, options.run_dir / "models"
     common: dict[str, Any] = {
@@ -141,9 +141,9 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
     stages: dict[str, str] = {}
     ensemble_path = run_dir / ENSEMBLE_FILE
 
-    teachers = [replace(t, **common) for t in resolved["teachers"]]
+    teachers = [replace(t, **common) for t in resolved.teachers]
     student = replace(distill, **common, ensemble=ensemble_path, models_dir=models)
-    use_baseline = resolved["baseline"] if options.baseline is None else options.baseline
+    use_baseline = resolved.baseline if options.baseline is None else options.baseline
     baseline = _baseline_config(student, common, options) if use_baseline else None
     # Every stage is checked now, so that a bad setting of a late stage is not found only
     # after the teachers have trained for hours.
@@ -154,7 +154,7 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
             t, plan_teacher_training, train_teacher, report, f"teacher {t.run_name} ({t.model})"
         )
 
-    fit_temperature = resolved["ensemble"]["fit_temperature"]
+    fit_temperature = resolved.fit_temperature
     if ensemble_path.is_file() and read_ensemble_config(ensemble_path, models).has_weights:
         report.info(f"skip ensemble: {ensemble_path} has fitted weights")
         stages["ensemble"] = "skipped"
@@ -206,7 +206,7 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
     rows = _compare(options, teachers, ensemble_path, student, baseline)
     if rows is None:
         return None
-    comparison_png(rows, f"{Path(resolved['origin']).stem}: test split", run_dir / "comparison.png")
+    comparison_png(rows, f"{Path(resolved.origin).stem}: test split", run_dir / "comparison.png")
     summary = {
         "preset": options.preset,
         "run_dir": str(run_dir),

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import importlib.resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.engine.config import (
+    DistillConfig,
+    TeacherTrainConfig,
+    build_config,
+    config_field_names,
+)
 
 # The repository's presets/ folder, installed inside the package under this name.
 PRESET_PACKAGE = "mlkd_cli.shipped_presets"
@@ -96,14 +103,20 @@ def check_preset_layout(name_or_path: str) -> dict[str, Any]:
 ENSEMBLE_KEYS = {"fit_temperature"}
 
 
-def resolve_preset(name_or_path: str) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class Preset:
+    """A preset resolved into the checked settings of every command it feeds."""
+
+    origin: str  # the shipped name or the file it came from
+    description: str
+    teachers: list[TeacherTrainConfig]
+    fit_temperature: bool  # the ensemble section's setting
+    distill: DistillConfig | None
+    baseline: bool  # whether the pipeline also trains a cross-entropy student
+
+
+def resolve_preset(name_or_path: str) -> Preset:
     """Every stage of a preset as the full, checked settings of the command it feeds."""
-    from mlkd_cli.engine.config import (
-        DistillConfig,
-        TeacherTrainConfig,
-        build_config,
-        config_field_names,
-    )
 
     content = check_preset_layout(name_or_path)
     origin = load_preset(name_or_path)[1]
@@ -132,22 +145,22 @@ def resolve_preset(name_or_path: str) -> dict[str, Any]:
     baseline = content.get("baseline", False)
     if not isinstance(baseline, bool):
         raise UserError(f"{origin}: baseline must be true or false")
-    return {
-        "origin": origin,
-        "description": str(content.get("description", "")).strip(),
-        "teachers": teachers,
-        "ensemble": {"fit_temperature": bool(ensemble.get("fit_temperature", False))},
-        "distill": distill,
-        "baseline": baseline,
-    }
+    return Preset(
+        origin=origin,
+        description=str(content.get("description", "")).strip(),
+        teachers=teachers,
+        fit_temperature=bool(ensemble.get("fit_temperature", False)),
+        distill=distill,
+        baseline=baseline,
+    )
 
 
-def resolved_record(resolved: dict[str, Any]) -> dict[str, Any]:
+def resolved_record(resolved: Preset) -> dict[str, Any]:
     """A resolved preset as plain data (for `mlkd presets show`)."""
     return {
-        "description": resolved["description"],
-        "teachers": [t.to_record() for t in resolved["teachers"]],
-        "ensemble": resolved["ensemble"],
-        "distill": resolved["distill"].to_record() if resolved["distill"] else None,
-        "baseline": resolved["baseline"],
+        "description": resolved.description,
+        "teachers": [t.to_record() for t in resolved.teachers],
+        "ensemble": {"fit_temperature": resolved.fit_temperature},
+        "distill": resolved.distill.to_record() if resolved.distill else None,
+        "baseline": resolved.baseline,
     }

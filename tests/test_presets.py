@@ -25,26 +25,26 @@ def test_the_four_recipes_ship() -> None:
 @pytest.mark.parametrize("name", ["cifar-10", "cifar-100", "digits", "oxford-iiit"])
 def test_each_shipped_preset_resolves_to_valid_settings(name: str) -> None:
     resolved = resolve_preset(name)
-    assert resolved["teachers"] and resolved["distill"] is not None
-    for teacher in resolved["teachers"]:
+    assert resolved.teachers and resolved.distill is not None
+    for teacher in resolved.teachers:
         assert teacher.dataset == name and timm.is_model(teacher.model)
-    distill = resolved["distill"]
+    distill = resolved.distill
     assert distill.dataset == name and timm.is_model(distill.student)
-    names = [t.run_name for t in resolved["teachers"]]
+    names = [t.run_name for t in resolved.teachers]
     assert len(set(names)) == len(names) and distill.run_name not in names
 
 
 def test_paper_recipes_hold_the_original_settings() -> None:
     resolved = resolve_preset("cifar-100")
-    assert [t.model for t in resolved["teachers"]] == [
+    assert [t.model for t in resolved.teachers] == [
         "deit_small_distilled_patch16_224",
         "convnextv2_nano",
         "gmlp_s16_224",
         "hrnet_w18",
         "swinv2_cr_tiny_ns_224",
     ]
-    assert all(t.pretrained and t.img_size == 224 for t in resolved["teachers"])
-    d = resolved["distill"]
+    assert all(t.pretrained and t.img_size == 224 for t in resolved.teachers)
+    d = resolved.distill
     assert (d.student, d.temperature, d.alpha, d.mixup_alpha, d.cutmix_alpha) == (
         "resnetv2_50x1_bit",
         10.0,
@@ -93,7 +93,7 @@ def test_a_flag_overrides_the_preset(run_cli, tmp_path: Path) -> None:
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
 def test_every_shipped_preset_runs_at_any_world_size(name: str, world_size: int) -> None:
     resolved = resolve_preset(name)
-    for cfg in [*resolved["teachers"], resolved["distill"]]:
+    for cfg in [*resolved.teachers, resolved.distill]:
         cfg = replace(cfg, world_size=world_size)
         cfg.validate()  # never refused
         plan = cfg.batch_plan(world_size)

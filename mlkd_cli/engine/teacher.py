@@ -14,18 +14,10 @@ from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.loaders import TrainingBatches
 from mlkd_cli.data.registry import load_splits
-from mlkd_cli.engine import loop
+from mlkd_cli.engine import loop, trainer
 from mlkd_cli.engine.config import TeacherTrainConfig
 from mlkd_cli.engine.launch import resolve_device
-from mlkd_cli.engine.trainer import (
-    RunFiles,
-    RunPlan,
-    check_output_files,
-    data_pipeline,
-    dataset_recipe,
-    fit,
-    make_card,
-)
+from mlkd_cli.engine.trainer import RunPlan
 from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
 
 
@@ -34,14 +26,14 @@ def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
     cfg.validate()
     check_model_name(cfg.model)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
-    files = RunFiles(cfg.output_dir, cfg.run_name)
-    check_output_files(cfg, files, identity=("model", "dataset"))
-    recipe = dataset_recipe(cfg, splits)
-    data_pipeline(cfg, splits, resolve_device(cfg.device))
+    files = trainer.RunFiles(cfg.output_dir, cfg.run_name)
+    trainer.check_output_files(cfg, files, identity=("model", "dataset"))
+    recipe = trainer.dataset_recipe(cfg, splits)
+    trainer.data_pipeline(cfg, splits, resolve_device(cfg.device))
     # Built once here, on the CPU, so a bad checkpoint or image size fails before any worker.
     model = build_model(cfg.model, splits.num_classes, init_checkpoint=cfg.init_checkpoint)
     check_input_size(model, cfg.model, recipe.img_size)
-    return RunPlan(cfg, make_card(cfg, cfg.model, splits, recipe), recipe, files, "teacher")
+    return RunPlan(cfg, trainer.make_card(cfg, cfg.model, splits, recipe), recipe, files, "teacher")
 
 
 class TeacherTask:
@@ -88,4 +80,4 @@ class TeacherTask:
 
 def train_teacher(ctx: DistContext, plan: RunPlan) -> dict[str, Any]:
     """Fine-tune one timm model on one dataset (the worker `mlkd teacher train` launches)."""
-    return fit(ctx, plan, TeacherTask(plan))
+    return trainer.fit(ctx, plan, TeacherTask(plan))
