@@ -392,17 +392,21 @@ def _head_count(model: nn.Module) -> int:
     return len(getattr(model, "exits", ())) + 1
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, with no weight decay on biases and normalisation weights (1-d tensors)."""
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Parameter groups with no weight decay on biases and normalisation weights (1-d tensors)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [
+    return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over `decay_groups`."""
+    return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr)
 
 
 def build_scheduler(
@@ -421,14 +425,8 @@ def build_scheduler(
 
 
 def build_sgd(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD with Nesterov momentum 0.9, no weight decay on 1-d params (as `build_optimizer`)."""
-    groups = build_optimizer(model, lr, weight_decay).param_groups
-    return torch.optim.SGD(
-        [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
-        lr=lr,
-        momentum=0.9,
-        nesterov=True,
-    )
+    """SGD with Nesterov momentum 0.9 over `decay_groups`."""
+    return torch.optim.SGD(decay_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True)
 
 
 def build_constant_schedule(
