@@ -22,7 +22,7 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import TrainingBatches
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine import loop
-from mlkd_cli.engine.config import DistillConfig
+from mlkd_cli.engine.config import DistillConfig, TrainConfig
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.losses import LOSSES
 from mlkd_cli.engine.trainer import (
@@ -55,6 +55,11 @@ class DistillPlan:
     teacher: EnsembleConfig
     exits: tuple[int, ...]
     exit_weights: tuple[float, ...]
+
+    @property
+    def config(self) -> TrainConfig:
+        """The run's settings (what the launcher reads: world size, restarts, batch)."""
+        return self.run.config
 
 
 def resolve_teacher(cfg: DistillConfig) -> EnsembleConfig:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +52,9 @@ class EvalRequest:
 
 def plan_model_job(request: EvalRequest) -> EvalJob:
     """Check a model checkpoint and settle what to run it on, from its card or the flags."""
-    path, arch, num_classes, img_size = (
-        request.path,
-        request.arch,
-        request.num_classes,
-        request.img_size,
-    )
-    dataset, data_dir, split = request.dataset, request.data_dir, request.split
+    path, arch, num_classes = request.path, request.arch, request.num_classes
     _, card = load_trained_model(path, arch, num_classes)
-    dataset = dataset or (card.dataset if card else None)
+    dataset = request.dataset or (card.dataset if card else None)
     if dataset is None:
         raise UserError(f"{path} does not record its dataset; pass --dataset")
     spec = get_dataset_spec(dataset)
@@ -68,31 +62,38 @@ def plan_model_job(request: EvalRequest) -> EvalJob:
         recipe = card_recipe(card)
     else:
         recipe = ImageRecipe(img_size=spec.img_size, crop_pct=spec.crop_pct)
-    if img_size is not None:
-        recipe = replace(recipe, img_size=img_size)
+    if request.img_size is not None:
+        recipe = replace(recipe, img_size=request.img_size)
     val_fraction = float(card.extra.get("val_fraction", 0.1)) if card else 0.1
-    splits = load_splits(dataset, data_dir, False, val_fraction)
+    splits = load_splits(dataset, request.data_dir, False, val_fraction)
     classes = card.num_classes if card else num_classes
     if classes != splits.num_classes:
         raise UserError(
             f"{path} predicts {classes} classes but {dataset} has {splits.num_classes}; "
             "pass the --dataset it was trained on"
         )
-    split_dataset(splits, split, recipe)  # refuses a split the dataset lacks, before any worker
+    split_dataset(splits, request.split, recipe)  # refuses an absent split, before any worker
     return EvalJob(
-        path=path,
-        label=path.name,
+        **_job_basics(request),
         dataset=dataset,
-        data_dir=data_dir,
-        split=split,
         val_fraction=val_fraction,
         recipe=recipe,
         arch=arch or (card.arch if card else None),
         num_classes=classes,
-        batch_size=request.batch_size,
-        workers=request.workers,
-        output=request.output,
     )
+
+
+def _job_basics(request: EvalRequest) -> dict[str, Any]:
+    """What a job takes from its request as it is, whatever it evaluates."""
+    return {
+        "path": request.path,
+        "label": request.path.name,
+        "data_dir": request.data_dir,
+        "split": request.split,
+        "batch_size": request.batch_size,
+        "workers": request.workers,
+        "output": request.output,
+    }
 
 
 def run_eval_job(ctx: DistContext, job: EvalJob) -> dict[str, Any]:
@@ -141,8 +142,8 @@ def plan_eval_job(request: EvalRequest) -> EvalJob:
         ),
         config,
     )
-    passed = {f.name: getattr(plan, f.name) for f in fields(PlannedPass)}
-    return EvalJob(path=request.path, label=request.path.name, ensemble=config, **passed)
+    checked = {name: getattr(plan, name) for name in ("dataset", "val_fraction", "recipe")}
+    return EvalJob(**_job_basics(request), **checked, ensemble=config)
 
 
 @dataclass

@@ -186,11 +186,12 @@ class _EpochSums:
 
     def add(self, parts: dict[str, torch.Tensor], count: int, bad: torch.Tensor) -> None:
         """One batch's loss and named parts (batch means), weighted by its image count."""
-        self.loss += parts["loss"].detach() * count
+        self.loss.add_(parts["loss"].detach(), alpha=count)  # in place: no new tensors a step
         for name, value in parts.items():
             if name != "loss":
-                total = value.detach().double() * count
-                self.parts[name] = self.parts[name] + total if name in self.parts else total
+                if name not in self.parts:
+                    self.parts[name] = torch.zeros((), device=self.device, dtype=torch.float64)
+                self.parts[name].add_(value.detach(), alpha=count)
         self.samples += count
         self.nonfinite += bad
 

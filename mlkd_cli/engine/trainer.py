@@ -245,9 +245,9 @@ class _Resumed:
 def launch_training(worker: Any, plan: Any) -> dict[str, Any]:
     """Run a planned training `worker` on the run's processes; returns rank 0's summary.
 
-    `plan` is a `RunPlan`, or a plan holding one as `run` (distillation).
+    `plan` is any checked plan with the run's `config` (`RunPlan`, `DistillPlan`).
     """
-    cfg = (plan.run if hasattr(plan, "run") else plan).config
+    cfg = plan.config
     per_process = cfg.batch_plan(cfg.world_size).per_process
     return launch(
         worker,
