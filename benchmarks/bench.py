@@ -30,12 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
@@ -44,15 +47,18 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
+from mlkd_cli.core.checkpoint import ModelCard, save_model
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.device import DeviceBatches
 from mlkd_cli.data.loaders import Batch, TransformedSubset, build_train_batches
+from mlkd_cli.data.registry import get_dataset_spec
 from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.distiller import build_student
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.losses import MultiExitKDLoss
+from mlkd_cli.engine.precision import Precision, choose_layout
 from mlkd_cli.models.teacher import TeacherEnsemble
 
 # The original project's five-member ensemble (its README's config.json); the first three form
@@ -69,19 +75,6 @@ CLASSES = 100
 BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 MODES = ("reference", "default", "compiled")
 PREFETCH = 4  # batches each loader worker keeps ready (mlkd's DataLoader setting)
-
-
-class FP32(loop.Precision):
-    """The reference mode's precision: fp32, NCHW, on any device."""
-
-    @property
-    def channels_last(self) -> bool:
-        """Never."""
-        return False
-
-    def autocast(self):
-        """No autocast."""
-        return torch.autocast(self.device.type, enabled=False)
 
 
 def synchronize(device: torch.device) -> None:
@@ -108,18 +101,28 @@ class Worker:
         reference = mode == "reference"
         if reference:
             torch.use_deterministic_algorithms(True)
-        self.precision = FP32(self.device) if reference else loop.Precision(self.device)
         self.recipe = ImageRecipe(img_size=args.img_size, crop_pct=1.0)
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, size=(args.images, 32, 32, 3), dtype=np.uint8)
         self.source = ArraySource(images, rng.integers(0, CLASSES, size=args.images).tolist())
         torch.manual_seed(0)
-        self.student = self._place(build_student(args.student, CLASSES, None, args.img_size))
+        student = build_student(args.student, CLASSES, None, args.img_size)
+        if reference:  # the original: fp32, NCHW, on any device
+            self.precision = Precision(self.device, why="the original's settings")
+        else:  # mlkd: --precision auto, the layout chosen as a run chooses it
+            self.precision = choose_layout(
+                Precision.resolve("auto", self.device),
+                student,
+                (3, args.img_size, args.img_size),
+                self.ctx,
+                train=True,
+            )
+        self.student = self._place(student)
         self.teachers = {}
         for size in (3, 5):
             members = [create(name, args.img_size) for name in ORIGINAL_ENSEMBLE[:size]]
             teacher = self._place(TeacherEnsemble(members, [1.0] * size))
-            teacher.bf16 = not reference
+            teacher.bf16 = self.precision.bf16
             self.teachers[size] = teacher
         if mode == "compiled":
             for module in [self.student, *self.teachers[3].members, *self.teachers[5].members]:
@@ -264,6 +267,106 @@ ROWS = {
 }
 
 
+# The 224 px CPU comparison (`distill_cli`): the real command, the original's recipe sizes.
+CLI_TEACHER = "resnet18"
+CLI_BATCH, CLI_STEP_IMAGES = 32, 128  # per forward pass; per optimiser step (the original's)
+CLI_IMAGES_PER_FILE = 60  # 5 CIFAR-10 training files: 270 training images after the 10 % val
+
+
+def write_fake_cifar10(root: Path, per_file: int) -> None:
+    """Random 32 px images in CIFAR-10's python-pickle layout (what `--dataset cifar-10` reads)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        content = {
+            "batch_label": name,
+            "labels": [i % 10 for i in range(per_file)],
+            "data": rng.integers(0, 256, size=(per_file, 3 * 32 * 32), dtype=np.uint8),
+            "filenames": [f"{name}_{i}.png" for i in range(per_file)],
+        }
+        with open(folder / name, "wb") as handle:
+            pickle.dump(content, handle)
+    meta = {"label_names": [f"class_{i}" for i in range(10)], "num_cases_per_batch": per_file}
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump(meta, handle)
+
+
+def distill_cli(args: argparse.Namespace, console: Console) -> dict[str, dict[str, Any]]:
+    """`mlkd distill` at 224 px on fake CIFAR-10, with its defaults and with --precision fp32.
+
+    The real command in its own process, each run one epoch of 270 images (2 optimiser steps of
+    128, as the original accumulates); images/s is the epoch's training rate from its history.
+    """
+    runs: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="mlkd-bench-") as scratch:
+        root = Path(scratch)
+        write_fake_cifar10(root / "data", CLI_IMAGES_PER_FILE)
+        torch.manual_seed(0)
+        spec = get_dataset_spec("cifar-10")
+        recipe = ImageRecipe(img_size=224, crop_pct=spec.crop_pct)
+        card = ModelCard(
+            arch=CLI_TEACHER, num_classes=10, class_names=[f"class_{i}" for i in range(10)],
+            dataset="cifar-10", img_size=224, crop_pct=recipe.crop_pct, mean=list(recipe.mean),
+            std=list(recipe.std),
+        )  # fmt: skip
+        teacher = root / "teacher.pth"
+        save_model(teacher, timm.create_model(CLI_TEACHER, num_classes=10), card, 0, {})
+        for label, extra in (("defaults", []), ("--precision fp32", ["--precision", "fp32"])):
+            console.print(f"running mlkd distill ({label}) at 224 px ...")
+            command = [
+                sys.executable, "-m", "mlkd_cli", "distill", "--dataset", "cifar-10",
+                "--data-dir", str(root / "data"), "--model", CLI_TEACHER,
+                "--checkpoint", str(teacher), "--student", args.student, "--img-size", "224",
+                "--batch-size", str(CLI_BATCH), "--effective-batch-size", str(CLI_STEP_IMAGES),
+                "--epochs", "1", "--name", f"run{len(runs)}",
+                "--output-dir", str(root / "models"), "--device", args.device, "--json", *extra,
+            ]  # fmt: skip
+            start = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            if done.returncode != 0:
+                console.print(f"mlkd distill ({label}) failed:\n{done.stderr.strip()[-2000:]}")
+                continue
+            summary = json.loads(done.stdout)
+            first = next(line for line in done.stderr.splitlines() if line.strip())
+            runs[label] = {
+                "images_per_s": summary["last"]["images_per_s"],
+                "wall_s": wall,
+                "first_line": first,
+            }
+    return runs
+
+
+def print_cli_table(runs: dict[str, dict[str, Any]], markdown: bool) -> None:
+    """The 224 px comparison: images/s of each run and the ratio to --precision fp32."""
+    base = runs.get("--precision fp32", {}).get("images_per_s")
+    header = ["mlkd distill, 224 px, batch 32, 128 images/step", "img/s", "vs fp32", "wall s"]
+    rows = []
+    for label, run in runs.items():
+        ratio = f"{run['images_per_s'] / base:.2f}x" if base else "-"
+        rows.append([label, f"{run['images_per_s']:.2f}", ratio, f"{run['wall_s']:.0f}"])
+    table = Table(title=f"{args_title()}: the real command, one epoch of 270 images each")
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    for label, run in runs.items():
+        console.print(f"{label}: {run['first_line']}", soft_wrap=True, markup=False)
+    if markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+
+
+def args_title() -> str:
+    """The machine and torch version, for table titles."""
+    return f"{device_description(torch.device('cpu'))[0]} | torch {torch.__version__}"
+
+
 def device_description(device: torch.device) -> tuple[str, float | None]:
     """The machine in words, and its dense bf16 peak in FLOP/s where known."""
     if device.type == "cuda":
@@ -295,6 +398,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4096, help="synthetic CIFAR-sized images")
     parser.add_argument("--modes", default="reference,default")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table too")
+    parser.add_argument(
+        "--cli",
+        action=argparse.BooleanOptionalAction,
+        help="also time `mlkd distill` at 224 px, defaults vs --precision fp32 (default: on CPU)",
+    )
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(resolve_device(args.device))
@@ -336,6 +444,8 @@ def main() -> None:
     flops = count_flops(args)
     name, peak = device_description(device)
     print_table(args, results, flops, name, peak)
+    if args.cli if args.cli is not None else not cuda:
+        print_cli_table(distill_cli(args, console), args.markdown)
 
 
 def print_table(

@@ -57,14 +57,15 @@ step teacher_compile 240 $MLKD teacher train -d digits -m resnet10t -e 2 --img-s
 step distill 120 $MLKD distill -d digits -m resnet10t -c "$work/t.pth" --student resnet10t -e 1 --img-size 32 \
   --device $DEVICE --output-dir "$work" --name s --json --quiet
 step eval 60 $MLKD eval "$work/s.pth" --split test --device $DEVICE --json
+step eval_fp32 60 $MLKD eval "$work/s.pth" --split test --device $DEVICE --precision fp32 --json
 # 3. NCCL: the same eval under torchrun (one process, process group on NCCL, DDP eval path).
 step eval_torchrun 90 $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m mlkd_cli eval "$work/s.pth" --split test --device $DEVICE --json
 # 4. Throughput: reference vs default at 224 px (CIFAR-100 recipe, the original's 5 teachers).
-step bench 300 $PY "$repo/benchmarks/bench.py" --device $DEVICE ${BENCH_ARGS:-} --modes reference,default --markdown
+step bench 330 $PY "$repo/benchmarks/bench.py" --device $DEVICE ${BENCH_ARGS:-} --modes ${BENCH_MODES:-reference,default,compiled} --markdown
 # 5. Where the student step's time goes: img/s per precision/layout, compiled, and a profile.
 small=(); [ "$DEVICE" = cuda ] || small=(--img-size 64 --batch-size 8 --steps 2 --warmup 1)
-step profile 150 $PY "$repo/benchmarks/profile_step.py" --device $DEVICE --compile "${small[@]}"
+[ -n "${SKIP_PROFILE:-}" ] || step profile 150 $PY "$repo/benchmarks/profile_step.py" --device $DEVICE --compile "${small[@]}"
 echo "gpu_check: $failed step(s) failed; logs in $OUT"
 rm -rf "$work"
 exit $failed

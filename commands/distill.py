@@ -75,6 +75,22 @@ def distill(
             "--no-augment and no Mixup/CutMix).",
         ),
     ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe",
+            help="mlkd (default): settings that hold up on small runs and your own data; "
+            "original: the original project's training, setting for setting (README).",
+        ),
+    ] = None,
+    teacher_ema: Annotated[
+        bool | None,
+        typer.Option(
+            "--teacher-ema/--no-teacher-ema",
+            help="Teachers saved by timm's train.py: use their EMA weights (state_dict_ema; "
+            "the default) or the raw ones.",
+        ),
+    ] = None,
     *,
     shared: opt.Shared,
 ) -> None:
@@ -94,6 +110,8 @@ def distill(
         "alpha": alpha,
         "temperature": temperature,
         "teacher_cache": teacher_cache,
+        "teacher_ema": teacher_ema,
+        "recipe": recipe,
     }
     cfg = shared.training_config(DistillConfig, "distill", flags)
     plan = plan_distillation(cfg)

@@ -75,6 +75,17 @@ def _pass_options() -> list:
         models_dir=(ModelsDir, None),
         val_fraction=(ValFraction, None),
         batch_size=(BatchSize, 128),
+        teacher_ema=(
+            Annotated[
+                bool,
+                typer.Option(
+                    "--teacher-ema/--no-teacher-ema",
+                    help="Members saved by timm's train.py: their EMA weights (state_dict_ema; "
+                    "the default) or the raw ones.",
+                ),
+            ],
+            True,
+        ),
     )
 
 
@@ -92,6 +103,8 @@ def _request(
         batch_size=shared["batch_size"],
         world_size=shared["world_size"] or 1,
         device=shared["device"] or "auto",
+        precision=shared["precision"] or "auto",
+        teacher_ema=shared["teacher_ema"],
         workers=shared["workers"],
         output=shared.output,
     )

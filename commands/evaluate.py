@@ -63,6 +63,7 @@ def evaluate(
                 models_dir=models_dir,
                 batch_size=batch_size,
                 workers=shared["workers"],
+                precision=shared["precision"] or "auto",
                 output=out,
             )
         )

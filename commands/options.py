@@ -163,6 +163,14 @@ class DeviceChoice(str, Enum):
     cuda = "cuda"
 
 
+class PrecisionChoice(str, Enum):
+    """The arithmetic models run in."""
+
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
 class PipelineChoice(str, Enum):
     """Where training images are augmented."""
 
@@ -207,6 +215,18 @@ def run_options() -> list[inspect.Parameter]:
             ],
             None,
         ),
+        precision=(
+            Annotated[
+                PrecisionChoice | None,
+                typer.Option(
+                    "--precision",
+                    help="bf16 autocast or fp32. auto (default): bf16 on CUDA and on CPUs with "
+                    "native bf16 (AVX512-BF16, AMX), fp32 elsewhere. The run's first line says "
+                    "which was chosen, with the memory format.",
+                ),
+            ],
+            None,
+        ),
         workers=(Workers, None),
     )
 
@@ -219,6 +239,40 @@ def restart_options() -> list[inspect.Parameter]:
 def output_options() -> list[inspect.Parameter]:
     """How results are shown: every command that reports takes these."""
     return option_group(quiet=(Quiet, False), json=(Json, False))
+
+
+def augmentation_options() -> dict[str, tuple[Any, Any]]:
+    """timm's augmentation knobs (default: chosen from the dataset's images; see README)."""
+    pair = tuple[float, float]
+    return {
+        "scale": (
+            _opt(pair, "--scale", help="Random resized crop: MIN MAX share of the area."),
+            None,
+        ),
+        "ratio": (
+            _opt(pair, "--ratio", help="Random resized crop: MIN MAX aspect ratio (3/4 4/3)."),
+            None,
+        ),
+        "hflip": (_opt(float, "--hflip", help="Horizontal flip probability."), None),
+        "vflip": (_opt(float, "--vflip", help="Vertical flip probability (default 0)."), None),
+        "color_jitter": (
+            _opt(float, "--color-jitter", help="Brightness/contrast/saturation jitter, 0 off."),
+            None,
+        ),
+        "auto_augment": (
+            _opt(
+                str,
+                "--auto-augment",
+                help="timm's RandAugment/AutoAugment, e.g. rand-m9-mstd0.5 (default none).",
+            ),
+            None,
+        ),
+        "reprob": (_opt(float, "--reprob", help="Random erasing probability (default 0)."), None),
+        "interpolation": (
+            _opt(str, "--interpolation", help="Resampling: bicubic (default), bilinear, random."),
+            None,
+        ),
+    }
 
 
 def training_options(d: Any) -> list[inspect.Parameter]:
@@ -332,6 +386,7 @@ def training_options(d: Any) -> list[inspect.Parameter]:
                 None,
             ),
             augment=(Augment, None),
+            **augmentation_options(),
             compile=(Compile, None),
             resume=(Resume, False),
             overwrite=(Overwrite, False),

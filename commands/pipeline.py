@@ -42,6 +42,7 @@ def pipeline(
             baseline=baseline,
             world_size=shared["world_size"] or 1,
             device=shared["device"] or "auto",
+            precision=shared["precision"] or "auto",
             workers=shared["workers"],
             output=out,
             max_restarts=shared["max_restarts"] or 0,

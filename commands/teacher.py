@@ -39,12 +39,21 @@ def train(
         Path | None,
         typer.Option("--init-checkpoint", help="Start from local weights (.pth or .safetensors)."),
     ] = None,
+    init_ema: Annotated[
+        bool | None,
+        typer.Option(
+            "--init-ema/--no-init-ema",
+            help="An --init-checkpoint saved by timm's train.py: start from its EMA weights "
+            "(the default) or the raw ones.",
+        ),
+    ] = None,
     *,
     shared: opt.Shared,
 ) -> None:
     """Fine-tune any timm model on a dataset; saves the best model by validation top-1."""
     flags = {"dataset": dataset, "model": model, "name": name, "pretrained": pretrained}
     flags["init_checkpoint"] = init_checkpoint
+    flags["init_ema"] = init_ema
     cfg = shared.training_config(TeacherTrainConfig, "teacher", flags)
     plan = plan_teacher_training(cfg)
     summary = launch_training(train_teacher, plan)

@@ -32,6 +32,7 @@ from mlkd_cli.engine.ensemble import LogitsRequest, fit_and_write, run_logits_pa
 from mlkd_cli.engine.evaluation import EvalRequest, measure, plan_eval_job
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.logits import card_recipe, split_dataset
+from mlkd_cli.engine.precision import prepare_forward
 from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
 from mlkd_cli.engine.trainer import RunFiles, launch_training
 from mlkd_cli.export import export_checkpoint
@@ -52,6 +53,7 @@ class PipelineOptions:
     baseline: bool | None = None  # None: as the preset says
     world_size: int = 1
     device: str = "auto"
+    precision: str = "auto"
     workers: int | None = None
     output: OutputOptions = OutputOptions()
     max_restarts: int = 0
@@ -132,6 +134,7 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
         "output_dir": models,
         "world_size": options.world_size,
         "device": options.device,
+        "precision": options.precision,
         "workers": options.workers,
         "output": options.output,
         "max_restarts": options.max_restarts,
@@ -171,6 +174,7 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
                 split="val",
                 world_size=options.world_size,
                 device=options.device,
+                precision=options.precision,
                 workers=options.workers,
                 output=options.output,
             )
@@ -243,6 +247,7 @@ def _compare(
                 split="test",
                 models_dir=models,
                 workers=options.workers,
+                precision=options.precision,
                 output=options.output,
             )
         )
@@ -281,7 +286,8 @@ def _exit_rows(
     loader = build_eval_loader(
         split_dataset(splits, "test", card_recipe(card)), 128, ctx, options.workers
     )
-    heads = loop.evaluate_heads(network.to(device), loader, ctx, loop.Precision(device))
+    precision = prepare_forward(options.precision, network, card.img_size, ctx, 128)
+    heads = loop.evaluate_heads(network, loader, ctx, precision)
     return [
         {
             "name": f"{student.run_name} {name}",

@@ -17,6 +17,7 @@ import pytest
 import timm
 import torch
 from conftest import assert_error_line, invoke_cli, write_cifar, write_image_folder
+from PIL import Image
 
 from mlkd_cli.core.checkpoint import ModelCard, save_model
 
@@ -24,6 +25,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 TRAIN = ("teacher", "train", "-d", "digits", "-m", "test_resnet", "-e", "1", "-q")
 DISTILL = ("distill", "-d", "digits", "--student", "test_resnet", "-e", "1", "-q")
 FOLDER = ("teacher", "train", "-d", "imagefolder", "-m", "test_resnet", "--data-dir", "pets")
+CSV = ("teacher", "train", "-d", "csv", "-m", "test_resnet", "--data-dir", "data")
 
 
 class _RunsCode:
@@ -94,6 +96,19 @@ def _corrupt_image(root: Path) -> None:
     image.write_bytes(image.read_bytes()[:50])
 
 
+def _csv(table: str, classes: str | None = None) -> Callable[[Path], None]:
+    """data/train.csv holding `table`, beside one real image data/img/a.png."""
+
+    def setup(root: Path) -> None:
+        (root / "data" / "img").mkdir(parents=True)
+        Image.new("L", (8, 8), 128).save(root / "data" / "img" / "a.png")
+        (root / "data" / "train.csv").write_text(table)
+        if classes is not None:
+            (root / "data" / "classes.txt").write_text(classes)
+
+    return setup
+
+
 def _resumable_run(root: Path) -> None:
     result = invoke_cli(*TRAIN, "--img-size", "16", "--output-dir", root / "models")
     assert result.exit_code == 0, result.stderr
@@ -151,6 +166,25 @@ CASES = [
         ("2.png", "not a readable image", "--strict-data"),
         _corrupt_image,
     ),  # fmt: skip
+    Case(
+        "CSV row whose image is missing",
+        CSV,
+        ("data/train.csv row 3", "img/b.png does not exist"),
+        _csv("path,label\nimg/a.png,cat\nimg/b.png,dog\n"),
+    ),
+    Case(
+        "CSV label that is not a listed class",
+        CSV,
+        ("data/train.csv row 2", "'bird'", "classes.txt"),
+        _csv("path,label\nimg/a.png,bird\n", "cat\ndog\n"),
+    ),
+    Case("empty CSV", CSV, ("data/train.csv has no rows",), _csv("path,label\n")),
+    Case(
+        "CSV without a path,label header",
+        CSV,
+        ("data/train.csv row 1", "path,label"),
+        _csv("file,class\nimg/a.png,cat\n"),
+    ),
     Case(
         "truncated checkpoint",
         ("eval", "t.pth"),

@@ -246,10 +246,10 @@ def test_distilled_student_is_plain_timm_with_the_training_logits(
     assert not any(k.startswith("exits.") for k in saved["state_dict"])
     history = json.loads((out / "s_history.json").read_text())
     assert history["kind"] == "student" and len(history["epochs"]) == 2
-    # The loss by component: the final head's KD term and each exit's loss (α = 1: no CE).
+    # The loss by component: the final head's KD and CE terms (mlkd's α = 0.9) and each exit's.
     for row in history["epochs"]:
-        assert "ce" not in row
-        parts = row["kd"] + row["exit1_loss"] + row["exit2_loss"] + row["exit3_loss"]
+        final = 0.9 * row["kd"] + 0.1 * row["ce"]
+        parts = final + row["exit1_loss"] + row["exit2_loss"] + row["exit3_loss"]
         assert row["train_loss"] == pytest.approx(parts, rel=1e-6)
     header = (out / "s_history.csv").read_text().splitlines()[0].split(",")
     assert {"kd", "exit1_loss", "exit2_loss", "exit3_loss"} <= set(header)

@@ -188,7 +188,8 @@ def test_bare_build_fits_and_rewrites_config(
     assert written["names"] == ["good", "bad"]
     good, bad = written["weights"]
     assert good > bad
-    report = json.loads(_cli("ensemble", "build", "--json").stdout)
+    # fp32 here: the build's logits and the later evaluation must be the same arithmetic
+    report = json.loads(_cli("ensemble", "build", "--json", "--precision", "fp32").stdout)
     assert report["fitted_nll"] <= report["equal_nll"]
     assert report["split"] == "val" and report["images"] == 144
     rows = {row["name"]: row for row in report["rows"]}
@@ -196,7 +197,7 @@ def test_bare_build_fits_and_rewrites_config(
     assert rows["equal weights"]["nll"] == pytest.approx(report["equal_nll"], rel=1e-6)
     assert rows["good"]["top1"] > rows["bad"]["top1"]
     # What was written is what was fitted: evaluating the file on val gives the fitted NLL.
-    evaluated = json.loads(_cli("ensemble", "eval", "--json").stdout)
+    evaluated = json.loads(_cli("ensemble", "eval", "--json", "--precision", "fp32").stdout)
     file_row = next(r for r in evaluated["rows"] if r["name"] == "file weights")
     assert file_row["nll"] == pytest.approx(report["fitted_nll"], rel=1e-5)
 
@@ -208,7 +209,7 @@ def test_refit_without_temperature_resets_a_stale_one(
     monkeypatch.chdir(_project(trained_members, tmp_path, {**GOOD_BAD, "temperature": 0.25}))
     report = json.loads(_cli("ensemble", "build", "--json").stdout)
     assert json.loads(Path("config.json").read_text())["temperature"] == 1.0
-    evaluated = json.loads(_cli("ensemble", "eval", "--json").stdout)
+    evaluated = json.loads(_cli("ensemble", "eval", "--json", "--precision", "fp32").stdout)
     file_row = next(r for r in evaluated["rows"] if r["name"] == "file weights")
     assert file_row["nll"] == pytest.approx(report["fitted_nll"], rel=1e-5)
     tempered = json.loads(_cli("ensemble", "build", "--json", "--fit-temperature").stdout)

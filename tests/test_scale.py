@@ -111,7 +111,18 @@ def _alive(pid: int) -> bool:
 
 def test_sigterm_stops_a_two_process_eval_within_15_s_leaving_nothing(big: Path) -> None:
     # One image a batch: a pass of minutes, so the signal lands mid-pass.
-    command = [*MLKD, "eval", "models/a.pth", "--split", "test", "-b", "1", "--world-size", "2"]
+    command = [
+        *MLKD,
+        "eval",
+        "models/a.pth",
+        "--split",
+        "test",
+        "-b",
+        "1",
+        "--world-size",
+        "2",
+        "-q",
+    ]
     job = subprocess.Popen(command, cwd=big, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     with reaped(job):
         deadline = time.monotonic() + 60

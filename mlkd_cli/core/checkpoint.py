@@ -7,6 +7,7 @@ and `mlkd eval` knows the architecture, classes and image recipe without being t
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,12 @@ from mlkd_cli.core.atomic import atomic_write
 from mlkd_cli.core.errors import UserError
 
 MODEL_FORMAT = "mlkd-model/1"
+# The one class besides tensors and containers that a checkpoint may hold: timm's train.py
+# pickles its arguments (`args`) as an argparse.Namespace, a plain attribute bag.
+SAFE_CLASSES = (argparse.Namespace,)
+# Where a checkpoint keeps its weights: timm's EMA copy first (when wanted), then the raw ones.
+EMA_KEY = "state_dict_ema"
+WEIGHT_KEYS = ("state_dict", "model")
 TRAINING_STATE_FORMAT = "mlkd-training-state/1"
 
 
@@ -78,7 +85,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; check the path")
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_CLASSES)):
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" in str(exc).lower():
             raise UserError(
@@ -96,16 +104,23 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return content
 
 
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights and whatever metadata a .pth or .safetensors file carries."""
+def read_weights(path: Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and whatever metadata a .pth or .safetensors file carries.
+
+    A checkpoint of timm's train.py holds its EMA weights beside the raw ones; they are taken
+    unless `ema` is False. `meta["weights_key"]` says which key the weights came from.
+    """
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     content = load_checkpoint(path)
     if not isinstance(content, dict):
         raise UserError(f"{path} holds a {type(content).__name__}, not a state dict")
-    for key in ("state_dict", "model"):
+    keys = (EMA_KEY, *WEIGHT_KEYS) if ema else WEIGHT_KEYS
+    for key in keys:
         if isinstance(content.get(key), dict):
-            meta = {k: v for k, v in content.items() if k != key}
+            meta = {k: v for k, v in content.items() if k not in (key, EMA_KEY, "optimizer")}
+            meta["weights_key"] = key
+            meta["has_ema"] = isinstance(content.get(EMA_KEY), dict)
             return _strip_wrappers(content[key]), meta
     if content and all(isinstance(v, torch.Tensor) for v in content.values()):
         return _strip_wrappers(content), {}

@@ -27,7 +27,22 @@ from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe
 
 CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop, before it falls back to a centre crop
-RATIO = (3 / 4, 4 / 3)
+# The recipe's knobs this pipeline cannot follow (only the CPU pipeline, through timm, can).
+DEVICE_INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # what grid_sample resamples with
+
+
+def device_unsupported(recipe: ImageRecipe) -> list[str]:
+    """The recipe's augmentation flags this pipeline cannot follow (timm's CPU transforms can)."""
+    missing = []
+    if recipe.auto_augment:
+        missing.append(f"--auto-augment {recipe.auto_augment}")
+    if recipe.reprob > 0:
+        missing.append(f"--reprob {recipe.reprob:g}")
+    if recipe.interpolation not in DEVICE_INTERPOLATIONS:
+        missing.append(f"--interpolation {recipe.interpolation}")
+    return missing
+
+
 _GREY = (0.299, 0.587, 0.114)
 
 
@@ -47,7 +62,7 @@ class DeviceAugment:
         x = images.float().div_(255)
         if self.augment:
             draws = torch.rand(
-                count, 2 * CROP_ATTEMPTS + 6, generator=generator, device=images.device
+                count, 2 * CROP_ATTEMPTS + 7, generator=generator, device=images.device
             )
             theta = self._crop_boxes(draws, height, width)
             x = self._resample(x, theta)
@@ -59,13 +74,14 @@ class DeviceAugment:
 
     def _crop_boxes(self, draws: torch.Tensor, height: int, width: int) -> torch.Tensor:
         # (B, 2, 3) affine maps from output to input coordinates: a random resized crop,
-        # mirrored for half of the images when flips are on.
+        # mirrored horizontally / vertically with the recipe's flip probabilities.
         low, high = self.recipe.crop_scale
+        ratios = self.recipe.crop_ratio
         area = height * width
         scale = low + (high - low) * draws[:, :CROP_ATTEMPTS]
         log_ratio = (
-            math.log(RATIO[0])
-            + (math.log(RATIO[1]) - math.log(RATIO[0]))
+            math.log(ratios[0])
+            + (math.log(ratios[1]) - math.log(ratios[0]))
             * draws[:, CROP_ATTEMPTS : 2 * CROP_ATTEMPTS]
         )
         ratio = log_ratio.exp()
@@ -79,8 +95,9 @@ class DeviceAugment:
         base = 2 * CROP_ATTEMPTS
         x0 = draws[:, base] * (width - w)
         y0 = draws[:, base + 1] * (height - h)
-        flip = torch.where(draws[:, base + 2] < 0.5, -1.0, 1.0) if self.recipe.hflip else 1.0
-        return _affine(x0, y0, w, h, height, width, flip)
+        flip = torch.where(draws[:, base + 2] < self.recipe.hflip, -1.0, 1.0)
+        vflip = torch.where(draws[:, base + 3] < self.recipe.vflip, -1.0, 1.0)
+        return _affine(x0, y0, w, h, height, width, flip, vflip)
 
     def _centre_box(
         self, count: int, height: int, width: int, device: torch.device
@@ -88,7 +105,7 @@ class DeviceAugment:
         # The evaluation view: the central crop_pct of the short side, resized.
         side = self.recipe.crop_pct * min(height, width)
         w = torch.full((count,), side, device=device)
-        return _affine((width - w) / 2, (height - w) / 2, w, w, height, width, 1.0)
+        return _affine((width - w) / 2, (height - w) / 2, w, w, height, width, 1.0, 1.0)
 
     def _resample(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         size = self.recipe.img_size
@@ -117,12 +134,13 @@ def _affine(
     height: int,
     width: int,
     flip: torch.Tensor | float,
+    vflip: torch.Tensor | float,
 ) -> torch.Tensor:
     # affine_grid's coordinates run from -1 to 1 over the whole input.
     theta = torch.zeros(w.shape[0], 2, 3, device=w.device)
     theta[:, 0, 0] = flip * w / width
     theta[:, 0, 2] = (2 * x0 + w) / width - 1
-    theta[:, 1, 1] = h / height
+    theta[:, 1, 1] = vflip * h / height
     theta[:, 1, 2] = (2 * y0 + h) / height - 1
     return theta
 

@@ -8,9 +8,11 @@ so the training loop can name it, count it, or stop (`--strict-data`).
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
@@ -57,11 +59,20 @@ class TransformedSubset(Dataset):
         image, label = item
         if seed is None:
             return self.transform(image), label, index
-        # torchvision's random transforms draw from torch's global generator; give each image
-        # its own stream and put the process's generator back as it was.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((seed * 1_000_003 + index) % (1 << 63))
-            return self.transform(image), label, index
+        # torchvision's random transforms draw from torch's global generator, timm's from
+        # Python's `random` (and RandAugment from numpy's too): give each image its own stream of
+        # each and put the process's generators back as they were.
+        own = (seed * 1_000_003 + index) % (1 << 63)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(own)
+                random.seed(own)
+                np.random.seed(own % (1 << 32))
+                return self.transform(image), label, index
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def collate_readable(items: list[Any]) -> Batch:

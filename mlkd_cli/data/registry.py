@@ -28,8 +28,10 @@ class DatasetSpec:
     read: Callable[[Path, bool], RawSplits]
     img_size: int = 224
     crop_pct: float = 0.875
-    hflip: bool = True
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    # Training augmentation; None: chosen from the images (`augmentation_defaults`).
+    hflip: float | None = None
+    crop_scale: tuple[float, float] | None = None
+    color_jitter: float | None = None
     splits: str = "train, val, test"
     downloadable: bool = False
 
@@ -61,6 +63,10 @@ def _cifar_spec(
         looks_in=lambda d: str(d / layout.folder),
         read=lambda d, dl: sources.load_cifar(d, layout, dl, _torchvision_download(name)),
         downloadable=True,
+        # The original's recipe (224 px, upscaled): natural photos, ImageNet's augmentation.
+        hflip=0.5,
+        crop_scale=(0.08, 1.0),
+        color_jitter=0.4,
     )
 
 
@@ -90,6 +96,14 @@ DATASETS: dict[str, DatasetSpec] = {
             splits="train, val, test (if present)",
         ),
         DatasetSpec(
+            name="csv",
+            description="your images listed in train.csv (and test.csv): path,label rows",
+            num_classes=None,
+            looks_in=lambda d: f"{d}/train.csv, {d}/test.csv",
+            read=lambda d, dl: sources.load_csv_dataset(d),
+            splits="train, val (held out), test (if test.csv)",
+        ),
+        DatasetSpec(
             name="digits",
             description="UCI handwritten digits: 1,797 8x8 images",
             num_classes=10,
@@ -97,12 +111,51 @@ DATASETS: dict[str, DatasetSpec] = {
             read=lambda d, dl: sources.load_digits(),
             img_size=32,
             crop_pct=1.0,
-            hflip=False,  # a mirrored 2 is not a 2
+            hflip=0.0,  # a mirrored 2 is not a 2
             crop_scale=(0.5, 1.0),  # 8x8 glyphs do not survive ImageNet's 8% crops
             splits="train, val, test (fixed 20%)",
         ),
     )
 }
+
+
+# Images this small (longest side, px) are glyphs, icons or thumbnails: ImageNet's crops and
+# flips destroy them.
+SMALL_SIDE = 64
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Default training augmentation for a dataset."""
+
+    hflip: float
+    crop_scale: tuple[float, float]
+    color_jitter: float
+    why: str
+
+
+def augmentation_defaults(spec: DatasetSpec, train: sources.ImageSource) -> Augmentation:
+    """The dataset's own augmentation, else one chosen from what its images look like.
+
+    Photos get ImageNet's (the original's): random crops down to 8 % of the area, flips, colour
+    jitter 0.4. Small images (longest side <= 64 px) or grayscale ones — digits, glyphs, scans,
+    icons — get no flip (a mirrored 2 is not a 2), crops of at least half the area, and no
+    colour jitter when grey: on such data ImageNet's recipe made distillation lose to plain
+    training (issue 14).
+    """
+    traits = sources.image_traits(train)
+    plain = traits.grayscale or traits.side <= SMALL_SIDE
+    kind = "grayscale" if traits.grayscale else f"{traits.side} px" if plain else "photos"
+    return Augmentation(
+        hflip=spec.hflip if spec.hflip is not None else (0.0 if plain else 0.5),
+        crop_scale=spec.crop_scale or ((0.5, 1.0) if plain else (0.08, 1.0)),
+        color_jitter=(
+            spec.color_jitter
+            if spec.color_jitter is not None
+            else (0.0 if traits.grayscale else 0.4)
+        ),
+        why=kind,
+    )
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import importlib.resources
 import pickle
@@ -201,6 +202,35 @@ class _ListedImages(Dataset):
             return UnreadableImage(str(path), reason)
 
 
+class ImageTraits(NamedTuple):
+    """What a dataset's images look like, from a sample: the longest side, and whether grey."""
+
+    side: int
+    grayscale: bool
+
+
+TRAIT_SAMPLE = 16  # images looked at, evenly spread over the source
+
+
+def image_traits(source: ImageSource) -> ImageTraits:
+    """The longest side and greyness of a sample of `source`'s images."""
+    count = len(source)
+    picks = sorted({int(i * count / TRAIT_SAMPLE) for i in range(min(TRAIT_SAMPLE, count))})
+    if isinstance(source, ArraySource):
+        sample = source.images[picks]
+        grey = bool((sample == sample[..., :1]).all())
+        return ImageTraits(max(sample.shape[1:3]), grey)
+    side, grey = 0, True
+    for index in picks:
+        item = source[index]
+        if isinstance(item, UnreadableImage):
+            continue
+        image = np.asarray(item[0])
+        side = max(side, *image.shape[:2])
+        grey = grey and bool((image == image[..., :1]).all())
+    return ImageTraits(side, grey)
+
+
 def load_oxford_pet(data_dir: Path, download: bool, download_fn: Any) -> RawSplits:
     """Read Oxford-IIIT Pet in torchvision's layout (images/ and annotations/ lists)."""
     root = data_dir / OXFORD_FOLDER
@@ -297,6 +327,84 @@ def load_image_folder(data_dir: Path) -> RawSplits:
             )
         extra[split] = _ListedImages(split_paths, split_targets)
     return RawSplits(_ListedImages(paths, targets), extra["test"], classes, val=extra["val"])
+
+
+# ----------------------------------------------------------------------------- CSV lists
+
+CSV_COLUMNS = ("path", "label")
+
+
+def load_csv_dataset(data_dir: Path) -> RawSplits:
+    """`data_dir/train.csv` (and optionally `test.csv`): `path,label` rows, paths relative to
+    the CSV, labels as class names or integers; class names from `classes.txt` if present, else
+    the labels seen, sorted (integers numerically)."""
+    train_csv = data_dir / "train.csv"
+    if not train_csv.is_file():
+        raise UserError(
+            f"no {train_csv}; a csv dataset needs --data-dir holding train.csv (and optionally "
+            "test.csv, classes.txt) with path,label rows"
+        )
+    tables = {"train": _read_csv_rows(train_csv)}
+    test_csv = data_dir / "test.csv"
+    if test_csv.is_file():
+        tables["test"] = _read_csv_rows(test_csv)
+    classes = _csv_classes(data_dir, [label for rows in tables.values() for *_, label in rows])
+    index = {name: i for i, name in enumerate(classes)}
+    if (data_dir / "classes.txt").is_file():  # integer labels index classes.txt
+        index = {**{str(i): i for i in range(len(classes))}, **index}
+    sources: dict[str, _ListedImages] = {}
+    for split, rows in tables.items():
+        csv_path = data_dir / f"{split}.csv"
+        paths, targets = [], []
+        for row, path, label in rows:
+            if label not in index:
+                raise UserError(
+                    f"{csv_path} row {row}: label {label!r} is not a class of "
+                    f"{_classes_origin(data_dir)}; fix the row or add the class"
+                )
+            image = (csv_path.parent / path).resolve()
+            if not image.is_file():
+                raise UserError(f"{csv_path} row {row}: image {path} does not exist ({image})")
+            paths.append(image)
+            targets.append(index[label])
+        sources[split] = _ListedImages(paths, targets)
+    return RawSplits(sources["train"], sources.get("test"), classes)
+
+
+def _read_csv_rows(path: Path) -> list[tuple[int, str, str]]:
+    """(row number, path, label) of each data row; the header must name path and label."""
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not set(CSV_COLUMNS) <= {
+            f.strip() for f in reader.fieldnames
+        }:
+            raise UserError(f"{path} row 1: the header must name the columns path,label")
+        rows = []
+        for row_number, row in enumerate(reader, start=2):
+            values = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            if not values.get("path") or not values.get("label"):
+                raise UserError(f"{path} row {row_number}: needs both a path and a label")
+            rows.append((row_number, values["path"], values["label"]))
+    if not rows:
+        raise UserError(f"{path} has no rows after its header; list path,label per image")
+    return rows
+
+
+def _csv_classes(data_dir: Path, labels: list[str]) -> list[str]:
+    listed = data_dir / "classes.txt"
+    if listed.is_file():
+        names = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
+        if not names:
+            raise UserError(f"{listed} is empty; list one class name per line or remove it")
+        return names
+    unique = set(labels)
+    if all(label.lstrip("-").isdigit() for label in unique):
+        return [str(n) for n in sorted(int(label) for label in unique)]
+    return sorted(unique)
+
+
+def _classes_origin(data_dir: Path) -> str:
+    return str(data_dir / "classes.txt") if (data_dir / "classes.txt").is_file() else "the CSVs"
 
 
 # ----------------------------------------------------------------------------- digits

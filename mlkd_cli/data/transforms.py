@@ -1,9 +1,11 @@
-"""Image transforms: the original's training augmentation and a resize + centre-crop evaluation."""
+"""Image transforms: timm's training augmentation, and a resize + centre-crop for evaluation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from timm.data import create_transform
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -13,35 +15,45 @@ from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD
 
 @dataclass(frozen=True)
 class ImageRecipe:
-    """How images are sized and normalised for one run; recorded in every checkpoint."""
+    """How images are sized, augmented and normalised for one run.
+
+    The sizing and normalisation (img_size, crop_pct, mean, std, interpolation) are recorded in
+    every checkpoint so that evaluation views images as training did; the rest says how training
+    images are augmented, in timm's terms (`timm.data.create_transform`).
+    """
 
     img_size: int
     crop_pct: float = 0.875
     mean: tuple[float, float, float] = DEFAULT_MEAN
     std: tuple[float, float, float] = DEFAULT_STD
     interpolation: str = "bicubic"
-    hflip: bool = True
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    color_jitter: float = 0.4
+    hflip: float = 0.5  # probability of a horizontal flip
+    vflip: float = 0.0  # probability of a vertical flip
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop: share of the area
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # ... and aspect ratio
+    color_jitter: float = 0.4  # brightness, contrast and saturation, each by up to this much
+    auto_augment: str | None = None  # timm's RandAugment/AutoAugment spec, e.g. rand-m9-mstd0.5
+    reprob: float = 0.0  # random erasing probability
 
 
-def build_train_transform(recipe: ImageRecipe) -> T.Compose:
-    """Random resized crop (bicubic), optional flip, colour jitter, normalise."""
-    steps: list = [
-        T.RandomResizedCrop(
-            recipe.img_size,
-            scale=recipe.crop_scale,
-            interpolation=InterpolationMode(recipe.interpolation),
-            antialias=True,
-        )
-    ]
-    if recipe.hflip:
-        steps.append(T.RandomHorizontalFlip())
-    if recipe.color_jitter > 0:
-        j = recipe.color_jitter
-        steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j))
-    steps += [T.ToTensor(), T.Normalize(recipe.mean, recipe.std)]
-    return T.Compose(steps)
+def build_train_transform(recipe: ImageRecipe) -> Callable:
+    """timm's training transform for the recipe: random resized crop, flips, colour jitter or
+    auto-augment, normalisation, random erasing."""
+    return create_transform(
+        recipe.img_size,
+        is_training=True,
+        scale=recipe.crop_scale,
+        ratio=recipe.crop_ratio,
+        hflip=recipe.hflip,
+        vflip=recipe.vflip,
+        color_jitter=recipe.color_jitter or None,
+        auto_augment=recipe.auto_augment,
+        interpolation=recipe.interpolation,
+        mean=recipe.mean,
+        std=recipe.std,
+        re_prob=recipe.reprob,
+        re_mode="pixel",
+    )
 
 
 def build_eval_transform(recipe: ImageRecipe) -> T.Compose:

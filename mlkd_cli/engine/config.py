@@ -10,9 +10,11 @@ from typing import Any, TypeVar
 
 from mlkd_cli.core.console import OutputOptions
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.loggers import parse_log_to
 from mlkd_cli.engine.loop import OPTIMIZERS, SCHEDULES
 from mlkd_cli.engine.losses import LOSSES
+from mlkd_cli.engine.precision import check_precision
 
 C = TypeVar("C")
 DATA_PIPELINES = ("auto", "device", "cpu")
@@ -105,7 +107,18 @@ class TrainConfig:
     # the GPU), "cpu" (DataLoader workers), or "auto" (device on CUDA where possible).
     data_pipeline: str = "auto"
     augment: bool = True  # random crop, flip and colour jitter; off: the evaluation view
+    # How training images are augmented, in timm's terms; None: the dataset's default (small or
+    # grayscale images get no flip, a mild crop and no colour jitter; photos ImageNet's).
+    scale: tuple[float, float] | None = None  # random resized crop: share of the area
+    ratio: tuple[float, float] | None = None  # ... and aspect ratio (default 3/4 to 4/3)
+    hflip: float | None = None  # horizontal flip probability
+    vflip: float = 0.0  # vertical flip probability
+    color_jitter: float | None = None  # brightness/contrast/saturation strength
+    auto_augment: str | None = None  # timm's RandAugment/AutoAugment, e.g. rand-m9-mstd0.5
+    reprob: float = 0.0  # random erasing probability
+    interpolation: str | None = None  # None: bicubic
     compile: bool = False  # torch.compile the models that run each step
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower; the original's)
     seed: int = 0
     # Metric loggers fed the history's rows, comma-separated (see engine/loggers.py).
     log_to: str | None = None
@@ -113,6 +126,8 @@ class TrainConfig:
     # Restarts of the worker processes after one dies, each from the last saved state.
     max_restarts: int = 0
     device: str = "auto"
+    # bf16 autocast where the device has it natively ("auto"), or always ("bf16"), or "fp32".
+    precision: str = "auto"
     workers: int | None = None
     output_dir: Path = Path("models")
     resume: bool = False
@@ -142,6 +157,7 @@ class TrainConfig:
         counts["img-size"] = self.img_size
         _check_at_least_one(counts)
         parse_log_to(self.log_to)
+        check_precision(self.precision, resolve_device(self.device))
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         _check_not_negative(
@@ -165,11 +181,32 @@ class TrainConfig:
                 f"--data-pipeline must be one of {', '.join(DATA_PIPELINES)}, "
                 f"not {self.data_pipeline!r}"
             )
+        self._check_augmentation()
         if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.batch_size < 2:
             raise UserError("Mixup/CutMix mixes pairs of images: use --batch-size 2 or more")
         if self.resume and self.overwrite:
             raise UserError("--resume continues a run and --overwrite replaces it; pass one")
         self.batch_plan(self.world_size)
+
+    def _check_augmentation(self) -> None:
+        for flag, value in {
+            "hflip": self.hflip,
+            "vflip": self.vflip,
+            "reprob": self.reprob,
+        }.items():
+            if value is not None and not 0 <= value <= 1:
+                raise UserError(f"--{flag} is a probability and must be in [0, 1], got {value}")
+        if self.scale is not None and not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise UserError(
+                f"--scale MIN MAX are shares of the image area with 0 < MIN <= MAX <= 1, "
+                f"got {self.scale[0]:g} {self.scale[1]:g}"
+            )
+        if self.ratio is not None and not 0 < self.ratio[0] <= self.ratio[1]:
+            raise UserError(
+                f"--ratio MIN MAX are aspect ratios with 0 < MIN <= MAX, "
+                f"got {self.ratio[0]:g} {self.ratio[1]:g}"
+            )
+        _check_not_negative({"color-jitter": self.color_jitter})
 
     def to_record(self) -> dict[str, Any]:
         """Plain values for history files and checkpoints (paths as strings)."""
@@ -185,6 +222,7 @@ class TeacherTrainConfig(TrainConfig):
     model: str
     pretrained: bool = False
     init_checkpoint: Path | None = None
+    init_ema: bool = True  # --init-checkpoint from timm's train.py: its EMA weights when present
 
     @property
     def run_name(self) -> str:
@@ -194,11 +232,65 @@ class TeacherTrainConfig(TrainConfig):
 
 # The original project's distillation recipe.
 ORIGINAL_EFFECTIVE_BATCH = 128
+# Mixup/CutMix pay off over long schedules only; shorter runs of the mlkd recipe go without.
+MIXUP_MIN_EPOCHS = 100
+
+# What each `--recipe` sets for the settings the user leaves out (a flag or preset key wins).
+RECIPES: dict[str, dict[str, Any]] = {
+    # mlkd's defaults: never worse than cross-entropy training of the same student on the data
+    # a user brings (BENCHMARKS.md, "Your own data").
+    "mlkd": {
+        "temperature": 4.0,
+        "alpha": 0.9,
+        "label_smoothing": 0.0,
+        "schedule": "cosine",
+        "warmup_epochs": 1.0,
+        "optimizer": "adamw",
+        "loss": "multi_exit_kd",
+        "best_by": "top1",
+        "seed": 0,
+        "precision": "auto",
+        "deterministic": False,
+        "step_per_process": False,
+        "epochs": 100,
+        "save_frequency": 50,
+    },
+    # The original project's mlkd.py, setting for setting (README, "The original's recipe").
+    "original": {
+        "temperature": 10.0,
+        "alpha": 1.0,
+        "mixup_alpha": 1.0,
+        "cutmix_alpha": 1.0,
+        "schedule": "constant",
+        "warmup_epochs": 0.0,
+        "optimizer": "adamw_all",
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "loss": "original_multi_exit_kd",
+        "best_by": "val_kd_loss",
+        "seed": 53303,
+        "precision": "fp32",
+        "deterministic": True,
+        "step_per_process": True,
+        "epochs": 1000,
+        "save_frequency": 50,
+        "batch_size": 64,
+        "hflip": 0.5,
+        "scale": (0.08, 1.0),
+        "color_jitter": 0.4,
+    },
+}
 
 
 @dataclass(kw_only=True)
 class DistillConfig(TrainConfig):
-    """`mlkd distill`: a multi-exit student learning from a teacher's softened outputs."""
+    """`mlkd distill`: a multi-exit student learning from a teacher's softened outputs.
+
+    Settings left as None are filled from `--recipe` (`RECIPES`): mlkd's defaults, or the
+    original's training, setting for setting.
+    """
+
+    recipe: str = "mlkd"
 
     student: str = "resnetv2_50x1_bit"
     student_checkpoint: Path | None = None
@@ -206,21 +298,45 @@ class DistillConfig(TrainConfig):
     teacher_model: str | None = None
     teacher_checkpoint: Path | None = None
     ensemble: Path | None = None
+    # Take the EMA weights of teachers saved by timm's train.py (state_dict_ema) when present.
+    teacher_ema: bool = True
     models_dir: Path | None = None
     exits: str | None = None  # comma-separated stage indices; None: every stage but the last
     exit_weights: str | None = None  # comma-separated; None: 1 for each exit
-    alpha: float = 1.0
-    temperature: float = 10.0
+    alpha: float | None = None
+    temperature: float | None = None
     name: str | None = "mlkd_student"
-    epochs: int = 100
-    label_smoothing: float = 0.0
-    mixup_alpha: float = 1.0
-    cutmix_alpha: float = 1.0
-    save_frequency: int = 50
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    label_smoothing: float | None = None  # in Mixup's targets, for the CE term
+    mixup_alpha: float | None = None
+    cutmix_alpha: float | None = None
+    schedule: str | None = None
+    warmup_epochs: float | None = None
+    optimizer: str | None = None
+    seed: int | None = None
+    precision: str | None = None
+    deterministic: bool | None = None
+    save_frequency: int | None = None
+    # "top1": keep the best validation top-1; "val_kd_loss": the lowest validation KD loss of the
+    # final head (the original's choice).
+    best_by: str | None = None
+    # The original accumulated 128 images per process per step, whatever the world size.
+    step_per_process: bool | None = None
     # Compute the teacher's outputs once, before training, and reuse them every epoch; needs a
     # fixed teacher input (--no-augment, no Mixup/CutMix).
     teacher_cache: bool = False
-    loss: str = "multi_exit_kd"  # a name in losses.LOSSES
+    loss: str | None = None  # a name in losses.LOSSES
+
+    def __post_init__(self) -> None:
+        """Fill the settings left out from the recipe."""
+        if self.recipe not in RECIPES:
+            return  # `validate` names the choices
+        for key, value in recipe_values(self.recipe, self).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def batch_plan(self, world_size: int) -> BatchPlan:
         """As the original: enough forward passes for 128 images a step, unless told otherwise.
@@ -228,6 +344,10 @@ class DistillConfig(TrainConfig):
         Without --effective-batch-size, a step is whole forward passes of --batch-size (as
         many as fit in 128 images, at least one), so a larger --batch-size is never cut.
         """
+        if self.step_per_process:  # the original: 128 a step on each process
+            return BatchPlan(
+                self.batch_size, max(1, ORIGINAL_EFFECTIVE_BATCH // self.batch_size), world_size
+            )
         if self.effective_batch_size is None:
             per_step = self.batch_size * world_size
             return BatchPlan(
@@ -237,7 +357,10 @@ class DistillConfig(TrainConfig):
 
     def validate(self) -> None:
         """Refuse impossible values before any work starts."""
+        _check_choice("recipe", self.recipe, RECIPES)
         super().validate()
+        if self.best_by not in ("top1", "val_kd_loss"):
+            raise UserError(f"best_by must be top1 or val_kd_loss, not {self.best_by!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(
                 f"--alpha mixes KD and cross-entropy and must be in [0, 1], got {self.alpha}"
@@ -258,6 +381,26 @@ class DistillConfig(TrainConfig):
             )
         if (self.teacher_model is None) != (self.teacher_checkpoint is None):
             raise UserError("a single teacher needs both --model and --checkpoint")
+
+
+def recipe_values(recipe: str, config: DistillConfig) -> dict[str, Any]:
+    """The recipe's settings, completed with those that depend on the others."""
+    values = dict(RECIPES[recipe])
+    epochs = config.epochs if config.epochs is not None else values["epochs"]
+    if recipe == "mlkd":
+        mixing = epochs >= MIXUP_MIN_EPOCHS
+        values["mixup_alpha"] = 0.8 if mixing else 0.0
+        values["cutmix_alpha"] = 1.0 if mixing else 0.0
+    if recipe == "original":
+        # timm's Mixup smooths its targets by 0.1; without Mixup the original used hard labels.
+        mixup = config.mixup_alpha if config.mixup_alpha is not None else values["mixup_alpha"]
+        cutmix = config.cutmix_alpha if config.cutmix_alpha is not None else values["cutmix_alpha"]
+        values["label_smoothing"] = 0.1 if mixup > 0 or cutmix > 0 else 0.0
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    # Settings the recipe leaves alone take TrainConfig's defaults.
+    for key in ("batch_size", "lr", "weight_decay"):
+        values.setdefault(key, defaults[key])
+    return values
 
 
 def config_field_names(cls: type) -> set[str]:
@@ -289,6 +432,16 @@ def _required(f: Any) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
 
 
+def _is_pair(option: Any, value: Any) -> bool:
+    """`option` is tuple[float, float] and `value` two numbers (a YAML list, a flag's pair)."""
+    return (
+        typing.get_origin(option) is tuple
+        and isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+
+
 def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None:
@@ -308,5 +461,7 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
             return Path(value)
         if option is OutputOptions and isinstance(value, OutputOptions):
             return value
+        if _is_pair(option, value):
+            return (float(value[0]), float(value[1]))
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
     raise UserError(f"{origin}: {key} must be {wanted}, got {value!r}")

@@ -8,11 +8,13 @@ final classifier and each exit — takes the KD loss against the teacher's softe
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -24,11 +26,12 @@ from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.config import DistillConfig, TrainConfig
 from mlkd_cli.engine.launch import resolve_device
-from mlkd_cli.engine.losses import LOSSES
+from mlkd_cli.engine.losses import LOSSES, kd_terms
 from mlkd_cli.engine.trainer import (
     RunFiles,
     RunPlan,
     check_output_files,
+    check_recipe,
     data_pipeline,
     dataset_recipe,
     fit,
@@ -66,7 +69,9 @@ def resolve_teacher(cfg: DistillConfig) -> EnsembleConfig:
     """The teacher the user named, or `config.json` here, as an ensemble (of one, maybe)."""
     if cfg.teacher_checkpoint is not None and cfg.teacher_model is not None:
         member = MemberSpec(cfg.teacher_checkpoint, cfg.teacher_model, 1.0)
-        return EnsembleConfig(path=cfg.teacher_checkpoint, members=(member,))
+        return EnsembleConfig(path=cfg.teacher_checkpoint, members=(member,)).with_ema(
+            cfg.teacher_ema
+        )
     path = cfg.ensemble
     if path is None:
         if not DEFAULT_ENSEMBLE_FILE.is_file():
@@ -75,7 +80,7 @@ def resolve_teacher(cfg: DistillConfig) -> EnsembleConfig:
                 "--checkpoint PATH for a single teacher"
             )
         path = DEFAULT_ENSEMBLE_FILE
-    return read_ensemble_config(path, cfg.models_dir)
+    return read_ensemble_config(path, cfg.models_dir).with_ema(cfg.teacher_ema)
 
 
 def build_student(
@@ -100,12 +105,16 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     check_model_name(cfg.student)
     teacher = resolve_teacher(cfg)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
+    report = Reporter(cfg.output)
     for spec in teacher.members:
-        load_member(spec, splits.num_classes)
+        note = load_member(spec, splits.num_classes).note
+        if note:
+            report.info(f"teacher {note}")
     files = RunFiles(cfg.output_dir, cfg.run_name)
     check_output_files(cfg, files, identity=("student", "dataset"))
     recipe = dataset_recipe(cfg, splits)
-    data_pipeline(cfg, splits, resolve_device(cfg.device))
+    data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
+    check_recipe(recipe)
     # Built once here, on the CPU, so that an unsuitable student is refused before any worker.
     student = build_student(
         cfg.student,
@@ -134,10 +143,7 @@ class DistillTask:
         recipe = plan.run.recipe
         student_input = InputSpec(recipe.img_size, recipe.mean, recipe.std)
         teacher, _, _ = build_teacher(plan.teacher, plan.run.card.num_classes, student_input)
-        teacher.to(ctx.device)
-        if ctx.device.type == "cuda":
-            teacher.to(memory_format=torch.channels_last)
-        self.teacher = teacher
+        self.teacher = teacher  # placed in `prepare`, once the run's precision is known
         self.loss = LOSSES[cfg.loss](cfg.temperature, cfg.alpha, plan.exit_weights)
         self.head_names: list[str] = []
         self.cache: torch.Tensor | None = None
@@ -161,6 +167,8 @@ class DistillTask:
     ) -> None:
         """With --compile, compile the teacher; with --teacher-cache, fill the output cache."""
         report = Reporter(self.cfg.output, ctx.rank)
+        precision.place(self.teacher)
+        self.teacher.bf16 = precision.bf16
         if self.cfg.compile:
             for member in self.teacher.members:
                 failed = loop.compile_module(member, ctx.device)
@@ -200,8 +208,10 @@ class DistillTask:
     def evaluate(
         self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision
     ) -> dict[str, float]:
-        """Top-1/top-5/NLL of the final head, top-1 and NLL of each exit."""
-        heads = loop.evaluate_heads(model, loader, ctx, precision)
+        """Top-1/top-5/NLL of the final head, top-1 and NLL of each exit; with `best_by
+        val_kd_loss`, the final head's KD loss against the teacher too."""
+        extra = self._val_kd_loss if self.cfg.best_by == "val_kd_loss" else None
+        heads = loop.evaluate_heads(model, loader, ctx, precision, extra)
         final = heads[0]
         row = {
             "val_top1": final["top1"],
@@ -209,10 +219,32 @@ class DistillTask:
             "val_nll": final["nll"],
             "val_images": final["count"],
         }
+        if extra is not None:
+            row["val_kd_loss"] = final.get("extra", float("nan"))
         for i, head in enumerate(heads[1:], start=1):
             row[f"exit{i}_top1"] = head["top1"]
             row[f"exit{i}_nll"] = head["nll"]
         return row
+
+    def _val_kd_loss(
+        self, heads: Sequence[torch.Tensor], images: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The final head's loss against the teacher on a validation batch (summed), with hard
+        labels in the CE term, as the original validated."""
+        teacher_logits = self.teacher(images)
+        targets = F.one_hot(labels, heads[0].shape[1]).float()
+        kd, ce = kd_terms(
+            heads[0], teacher_logits, targets, self.loss.temperature, self.cfg.alpha < 1.0,
+            self.loss.class_mean,
+        )  # fmt: skip
+        loss = (
+            self.cfg.alpha * kd if ce is None else self.cfg.alpha * kd + (1 - self.cfg.alpha) * ce
+        )
+        return loss * labels.shape[0]
+
+    def score(self, row: dict[str, Any]) -> float:
+        """How good an epoch is (higher is better): top-1, or the negated validation KD loss."""
+        return -row["val_kd_loss"] if self.cfg.best_by == "val_kd_loss" else row["val_top1"]
 
     def plain_model(self, model: nn.Module) -> nn.Module:
         """The timm model inside, exits dropped."""

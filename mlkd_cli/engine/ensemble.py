@@ -22,8 +22,9 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.metrics import classification_metrics
 from mlkd_cli.data.registry import DEFAULT_VAL_FRACTION, get_dataset_spec, load_splits
 from mlkd_cli.data.transforms import ImageRecipe
-from mlkd_cli.engine.launch import launch, launcher_rank
+from mlkd_cli.engine.launch import launch, launcher_rank, resolve_device
 from mlkd_cli.engine.logits import PlannedPass, split_dataset, split_logits
+from mlkd_cli.engine.precision import check_precision, prepare_forward
 from mlkd_cli.models.ensemble_config import (
     EnsembleConfig,
     read_ensemble_config,
@@ -52,6 +53,8 @@ class LogitsRequest:
     batch_size: int = 128
     world_size: int = 1
     device: str = "auto"
+    precision: str = "auto"  # --precision: auto, bf16 or fp32
+    teacher_ema: bool = True  # members saved by timm's train.py: their EMA weights
     workers: int | None = None
     output: OutputOptions = field(default_factory=OutputOptions)
 
@@ -62,8 +65,13 @@ def plan_ensemble_run(request: LogitsRequest, config: EnsembleConfig) -> Ensembl
     val_fraction, batch_size = request.val_fraction, request.batch_size
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    check_precision(request.precision, resolve_device(request.device))
     num_classes = get_dataset_spec(dataset).num_classes if dataset else None
+    config = config.with_ema(request.teacher_ema)
     members = [load_member(spec, num_classes) for spec in config.members]
+    for member in members:
+        if member.note:
+            Reporter(request.output).info(f"member {member.note}")
     cards = [m.card for m in members if m.card is not None]
     recorded = sorted({c.dataset for c in cards})
     if dataset is None:
@@ -108,6 +116,7 @@ def plan_ensemble_run(request: LogitsRequest, config: EnsembleConfig) -> Ensembl
         recipe=recipe,
         batch_size=batch_size,
         workers=request.workers,
+        precision=request.precision,
         output=request.output,
     )
 
@@ -118,16 +127,17 @@ def collect_member_logits(ctx: DistContext, plan: EnsemblePlan) -> dict[str, Any
     dataset = split_dataset(splits, plan.split, plan.recipe)
     input_spec = InputSpec(plan.recipe.img_size, plan.recipe.mean, plan.recipe.std)
     teacher, loaded, _ = build_teacher(plan.config, splits.num_classes, input_spec)
-    teacher.to(ctx.device)
-    if ctx.device.type == "cuda":
-        teacher.to(memory_format=torch.channels_last)
+    precision = prepare_forward(plan.precision, teacher, plan.recipe.img_size, ctx, plan.batch_size)
+    report = Reporter(plan.output, ctx.rank)
+    report.info(precision.describe())
     logits, labels, _ = split_logits(
         ctx,
         teacher.member_logits,
+        precision,
         dataset,
         plan.batch_size,
         plan.workers,
-        Reporter(plan.output, ctx.rank),
+        report,
         f"{len(teacher.members)} members on {plan.split}",
     )
     return {

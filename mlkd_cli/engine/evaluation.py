@@ -15,8 +15,9 @@ from mlkd_cli.core.metrics import classification_metrics
 from mlkd_cli.data.registry import get_dataset_spec, load_splits
 from mlkd_cli.data.transforms import ImageRecipe
 from mlkd_cli.engine.ensemble import LogitsRequest, plan_ensemble_run
-from mlkd_cli.engine.launch import launch, launcher_rank
+from mlkd_cli.engine.launch import launch, launcher_rank, resolve_device
 from mlkd_cli.engine.logits import PlannedPass, card_recipe, split_dataset, split_logits
+from mlkd_cli.engine.precision import check_precision, prepare_forward
 from mlkd_cli.models.ensemble_config import EnsembleConfig, read_ensemble_config
 from mlkd_cli.models.factory import load_trained_model
 from mlkd_cli.models.teacher import InputSpec, build_teacher
@@ -47,6 +48,7 @@ class EvalRequest:
     models_dir: Path | None = None  # where an ensemble file's names resolve
     batch_size: int = 128
     workers: int | None = None
+    precision: str = "auto"  # --precision: auto, bf16 or fp32
     output: OutputOptions = field(default_factory=OutputOptions)
 
 
@@ -92,6 +94,7 @@ def _job_basics(request: EvalRequest) -> dict[str, Any]:
         "split": request.split,
         "batch_size": request.batch_size,
         "workers": request.workers,
+        "precision": request.precision,
         "output": request.output,
     }
 
@@ -106,12 +109,18 @@ def run_eval_job(ctx: DistContext, job: EvalJob) -> dict[str, Any]:
     else:
         model, _ = load_trained_model(job.path, job.arch, job.num_classes)
         model.eval()
-    model.to(ctx.device)
-    if ctx.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    precision = prepare_forward(job.precision, model, job.recipe.img_size, ctx, job.batch_size)
     report = Reporter(job.output, ctx.rank)
+    report.info(precision.describe())
     logits, labels, seconds = split_logits(
-        ctx, model, dataset, job.batch_size, job.workers, report, f"{job.label} on {job.split}"
+        ctx,
+        model,
+        precision,
+        dataset,
+        job.batch_size,
+        job.workers,
+        report,
+        f"{job.label} on {job.split}",
     )
     return {
         "logits": logits,
@@ -138,6 +147,7 @@ def plan_eval_job(request: EvalRequest) -> EvalJob:
             split=request.split,
             batch_size=request.batch_size,
             workers=request.workers,
+            precision=request.precision,
             output=request.output,
         ),
         config,
@@ -158,6 +168,7 @@ class Measured:
 
 def measure(job: EvalJob, world_size: int, device: str) -> Measured | None:
     """Run a job on `world_size` processes; rank 0 gets the metrics, other torchrun ranks None."""
+    check_precision(job.precision, resolve_device(device))
     collected = launch(
         run_eval_job,
         job,

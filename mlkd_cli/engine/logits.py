@@ -21,7 +21,7 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import ShardSampler, TransformedSubset, build_eval_loader
 from mlkd_cli.data.registry import DataSplits
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
-from mlkd_cli.engine.loop import Precision
+from mlkd_cli.engine.precision import Precision
 
 SPLITS = ("val", "test")
 
@@ -37,6 +37,7 @@ class PlannedPass:
     recipe: ImageRecipe
     batch_size: int = 128
     workers: int | None = None
+    precision: str = "auto"  # --precision: auto, bf16 or fp32
     output: OutputOptions = field(default_factory=OutputOptions)
 
 
@@ -54,6 +55,7 @@ def split_dataset(splits: DataSplits, split: str, recipe: ImageRecipe) -> Transf
 def split_logits(
     ctx: DistContext,
     forward: Callable[[torch.Tensor], torch.Tensor],
+    precision: Precision,
     dataset: Dataset,
     batch_size: int,
     workers: int | None,
@@ -66,7 +68,6 @@ def split_logits(
     wall-clock seconds of the pass.
     """
     loader = build_eval_loader(dataset, batch_size, ctx, workers)
-    precision = Precision(ctx.device)
     chunks, unreadable = [], []
     start = time.perf_counter()
     with report.step_progress(description, len(loader)) as tick, torch.inference_mode():

@@ -11,8 +11,8 @@ import importlib.util
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.loaders import Batch
 from mlkd_cli.data.sources import UnreadableImage
+from mlkd_cli.engine.precision import Precision
 
 # (model, images, soft targets, dataset positions of the images or None) -> the loss, or a dict
 # of named losses whose "loss" entry trains (the others, e.g. "kd", "ce", are recorded).
@@ -35,31 +36,6 @@ StepFn = Callable[
 ]
 # Reading the loss forces a host-device sync; do it this often, not every step.
 LOSS_READ_EVERY = 20
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How the model runs on this device: bf16 autocast and channels_last on CUDA only."""
-
-    device: torch.device
-
-    @property
-    def channels_last(self) -> bool:
-        """Whether inputs and weights use the NHWC layout tensor cores prefer."""
-        return self.device.type == "cuda"
-
-    def autocast(self) -> AbstractContextManager:
-        """bf16 autocast on CUDA, nothing elsewhere."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
-    def to_device(self, images: torch.Tensor) -> torch.Tensor:
-        """Move a batch to the device in the right memory format, without blocking the host."""
-        images = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images
 
 
 class BatchMixer:
@@ -343,9 +319,18 @@ def evaluate(
 
 @torch.inference_mode()
 def evaluate_heads(
-    model: nn.Module, loader: DataLoader, ctx: DistContext, precision: Precision
+    model: nn.Module,
+    loader: DataLoader,
+    ctx: DistContext,
+    precision: Precision,
+    extra: Callable[[Sequence[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
+    | None = None,
 ) -> list[dict[str, float]]:
-    """`evaluate` for every head of a model returning a tuple of logits (one dict per head)."""
+    """`evaluate` for every head of a model returning a tuple of logits (one dict per head).
+
+    `extra(heads, images, labels)`, when given, returns a batch's sum of one more per-image
+    measure; its mean over the split is the first head's `"extra"` entry.
+    """
     model = unwrap(model)
     model.eval()
     # Each rank's last training forward updated its own BatchNorm statistics; evaluate rank 0's,
@@ -355,6 +340,7 @@ def evaluate_heads(
     # (heads, 4): top-1 hits, top-5 hits, summed NLL, count; sized up front so that a rank with an
     # empty shard still joins the reduction with the right shape.
     totals = torch.zeros(_head_count(model), 4, device=ctx.device, dtype=torch.float64)
+    extra_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
     for images, labels, *_ in loader:
         if images.shape[0] == 0:
             continue  # every image of the batch was unreadable
@@ -371,7 +357,10 @@ def evaluate_heads(
             totals[h, 1] += hits.any(dim=1).sum()
             totals[h, 2] += F.cross_entropy(logits, labels, reduction="sum")
             totals[h, 3] += labels.shape[0]
+        if extra is not None:
+            extra_sum += extra(heads, images, labels).double()
     ctx.all_reduce_sum(totals)
+    ctx.all_reduce_sum(extra_sum)
     results = []
     for top1, top5, nll, count in totals.tolist():
         if count == 0:
@@ -385,6 +374,8 @@ def evaluate_heads(
                     "count": int(count),
                 }
             )
+    if extra is not None and results[0]["count"]:
+        results[0]["extra"] = float(extra_sum) / results[0]["count"]
     return results
 
 
@@ -408,6 +399,12 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over `decay_groups`."""
     return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr)
+
+
+def build_adamw_everywhere(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on every parameter, biases and norms too (the original's)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def build_scheduler(
@@ -440,6 +437,7 @@ def build_constant_schedule(
 # Parts a run builds by name (config keys `optimizer` and `schedule`): a new one is one entry.
 OPTIMIZERS: dict[str, Callable[[nn.Module, float, float], torch.optim.Optimizer]] = {
     "adamw": build_optimizer,
+    "adamw_all": build_adamw_everywhere,
     "sgd": build_sgd,
 }
 SCHEDULES: dict[

@@ -15,18 +15,22 @@ def kd_terms(
     targets: torch.Tensor,
     temperature: float,
     with_ce: bool = True,
+    class_mean: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`(T²·KL(softmax(t/T) ‖ softmax(s/T)), CE(s, y))`, in fp32; CE is None without `with_ce`.
 
     The KL divergence is summed over classes and averaged over the batch (the original averaged
     over classes too, shrinking the distillation term by the class count). `targets` are
-    probabilities (Mixup/CutMix soft targets).
+    probabilities (Mixup/CutMix soft targets). `class_mean` divides by the class count as well,
+    as the original's `nn.KLDivLoss()` (reduction "mean": over batch x classes) did.
     """
     s = student_logits.float()
     t = teacher_logits.float() / temperature
     log_p_student = F.log_softmax(s / temperature, dim=1)
     p_teacher = F.softmax(t, dim=1)
     kl = (p_teacher * (F.log_softmax(t, dim=1) - log_p_student)).sum(dim=1).mean()
+    if class_mean:
+        kl = kl / s.shape[1]
     ce = F.cross_entropy(s, targets) if with_ce else None
     return temperature * temperature * kl, ce
 
@@ -46,6 +50,8 @@ def kd_loss(
 class MultiExitKDLoss(nn.Module):
     """The KD loss of the final head plus each exit, summed with per-head weights."""
 
+    class_mean = False  # see `kd_terms`
+
     def __init__(self, temperature: float, alpha: float, exit_weights: Sequence[float]) -> None:
         super().__init__()
         self.temperature = temperature
@@ -63,7 +69,9 @@ class MultiExitKDLoss(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         total = None
         for head, (weight, logits) in enumerate(zip(self.head_weights, outputs, strict=True)):
-            kd, ce = kd_terms(logits, teacher_logits, targets, self.temperature, self.alpha < 1.0)
+            kd, ce = kd_terms(
+                logits, teacher_logits, targets, self.temperature, self.alpha < 1.0, self.class_mean
+            )
             loss = self.alpha * kd if ce is None else self.alpha * kd + (1.0 - self.alpha) * ce
             if head == 0:
                 parts["kd"] = kd
@@ -82,4 +90,14 @@ class MultiExitKDLoss(nn.Module):
 
 # Distillation losses by name (config key `loss`): a new loss is one entry here. Each takes
 # (temperature, alpha, exit weights) and has `named(outputs, teacher_logits, targets)`.
-LOSSES: dict[str, type[MultiExitKDLoss]] = {"multi_exit_kd": MultiExitKDLoss}
+class OriginalMultiExitKDLoss(MultiExitKDLoss):
+    """The original's loss: its KL term averaged over classes too (`nn.KLDivLoss()`), which
+    divides the distillation signal by the class count."""
+
+    class_mean = True
+
+
+LOSSES: dict[str, type[MultiExitKDLoss]] = {
+    "multi_exit_kd": MultiExitKDLoss,
+    "original_multi_exit_kd": OriginalMultiExitKDLoss,
+}

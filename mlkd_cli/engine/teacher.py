@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mlkd_cli.core.checkpoint import read_weights
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.loaders import TrainingBatches
@@ -18,7 +19,7 @@ from mlkd_cli.engine import loop, trainer
 from mlkd_cli.engine.config import TeacherTrainConfig
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.trainer import RunPlan
-from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
+from mlkd_cli.models.factory import build_model, check_input_size, check_model_name, weights_note
 
 
 def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
@@ -29,10 +30,18 @@ def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
     files = trainer.RunFiles(cfg.output_dir, cfg.run_name)
     trainer.check_output_files(cfg, files, identity=("model", "dataset"))
     recipe = trainer.dataset_recipe(cfg, splits)
-    trainer.data_pipeline(cfg, splits, resolve_device(cfg.device))
+    trainer.data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
+    trainer.check_recipe(recipe)
     # Built once here, on the CPU, so a bad checkpoint or image size fails before any worker.
-    model = build_model(cfg.model, splits.num_classes, init_checkpoint=cfg.init_checkpoint)
+    model = build_model(
+        cfg.model, splits.num_classes, init_checkpoint=cfg.init_checkpoint, init_ema=cfg.init_ema
+    )
     check_input_size(model, cfg.model, recipe.img_size)
+    if cfg.init_checkpoint is not None:
+        _, meta = read_weights(cfg.init_checkpoint, cfg.init_ema)
+        note = weights_note(cfg.init_checkpoint, meta, "--no-init-ema")
+        if note:
+            Reporter(cfg.output).info(f"--init-checkpoint {note}")
     return RunPlan(cfg, trainer.make_card(cfg, cfg.model, splits, recipe), recipe, files, "teacher")
 
 
@@ -47,7 +56,7 @@ class TeacherTask:
         cfg = self.plan.config
         assert isinstance(cfg, TeacherTrainConfig)
         return build_model(
-            cfg.model, self.plan.card.num_classes, cfg.pretrained, cfg.init_checkpoint
+            cfg.model, self.plan.card.num_classes, cfg.pretrained, cfg.init_checkpoint, cfg.init_ema
         )
 
     def prepare(
@@ -63,6 +72,10 @@ class TeacherTask:
         """Top-1, top-5 and NLL of the model on the validation split."""
         metrics = loop.evaluate(model, loader, ctx, precision)
         return {f"val_{k}" if k != "count" else "val_images": v for k, v in metrics.items()}
+
+    def score(self, row: dict[str, Any]) -> float:
+        """Validation top-1: the best model is the most accurate one."""
+        return row["val_top1"]
 
     def plain_model(self, model: nn.Module) -> nn.Module:
         """A teacher is already a plain timm model."""

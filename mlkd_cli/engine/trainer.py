@@ -9,8 +9,10 @@ plain model gets saved.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,14 +35,19 @@ from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import RunInterrupted, RunStopped, UserError
 from mlkd_cli.core.plots import training_curves_png
 from mlkd_cli.core.rng import rng_state, seed_everything, set_rng_state
-from mlkd_cli.data.device import DeviceBatches
+from mlkd_cli.data.device import DeviceBatches, device_unsupported
 from mlkd_cli.data.loaders import (
     TrainingBatches,
     TransformedSubset,
     build_eval_loader,
     build_train_batches,
 )
-from mlkd_cli.data.registry import HOLDOUT_SEED, DataSplits, load_splits
+from mlkd_cli.data.registry import (
+    HOLDOUT_SEED,
+    DataSplits,
+    augmentation_defaults,
+    load_splits,
+)
 from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
 from mlkd_cli.engine import loop
@@ -49,6 +56,7 @@ from mlkd_cli.engine.history import History
 from mlkd_cli.engine.interrupt import StopRequest
 from mlkd_cli.engine.launch import launch
 from mlkd_cli.engine.loggers import build_loggers, parse_log_to
+from mlkd_cli.engine.precision import Precision, choose_layout, keep_idle_tap_convs_fp32
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,9 @@ class Task(Protocol):
     ) -> dict[str, float]:
         """Validation metrics: `val_top1`, `val_top5`, `val_nll`, `val_images`, and any others."""
 
+    def score(self, row: dict[str, Any]) -> float:
+        """How good an epoch's validation row is (higher is better): the best model is kept."""
+
     def plain_model(self, model: nn.Module) -> nn.Module:
         """The plain timm model inside what trains, as `<name>.pth` stores it."""
 
@@ -148,14 +159,54 @@ def make_card(cfg: TrainConfig, arch: str, splits: DataSplits, recipe: ImageReci
 
 
 def dataset_recipe(cfg: TrainConfig, splits: DataSplits) -> ImageRecipe:
-    """The dataset's image recipe at the run's image size."""
+    """The run's image recipe: the dataset's size and augmentation, then the flags given."""
     spec = splits.spec
+    default = augmentation_defaults(spec, splits.train)
+    base = ImageRecipe(img_size=cfg.img_size or spec.img_size, crop_pct=spec.crop_pct)
     return ImageRecipe(
-        img_size=cfg.img_size or spec.img_size,
-        crop_pct=spec.crop_pct,
-        hflip=spec.hflip,
-        crop_scale=spec.crop_scale,
+        img_size=base.img_size,
+        crop_pct=base.crop_pct,
+        interpolation=cfg.interpolation or base.interpolation,
+        hflip=default.hflip if cfg.hflip is None else cfg.hflip,
+        vflip=cfg.vflip,
+        crop_scale=cfg.scale or default.crop_scale,
+        crop_ratio=cfg.ratio or base.crop_ratio,
+        color_jitter=default.color_jitter if cfg.color_jitter is None else cfg.color_jitter,
+        auto_augment=cfg.auto_augment,
+        reprob=cfg.reprob,
     )
+
+
+def describe_augmentation(recipe: ImageRecipe, cfg: TrainConfig) -> str:
+    """One line: how training images are augmented (and mixed)."""
+    if not cfg.augment:
+        parts = ["none (--no-augment): the evaluation view"]
+    else:
+        low, high = recipe.crop_scale
+        parts = [
+            f"crop {low:g}-{high:g} of the area",
+            f"hflip {recipe.hflip:g}",
+            f"vflip {recipe.vflip:g}",
+            f"colour jitter {recipe.color_jitter:g}",
+        ]
+        if recipe.auto_augment:
+            parts.append(f"auto-augment {recipe.auto_augment}")
+        if recipe.reprob:
+            parts.append(f"random erasing {recipe.reprob:g}")
+    mixing = f"Mixup {cfg.mixup_alpha:g}, CutMix {cfg.cutmix_alpha:g}"
+    return f"augmentation: {', '.join(parts)}; {mixing}"
+
+
+def check_recipe(recipe: ImageRecipe) -> None:
+    """Build the training transform once, so that a bad knob is refused before any work."""
+    try:
+        build_train_transform(recipe)
+    except Exception as exc:  # timm raises assorted errors for a spec it cannot parse
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"timm cannot build this augmentation ({detail}); check --auto-augment (e.g. "
+            "rand-m9-mstd0.5, augmix-m5, v0) and --interpolation (bicubic, bilinear, random)"
+        ) from None
 
 
 def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, ...]) -> None:
@@ -197,7 +248,9 @@ def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, .
         )
 
 
-def data_pipeline(cfg: TrainConfig, splits: DataSplits, device_type: str) -> str:
+def data_pipeline(
+    cfg: TrainConfig, splits: DataSplits, device_type: str, recipe: ImageRecipe
+) -> str:
     """Which training pipeline a run uses: "device" or "cpu" (refusing what cannot work)."""
     in_memory = isinstance(splits.train, ArraySource)
     if cfg.data_pipeline == "device" and not in_memory:
@@ -205,8 +258,14 @@ def data_pipeline(cfg: TrainConfig, splits: DataSplits, device_type: str) -> str
             f"--data-pipeline device needs a dataset held in memory (cifar-10, cifar-100, "
             f"digits); {cfg.dataset} is decoded from files: use --data-pipeline cpu"
         )
+    missing = device_unsupported(recipe) if cfg.augment else []
+    if cfg.data_pipeline == "device" and missing:
+        raise UserError(
+            f"the device data pipeline does not do {', '.join(missing)}; use --data-pipeline "
+            "cpu (timm's transforms on loader workers) or drop them"
+        )
     if cfg.data_pipeline == "auto":
-        return "device" if in_memory and device_type == "cuda" else "cpu"
+        return "device" if in_memory and device_type == "cuda" and not missing else "cpu"
     return cfg.data_pipeline
 
 
@@ -215,7 +274,7 @@ def build_training_batches(
 ) -> TrainingBatches:
     """This rank's training batches from the pipeline the run asked for."""
     per_process = cfg.batch_plan(ctx.world_size).per_process
-    if data_pipeline(cfg, splits, ctx.device.type) == "device":
+    if data_pipeline(cfg, splits, ctx.device.type, recipe) == "device":
         assert isinstance(splits.train, ArraySource)
         return DeviceBatches(
             splits.train,
@@ -236,7 +295,9 @@ class _Resumed:
     """What a training state gives back: where to start, and a part-done epoch if any."""
 
     epoch: int = 0
-    best: dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "epoch": 0})
+    best: dict[str, Any] = field(
+        default_factory=lambda: {"top1": -1.0, "epoch": 0, "score": float("-inf")}
+    )
     progress: loop.EpochProgress | None = None
     rng: dict[str, Any] | None = None
     restarts: list[dict[str, Any]] = field(default_factory=list)  # launcher restarts so far
@@ -261,6 +322,25 @@ def launch_training(worker: Any, plan: Any) -> dict[str, Any]:
 
 def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
     """Train `task`'s module under `plan`; runs on every rank, rank 0 writes the files."""
+    with contextlib.ExitStack() as closing:
+        if plan.config.deterministic:
+            closing.enter_context(_deterministic())
+        return _fit(ctx, plan, task)
+
+
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    """torch's deterministic algorithms for the run (warning where one has none), then as before."""
+    before = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
     run = _Run(ctx, plan, task)
     with StopRequest() as stop, contextlib.ExitStack() as closing:
         for logger in run.loggers:
@@ -284,7 +364,7 @@ class _Run:
         cfg = plan.config
         self.ctx, self.plan, self.task, self.cfg, self.files = ctx, plan, task, cfg, plan.files
         self.report = Reporter(cfg.output, ctx.rank)
-        self.precision = loop.Precision(ctx.device)
+        self.precision = Precision.resolve(cfg.precision, ctx.device)
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
@@ -299,6 +379,7 @@ class _Run:
         self.state = _TrainingState(
             plan, task, self.model, self.optimizer, self.scheduler, self.history, ctx
         )
+        self.state.channels_last = self.precision.channels_last
         self.warned: set[str] = set()
         names = parse_log_to(cfg.log_to)
         self.loggers = build_loggers(names, cfg.output_dir, self.files.name) if ctx.is_main else []
@@ -319,15 +400,32 @@ class _Run:
     def _setup_model(self) -> None:
         seed_everything(self.cfg.seed, 0, -1)  # identical initial weights on every rank
         model = self.task.build(self.ctx)
-        model.to(self.ctx.device)
-        if self.precision.channels_last:
-            model.to(memory_format=torch.channels_last)
+        size = self.plan.recipe.img_size
+        sample = (3, size, size)
+        earlier = self._earlier_layout()
+        if earlier is None:
+            self.precision = choose_layout(
+                self.precision, model, sample, self.ctx, train=True, batch=self.cfg.batch_size
+            )
+        else:  # a resumed or restarted run computes as the run it continues did
+            why = f"{self.precision.why}; the layout of the run it continues"
+            self.precision = replace(self.precision, channels_last=earlier, why=why)
+        self.precision = keep_idle_tap_convs_fp32(self.precision, model, sample)
+        self.precision.place(model)
         if self.cfg.compile:
             failed = loop.compile_module(model, self.ctx.device)
             if failed:
                 self.report.warn(f"--compile is not available here ({failed}); training uncompiled")
         self.task.prepare(self.ctx, self.train_batches, self.precision)
         self.model = model
+
+    def _earlier_layout(self) -> bool | None:
+        """channels_last as the training state being continued recorded it; None: measure."""
+        continuing = self.cfg.resume or self.ctx.restart > 0
+        if not (continuing and self.files.last.is_file()):
+            return None
+        recorded = load_checkpoint(self.files.last).get("channels_last")
+        return None if recorded is None else bool(recorded)
 
     def _setup_optimizer(self) -> None:
         cfg = self.cfg
@@ -379,6 +477,9 @@ class _Run:
 
     def _announce(self) -> None:
         cfg, ctx, plan = self.cfg, self.ctx, self.batch_plan
+        line = self.precision.describe()
+        self.history.run_info["precision"] = line.removeprefix("precision: ")
+        self.report.info(line)
         self.report.info(
             f"training {self.plan.card.arch} ({self.plan.kind}) on {cfg.dataset}: "
             f"{len(self.train_batches)} train / {len(self.val_set)} val images, "
@@ -386,6 +487,7 @@ class _Run:
             f"on {ctx.device.type}, effective batch {plan.global_batch} ({plan.per_process} x "
             f"{ctx.world_size} process(es) x {self.accum} pass(es)), {cfg.epochs} epochs"
         )
+        self.report.info(describe_augmentation(self.plan.recipe, cfg))
 
     def train_epoch(self, epoch: int, stop: StopRequest) -> dict[str, Any]:
         """One epoch (or the rest of a part-done one); raises on a stop, divergence or bad data."""
@@ -468,9 +570,10 @@ class _Run:
         self.history.append(row)
         for logger in self.loggers:
             logger.log_epoch(row)
-        improved = row["val_top1"] > self.best["top1"]
+        score = self.task.score(row)
+        improved = score > self.best.get("score", self.best["top1"])
         if improved:
-            self.best = {"top1": row["val_top1"], "epoch": epoch + 1}
+            self.best = {"top1": row["val_top1"], "epoch": epoch + 1, "score": score}
         if ctx.is_main:
             self.state.save_epoch(self.best, row, improved)
         self.task.report_epoch(self.report, row, improved)
@@ -570,6 +673,7 @@ class _TrainingState:
     ) -> None:
         self.plan, self.task, self.model = plan, task, model
         self.optimizer, self.scheduler, self.history, self.ctx = optimizer, scheduler, history, ctx
+        self.channels_last = False  # the run's memory format, kept so a resumed run reuses it
 
     def _write_state(self, epoch: int, best: dict[str, Any], partial: dict | None) -> None:
         parts = stateful_parts(loop.unwrap(self.model), self.optimizer, self.scheduler)
@@ -584,6 +688,7 @@ class _TrainingState:
                 "best": best,
                 "history": self.history.rows,
                 "restarts": self.history.run_info.get("restarts", []),
+                "channels_last": self.channels_last,
                 "config": self.plan.config.to_record(),
                 "card": asdict(self.plan.card),
                 "mlkd_version": __version__,

@@ -44,6 +44,7 @@ class MemberSpec:
     model: str | None = None
     weight: float = 1.0
     label: str = ""  # the original's checkpoint name, or the file's stem
+    ema: bool = True  # take a timm train.py checkpoint's EMA weights (state_dict_ema)
 
     @property
     def name(self) -> str:
@@ -67,6 +68,10 @@ class EnsembleConfig:
     def weights(self) -> list[float]:
         """Member weights in file order."""
         return [m.weight for m in self.members]
+
+    def with_ema(self, ema: bool) -> EnsembleConfig:
+        """The same ensemble, each member taking (or not) its checkpoint's EMA weights."""
+        return replace(self, members=tuple(replace(m, ema=ema) for m in self.members))
 
     def with_fit(self, weights: list[float], temperature: float) -> EnsembleConfig:
         """The same ensemble with fitted weights and the temperature they were fitted with."""

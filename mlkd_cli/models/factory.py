@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from mlkd_cli.core.checkpoint import MODEL_FORMAT, ModelCard, read_weights
+from mlkd_cli.core.checkpoint import EMA_KEY, MODEL_FORMAT, ModelCard, read_weights
 from mlkd_cli.core.errors import UserError
 
 
@@ -28,11 +28,13 @@ def build_model(
     num_classes: int,
     pretrained: bool = False,
     init_checkpoint: Path | None = None,
+    init_ema: bool = True,
 ) -> nn.Module:
     """A timm model with a classifier for `num_classes`.
 
-    `pretrained` downloads timm's weights; `init_checkpoint` loads local weights, keeping
-    everything but a classifier whose shape does not fit (which is then freshly initialised).
+    `pretrained` downloads timm's weights; `init_checkpoint` loads local weights (a timm
+    train.py checkpoint's EMA weights unless `init_ema` is False), keeping everything but a
+    classifier whose shape does not fit (which is then freshly initialised).
     """
     check_model_name(arch)
     if pretrained and init_checkpoint is not None:
@@ -48,7 +50,7 @@ def build_model(
             ) from exc
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     if init_checkpoint is not None:
-        load_backbone(model, init_checkpoint)
+        load_backbone(model, init_checkpoint, init_ema)
     return model
 
 
@@ -60,9 +62,9 @@ def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{name}." for name in names)
 
 
-def load_backbone(model: nn.Module, path: Path) -> None:
+def load_backbone(model: nn.Module, path: Path, ema: bool = True) -> None:
     """Load local weights into `model`, replacing a classifier of another class count."""
-    weights, _ = read_weights(path)
+    weights, _ = read_weights(path, ema)
     own = model.state_dict()
     heads = classifier_prefixes(model)
     kept = {
@@ -94,7 +96,7 @@ def load_trained_model(
     """
     weights, meta = read_weights(path)
     card = card_of(meta)
-    arch = arch or (card.arch if card else None)
+    arch = arch or (card.arch if card else None) or recorded_arch(meta)
     if arch is None:
         raise UserError(f"{path} does not record its architecture; pass --model and --num-classes")
     check_model_name(arch)
@@ -121,6 +123,21 @@ def load_trained_model(
         detail = str(exc).splitlines()[0]
         raise UserError(f"{path} does not fit {arch} ({detail}); check --model") from None
     return model, card
+
+
+def recorded_arch(meta: dict) -> str | None:
+    """The timm model name a checkpoint of timm's train.py records (its `arch` key), if any."""
+    arch = meta.get("arch")
+    return arch if isinstance(arch, str) and timm.is_model(arch) else None
+
+
+def weights_note(path: Path, meta: dict, flag: str = "--no-teacher-ema") -> str | None:
+    """Which weights of a checkpoint holding EMA weights were taken, in words; else None."""
+    if not meta.get("has_ema"):
+        return None
+    if meta.get("weights_key") == EMA_KEY:
+        return f"{path}: its EMA weights ({EMA_KEY}; {flag} takes the raw ones)"
+    return f"{path}: its raw weights ({meta.get('weights_key')}), not its EMA ones"
 
 
 def card_of(meta: dict) -> ModelCard | None:

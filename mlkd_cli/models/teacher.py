@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import timm
@@ -15,7 +14,7 @@ from mlkd_cli.core.checkpoint import MODEL_FORMAT, ModelCard, read_weights
 from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec
-from mlkd_cli.models.factory import check_model_name
+from mlkd_cli.models.factory import check_model_name, recorded_arch, weights_note
 
 
 @dataclass(frozen=True)
@@ -75,6 +74,7 @@ class LoadedMember:
     arch: str
     model: nn.Module
     card: ModelCard | None
+    note: str | None = None  # which weights of a checkpoint with EMA weights were taken
 
 
 def load_member(spec: MemberSpec, num_classes: int | None) -> LoadedMember:
@@ -83,9 +83,9 @@ def load_member(spec: MemberSpec, num_classes: int | None) -> LoadedMember:
         raise UserError(
             f"ensemble member checkpoint {spec.checkpoint} does not exist; train it or fix the path"
         )
-    weights, meta = read_weights(spec.checkpoint)
+    weights, meta = read_weights(spec.checkpoint, spec.ema)
     card = ModelCard.from_checkpoint(meta) if meta.get("format") == MODEL_FORMAT else None
-    arch = spec.model or (card.arch if card else None)
+    arch = spec.model or (card.arch if card else None) or recorded_arch(meta)
     if arch is None:
         raise UserError(
             f"{spec.checkpoint} does not record its architecture; give the member a 'model'"
@@ -113,7 +113,7 @@ def load_member(spec: MemberSpec, num_classes: int | None) -> LoadedMember:
         raise UserError(
             f"{spec.checkpoint} does not fit {arch}{shape_hint}: {detail}; check the member's model"
         ) from None
-    return LoadedMember(spec, arch, model, card)
+    return LoadedMember(spec, arch, model, card, weights_note(spec.checkpoint, meta))
 
 
 class TeacherEnsemble(nn.Module):
@@ -121,8 +121,8 @@ class TeacherEnsemble(nn.Module):
 
     Output: `(sum_i w_i * logits_i / n) / temperature`, the original project's combination.
     Members stay in eval mode whatever `.train()` is called with and run under
-    `torch.inference_mode` (bf16 autocast on CUDA); the weights are a buffer, so they move with
-    `.to()`. The output is an ordinary tensor, usable in a student's loss.
+    `torch.inference_mode` (in bf16 autocast when `bf16` is set); the weights are a buffer, so
+    they move with `.to()`. The output is an ordinary tensor, usable in a student's loss.
     """
 
     def __init__(
@@ -141,7 +141,9 @@ class TeacherEnsemble(nn.Module):
         self.register_buffer("weights", torch.tensor(list(weights), dtype=torch.float32))
         self.temperature = float(temperature)
         self.names = list(names or [f"member{i}" for i in range(len(members))])
-        self.bf16 = True  # bf16 autocast on CUDA; the benchmark's reference mode turns it off
+        # bf16 autocast for the members (the engine sets it from --precision); off: fp32 even
+        # inside the caller's autocast.
+        self.bf16 = False
         for param in self.parameters():
             param.requires_grad_(False)
         self.train(False)
@@ -152,9 +154,7 @@ class TeacherEnsemble(nn.Module):
         return self
 
     def _autocast(self, device: torch.device):
-        if device.type == "cuda" and self.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def member_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Each member's logits, stacked as (members, batch, classes), in fp32."""

@@ -1,0 +1,275 @@
+"""How models run: bf16 autocast or fp32, channels_last or contiguous (`--precision`).
+
+`auto` (the default) means bf16 autocast on CUDA and on CPUs with native bf16 arithmetic
+(AVX512-BF16, AMX, Arm's BF16 extensions), fp32 elsewhere. Neither memory format wins
+everywhere — on a CPU channels_last speeds some models up and slows others down, the answer
+changes with bf16, and on an H100 BiT's GroupNorm student runs faster in NCHW in eager mode — so
+the engine times the model's own step in both layouts before the run starts (`choose_layout`)
+and keeps the faster.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.core.errors import UserError
+
+PRECISIONS = ("auto", "bf16", "fp32")
+# CPU features that give native bf16 arithmetic (names as torch.cpu.get_capabilities spells them).
+CPU_BF16_FEATURES = ("amx_bf16", "avx512_bf16", "sve_bf16", "bf16")
+# Steps timed per layout when choosing one on a CPU (after one warm-up step each).
+LAYOUT_STEPS = 2
+# The measurement batch: large enough for the layout's effect to show, small enough to be cheap.
+LAYOUT_BATCH = 16
+# channels_last must be this much faster to be chosen: a near tie is timing noise, and keeping
+# NCHW then makes repeated runs choose (and compute) the same way.
+LAYOUT_MARGIN = 1.1
+
+
+def cpu_bf16_feature() -> str | None:
+    """The CPU feature that gives this machine native bf16 arithmetic, or None."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        caps = get()
+        return next((name for name in CPU_BF16_FEATURES if caps.get(name)), None)
+    # Older torch (before get_capabilities): its private probes for the x86 features.
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx_bf16"
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512_bf16"
+    return None
+
+
+def check_precision(requested: str, device_type: str) -> None:
+    """Refuse an unknown `--precision`, or bf16 on a CPU without native bf16 (exit 2)."""
+    if requested not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
+    if requested == "bf16" and device_type == "cpu" and cpu_bf16_feature() is None:
+        raise UserError(
+            "--precision bf16 was asked for but this CPU has no native bf16 arithmetic "
+            "(AVX512-BF16, AMX or Arm BF16); use --precision fp32 or auto"
+        )
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The arithmetic and memory format of one run on one device."""
+
+    device: torch.device
+    bf16: bool = False
+    channels_last: bool = False
+    why: str = ""  # where the choice came from, for the run's first line
+    fp32_convs: int = 0  # convolutions kept in fp32 under bf16 (see `keep_idle_tap_convs_fp32`)
+
+    @classmethod
+    def resolve(cls, requested: str, device: torch.device) -> Precision:
+        """The precision `requested` (auto|bf16|fp32) means on `device`, with the usual layout
+        (channels_last on CUDA) until `choose_layout` measures."""
+        check_precision(requested, device.type)
+        cuda = device.type == "cuda"
+        if requested == "fp32":
+            return cls(device, False, cuda, "--precision fp32")
+        if cuda:
+            return cls(device, True, True, "CUDA has bf16")
+        feature = cpu_bf16_feature()
+        if feature is None:  # auto on a CPU without bf16: fp32, silently
+            return cls(device, False, False, "this CPU has no native bf16")
+        return cls(device, True, False, f"this CPU has {feature}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The autocast dtype (fp32: no autocast)."""
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def autocast(self) -> AbstractContextManager:
+        """bf16 autocast on this device, or explicitly none (fp32 even inside an outer one)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """Move a batch to the device in the right memory format, without blocking the host."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def place(self, module: nn.Module) -> nn.Module:
+        """Move a module to the device, in this precision's memory format."""
+        module.to(self.device)
+        if self.channels_last:
+            module.to(memory_format=torch.channels_last)
+        return module
+
+    def describe(self) -> str:
+        """One line: precision and memory format, and why."""
+        arithmetic = "bf16 autocast" if self.bf16 else "fp32"
+        layout = "channels_last" if self.channels_last else "contiguous (NCHW)"
+        why = self.why
+        if self.fp32_convs:
+            why += (
+                f"; {self.fp32_convs} convolution(s) whose kernel overhangs a tiny feature map "
+                "kept in fp32"
+            )
+        return f"precision: {arithmetic}, {layout} on {self.device.type} ({why})"
+
+
+def choose_layout(
+    precision: Precision,
+    model: nn.Module,
+    image_shape: tuple[int, int, int],
+    ctx: DistContext,
+    *,
+    train: bool,
+    batch: int = LAYOUT_BATCH,
+) -> Precision:
+    """`precision` with the memory format that runs `model` faster on its device.
+
+    Rank 0 times a copy of the model (its weights, BatchNorm statistics and the RNG streams are
+    left as they were) for a few steps in each layout — forward and backward when `train`, forward
+    only otherwise — and every rank takes its answer, so all ranks run the same arithmetic.
+    channels_last must win by LAYOUT_MARGIN. On CUDA the copy runs the run's batch (`batch`), on
+    a CPU at most LAYOUT_BATCH images.
+    """
+    if precision.device.type == "cpu":
+        batch = min(batch, LAYOUT_BATCH)
+    verdict = torch.zeros(2, device=precision.device)  # NCCL broadcasts device tensors only
+    if ctx.is_main:
+        shape = (batch, *image_shape)
+        nchw = _time_steps(model, shape, precision, channels_last=False, train=train)
+        nhwc = _time_steps(model, shape, precision, channels_last=True, train=train)
+        verdict.copy_(torch.tensor([float(nchw / nhwc >= LAYOUT_MARGIN), nchw / nhwc]))
+    ctx.broadcast_(verdict)
+    faster, ratio = bool(verdict[0]), float(verdict[1])
+    note = f"{precision.why}; channels_last measured {ratio:.2f}x the speed of NCHW"
+    return replace(precision, channels_last=faster, why=note)
+
+
+def idle_taps(conv: nn.Conv2d, size: tuple[int, int]) -> bool:
+    """True when some kernel tap of `conv` only ever meets padding on a `size` input map."""
+    padding = conv.padding
+    if isinstance(padding, str):  # "valid": no padding; "same": half the dilated kernel
+        padding = tuple(
+            0 if padding == "valid" else d * (k - 1) // 2
+            for k, d in zip(conv.kernel_size, conv.dilation, strict=True)
+        )
+    for n, k, s, p, d in zip(
+        size, conv.kernel_size, conv.stride, padding, conv.dilation, strict=True
+    ):
+        outputs = range((n + 2 * p - d * (k - 1) - 1) // s + 1)
+        for tap in range(k):
+            if not any(0 <= o * s - p + tap * d < n for o in outputs):
+                return True
+    return False
+
+
+_FP32_CLASSES: dict[type, type] = {}
+
+
+def _fp32_class(cls: type) -> type:
+    """A subclass of a convolution class whose forward runs in fp32 under any autocast."""
+    if cls not in _FP32_CLASSES:
+
+        def forward(self: nn.Module, x: torch.Tensor, *args: object, **kwargs: object):
+            with torch.autocast(x.device.type, enabled=False):
+                return cls.forward(self, x.float(), *args, **kwargs)
+
+        _FP32_CLASSES[cls] = type(f"Fp32{cls.__name__}", (cls,), {"forward": forward})
+    return _FP32_CLASSES[cls]
+
+
+def keep_idle_tap_convs_fp32(
+    precision: Precision, model: nn.Module, image_shape: tuple[int, int, int]
+) -> Precision:
+    """Under bf16 on a CPU, run in fp32 the convolutions that oneDNN's bf16 kernels get wrong.
+
+    oneDNN's bf16 weight gradient (torch 2.14, AVX512-BF16) returns uninitialised memory for a
+    kernel tap that only ever meets padding — a 3x3 stride-2 convolution on a 1x1 map, as small
+    images reach in a ResNet's last stage — and those values soon turn the weights into NaN. A
+    forward pass at the run's image size finds such convolutions; they keep fp32 (their maps are
+    tiny, so it costs nothing) and every other layer keeps bf16. The weights are unchanged.
+    """
+    if not precision.bf16 or precision.device.type != "cpu":
+        return precision
+    sizes: dict[nn.Module, tuple[int, int]] = {}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        sizes.setdefault(module, tuple(args[0].shape[-2:]))  # (a hook's return replaces args)
+
+    hooks = [conv.register_forward_pre_hook(record) for conv in convs]
+    was_training = model.training
+    try:
+        images = torch.zeros(1, *image_shape, device=precision.device)
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    idle = [conv for conv in convs if conv in sizes and idle_taps(conv, sizes[conv])]
+    for conv in idle:
+        conv.__class__ = _fp32_class(type(conv))
+    return replace(precision, fp32_convs=len(idle))
+
+
+def prepare_forward(
+    requested: str, model: nn.Module, img_size: int, ctx: DistContext, batch: int
+) -> Precision:
+    """Place a model that only runs forward (evaluation, logits passes) for `--precision
+    requested`, in the faster layout; returns the precision its inputs must use."""
+    precision = Precision.resolve(requested, ctx.device)
+    shape = (3, img_size, img_size)
+    precision = choose_layout(precision, model, shape, ctx, train=False, batch=batch)
+    precision.place(model)
+    if hasattr(model, "bf16"):  # a TeacherEnsemble runs its own autocast
+        model.bf16 = precision.bf16
+    return precision
+
+
+def _time_steps(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    precision: Precision,
+    *,
+    channels_last: bool,
+    train: bool,
+) -> float:
+    """Seconds per step of a copy of `model` on its device in one layout (best of LAYOUT_STEPS)."""
+    device = precision.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        trial = copy.deepcopy(model).to(device).train(train)
+        images = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
+        if channels_last:
+            trial.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
+        _one_step(trial, images, precision, train)  # warm-up: allocation, kernel choice
+        best = float("inf")
+        for _ in range(LAYOUT_STEPS):
+            _synchronize(device)
+            start = time.perf_counter()
+            _one_step(trial, images, precision, train)
+            _synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        del trial, images
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # give the copy's memory back before the run allocates
+    return best
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _one_step(model: nn.Module, images: torch.Tensor, precision: Precision, train: bool) -> None:
+    with torch.set_grad_enabled(train), precision.autocast():
+        outputs = model(images)
+        if train:
+            tensors = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+            sum(t.float().sum() for t in tensors).backward()

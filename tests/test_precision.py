@@ -1,0 +1,186 @@
+"""`--precision auto|bf16|fp32`: what each means on a CPU, the layout choice, the first line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from conftest import assert_error_line, invoke_cli
+
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.core.errors import UserError
+from mlkd_cli.engine import precision as precision_module
+from mlkd_cli.engine.precision import (
+    Precision,
+    check_precision,
+    choose_layout,
+    idle_taps,
+    keep_idle_tap_convs_fp32,
+)
+from mlkd_cli.models.teacher import TeacherEnsemble
+
+CPU = torch.device("cpu")
+CTX = DistContext(0, 1, 0, CPU)
+TRAIN = ("teacher", "train", "-d", "digits", "-m", "test_resnet", "-e", "1", "--img-size", "16")
+
+
+@pytest.fixture
+def no_cpu_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend this CPU has no native bf16 arithmetic."""
+    monkeypatch.setattr(precision_module, "cpu_bf16_feature", lambda: None)
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend this CPU has native bf16 arithmetic (autocast runs bf16 on any x86 CPU)."""
+    monkeypatch.setattr(precision_module, "cpu_bf16_feature", lambda: "avx512_bf16")
+
+
+def test_auto_is_bf16_where_the_cpu_has_it_and_fp32_where_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(precision_module, "cpu_bf16_feature", lambda: "amx_bf16")
+    chosen = Precision.resolve("auto", CPU)
+    assert chosen.bf16 and "amx_bf16" in chosen.why
+    monkeypatch.setattr(precision_module, "cpu_bf16_feature", lambda: None)
+    assert not Precision.resolve("auto", CPU).bf16  # silently fp32
+    assert not Precision.resolve("fp32", CPU).bf16
+    with pytest.raises(UserError, match="no native bf16"):
+        Precision.resolve("bf16", CPU)
+    with pytest.raises(UserError, match="auto, bf16, fp32"):
+        check_precision("fp16", "cpu")
+
+
+def test_the_detection_reads_the_cpus_features() -> None:
+    caps = torch.cpu.get_capabilities()
+    expected = any(caps.get(name) for name in precision_module.CPU_BF16_FEATURES)
+    assert (precision_module.cpu_bf16_feature() is not None) == expected
+
+
+def test_bf16_autocast_runs_convolutions_in_bf16_and_fp32_does_not(cpu_bf16: None) -> None:
+    model = timm.create_model("test_resnet", num_classes=3)
+    images = torch.randn(2, 3, 16, 16)
+    with Precision.resolve("bf16", CPU).autocast():
+        assert model(images).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16), Precision.resolve("fp32", CPU).autocast():
+        assert model(images).dtype == torch.float32  # fp32 even inside an outer autocast
+
+
+def test_a_teacher_follows_the_runs_precision(cpu_bf16: None) -> None:
+    member = timm.create_model("test_resnet", num_classes=3)
+    teacher = TeacherEnsemble([member], [1.0])
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        reference = member(images)
+    with Precision.resolve("bf16", CPU).autocast():
+        assert torch.equal(teacher(images), reference)  # bf16 off: the members ran in fp32
+        teacher.bf16 = True
+        in_bf16 = teacher(images)
+    assert not torch.equal(in_bf16, reference)
+    torch.testing.assert_close(in_bf16, reference, atol=0.1, rtol=0.05)
+
+
+def test_choosing_the_layout_leaves_the_model_and_the_rng_as_they_were() -> None:
+    model = timm.create_model("test_resnet", num_classes=3).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(7)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(7)
+    chosen = choose_layout(Precision.resolve("fp32", CPU), model, (3, 16, 16), CTX, train=True)
+    assert torch.equal(torch.rand(3), expected_draw)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics too
+    assert all(p.grad is None for p in model.parameters())
+    assert "channels_last measured" in chosen.why
+    assert chosen.bf16 is False
+
+
+def test_the_layout_measured_faster_is_the_one_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = timm.create_model("test_resnet", num_classes=3)
+    for nchw, nhwc, expected in ((2.0, 1.0, True), (1.0, 2.0, False), (1.05, 1.0, False)):
+        times = {False: nchw, True: nhwc}
+        monkeypatch.setattr(
+            precision_module,
+            "_time_steps",
+            lambda *a, channels_last, train, times=times: times[channels_last],
+        )
+        chosen = choose_layout(Precision.resolve("fp32", CPU), model, (3, 16, 16), CTX, train=True)
+        assert chosen.channels_last is expected
+        assert f"{nchw / nhwc:.2f}x" in chosen.why
+
+
+def test_bf16_asked_of_a_cpu_without_it_is_one_line_and_exit_2(
+    no_cpu_bf16: None, tmp_path, monkeypatch: pytest.MonkeyPatch, digits_teacher
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke_cli(*TRAIN, "--precision", "bf16", "--device", "cpu")
+    assert result.exit_code == 2
+    assert_error_line(result.stderr, "--precision bf16", "no native bf16", "--precision fp32")
+    assert list(tmp_path.iterdir()) == []
+    result = invoke_cli(
+        "eval", digits_teacher, "--precision", "bf16", "--device", "cpu", "--split", "val"
+    )
+    assert result.exit_code == 2
+    assert_error_line(result.stderr, "--precision bf16")
+
+
+@pytest.mark.parametrize(
+    ("flag", "arithmetic"), [("auto", "bf16 autocast"), ("fp32", "fp32"), ("bf16", "bf16 autocast")]
+)
+def test_the_runs_first_line_says_the_precision_and_layout(
+    cpu_bf16: None, tmp_path, monkeypatch: pytest.MonkeyPatch, flag: str, arithmetic: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke_cli(*TRAIN, "--precision", flag, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    first = result.stderr.splitlines()[0]
+    assert first.startswith(f"precision: {arithmetic}, ")
+    assert ("channels_last on cpu" in first) or ("contiguous (NCHW) on cpu" in first)
+    history = json.loads((tmp_path / "models" / "digits_test_resnet_history.json").read_text())
+    assert history["precision"] == first.removeprefix("precision: ")
+
+
+def test_auto_on_a_cpu_without_bf16_is_fp32_without_a_word(
+    no_cpu_bf16: None, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke_cli(*TRAIN, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines()[0].startswith("precision: fp32, ")
+    assert "warning" not in result.stderr
+
+
+def test_idle_taps_are_the_kernel_taps_that_only_meet_padding() -> None:
+    conv = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)
+    assert idle_taps(conv, (1, 1)) and idle_taps(conv, (2, 2))  # tap 0 never sees row 0
+    assert not idle_taps(conv, (3, 3)) and not idle_taps(conv, (7, 7))
+    assert not idle_taps(torch.nn.Conv2d(4, 4, 1), (1, 1))
+    assert idle_taps(torch.nn.Conv2d(4, 4, 3, padding="same"), (1, 1))
+    assert not idle_taps(torch.nn.Conv2d(4, 4, 3, padding="valid"), (3, 3))
+
+
+def test_bf16_training_on_tiny_maps_keeps_finite_weights(cpu_bf16: None) -> None:
+    """oneDNN's bf16 weight gradient is garbage for taps that only meet padding (test_resnet's
+    last stage is 1x1 at 16 px); the guarded model trains with the fp32 gradient there."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10).train()
+    precision = keep_idle_tap_convs_fp32(Precision.resolve("bf16", CPU), model, (3, 16, 16))
+    assert precision.fp32_convs >= 1 and "kept in fp32" in precision.describe()
+    optimizer = torch.optim.AdamW(model.parameters())
+    images, labels = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+    guarded = [m for m in model.modules() if type(m).__name__.startswith("Fp32")]
+    for _ in range(6):
+        with precision.autocast():
+            loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+        loss.backward()
+        for conv in guarded:  # the idle taps' gradient is exactly zero, as in fp32
+            assert torch.isfinite(conv.weight.grad).all()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = model.state_dict()  # what checkpoints hold: plain keys, loadable by timm
+    plain = timm.create_model("test_resnet", num_classes=10)
+    plain.load_state_dict(state)
+    assert torch.isfinite(plain.eval()(images)).all()
