@@ -4,8 +4,9 @@
 # upscaled: 1,437 train / 360 test), three 8-epoch teachers of different architectures, a fitted
 # ensemble, and a test_efficientnet student for 4 epochs over 3 seeds, CE vs KD.
 #
-#   bash benchmarks/own_data_kd_vs_ce.sh                 # mlkd's defaults
-#   EXTRA="--no-augment" bash benchmarks/own_data_kd_vs_ce.sh   # extra flags for every run
+#   bash benchmarks/own_data_kd_vs_ce.sh                        # mlkd's defaults
+#   EXTRA="--no-augment" bash benchmarks/own_data_kd_vs_ce.sh     # extra flags for every run
+#   TEACHER_EXTRA="--no-augment" bash benchmarks/own_data_kd_vs_ce.sh   # for the teachers only
 #
 # Run from an empty folder (about 5 minutes on 2 CPU cores). Prints each student's test top-1
 # and NLL, and the means and standard deviations over seeds.
@@ -13,6 +14,7 @@ set -euo pipefail
 MLKD=${MLKD:-mlkd}
 PY=${PY:-python3}
 read -r -a EXTRA <<<"${EXTRA:-}"
+read -r -a TEACHER_EXTRA <<<"${TEACHER_EXTRA:-}"
 DATA=(-d imagefolder --data-dir digits28 --img-size 32)
 
 "$PY" - <<'PY'
@@ -30,7 +32,7 @@ for split, source in (("train", raw.train), ("test", raw.test)):
 PY
 
 for teacher in resnet18 test_convnext resnet10t; do
-  $MLKD teacher train "${DATA[@]}" -m $teacher -n t_$teacher -e 8 -q --overwrite "${EXTRA[@]}" >/dev/null
+  $MLKD teacher train "${DATA[@]}" -m $teacher -n t_$teacher -e 8 -q --overwrite "${EXTRA[@]}" "${TEACHER_EXTRA[@]}" >/dev/null
 done
 cat > config.json <<'JSON'
 {"models": ["resnet18", "test_convnext", "resnet10t"], "names": ["t_resnet18", "t_test_convnext", "t_resnet10t"]}

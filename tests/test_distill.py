@@ -223,7 +223,7 @@ def test_distilled_student_is_plain_timm_with_the_training_logits(
     result = invoke_cli(
         "distill", *FAST, "--model", "test_resnet", "--checkpoint",
         small_teacher / "models/t.pth", "--student", "test_resnet", "-e", "2", "-b", "32",
-        "-n", "s", "-s", "1", "--output-dir", out, "--json",
+        "-n", "s", "-s", "1", "--output-dir", out, "--json", "--effective-batch-size", "128",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)

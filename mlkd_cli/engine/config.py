@@ -339,19 +339,13 @@ class DistillConfig(TrainConfig):
                 setattr(self, key, value)
 
     def batch_plan(self, world_size: int) -> BatchPlan:
-        """As the original: enough forward passes for 128 images a step, unless told otherwise.
-
-        Without --effective-batch-size, a step is whole forward passes of --batch-size (as
-        many as fit in 128 images, at least one), so a larger --batch-size is never cut.
+        """One forward pass of --batch-size per process a step (mlkd's recipe, as teacher
+        training: short runs get as many optimiser steps as plain training would), or
+        --effective-batch-size; the original's recipe accumulates 128 images on each process.
         """
         if self.step_per_process:  # the original: 128 a step on each process
             return BatchPlan(
                 self.batch_size, max(1, ORIGINAL_EFFECTIVE_BATCH // self.batch_size), world_size
-            )
-        if self.effective_batch_size is None:
-            per_step = self.batch_size * world_size
-            return BatchPlan(
-                self.batch_size, max(1, ORIGINAL_EFFECTIVE_BATCH // per_step), world_size
             )
         return super().batch_plan(world_size)
 
