@@ -207,7 +207,7 @@ def test_refit_without_temperature_resets_a_stale_one(
     trained_members: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(_project(trained_members, tmp_path, {**GOOD_BAD, "temperature": 0.25}))
-    report = json.loads(_cli("ensemble", "build", "--json").stdout)
+    report = json.loads(_cli("ensemble", "build", "--json", "--precision", "fp32").stdout)
     assert json.loads(Path("config.json").read_text())["temperature"] == 1.0
     evaluated = json.loads(_cli("ensemble", "eval", "--json", "--precision", "fp32").stdout)
     file_row = next(r for r in evaluated["rows"] if r["name"] == "file weights")

@@ -26,6 +26,24 @@ CTX = DistContext(0, 1, 0, CPU)
 TRAIN = ("teacher", "train", "-d", "digits", "-m", "test_resnet", "-e", "1", "--img-size", "16")
 
 
+@pytest.fixture(autouse=True)
+def measured_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests exercise the measurement that the rest of the suite pins (conftest)."""
+    monkeypatch.delenv(precision_module.LAYOUT_VARIABLE, raising=False)
+
+
+def test_the_layout_can_be_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = timm.create_model("test_resnet", num_classes=3)
+    base = Precision.resolve("fp32", CPU)
+    for pinned in ("channels_last", "contiguous"):
+        monkeypatch.setenv(precision_module.LAYOUT_VARIABLE, pinned)
+        chosen = choose_layout(base, model, (3, 16, 16), CTX, train=True)
+        assert chosen.channels_last is (pinned == "channels_last") and pinned in chosen.why
+    monkeypatch.setenv(precision_module.LAYOUT_VARIABLE, "nhwc")
+    with pytest.raises(UserError, match="channels_last or contiguous"):
+        choose_layout(base, model, (3, 16, 16), CTX, train=True)
+
+
 @pytest.fixture
 def no_cpu_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend this CPU has no native bf16 arithmetic."""

@@ -11,6 +11,7 @@ and keeps the faster.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -28,6 +29,9 @@ CPU_BF16_FEATURES = ("amx_bf16", "avx512_bf16", "sve_bf16", "bf16")
 LAYOUT_STEPS = 2
 # The measurement batch: large enough for the layout's effect to show, small enough to be cheap.
 LAYOUT_BATCH = 16
+# Pins the memory format instead of measuring it (runs that must compute identically: tests,
+# comparisons of separate runs): "channels_last" or "contiguous".
+LAYOUT_VARIABLE = "MLKD_MEMORY_FORMAT"
 # channels_last must be this much faster to be chosen: a near tie is timing noise, and keeping
 # NCHW then makes repeated runs choose (and compute) the same way.
 LAYOUT_MARGIN = 1.1
@@ -136,6 +140,14 @@ def choose_layout(
     channels_last must win by LAYOUT_MARGIN. On CUDA the copy runs the run's batch (`batch`), on
     a CPU at most LAYOUT_BATCH images.
     """
+    pinned = os.environ.get(LAYOUT_VARIABLE)
+    if pinned:
+        if pinned not in ("channels_last", "contiguous"):
+            raise UserError(
+                f"{LAYOUT_VARIABLE} must be channels_last or contiguous, not {pinned!r}"
+            )
+        why = f"{precision.why}; {LAYOUT_VARIABLE}={pinned}"
+        return replace(precision, channels_last=pinned == "channels_last", why=why)
     if precision.device.type == "cpu":
         batch = min(batch, LAYOUT_BATCH)
     verdict = torch.zeros(2, device=precision.device)  # NCCL broadcasts device tensors only
