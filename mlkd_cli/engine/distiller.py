@@ -26,7 +26,7 @@ from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.config import DistillConfig, TrainConfig
 from mlkd_cli.engine.launch import resolve_device
-from mlkd_cli.engine.losses import LOSSES, kd_terms
+from mlkd_cli.engine.losses import LOSSES
 from mlkd_cli.engine.trainer import (
     RunFiles,
     RunPlan,
@@ -231,15 +231,8 @@ class DistillTask:
     ) -> torch.Tensor:
         """The final head's loss against the teacher on a validation batch (summed), with hard
         labels in the CE term, as the original validated."""
-        teacher_logits = self.teacher(images)
         targets = F.one_hot(labels, heads[0].shape[1]).float()
-        kd, ce = kd_terms(
-            heads[0], teacher_logits, targets, self.loss.temperature, self.cfg.alpha < 1.0,
-            self.loss.class_mean,
-        )  # fmt: skip
-        loss = (
-            self.cfg.alpha * kd if ce is None else self.cfg.alpha * kd + (1 - self.cfg.alpha) * ce
-        )
+        loss, _, _ = self.loss.head_loss(heads[0], self.teacher(images), targets)
         return loss * labels.shape[0]
 
     def score(self, row: dict[str, Any]) -> float:

@@ -69,10 +69,7 @@ class MultiExitKDLoss(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         total = None
         for head, (weight, logits) in enumerate(zip(self.head_weights, outputs, strict=True)):
-            kd, ce = kd_terms(
-                logits, teacher_logits, targets, self.temperature, self.alpha < 1.0, self.class_mean
-            )
-            loss = self.alpha * kd if ce is None else self.alpha * kd + (1.0 - self.alpha) * ce
+            loss, kd, ce = self.head_loss(logits, teacher_logits, targets)
             if head == 0:
                 parts["kd"] = kd
                 if ce is not None:
@@ -81,6 +78,16 @@ class MultiExitKDLoss(nn.Module):
                 parts[f"exit{head}_loss"] = loss
             total = weight * loss if total is None else total + weight * loss
         return {"loss": total, **parts}
+
+    def head_loss(
+        self, logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One head's `α·KD + (1−α)·CE`, with its KD and CE terms (CE None when α = 1)."""
+        kd, ce = kd_terms(
+            logits, teacher_logits, targets, self.temperature, self.alpha < 1.0, self.class_mean
+        )
+        loss = self.alpha * kd if ce is None else self.alpha * kd + (1.0 - self.alpha) * ce
+        return loss, kd, ce
 
     def forward(
         self, outputs: Sequence[torch.Tensor], teacher_logits: torch.Tensor, targets: torch.Tensor

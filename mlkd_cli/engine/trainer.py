@@ -365,6 +365,9 @@ class _Run:
         self.ctx, self.plan, self.task, self.cfg, self.files = ctx, plan, task, cfg, plan.files
         self.report = Reporter(cfg.output, ctx.rank)
         self.precision = Precision.resolve(cfg.precision, ctx.device)
+        # The training state this run continues (--resume, or a launcher restart), read once.
+        continuing = (cfg.resume or ctx.restart > 0) and self.files.last.is_file()
+        self.continued = load_checkpoint(self.files.last) if continuing else None
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
@@ -421,10 +424,7 @@ class _Run:
 
     def _earlier_layout(self) -> bool | None:
         """channels_last as the training state being continued recorded it; None: measure."""
-        continuing = self.cfg.resume or self.ctx.restart > 0
-        if not (continuing and self.files.last.is_file()):
-            return None
-        recorded = load_checkpoint(self.files.last).get("channels_last")
+        recorded = None if self.continued is None else self.continued.get("channels_last")
         return None if recorded is None else bool(recorded)
 
     def _setup_optimizer(self) -> None:
@@ -456,11 +456,10 @@ class _Run:
         )
         self.resumed = _Resumed()
         # A launcher restart (--max-restarts, or torchrun's) continues from the last saved state.
-        restarted = ctx.restart > 0 and files.last.is_file()
         where = "the start"
-        if cfg.resume or restarted:
+        if self.continued is not None:
             self.resumed = _load_training_state(
-                ctx, files, self.model, self.optimizer, self.scheduler, self.history
+                ctx, self.continued, files, self.model, self.optimizer, self.scheduler, self.history
             )
             where = f"after epoch {self.resumed.epoch}"
             if self.resumed.progress is not None:
@@ -632,13 +631,13 @@ def stateful_parts(
 
 def _load_training_state(
     ctx: DistContext,
+    state: dict[str, Any],
     files: RunFiles,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     history: History,
 ) -> _Resumed:
-    state = load_checkpoint(files.last)
     for name, part in stateful_parts(model, optimizer, scheduler).items():
         part.load_state_dict(state[name])
     for row in state["history"]:
