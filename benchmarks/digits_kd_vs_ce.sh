@@ -8,8 +8,8 @@
 # students trained in another precision against the same teacher).
 set -euo pipefail
 MLKD=${MLKD:-mlkd}
-EPOCHS=${EPOCHS:-15}
-STUDENT=${STUDENT:-test_efficientnet}
+EPOCHS=${EPOCHS:-30}
+STUDENT=${STUDENT:-test_convnext}
 PRECISION=${PRECISION:-auto}
 P=(--precision "$PRECISION")
 

@@ -11,8 +11,11 @@ import typer
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.metrics import confusion_matrix, reliability_bins
+from mlkd_cli.engine.anytime import AnytimeJob, AnytimeRequest, measure_anytime, plan_anytime_job
+from mlkd_cli.engine.cascade import macs_label
 from mlkd_cli.engine.evaluation import EvalJob, EvalRequest, Measured, measure, plan_eval_job
 from mlkd_cli.engine.launch import launcher_rank
+from mlkd_cli.models.exits import is_exits_checkpoint
 
 from . import options as opt
 
@@ -37,21 +40,73 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per step.")] = 128,
     plots: Annotated[
         Path | None,
-        typer.Option("--plots", help="Write a confusion matrix and a reliability diagram here."),
+        typer.Option(
+            "--plots",
+            help="Write a confusion matrix and a reliability diagram here (for a student with "
+            "exits: accuracy against MACs).",
+        ),
     ] = None,
+    early_exit: Annotated[
+        bool,
+        typer.Option(
+            "--early-exit",
+            help="For a student with exits (<name>_exits.pth), on --split val: choose the "
+            "thresholds with the fewest MACs that keep top-1 within --max-drop of the final "
+            "head, and write them into the checkpoint.",
+        ),
+    ] = False,
+    max_drop: Annotated[
+        float,
+        typer.Option("--max-drop", help="Top-1 points --early-exit may lose (default 0.5)."),
+    ] = 0.5,
+    thresholds: Annotated[
+        str | None,
+        typer.Option(
+            "--thresholds",
+            help="For a student with exits: also evaluate the cascade at these per-exit "
+            "thresholds (top softmax probability, in (0, 1]), e.g. 0.9,0.9,0.95.",
+        ),
+    ] = None,
+    timing_images: Annotated[
+        int,
+        typer.Option(
+            "--timing-images",
+            help="For a student with exits: images timed per head and cascade (0: no timing).",
+        ),
+    ] = 512,
     *,
     shared: opt.Shared,
 ) -> None:
-    """Top-1, top-5, NLL, calibration (ECE) and the worst classes of a model on a split."""
+    """Top-1, top-5, NLL, calibration (ECE) and the worst classes of a model on a split; for a
+    student with exits, every exit and the early-exit cascade too."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    given = _parse_thresholds(thresholds)
+    anytime = _students_with_exits(checkpoints, early_exit, given is not None)
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
         if not os.access(plots, os.W_OK):
             raise UserError(f"--plots folder {plots} is not writable")
     out = shared.output
-    jobs = [
-        plan_eval_job(
+    jobs: list[EvalJob | AnytimeJob] = [
+        plan_anytime_job(
+            AnytimeRequest(
+                path=path,
+                dataset=dataset,
+                data_dir=data_dir or Path("data"),
+                split=split.value,
+                early_exit=early_exit,
+                max_drop=max_drop,
+                thresholds=given,
+                timing_images=timing_images,
+                batch_size=batch_size,
+                workers=shared["workers"],
+                precision=shared["precision"] or "auto",
+                output=out,
+            )
+        )
+        if path in anytime
+        else plan_eval_job(
             EvalRequest(
                 path=path,
                 dataset=dataset,
@@ -69,18 +124,144 @@ def evaluate(
         )
         for path in checkpoints
     ]
-    results = []
-    for job in jobs:
-        measured = measure(job, shared["world_size"] or 1, shared["device"] or "auto")
-        if measured is None:
-            continue
-        result = measured.result
-        if plots is not None:
-            result["plots"] = _plots(plots, job, measured)
-        results.append(result)
+    world_size, device = shared["world_size"] or 1, shared["device"] or "auto"
+    results = [_run_job(job, world_size, device, plots, Reporter(out)) for job in jobs]
+    results = [r for r in results if r is not None]
     if launcher_rank() != 0:
         return
-    _render(Reporter(out), results)
+    plain_results = [r for r in results if "heads" not in r]
+    if plain_results:
+        _render(Reporter(out), plain_results)
+    report = Reporter(out)
+    if len(results) == 1:
+        report.result(results[0])
+    else:
+        report.result({"results": results})
+
+
+def _run_job(
+    job: EvalJob | AnytimeJob, world_size: int, device: str, plots: Path | None, report: Reporter
+) -> dict[str, Any] | None:
+    """One job's result (None off rank 0); a student with exits is rendered at once."""
+    if isinstance(job, AnytimeJob):
+        result = measure_anytime(job, world_size, device)
+        if result is None:
+            return None
+        if plots is not None:
+            result["plots"] = _anytime_plot(plots, job, result)
+        _render_anytime(report, result, job)
+        return result
+    measured = measure(job, world_size, device)
+    if measured is None:
+        return None
+    result = measured.result
+    if plots is not None:
+        result["plots"] = _plots(plots, job, measured)
+    return result
+
+
+def _students_with_exits(checkpoints: list[Path], early_exit: bool, given: bool) -> list[Path]:
+    """The checkpoints that hold a student with exits; the exit flags need every one to."""
+    anytime = [path for path in checkpoints if is_exits_checkpoint(path)]
+    plain = [path for path in checkpoints if path not in anytime]
+    if (early_exit or given) and plain:
+        flag = "--early-exit" if early_exit else "--thresholds"
+        raise UserError(
+            f"{flag} needs a student with exits, and {plain[0]} has none; pass the "
+            "<name>_exits.pth that mlkd distill writes beside <name>.pth"
+        )
+    return anytime
+
+
+def _parse_thresholds(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--thresholds takes numbers like 0.9,0.9,0.95, not {text!r}") from None
+
+
+def _anytime_plot(folder: Path, job: AnytimeJob, result: dict[str, Any]) -> dict[str, str]:
+    from mlkd_cli.core.plots import anytime_png
+
+    path = folder / f"{job.path.stem}_anytime.png"
+    anytime_png(result, f"{job.label} on {job.dataset} {job.split}", path)
+    return {"accuracy_vs_macs": str(path)}
+
+
+def _rate(value: float | None) -> str | None:
+    return None if value is None else f"{value:.0f}"
+
+
+def _render_anytime(report: Reporter, result: dict[str, Any], job: AnytimeJob) -> None:
+    title = f"{job.label} on {result['dataset']} {result['split']} ({result['images']} images)"
+    report.table(
+        f"{title}: each head alone",
+        ["head", "top-1 %", "NLL", "ECE", "MACs/image", "% of plain", "img/s"],
+        [
+            [
+                "final" if i == 0 else f"exit {i} ({h['head'].removeprefix('exit ')})",
+                f"{h['top1']:.2f}",
+                f"{h['nll']:.4f}",
+                f"{h['ece']:.4f}",
+                macs_label(h["macs"]),
+                f"{h['macs_pct']:.1f}",
+                _rate(h["images_per_s"]),
+            ]
+            for i, h in enumerate(result["heads"])
+        ],
+    )
+    exits = [f"exit {i}" for i in range(1, len(result["heads"]))]
+    report.table(
+        "early exit: an image leaves at the first exit whose top probability reaches the "
+        "threshold; % of images leaving at each head",
+        [
+            "thresholds",
+            "top-1 %",
+            "NLL",
+            *[f"% at {e}" for e in exits],
+            "% final",
+            "MACs %",
+            "img/s",
+        ],
+        [
+            [
+                _thresholds_label(c),
+                f"{c['top1']:.2f}",
+                f"{c['nll']:.4f}",
+                *[f"{share:.1f}" for share in c["exit_shares"]],
+                f"{c['macs_pct']:.1f}",
+                _rate(c["images_per_s"]),
+            ]
+            for c in result["cascades"]
+        ],
+    )
+    if result["timed_images"]:
+        report.info(
+            f"img/s: the model alone on {result['timed_images']} images in memory, images "
+            "leaving the batch at their exit; MACs counted at "
+            f"{result['macs_img_size']} px (plain model {macs_label(result['macs_plain'])})"
+        )
+    chosen = result.get("chosen")
+    if job.early_exit and chosen:
+        values = ",".join(f"{v:g}" for v in chosen["values"])
+        report.info(
+            f"chose thresholds {values} on {chosen['split']}: top-1 {chosen['top1']:.2f} "
+            f"(final head {chosen['final_top1']:.2f}), {chosen['macs_pct']:.1f} % of the plain "
+            f"model's MACs; written into {job.path}"
+        )
+        if chosen["top1"] < chosen["final_top1"] - job.max_drop:
+            report.warn(
+                f"no thresholds kept top-1 within {job.max_drop:g} points of the final head; "
+                "these are the most cautious ones"
+            )
+
+
+def _thresholds_label(cascade: dict[str, Any]) -> str:
+    values = cascade["thresholds"]
+    text = f"{values[0]:g}" if len(set(values)) == 1 else ",".join(f"{v:g}" for v in values)
+    return text if cascade["rule"] not in ("chosen", "given") else f"{text} ({cascade['rule']})"
 
 
 def _plots(folder: Path, job: EvalJob, measured: Measured) -> dict[str, str]:
@@ -119,6 +300,3 @@ def _render(report: Reporter, results: list[dict[str, Any]]) -> None:
             ["class", "images", "top-1 %"],
             [[c["class"], c["images"], f"{c['top1']:.2f}"] for c in first["worst_classes"]],
         )
-        report.result(first)
-    else:
-        report.result({"results": results})

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from mlkd_cli.core.console import Reporter
-from mlkd_cli.export import FORMATS, TOLERANCE, export_checkpoint
+from mlkd_cli.export import FORMATS, TOLERANCE, export_any
 
 from . import options as opt
 
@@ -22,9 +22,15 @@ def export(
     checkpoint: Annotated[
         Path, typer.Argument(help="A trained checkpoint (.pth or .safetensors).")
     ],
-    fmt: Annotated[FormatChoice, typer.Option("--format", "-f", help="What to write.")] = (
-        FormatChoice.safetensors  # type: ignore[attr-defined]
-    ),
+    fmt: Annotated[
+        FormatChoice | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help="What to write (default safetensors; for a student with exits, <name>_exits.pth, "
+            "both safetensors and onnx).",
+        ),
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -40,20 +46,24 @@ def export(
     shared: opt.Shared,
 ) -> None:
     """Export a checkpoint to safetensors, ONNX or TorchScript, checked against PyTorch."""
-    result = export_checkpoint(checkpoint, fmt.value, output, model, num_classes, img_size)
+    results = export_any(
+        checkpoint, fmt.value if fmt else None, output, model, num_classes, img_size
+    )
     report = Reporter(shared.output)
     report.table(
         f"export of {checkpoint}",
-        ["format", "written", "checked with", "max |diff|"],
+        ["format", "written", "outputs", "checked with", "max |diff|"],
         [
             [
-                result["format"],
-                result["output"],
-                result["checked_with"],
-                f"{result['max_abs_diff']:.2e} (limit {TOLERANCE:g})",
+                r["format"],
+                r["output"],
+                ", ".join(r.get("outputs", ["logits"])),
+                r["checked_with"],
+                f"{r['max_abs_diff']:.2e} (limit {TOLERANCE:g})",
             ]
+            for r in results
         ],
     )
-    if fmt.value == "onnx" and "onnxruntime" not in result["checked_with"]:
+    if any(r["format"] == "onnx" and "onnxruntime" not in r["checked_with"] for r in results):
         report.warn("onnxruntime is not installed: the file passed the checker but was not run")
-    report.result(result)
+    report.result(results[0] if len(results) == 1 else {"exports": results})

@@ -53,7 +53,7 @@ def pipeline(
     report = Reporter(out)
     report.table(
         f"{summary['preset']}: test split ({summary['run_dir']})",
-        ["model", "role", "params (M)", "top-1 %", "NLL", "ECE", "img/s"],
+        ["model", "role", "params (M)", "top-1 %", "NLL", "ECE", "MACs %", "img/s"],
         [
             [
                 r["name"],
@@ -62,10 +62,25 @@ def pipeline(
                 f"{r['top1']:.2f}",
                 f"{r['nll']:.4f}",
                 None if r["ece"] is None else f"{r['ece']:.4f}",
+                None if r.get("macs_pct") is None else f"{r['macs_pct']:.1f}",
                 None if r["images_per_s"] is None else f"{r['images_per_s']:.0f}",
             ]
             for r in summary["rows"]
         ],
     )
+    cascade = next((r for r in summary["rows"] if r["role"] == "cascade"), None)
+    if cascade is not None:
+        values = ",".join(f"{v:g}" for v in cascade["thresholds"])
+        speed = ""
+        if cascade["model_images_per_s"] and cascade["plain_model_images_per_s"]:
+            speed = (
+                f"; {cascade['model_images_per_s']:.0f} img/s against "
+                f"{cascade['plain_model_images_per_s']:.0f} for the plain student (the model "
+                "alone, images in memory)"
+            )
+        report.info(
+            f"early exit at thresholds {values} (chosen on the validation split): "
+            f"{cascade['macs_pct']:.1f} % of the student's MACs{speed}"
+        )
     report.info(f"figure {summary['comparison_png']}; student exported to {summary['export']}")
     report.result(summary)

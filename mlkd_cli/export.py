@@ -24,9 +24,17 @@ from mlkd_cli.core.atomic import atomic_write_text
 from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.models.exits import (
+    ExitsCheckpoint,
+    is_exits_checkpoint,
+    load_exits_checkpoint,
+    load_exits_safetensors,
+)
 from mlkd_cli.models.factory import load_trained_model
 
 FORMATS = ("safetensors", "onnx", "torchscript")
+# What `mlkd export` writes of a student with exits when no --format is given: both.
+EXITS_FORMATS = ("safetensors", "onnx")
 TOLERANCE = 1e-4
 ONNX_OPSET = 18  # onnxruntime >= 1.16 and every current runtime run it
 
@@ -151,30 +159,40 @@ def _safetensors(model, card, example, check, expected, destination: Path) -> tu
     return diff, "timm.create_model + safetensors"
 
 
-def _onnx(model, card, example, check, expected, destination: Path) -> tuple[float, str]:
+def _onnx_module() -> Any:
     try:
         import onnx
     except ImportError:
         raise UserError(
             "ONNX export needs onnx and onnxscript: pip install 'mlkd[export]'"
         ) from None
+    return onnx
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, outputs: list[str]) -> None:
+    """torch.onnx's exporter with a dynamic batch axis, its progress kept off stdout."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # The exporter prints its progress on stdout, which --json reserves for the result.
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["images"],
+            output_names=outputs,
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            dynamic_shapes=({0: batch},),
+            external_data=False,
+            verbose=False,
+        )
+
+
+def _onnx(model, card, example, check, expected, destination: Path) -> tuple[float, str]:
+    onnx = _onnx_module()
 
     def write(path: Path) -> None:
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        # The exporter prints its progress on stdout, which --json reserves for the result.
-        with contextlib.redirect_stdout(io.StringIO()):
-            torch.onnx.export(
-                model,
-                (example,),
-                str(path),
-                input_names=["images"],
-                output_names=["logits"],
-                opset_version=ONNX_OPSET,
-                dynamo=True,
-                dynamic_shapes=({0: batch},),
-                external_data=False,
-                verbose=False,
-            )
+        _export_onnx(model, example, path, ["logits"])
 
     checked_with = ["onnx.checker"]
 
@@ -205,3 +223,139 @@ def _torchscript(model, card, example, check, expected, destination: Path) -> tu
             return float((loaded(check) - expected).abs().max())
 
     return _verified_file(destination, write, verify), "torch.jit.load"
+
+
+def export_any(
+    checkpoint: Path,
+    fmt: str | None = None,
+    output: Path | None = None,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+) -> list[dict[str, Any]]:
+    """What `mlkd export` does: a plain model in `fmt` (default safetensors); a student with
+    exits in `fmt`, or by default as both a safetensors folder and an ONNX model."""
+    if is_exits_checkpoint(checkpoint):
+        if arch is not None or num_classes is not None or img_size is not None:
+            raise UserError(
+                f"{checkpoint} records its student; drop --model, --num-classes and --img-size"
+            )
+        return export_exits_checkpoint(checkpoint, (fmt,) if fmt else EXITS_FORMATS, output)
+    return [
+        export_checkpoint(checkpoint, fmt or "safetensors", output, arch, num_classes, img_size)
+    ]
+
+
+def export_exits_checkpoint(
+    checkpoint: Path, formats: tuple[str, ...] = EXITS_FORMATS, output: Path | None = None
+) -> list[dict[str, Any]]:
+    """Export a student with its exits: a safetensors folder (weights, exits, thresholds) and an
+    ONNX model with one output per head, each verified against PyTorch before it is placed."""
+    unknown = [f for f in formats if f not in EXITS_FORMATS]
+    if unknown:
+        raise UserError(
+            f"a student with exits exports as {' or '.join(EXITS_FORMATS)}, not {unknown[0]}; "
+            "export the plain <name>.pth for that format"
+        )
+    if output is not None and len(formats) > 1:
+        raise UserError("--output names one destination; pass --format too")
+    loaded = load_exits_checkpoint(checkpoint)
+    destinations = {f: output or default_output(checkpoint, f) for f in formats}
+    for destination in destinations.values():
+        parent = destination.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UserError(f"cannot write {destination}: {parent} is not a writable folder")
+    student = loaded.student
+    size = loaded.card.img_size
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, size, size, generator=generator)
+    check = torch.randn(3, 3, size, size, generator=generator)
+    with torch.no_grad():
+        expected = student(check)
+    results = []
+    for fmt, destination in destinations.items():
+        writer = _exits_safetensors if fmt == "safetensors" else _exits_onnx
+        diff, checked_with = writer(loaded, example, check, expected, destination)
+        if diff > TOLERANCE:
+            raise UserError(
+                f"the {fmt} export differs from PyTorch by {diff:.2e} (> {TOLERANCE:g}); "
+                "not written"
+            )
+        results.append(
+            {
+                "format": fmt,
+                "output": str(destination),
+                "max_abs_diff": diff,
+                "checked_with": checked_with,
+                "img_size": size,
+                "outputs": list(head_output_names(len(expected))),
+            }
+        )
+    return results
+
+
+def head_output_names(count: int) -> list[str]:
+    """The ONNX output names of a student with `count` heads: final, exit1, exit2, ..."""
+    return ["final", *(f"exit{i}" for i in range(1, count))]
+
+
+def _largest_diff(got: list[torch.Tensor], expected: tuple[torch.Tensor, ...]) -> float:
+    if len(got) != len(expected):
+        return float("inf")
+    return max(float((g - e).abs().max()) for g, e in zip(got, expected, strict=True))
+
+
+def _exits_safetensors(
+    loaded: ExitsCheckpoint, example, check, expected, destination: Path
+) -> tuple[float, str]:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in loaded.student.state_dict().items()}
+    metadata = {
+        "format": "pt",
+        "mlkd": json.dumps(asdict(loaded.card)),
+        "mlkd_exits": json.dumps(loaded.exits),
+    }
+
+    def verify(path: Path) -> float:
+        fresh = load_exits_safetensors(path)
+        with torch.no_grad():
+            return _largest_diff(list(fresh.student(check)), expected)
+
+    diff = _verified_file(
+        destination / "model.safetensors",
+        lambda p: save_file(state, str(p), metadata=metadata),
+        verify,
+    )
+    if diff <= TOLERANCE:
+        about = {"card": asdict(loaded.card), "exits": loaded.exits}
+        atomic_write_text(destination / "exits.json", json.dumps(about, indent=2) + "\n")
+    return diff, "mlkd_cli.anytime + safetensors"
+
+
+def _exits_onnx(
+    loaded: ExitsCheckpoint, example, check, expected, destination: Path
+) -> tuple[float, str]:
+    onnx = _onnx_module()
+    names = head_output_names(len(expected))
+
+    def write(path: Path) -> None:
+        _export_onnx(loaded.student, example, path, names)
+
+    checked_with = ["onnx.checker"]
+
+    def verify(path: Path) -> float:
+        onnx.checker.check_model(onnx.load(str(path)))
+        try:
+            import onnxruntime
+        except ImportError:
+            return 0.0
+        checked_with.append("onnxruntime")
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        if [o.name for o in session.get_outputs()] != names:
+            return float("inf")
+        got = session.run(None, {session.get_inputs()[0].name: check.numpy()})
+        return _largest_diff([torch.from_numpy(g) for g in got], expected)
+
+    diff = _verified_file(destination, write, verify)
+    return diff, " + ".join(checked_with)

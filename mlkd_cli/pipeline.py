@@ -15,24 +15,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mlkd_cli.core.atomic import atomic_write_text
-from mlkd_cli.core.checkpoint import ModelCard, load_checkpoint
 from mlkd_cli.core.console import OutputOptions, Reporter
-from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import RunInterrupted, UserError
 from mlkd_cli.core.plots import comparison_png
-from mlkd_cli.data.loaders import build_eval_loader
 from mlkd_cli.data.registry import load_splits
-from mlkd_cli.engine import loop
+from mlkd_cli.engine.anytime import AnytimeRequest, measure_anytime, plan_anytime_job
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig, TrainConfig
-from mlkd_cli.engine.distiller import build_student, distill_student, plan_distillation
+from mlkd_cli.engine.distiller import distill_student, plan_distillation
 from mlkd_cli.engine.ensemble import LogitsRequest, fit_and_write, run_logits_pass
 from mlkd_cli.engine.evaluation import EvalRequest, measure, plan_eval_job
-from mlkd_cli.engine.launch import resolve_device
-from mlkd_cli.engine.logits import card_recipe, split_dataset
-from mlkd_cli.engine.precision import prepare_forward
 from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
 from mlkd_cli.engine.trainer import RunFiles, launch_training
 from mlkd_cli.export import export_checkpoint
@@ -41,6 +33,8 @@ from mlkd_cli.models.factory import check_model_name
 from mlkd_cli.presets import resolve_preset
 
 ENSEMBLE_FILE = "ensemble.json"
+# The top-1 points the pipeline's early-exit thresholds may give up on the validation split.
+PIPELINE_MAX_DROP = 0.5
 
 
 @dataclass(frozen=True)
@@ -263,6 +257,7 @@ def _compare(
                 "nll": measured.result["nll"],
                 "ece": measured.result["ece"],
                 "images_per_s": measured.result["images_per_s"],
+                "macs_pct": 100.0 if role == "student" else None,
             }
         )
         if role == "student":
@@ -273,30 +268,64 @@ def _compare(
 def _exit_rows(
     models: Path, student: DistillConfig, data_dir: Path, options: PipelineOptions
 ) -> list[dict[str, Any]]:
-    """Test top-1/NLL of each exit of the student's last training state (exits live there)."""
-    state = load_checkpoint(models / f"{student.run_name}_last.pth")
-    card = ModelCard(**state["card"])
-    network = build_student(
-        card.arch, card.num_classes, None, card.img_size, exits_text=state["config"].get("exits")
+    """Each exit of the student on the test split, and the early-exit cascade at thresholds
+    chosen on the validation split (written into `<name>_exits.pth`)."""
+    path = RunFiles(models, student.run_name).exits
+    report = Reporter(options.output)
+    if not path.is_file():
+        report.warn(f"no {path} (a run from an older mlkd, or --exits none): no exit rows")
+        return []
+    request = AnytimeRequest(
+        path=path,
+        data_dir=data_dir,
+        workers=options.workers,
+        precision=options.precision,
+        output=options.output,
     )
-    network.load_state_dict(state["model"])
-    device = torch.device(resolve_device(options.device))
-    ctx = DistContext(0, 1, 0, device)
-    splits = load_splits(card.dataset, data_dir, False, float(card.extra.get("val_fraction", 0.1)))
-    loader = build_eval_loader(
-        split_dataset(splits, "test", card_recipe(card)), 128, ctx, options.workers
-    )
-    precision = prepare_forward(options.precision, network, card.img_size, ctx, 128)
-    heads = loop.evaluate_heads(network, loader, ctx, precision)
-    return [
+    try:
+        chose = plan_anytime_job(
+            replace(
+                request, split="val", early_exit=True, max_drop=PIPELINE_MAX_DROP, timing_images=0
+            )
+        )
+    except UserError as exc:
+        report.warn(f"no early-exit rows: {exc}")
+        return []
+    if measure_anytime(chose, options.world_size, options.device) is None:
+        return []
+    test = measure_anytime(plan_anytime_job(request), options.world_size, options.device)
+    if test is None:
+        return []
+    # Model-only speeds (images in memory) are not the other rows' (data loading included): the
+    # cascade's speed-up goes in its own record, beside the final head's measured the same way.
+    rows = [
         {
-            "name": f"{student.run_name} {name}",
+            "name": f"{student.run_name} exit {i}",
             "role": "exit",
             "params_m": None,
             "top1": head["top1"],
             "nll": head["nll"],
+            "ece": head["ece"],
+            "images_per_s": None,
+            "macs_pct": head["macs_pct"],
+        }
+        for i, head in enumerate(test["heads"][1:], start=1)
+    ]
+    cascade = next(c for c in test["cascades"] if c["rule"] == "chosen")
+    rows.append(
+        {
+            "name": f"{student.run_name} early exit",
+            "role": "cascade",
+            "params_m": None,
+            "top1": cascade["top1"],
+            "nll": cascade["nll"],
             "ece": None,
             "images_per_s": None,
+            "macs_pct": cascade["macs_pct"],
+            "thresholds": cascade["thresholds"],
+            "exit_shares": cascade["exit_shares"],
+            "model_images_per_s": cascade["images_per_s"],
+            "plain_model_images_per_s": test["heads"][0]["images_per_s"],
         }
-        for name, head in zip(network.head_names[1:], heads[1:], strict=True)
-    ]
+    )
+    return rows

@@ -19,7 +19,9 @@ import torch
 from conftest import assert_error_line, invoke_cli, write_cifar, write_image_folder
 from PIL import Image
 
-from mlkd_cli.core.checkpoint import ModelCard, save_model
+from mlkd_cli.core.checkpoint import ModelCard, save_exits_model, save_model
+from mlkd_cli.models.exits import exits_record
+from mlkd_cli.models.student import MultiExitStudent
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TRAIN = ("teacher", "train", "-d", "digits", "-m", "test_resnet", "-e", "1", "-q")
@@ -55,6 +57,17 @@ def _checkpoint(path: str, num_classes: int) -> Callable[[Path], None]:
         save_model(root / path, model, _card(num_classes), 1, {})
 
     return setup
+
+
+def _exits_checkpoint(root: Path) -> None:
+    """s_exits.pth: an untrained test_convnext student with exits, as mlkd distill writes it."""
+    student = MultiExitStudent(
+        timm.create_model("test_convnext", num_classes=10), "test_convnext", [0, 1, 2], 10, 32
+    )
+    card = ModelCard(**{**_card(10).__dict__, "arch": "test_convnext", "img_size": 32})
+    save_exits_model(
+        root / "s_exits.pth", student, card, exits_record(student, [0, 1, 2], 32), 1, {}
+    )
 
 
 def _write(path: str, content: str | bytes) -> Callable[[Path], None]:
@@ -308,6 +321,30 @@ CASES = [
         ("teacher", "train", "--preset", "p.yaml"),
         ("p.yaml is not valid YAML",),
         _write("p.yaml", "teacher: [1, 2\n"),
+    ),
+    Case(
+        "--early-exit on a plain checkpoint",
+        ("eval", "s.pth", "--split", "val", "--early-exit"),
+        ("--early-exit needs a student with exits", "_exits.pth"),
+        _checkpoint("s.pth", 10),
+    ),
+    Case(
+        "threshold outside (0, 1]",
+        ("eval", "s_exits.pth", "--thresholds", "0.9,1.5,0.9"),
+        ("--thresholds must lie in (0, 1]", "1.5"),
+        _exits_checkpoint,
+    ),
+    Case(
+        "--max-drop below 0",
+        ("eval", "s_exits.pth", "--split", "val", "--early-exit", "--max-drop", "-1"),
+        ("--max-drop must be 0 or more",),
+        _exits_checkpoint,
+    ),
+    Case(
+        "thresholds chosen on the test split",
+        ("eval", "s_exits.pth", "--early-exit"),
+        ("never on the test split", "--split val"),
+        _exits_checkpoint,
     ),
 ]
 

@@ -18,6 +18,7 @@ LAYERS = {
     "mlkd_cli.engine": 2,
     "mlkd_cli.pipeline": 3,
     "mlkd_cli.export": 3,
+    "mlkd_cli.anytime": 3,
     "mlkd_cli.presets": 3,
     "mlkd_cli.commands": 4,
     "mlkd_cli.shipped_presets": 4,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import invoke_cli
 
 from mlkd_cli.engine import loop
@@ -71,9 +72,15 @@ def test_interrupted_pipeline_finishes_without_redoing_teachers(
         "exit",
         "exit",
         "exit",
+        "cascade",
         "baseline",
     ]
     assert all(0 <= row["top1"] <= 100 for row in summary["rows"])
+    # The cascade at thresholds chosen on validation, written into the exits checkpoint.
+    cascade = next(row for row in summary["rows"] if row["role"] == "cascade")
+    chosen = torch.load(models / "s_exits.pth", weights_only=True)["exits"]["thresholds"]
+    assert chosen["split"] == "val" and chosen["values"] == cascade["thresholds"]
+    assert 0 < cascade["macs_pct"] < 110 and sum(cascade["exit_shares"]) == pytest.approx(100)
     for png in [run / "comparison.png", *(models / f"{n}_curves.png" for n in ("ta", "s"))]:
         assert png.read_bytes()[:4] == b"\x89PNG"
     assert (run / "export" / "s" / "model.safetensors").is_file()

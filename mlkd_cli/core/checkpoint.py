@@ -21,6 +21,11 @@ from mlkd_cli.core.atomic import atomic_write
 from mlkd_cli.core.errors import UserError
 
 MODEL_FORMAT = "mlkd-model/1"
+# A student with its exits: the state dict of the whole multi-exit network (`backbone.*` is the
+# plain timm model, `exits.*` the branches), the card, and an `exits` record (stages, MACs,
+# thresholds once chosen).
+EXITS_FORMAT = "mlkd-exits/1"
+BACKBONE_PREFIX = "backbone."
 # The one class besides tensors and containers that a checkpoint may hold: timm's train.py
 # pickles its arguments (`args`) as an argparse.Namespace, a plain attribute bag.
 SAFE_CLASSES = (argparse.Namespace,)
@@ -80,6 +85,30 @@ def save_model(
     )
 
 
+def save_exits_model(
+    path: Path,
+    student: torch.nn.Module,
+    card: ModelCard,
+    exits: dict[str, Any],
+    epoch: int,
+    metrics: dict[str, float],
+) -> None:
+    """Write a student with its exits: the whole network's state dict, the card, `exits`."""
+    state_dict = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+    atomic_save(
+        {
+            "format": EXITS_FORMAT,
+            "state_dict": state_dict,
+            **asdict(card),
+            "exits": exits,
+            "epoch": epoch,
+            "metrics": dict(metrics),
+            "mlkd_version": __version__,
+        },
+        path,
+    )
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a .pth file with `weights_only=True`, turning every failure into a UserError."""
     if not path.is_file():
@@ -104,17 +133,28 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return content
 
 
-def read_weights(path: Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_weights(
+    path: Path, ema: bool = True, exits: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights and whatever metadata a .pth or .safetensors file carries.
 
     A checkpoint of timm's train.py holds its EMA weights beside the raw ones; they are taken
-    unless `ema` is False. `meta["weights_key"]` says which key the weights came from.
+    unless `ema` is False. `meta["weights_key"]` says which key the weights came from. A student
+    with exits gives its plain timm model's weights unless `exits` is True.
     """
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        tensors, meta = read_safetensors(path)
+        if "mlkd_exits" in meta and not exits:
+            tensors = _plain_part(tensors)
+        return tensors, meta
     content = load_checkpoint(path)
     if not isinstance(content, dict):
         raise UserError(f"{path} holds a {type(content).__name__}, not a state dict")
+    if content.get("format") == EXITS_FORMAT and isinstance(content.get("state_dict"), dict):
+        # Wherever a plain model is wanted, a student with exits gives its timm model.
+        meta = {k: v for k, v in content.items() if k != "state_dict"}
+        state = content["state_dict"]
+        return (state if exits else _plain_part(state)), meta
     keys = (EMA_KEY, *WEIGHT_KEYS) if ema else WEIGHT_KEYS
     for key in keys:
         if isinstance(content.get(key), dict):
@@ -127,7 +167,17 @@ def read_weights(path: Path, ema: bool = True) -> tuple[dict[str, torch.Tensor],
     raise UserError(f"{path} has no state dict inside (no 'state_dict' or 'model' key)")
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _plain_part(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The timm model's weights inside a multi-exit student's state dict."""
+    return {
+        k.removeprefix(BACKBONE_PREFIX): v
+        for k, v in state_dict.items()
+        if k.startswith(BACKBONE_PREFIX)
+    }
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and header metadata of a .safetensors file (whatever its name ends with)."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():

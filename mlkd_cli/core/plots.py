@@ -117,6 +117,7 @@ def comparison_png(rows: list[dict[str, Any]], title: str, path: Path) -> None:
             "ensemble": "tab:purple",
             "student": "tab:blue",
             "exit": "tab:cyan",
+            "cascade": "tab:green",
             "baseline": "tab:orange",
         }.get(r["role"], "tab:grey")
         for r in rows
@@ -130,5 +131,57 @@ def comparison_png(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     for axes in (top1_axes, nll_axes):
         axes.tick_params(axis="x", rotation=60, labelsize=8)
     figure.suptitle(title)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def anytime_png(result: dict[str, Any], title: str, path: Path) -> None:
+    """Top-1 against mean MACs per image: each head alone, the early-exit cascade over shared
+    thresholds, and the chosen thresholds."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    heads = result["heads"]
+    axes.scatter(
+        [h["macs_pct"] for h in heads],
+        [h["top1"] for h in heads],
+        color="tab:gray",
+        zorder=3,
+        label="each head alone",
+    )
+    for h in heads:
+        axes.annotate(
+            h["head"],
+            (h["macs_pct"], h["top1"]),
+            fontsize=7,
+            xytext=(4, -10),
+            textcoords="offset points",
+        )
+    shared = [c for c in result["cascades"] if c["rule"] not in ("chosen", "given")]
+    shared.sort(key=lambda c: c["macs_pct"])
+    axes.plot(
+        [c["macs_pct"] for c in shared],
+        [c["top1"] for c in shared],
+        marker="o",
+        color="tab:blue",
+        label="cascade, one threshold for all exits",
+    )
+    for c in result["cascades"]:
+        if c["rule"] in ("chosen", "given"):
+            values = ",".join(f"{v:g}" for v in c["thresholds"])
+            axes.scatter(
+                [c["macs_pct"]],
+                [c["top1"]],
+                marker="*",
+                s=180,
+                color="tab:red" if c["rule"] == "chosen" else "tab:green",
+                zorder=4,
+                label=f"{c['rule']} thresholds {values}",
+            )
+    axes.axhline(heads[0]["top1"], color="tab:gray", linestyle=":", linewidth=1)
+    axes.set_xlabel("mean MACs per image, % of the plain model")
+    axes.set_ylabel("top-1 %")
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=8, loc="lower right")
+    axes.grid(alpha=0.3)
     figure.tight_layout()
     _save(figure, path)

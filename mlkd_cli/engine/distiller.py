@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mlkd_cli.core.checkpoint import ModelCard, save_exits_model
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
@@ -38,6 +39,7 @@ from mlkd_cli.engine.trainer import (
     make_card,
 )
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec, read_ensemble_config
+from mlkd_cli.models.exits import exits_record
 from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
 from mlkd_cli.models.student import (
     MultiExitStudent,
@@ -147,6 +149,7 @@ class DistillTask:
         self.loss = LOSSES[cfg.loss](cfg.temperature, cfg.alpha, plan.exit_weights)
         self.head_names: list[str] = []
         self.cache: torch.Tensor | None = None
+        self.exits_record: dict[str, Any] | None = None
 
     def build(self, ctx: DistContext) -> nn.Module:
         """The student backbone (scratch, hub or local weights) with its exits."""
@@ -243,6 +246,18 @@ class DistillTask:
         """The timm model inside, exits dropped."""
         assert isinstance(model, MultiExitStudent)
         return model.backbone
+
+    def save_best(
+        self, model: nn.Module, files: RunFiles, card: ModelCard, epoch: int, metrics: dict
+    ) -> None:
+        """`<name>_exits.pth`: the student with its exits and the MACs up to each (counted
+        once, at the training size)."""
+        assert isinstance(model, MultiExitStudent)
+        if not model.exits:
+            return  # --exits none: nothing beyond the plain model
+        if self.exits_record is None:
+            self.exits_record = exits_record(model, self.plan.exits, card.img_size)
+        save_exits_model(files.exits, model, card, self.exits_record, epoch, metrics)
 
     def report_epoch(self, report: Reporter, row: dict[str, Any], improved: bool) -> None:
         """A table per epoch: loss, and each head's validation top-1 and NLL."""

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mlkd_cli.core.checkpoint import read_weights
+from mlkd_cli.core.checkpoint import ModelCard, read_weights
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.loaders import TrainingBatches
@@ -18,7 +18,7 @@ from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine import loop, trainer
 from mlkd_cli.engine.config import TeacherTrainConfig
 from mlkd_cli.engine.launch import resolve_device
-from mlkd_cli.engine.trainer import RunPlan
+from mlkd_cli.engine.trainer import RunFiles, RunPlan
 from mlkd_cli.models.factory import build_model, check_input_size, check_model_name, weights_note
 
 
@@ -80,6 +80,11 @@ class TeacherTask:
     def plain_model(self, model: nn.Module) -> nn.Module:
         """A teacher is already a plain timm model."""
         return model
+
+    def save_best(
+        self, model: nn.Module, files: RunFiles, card: ModelCard, epoch: int, metrics: dict
+    ) -> None:
+        """Nothing goes beside a teacher's best model."""
 
     def report_epoch(self, report: Reporter, row: dict[str, Any], improved: bool) -> None:
         """One line per epoch."""

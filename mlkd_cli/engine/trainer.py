@@ -76,6 +76,11 @@ class RunFiles:
         """The full training state, for --resume."""
         return self.output_dir / f"{self.name}_last.pth"
 
+    @property
+    def exits(self) -> Path:
+        """A distilled student with its exits, beside the best model (anytime inference)."""
+        return self.output_dir / f"{self.name}_exits.pth"
+
     def periodic(self, epoch: int) -> Path:
         """The plain model as it was after `epoch` (with --save-frequency)."""
         return self.output_dir / f"{self.name}_e{epoch}.pth"
@@ -137,6 +142,11 @@ class Task(Protocol):
 
     def plain_model(self, model: nn.Module) -> nn.Module:
         """The plain timm model inside what trains, as `<name>.pth` stores it."""
+
+    def save_best(
+        self, model: nn.Module, files: RunFiles, card: ModelCard, epoch: int, metrics: dict
+    ) -> None:
+        """Write whatever goes beside a new best model (may write nothing)."""
 
     def report_epoch(self, report: Reporter, row: dict[str, Any], improved: bool) -> None:
         """Tell the user how the epoch went."""
@@ -240,7 +250,7 @@ def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, .
         if changed:
             Reporter(cfg.output).warn("resuming with changed settings: " + ", ".join(changed))
         return
-    existing = [p for p in (files.best, files.last) if p.exists()]
+    existing = [p for p in (files.best, files.last, files.exits) if p.exists()]
     if existing and not cfg.overwrite:
         raise UserError(
             f"{existing[0]} already exists; pass --resume to continue that run, --overwrite "
@@ -717,6 +727,9 @@ class _TrainingState:
         metrics = {k: float(v) for k, v in row.items() if k.startswith(("val_", "exit"))}
         if improved:
             save_model(files.best, plain, self.plan.card, row["epoch"], metrics)
+            self.task.save_best(
+                loop.unwrap(self.model), files, self.plan.card, row["epoch"], metrics
+            )
         if cfg.save_frequency and row["epoch"] % cfg.save_frequency == 0:
             save_model(files.periodic(row["epoch"]), plain, self.plan.card, row["epoch"], metrics)
         self._write_state(row["epoch"], best, None)

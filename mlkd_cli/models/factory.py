@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from mlkd_cli.core.checkpoint import EMA_KEY, MODEL_FORMAT, ModelCard, read_weights
+from mlkd_cli.core.checkpoint import EMA_KEY, EXITS_FORMAT, MODEL_FORMAT, ModelCard, read_weights
 from mlkd_cli.core.errors import UserError
 
 
@@ -142,7 +142,7 @@ def weights_note(path: Path, meta: dict, flag: str = "--no-teacher-ema") -> str 
 
 def card_of(meta: dict) -> ModelCard | None:
     """The model card in a checkpoint's metadata (.pth dict or safetensors header), if any."""
-    if meta.get("format") == MODEL_FORMAT:
+    if meta.get("format") in (MODEL_FORMAT, EXITS_FORMAT):
         return ModelCard.from_checkpoint(meta)
     if isinstance(meta.get("mlkd"), str):  # safetensors metadata holds strings only
         try:

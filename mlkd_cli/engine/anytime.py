@@ -1,0 +1,343 @@
+"""`mlkd eval` of a student with exits: every head, the cascade at several thresholds, the
+thresholds chosen on validation (written into the checkpoint), and speeds measured with real
+early stopping."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlkd_cli.core.checkpoint import atomic_save
+from mlkd_cli.core.console import OutputOptions, Reporter
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.metrics import classification_metrics
+from mlkd_cli.data.loaders import build_eval_loader
+from mlkd_cli.data.registry import get_dataset_spec, load_splits
+from mlkd_cli.engine.cascade import (
+    TABLE_THRESHOLDS,
+    CascadeResult,
+    HeadOutputs,
+    choose_thresholds,
+    evaluate_cascade,
+)
+from mlkd_cli.engine.launch import launch, launcher_rank, resolve_device
+from mlkd_cli.engine.logits import PlannedPass, card_recipe, split_dataset, split_logits
+from mlkd_cli.engine.precision import Precision, check_precision, prepare_forward
+from mlkd_cli.models.exits import (
+    EXIT_RULE,
+    ExitCosts,
+    StagedStudent,
+    check_thresholds,
+    load_exits_checkpoint,
+)
+
+# Timing repeats each configuration this many times, interleaved, and keeps the median; a round
+# lasts at least MIN_ROUND_SECONDS (whole passes over the timed images).
+TIMING_ROUNDS = 3
+MIN_ROUND_SECONDS = 0.3
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnytimeRequest:
+    """What `mlkd eval` asks of a student with exits."""
+
+    path: Path
+    dataset: str | None = None
+    data_dir: Path = Path("data")
+    split: str = "test"
+    early_exit: bool = False  # choose thresholds on this (validation) split and save them
+    max_drop: float = 0.5  # top-1 points the chosen cascade may lose against the final head
+    thresholds: tuple[float, ...] | None = None  # a cascade to evaluate besides the table's
+    timing_images: int = 512  # images timed per configuration; 0 skips timing
+    batch_size: int = 128
+    workers: int | None = None
+    precision: str = "auto"
+    output: OutputOptions = field(default_factory=OutputOptions)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnytimeJob(PlannedPass):
+    """A checked evaluation of a student with exits."""
+
+    path: Path
+    label: str
+    exit_count: int
+    early_exit: bool
+    max_drop: float
+    thresholds: tuple[float, ...] | None
+    timing_images: int
+
+
+def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
+    """Check the checkpoint, the split and every threshold flag before any work starts."""
+    if not math.isfinite(request.max_drop) or request.max_drop < 0:
+        raise UserError(f"--max-drop must be 0 or more top-1 points, not {request.max_drop:g}")
+    if request.timing_images < 0:
+        raise UserError(f"--timing-images must be 0 or more, not {request.timing_images}")
+    checkpoint = load_exits_checkpoint(request.path)
+    card = checkpoint.card
+    if checkpoint.costs is None:
+        raise UserError(
+            f"{request.path}: {card.arch} cannot be run stage by stage, so it cannot stop early"
+        )
+    exit_count = len(checkpoint.student.exits)
+    thresholds = None
+    if request.thresholds is not None:
+        thresholds = tuple(check_thresholds(request.thresholds, exit_count))
+    if request.early_exit:
+        if thresholds is not None:
+            raise UserError("--thresholds and --early-exit both set the thresholds; pass one")
+        if request.split != "val":
+            raise UserError(
+                "--early-exit chooses thresholds on the validation split, never on the test "
+                "split; pass --split val (then evaluate on --split test)"
+            )
+        folder = request.path.resolve().parent
+        if not _writable(folder):
+            raise UserError(f"--early-exit writes the thresholds into {request.path}: not writable")
+    dataset = request.dataset or card.dataset
+    get_dataset_spec(dataset)
+    val_fraction = float(card.extra.get("val_fraction", 0.1))
+    splits = load_splits(dataset, request.data_dir, False, val_fraction)
+    if splits.num_classes != card.num_classes:
+        raise UserError(
+            f"{request.path} predicts {card.num_classes} classes but {dataset} has "
+            f"{splits.num_classes}; pass the --dataset it was trained on"
+        )
+    recipe = card_recipe(card)
+    split_dataset(splits, request.split, recipe)  # refuses an absent split
+    return AnytimeJob(
+        path=request.path,
+        label=request.path.name,
+        dataset=dataset,
+        data_dir=request.data_dir,
+        split=request.split,
+        val_fraction=val_fraction,
+        recipe=recipe,
+        batch_size=request.batch_size,
+        workers=request.workers,
+        precision=request.precision,
+        output=request.output,
+        exit_count=exit_count,
+        early_exit=request.early_exit,
+        max_drop=request.max_drop,
+        thresholds=thresholds,
+        timing_images=request.timing_images,
+    )
+
+
+def _writable(folder: Path) -> bool:
+    return folder.is_dir() and os.access(folder, os.W_OK)
+
+
+def run_heads_pass(ctx: DistContext, job: AnytimeJob) -> dict[str, Any]:
+    """Every head's logits over the job's split, (heads, images, classes) on rank 0."""
+    checkpoint = load_exits_checkpoint(job.path)
+    student = checkpoint.student
+    splits = load_splits(job.dataset, job.data_dir, False, job.val_fraction)
+    dataset = split_dataset(splits, job.split, job.recipe)
+    precision = prepare_forward(job.precision, student, job.recipe.img_size, ctx, job.batch_size)
+    report = Reporter(job.output, ctx.rank)
+    report.info(precision.describe())
+    logits, labels, seconds = split_logits(
+        ctx,
+        lambda images: torch.stack(student(images)),
+        precision,
+        dataset,
+        job.batch_size,
+        job.workers,
+        report,
+        f"{job.label} on {job.split}",
+    )
+    return {"logits": logits, "labels": labels, "class_names": splits.class_names}
+
+
+def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, Any] | None:
+    """Heads, cascades and (with --early-exit) the chosen thresholds; None off rank 0."""
+    check_precision(job.precision, resolve_device(device))
+    collected = launch(
+        run_heads_pass,
+        job,
+        world_size,
+        device,
+        memory_hint=f"lower --batch-size, now {job.batch_size} per process",
+    )
+    if launcher_rank() != 0:
+        return None
+    checkpoint = load_exits_checkpoint(job.path)
+    costs = checkpoint.costs
+    assert costs is not None  # the plan refused a checkpoint without them
+    logits = torch.from_numpy(collected["logits"])
+    labels = torch.from_numpy(collected["labels"])
+    names = checkpoint.student.head_names
+    heads = []
+    for h, name in enumerate(names):
+        metrics = classification_metrics(logits[h], labels, collected["class_names"])
+        position = job.exit_count if h == 0 else h - 1  # cascade order: exits, then final
+        heads.append(
+            {
+                "head": name,
+                "top1": metrics["top1"],
+                "top5": metrics["top5"],
+                "nll": metrics["nll"],
+                "ece": metrics["ece"],
+                "macs": costs.alone(position),
+                "macs_pct": 100.0 * costs.alone(position) / costs.plain,
+            }
+        )
+    outputs = HeadOutputs.from_logits(logits, labels)
+    cascade_macs = cascade_costs(costs)
+    rows: list[tuple[str, CascadeResult]] = []
+    chosen_record = None
+    if job.early_exit:
+        values = choose_thresholds(outputs, cascade_macs, job.max_drop)
+        result = evaluate_cascade(outputs, values, cascade_macs, costs.plain)
+        chosen_record = _save_thresholds(checkpoint, job, result, heads[0]["top1"])
+        rows.append(("chosen", result))
+    elif checkpoint.thresholds is not None:
+        values = checkpoint.thresholds
+        rows.append(("chosen", evaluate_cascade(outputs, values, cascade_macs, costs.plain)))
+    if job.thresholds is not None:
+        given = evaluate_cascade(outputs, job.thresholds, cascade_macs, costs.plain)
+        rows.append(("given", given))
+    for value in TABLE_THRESHOLDS:
+        shared = [value] * job.exit_count
+        rows.append((f"{value:g}", evaluate_cascade(outputs, shared, cascade_macs, costs.plain)))
+    speeds = time_anytime(job, device, [r.thresholds for _, r in rows])
+    for i, head in enumerate(heads):
+        head["images_per_s"] = speeds["heads"][i] if speeds else None
+    cascades = [
+        {
+            "rule": label,
+            **result.to_record(),
+            "images_per_s": speeds["cascades"][i] if speeds else None,
+        }
+        for i, (label, result) in enumerate(rows)
+    ]
+    return {
+        "checkpoint": str(job.path),
+        "dataset": job.dataset,
+        "split": job.split,
+        "images": int(len(labels)),
+        # The final head's figures, as a plain model's evaluation gives them.
+        **{key: heads[0][key] for key in ("top1", "top5", "nll", "ece")},
+        "exit_rule": EXIT_RULE,
+        "macs_plain": costs.plain,
+        "macs_img_size": costs.img_size,
+        "heads": heads,
+        "cascades": cascades,
+        "chosen": chosen_record or checkpoint.exits.get("thresholds"),
+        "timed_images": speeds["images"] if speeds else 0,
+    }
+
+
+def _save_thresholds(checkpoint, job: AnytimeJob, result: CascadeResult, final_top1: float):
+    """Write the chosen thresholds into the exits checkpoint's card (atomically)."""
+    record = {
+        "values": list(result.thresholds),
+        "rule": EXIT_RULE,
+        "split": job.split,
+        "dataset": job.dataset,
+        "max_drop": job.max_drop,
+        "top1": result.top1,
+        "final_top1": final_top1,
+        "macs_pct": result.macs_pct,
+        "exit_shares": list(result.shares),
+    }
+    content = dict(checkpoint.content)
+    content["exits"] = {**checkpoint.exits, "thresholds": record}
+    atomic_save(content, job.path)
+    return record
+
+
+def time_anytime(
+    job: AnytimeJob, device: str, cascades: list[tuple[float, ...]]
+) -> dict[str, Any] | None:
+    """Images per second of each head used alone and of each cascade, with real early stopping,
+    on up to `job.timing_images` images held in memory (the model's compute, not data loading)."""
+    if job.timing_images == 0:
+        return None
+    checkpoint = load_exits_checkpoint(job.path)
+    student = checkpoint.student
+    ctx = DistContext(0, 1, 0, torch.device(resolve_device(device)))
+    precision = prepare_forward(job.precision, student, job.recipe.img_size, ctx, job.batch_size)
+    staged = StagedStudent(student, job.recipe.img_size)
+    splits = load_splits(job.dataset, job.data_dir, False, job.val_fraction)
+    dataset = split_dataset(splits, job.split, job.recipe)
+    batches, count = [], 0
+    for batch in build_eval_loader(dataset, job.batch_size, ctx, job.workers):
+        images = batch.images[: job.timing_images - count]
+        if images.shape[0]:
+            batches.append(precision.to_device(images))
+            count += images.shape[0]
+        if count >= job.timing_images:
+            break
+    if not count:
+        return None
+    heads = [_each(staged.plain)] + [
+        _each(lambda x, j=j: staged.exit_logits(x, j)) for j in range(job.exit_count)
+    ]
+    runs = [(lambda b, t=t: staged.cascade_batches(b, t)) for t in cascades]
+    rates = _throughput([*heads, *runs], batches, precision)
+    return {
+        "heads": rates[: len(heads)],
+        "cascades": rates[len(heads) :],
+        "images": count,
+    }
+
+
+def _throughput(
+    functions: list[Callable[[list[torch.Tensor]], Any]],
+    batches: list[torch.Tensor],
+    precision: Precision,
+) -> list[float]:
+    """Images per second of each function (run on the list of batches): rounds interleave the
+    functions (so that a machine's slow moment is shared); in each round a function runs over
+    the batches until `MIN_ROUND_SECONDS` have passed; each keeps the median of its rounds."""
+    count = sum(b.shape[0] for b in batches)
+    rates: list[list[float]] = [[] for _ in functions]
+    device = precision.device
+    with torch.inference_mode(), precision.autocast():
+        for function in functions:
+            function(batches[:1])  # warm-up: allocation, kernel choice
+        for _ in range(TIMING_ROUNDS):
+            for i, function in enumerate(functions):
+                images, elapsed = 0, 0.0
+                _synchronize(device)
+                start = time.perf_counter()
+                while elapsed < MIN_ROUND_SECONDS:
+                    function(batches)
+                    images += count
+                    _synchronize(device)
+                    elapsed = time.perf_counter() - start
+                rates[i].append(images / elapsed)
+    return [statistics.median(r) for r in rates]
+
+
+def _each(function: Callable[[torch.Tensor], Any]) -> Callable[[list[torch.Tensor]], None]:
+    """`function` applied to each batch of a list."""
+
+    def apply(batches: list[torch.Tensor]) -> None:
+        for batch in batches:
+            function(batch)
+
+    return apply
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cascade_costs(costs: ExitCosts) -> list[int]:
+    """MACs per image of leaving at each head, in cascade order."""
+    return [costs.up_to(j) for j in range(len(costs.branches) + 1)]

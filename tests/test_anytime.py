@@ -1,0 +1,388 @@
+"""Anytime students: the exits kept, counted, run as an early-exit cascade, chosen, exported."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import assert_error_line, invoke_cli
+from torch import nn
+
+from mlkd_cli.core.checkpoint import load_checkpoint
+from mlkd_cli.data.registry import load_splits
+from mlkd_cli.engine.cascade import (
+    PER_EXIT_FROM,
+    HeadOutputs,
+    choose_thresholds,
+    evaluate_cascade,
+    exits_taken,
+)
+from mlkd_cli.engine.logits import card_recipe, split_dataset
+from mlkd_cli.models.exits import StagedStudent, load_exits_checkpoint
+from mlkd_cli.models.student import MultiExitStudent
+
+STUDENTS = [("test_convnext", 32), ("test_efficientnet", 32), ("test_resnet", 32)]
+
+
+def _student(arch: str, size: int, seed: int = 0) -> MultiExitStudent:
+    torch.manual_seed(seed)
+    backbone = timm.create_model(arch, num_classes=7)
+    return MultiExitStudent(backbone, arch, [0, 1, 2], 7, size).eval()
+
+
+@pytest.mark.parametrize(("arch", "size"), STUDENTS)
+def test_cascade_takes_each_image_from_the_head_the_thresholds_pick(arch: str, size: int) -> None:
+    student = _student(arch, size)
+    staged = StagedStudent(student, size)
+    images = torch.randn(24, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        heads = torch.stack(student(images))  # final, exit 1, exit 2, exit 3
+        confidence = HeadOutputs.from_logits(heads, torch.zeros(24)).confidence
+        # A threshold between two of the first exit's confidences, near their median: some
+        # images leave at each head, so every path of the cascade runs (and none sits on it).
+        ordered = confidence[0].sort().values
+        middle = float(ordered[11] + ordered[12]) / 2
+        for thresholds in ([1e-6] * 3, [1.0] * 3, [middle, middle, 1e-6], [middle, 1.0, 1.0]):
+            logits, taken = staged.cascade(images, thresholds)
+            expected = exits_taken(confidence, thresholds)
+            assert torch.equal(taken, expected)
+            ordered = torch.cat([heads[1:], heads[:1]])
+            want = ordered[taken, torch.arange(24)]
+            assert torch.allclose(logits, want, atol=1e-5), thresholds
+    assert set(expected.tolist()) == {0, 3}  # the last case: exit 1 or the final head
+
+
+def test_pooled_batches_give_what_each_batch_gives_alone() -> None:
+    student = _student("test_convnext", 32)
+    staged = StagedStudent(student, 32)
+    generator = torch.Generator().manual_seed(2)
+    batches = [torch.randn(n, 3, 32, 32, generator=generator) for n in (9, 16, 5, 16)]
+    with torch.no_grad():
+        confidence = torch.stack(student(batches[0]))[1].softmax(1).amax(1)
+        threshold = float(confidence.median())
+        pooled, taken = staged.cascade_batches(batches, [threshold] * 3)
+        singles = [staged.cascade(b, [threshold] * 3) for b in batches]
+    assert torch.allclose(pooled, torch.cat([s[0] for s in singles]), atol=1e-5)
+    assert torch.equal(taken, torch.cat([s[1] for s in singles]))
+    assert 0 < int((taken == 0).sum()) < len(taken)
+
+
+def _conv_linear_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """MACs of every convolution and linear layer, counted from their shapes (fvcore-style)."""
+    total = 0
+
+    def conv_hook(module: nn.Conv2d, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = module.kernel_size
+        per_output = module.in_channels // module.groups * kh * kw
+        total += output[0].numel() * per_output
+
+    def linear_hook(module: nn.Linear, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        total += output[0].numel() * module.in_features
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *shape))
+    for handle in handles:
+        handle.remove()
+    return total
+
+
+@pytest.mark.slow
+def test_resnet50_student_macs_agree_with_an_independent_count() -> None:
+    student = _student("resnetv2_50x1_bit", 224)
+    costs = StagedStudent(student, 224).count_costs(224)
+    independent = _conv_linear_macs(student.backbone, (3, 224, 224))
+    assert abs(costs.plain - independent) / independent < 0.01
+    assert 4.0e9 < costs.plain < 4.2e9  # ResNet-50 at 224 px: about 4.1 GMACs
+    # Each exit alone costs its backbone prefix and its branch, less than the whole model.
+    for j in range(3):
+        stage = student.stages[j]  # the branch runs on its stage's map
+        side = 224 // stage.reduction
+        branch = _conv_linear_macs(student.exits[j], (stage.channels, side, side))
+        assert costs.branches[j] == pytest.approx(branch, rel=0.01)
+        assert costs.alone(j) < costs.plain
+    assert costs.up_to(3) == costs.plain + sum(costs.branches)
+
+
+def test_a_backbone_that_is_not_sequential_is_refused() -> None:
+    student = _student("test_resnet", 32)
+
+    class Shuffled(type(student.backbone)):  # same modules, run in another order
+        def forward_features(self, x):
+            return super().forward_features(x.flip(-1))
+
+    student.backbone.__class__ = Shuffled
+    with pytest.raises(Exception, match="cannot stop early"):
+        StagedStudent(student, 32)
+
+
+# ----------------------------------------------------------------------------- choosing
+
+
+def _heads(exit_correct: list[list[bool]], exit_conf: list[list[float]], final: list[bool]):
+    """HeadOutputs from per-head correctness and confidence (2 classes, label 0)."""
+    rows = []
+    for correct, conf in [*zip(exit_correct, exit_conf, strict=True), (final, [0.9] * len(final))]:
+        p = torch.tensor(conf, dtype=torch.float64)
+        margin = torch.log(p / (1 - p))  # softmax of (margin, 0) gives (p, 1 - p)
+        right = torch.tensor(correct)
+        zero = torch.zeros_like(margin)
+        rows.append(
+            torch.stack([torch.where(right, margin, zero), torch.where(right, zero, margin)], 1)
+        )
+    return HeadOutputs(torch.stack(rows).float(), torch.zeros(len(final), dtype=torch.long))
+
+
+def test_choice_never_trades_the_final_heads_hits_for_fixes() -> None:
+    # 100 images; the final head is right on all but the last 2. The exit is right on the
+    # 2 it misses (confidence 0.95) and wrong on 3 others at 0.8 confidence.
+    n = 100
+    correct = [True] * n
+    conf = [0.99] * n
+    for i in (10, 11, 12):
+        correct[i], conf[i] = False, 0.8
+    for i in (98, 99):
+        conf[i] = 0.95
+    final = [True] * 98 + [False] * 2
+    heads = _heads([correct], [conf], final)
+    costs = [30, 110]
+    # 0.5 % of 100 images: not one of the final head's hits may be lost; the net (+2 - 3) would
+    # have allowed 0.8 (a drop of 1 point) under a net rule with a 1-point margin.
+    chosen = choose_thresholds(heads, costs, max_drop=0.5)
+    assert chosen[0] > 0.8
+    result = evaluate_cascade(heads, chosen, costs, 100)
+    assert result.top1 == 100.0 and result.shares[0] == 97.0
+    loose = choose_thresholds(heads, costs, max_drop=3.0)
+    assert loose[0] <= 0.8
+    assert evaluate_cascade(heads, loose, costs, 100).shares[0] == 100.0
+
+
+def test_choice_searches_each_exit_on_a_large_split() -> None:
+    # Exit 1 is right whenever it is confident above 0.9; exit 2 always: on a large split the
+    # thresholds differ per exit, and every image leaves early.
+    n = PER_EXIT_FROM
+    generator = torch.Generator().manual_seed(0)
+    conf1 = (torch.rand(n, generator=generator) * 0.49 + 0.5).tolist()
+    correct1 = [c > 0.9 for c in conf1]
+    heads = _heads([correct1, [True] * n], [conf1, [0.6] * n], [True] * n)
+    chosen = choose_thresholds(heads, [10, 20, 100], max_drop=0.0)
+    assert chosen[1] <= 0.6 < chosen[0]
+    result = evaluate_cascade(heads, chosen, [10, 20, 100], 100)
+    assert result.top1 == 100.0 and result.shares[2] == 0.0
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="session")
+def exits_run(digits_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A test_convnext student with exits, distilled 3 epochs at 32 px (read-only: copy it)."""
+    out = tmp_path_factory.mktemp("anytime") / "models"
+    result = invoke_cli(
+        "distill", "--dataset", "digits", "--quiet", "--model", "test_resnet", "--checkpoint",
+        digits_teacher, "--student", "test_convnext", "-e", "3", "-b", "32", "-n", "s",
+        "--output-dir", out, "--precision", "fp32", "--lr", "0.003",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.fixture
+def exits_ckpt(exits_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the student with exits."""
+    shutil.copy(exits_run / "s_exits.pth", tmp_path / "s_exits.pth")
+    return tmp_path / "s_exits.pth"
+
+
+@pytest.mark.slow
+def test_distill_writes_the_student_with_its_exits_and_their_macs(exits_run: Path) -> None:
+    saved = load_checkpoint(exits_run / "s_exits.pth")
+    plain = load_checkpoint(exits_run / "s.pth")
+    assert saved["format"] == "mlkd-exits/1" and saved["epoch"] == plain["epoch"]
+    exits = saved["exits"]
+    assert exits["stages"] == [0, 1, 2] and exits["modules"] == ["stages.0", "stages.1", "stages.2"]
+    assert exits["thresholds"] is None
+    macs = exits["macs"]
+    assert macs["img_size"] == 32 and len(macs["cascade"]) == 4
+    assert macs["cascade"][0] < macs["plain"] < macs["cascade"][3]
+    # The plain model inside is exactly <name>.pth, which plain timm loads.
+    for key, tensor in plain["state_dict"].items():
+        assert torch.equal(saved["state_dict"][f"backbone.{key}"], tensor), key
+    model = timm.create_model(
+        "test_convnext", checkpoint_path=str(exits_run / "s.pth"), num_classes=10
+    )
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def _split_heads(path: Path, split: str) -> HeadOutputs:
+    loaded = load_exits_checkpoint(path)
+    splits = load_splits("digits", Path("data"), False, 0.1)
+    dataset = split_dataset(splits, split, card_recipe(loaded.card))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    with torch.no_grad():
+        return HeadOutputs.from_logits(torch.stack(loaded.student(images)), labels)
+
+
+@pytest.mark.slow
+def test_early_exit_on_val_writes_thresholds_that_test_then_uses(
+    exits_ckpt: Path, tmp_path: Path
+) -> None:
+    base = ("eval", exits_ckpt, "--precision", "fp32", "--json", "--quiet")
+    chose = invoke_cli(*base, "--split", "val", "--early-exit", "--timing-images", "0")
+    assert chose.exit_code == 0, chose.stderr
+    picked = json.loads(chose.stdout)
+    record = load_checkpoint(exits_ckpt)["exits"]["thresholds"]
+    assert record["split"] == "val" and record["max_drop"] == 0.5
+    assert record["values"] == picked["chosen"]["values"] and len(record["values"]) == 3
+    # The record's figures are the validation cascade's, recomputed here from every head.
+    val = _split_heads(exits_ckpt, "val")
+    macs = load_checkpoint(exits_ckpt)["exits"]["macs"]
+    again = evaluate_cascade(val, record["values"], macs["cascade"], macs["plain"])
+    assert again.top1 == pytest.approx(record["top1"]) and again.top1 >= record["final_top1"] - 0.5
+    assert again.macs_pct == pytest.approx(record["macs_pct"])
+
+    test = invoke_cli(*base, "--split", "test", "--timing-images", "48", "--plots", tmp_path)
+    assert test.exit_code == 0, test.stderr
+    result = json.loads(test.stdout)
+    assert [h["head"] for h in result["heads"]][0] == "final" and len(result["heads"]) == 4
+    first = result["cascades"][0]
+    assert first["rule"] == "chosen" and first["thresholds"] == record["values"]
+    assert sum(first["exit_shares"]) == pytest.approx(100.0)
+    assert all(c["images_per_s"] > 0 for c in result["cascades"])
+    assert result["timed_images"] == 48
+    assert Path(result["plots"]["accuracy_vs_macs"]).stat().st_size > 10_000
+    test_heads = _split_heads(exits_ckpt, "test")
+    expected = evaluate_cascade(test_heads, record["values"], macs["cascade"], macs["plain"])
+    assert first["top1"] == pytest.approx(expected.top1)
+    assert first["macs_pct"] == pytest.approx(expected.macs_pct)
+
+
+@pytest.mark.slow
+def test_anytime_classifier_predicts_what_the_eval_cascade_scores(exits_ckpt: Path) -> None:
+    from mlkd_cli.anytime import AnytimeClassifier
+
+    heads = _split_heads(exits_ckpt, "test")
+    thresholds = [0.9, 0.8, 0.7]
+    classifier = AnytimeClassifier.load(exits_ckpt, thresholds=thresholds)
+    loaded = load_exits_checkpoint(exits_ckpt)
+    splits = load_splits("digits", Path("data"), False, 0.1)
+    dataset = split_dataset(splits, "test", card_recipe(loaded.card))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    result = classifier.predict(images)
+    taken = exits_taken(heads.confidence, thresholds)
+    assert torch.equal(result.exits, taken)
+    expected = heads.probs[taken, torch.arange(len(taken))].argmax(1)
+    assert torch.equal(result.labels, expected)
+    scored = evaluate_cascade(heads, thresholds, *_macs(exits_ckpt))
+    assert result.mean_macs == pytest.approx(scored.macs)
+    assert 100 * float((result.labels == heads.labels).double().mean()) == pytest.approx(
+        scored.top1
+    )
+    # Without thresholds given, the checkpoint's chosen ones are needed.
+    with pytest.raises(Exception, match="no thresholds yet"):
+        AnytimeClassifier.load(exits_ckpt)
+
+
+def _macs(path: Path) -> tuple[list[int], int]:
+    macs = load_checkpoint(path)["exits"]["macs"]
+    return macs["cascade"], macs["plain"]
+
+
+def test_anytime_classifier_imports_without_typer() -> None:
+    code = (
+        "import sys, mlkd_cli.anytime; "
+        "assert 'typer' not in sys.modules and 'rich' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_export_writes_safetensors_and_an_onnx_output_per_exit(
+    exits_ckpt: Path, tmp_path: Path
+) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    result = invoke_cli("export", exits_ckpt, "--json")
+    assert result.exit_code == 0, result.stderr
+    exports = {e["format"]: e for e in json.loads(result.stdout)["exports"]}
+    folder, onnx_path = Path(exports["safetensors"]["output"]), Path(exports["onnx"]["output"])
+    assert (folder / "model.safetensors").is_file() and (folder / "exits.json").is_file()
+    assert "onnxruntime" in exports["onnx"]["checked_with"]
+    loaded = load_exits_checkpoint(exits_ckpt)
+    again = load_exits_checkpoint(folder)
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = loaded.student(images)
+        assert all(torch.equal(a, b) for a, b in zip(again.student(images), expected, strict=True))
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["final", "exit1", "exit2", "exit3"]
+    outputs = session.run(None, {"images": images.numpy()})
+    for got, want in zip(outputs, expected, strict=True):
+        assert (torch.from_numpy(got) - want).abs().max() < 1e-4
+    # The folder serves eval and the runtime like the .pth it came from.
+    evaluated = invoke_cli("eval", folder, "--timing-images", "0", "--json", "--quiet")
+    assert evaluated.exit_code == 0, evaluated.stderr
+    assert len(json.loads(evaluated.stdout)["heads"]) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--split", "val", "--early-exit", "--plain"), "needs a student with exits"),
+        (("--thresholds", "0,0.5,0.9"), "must lie in (0, 1]"),
+        (("--thresholds", "0.5,1.5,0.9"), "must lie in (0, 1]"),
+        (("--thresholds", "0.5,0.9"), "needs 3 values"),
+        (("--thresholds", "high"), "takes numbers"),
+        (("--split", "val", "--early-exit", "--max-drop", "-1"), "--max-drop must be 0 or more"),
+        (("--split", "test", "--early-exit"), "never on the test split"),
+        (("--split", "val", "--early-exit", "--thresholds", "0.9,0.9,0.9"), "pass one"),
+    ],
+)
+def test_bad_exit_flags_are_one_line_and_write_nothing(
+    exits_ckpt: Path, exits_run: Path, args: tuple[str, ...], fragment: str
+) -> None:
+    target = exits_ckpt
+    if "--plain" in args:
+        args = tuple(a for a in args if a != "--plain")
+        target = exits_run / "s.pth"
+    before = target.read_bytes()
+    result = invoke_cli("eval", target, *args, "--timing-images", "0")
+    assert result.exit_code == 2
+    assert_error_line(result.stderr, fragment)
+    assert target.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_export_of_exits_refuses_a_format_without_exits(exits_ckpt: Path) -> None:
+    result = invoke_cli("export", exits_ckpt, "--format", "torchscript")
+    assert result.exit_code == 2
+    assert_error_line(result.stderr, "exports as safetensors or onnx")
+    assert sorted(p.name for p in exits_ckpt.parent.iterdir()) == ["s_exits.pth"]
+
+
+@pytest.mark.slow
+def test_exit_eval_on_two_processes_counts_every_image_once(exits_ckpt: Path) -> None:
+    base = ("eval", exits_ckpt, "--precision", "fp32", "--timing-images", "0", "--json", "-q")
+    one = invoke_cli(*base)
+    two = invoke_cli(*base, "--world-size", "2")
+    assert one.exit_code == 0 and two.exit_code == 0, one.stderr + two.stderr
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert a["images"] == b["images"] == 359
+    for x, y in zip(a["heads"] + a["cascades"], b["heads"] + b["cascades"], strict=True):
+        assert x["top1"] == pytest.approx(y["top1"]) and x["nll"] == pytest.approx(
+            y["nll"], abs=1e-5
+        )
