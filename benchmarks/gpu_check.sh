@@ -58,6 +58,9 @@ step distill 120 $MLKD distill -d digits -m resnet10t -c "$work/t.pth" --student
   --device $DEVICE --output-dir "$work" --name s --json --quiet
 step eval 60 $MLKD eval "$work/s.pth" --split test --device $DEVICE --json
 step eval_fp32 60 $MLKD eval "$work/s.pth" --split test --device $DEVICE --precision fp32 --json
+# The anytime student on CUDA: thresholds on val, then the cascade with real early stopping.
+step early_exit 90 bash -c "$MLKD eval '$work/s_exits.pth' --split val --early-exit --device $DEVICE \
+  --timing-images 0 --quiet && $MLKD eval '$work/s_exits.pth' --split test --device $DEVICE --json"
 # 3. NCCL: the same eval under torchrun (one process, process group on NCCL, DDP eval path).
 step eval_torchrun 90 $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m mlkd_cli eval "$work/s.pth" --split test --device $DEVICE --json

@@ -57,7 +57,7 @@ def evaluate(
     ] = False,
     max_drop: Annotated[
         float,
-        typer.Option("--max-drop", help="Top-1 points --early-exit may lose (default 0.5)."),
+        typer.Option("--max-drop", help="Top-1 points --early-exit may lose."),
     ] = 0.5,
     thresholds: Annotated[
         str | None,

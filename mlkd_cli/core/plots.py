@@ -148,7 +148,7 @@ def anytime_png(result: dict[str, Any], title: str, path: Path) -> None:
         zorder=3,
         label="each head alone",
     )
-    for h in heads:
+    for h in heads:  # "final", "exit stages.0", ...
         axes.annotate(
             h["head"],
             (h["macs_pct"], h["top1"]),
@@ -180,8 +180,11 @@ def anytime_png(result: dict[str, Any], title: str, path: Path) -> None:
     axes.axhline(heads[0]["top1"], color="tab:gray", linestyle=":", linewidth=1)
     axes.set_xlabel("mean MACs per image, % of the plain model")
     axes.set_ylabel("top-1 %")
+    axes.set_xlim(0, max(105, max(h["macs_pct"] for h in heads) + 5))
+    low, high = axes.get_ylim()
+    axes.set_ylim(low - 0.35 * (high - low), high)  # room for the legend below the points
     axes.set_title(title, fontsize=10)
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=8, loc="lower left")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     _save(figure, path)
