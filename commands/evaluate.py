@@ -83,6 +83,10 @@ def evaluate(
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     given = _parse_thresholds(thresholds)
     anytime = _students_with_exits(checkpoints, early_exit, given is not None)
+    if anytime and (model is not None or num_classes is not None or img_size is not None):
+        raise UserError(
+            f"{anytime[0]} records its student and size; drop --model, --num-classes, --img-size"
+        )
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
         if not os.access(plots, os.W_OK):

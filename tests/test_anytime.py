@@ -350,6 +350,7 @@ def test_export_writes_safetensors_and_an_onnx_output_per_exit(
         (("--split", "val", "--early-exit", "--max-drop", "-1"), "--max-drop must be 0 or more"),
         (("--split", "test", "--early-exit"), "never on the test split"),
         (("--split", "val", "--early-exit", "--thresholds", "0.9,0.9,0.9"), "pass one"),
+        (("--img-size", "64"), "records its student and size"),
     ],
 )
 def test_bad_exit_flags_are_one_line_and_write_nothing(
@@ -386,3 +387,17 @@ def test_exit_eval_on_two_processes_counts_every_image_once(exits_ckpt: Path) ->
         assert x["top1"] == pytest.approx(y["top1"]) and x["nll"] == pytest.approx(
             y["nll"], abs=1e-5
         )
+
+
+def test_timing_of_a_slow_model_keeps_to_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlkd_cli.engine import anytime
+    from mlkd_cli.engine.precision import Precision
+
+    staged = StagedStudent(_student("test_convnext", 32), 32)
+    precision = Precision.resolve("fp32", torch.device("cpu"))
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(4)]
+    kept, rounds = anytime._fit_budget(staged, batches, precision, 12)
+    assert len(kept) == 4 and rounds == anytime.TIMING_ROUNDS  # a tiny model: everything
+    monkeypatch.setattr(anytime, "TIMING_BUDGET_S", 1e-9)  # as if each image took an hour
+    kept, rounds = anytime._fit_budget(staged, batches, precision, 12)
+    assert len(kept) == 1 and rounds == 1  # one batch, one round, however slow
