@@ -102,7 +102,11 @@ def _flat_modules(backbone: nn.Module, stages: Sequence[str]) -> list[tuple[str,
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    """The same map up to arithmetic noise (a GPU's TF32 or another kernel choice); modules run in
+    the wrong order give a different map altogether."""
+    if a.shape != b.shape:
+        return False
+    return float((a - b).abs().max()) <= 1e-3 * max(1.0, float(b.abs().max()))
 
 
 class StagedStudent:
