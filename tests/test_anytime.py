@@ -336,6 +336,12 @@ def test_export_writes_safetensors_and_an_onnx_output_per_exit(
     evaluated = invoke_cli("eval", folder, "--timing-images", "0", "--json", "--quiet")
     assert evaluated.exit_code == 0, evaluated.stderr
     assert len(json.loads(evaluated.stdout)["heads"]) == 4
+    # Thresholds are chosen on the .pth: an export is not rewritten.
+    before = (folder / "model.safetensors").read_bytes()
+    refused = invoke_cli("eval", folder, "--split", "val", "--early-exit")
+    assert refused.exit_code == 2
+    assert_error_line(refused.stderr, "is an export; choose them on the .pth")
+    assert (folder / "model.safetensors").read_bytes() == before
 
 
 @pytest.mark.slow

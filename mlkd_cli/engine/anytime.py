@@ -35,6 +35,7 @@ from mlkd_cli.engine.precision import Precision, check_precision, prepare_forwar
 from mlkd_cli.models.exits import (
     EXIT_RULE,
     ExitCosts,
+    ExitsCheckpoint,
     StagedStudent,
     check_thresholds,
     load_exits_checkpoint,
@@ -102,6 +103,11 @@ def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
             raise UserError(
                 "--early-exit chooses thresholds on the validation split, never on the test "
                 "split; pass --split val (then evaluate on --split test)"
+            )
+        if not checkpoint.content:
+            raise UserError(
+                f"--early-exit writes the thresholds into the <name>_exits.pth it evaluates, and "
+                f"{request.path} is an export; choose them on the .pth, then export it again"
             )
         folder = request.path.resolve().parent
         if not _writable(folder):
@@ -242,8 +248,10 @@ def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, 
     }
 
 
-def _save_thresholds(checkpoint, job: AnytimeJob, result: CascadeResult, final_top1: float):
-    """Write the chosen thresholds into the exits checkpoint's card (atomically)."""
+def _save_thresholds(
+    checkpoint: ExitsCheckpoint, job: AnytimeJob, result: CascadeResult, final_top1: float
+) -> dict[str, Any]:
+    """Write the chosen thresholds into the exits checkpoint's card (atomically); returns them."""
     record = {
         "values": list(result.thresholds),
         "rule": EXIT_RULE,
