@@ -92,38 +92,35 @@ def evaluate(
         if not os.access(plots, os.W_OK):
             raise UserError(f"--plots folder {plots} is not writable")
     out = shared.output
+    common = {
+        "dataset": dataset,
+        "data_dir": data_dir or Path("data"),
+        "split": split.value,
+        "batch_size": batch_size,
+        "workers": shared["workers"],
+        "precision": shared["precision"] or "auto",
+        "output": out,
+    }
     jobs: list[EvalJob | AnytimeJob] = [
         plan_anytime_job(
             AnytimeRequest(
                 path=path,
-                dataset=dataset,
-                data_dir=data_dir or Path("data"),
-                split=split.value,
                 early_exit=early_exit,
                 max_drop=max_drop,
                 thresholds=given,
                 timing_images=timing_images,
-                batch_size=batch_size,
-                workers=shared["workers"],
-                precision=shared["precision"] or "auto",
-                output=out,
+                **common,
             )
         )
         if path in anytime
         else plan_eval_job(
             EvalRequest(
                 path=path,
-                dataset=dataset,
-                data_dir=data_dir or Path("data"),
-                split=split.value,
                 arch=model,
                 num_classes=num_classes,
                 img_size=img_size,
                 models_dir=models_dir,
-                batch_size=batch_size,
-                workers=shared["workers"],
-                precision=shared["precision"] or "auto",
-                output=out,
+                **common,
             )
         )
         for path in checkpoints

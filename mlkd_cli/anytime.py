@@ -67,9 +67,7 @@ class AnytimeClassifier:
         costs = checkpoint.costs
         if costs is None:
             raise UserError(f"{checkpoint.path} has no MAC counts; it cannot stop early")
-        self._macs = torch.tensor(
-            [costs.up_to(j) for j in range(self.staged.exit_count + 1)], dtype=torch.long
-        )
+        self._macs = torch.tensor(costs.cascade, dtype=torch.long)
         card = checkpoint.card
         self.class_names = list(card.class_names)
         self.transform = build_eval_transform(

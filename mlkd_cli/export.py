@@ -58,16 +58,11 @@ def export_checkpoint(
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     destination = output or default_output(checkpoint, fmt)
-    # The folder that receives the export must exist (a safetensors folder itself is created).
-    parent = destination.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write {destination}: {parent} is not a writable folder")
+    _check_destination(destination)
     model, card = load_trained_model(checkpoint, arch, num_classes)
     model.eval()
     size = img_size or (card.img_size if card else 224)
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(2, 3, size, size, generator=generator)
-    check = torch.randn(3, 3, size, size, generator=generator)  # another batch size: dynamic axis
+    example, check = _probe_batches(size)
     with torch.no_grad():
         expected = model(check)
     writer = {"safetensors": _safetensors, "onnx": _onnx, "torchscript": _torchscript}[fmt]
@@ -83,6 +78,22 @@ def export_checkpoint(
         "checked_with": checked_with,
         "img_size": size,
     }
+
+
+def _check_destination(destination: Path) -> None:
+    """The folder that receives an export must exist and be writable (a safetensors folder
+    itself is created)."""
+    parent = destination.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {destination}: {parent} is not a writable folder")
+
+
+def _probe_batches(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch an export is traced on, and another of another size that checks it (the batch
+    axis must be dynamic)."""
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, size, size, generator=generator)
+    return example, torch.randn(3, 3, size, size, generator=generator)
 
 
 def _verified_file(
@@ -262,14 +273,10 @@ def export_exits_checkpoint(
     loaded = load_exits_checkpoint(checkpoint)
     destinations = {f: output or default_output(checkpoint, f) for f in formats}
     for destination in destinations.values():
-        parent = destination.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise UserError(f"cannot write {destination}: {parent} is not a writable folder")
+        _check_destination(destination)
     student = loaded.student
     size = loaded.card.img_size
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(2, 3, size, size, generator=generator)
-    check = torch.randn(3, 3, size, size, generator=generator)
+    example, check = _probe_batches(size)
     with torch.no_grad():
         expected = student(check)
     results = []

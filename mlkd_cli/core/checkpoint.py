@@ -109,13 +109,16 @@ def save_exits_model(
     )
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a .pth file with `weights_only=True`, turning every failure into a UserError."""
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """Load a .pth file with `weights_only=True`, turning every failure into a UserError.
+
+    `mmap` maps the tensors instead of reading them (for a look at the metadata).
+    """
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; check the path")
     try:
         with torch.serialization.safe_globals(list(SAFE_CLASSES)):
-            content = torch.load(path, map_location="cpu", weights_only=True)
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if "global" in str(exc).lower():
             raise UserError(
@@ -133,28 +136,23 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return content
 
 
-def read_weights(
-    path: Path, ema: bool = True, exits: bool = False
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_weights(path: Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights and whatever metadata a .pth or .safetensors file carries.
 
     A checkpoint of timm's train.py holds its EMA weights beside the raw ones; they are taken
     unless `ema` is False. `meta["weights_key"]` says which key the weights came from. A student
-    with exits gives its plain timm model's weights unless `exits` is True.
+    with exits gives its plain timm model's weights.
     """
     if path.suffix == ".safetensors":
         tensors, meta = read_safetensors(path)
-        if "mlkd_exits" in meta and not exits:
-            tensors = _plain_part(tensors)
-        return tensors, meta
+        return (_plain_part(tensors) if "mlkd_exits" in meta else tensors), meta
     content = load_checkpoint(path)
     if not isinstance(content, dict):
         raise UserError(f"{path} holds a {type(content).__name__}, not a state dict")
     if content.get("format") == EXITS_FORMAT and isinstance(content.get("state_dict"), dict):
         # Wherever a plain model is wanted, a student with exits gives its timm model.
         meta = {k: v for k, v in content.items() if k != "state_dict"}
-        state = content["state_dict"]
-        return (state if exits else _plain_part(state)), meta
+        return _plain_part(content["state_dict"]), meta
     keys = (EMA_KEY, *WEIGHT_KEYS) if ema else WEIGHT_KEYS
     for key in keys:
         if isinstance(content.get(key), dict):

@@ -5,7 +5,6 @@ early stopping."""
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -15,13 +14,14 @@ from typing import Any
 
 import torch
 
-from mlkd_cli.core.checkpoint import atomic_save
-from mlkd_cli.core.console import OutputOptions, Reporter
+from mlkd_cli.core.atomic import check_writable
+from mlkd_cli.core.checkpoint import atomic_save, load_checkpoint
+from mlkd_cli.core.console import OutputOptions
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.metrics import classification_metrics
 from mlkd_cli.data.loaders import build_eval_loader
-from mlkd_cli.data.registry import get_dataset_spec, load_splits
+from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine.cascade import (
     TABLE_THRESHOLDS,
     CascadeResult,
@@ -29,13 +29,19 @@ from mlkd_cli.engine.cascade import (
     choose_thresholds,
     evaluate_cascade,
 )
-from mlkd_cli.engine.launch import launch, launcher_rank, resolve_device
-from mlkd_cli.engine.logits import PlannedPass, card_recipe, split_dataset, split_logits
-from mlkd_cli.engine.precision import Precision, check_precision, prepare_forward
+from mlkd_cli.engine.launch import resolve_device
+from mlkd_cli.engine.logits import (
+    PlannedPass,
+    card_recipe,
+    check_split,
+    launch_pass,
+    model_pass,
+    split_dataset,
+)
+from mlkd_cli.engine.precision import Precision, prepare_forward
 from mlkd_cli.models.exits import (
     EXIT_RULE,
     ExitCosts,
-    ExitsCheckpoint,
     StagedStudent,
     check_thresholds,
     load_exits_checkpoint,
@@ -73,11 +79,18 @@ class AnytimeJob(PlannedPass):
 
     path: Path
     label: str
-    exit_count: int
+    costs: ExitCosts  # MACs per image of the cascade's parts, from the checkpoint
+    head_names: tuple[str, ...]  # final, then each exit
+    saved_thresholds: dict[str, Any] | None  # what an earlier --early-exit chose and wrote
     early_exit: bool
     max_drop: float
     thresholds: tuple[float, ...] | None
     timing_images: int
+
+    @property
+    def exit_count(self) -> int:
+        """Exits before the final head."""
+        return len(self.head_names) - 1
 
 
 def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
@@ -93,7 +106,7 @@ def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
             f"{request.path}: {card.arch} cannot be run stage by stage, so it cannot stop early"
         )
     exit_count = len(checkpoint.student.exits)
-    thresholds = None
+    thresholds: tuple[float, ...] | None = None
     if request.thresholds is not None:
         thresholds = tuple(check_thresholds(request.thresholds, exit_count))
     if request.early_exit:
@@ -104,91 +117,52 @@ def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
                 "--early-exit chooses thresholds on the validation split, never on the test "
                 "split; pass --split val (then evaluate on --split test)"
             )
-        if not checkpoint.content:
+        if checkpoint.exported:
             raise UserError(
                 f"--early-exit writes the thresholds into the <name>_exits.pth it evaluates, and "
                 f"{request.path} is an export; choose them on the .pth, then export it again"
             )
-        folder = request.path.resolve().parent
-        if not _writable(folder):
-            raise UserError(f"--early-exit writes the thresholds into {request.path}: not writable")
-    dataset = request.dataset or card.dataset
-    get_dataset_spec(dataset)
-    val_fraction = float(card.extra.get("val_fraction", 0.1))
-    splits = load_splits(dataset, request.data_dir, False, val_fraction)
-    if splits.num_classes != card.num_classes:
-        raise UserError(
-            f"{request.path} predicts {card.num_classes} classes but {dataset} has "
-            f"{splits.num_classes}; pass the --dataset it was trained on"
-        )
-    recipe = card_recipe(card)
-    split_dataset(splits, request.split, recipe)  # refuses an absent split
-    return AnytimeJob(
+        check_writable(request.path.resolve().parent, "--early-exit writes into the folder")
+    job = AnytimeJob(
         path=request.path,
         label=request.path.name,
-        dataset=dataset,
+        dataset=request.dataset or card.dataset,
         data_dir=request.data_dir,
         split=request.split,
-        val_fraction=val_fraction,
-        recipe=recipe,
+        val_fraction=float(card.extra.get("val_fraction", 0.1)),
+        recipe=card_recipe(card),
         batch_size=request.batch_size,
         workers=request.workers,
         precision=request.precision,
         output=request.output,
-        exit_count=exit_count,
+        costs=checkpoint.costs,
+        head_names=tuple(checkpoint.student.head_names),
+        saved_thresholds=checkpoint.exits.get("thresholds"),
         early_exit=request.early_exit,
         max_drop=request.max_drop,
         thresholds=thresholds,
         timing_images=request.timing_images,
     )
-
-
-def _writable(folder: Path) -> bool:
-    return folder.is_dir() and os.access(folder, os.W_OK)
+    check_split(request.path, job, card.num_classes)
+    return job
 
 
 def run_heads_pass(ctx: DistContext, job: AnytimeJob) -> dict[str, Any]:
     """Every head's logits over the job's split, (heads, images, classes) on rank 0."""
-    checkpoint = load_exits_checkpoint(job.path)
-    student = checkpoint.student
-    splits = load_splits(job.dataset, job.data_dir, False, job.val_fraction)
-    dataset = split_dataset(splits, job.split, job.recipe)
-    precision = prepare_forward(job.precision, student, job.recipe.img_size, ctx, job.batch_size)
-    report = Reporter(job.output, ctx.rank)
-    report.info(precision.describe())
-    logits, labels, seconds = split_logits(
-        ctx,
-        lambda images: torch.stack(student(images)),
-        precision,
-        dataset,
-        job.batch_size,
-        job.workers,
-        report,
-        f"{job.label} on {job.split}",
+    return model_pass(
+        ctx, job, lambda _: load_exits_checkpoint(job.path).student, job.label, heads=True
     )
-    return {"logits": logits, "labels": labels, "class_names": splits.class_names}
 
 
 def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, Any] | None:
     """Heads, cascades and (with --early-exit) the chosen thresholds; None off rank 0."""
-    check_precision(job.precision, resolve_device(device))
-    collected = launch(
-        run_heads_pass,
-        job,
-        world_size,
-        device,
-        memory_hint=f"lower --batch-size, now {job.batch_size} per process",
-    )
-    if launcher_rank() != 0:
+    collected = launch_pass(run_heads_pass, job, world_size, device)
+    if collected is None:
         return None
-    checkpoint = load_exits_checkpoint(job.path)
-    costs = checkpoint.costs
-    assert costs is not None  # the plan refused a checkpoint without them
-    logits = torch.from_numpy(collected["logits"])
-    labels = torch.from_numpy(collected["labels"])
-    names = checkpoint.student.head_names
+    costs = job.costs
+    logits, labels = collected["logits"], collected["labels"]
     heads = []
-    for h, name in enumerate(names):
+    for h, name in enumerate(job.head_names):
         metrics = classification_metrics(logits[h], labels, collected["class_names"])
         position = job.exit_count if h == 0 else h - 1  # cascade order: exits, then final
         heads.append(
@@ -203,16 +177,16 @@ def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, 
             }
         )
     outputs = HeadOutputs.from_logits(logits, labels)
-    cascade_macs = cascade_costs(costs)
+    cascade_macs = costs.cascade
     rows: list[tuple[str, CascadeResult]] = []
     chosen_record = None
     if job.early_exit:
         values = choose_thresholds(outputs, cascade_macs, job.max_drop)
         result = evaluate_cascade(outputs, values, cascade_macs, costs.plain)
-        chosen_record = _save_thresholds(checkpoint, job, result, heads[0]["top1"])
+        chosen_record = _save_thresholds(job, result, heads[0]["top1"])
         rows.append(("chosen", result))
-    elif checkpoint.thresholds is not None:
-        values = checkpoint.thresholds
+    elif job.saved_thresholds is not None:
+        values = job.saved_thresholds["values"]
         rows.append(("chosen", evaluate_cascade(outputs, values, cascade_macs, costs.plain)))
     if job.thresholds is not None:
         given = evaluate_cascade(outputs, job.thresholds, cascade_macs, costs.plain)
@@ -243,14 +217,12 @@ def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, 
         "macs_img_size": costs.img_size,
         "heads": heads,
         "cascades": cascades,
-        "chosen": chosen_record or checkpoint.exits.get("thresholds"),
+        "chosen": chosen_record or job.saved_thresholds,
         "timed_images": speeds["images"] if speeds else 0,
     }
 
 
-def _save_thresholds(
-    checkpoint: ExitsCheckpoint, job: AnytimeJob, result: CascadeResult, final_top1: float
-) -> dict[str, Any]:
+def _save_thresholds(job: AnytimeJob, result: CascadeResult, final_top1: float) -> dict[str, Any]:
     """Write the chosen thresholds into the exits checkpoint's card (atomically); returns them."""
     record = {
         "values": list(result.thresholds),
@@ -263,8 +235,8 @@ def _save_thresholds(
         "macs_pct": result.macs_pct,
         "exit_shares": list(result.shares),
     }
-    content = dict(checkpoint.content)
-    content["exits"] = {**checkpoint.exits, "thresholds": record}
+    content = load_checkpoint(job.path)
+    content["exits"] = {**content["exits"], "thresholds": record}
     atomic_save(content, job.path)
     return record
 
@@ -373,8 +345,3 @@ def _each(function: Callable[[torch.Tensor], Any]) -> Callable[[list[torch.Tenso
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cascade_costs(costs: ExitCosts) -> list[int]:
-    """MACs per image of leaving at each head, in cascade order."""
-    return [costs.up_to(j) for j in range(len(costs.branches) + 1)]

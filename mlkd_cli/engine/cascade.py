@@ -12,6 +12,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -60,12 +61,12 @@ class HeadOutputs:
         """Exits before the final head."""
         return self.logits.shape[0] - 1
 
-    @property
+    @cached_property
     def probs(self) -> torch.Tensor:
         """(heads, images, classes): float32 softmax, the arithmetic the cascade decides by."""
         return self.logits.softmax(dim=-1)
 
-    @property
+    @cached_property
     def confidence(self) -> torch.Tensor:
         """(heads, images): each head's top probability."""
         return self.probs.amax(dim=-1)
@@ -174,21 +175,19 @@ def choose_thresholds(
 
 def _candidates(size: int, exits: int, count: int, score) -> list[tuple[int, ...]]:
     """Grid positions to try: shared ones for a small split, all combinations when few enough,
-    else the choices met by coordinate descent from the most cautious thresholds."""
+    else the one that coordinate descent from the most cautious thresholds settles on."""
     if count < PER_EXIT_FROM:
         return [tuple([g] * exits) for g in range(size)]
     if size**exits <= EXHAUSTIVE_LIMIT:
         return list(itertools.product(range(size), repeat=exits))
-    tried, current = [], tuple([size - 1] * exits)
+    current = tuple([size - 1] * exits)
     for _ in range(3):
         for j in range(exits):
             options = [(*current[:j], g, *current[j + 1 :]) for g in range(size)]
-            tried.extend(options)
-            scored = [(score(o), o) for o in options]
-            feasible = [(f[0], -f[1], o) for f, o in scored if f is not None]
+            feasible = [(f[0], -f[1], o) for o in options if (f := score(o)) is not None]
             if feasible:
                 current = min(feasible)[2]
-    return tried
+    return [current]
 
 
 def macs_label(macs: float) -> str:

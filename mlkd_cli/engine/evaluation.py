@@ -8,16 +8,14 @@ from typing import Any
 
 import torch
 
-from mlkd_cli.core.console import OutputOptions, Reporter
+from mlkd_cli.core.console import OutputOptions
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.metrics import classification_metrics
-from mlkd_cli.data.registry import get_dataset_spec, load_splits
+from mlkd_cli.data.registry import DataSplits, get_dataset_spec
 from mlkd_cli.data.transforms import ImageRecipe
 from mlkd_cli.engine.ensemble import LogitsRequest, plan_ensemble_run
-from mlkd_cli.engine.launch import launch, launcher_rank, resolve_device
-from mlkd_cli.engine.logits import PlannedPass, card_recipe, split_dataset, split_logits
-from mlkd_cli.engine.precision import check_precision, prepare_forward
+from mlkd_cli.engine.logits import PlannedPass, card_recipe, check_split, launch_pass, model_pass
 from mlkd_cli.models.ensemble_config import EnsembleConfig, read_ensemble_config
 from mlkd_cli.models.factory import load_trained_model
 from mlkd_cli.models.teacher import InputSpec, build_teacher
@@ -66,23 +64,17 @@ def plan_model_job(request: EvalRequest) -> EvalJob:
         recipe = ImageRecipe(img_size=spec.img_size, crop_pct=spec.crop_pct)
     if request.img_size is not None:
         recipe = replace(recipe, img_size=request.img_size)
-    val_fraction = float(card.extra.get("val_fraction", 0.1)) if card else 0.1
-    splits = load_splits(dataset, request.data_dir, False, val_fraction)
     classes = card.num_classes if card else num_classes
-    if classes != splits.num_classes:
-        raise UserError(
-            f"{path} predicts {classes} classes but {dataset} has {splits.num_classes}; "
-            "pass the --dataset it was trained on"
-        )
-    split_dataset(splits, request.split, recipe)  # refuses an absent split, before any worker
-    return EvalJob(
+    job = EvalJob(
         **_job_basics(request),
         dataset=dataset,
-        val_fraction=val_fraction,
+        val_fraction=float(card.extra.get("val_fraction", 0.1)) if card else 0.1,
         recipe=recipe,
         arch=arch or (card.arch if card else None),
         num_classes=classes,
     )
+    check_split(path, job, classes)  # before any worker
+    return job
 
 
 def _job_basics(request: EvalRequest) -> dict[str, Any]:
@@ -101,34 +93,14 @@ def _job_basics(request: EvalRequest) -> dict[str, Any]:
 
 def run_eval_job(ctx: DistContext, job: EvalJob) -> dict[str, Any]:
     """Logits of one checkpoint or ensemble over the job's split (rank 0's result is complete)."""
-    splits = load_splits(job.dataset, job.data_dir, False, job.val_fraction)
-    dataset = split_dataset(splits, job.split, job.recipe)
-    if job.ensemble is not None:
-        input_spec = InputSpec(job.recipe.img_size, job.recipe.mean, job.recipe.std)
-        model, _, _ = build_teacher(job.ensemble, splits.num_classes, input_spec)
-    else:
-        model, _ = load_trained_model(job.path, job.arch, job.num_classes)
-        model.eval()
-    precision = prepare_forward(job.precision, model, job.recipe.img_size, ctx, job.batch_size)
-    report = Reporter(job.output, ctx.rank)
-    report.info(precision.describe())
-    logits, labels, seconds = split_logits(
-        ctx,
-        model,
-        precision,
-        dataset,
-        job.batch_size,
-        job.workers,
-        report,
-        f"{job.label} on {job.split}",
-    )
-    return {
-        "logits": logits,
-        "labels": labels,
-        "seconds": seconds,
-        "class_names": splits.class_names,
-        "params": sum(p.numel() for p in model.parameters()),
-    }
+
+    def build(splits: DataSplits) -> torch.nn.Module:
+        if job.ensemble is not None:
+            input_spec = InputSpec(job.recipe.img_size, job.recipe.mean, job.recipe.std)
+            return build_teacher(job.ensemble, splits.num_classes, input_spec)[0]
+        return load_trained_model(job.path, job.arch, job.num_classes)[0].eval()
+
+    return model_pass(ctx, job, build, job.label)
 
 
 ENSEMBLE_SUFFIXES = (".json", ".yaml", ".yml")
@@ -168,18 +140,10 @@ class Measured:
 
 def measure(job: EvalJob, world_size: int, device: str) -> Measured | None:
     """Run a job on `world_size` processes; rank 0 gets the metrics, other torchrun ranks None."""
-    check_precision(job.precision, resolve_device(device))
-    collected = launch(
-        run_eval_job,
-        job,
-        world_size,
-        device,
-        memory_hint=f"lower --batch-size, now {job.batch_size} per process",
-    )
-    if launcher_rank() != 0:
+    collected = launch_pass(run_eval_job, job, world_size, device)
+    if collected is None:
         return None
-    logits = torch.from_numpy(collected["logits"])
-    labels = torch.from_numpy(collected["labels"])
+    logits, labels = collected["logits"], collected["labels"]
     metrics = classification_metrics(logits, labels, collected["class_names"])
     seconds = collected["seconds"]
     metrics["images_per_s"] = len(labels) / seconds if seconds else None

@@ -19,9 +19,10 @@ from mlkd_cli.core.console import OutputOptions, Reporter
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import ShardSampler, TransformedSubset, build_eval_loader
-from mlkd_cli.data.registry import DataSplits
+from mlkd_cli.data.registry import DataSplits, load_splits
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
-from mlkd_cli.engine.precision import Precision
+from mlkd_cli.engine.launch import launch, launcher_rank, resolve_device
+from mlkd_cli.engine.precision import Precision, check_precision, prepare_forward
 
 SPLITS = ("val", "test")
 
@@ -50,6 +51,77 @@ def split_dataset(splits: DataSplits, split: str, recipe: ImageRecipe) -> Transf
             raise UserError(f"{splits.spec.name} has no test split here; use --split val")
         return TransformedSubset(splits.test, range(len(splits.test)), build_eval_transform(recipe))
     raise UserError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+
+
+def check_split(path: Path, job: PlannedPass, classes: int | None) -> None:
+    """Refuse, before any worker starts, a dataset whose class count is not the model's or that
+    lacks the split."""
+    splits = load_splits(job.dataset, job.data_dir, False, job.val_fraction)
+    if classes != splits.num_classes:
+        raise UserError(
+            f"{path} predicts {classes} classes but {job.dataset} has {splits.num_classes}; "
+            "pass the --dataset it was trained on"
+        )
+    split_dataset(splits, job.split, job.recipe)  # refuses an absent split
+
+
+def model_pass(
+    ctx: DistContext,
+    job: PlannedPass,
+    build: Callable[[DataSplits], torch.nn.Module],
+    label: str,
+    heads: bool = False,
+) -> dict:
+    """The logits of `build(splits)` over the job's split on every rank, the model placed for the
+    job's precision first; with `heads`, of every head of a model returning a tuple, stacked
+    (heads, images, classes). `logits`, `labels`, `seconds` are complete on rank 0, beside the
+    split's `class_names` and the model's `params`."""
+    splits = load_splits(job.dataset, job.data_dir, False, job.val_fraction)
+    dataset = split_dataset(splits, job.split, job.recipe)
+    model = build(splits)
+    precision = prepare_forward(job.precision, model, job.recipe.img_size, ctx, job.batch_size)
+    report = Reporter(job.output, ctx.rank)
+    report.info(precision.describe())
+    logits, labels, seconds = split_logits(
+        ctx,
+        (lambda images: torch.stack(model(images))) if heads else model,
+        precision,
+        dataset,
+        job.batch_size,
+        job.workers,
+        report,
+        f"{label} on {job.split}",
+    )
+    return {
+        "logits": logits,
+        "labels": labels,
+        "seconds": seconds,
+        "class_names": splits.class_names,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def launch_pass(
+    worker: Callable[[DistContext, PlannedPass], dict],
+    job: PlannedPass,
+    world_size: int,
+    device: str,
+) -> dict | None:
+    """Run a pass worker on `world_size` processes; rank 0 gets its result with `logits` and
+    `labels` as tensors, other torchrun ranks None."""
+    check_precision(job.precision, resolve_device(device))
+    collected = launch(
+        worker,
+        job,
+        world_size,
+        device,
+        memory_hint=f"lower --batch-size, now {job.batch_size} per process",
+    )
+    if launcher_rank() != 0:
+        return None
+    collected["logits"] = torch.from_numpy(collected["logits"])
+    collected["labels"] = torch.from_numpy(collected["labels"])
+    return collected
 
 
 def split_logits(

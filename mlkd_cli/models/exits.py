@@ -61,6 +61,11 @@ class ExitCosts:
             return self.plain + sum(self.branches)
         return sum(self.segments[: exit_index + 1]) + sum(self.branches[: exit_index + 1])
 
+    @property
+    def cascade(self) -> list[int]:
+        """`up_to` every head, in cascade order (the exits, then the final head)."""
+        return [self.up_to(j) for j in range(len(self.branches) + 1)]
+
     def alone(self, exit_index: int) -> int:
         """What exit `exit_index` costs used by itself (its backbone prefix and its branch)."""
         if exit_index >= len(self.branches):
@@ -75,7 +80,7 @@ class ExitCosts:
             "branches": list(self.branches),
             "head": self.head,
             "plain": self.plain,
-            "cascade": [self.up_to(j) for j in range(len(self.branches) + 1)],
+            "cascade": self.cascade,
         }
 
     @classmethod
@@ -340,13 +345,17 @@ class ExitsCheckpoint:
     student: MultiExitStudent
     card: ModelCard
     exits: dict[str, Any]
-    content: dict[str, Any]
 
     @property
     def costs(self) -> ExitCosts | None:
         """MACs per image of the cascade's parts, as counted when it was saved."""
         macs = self.exits.get("macs")
         return ExitCosts.from_record(macs) if macs else None
+
+    @property
+    def exported(self) -> bool:
+        """True when loaded from `mlkd export`'s safetensors (not a `<name>_exits.pth`)."""
+        return _is_export(self.path)
 
     @property
     def thresholds(self) -> list[float] | None:
@@ -367,9 +376,9 @@ def is_exits_checkpoint(path: Path) -> bool:
     if path.suffix.lower() in (".json", ".yaml", ".yml"):
         return False  # an ensemble file
     try:
-        content = load_checkpoint(path)
+        content = load_checkpoint(path, mmap=True)  # the metadata, not every tensor
     except UserError:
-        return False  # not readable: whoever loads it says why
+        return False  # unreadable (or an old format that cannot be mapped): the loader says why
     return isinstance(content, dict) and content.get("format") == EXITS_FORMAT
 
 
@@ -383,10 +392,14 @@ def _safetensors_header(path: Path) -> dict[str, str]:
         return {}  # not readable: whoever loads it says so
 
 
+def _is_export(path: Path) -> bool:
+    return path.is_dir() or path.suffix == ".safetensors"
+
+
 def load_exits_checkpoint(path: Path) -> ExitsCheckpoint:
     """The student with its exits from `<name>_exits.pth`, or from its safetensors export (the
     folder or its `model.safetensors`), checked and in eval mode."""
-    if path.is_dir() or path.suffix == ".safetensors":
+    if _is_export(path):
         return load_exits_safetensors(path / "model.safetensors" if path.is_dir() else path)
     content = load_checkpoint(path)
     if not isinstance(content, dict) or content.get("format") != EXITS_FORMAT:
@@ -397,7 +410,7 @@ def load_exits_checkpoint(path: Path) -> ExitsCheckpoint:
     card = ModelCard.from_checkpoint(content)
     exits = dict(content["exits"])
     student = build_exits_student(card, exits, content["state_dict"], path)
-    return ExitsCheckpoint(path, student, card, exits, content)
+    return ExitsCheckpoint(path, student, card, exits)
 
 
 def build_exits_student(
@@ -428,4 +441,4 @@ def load_exits_safetensors(path: Path) -> ExitsCheckpoint:
     except (ValueError, TypeError) as exc:
         raise UserError(f"{path} has a damaged mlkd header ({exc})") from None
     student = build_exits_student(card, exits, tensors, path)
-    return ExitsCheckpoint(path, student, card, exits, {})
+    return ExitsCheckpoint(path, student, card, exits)
