@@ -103,10 +103,10 @@ def test_patch_conv_equals_the_strided_convolution(channels_last: bool) -> None:
     plain = nn.Conv2d(6, 5, 4, stride=4, bias=True)
     plain.load_state_dict(patch.state_dict())
     assert list(patch.state_dict()) == list(plain.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    patch.to(memory_format=fmt)  # the patch order follows the weight's layout
     for size in (16, 18):  # divisible, and not (the latter takes the plain path)
-        x = torch.randn(3, 6, size, size)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = torch.randn(3, 6, size, size).contiguous(memory_format=fmt)
         a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
         out_patch, out_plain = patch(a), plain(b)
         assert out_patch.shape == out_plain.shape
@@ -116,7 +116,16 @@ def test_patch_conv_equals_the_strided_convolution(channels_last: bool) -> None:
         out_plain.backward(grad)
         assert torch.allclose(a.grad, b.grad, atol=1e-5)
         assert torch.allclose(patch.weight.grad, plain.weight.grad, atol=1e-4)
+        # The gradient that reaches the layer below keeps the input's layout (not the patches'
+        # strides; `.grad` of a leaf would hide it, autograd reorders those).
+        below = x.clone().requires_grad_() * 1.0
+        seen: list[torch.Tensor] = []
+        below.register_hook(seen.append)
+        patch(below).backward(grad)
+        assert seen[0].is_contiguous(memory_format=fmt)
         patch.zero_grad(), plain.zero_grad()
+        with torch.no_grad():  # inference takes the same patches without an autograd node
+            assert torch.allclose(patch(x), plain(x), atol=1e-5)
     student = build_student("test_resnet", 3, None, 32)
     assert any(isinstance(m, PatchConv2d) for m in student.exits.modules())
 
