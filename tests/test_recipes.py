@@ -113,4 +113,5 @@ def test_distill_with_the_original_recipe_keeps_the_lowest_validation_kd_loss(
     best = min(rows, key=lambda r: r["val_kd_loss"])
     assert summary["best_epoch"] == best["epoch"]
     assert history["config"]["precision"] == "fp32" and history["precision"].startswith("fp32")
+    assert "--recipe original runs fp32" in history["precision"]  # the first line says why
     assert {r["lr"] for r in rows} == {1e-3}  # constant, no warmup
