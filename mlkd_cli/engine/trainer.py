@@ -57,6 +57,7 @@ from mlkd_cli.engine.interrupt import StopRequest
 from mlkd_cli.engine.launch import launch
 from mlkd_cli.engine.loggers import build_loggers, parse_log_to
 from mlkd_cli.engine.precision import Precision, choose_layout, keep_idle_tap_convs_fp32
+from mlkd_cli.models.norms import use_fast_group_norms
 
 
 @dataclass(frozen=True)
@@ -415,6 +416,7 @@ class _Run:
     def _setup_model(self) -> None:
         seed_everything(self.cfg.seed, 0, -1)  # identical initial weights on every rank
         model = self.task.build(self.ctx)
+        use_fast_group_norms(model)  # before the layout is timed: it changes channels_last's speed
         size = self.plan.recipe.img_size
         sample = (3, size, size)
         earlier = self._earlier_layout()
