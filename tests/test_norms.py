@@ -88,3 +88,29 @@ def test_the_measurement_picks_the_faster_layout_per_pass(monkeypatch) -> None:
     x, _ = _inputs(torch.float32)
     assert norms._choose(x, nn.GroupNorm(8, 16)) == (True, False)
     assert len(ran) == 4  # every variant really ran
+
+
+def test_a_real_measurement_then_training_matches_group_norm(monkeypatch) -> None:
+    # No stand-ins: the first training call times both layouts for real, remembers the choice,
+    # and the result is F.group_norm's whichever layout won.
+    monkeypatch.setattr(norms, "_CHOICES", {})
+    norm = FastGroupNormAct(16, 8)
+    x, grad = _inputs(torch.float32)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = norm(a)
+    ours.backward(grad)
+    assert list(norms._CHOICES.values())[0] in {
+        (f, g) for f in (False, True) for g in (False, True)
+    }
+    theirs = F.relu(F.group_norm(b, 8, norm.weight, norm.bias, norm.eps))
+    theirs.backward(grad)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+def test_timing_keeps_the_fastest_call(monkeypatch) -> None:
+    clock = iter([0.0, 5.0, 10.0, 11.0, 20.0, 29.0, 30.0, 32.0, 40.0, 47.0])
+    monkeypatch.setattr(norms.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert norms._seconds(lambda: calls.append(1)) == 1.0  # the calls took 5, 1, 9, 2, 7
+    assert len(calls) == norms.TIMED_CALLS + 1  # one untimed first
