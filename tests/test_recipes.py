@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,12 @@ def test_the_original_recipe_sets_every_documented_difference() -> None:
     # A flag still wins over the recipe; without Mixup/CutMix the original used hard labels.
     given = _config(recipe="original", temperature=3.0, mixup_alpha=0.0, cutmix_alpha=0.0)
     assert given.temperature == 3.0 and given.label_smoothing == 0.0
+    # The run's first line names where fp32 came from: the recipe, or the user's own flag; the
+    # pipeline's dataclasses.replace keeps it, and it is no setting of the records.
+    assert cfg.source_of("precision") == "--recipe original"
+    assert replace(cfg, resume=True).source_of("precision") == "--recipe original"
+    assert _config(recipe="original", precision="fp32").source_of("precision") == "--precision fp32"
+    assert "recipe_filled" not in cfg.to_record()
 
 
 def test_the_mlkd_recipe_mixes_only_over_long_schedules() -> None:
@@ -113,5 +120,5 @@ def test_distill_with_the_original_recipe_keeps_the_lowest_validation_kd_loss(
     best = min(rows, key=lambda r: r["val_kd_loss"])
     assert summary["best_epoch"] == best["epoch"]
     assert history["config"]["precision"] == "fp32" and history["precision"].startswith("fp32")
-    assert "--recipe original runs fp32" in history["precision"]  # the first line says why
+    assert "(--recipe original;" in history["precision"]  # the first line says why
     assert {r["lr"] for r in rows} == {1e-3}  # constant, no warmup

@@ -208,10 +208,16 @@ class TrainConfig:
             )
         _check_not_negative({"color-jitter": self.color_jitter})
 
+    def source_of(self, key: str) -> str:
+        """Where a setting's value came from, as the run's first line words it."""
+        return f"--{key.replace('_', '-')} {getattr(self, key)}"
+
     def to_record(self) -> dict[str, Any]:
         """Plain values for history files and checkpoints (paths as strings)."""
         record = asdict(self)
-        record.pop("output")
+        for f in fields(self):  # the console, and bookkeeping that is not a setting
+            if f.name == "output" or f.metadata.get("internal"):
+                record.pop(f.name)
         return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}
 
 
@@ -329,14 +335,23 @@ class DistillConfig(TrainConfig):
     # fixed teacher input (--no-augment, no Mixup/CutMix).
     teacher_cache: bool = False
     loss: str | None = None  # a name in losses.LOSSES
+    # The settings `__post_init__` filled from the recipe (not the user's): for `source_of`.
+    recipe_filled: tuple[str, ...] = field(default=(), repr=False, metadata={"internal": True})
 
     def __post_init__(self) -> None:
         """Fill the settings left out from the recipe."""
         if self.recipe not in RECIPES:
             return  # `validate` names the choices
+        filled = set(self.recipe_filled)  # kept by dataclasses.replace, whose values are all set
         for key, value in recipe_values(self.recipe, self).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+                filled.add(key)
+        self.recipe_filled = tuple(sorted(filled))
+
+    def source_of(self, key: str) -> str:
+        """`--recipe NAME` for a setting the recipe filled, else the flag that set it."""
+        return f"--recipe {self.recipe}" if key in self.recipe_filled else super().source_of(key)
 
     def batch_plan(self, world_size: int) -> BatchPlan:
         """One forward pass of --batch-size per process a step (mlkd's recipe, as teacher
@@ -399,7 +414,7 @@ def recipe_values(recipe: str, config: DistillConfig) -> dict[str, Any]:
 
 def config_field_names(cls: type) -> set[str]:
     """The settable keys of a config class (what presets and flags may name)."""
-    return {f.name for f in fields(cls) if f.name != "output"}
+    return {f.name for f in fields(cls) if f.name != "output" and not f.metadata.get("internal")}
 
 
 def build_config(cls: type[C], values: dict[str, Any], origin: str = "settings") -> C:

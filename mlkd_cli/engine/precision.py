@@ -78,13 +78,14 @@ class Precision:
     fp32_convs: int = 0  # convolutions kept in fp32 under bf16 (see `keep_idle_tap_convs_fp32`)
 
     @classmethod
-    def resolve(cls, requested: str, device: torch.device) -> Precision:
+    def resolve(cls, requested: str, device: torch.device, source: str = "") -> Precision:
         """The precision `requested` (auto|bf16|fp32) means on `device`, with the usual layout
-        (channels_last on CUDA) until `choose_layout` measures."""
+        (channels_last on CUDA) until `choose_layout` measures; `source` says who asked for fp32
+        (default `--precision fp32`)."""
         check_precision(requested, device.type)
         cuda = device.type == "cuda"
         if requested == "fp32":
-            return cls(device, False, cuda, "--precision fp32")
+            return cls(device, False, cuda, source or "--precision fp32")
         if cuda:
             return cls(device, True, True, "CUDA has bf16")
         feature = cpu_bf16_feature()
@@ -266,18 +267,17 @@ def _time_steps(
             trial.to(memory_format=torch.channels_last)
             images = images.contiguous(memory_format=torch.channels_last)
         _one_step(trial, images, precision, train)  # warm-up: allocation, kernel choice
-        best, timed = float("inf"), []
+        timed: list[float] = []
         while len(timed) < LAYOUT_STEPS and (not timed or sum(timed) < LAYOUT_SECONDS):
             _synchronize(device)
             start = time.perf_counter()
             _one_step(trial, images, precision, train)
             _synchronize(device)
             timed.append(time.perf_counter() - start)
-            best = min(best, timed[-1])
         del trial, images
     if device.type == "cuda":
         torch.cuda.empty_cache()  # give the copy's memory back before the run allocates
-    return best
+    return min(timed)
 
 
 def _synchronize(device: torch.device) -> None:

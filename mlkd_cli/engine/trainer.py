@@ -375,9 +375,7 @@ class _Run:
         cfg = plan.config
         self.ctx, self.plan, self.task, self.cfg, self.files = ctx, plan, task, cfg, plan.files
         self.report = Reporter(cfg.output, ctx.rank)
-        self.precision = Precision.resolve(cfg.precision, ctx.device)
-        if getattr(cfg, "recipe", None) == "original" and cfg.precision == "fp32":
-            self.precision = replace(self.precision, why="--recipe original runs fp32")
+        self.precision = Precision.resolve(cfg.precision, ctx.device, cfg.source_of("precision"))
         # The training state this run continues (--resume, or a launcher restart), read once.
         continuing = (cfg.resume or ctx.restart > 0) and self.files.last.is_file()
         self.continued = load_checkpoint(self.files.last) if continuing else None

@@ -55,7 +55,7 @@ def _backward(
         grad.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt), mean, rstd, weight,
         n, c, x.numel() // (n * c), groups, wanted,
     )  # fmt: skip
-    if dx is not None and nchw:
+    if dx is not None:  # the layout the layers below run in (a no-op when already so)
         dx = dx.contiguous(memory_format=_CL)
     return dx, dw, db
 
@@ -108,8 +108,6 @@ class _GroupNormByLayout(torch.autograd.Function):
         source, weight, mean, rstd = ctx.saved_tensors
         wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         dx, dw, db = _backward(grad, source, mean, rstd, weight, ctx.groups, ctx.nchw, wanted)
-        if dx is not None and not dx.is_contiguous(memory_format=_CL):
-            dx = dx.contiguous(memory_format=_CL)
         return dx, dw, db, None, None
 
 

@@ -92,6 +92,12 @@ def _patch_view(x: torch.Tensor, k: int, channels_inner: bool) -> torch.Tensor:
     return grid.permute(0, 2, 4, 1, 3, 5)
 
 
+def _patch_rows(x: torch.Tensor, k: int, channels_inner: bool) -> torch.Tensor:
+    """The patches copied into rows: (N, H/k, W/k, k*k*C)."""
+    n, _, h, w = x.shape
+    return _patch_view(x, k, channels_inner).reshape(n, h // k, w // k, -1)
+
+
 class _Patches(torch.autograd.Function):
     """Copies the non-overlapping k x k patches into rows; the gradient keeps the input's layout.
 
@@ -102,12 +108,11 @@ class _Patches(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, k: int, channels_inner: bool) -> torch.Tensor:
-        n, _, h, w = x.shape
         ctx.k, ctx.channels_inner, ctx.shape = k, channels_inner, x.shape
         ctx.channels_last = not x.is_contiguous() and x.is_contiguous(
             memory_format=torch.channels_last
         )
-        return _patch_view(x, k, channels_inner).reshape(n, h // k, w // k, -1)
+        return _patch_rows(x, k, channels_inner)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -142,8 +147,7 @@ class PatchConv2d(nn.Conv2d):
         if torch.is_grad_enabled() and x.requires_grad:
             patches = _Patches.apply(x, k, channels_inner)
         else:  # inference and export: the same copy, no autograd node
-            n, _, h, w = x.shape
-            patches = _patch_view(x, k, channels_inner).reshape(n, h // k, w // k, -1)
+            patches = _patch_rows(x, k, channels_inner)
         out = F.linear(patches, weight.reshape(self.out_channels, -1), self.bias)
         # Back to (N, C, H/k, W/k) logically, stored channels-last (what the next layers want).
         return out.permute(0, 3, 1, 2)
