@@ -48,7 +48,10 @@ def info(
     data_dir: opt.DataDir = None,
     download: opt.Download = None,
     val_fraction: Annotated[
-        float, typer.Option("--val-fraction", help="Share of training data held out.")
+        float,
+        typer.Option(
+            "--val-fraction", help="Share of training data held out.", rich_help_panel=opt.DATA
+        ),
     ] = 0.1,
     json: opt.Json = False,
 ) -> None:

@@ -22,50 +22,31 @@ D = DistillConfig(dataset="")
 @opt.with_options(opt.training_options(D))
 def distill(
     dataset: opt.Dataset = None,
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="A single teacher's timm model name.")
-    ] = None,
-    checkpoint: Annotated[
-        Path | None, typer.Option("--checkpoint", "-c", help="A single teacher's checkpoint.")
-    ] = None,
     ensemble: Annotated[
         Path | None,
-        typer.Option("--ensemble", help="Ensemble teacher file (default: config.json here)."),
-    ] = None,
-    models_dir: Annotated[
-        Path | None,
-        typer.Option("--models-dir", help="Where the ensemble file's names resolve."),
-    ] = None,
-    student: Annotated[
-        str | None, typer.Option("--student", help=f"Student timm model (default {D.student}).")
-    ] = None,
-    student_checkpoint: Annotated[
-        Path | None,
-        typer.Option("--student-checkpoint", help="Start the student from local weights."),
-    ] = None,
-    pretrained: Annotated[
-        bool | None,
-        typer.Option("--pretrained/--no-pretrained", help="Start the student from timm's hub."),
-    ] = None,
-    exits: Annotated[
-        str | None,
-        typer.Option("--exits", help="Stages that get exits, e.g. 0,1,2 (default: all but last)."),
-    ] = None,
-    exit_weights: Annotated[
-        str | None, typer.Option("--exit-weights", help="Loss weight per exit (default 1 each).")
-    ] = None,
-    name: Annotated[
-        str | None, typer.Option("--name", "-n", help=f"Run name (default {D.name}).")
-    ] = None,
-    alpha: Annotated[
-        float | None,
         typer.Option(
-            "--alpha", help=f"Weight of the KD term vs cross-entropy (default {D.alpha:g})."
+            "--ensemble",
+            help="Ensemble teacher file (default: config.json here).",
+            rich_help_panel=opt.TEACHER,
         ),
     ] = None,
-    temperature: Annotated[
-        float | None,
-        typer.Option("--temperature", help=f"KD temperature (default {D.temperature:g})."),
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="A single teacher's timm model name.",
+            rich_help_panel=opt.TEACHER,
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            help="A single teacher's checkpoint.",
+            rich_help_panel=opt.TEACHER,
+        ),
     ] = None,
     teacher_cache: Annotated[
         bool | None,
@@ -73,14 +54,15 @@ def distill(
             "--teacher-cache/--no-teacher-cache",
             help="Compute the teacher's outputs once and reuse them every epoch (needs "
             "--no-augment and no Mixup/CutMix).",
+            rich_help_panel=opt.TEACHER,
         ),
     ] = None,
-    recipe: Annotated[
-        str | None,
+    models_dir: Annotated[
+        Path | None,
         typer.Option(
-            "--recipe",
-            help="mlkd (default): settings that hold up on small runs and your own data; "
-            "original: the original project's training, setting for setting (README).",
+            "--models-dir",
+            help="Where the ensemble file's names resolve.",
+            rich_help_panel=opt.TEACHER,
         ),
     ] = None,
     teacher_ema: Annotated[
@@ -89,6 +71,76 @@ def distill(
             "--teacher-ema/--no-teacher-ema",
             help="Teachers saved by timm's train.py: use their EMA weights (state_dict_ema; "
             "the default) or the raw ones.",
+            rich_help_panel=opt.TEACHER,
+        ),
+    ] = None,
+    student: Annotated[
+        str | None,
+        typer.Option(
+            "--student",
+            help=f"Student timm model (default {D.student}).",
+            rich_help_panel=opt.STUDENT,
+        ),
+    ] = None,
+    student_checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--student-checkpoint",
+            help="Start the student from local weights.",
+            rich_help_panel=opt.STUDENT,
+        ),
+    ] = None,
+    pretrained: Annotated[
+        bool | None,
+        typer.Option(
+            "--pretrained/--no-pretrained",
+            help="Start the student from timm's hub.",
+            rich_help_panel=opt.STUDENT,
+        ),
+    ] = None,
+    exits: Annotated[
+        str | None,
+        typer.Option(
+            "--exits",
+            help="Stages that get exits, e.g. 0,1,2 (default: all but last).",
+            rich_help_panel=opt.STUDENT,
+        ),
+    ] = None,
+    exit_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--exit-weights",
+            help="Loss weight per exit (default 1 each).",
+            rich_help_panel=opt.STUDENT,
+        ),
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--alpha",
+            help=f"Weight of the KD term vs cross-entropy (default {D.alpha:g}).",
+            rich_help_panel=opt.LOSS,
+        ),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            "--temperature",
+            help=f"KD temperature (default {D.temperature:g}).",
+            rich_help_panel=opt.LOSS,
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", "-n", help=f"Run name (default {D.name}).", rich_help_panel=opt.RUN),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe",
+            help="mlkd (default): settings that hold up on small runs and your own data; "
+            "original: the original project's training, setting for setting (README).",
+            rich_help_panel=opt.RUN,
         ),
     ] = None,
     *,

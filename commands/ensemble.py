@@ -28,13 +28,21 @@ ModelsDir = Annotated[
         "--models-dir",
         help="Where the original format's names resolve, as <dir>/<name>.pth "
         "(default: models/ beside the file).",
+        rich_help_panel=opt.ENSEMBLE,
     ),
 ]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per process per step.")]
+BatchSize = Annotated[
+    int,
+    typer.Option(
+        "--batch-size", "-b", help="Images per process per step.", rich_help_panel=opt.PROCESSES
+    ),
+]
 ValFraction = Annotated[
     float | None,
     typer.Option(
-        "--val-fraction", help="Held-out share of the training data (default: as the members')."
+        "--val-fraction",
+        help="Held-out share of the training data (default: as the members').",
+        rich_help_panel=opt.DATA,
     ),
 ]
 
@@ -82,6 +90,7 @@ def _pass_options() -> list:
                     "--teacher-ema/--no-teacher-ema",
                     help="Members saved by timm's train.py: their EMA weights (state_dict_ema; "
                     "the default) or the raw ones.",
+                    rich_help_panel=opt.ENSEMBLE,
                 ),
             ],
             True,
@@ -115,19 +124,39 @@ def _request(
 def build(
     config_path: Config = Path("config.json"),
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write the fitted file here instead.")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the fitted file here instead.",
+            rich_help_panel=opt.OUTPUT,
+        ),
     ] = None,
     in_place: Annotated[
-        bool, typer.Option("--in-place", help="Rewrite CONFIG (the default without --output).")
+        bool,
+        typer.Option(
+            "--in-place",
+            help="Rewrite CONFIG (the default without --output).",
+            rich_help_panel=opt.OUTPUT,
+        ),
     ] = False,
     fit_temperature: Annotated[
         bool | None,
         typer.Option(
             "--fit-temperature/--no-fit-temperature",
             help="Also fit a temperature, weakly pulled towards 1 (default: the preset's, or no).",
+            rich_help_panel=opt.ENSEMBLE,
         ),
     ] = None,
-    preset: opt.Preset = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset",
+            help="A shipped preset name or a YAML file: its dataset and ensemble settings, "
+            "under the flags given.",
+            rich_help_panel=opt.ENSEMBLE,
+        ),
+    ] = None,
     *,
     shared: opt.Shared,
 ) -> None:
@@ -182,9 +211,9 @@ def build(
 @opt.with_options(_pass_options(), opt.run_options(), opt.output_options())
 def evaluate(
     config_path: Config = Path("config.json"),
-    split: Annotated[opt.SplitChoice, typer.Option("--split", help="Which split.")] = (
-        opt.SplitChoice.val
-    ),
+    split: Annotated[
+        opt.SplitChoice, typer.Option("--split", help="Which split.", rich_help_panel=opt.DATA)
+    ] = opt.SplitChoice.val,
     *,
     shared: opt.Shared,
 ) -> None:

@@ -27,23 +27,32 @@ def evaluate(
         typer.Argument(help="Checkpoints (.pth, .safetensors) or ensemble files to evaluate."),
     ],
     dataset: opt.Dataset = None,
-    split: Annotated[opt.SplitChoice, typer.Option("--split", help="Which split.")] = (
-        opt.SplitChoice.test
-    ),
+    split: Annotated[
+        opt.SplitChoice, typer.Option("--split", help="Which split.", rich_help_panel=opt.DATA)
+    ] = opt.SplitChoice.test,
     data_dir: opt.DataDir = None,
     model: opt.PlainModel = None,
     num_classes: opt.PlainClasses = None,
     img_size: opt.ImgSize = None,
     models_dir: Annotated[
-        Path | None, typer.Option("--models-dir", help="Where an ensemble file's names resolve.")
+        Path | None,
+        typer.Option(
+            "--models-dir",
+            help="Where an ensemble file's names resolve.",
+            rich_help_panel=opt.MODEL,
+        ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per step.")] = 128,
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", "-b", help="Images per step.", rich_help_panel=opt.PROCESSES),
+    ] = 128,
     plots: Annotated[
         Path | None,
         typer.Option(
             "--plots",
             help="Write a confusion matrix and a reliability diagram here (for a student with "
             "exits: accuracy against MACs).",
+            rich_help_panel=opt.OUTPUT,
         ),
     ] = None,
     early_exit: Annotated[
@@ -53,11 +62,16 @@ def evaluate(
             help="For a student with exits (<name>_exits.pth), on --split val: choose the "
             "thresholds with the fewest MACs that keep top-1 within --max-drop of the final "
             "head, and write them into the checkpoint.",
+            rich_help_panel=opt.EARLY_EXIT,
         ),
     ] = False,
     max_drop: Annotated[
         float,
-        typer.Option("--max-drop", help="Top-1 points --early-exit may lose."),
+        typer.Option(
+            "--max-drop",
+            help="Top-1 points --early-exit may lose.",
+            rich_help_panel=opt.EARLY_EXIT,
+        ),
     ] = 0.5,
     thresholds: Annotated[
         str | None,
@@ -65,6 +79,7 @@ def evaluate(
             "--thresholds",
             help="For a student with exits: also evaluate the cascade at these per-exit "
             "thresholds (top softmax probability, in (0, 1]), e.g. 0.9,0.9,0.95.",
+            rich_help_panel=opt.EARLY_EXIT,
         ),
     ] = None,
     timing_images: Annotated[
@@ -72,6 +87,7 @@ def evaluate(
         typer.Option(
             "--timing-images",
             help="For a student with exits: images timed per head and cascade (0: no timing).",
+            rich_help_panel=opt.EARLY_EXIT,
         ),
     ] = 512,
     *,

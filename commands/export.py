@@ -27,8 +27,12 @@ def export(
         typer.Option(
             "--format",
             "-f",
-            help="What to write (default safetensors; for a student with exits, <name>_exits.pth, "
-            "both safetensors and onnx).",
+            # the choices go in the help text: as a type they are too wide for an 80-column
+            # terminal
+            metavar="<format>",
+            help=f"What to write: {', '.join(FORMATS)} (default safetensors; for a student with "
+            "exits, <name>_exits.pth, both safetensors and onnx).",
+            rich_help_panel=opt.EXPORT,
         ),
     ] = None,
     output: Annotated[
@@ -37,11 +41,20 @@ def export(
             "--output",
             "-o",
             help="Destination (default beside the checkpoint; a folder for safetensors).",
+            rich_help_panel=opt.EXPORT,
         ),
     ] = None,
     model: opt.PlainModel = None,
     num_classes: opt.PlainClasses = None,
-    img_size: opt.ImgSize = None,
+    img_size: Annotated[
+        int | None,
+        typer.Option(
+            "--img-size",
+            help="Input size the export is traced and checked at (default: the checkpoint's, "
+            "else 224).",
+            rich_help_panel=opt.MODEL,
+        ),
+    ] = None,
     *,
     shared: opt.Shared,
 ) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.models import ParameterInfo
 
 from mlkd_cli.core.console import OutputOptions
 from mlkd_cli.engine.config import build_config, config_field_names
@@ -20,139 +21,40 @@ from mlkd_cli.presets import preset_section
 C = TypeVar("C")
 R = TypeVar("R")
 
-Preset = Annotated[
-    str | None,
-    typer.Option("--preset", help="A shipped preset name or a YAML file; flags given here win."),
-]
-Dataset = Annotated[
-    str | None, typer.Option("--dataset", "-d", help="Dataset name (see `mlkd data list`).")
-]
-DataDir = Annotated[
-    Path | None,
-    typer.Option("--data-dir", help="Folder holding the dataset files (default data)."),
-]
-Download = Annotated[
-    bool | None,
-    typer.Option(
-        "--download/--no-download", help="Download the dataset if absent (needs a network)."
-    ),
-]
-WorldSize = Annotated[
-    int | None,
-    typer.Option("--world-size", help="Processes to spawn (one per GPU; gloo on CPU) (default 1)."),
-]
-LogTo = Annotated[
-    str | None,
-    typer.Option(
-        "--log-to",
-        help="Also send each epoch's metrics to: tensorboard (writes <output-dir>/"
-        "<name>_tensorboard/; needs pip install 'mlkd[tensorboard]').",
-    ),
-]
-MaxRestarts = Annotated[
-    int | None,
-    typer.Option(
-        "--max-restarts",
-        help="Restart the workers up to N times when one dies, each time from the last saved "
-        "state (default 0; under torchrun, torchrun's own --max-restarts applies).",
-    ),
-]
-Device = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda (default auto).")]
-Seed = Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")]
-Workers = Annotated[
-    int | None, typer.Option("--workers", help="Data-loading workers per process (default auto).")
-]
-OutputDir = Annotated[
-    Path | None,
-    typer.Option("--output-dir", help="Where checkpoints and histories go (default models)."),
-]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue the run from <name>_last.pth.")]
-Overwrite = Annotated[
-    bool, typer.Option("--overwrite", help="Replace an existing run of the same name.")
-]
-ImgSize = Annotated[
-    int | None, typer.Option("--img-size", help="Training resolution (default: the dataset's).")
-]
-ValFraction = Annotated[
-    float | None,
-    typer.Option(
-        "--val-fraction", help="Share of each class held out for validation (default 0.1)."
-    ),
-]
-PlainModel = Annotated[
-    str | None, typer.Option("--model", "-m", help="Architecture, for plain state dicts.")
-]
-PlainClasses = Annotated[
-    int | None, typer.Option("--num-classes", help="Class count, for plain state dicts.")
-]
-SkipNonfinite = Annotated[
-    bool | None,
-    typer.Option(
-        "--skip-nonfinite/--stop-nonfinite",
-        help="Skip optimiser steps whose loss is NaN/inf instead of stopping the run.",
-    ),
-]
-SaveEverySteps = Annotated[
-    int | None,
-    typer.Option(
-        "--save-every-steps",
-        help="Also write the resumable training state every N optimiser steps (default 0: "
-        "at epoch ends only).",
-    ),
-]
-StrictData = Annotated[
-    bool | None,
-    typer.Option(
-        "--strict-data/--skip-unreadable",
-        help="Stop at an image file that cannot be decoded instead of leaving it out.",
-    ),
-]
-DataPipeline = Annotated[
-    str | None,
-    typer.Option(
-        "--data-pipeline",
-        help="device: hold an in-memory dataset on the GPU and augment it there; cpu: loader "
-        "workers; auto (default): device on CUDA for cifar-10/100 and digits.",
-    ),
-]
-Augment = Annotated[
-    bool | None,
-    typer.Option(
-        "--augment/--no-augment",
-        help="Random crop, flip and colour jitter on training images (default on).",
-    ),
-]
-Compile = Annotated[
-    bool | None,
-    typer.Option("--compile/--no-compile", help="torch.compile the models (default off)."),
-]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print results only, no progress.")]
-Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
-
-
-def given(**values: Any) -> dict[str, Any]:
-    """The options the user actually passed (Typer gives None for the rest)."""
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def training_config(
-    cls: type[C],
-    section: str,
-    preset: str | None,
-    flags: dict[str, Any],
-    *,
-    resume: bool,
-    overwrite: bool,
-    quiet: bool,
-    json: bool,
-) -> C:
-    """A run's config: class defaults, then the preset's section, then the flags given."""
-    values = {**preset_section(preset, section, config_field_names(cls)), **flags}
-    values.update(resume=resume, overwrite=overwrite, output=OutputOptions(quiet=quiet, json=json))
-    return build_config(cls, values, origin=preset or "options")
-
-
-# ------------------------------------------------------------------------- shared option groups
+# ------------------------------------------------------------------------------- help panels
+# `--help` shows options in these panels, in this order: `with_options` sorts a command's options
+# by it, so the panel order is written here once. Each option names its panel where it is
+# declared; a panel a command does not use is not shown.
+PIPELINE = "Pipeline"
+DATA = "Data"
+EXPORT = "Export"
+TEACHER = "Teacher"
+MODEL = "Model"
+STUDENT = "Student and exits"
+ENSEMBLE = "Ensemble"
+EARLY_EXIT = "Early exit"
+OPTIMISATION = "Optimisation"
+LOSS = "Loss"
+AUGMENTATION = "Augmentation"
+PROCESSES = "Processes and devices"
+RUN = "Run and checkpoints"
+OUTPUT = "Output"
+PANELS = (
+    PIPELINE,
+    DATA,
+    EXPORT,
+    TEACHER,
+    MODEL,
+    STUDENT,
+    ENSEMBLE,
+    EARLY_EXIT,
+    OPTIMISATION,
+    LOSS,
+    AUGMENTATION,
+    PROCESSES,
+    RUN,
+    OUTPUT,
+)
 
 
 class DeviceChoice(str, Enum):
@@ -186,6 +88,217 @@ class SplitChoice(str, Enum):
     test = "test"
 
 
+# ------------------------------------------------------------------------- shared declarations
+
+Preset = Annotated[
+    str | None,
+    typer.Option(
+        "--preset",
+        help="A shipped preset name or a YAML file; flags given here win.",
+        rich_help_panel=RUN,
+    ),
+]
+Dataset = Annotated[
+    str | None,
+    typer.Option(
+        "--dataset", "-d", help="Dataset name (see `mlkd data list`).", rich_help_panel=DATA
+    ),
+]
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir", help="Folder holding the dataset files (default data).", rich_help_panel=DATA
+    ),
+]
+Download = Annotated[
+    bool | None,
+    typer.Option(
+        "--download/--no-download",
+        help="Download the dataset if absent (needs a network).",
+        rich_help_panel=DATA,
+    ),
+]
+ImgSize = Annotated[
+    int | None,
+    typer.Option(
+        "--img-size", help="Training resolution (default: the dataset's).", rich_help_panel=DATA
+    ),
+]
+ValFraction = Annotated[
+    float | None,
+    typer.Option(
+        "--val-fraction",
+        help="Share of each class held out for validation (default 0.1).",
+        rich_help_panel=DATA,
+    ),
+]
+PlainModel = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="Architecture, for plain state dicts.", rich_help_panel=MODEL
+    ),
+]
+PlainClasses = Annotated[
+    int | None,
+    typer.Option(
+        "--num-classes", help="Class count, for plain state dicts.", rich_help_panel=MODEL
+    ),
+]
+Augment = Annotated[
+    bool | None,
+    typer.Option(
+        "--augment/--no-augment",
+        help="Random crop, flip and colour jitter on training images (default on).",
+        rich_help_panel=AUGMENTATION,
+    ),
+]
+WorldSize = Annotated[
+    int | None,
+    typer.Option(
+        "--world-size",
+        help="Processes to spawn (one per GPU; gloo on CPU) (default 1).",
+        rich_help_panel=PROCESSES,
+    ),
+]
+Device = Annotated[
+    DeviceChoice | None,
+    typer.Option("--device", help="Where models run (default auto).", rich_help_panel=PROCESSES),
+]
+Precision = Annotated[
+    PrecisionChoice | None,
+    typer.Option(
+        "--precision",
+        help="bf16 autocast or fp32. auto (default): bf16 on CUDA and on CPUs with native bf16 "
+        "(AVX512-BF16, AMX), fp32 elsewhere. The run's first line says which was chosen, with "
+        "the memory format.",
+        rich_help_panel=PROCESSES,
+    ),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="Data-loading workers per process (default auto).",
+        rich_help_panel=PROCESSES,
+    ),
+]
+MaxRestarts = Annotated[
+    int | None,
+    typer.Option(
+        "--max-restarts",
+        help="Restart the workers up to N times when one dies, each time from the last saved "
+        "state (default 0; under torchrun, torchrun's own --max-restarts applies).",
+        rich_help_panel=PROCESSES,
+    ),
+]
+DataPipeline = Annotated[
+    PipelineChoice | None,
+    typer.Option(
+        "--data-pipeline",
+        help="device: hold an in-memory dataset on the GPU and augment it there; cpu: loader "
+        "workers; auto (default): device on CUDA for cifar-10/100 and digits.",
+        rich_help_panel=PROCESSES,
+    ),
+]
+Compile = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile the models (default off).",
+        rich_help_panel=PROCESSES,
+    ),
+]
+OutputDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--output-dir",
+        help="Where checkpoints and histories go (default models).",
+        rich_help_panel=RUN,
+    ),
+]
+Resume = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue the run from <name>_last.pth.", rich_help_panel=RUN),
+]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace an existing run of the same name.", rich_help_panel=RUN
+    ),
+]
+Seed = Annotated[
+    int | None, typer.Option("--seed", help="Random seed (default 0).", rich_help_panel=RUN)
+]
+SaveEverySteps = Annotated[
+    int | None,
+    typer.Option(
+        "--save-every-steps",
+        help="Also write the resumable training state every N optimiser steps (default 0: "
+        "at epoch ends only).",
+        rich_help_panel=RUN,
+    ),
+]
+SkipNonfinite = Annotated[
+    bool | None,
+    typer.Option(
+        "--skip-nonfinite/--stop-nonfinite",
+        help="Skip optimiser steps whose loss is NaN/inf instead of stopping the run.",
+        rich_help_panel=RUN,
+    ),
+]
+StrictData = Annotated[
+    bool | None,
+    typer.Option(
+        "--strict-data/--skip-unreadable",
+        help="Stop at an image file that cannot be decoded instead of leaving it out.",
+        rich_help_panel=RUN,
+    ),
+]
+LogTo = Annotated[
+    str | None,
+    typer.Option(
+        "--log-to",
+        # escaped: rich would read [tensorboard] as markup and drop it
+        help="Also send each epoch's metrics to: tensorboard (into <name>_tensorboard/ in "
+        "--output-dir; needs pip install 'mlkd\\[tensorboard]').",
+        rich_help_panel=RUN,
+    ),
+]
+Quiet = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="Print results only, no progress.", rich_help_panel=OUTPUT),
+]
+Json = Annotated[
+    bool,
+    typer.Option("--json", help="Print the result as one JSON object.", rich_help_panel=OUTPUT),
+]
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The options the user actually passed (Typer gives None for the rest)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def training_config(
+    cls: type[C],
+    section: str,
+    preset: str | None,
+    flags: dict[str, Any],
+    *,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    json: bool,
+) -> C:
+    """A run's config: class defaults, then the preset's section, then the flags given."""
+    values = {**preset_section(preset, section, config_field_names(cls)), **flags}
+    values.update(resume=resume, overwrite=overwrite, output=OutputOptions(quiet=quiet, json=json))
+    return build_config(cls, values, origin=preset or "options")
+
+
+# ------------------------------------------------------------------------- shared option groups
+
+
 def _plain(value: Any) -> Any:
     """An Enum choice as its string (what configs hold); anything else as it is."""
     return value.value if isinstance(value, Enum) else value
@@ -200,33 +313,17 @@ def option_group(**options: tuple[Any, Any]) -> list[inspect.Parameter]:
     ]
 
 
-def _opt(kind: Any, *names: str, help: str) -> Any:
-    return Annotated[kind | None, typer.Option(*names, help=help)]
+def _opt(kind: Any, *names: str, help: str, panel: str) -> Any:
+    """An optional flag of type `kind` (None when not given), shown in `--help` under `panel`."""
+    return Annotated[kind | None, typer.Option(*names, help=help, rich_help_panel=panel)]
 
 
 def run_options() -> list[inspect.Parameter]:
     """Where and how processes run: every command that runs models takes these."""
     return option_group(
         world_size=(WorldSize, None),
-        device=(
-            Annotated[
-                DeviceChoice | None,
-                typer.Option("--device", help="Where models run (default auto)."),
-            ],
-            None,
-        ),
-        precision=(
-            Annotated[
-                PrecisionChoice | None,
-                typer.Option(
-                    "--precision",
-                    help="bf16 autocast or fp32. auto (default): bf16 on CUDA and on CPUs with "
-                    "native bf16 (AVX512-BF16, AMX), fp32 elsewhere. The run's first line says "
-                    "which was chosen, with the memory format.",
-                ),
-            ],
-            None,
-        ),
+        device=(Device, None),
+        precision=(Precision, None),
         workers=(Workers, None),
     )
 
@@ -244,44 +341,53 @@ def output_options() -> list[inspect.Parameter]:
 def augmentation_options() -> dict[str, tuple[Any, Any]]:
     """timm's augmentation knobs (default: chosen from the dataset's images; see README)."""
     pair = tuple[float, float]
+    aug = functools.partial(_opt, panel=AUGMENTATION)
     return {
         "scale": (
-            _opt(pair, "--scale", help="Random resized crop: MIN MAX share of the area."),
+            aug(pair, "--scale", help="Random resized crop: MIN MAX share of the area."),
             None,
         ),
         "ratio": (
-            _opt(pair, "--ratio", help="Random resized crop: MIN MAX aspect ratio (3/4 4/3)."),
+            aug(pair, "--ratio", help="Random resized crop: MIN MAX aspect ratio (3/4 4/3)."),
             None,
         ),
-        "hflip": (_opt(float, "--hflip", help="Horizontal flip probability."), None),
-        "vflip": (_opt(float, "--vflip", help="Vertical flip probability (default 0)."), None),
+        "hflip": (aug(float, "--hflip", help="Horizontal flip probability."), None),
+        "vflip": (aug(float, "--vflip", help="Vertical flip probability (default 0)."), None),
         "color_jitter": (
-            _opt(float, "--color-jitter", help="Brightness/contrast/saturation jitter, 0 off."),
+            aug(float, "--color-jitter", help="Brightness, contrast and saturation jitter, 0 off."),
             None,
         ),
         "auto_augment": (
-            _opt(
+            aug(
                 str,
                 "--auto-augment",
-                help="timm's RandAugment/AutoAugment, e.g. rand-m9-mstd0.5 (default none).",
+                help="timm's RandAugment or AutoAugment, e.g. rand-m9-mstd0.5 (default none).",
             ),
             None,
         ),
-        "reprob": (_opt(float, "--reprob", help="Random erasing probability (default 0)."), None),
+        "reprob": (aug(float, "--reprob", help="Random erasing probability (default 0)."), None),
         "interpolation": (
-            _opt(str, "--interpolation", help="Resampling: bicubic (default), bilinear, random."),
+            aug(str, "--interpolation", help="Resampling: bicubic (default), bilinear, random."),
             None,
         ),
     }
 
 
 def training_options(d: Any) -> list[inspect.Parameter]:
-    """Options `teacher train` and `distill` share; help shows `d`'s (the command's) defaults."""
+    """Options `teacher train` and `distill` share; help shows `d`'s (the command's) defaults.
+
+    Within a panel they are listed in this order, the ones most often changed first.
+    """
+    optim = functools.partial(_opt, panel=OPTIMISATION)
     return [
         *option_group(
-            epochs=(_opt(int, "--epochs", "-e", help=f"Epochs (default {d.epochs})."), None),
+            data_dir=(DataDir, None),
+            img_size=(ImgSize, None),
+            val_fraction=(ValFraction, None),
+            download=(Download, None),
+            epochs=(optim(int, "--epochs", "-e", help=f"Epochs (default {d.epochs})."), None),
             batch_size=(
-                _opt(
+                optim(
                     int,
                     "--batch-size",
                     "-b",
@@ -290,7 +396,7 @@ def training_options(d: Any) -> list[inspect.Parameter]:
                 None,
             ),
             effective_batch_size=(
-                _opt(
+                optim(
                     int,
                     "--effective-batch-size",
                     help="Images per optimiser step over all processes (accumulation, and a "
@@ -298,9 +404,9 @@ def training_options(d: Any) -> list[inspect.Parameter]:
                 ),
                 None,
             ),
-            lr=(_opt(float, "--lr", help=f"Peak AdamW learning rate (default {d.lr:g})."), None),
+            lr=(optim(float, "--lr", help=f"Peak AdamW learning rate (default {d.lr:g})."), None),
             weight_decay=(
-                _opt(
+                optim(
                     float,
                     "--weight-decay",
                     help=f"AdamW weight decay (default {d.weight_decay:g}).",
@@ -308,10 +414,22 @@ def training_options(d: Any) -> list[inspect.Parameter]:
                 None,
             ),
             warmup_epochs=(
-                _opt(
+                optim(
                     float,
                     "--warmup-epochs",
                     help=f"Linear warmup epochs (default {d.warmup_epochs:g}).",
+                ),
+                None,
+            ),
+            optimizer=(
+                optim(str, "--optimizer", help=f"adamw or sgd (default {d.optimizer})."),
+                None,
+            ),
+            schedule=(
+                optim(
+                    str,
+                    "--schedule",
+                    help=f"cosine (with warmup) or constant (default {d.schedule}).",
                 ),
                 None,
             ),
@@ -320,12 +438,17 @@ def training_options(d: Any) -> list[inspect.Parameter]:
                     float,
                     "--label-smoothing",
                     help=f"Label smoothing (default {d.label_smoothing:g}).",
+                    panel=LOSS,
                 ),
                 None,
             ),
+            augment=(Augment, None),
             mixup_alpha=(
                 _opt(
-                    float, "--mixup-alpha", help=f"Mixup alpha, 0 off (default {d.mixup_alpha:g})."
+                    float,
+                    "--mixup-alpha",
+                    help=f"Mixup alpha, 0 off (default {d.mixup_alpha:g}).",
+                    panel=AUGMENTATION,
                 ),
                 None,
             ),
@@ -334,21 +457,22 @@ def training_options(d: Any) -> list[inspect.Parameter]:
                     float,
                     "--cutmix-alpha",
                     help=f"CutMix alpha, 0 off (default {d.cutmix_alpha:g}).",
+                    panel=AUGMENTATION,
                 ),
                 None,
             ),
-            optimizer=(
-                _opt(str, "--optimizer", help=f"adamw or sgd (default {d.optimizer})."),
-                None,
-            ),
-            schedule=(
-                _opt(
-                    str,
-                    "--schedule",
-                    help=f"cosine (with warmup) or constant (default {d.schedule}).",
-                ),
-                None,
-            ),
+            **augmentation_options(),
+        ),
+        *run_options(),
+        *restart_options(),
+        *option_group(
+            data_pipeline=(DataPipeline, None),
+            compile=(Compile, None),
+            preset=(Preset, None),
+            output_dir=(OutputDir, None),
+            resume=(Resume, False),
+            overwrite=(Overwrite, False),
+            seed=(Seed, None),
             save_frequency=(
                 _opt(
                     int,
@@ -356,41 +480,14 @@ def training_options(d: Any) -> list[inspect.Parameter]:
                     "-s",
                     help="Keep <name>_e<N>.pth every N epochs, 0 never "
                     f"(default {d.save_frequency}).",
+                    panel=RUN,
                 ),
                 None,
             ),
-            img_size=(ImgSize, None),
-            val_fraction=(ValFraction, None),
-            data_dir=(DataDir, None),
-            download=(Download, None),
-        ),
-        *run_options(),
-        *restart_options(),
-        *option_group(
-            log_to=(LogTo, None),
-            seed=(Seed, None),
-            output_dir=(OutputDir, None),
-            skip_nonfinite=(SkipNonfinite, None),
             save_every_steps=(SaveEverySteps, None),
+            skip_nonfinite=(SkipNonfinite, None),
             strict_data=(StrictData, None),
-            data_pipeline=(
-                Annotated[
-                    PipelineChoice | None,
-                    typer.Option(
-                        "--data-pipeline",
-                        help="device: hold an in-memory dataset on the GPU and augment it there; "
-                        "cpu: loader workers; auto (default): device on CUDA for cifar-10/100 and "
-                        "digits.",
-                    ),
-                ],
-                None,
-            ),
-            augment=(Augment, None),
-            **augmentation_options(),
-            compile=(Compile, None),
-            resume=(Resume, False),
-            overwrite=(Overwrite, False),
-            preset=(Preset, None),
+            log_to=(LogTo, None),
         ),
         *output_options(),
     ]
@@ -430,13 +527,32 @@ class Shared:
         )
 
 
+def panel_of(param: inspect.Parameter) -> str | None:
+    """The `--help` panel a parameter declares (None: an argument, or Typer's default panel)."""
+    for info in getattr(param.annotation, "__metadata__", ()):
+        if isinstance(info, ParameterInfo):
+            return info.rich_help_panel
+    return None
+
+
+def _panel_rank(param: inspect.Parameter) -> int:
+    panel = panel_of(param)
+    if panel is None:
+        return -1  # Typer shows arguments and its default panel first
+    if panel not in PANELS:
+        raise ValueError(f"--help panel {panel!r} of {param.name} is not in options.PANELS")
+    return PANELS.index(panel)
+
+
 def with_options(
     *groups: list[inspect.Parameter],
 ) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Add the groups' options to a command; it receives their values as `shared: Shared`.
 
     Typer reads a command's parameters from its signature, so the shared ones are declared once
-    here and spliced into each command's signature instead of being written out in each.
+    here and spliced into each command's signature instead of being written out in each. The
+    signature lists the command's own and the shared options panel by panel in `PANELS` order
+    (declaration order within a panel), which is the order `--help` shows them in.
     """
     extra = [p for group in groups for p in group]
 
@@ -446,13 +562,19 @@ def with_options(
         hints = typing.get_type_hints(command, include_extras=True)
         hints.pop("shared", None)
         names = [p.name for p in extra]
+        # Keyword-only, so that the sort may put a parameter without a default after one with
+        # a default; Typer passes every value by name.
+        ordered = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in sorted([*params, *extra], key=_panel_rank)
+        ]
 
         @functools.wraps(command)
         def run(**values: Any) -> R:
             shared = Shared({name: _plain(values.pop(name)) for name in names})
             return command(**values, shared=shared)
 
-        run.__signature__ = own.replace(parameters=[*params, *extra])  # type: ignore[attr-defined]
+        run.__signature__ = own.replace(parameters=ordered)  # type: ignore[attr-defined]
         run.__annotations__ = {**hints, **{p.name: p.annotation for p in extra}}
         del run.__wrapped__  # Typer must see this signature, not the command's own
         return run

@@ -16,15 +16,28 @@ from . import options as opt
 
 @opt.with_options(opt.run_options(), opt.restart_options(), opt.output_options())
 def pipeline(
-    preset: Annotated[str, typer.Option("--preset", help="A shipped preset name or a YAML file.")],
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            help="A shipped preset name or a YAML file.",
+            rich_help_panel=opt.PIPELINE,
+        ),
+    ],
     run_dir: Annotated[
-        Path | None, typer.Option("--run-dir", help="The run folder (default runs/<preset>).")
+        Path | None,
+        typer.Option(
+            "--run-dir",
+            help="The run folder (default runs/<preset>).",
+            rich_help_panel=opt.PIPELINE,
+        ),
     ] = None,
     baseline: Annotated[
         bool | None,
         typer.Option(
             "--baseline/--no-baseline",
             help="Also train a cross-entropy-only student (default: as the preset).",
+            rich_help_panel=opt.PIPELINE,
         ),
     ] = None,
     data_dir: opt.DataDir = None,

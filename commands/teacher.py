@@ -25,19 +25,26 @@ D = TeacherTrainConfig(dataset="", model="")
 def train(
     dataset: opt.Dataset = None,
     model: Annotated[
-        str | None, typer.Option("--model", "-m", help="timm model name, e.g. resnet50.")
-    ] = None,
-    name: Annotated[
         str | None,
-        typer.Option("--name", "-n", help="Run name: files are <output-dir>/<name>*.pth."),
+        typer.Option(
+            "--model", "-m", help="timm model name, e.g. resnet50.", rich_help_panel=opt.MODEL
+        ),
     ] = None,
     pretrained: Annotated[
         bool | None,
-        typer.Option("--pretrained/--no-pretrained", help="Start from timm's hub weights."),
+        typer.Option(
+            "--pretrained/--no-pretrained",
+            help="Start from timm's hub weights.",
+            rich_help_panel=opt.MODEL,
+        ),
     ] = None,
     init_checkpoint: Annotated[
         Path | None,
-        typer.Option("--init-checkpoint", help="Start from local weights (.pth or .safetensors)."),
+        typer.Option(
+            "--init-checkpoint",
+            help="Start from local weights (.pth or .safetensors).",
+            rich_help_panel=opt.MODEL,
+        ),
     ] = None,
     init_ema: Annotated[
         bool | None,
@@ -45,6 +52,16 @@ def train(
             "--init-ema/--no-init-ema",
             help="An --init-checkpoint saved by timm's train.py: start from its EMA weights "
             "(the default) or the raw ones.",
+            rich_help_panel=opt.MODEL,
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            "-n",
+            help="Run name: files are <name>*.pth in --output-dir.",
+            rich_help_panel=opt.RUN,
         ),
     ] = None,
     *,

@@ -1,0 +1,127 @@
+"""`--help` a user can read at 80 columns: every option name whole, options in ordered panels."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+import typer.main
+import typer.rich_utils
+from mlkd_cli.commands import options as opt
+from typer.testing import CliRunner
+
+from mlkd_cli.cli import app
+
+WIDTH = 80
+ROOT = typer.main.get_command(app)
+
+
+def _commands(group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], object]]:
+    """Every command and group under `group`, found from the app itself, with its path."""
+    for name, command in sorted(getattr(group, "commands", {}).items()):
+        yield (*path, name), command
+        yield from _commands(command, (*path, name))
+
+
+COMMANDS = dict(_commands(ROOT))
+LEAVES = {path: c for path, c in COMMANDS.items() if not getattr(c, "commands", None)}
+
+
+def _options(command) -> list:
+    """The command's options, as click declares them (its help option included)."""
+    ctx = command.make_context("mlkd", [], resilient_parsing=True)
+    return [p for p in command.get_params(ctx) if p.param_type_name == "option"]
+
+
+@pytest.fixture
+def render_help(monkeypatch):
+    """`mlkd PATH... --help` as rich prints it in an 80-column terminal."""
+    # Typer fixes these at import from TERMINAL_WIDTH and FORCE_COLOR / GITHUB_ACTIONS; the
+    # shell running the tests must not decide the width or add colour codes.
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", None)
+    monkeypatch.setattr(typer.rich_utils, "FORCE_TERMINAL", False)
+
+    def render(*path: str, width: int = WIDTH) -> str:
+        result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": str(width)})
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        # rich really drew at this width: the panels' borders span it, nothing goes past it
+        assert max(len(line) for line in lines) == width, result.output
+        return result.output
+
+    return render
+
+
+def _panels(text: str) -> dict[str, list[str]]:
+    """Panel title -> the option names on its rows, in the order the help shows them."""
+    panels: dict[str, list[str]] = {}
+    names: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("╭─ "):
+            names = panels.setdefault(line.removeprefix("╭─ ").split(" ─")[0], [])
+        elif line.startswith("│") and line[1:6].strip():  # a row starts here, not a wrapped line
+            # the name cells come before the type: `--teacher-cache  --no-teacher-cache  <bool>`
+            for token in line.strip("│ ").split():
+                if token.startswith("<"):
+                    break
+                names.append(token)
+    return panels
+
+
+@pytest.mark.parametrize("path", list(COMMANDS), ids=" ".join)
+def test_every_option_name_is_shown_whole(render_help, path: tuple[str, ...]) -> None:
+    text = render_help(*path)
+    shown = {name for names in _panels(text).values() for name in names}
+    for param in _options(COMMANDS[path]):
+        for name in [*param.opts, *param.secondary_opts]:
+            assert name in shown, f"`mlkd {' '.join(path)} --help` cuts {name}:\n{text}"
+    assert "…" not in text, f"`mlkd {' '.join(path)} --help` cuts a cell:\n{text}"
+
+
+@pytest.mark.parametrize("path", list(LEAVES), ids=" ".join)
+def test_every_option_has_a_panel(path: tuple[str, ...]) -> None:
+    # An option added later without a panel would land, unsorted, in Typer's "Options" panel.
+    for param in _options(LEAVES[path]):
+        if param.name == "help":
+            continue
+        panel = getattr(param, "rich_help_panel", None)
+        assert panel in opt.PANELS, f"{param.opts[0]} of `mlkd {' '.join(path)}`: panel {panel}"
+
+
+def test_distill_panels_put_the_common_flags_first(render_help) -> None:
+    panels = _panels(render_help("distill"))
+    assert list(panels) == [
+        "Options",  # --help alone, where Typer puts it
+        opt.DATA,
+        opt.TEACHER,
+        opt.STUDENT,
+        opt.OPTIMISATION,
+        opt.LOSS,
+        opt.AUGMENTATION,
+        opt.PROCESSES,
+        opt.RUN,
+        opt.OUTPUT,
+    ]
+    assert panels[opt.DATA][:3] == ["--dataset", "-d", "--data-dir"]
+    assert panels[opt.TEACHER][:4] == ["--ensemble", "--model", "-m", "--checkpoint"]
+    assert "--teacher-cache" in panels[opt.TEACHER]
+    assert "--no-teacher-cache" in panels[opt.TEACHER]
+    assert "--effective-batch-size" in panels[opt.OPTIMISATION]
+    rare = ["--save-every-steps", "--skip-nonfinite", "--stop-nonfinite", "--strict-data"]
+    assert panels[opt.RUN][-6:] == [*rare, "--skip-unreadable", "--log-to"]
+
+
+def test_teacher_train_panels(render_help) -> None:
+    panels = _panels(render_help("teacher", "train"))
+    assert list(panels)[:3] == ["Options", opt.DATA, opt.MODEL]
+    assert list(panels)[-2:] == [opt.RUN, opt.OUTPUT]
+    assert opt.TEACHER not in panels and opt.STUDENT not in panels
+    assert panels[opt.MODEL][:2] == ["--model", "-m"]
+    assert "--effective-batch-size" in panels[opt.OPTIMISATION]
+
+
+def test_help_text_keeps_square_brackets(render_help) -> None:
+    # rich reads `[word]` as markup; an unescaped one vanishes from the help
+    text = re.sub(r"\s+", " ", render_help("distill", width=200))
+    assert "pip install 'mlkd[tensorboard]'" in text
