@@ -132,6 +132,16 @@ ValFraction = Annotated[
         rich_help_panel=DATA,
     ),
 ]
+LabelFraction = Annotated[
+    float | None,
+    typer.Option(
+        "--label-fraction",
+        help="A label budget: keep the labels of only this share of each class's training "
+        "images (the same images every run). Teachers and plain training learn from those; "
+        "distill from every image (default 1).",
+        rich_help_panel=DATA,
+    ),
+]
 PlainModel = Annotated[
     str | None,
     typer.Option(
@@ -195,8 +205,9 @@ DataPipeline = Annotated[
     PipelineChoice | None,
     typer.Option(
         "--data-pipeline",
-        help="device: hold an in-memory dataset on the GPU and augment it there; cpu: loader "
-        "workers; auto (default): device on CUDA for cifar-10/100 and digits.",
+        help="device: hold an in-memory dataset (cifar-10/100, digits) on the run's device and "
+        "augment whole batches there; cpu: timm's transforms on loader workers; auto (default): "
+        "device where the dataset and augmentation allow.",
         rich_help_panel=PROCESSES,
     ),
 ]
@@ -384,6 +395,7 @@ def training_options(d: Any) -> list[inspect.Parameter]:
             data_dir=(DataDir, None),
             img_size=(ImgSize, None),
             val_fraction=(ValFraction, None),
+            label_fraction=(LabelFraction, None),
             download=(Download, None),
             epochs=(optim(int, "--epochs", "-e", help=f"Epochs (default {d.epochs})."), None),
             batch_size=(

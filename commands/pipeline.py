@@ -96,4 +96,19 @@ def pipeline(
             f"{cascade['macs_pct']:.1f} % of the student's MACs{speed}"
         )
     report.info(f"figure {summary['comparison_png']}; student exported to {summary['export']}")
+    gain = summary["distillation_gain"]
+    if gain is not None:  # last, where a reader looks first: what distillation gave
+        report.table(
+            "distillation against cross-entropy training of the same student (test split)",
+            ["", "top-1 %", "NLL"],
+            [
+                ["distilled student", f"{gain['student_top1']:.2f}", f"{gain['student_nll']:.4f}"],
+                [
+                    "cross-entropy baseline",
+                    f"{gain['baseline_top1']:.2f}",
+                    f"{gain['baseline_nll']:.4f}",
+                ],
+                ["difference", f"{gain['top1_points']:+.2f}", f"{gain['nll_change']:+.4f}"],
+            ],
+        )
     report.result(summary)

@@ -15,8 +15,13 @@ except ImportError:  # older typer runs on click itself
     from click import echo
     from click import exceptions as click_errors
 
-from mlkd_cli import __version__
-from mlkd_cli.commands import (
+from mlkd_cli.core.cpus import prefer_short_spin
+
+# Before torch loads (the command modules import it): OpenMP reads its spin count once.
+prefer_short_spin()
+
+from mlkd_cli import __version__  # noqa: E402
+from mlkd_cli.commands import (  # noqa: E402
     data,
     distill,
     ensemble,
@@ -26,7 +31,7 @@ from mlkd_cli.commands import (
     presets,
     teacher,
 )
-from mlkd_cli.core.errors import RunInterrupted, RunStopped, UserError
+from mlkd_cli.core.errors import RunInterrupted, RunStopped, UserError  # noqa: E402
 
 
 class MlkdGroup(TyperGroup):

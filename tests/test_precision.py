@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import timm
@@ -28,8 +29,10 @@ TRAIN = ("teacher", "train", "-d", "digits", "-m", "test_resnet", "-e", "1", "--
 
 @pytest.fixture(autouse=True)
 def measured_layout(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests exercise the measurement that the rest of the suite pins (conftest)."""
+    """These tests exercise the measurement that the rest of the suite pins (conftest), each
+    afresh (a process remembers what it measured)."""
     monkeypatch.delenv(precision_module.LAYOUT_VARIABLE, raising=False)
+    monkeypatch.setattr(precision_module, "_MEASURED", {})
 
 
 def test_the_layout_can_be_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,18 +118,74 @@ def test_choosing_the_layout_leaves_the_model_and_the_rng_as_they_were() -> None
     assert chosen.bf16 is False
 
 
+def _fake_times(monkeypatch: pytest.MonkeyPatch, times: dict[tuple[bool, bool], float]) -> list:
+    """Make the timing return `times` ((bf16, channels_last) -> s); returns the candidates asked."""
+    asked: list = []
+
+    def fake(model, shape, precision, candidates, train):
+        asked.extend(candidates)
+        return {c: times[c] for c in candidates}
+
+    monkeypatch.setattr(precision_module, "_time_candidates", fake)
+    return asked
+
+
 def test_the_layout_measured_faster_is_the_one_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
     model = timm.create_model("test_resnet", num_classes=3)
     for nchw, nhwc, expected in ((2.0, 1.0, True), (1.0, 2.0, False), (1.05, 1.0, False)):
-        times = {False: nchw, True: nhwc}
-        monkeypatch.setattr(
-            precision_module,
-            "_time_steps",
-            lambda *a, channels_last, train, times=times: times[channels_last],
-        )
+        asked = _fake_times(monkeypatch, {(False, False): nchw, (False, True): nhwc})
         chosen = choose_layout(Precision.resolve("fp32", CPU), model, (3, 16, 16), CTX, train=True)
-        assert chosen.channels_last is expected
+        assert chosen.channels_last is expected and chosen.bf16 is False
         assert f"{nchw / nhwc:.2f}x" in chosen.why
+        assert asked == [(False, False), (False, True)]  # fp32 asked for: bf16 never timed
+
+
+@pytest.mark.parametrize(
+    ("bf16_time", "expected_bf16"),
+    [(0.5, True), (0.98, False), (1.5, False)],  # 2x faster; a near tie (1.02x); slower
+)
+def test_auto_keeps_bf16_only_where_it_is_faster_than_fp32(
+    cpu_bf16: None, monkeypatch: pytest.MonkeyPatch, bf16_time: float, expected_bf16: bool
+) -> None:
+    model = timm.create_model("test_resnet", num_classes=3)
+    # fp32 runs fastest channels_last, bf16 fastest in NCHW: each arithmetic gets its own layout.
+    times = {(False, False): 2.0, (False, True): 1.0, (True, False): bf16_time, (True, True): 9.0}
+    asked = _fake_times(monkeypatch, times)
+    chosen = choose_layout(Precision.resolve("auto", CPU), model, (3, 16, 16), CTX, train=True)
+    assert sorted(asked) == sorted(times)
+    assert chosen.bf16 is expected_bf16
+    assert chosen.channels_last is (not expected_bf16)
+    assert f"bf16 measured {1.0 / bf16_time:.2f}x the speed of fp32" in chosen.why
+    assert ("so fp32" in chosen.why) is (not expected_bf16)
+    # --precision bf16 is what the user asked for: bf16 whatever fp32 would have done.
+    asked.clear()
+    forced = choose_layout(Precision.resolve("bf16", CPU), model, (3, 16, 16), CTX, train=True)
+    assert forced.bf16 and all(bf16 for bf16, _ in asked)
+
+
+def test_a_busy_moment_during_the_timing_does_not_decide_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The candidates take turns and each keeps its fastest step: one step slowed 20-fold (another
+    process took the cores then) leaves the verdict as the quiet steps give it."""
+    model = timm.create_model("test_resnet", num_classes=3)
+    monkeypatch.setattr(precision_module, "LAYOUT_SECONDS", 0.0)  # the minimum rounds only
+    calls = {"channels_last": 0}
+    real_step = precision_module._one_step
+
+    def step(trial, images, precision, train):
+        real_step(trial, images, precision, train)
+        cl = images.is_contiguous(memory_format=torch.channels_last) and images.shape[1] > 1
+        if cl:
+            calls["channels_last"] += 1
+        # NCHW 10 ms a step, channels_last 5 ms, but its first timed step (after the warm-up)
+        # catches a busy moment: 100 ms.
+        time.sleep(0.1 if cl and calls["channels_last"] == 2 else 0.005 if cl else 0.01)
+
+    monkeypatch.setattr(precision_module, "_one_step", step)
+    chosen = choose_layout(Precision.resolve("fp32", CPU), model, (3, 16, 16), CTX, train=True)
+    assert chosen.channels_last, chosen.why
+    assert calls["channels_last"] == 1 + precision_module.LAYOUT_ROUNDS
 
 
 def test_bf16_asked_of_a_cpu_without_it_is_one_line_and_exit_2(
@@ -154,6 +213,9 @@ def test_the_runs_first_line_says_the_precision_and_layout(
     result = invoke_cli(*TRAIN, "--precision", flag, "--device", "cpu")
     assert result.exit_code == 0, result.stderr
     first = result.stderr.splitlines()[0]
+    if flag == "auto":  # bf16 where it measures faster than fp32 for this model
+        assert "bf16 measured" in first
+        arithmetic = "fp32" if "so fp32" in first else arithmetic
     assert first.startswith(f"precision: {arithmetic}, ")
     assert ("channels_last on cpu" in first) or ("contiguous (NCHW) on cpu" in first)
     history = json.loads((tmp_path / "models" / "digits_test_resnet_history.json").read_text())

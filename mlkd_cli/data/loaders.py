@@ -7,7 +7,6 @@ so the training loop can name it, count it, or stop (`--strict-data`).
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
+from mlkd_cli.core.cpus import cores_per_process
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.rng import derive_seed
 from mlkd_cli.data.sources import ImageSource, UnreadableImage
@@ -215,16 +215,20 @@ class TrainBatches:
         return iter(build_eval_loader(self.dataset, batch_size, self.ctx, self.workers))
 
 
-def default_workers(ctx: DistContext) -> int:
-    """Loader workers per rank: on a GPU the cores this rank has (at most 8); on a CPU few.
+def default_cpu_workers(local_processes: int) -> int:
+    """Loader workers per process of a CPU-only run: few, since the model computes on the same
+    cores the workers would decode on; on 2 cores loading in the main process was faster
+    (BENCHMARKS.md), so workers start at 8 cores a process."""
+    share = cores_per_process(local_processes)
+    return share // 4 if share >= 8 else 0
 
-    On a CPU-only run the model computes on the same cores the workers would decode on; on
-    2 cores loading in the main process was faster (BENCHMARKS.md), so workers start at 8 cores.
-    """
-    per_rank = (os.cpu_count() or 1) // max(1, ctx.world_size)
+
+def default_workers(ctx: DistContext) -> int:
+    """Loader workers per rank: on a GPU the cores this rank may use (at most 8); on a CPU few
+    (`default_cpu_workers`)."""
     if ctx.device.type == "cpu":
-        return per_rank // 4 if per_rank >= 8 else 0
-    return max(0, min(8, per_rank))
+        return default_cpu_workers(ctx.world_size)
+    return max(0, min(8, cores_per_process(ctx.world_size)))
 
 
 def _loader_kwargs(ctx: DistContext, workers: int | None) -> dict[str, Any]:
@@ -265,3 +269,41 @@ def build_eval_loader(
         collate_fn=collate_readable,
         **_loader_kwargs(ctx, workers),
     )
+
+
+# The most memory an evaluation split's transformed images may take to be kept between passes.
+REPLAY_LIMIT_BYTES = 256 * 2**20
+
+
+class ReplayedBatches:
+    """An evaluation loader whose batches are made once and replayed on every later pass.
+
+    The evaluation view never changes, so a validation split small enough (REPLAY_LIMIT_BYTES of
+    transformed images) is decoded and transformed on the first pass only: on a small dataset
+    those per-image transforms took as long each epoch as training on it. A larger split is
+    loaded again each pass, as a plain loader would.
+    """
+
+    def __init__(self, loader: DataLoader, limit_bytes: int = REPLAY_LIMIT_BYTES) -> None:
+        self.loader = loader
+        self.limit_bytes = limit_bytes
+        self.kept: list[Batch] | None = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept: list[Batch] | None = []
+        size = 0
+        for batch in self.loader:
+            if kept is not None:
+                size += batch.images.numel() * batch.images.element_size()
+                if size <= self.limit_bytes:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        self.kept = kept  # only a whole pass is replayed

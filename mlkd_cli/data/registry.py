@@ -15,6 +15,10 @@ from mlkd_cli.data.sources import ImageSource, RawSplits
 # ensemble on it would score members on images they were trained on.
 HOLDOUT_SEED = 53_303
 DEFAULT_VAL_FRACTION = 0.1
+# The labelled images of a label budget (`--label-fraction`) are drawn with this seed, never the
+# run's --seed, for the same reason: the teachers, the student and its cross-entropy baseline
+# must see the same labels.
+LABELLED_SEED = 7_919
 
 
 @dataclass(frozen=True)
@@ -227,3 +231,21 @@ def load_splits(
             f"{name} has too few training images ({len(raw.train)}) to hold out a validation split"
         )
     return DataSplits(spec, raw.class_names, raw.train, train_idx, raw.train, val_idx, raw.test)
+
+
+def labelled_positions(splits: DataSplits, fraction: float) -> list[int]:
+    """Positions in `splits.train_indices` whose labels a run with a label budget uses: `fraction`
+    of each class's training images, the same for every run and rank; all of them at 1."""
+    if not 0.0 < fraction <= 1.0:
+        raise UserError(f"--label-fraction must be in (0, 1], got {fraction}")
+    if fraction >= 1.0:
+        return list(range(len(splits.train_indices)))
+    targets = [splits.train.targets[i] for i in splits.train_indices]
+    _, labelled = sources.stratified_holdout(targets, fraction, LABELLED_SEED)
+    missing = sorted(set(targets) - {targets[p] for p in labelled})
+    if missing:
+        raise UserError(
+            f"--label-fraction {fraction:g} leaves class {splits.class_names[missing[0]]!r} "
+            "without a labelled training image; raise it"
+        )
+    return labelled

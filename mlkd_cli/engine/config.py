@@ -85,6 +85,10 @@ class TrainConfig:
     data_dir: Path = Path("data")
     download: bool = False
     val_fraction: float = 0.1
+    # A label budget: only this share of each class's training images keeps its label (the same
+    # images in every run). Teacher training and plain cross-entropy train on those alone;
+    # distillation learns from every training image, its cross-entropy term from those.
+    label_fraction: float = 1.0
     img_size: int | None = None  # None: the dataset's own size
     epochs: int = 30
     batch_size: int = 64  # per process, per forward pass
@@ -104,7 +108,7 @@ class TrainConfig:
     save_every_steps: int = 0  # also write the training state every N optimiser steps; 0: never
     strict_data: bool = False  # stop at an unreadable image instead of leaving it out
     # Where training images are augmented: "device" (in-memory datasets: held and augmented on
-    # the GPU), "cpu" (DataLoader workers), or "auto" (device on CUDA where possible).
+    # the run's device), "cpu" (DataLoader workers), or "auto" (device where possible).
     data_pipeline: str = "auto"
     augment: bool = True  # random crop, flip and colour jitter; off: the evaluation view
     # How training images are augmented, in timm's terms; None: the dataset's default (small or
@@ -172,6 +176,8 @@ class TrainConfig:
                 "workers": self.workers,
             }
         )
+        if not 0 < self.label_fraction <= 1:
+            raise UserError(f"--label-fraction must be in (0, 1], got {self.label_fraction}")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)

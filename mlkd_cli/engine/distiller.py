@@ -36,7 +36,7 @@ from mlkd_cli.engine.trainer import (
     data_pipeline,
     dataset_recipe,
     fit,
-    make_card,
+    make_plan,
 )
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec, read_ensemble_config
 from mlkd_cli.models.exits import exits_record
@@ -130,7 +130,7 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     check_input_size(student.backbone, cfg.student, recipe.img_size)
     exits = parse_exits(cfg.exits, find_stages(student.backbone, cfg.student), cfg.student)
     weights = parse_exit_weights(cfg.exit_weights, len(exits))
-    run = RunPlan(cfg, make_card(cfg, cfg.student, splits, recipe), recipe, files, "student")
+    run = make_plan(cfg, cfg.student, splits, recipe, "student", learns_from_unlabelled=True)
     return DistillPlan(run, teacher, tuple(exits), tuple(weights))
 
 
@@ -150,6 +150,11 @@ class DistillTask:
         self.head_names: list[str] = []
         self.cache: torch.Tensor | None = None
         self.exits_record: dict[str, Any] | None = None
+        # Under a label budget: which training images' labels the CE term may use (placed on
+        # the device in `prepare`). Mixup and CutMix blend each image with the batch reversed,
+        # so a blended image's label is usable only when both of its images are labelled.
+        self.labelled: torch.Tensor | None = None
+        self.mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
 
     def build(self, ctx: DistContext) -> nn.Module:
         """The student backbone (scratch, hub or local weights) with its exits."""
@@ -170,6 +175,11 @@ class DistillTask:
     ) -> None:
         """With --compile, compile the teacher; with --teacher-cache, fill the output cache."""
         report = Reporter(self.cfg.output, ctx.rank)
+        labelled = self.plan.run.labelled
+        if labelled is not None and self.cfg.alpha < 1.0:
+            mask = torch.zeros(len(batches), dtype=torch.bool)
+            mask[list(labelled)] = True
+            self.labelled = mask.to(ctx.device)
         precision.place(self.teacher)
         self.teacher.bf16 = precision.bf16
         if self.cfg.compile:
@@ -206,7 +216,14 @@ class DistillTask:
             teacher_logits = self.cache[indices.to(self.cache.device, non_blocking=True)]
         else:
             teacher_logits = self.teacher(images)
-        return self.loss.named(model(images), teacher_logits, targets)
+        labelled = None
+        if self.labelled is not None:
+            # Every pipeline gives the positions; without them no label could be told apart.
+            assert indices is not None, "a label budget needs the batch's dataset positions"
+            labelled = self.labelled[indices.to(self.labelled.device, non_blocking=True)]
+            if self.mixing:
+                labelled = labelled & labelled.flip(0)
+        return self.loss.named(model(images), teacher_logits, targets, labelled)
 
     def evaluate(
         self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision

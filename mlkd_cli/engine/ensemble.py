@@ -272,6 +272,7 @@ def run_logits_pass(request: LogitsRequest) -> LogitsPass | None:
         request.world_size,
         request.device,
         memory_hint=f"lower --batch-size, now {request.batch_size} per process",
+        workers=request.workers,
     )
     if launcher_rank() != 0:
         return None

@@ -30,8 +30,10 @@ import torch.multiprocessing as mp
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from mlkd_cli.core.console import Reporter
+from mlkd_cli.core.cpus import compute_threads
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import RunInterrupted, RunStopped, UserError
+from mlkd_cli.data.loaders import default_cpu_workers
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -79,6 +81,7 @@ def launch(
     *,
     max_restarts: int = 0,
     memory_hint: str = "lower --batch-size",
+    workers: int | None = None,
 ) -> T:
     """Run `worker(ctx, payload)` on every rank and return rank 0's result.
 
@@ -89,7 +92,8 @@ def launch(
     own --max-restarts win). A worker's `UserError`, interruption or stop comes back to the
     caller as the same exception; a worker that dies is restarted up to `max_restarts` times
     (training resumes from its last saved state), then reported as `WorkerDied`.
-    `memory_hint` is what an out-of-memory report tells the user to do.
+    `memory_hint` is what an out-of-memory report tells the user to do; `workers` is the
+    run's `--workers` (None: the loaders' default), which a CPU process leaves cores for.
     """
     device_type = resolve_device(device)
     if world_size < 1:
@@ -104,6 +108,7 @@ def launch(
             local_rank,
             device_type,
             int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            workers,
         )
         try:
             return _run_worker(worker, ctx, payload, memory_hint)
@@ -118,8 +123,10 @@ def launch(
         torch_device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
         if device_type == "cuda":
             torch.cuda.set_device(torch_device)
+        else:
+            use_cpu_share(1, workers)
         return _run_worker(worker, DistContext(0, 1, 0, torch_device), payload, memory_hint)
-    return _elastic(worker, payload, world_size, device_type, max_restarts, memory_hint)
+    return _elastic(worker, payload, world_size, device_type, max_restarts, memory_hint, workers)
 
 
 def _run_worker(
@@ -143,6 +150,7 @@ def _elastic(
     device_type: str,
     max_restarts: int,
     memory_hint: str,
+    workers: int | None,
 ) -> T:
     """Start `world_size` local workers through torch's elastic launcher, restarting on death."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -162,7 +170,7 @@ def _elastic(
                 with _LauncherState():
                     results = elastic_launch(
                         _launch_config(world_size, scratch / f"logs{attempt}"), _elastic_entry
-                    )(worker, payload, device_type, attempt, str(reports), memory_hint)
+                    )(worker, payload, device_type, attempt, str(reports), memory_hint, workers)
             except SignalException as exc:
                 _kill_children()
                 signum = int(exc.sigval)
@@ -315,6 +323,7 @@ def _elastic_entry(
     restart: int,
     reports: str,
     memory_hint: str,
+    workers: int | None,
 ) -> Any:
     """What each elastic worker runs: the worker, with failures written where the launcher looks.
 
@@ -323,7 +332,12 @@ def _elastic_entry(
     """
     rank = int(os.environ["RANK"])
     ctx = _init_process(
-        rank, int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), device_type, restart
+        rank,
+        int(os.environ["WORLD_SIZE"]),
+        int(os.environ["LOCAL_RANK"]),
+        device_type,
+        restart,
+        workers,
     )
     outcome: dict[str, Any] | None = None
     code = 0
@@ -351,8 +365,22 @@ def _elastic_entry(
     raise SystemExit(code)
 
 
+def use_cpu_share(local_world: int, workers: int | None) -> int:
+    """Give torch this process's share of the usable cores, less its loader workers; returns
+    the thread count (see core/cpus.py)."""
+    loaders = default_cpu_workers(local_world) if workers is None else workers
+    threads = compute_threads(local_world, loaders)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _init_process(
-    rank: int, world_size: int, local_rank: int, device_type: str, restart: int = 0
+    rank: int,
+    world_size: int,
+    local_rank: int,
+    device_type: str,
+    restart: int = 0,
+    workers: int | None = None,
 ) -> DistContext:
     if device_type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -363,10 +391,7 @@ def _init_process(
         backend = "gloo"
         # N workers on one machine share its cores instead of each taking all of them; an
         # explicit OMP_NUM_THREADS (torchrun sets 1 for several processes a node) wins.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        threads = os.environ.get("OMP_NUM_THREADS", "")
-        share = max(1, (os.cpu_count() or 1) // local_world)
-        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else share)
+        use_cpu_share(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), workers)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend=backend,

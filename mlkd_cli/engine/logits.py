@@ -116,6 +116,7 @@ def launch_pass(
         world_size,
         device,
         memory_hint=f"lower --batch-size, now {job.batch_size} per process",
+        workers=job.workers,
     )
     if launcher_rank() != 0:
         return None

@@ -16,6 +16,7 @@ def kd_terms(
     temperature: float,
     with_ce: bool = True,
     class_mean: bool = False,
+    labelled: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`(T²·KL(softmax(t/T) ‖ softmax(s/T)), CE(s, y))`, in fp32; CE is None without `with_ce`.
 
@@ -23,6 +24,8 @@ def kd_terms(
     over classes too, shrinking the distillation term by the class count). `targets` are
     probabilities (Mixup/CutMix soft targets). `class_mean` divides by the class count as well,
     as the original's `nn.KLDivLoss()` (reduction "mean": over batch x classes) did.
+    `labelled` (a bool per image, under a label budget) limits CE to the images whose labels may
+    be used: its mean over those (0 for a batch with none).
     """
     s = student_logits.float()
     t = teacher_logits.float() / temperature
@@ -31,7 +34,13 @@ def kd_terms(
     kl = (p_teacher * (F.log_softmax(t, dim=1) - log_p_student)).sum(dim=1).mean()
     if class_mean:
         kl = kl / s.shape[1]
-    ce = F.cross_entropy(s, targets) if with_ce else None
+    ce = None
+    if with_ce and labelled is None:
+        ce = F.cross_entropy(s, targets)
+    elif with_ce:
+        per_image = F.cross_entropy(s, targets, reduction="none")
+        weights = labelled.to(per_image.dtype)
+        ce = (per_image * weights).sum() / weights.sum().clamp(min=1.0)  # no host sync
     return temperature * temperature * kl, ce
 
 
@@ -59,17 +68,22 @@ class MultiExitKDLoss(nn.Module):
         self.head_weights = [1.0, *exit_weights]
 
     def named(
-        self, outputs: Sequence[torch.Tensor], teacher_logits: torch.Tensor, targets: torch.Tensor
+        self,
+        outputs: Sequence[torch.Tensor],
+        teacher_logits: torch.Tensor,
+        targets: torch.Tensor,
+        labelled: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The loss and its parts: `loss` (what trains), the final head's `kd` term and `ce`
-        term (when α < 1), and each exit's own loss `exit1_loss`, ... (before its weight)."""
+        term (when α < 1), and each exit's own loss `exit1_loss`, ... (before its weight).
+        `labelled`: which images' labels the CE term may use (see `kd_terms`)."""
         if len(outputs) != len(self.head_weights):
             raise ValueError(f"expected {len(self.head_weights)} heads, got {len(outputs)}")
         teacher_logits = teacher_logits.detach()
         parts: dict[str, torch.Tensor] = {}
         total = None
         for head, (weight, logits) in enumerate(zip(self.head_weights, outputs, strict=True)):
-            loss, kd, ce = self.head_loss(logits, teacher_logits, targets)
+            loss, kd, ce = self.head_loss(logits, teacher_logits, targets, labelled)
             if head == 0:
                 parts["kd"] = kd
                 if ce is not None:
@@ -80,11 +94,21 @@ class MultiExitKDLoss(nn.Module):
         return {"loss": total, **parts}
 
     def head_loss(
-        self, logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        targets: torch.Tensor,
+        labelled: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One head's `α·KD + (1−α)·CE`, with its KD and CE terms (CE None when α = 1)."""
         kd, ce = kd_terms(
-            logits, teacher_logits, targets, self.temperature, self.alpha < 1.0, self.class_mean
+            logits,
+            teacher_logits,
+            targets,
+            self.temperature,
+            self.alpha < 1.0,
+            self.class_mean,
+            labelled,
         )
         loss = self.alpha * kd if ce is None else self.alpha * kd + (1.0 - self.alpha) * ce
         return loss, kd, ce

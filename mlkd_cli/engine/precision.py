@@ -1,11 +1,12 @@
 """How models run: bf16 autocast or fp32, channels_last or contiguous (`--precision`).
 
 `auto` (the default) means bf16 autocast on CUDA and on CPUs with native bf16 arithmetic
-(AVX512-BF16, AMX, Arm's BF16 extensions), fp32 elsewhere. Neither memory format wins
-everywhere — on a CPU channels_last speeds some models up and slows others down, the answer
-changes with bf16, and on an H100 BiT's GroupNorm student runs faster in NCHW in eager mode — so
-the engine times the model's own step in both layouts before the run starts (`choose_layout`)
-and keeps the faster.
+(AVX512-BF16, AMX, Arm's BF16 extensions), fp32 elsewhere — where bf16 is faster for the model at
+hand. Neither bf16 nor a memory format wins everywhere: on a 2-core CPU test_convnext trains
+faster in fp32 and resnet10t in bf16, channels_last speeds some models up and slows others down,
+the answer changes with bf16, and on an H100 BiT's GroupNorm student runs faster in NCHW in eager
+mode. So the engine times the model's own step in each candidate before the run starts
+(`choose_layout`) and keeps the fastest: the two layouts, and under `auto` bf16 against fp32.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ from mlkd_cli.core.errors import UserError
 PRECISIONS = ("auto", "bf16", "fp32")
 # CPU features that give native bf16 arithmetic (names as torch.cpu.get_capabilities spells them).
 CPU_BF16_FEATURES = ("amx_bf16", "avx512_bf16", "sve_bf16", "bf16")
-# Steps timed per layout when choosing one (after one warm-up step each): at least one, more
-# until LAYOUT_SECONDS have been timed, at most LAYOUT_STEPS; the best counts. A ResNet-50 step
-# at 224 px on a CPU takes seconds (one is enough), a small model's milliseconds (a few are).
-LAYOUT_STEPS = 5
+# Rounds of timing when choosing (after one warm-up step of each candidate): each round times
+# one step of every candidate in turn, so that a busy moment of the machine slows all of them,
+# not one; at least LAYOUT_ROUNDS, more until LAYOUT_SECONDS per candidate have been timed, at
+# most LAYOUT_STEPS; each candidate's fastest step counts (a busy machine only adds time). A
+# process measures a model of the same shape at the same size once (`_MEASURED`): the pipeline
+# evaluates the models it trained, and its baseline is a teacher's architecture.
+LAYOUT_ROUNDS = 2
+LAYOUT_STEPS = 3
 LAYOUT_SECONDS = 1.0
 # The most images a CPU measurement runs (CUDA runs the run's batch): the verdict can change with
 # the batch (BiT's ResNet-50 student in bf16: NCHW faster at 16 images, channels_last at 32), and
@@ -40,6 +45,9 @@ LAYOUT_VARIABLE = "MLKD_MEMORY_FORMAT"
 # channels_last must be this much faster to be chosen: a near tie is timing noise, and keeping
 # NCHW then makes repeated runs choose (and compute) the same way.
 LAYOUT_MARGIN = 1.1
+# Under --precision auto, bf16 must be this much faster than fp32 to be kept: a near tie goes to
+# fp32, whose arithmetic is exact, so that auto never runs slower than fp32 by timing noise.
+BF16_MARGIN = 1.05
 
 
 def cpu_bf16_feature() -> str | None:
@@ -76,6 +84,8 @@ class Precision:
     channels_last: bool = False
     why: str = ""  # where the choice came from, for the run's first line
     fp32_convs: int = 0  # convolutions kept in fp32 under bf16 (see `keep_idle_tap_convs_fp32`)
+    # bf16 came from --precision auto: `choose_layout` keeps it only where it measures faster.
+    auto: bool = False
 
     @classmethod
     def resolve(cls, requested: str, device: torch.device, source: str = "") -> Precision:
@@ -86,12 +96,13 @@ class Precision:
         cuda = device.type == "cuda"
         if requested == "fp32":
             return cls(device, False, cuda, source or "--precision fp32")
+        auto = requested == "auto"
         if cuda:
-            return cls(device, True, True, "CUDA has bf16")
+            return cls(device, True, True, "CUDA has bf16", auto=auto)
         feature = cpu_bf16_feature()
         if feature is None:  # auto on a CPU without bf16: fp32, silently
             return cls(device, False, False, "this CPU has no native bf16")
-        return cls(device, True, False, f"this CPU has {feature}")
+        return cls(device, True, False, f"this CPU has {feature}", auto=auto)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -138,13 +149,14 @@ def choose_layout(
     train: bool,
     batch: int = LAYOUT_BATCH,
 ) -> Precision:
-    """`precision` with the memory format that runs `model` faster on its device.
+    """`precision` with the memory format — and under `auto`, the arithmetic — that runs `model`
+    fastest on its device.
 
     Rank 0 times a copy of the model (its weights, BatchNorm statistics and the RNG streams are
-    left as they were) for a few steps in each layout — forward and backward when `train`, forward
-    only otherwise — and every rank takes its answer, so all ranks run the same arithmetic.
-    channels_last must win by LAYOUT_MARGIN. On CUDA the copy runs the run's batch (`batch`), on
-    a CPU at most LAYOUT_BATCH images.
+    left as they were) in each candidate — forward and backward when `train`, forward only
+    otherwise — and every rank takes its answer, so all ranks run the same arithmetic.
+    channels_last must win by LAYOUT_MARGIN, bf16 (under auto) by BF16_MARGIN. On CUDA the copy
+    runs the run's batch (`batch`), on a CPU at most LAYOUT_BATCH images.
     """
     pinned = os.environ.get(LAYOUT_VARIABLE)
     if pinned:
@@ -156,16 +168,41 @@ def choose_layout(
         return replace(precision, channels_last=pinned == "channels_last", why=why)
     if precision.device.type == "cpu":
         batch = min(batch, LAYOUT_BATCH)
-    verdict = torch.zeros(2, device=precision.device)  # NCCL broadcasts device tensors only
+    arithmetics = (True, False) if precision.bf16 and precision.auto else (precision.bf16,)
+    candidates = [(bf16, layout) for bf16 in arithmetics for layout in (False, True)]
+    # (channels_last, bf16, layout speed-up, bf16 speed-up): NCCL broadcasts device tensors only.
+    verdict = torch.zeros(4, device=precision.device)
     if ctx.is_main:
-        shape = (batch, *image_shape)
-        nchw = _time_steps(model, shape, precision, channels_last=False, train=train)
-        nhwc = _time_steps(model, shape, precision, channels_last=True, train=train)
-        verdict.copy_(torch.tensor([float(nchw / nhwc >= LAYOUT_MARGIN), nchw / nhwc]))
+        times = _time_candidates(model, (batch, *image_shape), precision, candidates, train)
+        verdict.copy_(torch.tensor(_verdict(times, precision.bf16)))
     ctx.broadcast_(verdict)
-    faster, ratio = bool(verdict[0]), float(verdict[1])
-    note = f"{precision.why}; channels_last measured {ratio:.2f}x the speed of NCHW"
-    return replace(precision, channels_last=faster, why=note)
+    channels_last, bf16 = bool(verdict[0]), bool(verdict[1])
+    note = precision.why
+    if len(arithmetics) == 2:
+        note += f"; bf16 measured {float(verdict[3]):.2f}x the speed of fp32"
+        if not bf16:
+            note += " for this model, so fp32"
+    note += f"; channels_last measured {float(verdict[2]):.2f}x the speed of NCHW"
+    return replace(precision, channels_last=channels_last, bf16=bf16, why=note)
+
+
+def _verdict(times: dict[tuple[bool, bool], float], bf16: bool) -> list[float]:
+    """[channels_last, bf16, layout speed-up, bf16 speed-up] from each candidate's step time
+    ((bf16, channels_last) -> seconds); bf16 is kept only where fp32 was timed and lost."""
+
+    def layout(arithmetic: bool) -> tuple[bool, float, float]:
+        nchw, nhwc = times[(arithmetic, False)], times[(arithmetic, True)]
+        faster = nchw / nhwc >= LAYOUT_MARGIN
+        return faster, nhwc if faster else nchw, nchw / nhwc
+
+    channels_last, seconds, ratio = layout(bf16)
+    speedup = 1.0
+    if bf16 and (False, False) in times:
+        fp32_layout, fp32_seconds, fp32_ratio = layout(False)
+        speedup = fp32_seconds / seconds
+        if speedup < BF16_MARGIN:
+            bf16, channels_last, ratio = False, fp32_layout, fp32_ratio
+    return [float(channels_last), float(bf16), ratio, speedup]
 
 
 def idle_taps(conv: nn.Conv2d, size: tuple[int, int]) -> bool:
@@ -250,34 +287,73 @@ def prepare_forward(
     return precision
 
 
-def _time_steps(
+def _time_candidates(
     model: nn.Module,
     shape: tuple[int, ...],
     precision: Precision,
-    *,
-    channels_last: bool,
+    candidates: list[tuple[bool, bool]],
     train: bool,
-) -> float:
-    """Seconds per step of a copy of `model` on its device in one layout (the best timed step)."""
+) -> dict[tuple[bool, bool], float]:
+    """Seconds per step of a copy of `model` in each (bf16, channels_last) candidate: the
+    fastest of its timed steps, the candidates taking turns round by round (once a process for
+    a model of the same kind and parameter shapes, input and candidates)."""
+    device = precision.device
+    shapes = tuple(tuple(p.shape) for p in model.parameters())
+    key = (type(model).__qualname__, shapes, shape, train, str(device), tuple(candidates))
+    if key not in _MEASURED:
+        _MEASURED[key] = _measure(model, shape, precision, candidates, train)
+    return _MEASURED[key]
+
+
+_MEASURED: dict[tuple, dict[tuple[bool, bool], float]] = {}
+
+
+def _measure(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    precision: Precision,
+    candidates: list[tuple[bool, bool]],
+    train: bool,
+) -> dict[tuple[bool, bool], float]:
     device = precision.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        trial = copy.deepcopy(model).to(device).train(train)
         images = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
-        if channels_last:
-            trial.to(memory_format=torch.channels_last)
-            images = images.contiguous(memory_format=torch.channels_last)
-        _one_step(trial, images, precision, train)  # warm-up: allocation, kernel choice
-        timed: list[float] = []
-        while len(timed) < LAYOUT_STEPS and (not timed or sum(timed) < LAYOUT_SECONDS):
+        copies = {}
+        for layout in sorted({layout for _, layout in candidates}):
+            trial = copy.deepcopy(model).to(device).train(train)
+            if layout:
+                trial.to(memory_format=torch.channels_last)
+            copies[layout] = (trial, _in_layout(images, layout))
+
+        def step(candidate: tuple[bool, bool]) -> float:
+            bf16, layout = candidate
+            trial, batch = copies[layout]
             _synchronize(device)
             start = time.perf_counter()
-            _one_step(trial, images, precision, train)
+            _one_step(trial, batch, replace(precision, bf16=bf16), train)
             _synchronize(device)
-            timed.append(time.perf_counter() - start)
-        del trial, images
+            return time.perf_counter() - start
+
+        for candidate in candidates:
+            step(candidate)  # warm-up: allocation, kernel choice
+        timed: dict[tuple[bool, bool], list[float]] = {c: [] for c in candidates}
+        rounds = 0
+        while rounds < LAYOUT_ROUNDS or (
+            rounds < LAYOUT_STEPS
+            and sum(map(sum, timed.values())) < LAYOUT_SECONDS * len(candidates)
+        ):
+            # Alternate the order, so that no candidate always runs right after another.
+            for candidate in candidates if rounds % 2 == 0 else candidates[::-1]:
+                timed[candidate].append(step(candidate))
+            rounds += 1
+        copies.clear()  # the copies go before the run allocates
     if device.type == "cuda":
-        torch.cuda.empty_cache()  # give the copy's memory back before the run allocates
-    return min(timed)
+        torch.cuda.empty_cache()  # give the copies' memory back before the run allocates
+    return {candidate: min(times) for candidate, times in timed.items()}
+
+
+def _in_layout(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 def _synchronize(device: torch.device) -> None:

@@ -42,7 +42,7 @@ def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
         note = weights_note(cfg.init_checkpoint, meta, "--no-init-ema")
         if note:
             Reporter(cfg.output).info(f"--init-checkpoint {note}")
-    return RunPlan(cfg, trainer.make_card(cfg, cfg.model, splits, recipe), recipe, files, "teacher")
+    return trainer.make_plan(cfg, cfg.model, splits, recipe, "teacher")
 
 
 class TeacherTask:

@@ -9,8 +9,10 @@ plain model gets saved.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -37,6 +39,7 @@ from mlkd_cli.core.plots import training_curves_png
 from mlkd_cli.core.rng import rng_state, seed_everything, set_rng_state
 from mlkd_cli.data.device import DeviceBatches, device_unsupported
 from mlkd_cli.data.loaders import (
+    ReplayedBatches,
     TrainingBatches,
     TransformedSubset,
     build_eval_loader,
@@ -46,6 +49,7 @@ from mlkd_cli.data.registry import (
     HOLDOUT_SEED,
     DataSplits,
     augmentation_defaults,
+    labelled_positions,
     load_splits,
 )
 from mlkd_cli.data.sources import ArraySource
@@ -58,6 +62,12 @@ from mlkd_cli.engine.launch import launch
 from mlkd_cli.engine.loggers import build_loggers, parse_log_to
 from mlkd_cli.engine.precision import Precision, choose_layout, keep_idle_tap_convs_fp32
 from mlkd_cli.models.norms import use_fast_group_norms
+
+# The training curves are redrawn at most this often (and after the last epoch).
+CURVES_EVERY_S = 30.0
+# The training state is written after an epoch at most this often (and after the last one, and
+# whenever the run is stopped); see `_TrainingState.save_epoch`.
+STATE_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,17 @@ class RunPlan:
     recipe: ImageRecipe
     files: RunFiles
     kind: str  # "teacher" or "student": what the history files say the run made
+    # Under a label budget, the positions in the training split whose labels the run may use
+    # (None: every label). A task that learns from unlabelled images too (distillation) trains
+    # on the whole split; any other trains on these images alone.
+    labelled: tuple[int, ...] | None = None
+    learns_from_unlabelled: bool = False
+
+    def training_positions(self, total: int) -> list[int]:
+        """The positions in the training split this run trains on."""
+        if self.labelled is None or self.learns_from_unlabelled:
+            return list(range(total))
+        return list(self.labelled)
 
 
 class Task(Protocol):
@@ -167,6 +188,40 @@ def make_card(cfg: TrainConfig, arch: str, splits: DataSplits, recipe: ImageReci
         interpolation=recipe.interpolation,
         extra={"val_fraction": cfg.val_fraction, "holdout_seed": HOLDOUT_SEED},
     )
+
+
+def make_plan(
+    cfg: TrainConfig,
+    arch: str,
+    splits: DataSplits,
+    recipe: ImageRecipe,
+    kind: str,
+    learns_from_unlabelled: bool = False,
+) -> RunPlan:
+    """The checked plan of a run: its card and files, and under a label budget the labelled
+    images (refusing a budget that leaves less than one batch to train on)."""
+    labelled = None
+    if cfg.label_fraction < 1.0:
+        labelled = tuple(labelled_positions(splits, cfg.label_fraction))
+    plan = RunPlan(
+        cfg,
+        make_card(cfg, arch, splits, recipe),
+        recipe,
+        RunFiles(cfg.output_dir, cfg.run_name),
+        kind,
+        labelled,
+        learns_from_unlabelled,
+    )
+    images = len(plan.training_positions(len(splits.train_indices)))
+    per_process = cfg.batch_plan(cfg.world_size).per_process
+    if images // cfg.world_size < per_process:
+        budget = f" (--label-fraction {cfg.label_fraction:g})" if labelled is not None else ""
+        raise UserError(
+            f"{images} training images{budget} make less than one batch of {per_process} on "
+            f"each of {cfg.world_size} process(es); lower --batch-size"
+            + (" or raise --label-fraction" if budget else "")
+        )
+    return plan
 
 
 def dataset_recipe(cfg: TrainConfig, splits: DataSplits) -> ImageRecipe:
@@ -276,20 +331,31 @@ def data_pipeline(
             "cpu (timm's transforms on loader workers) or drop them"
         )
     if cfg.data_pipeline == "auto":
-        return "device" if in_memory and device_type == "cuda" and not missing else "cpu"
+        # In memory, one batched pass beats per-image transforms on any device: on a 2-core CPU
+        # test_convnext at 32 px trained at 2,000+ img/s this way against 570 through timm's
+        # per-image transforms in the main process (BENCHMARKS.md, "Small models").
+        return "device" if in_memory and not missing else "cpu"
     return cfg.data_pipeline
 
 
 def build_training_batches(
-    cfg: TrainConfig, splits: DataSplits, recipe: ImageRecipe, ctx: DistContext
+    cfg: TrainConfig,
+    splits: DataSplits,
+    recipe: ImageRecipe,
+    ctx: DistContext,
+    positions: list[int] | None = None,
 ) -> TrainingBatches:
-    """This rank's training batches from the pipeline the run asked for."""
+    """This rank's training batches from the pipeline the run asked for, over the training
+    split's `positions` (default all of it)."""
     per_process = cfg.batch_plan(ctx.world_size).per_process
+    indices = splits.train_indices
+    if positions is not None:
+        indices = [indices[p] for p in positions]
     if data_pipeline(cfg, splits, ctx.device.type, recipe) == "device":
         assert isinstance(splits.train, ArraySource)
         return DeviceBatches(
             splits.train,
-            splits.train_indices,
+            indices,
             recipe,
             per_process,
             ctx,
@@ -297,7 +363,7 @@ def build_training_batches(
             cfg.augment,
         )
     transform = build_train_transform(recipe) if cfg.augment else build_eval_transform(recipe)
-    train_set = TransformedSubset(splits.train, splits.train_indices, transform)
+    train_set = TransformedSubset(splits.train, indices, transform)
     return build_train_batches(train_set, per_process, ctx, cfg.seed, cfg.workers)
 
 
@@ -328,6 +394,7 @@ def launch_training(worker: Any, plan: Any) -> dict[str, Any]:
         cfg.device,
         max_restarts=cfg.max_restarts,
         memory_hint=f"lower --batch-size, now {per_process} per process",
+        workers=cfg.workers,
     )
 
 
@@ -394,6 +461,7 @@ class _Run:
             plan, task, self.model, self.optimizer, self.scheduler, self.history, ctx
         )
         self.state.channels_last = self.precision.channels_last
+        self.state.bf16 = self.precision.bf16
         self.warned: set[str] = set()
         names = parse_log_to(cfg.log_to)
         self.loggers = build_loggers(names, cfg.output_dir, self.files.name) if ctx.is_main else []
@@ -402,11 +470,14 @@ class _Run:
     def _setup_data(self) -> None:
         cfg, ctx, recipe = self.cfg, self.ctx, self.plan.recipe
         splits = load_splits(cfg.dataset, cfg.data_dir, False, cfg.val_fraction)
-        self.train_batches = build_training_batches(cfg, splits, recipe, ctx)
+        positions = self.plan.training_positions(len(splits.train_indices))
+        self.train_batches = build_training_batches(cfg, splits, recipe, ctx, positions)
         self.val_set = TransformedSubset(
             splits.val, splits.val_indices, build_eval_transform(recipe)
         )
-        self.val_loader = build_eval_loader(self.val_set, cfg.batch_size * 2, ctx, cfg.workers)
+        self.val_loader = ReplayedBatches(
+            build_eval_loader(self.val_set, cfg.batch_size * 2, ctx, cfg.workers)
+        )
         self.num_batches = self.train_batches.batches_per_epoch
         if self.num_batches == 0:
             raise UserError(f"{cfg.dataset} has no training batches; lower --batch-size")
@@ -423,8 +494,15 @@ class _Run:
                 self.precision, model, sample, self.ctx, train=True, batch=self.cfg.batch_size
             )
         else:  # a resumed or restarted run computes as the run it continues did
+            channels_last, bf16 = earlier
             why = f"{self.precision.why}; the layout of the run it continues"
-            self.precision = replace(self.precision, channels_last=earlier, why=why)
+            if self.precision.auto and bf16 is not None:
+                why = f"{self.precision.why}; the arithmetic and layout of the run it continues"
+            else:
+                bf16 = self.precision.bf16
+            self.precision = replace(
+                self.precision, channels_last=channels_last, bf16=bf16, why=why
+            )
         self.precision = keep_idle_tap_convs_fp32(self.precision, model, sample)
         self.precision.place(model)
         if self.cfg.compile:
@@ -434,10 +512,14 @@ class _Run:
         self.task.prepare(self.ctx, self.train_batches, self.precision)
         self.model = model
 
-    def _earlier_layout(self) -> bool | None:
-        """channels_last as the training state being continued recorded it; None: measure."""
-        recorded = None if self.continued is None else self.continued.get("channels_last")
-        return None if recorded is None else bool(recorded)
+    def _earlier_layout(self) -> tuple[bool, bool | None] | None:
+        """(channels_last, bf16) as the training state being continued recorded them (bf16 None
+        in states from before auto measured it); None: measure."""
+        state = self.continued or {}
+        if state.get("channels_last") is None:
+            return None
+        bf16 = state.get("bf16")
+        return bool(state["channels_last"]), None if bf16 is None else bool(bf16)
 
     def _setup_optimizer(self) -> None:
         cfg = self.cfg
@@ -491,9 +573,13 @@ class _Run:
         line = self.precision.describe()
         self.history.run_info["precision"] = line.removeprefix("precision: ")
         self.report.info(line)
+        budget = ""
+        if self.plan.labelled is not None:
+            budget = f" (labels of {len(self.plan.labelled)} used: --label-fraction "
+            budget += f"{cfg.label_fraction:g})"
         self.report.info(
             f"training {self.plan.card.arch} ({self.plan.kind}) on {cfg.dataset}: "
-            f"{len(self.train_batches)} train / {len(self.val_set)} val images, "
+            f"{len(self.train_batches)} train{budget} / {len(self.val_set)} val images, "
             f"{_pipeline_name(self.train_batches)} data pipeline, {ctx.world_size} process(es) "
             f"on {ctx.device.type}, effective batch {plan.global_batch} ({plan.per_process} x "
             f"{ctx.world_size} process(es) x {self.accum} pass(es)), {cfg.epochs} epochs"
@@ -585,10 +671,12 @@ class _Run:
         improved = score > self.best.get("score", self.best["top1"])
         if improved:
             self.best = {"top1": row["val_top1"], "epoch": epoch + 1, "score": score}
+        # Agreed before saving: a run that stops here must leave its state of this epoch.
+        stopping = epoch + 1 < self.cfg.epochs and stop.agreed(ctx) is not None
         if ctx.is_main:
-            self.state.save_epoch(self.best, row, improved)
+            self.state.save_epoch(self.best, row, improved, force_state=stopping)
         self.task.report_epoch(self.report, row, improved)
-        if epoch + 1 < self.cfg.epochs and stop.agreed(ctx) is not None:
+        if stopping:
             raise _interrupted(stop, self.files, f"after epoch {epoch + 1}")
 
     def summary(self) -> dict[str, Any]:
@@ -684,7 +772,11 @@ class _TrainingState:
     ) -> None:
         self.plan, self.task, self.model = plan, task, model
         self.optimizer, self.scheduler, self.history, self.ctx = optimizer, scheduler, history, ctx
-        self.channels_last = False  # the run's memory format, kept so a resumed run reuses it
+        # The run's memory format and arithmetic, kept so that a resumed run reuses them.
+        self.channels_last = False
+        self.bf16 = False
+        self.curves_drawn = -math.inf  # when the curves were last drawn (time.monotonic)
+        self.state_written = -math.inf  # when the state was last written: the first epoch writes it
 
     def _write_state(self, epoch: int, best: dict[str, Any], partial: dict | None) -> None:
         parts = stateful_parts(loop.unwrap(self.model), self.optimizer, self.scheduler)
@@ -700,6 +792,7 @@ class _TrainingState:
                 "history": self.history.rows,
                 "restarts": self.history.run_info.get("restarts", []),
                 "channels_last": self.channels_last,
+                "bf16": self.bf16,
                 "config": self.plan.config.to_record(),
                 "card": asdict(self.plan.card),
                 "mlkd_version": __version__,
@@ -722,8 +815,16 @@ class _TrainingState:
             self._write_state(epoch, best, partial)
         self.ctx.barrier()
 
-    def save_epoch(self, best: dict[str, Any], row: dict[str, Any], improved: bool) -> None:
-        """After an epoch (rank 0 only): best and periodic models, state, history, curves."""
+    def save_epoch(
+        self, best: dict[str, Any], row: dict[str, Any], improved: bool, force_state: bool = False
+    ) -> None:
+        """After an epoch (rank 0 only): best and periodic models, state, history, curves.
+
+        The training state is written after the last epoch, when `force_state` (the run stops
+        here), and otherwise once STATE_EVERY_S have passed since it last was: writing it takes
+        ~50 ms, as long as a small model's whole epoch on a small dataset. A run killed without
+        warning loses at most the epoch in progress and STATE_EVERY_S of epochs before it.
+        """
         cfg, files = self.plan.config, self.plan.files
         plain = self.task.plain_model(loop.unwrap(self.model))
         metrics = {k: float(v) for k, v in row.items() if k.startswith(("val_", "exit"))}
@@ -734,13 +835,22 @@ class _TrainingState:
             )
         if cfg.save_frequency and row["epoch"] % cfg.save_frequency == 0:
             save_model(files.periodic(row["epoch"]), plain, self.plan.card, row["epoch"], metrics)
-        self._write_state(row["epoch"], best, None)
+        now = time.monotonic()
+        final = row["epoch"] == cfg.epochs
+        if final or force_state or now - self.state_written >= STATE_EVERY_S:
+            self._write_state(row["epoch"], best, None)
+            self.state_written = now
         self.history.save()
-        training_curves_png(
-            self.history.rows,
-            f"{files.name} ({self.plan.card.arch}, {self.plan.kind})",
-            files.curves,
-        )
+        # Drawing takes ~0.2 s: every epoch of a small model's run would spend as long drawing
+        # as training. The history files are written every epoch; the figure at the end and at
+        # most every CURVES_EVERY_S in between.
+        if final or now - self.curves_drawn >= CURVES_EVERY_S:
+            training_curves_png(
+                self.history.rows,
+                f"{files.name} ({self.plan.card.arch}, {self.plan.kind})",
+                files.curves,
+            )
+            self.curves_drawn = now
 
 
 def _diverged_message(files: RunFiles, epoch: int, batch: int) -> str:
