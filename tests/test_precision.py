@@ -264,3 +264,27 @@ def test_bf16_training_on_tiny_maps_keeps_finite_weights(cpu_bf16: None) -> None
     plain = timm.create_model("test_resnet", num_classes=10)
     plain.load_state_dict(state)
     assert torch.isfinite(plain.eval()(images)).all()
+
+
+def test_a_model_of_the_same_shape_is_measured_once_a_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    measured = []
+    real = precision_module._measure
+
+    def counting(*args):
+        measured.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(precision_module, "_measure", counting)
+    base = Precision.resolve("fp32", CPU)
+    first = choose_layout(base, timm.create_model("test_resnet", num_classes=3), (3, 16, 16), CTX,
+                          train=False)  # fmt: skip
+    again = choose_layout(base, timm.create_model("test_resnet", num_classes=3), (3, 16, 16), CTX,
+                          train=False)  # fmt: skip
+    assert len(measured) == 1 and again == first
+    choose_layout(base, timm.create_model("test_resnet", num_classes=5), (3, 16, 16), CTX,
+                  train=False)  # fmt: skip
+    choose_layout(base, timm.create_model("test_resnet", num_classes=3), (3, 16, 16), CTX,
+                  train=True)  # fmt: skip
+    assert len(measured) == 3  # another classifier shape, then training: measured anew

@@ -84,9 +84,10 @@ def test_a_flag_overrides_the_preset(run_cli, tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["model"] == "test_resnet" and summary["epochs"] == 1  # preset: resnet10t, 30
+    assert summary["model"] == "test_resnet" and summary["epochs"] == 1  # preset: resnet10t, 50
     config = json.loads((tmp_path / "digits_test_resnet_history.json").read_text())["config"]
-    assert config["lr"] == 0.001 and config["batch_size"] == 64  # the rest from the preset
+    assert config["lr"] == 0.002 and config["batch_size"] == 32  # the rest from the preset
+    assert config["label_fraction"] == 0.1  # a top-level key: every stage takes it
 
 
 @pytest.mark.parametrize("name", ["cifar-10", "cifar-100", "digits", "oxford-iiit"])

@@ -300,7 +300,7 @@ class ReplayedBatches:
         size = 0
         for batch in self.loader:
             if kept is not None:
-                size += batch.images.numel() * batch.images.element_size()
+                size += batch[0].numel() * batch[0].element_size()  # the images
                 if size <= self.limit_bytes:
                     kept.append(batch)
                 else:
