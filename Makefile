@@ -28,6 +28,7 @@ demo: install
 	$(MLKD) pipeline --preset digits --run-dir runs/demo
 
 bench: install
+	$(PY) benchmarks/small_models.py
 	$(PY) benchmarks/bench.py
 
 lint: install

@@ -38,6 +38,7 @@ PIPELINE_MAX_DROP = 0.5
 # Images the early-exit speed is timed on in each configuration (`mlkd eval` times 512): the
 # pipeline's figure is a first look, kept to seconds on a laptop.
 PIPELINE_TIMING_IMAGES = 256
+PIPELINE_TIMING_BUDGET_S = 5.0
 # What the cross-entropy student's run calls itself (its first lines, history and curves).
 BASELINE_KIND = "cross-entropy baseline"
 
@@ -315,6 +316,7 @@ def _exit_rows(
         path=path,
         data_dir=data_dir,
         timing_images=PIPELINE_TIMING_IMAGES,
+        timing_budget_s=PIPELINE_TIMING_BUDGET_S,
         workers=options.workers,
         precision=options.precision,
         output=options.output,

@@ -67,6 +67,7 @@ class AnytimeRequest:
     max_drop: float = 0.5  # top-1 points the chosen cascade may lose against the final head
     thresholds: tuple[float, ...] | None = None  # a cascade to evaluate besides the table's
     timing_images: int = 512  # images timed per configuration; 0 skips timing
+    timing_budget_s: float = TIMING_BUDGET_S  # about how long timing every configuration takes
     batch_size: int = 128
     workers: int | None = None
     precision: str = "auto"
@@ -86,6 +87,7 @@ class AnytimeJob(PlannedPass):
     max_drop: float
     thresholds: tuple[float, ...] | None
     timing_images: int
+    timing_budget_s: float = TIMING_BUDGET_S
 
     @property
     def exit_count(self) -> int:
@@ -142,6 +144,7 @@ def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
         max_drop=request.max_drop,
         thresholds=thresholds,
         timing_images=request.timing_images,
+        timing_budget_s=request.timing_budget_s,
     )
     check_split(request.path, job, card.num_classes)
     return job
@@ -270,8 +273,11 @@ def time_anytime(
     ]
     runs = [(lambda b, t=t: staged.cascade_batches(b, t)) for t in cascades]
     functions = [*heads, *runs]
-    batches, rounds = _fit_budget(staged, batches, precision, len(functions))
-    rates = _throughput(functions, batches, precision, rounds)
+    budget = job.timing_budget_s
+    batches, rounds = _fit_budget(staged, batches, precision, len(functions), budget)
+    # A round of each configuration lasts MIN_ROUND_SECONDS, or less where the budget is small.
+    least = min(MIN_ROUND_SECONDS, budget / (len(functions) * rounds))
+    rates = _throughput(functions, batches, precision, rounds, least)
     return {
         "heads": rates[: len(heads)],
         "cascades": rates[len(heads) :],
@@ -280,10 +286,14 @@ def time_anytime(
 
 
 def _fit_budget(
-    staged: StagedStudent, batches: list[torch.Tensor], precision: Precision, configurations: int
+    staged: StagedStudent,
+    batches: list[torch.Tensor],
+    precision: Precision,
+    configurations: int,
+    budget: float = TIMING_BUDGET_S,
 ) -> tuple[list[torch.Tensor], int]:
     """Fewer batches (at least one), then one round instead of several, so that timing every
-    configuration takes about `TIMING_BUDGET_S` (a ResNet-50 on a CPU runs ~20 img/s: 512
+    configuration takes about `budget` seconds (a ResNet-50 on a CPU runs ~20 img/s: 512
     images, 12 configurations and 3 rounds would take a quarter of an hour)."""
     with torch.inference_mode(), precision.autocast():
         staged.plain(batches[0])  # warm-up
@@ -295,11 +305,11 @@ def _fit_budget(
     per_round = per_image * configurations  # the plain model bounds every configuration
     kept, images = [], 0
     for batch in batches:
-        if kept and (images + batch.shape[0]) * per_round * TIMING_ROUNDS > TIMING_BUDGET_S:
+        if kept and (images + batch.shape[0]) * per_round * TIMING_ROUNDS > budget:
             break
         kept.append(batch)
         images += batch.shape[0]
-    rounds = TIMING_ROUNDS if images * per_round * TIMING_ROUNDS <= TIMING_BUDGET_S else 1
+    rounds = TIMING_ROUNDS if images * per_round * TIMING_ROUNDS <= budget else 1
     return kept, rounds
 
 
@@ -308,10 +318,11 @@ def _throughput(
     batches: list[torch.Tensor],
     precision: Precision,
     rounds: int = TIMING_ROUNDS,
+    least: float = MIN_ROUND_SECONDS,
 ) -> list[float]:
     """Images per second of each function (run on the list of batches): rounds interleave the
     functions (so that a machine's slow moment is shared); in each round a function runs over
-    the batches until `MIN_ROUND_SECONDS` have passed; each keeps the median of its rounds."""
+    the batches until `least` seconds have passed; each keeps the median of its rounds."""
     count = sum(b.shape[0] for b in batches)
     rates: list[list[float]] = [[] for _ in functions]
     device = precision.device
@@ -323,7 +334,7 @@ def _throughput(
                 images, elapsed = 0, 0.0
                 _synchronize(device)
                 start = time.perf_counter()
-                while elapsed < MIN_ROUND_SECONDS:
+                while elapsed < least:
                     function(batches)
                     images += count
                     _synchronize(device)
