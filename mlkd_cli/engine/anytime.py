@@ -290,11 +290,13 @@ def _fit_budget(
     batches: list[torch.Tensor],
     precision: Precision,
     configurations: int,
-    budget: float = TIMING_BUDGET_S,
+    budget: float | None = None,
 ) -> tuple[list[torch.Tensor], int]:
     """Fewer batches (at least one), then one round instead of several, so that timing every
     configuration takes about `budget` seconds (a ResNet-50 on a CPU runs ~20 img/s: 512
-    images, 12 configurations and 3 rounds would take a quarter of an hour)."""
+    images, 12 configurations and 3 rounds would take a quarter of an hour); None: the module's
+    TIMING_BUDGET_S."""
+    budget = TIMING_BUDGET_S if budget is None else budget
     with torch.inference_mode(), precision.autocast():
         staged.plain(batches[0])  # warm-up
         _synchronize(precision.device)
