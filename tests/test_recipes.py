@@ -109,7 +109,7 @@ def test_distill_with_the_original_recipe_keeps_the_lowest_validation_kd_loss(
     monkeypatch.chdir(tmp_path)
     result = invoke_cli(
         "distill", "-d", "digits", "-m", "test_resnet", "-c", digits_teacher,
-        "--student", "test_resnet", "--img-size", "16", "--recipe", "original", "-e", "3",
+        "--student", "test_resnet", "--img-size", "16", "--recipe", "original", "-e", "2",
         "--batch-size", "32", "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
