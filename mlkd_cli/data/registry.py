@@ -235,9 +235,8 @@ def load_splits(
 
 def labelled_positions(splits: DataSplits, fraction: float) -> list[int]:
     """Positions in `splits.train_indices` whose labels a run with a label budget uses: `fraction`
-    of each class's training images, the same for every run and rank; all of them at 1."""
-    if not 0.0 < fraction <= 1.0:
-        raise UserError(f"--label-fraction must be in (0, 1], got {fraction}")
+    of each class's training images, the same for every run and rank; all of them at 1
+    (`TrainConfig.validate` refuses a fraction outside (0, 1])."""
     if fraction >= 1.0:
         return list(range(len(splits.train_indices)))
     targets = [splits.train.targets[i] for i in splits.train_indices]

@@ -215,11 +215,13 @@ def make_plan(
     images = len(plan.training_positions(len(splits.train_indices)))
     per_process = cfg.batch_plan(cfg.world_size).per_process
     if images // cfg.world_size < per_process:
-        budget = f" (--label-fraction {cfg.label_fraction:g})" if labelled is not None else ""
+        budget, fix = "", "lower --batch-size"
+        if labelled is not None:
+            budget = f" (--label-fraction {cfg.label_fraction:g})"
+            fix += " or raise --label-fraction"
         raise UserError(
             f"{images} training images{budget} make less than one batch of {per_process} on "
-            f"each of {cfg.world_size} process(es); lower --batch-size"
-            + (" or raise --label-fraction" if budget else "")
+            f"each of {cfg.world_size} process(es); {fix}"
         )
     return plan
 
@@ -460,8 +462,7 @@ class _Run:
         self.state = _TrainingState(
             plan, task, self.model, self.optimizer, self.scheduler, self.history, ctx
         )
-        self.state.channels_last = self.precision.channels_last
-        self.state.bf16 = self.precision.bf16
+        self.state.precision = self.precision
         self.warned: set[str] = set()
         names = parse_log_to(cfg.log_to)
         self.loggers = build_loggers(names, cfg.output_dir, self.files.name) if ctx.is_main else []
@@ -772,9 +773,9 @@ class _TrainingState:
     ) -> None:
         self.plan, self.task, self.model = plan, task, model
         self.optimizer, self.scheduler, self.history, self.ctx = optimizer, scheduler, history, ctx
-        # The run's memory format and arithmetic, kept so that a resumed run reuses them.
-        self.channels_last = False
-        self.bf16 = False
+        # The run's arithmetic and memory format (set once chosen), recorded in the state so
+        # that a resumed run reuses them.
+        self.precision: Precision | None = None
         self.curves_drawn = -math.inf  # when the curves were last drawn (time.monotonic)
         self.state_written = -math.inf  # when the state was last written: the first epoch writes it
 
@@ -791,8 +792,8 @@ class _TrainingState:
                 "best": best,
                 "history": self.history.rows,
                 "restarts": self.history.run_info.get("restarts", []),
-                "channels_last": self.channels_last,
-                "bf16": self.bf16,
+                "channels_last": bool(self.precision and self.precision.channels_last),
+                "bf16": bool(self.precision and self.precision.bf16),
                 "config": self.plan.config.to_record(),
                 "card": asdict(self.plan.card),
                 "mlkd_version": __version__,
