@@ -161,6 +161,17 @@ DIGITS_TEACHER = (
 
 
 @contextmanager
+def working_dir(folder: Path) -> Iterator[Path]:
+    """Run the block in `folder` (relative paths in a command resolve there), then come back."""
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield folder
+    finally:
+        os.chdir(before)
+
+
+@contextmanager
 def reaped(job: subprocess.Popen) -> Iterator[subprocess.Popen]:
     """A background job that is killed if it is still running when the block ends."""
     try:

@@ -28,6 +28,8 @@ from mlkd_cli.engine import loop, teacher
 
 pytestmark = pytest.mark.slow
 
+MLKD = [sys.executable, "-m", "mlkd_cli"]  # a command of its own, for the tests that signal it
+
 
 def _spawned_workers(parent: int) -> list[int]:
     """PIDs of the parent's children that are torch.multiprocessing workers (not helpers)."""
@@ -52,9 +54,7 @@ def _spawned_workers(parent: int) -> list[int]:
 def _ddp_command(out: Path) -> list[str]:
     """A two-process CPU teacher run writing to `out` (add --epochs)."""
     return [
-        sys.executable,
-        "-m",
-        "mlkd_cli",
+        *MLKD,
         *TINY_RUN,
         "--world-size",
         "2",
@@ -97,10 +97,9 @@ def test_max_restarts_finishes_a_run_whose_worker_was_killed_with_the_same_weigh
 ) -> None:
     straight, restarted = tmp_path / "straight", tmp_path / "restarted"
     epochs = ["--epochs", "3"]
-    whole = subprocess.run(
-        [*_ddp_command(straight), *epochs], capture_output=True, text=True, timeout=300
-    )
-    assert whole.returncode == 0, whole.stderr
+    # The straight run in this process (no signal reaches it); the restarted one on its own.
+    whole = invoke_cli(*_ddp_command(straight)[len(MLKD) :], *epochs)
+    assert whole.exit_code == 0, whole.stderr
     command = [*_ddp_command(restarted), *epochs, "--max-restarts", "1"]
     with reaped(
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -161,9 +160,7 @@ def test_skip_nonfinite_skips_and_counts(tmp_path: Path, monkeypatch: pytest.Mon
 
 def _distill_command(teacher: Path, out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "mlkd_cli",
+        *MLKD,
         "distill",
         "--dataset",
         "digits",
@@ -194,7 +191,8 @@ def _distill_command(teacher: Path, out: Path, *extra: str) -> list[str]:
 def straight_student(digits_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The training state of the distillation run below, never interrupted."""
     out = tmp_path_factory.mktemp("straight")
-    subprocess.run(_distill_command(digits_teacher, out), check=True, capture_output=True)
+    done = invoke_cli(*_distill_command(digits_teacher, out)[len(MLKD) :])
+    assert done.exit_code == 0, done.stderr
     return out / "s_last.pth"
 
 
@@ -221,8 +219,8 @@ def test_sigkilled_distillation_resumes_mid_epoch_to_the_same_weights(
     assert job.returncode == -signal.SIGKILL
     saved = torch.load(state, weights_only=True)
     assert saved["partial_epoch"]["progress"][0]["batches_done"] > 0
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = invoke_cli(*command[len(MLKD) :], "--resume")  # no signal: in this process
+    assert resumed.exit_code == 0, resumed.stderr
     _assert_same_weights(straight_student, state)
 
 
@@ -239,8 +237,8 @@ def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(
     assert_error_line(stderr, "stopped by SIGTERM", str(tmp_path / "s_last.pth"), "--resume")
     saved = torch.load(tmp_path / "s_last.pth", weights_only=True)
     assert saved["epoch"] == 1 and saved["partial_epoch"] is not None
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = invoke_cli(*command[len(MLKD) :], "--resume")  # no signal: in this process
+    assert resumed.exit_code == 0, resumed.stderr
     _assert_same_weights(straight_student, tmp_path / "s_last.pth")
 
 

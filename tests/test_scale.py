@@ -19,7 +19,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_error_line, assert_same_weights, ended_after, reaped, write_cifar
+from conftest import (
+    CliResult,
+    assert_error_line,
+    assert_same_weights,
+    ended_after,
+    invoke_cli,
+    reaped,
+    working_dir,
+    write_cifar,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +37,13 @@ IMAGES = 5_000  # per split file; --val-fraction 0.8 holds out 4,000 of the trai
 VAL_FRACTION = "0.8"
 
 
-def _run(*args: object, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [*MLKD, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
-    )
-    assert done.returncode == 0, done.stderr
+def _run(*args: object, cwd: Path) -> CliResult:
+    """`mlkd ARGS` in `cwd`, in this process: the workers it spawns, and what they send back,
+    are the same as under a `mlkd` of its own, without a second interpreter importing torch
+    (the torchrun and signal tests below need their own processes and start them)."""
+    with working_dir(cwd):
+        done = invoke_cli(*args)
+    assert done.exit_code == 0, done.stderr
     return done
 
 
@@ -52,7 +63,7 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _json(done: subprocess.CompletedProcess) -> dict:
+def _json(done: CliResult | subprocess.CompletedProcess) -> dict:
     return json.loads(done.stdout)
 
 

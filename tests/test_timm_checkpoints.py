@@ -99,17 +99,14 @@ def test_distill_ensemble_and_teacher_train_take_it(
     assert distilled.exit_code == 0, distilled.stderr
     assert json.loads(distilled.stdout)["teacher"] == [str(path)]
     (tmp_path / "ens.yaml").write_text(f"members:\n  - checkpoint: {path}\n")
+    rows = {}
     for flag in ("--teacher-ema", "--no-teacher-ema"):
         fitted = invoke_cli("ensemble", "eval", "ens.yaml", "-d", "digits", "--json", flag)
         assert fitted.exit_code == 0, fitted.stderr
-    ema_rows = json.loads(
-        invoke_cli("ensemble", "eval", "ens.yaml", "-d", "digits", "--json").stdout
-    )
-    raw_rows = json.loads(
-        invoke_cli(
-            "ensemble", "eval", "ens.yaml", "-d", "digits", "--json", "--no-teacher-ema"
-        ).stdout
-    )
+        rows[flag] = json.loads(fitted.stdout)
+    default = invoke_cli("ensemble", "eval", "ens.yaml", "-d", "digits", "--json")
+    assert json.loads(default.stdout) == rows["--teacher-ema"]  # the EMA weights by default
+    ema_rows, raw_rows = rows["--teacher-ema"], rows["--no-teacher-ema"]
     assert ema_rows != raw_rows  # the two weight sets give different figures
     trained = invoke_cli(
         "teacher", "train", *common, "-m", ARCH, "--init-checkpoint", path, "--name", "init"
