@@ -122,11 +122,20 @@ def distill(
             rich_help_panel=opt.LOSS,
         ),
     ] = None,
+    loss: Annotated[
+        str | None,
+        typer.Option(
+            "--loss",
+            help="What every head learns from the teacher: kd (Hinton KD, the default), dkd "
+            "(decoupled KD), dist (DIST, Pearson matching), original (the original's KD).",
+            rich_help_panel=opt.LOSS,
+        ),
+    ] = None,
     temperature: Annotated[
         float | None,
         typer.Option(
             "--temperature",
-            help=f"KD temperature (default {D.temperature:g}).",
+            help=f"KD and DKD temperature (default {D.temperature:g}).",
             rich_help_panel=opt.LOSS,
         ),
     ] = None,
@@ -161,6 +170,7 @@ def distill(
         "name": name,
         "alpha": alpha,
         "temperature": temperature,
+        "loss": loss,
         "teacher_cache": teacher_cache,
         "teacher_ema": teacher_ema,
         "recipe": recipe,

@@ -15,6 +15,7 @@ LAYERS = {
     "mlkd_cli.core": 0,
     "mlkd_cli.data": 1,
     "mlkd_cli.models": 1,
+    "mlkd_cli.losses": 1,
     "mlkd_cli.engine": 2,
     "mlkd_cli.pipeline": 3,
     "mlkd_cli.export": 3,

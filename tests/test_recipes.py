@@ -29,7 +29,7 @@ def test_the_original_recipe_sets_every_documented_difference() -> None:
     assert (cfg.temperature, cfg.alpha, cfg.mixup_alpha, cfg.cutmix_alpha) == (10.0, 1.0, 1.0, 1.0)
     assert cfg.label_smoothing == 0.1  # timm Mixup's, in the CE term
     assert (cfg.schedule, cfg.warmup_epochs, cfg.optimizer) == ("constant", 0.0, "adamw_all")
-    assert (cfg.loss, cfg.best_by) == ("original_multi_exit_kd", "val_kd_loss")
+    assert (cfg.loss, cfg.best_by) == ("original", "val_kd_loss")
     assert (cfg.seed, cfg.deterministic, cfg.precision) == (53303, True, "fp32")
     assert (cfg.epochs, cfg.batch_size, cfg.save_frequency) == (1000, 64, 50)
     assert (cfg.hflip, cfg.scale, cfg.color_jitter) == (0.5, (0.08, 1.0), 0.4)

@@ -176,7 +176,7 @@ class DistillTask:
         """With --compile, compile the teacher; with --teacher-cache, fill the output cache."""
         report = Reporter(self.cfg.output, ctx.rank)
         labelled = self.plan.run.labelled
-        if labelled is not None and self.cfg.alpha < 1.0:
+        if labelled is not None and (self.cfg.alpha < 1.0 or self.loss.uses_labels):
             mask = torch.zeros(len(batches), dtype=torch.bool)
             mask[list(labelled)] = True
             self.labelled = mask.to(ctx.device)
@@ -202,6 +202,10 @@ class DistillTask:
                 f"teacher outputs cached for {len(batches)} images in "
                 f"{time.perf_counter() - start:.1f} s; no teacher forward during training"
             )
+
+    def start_epoch(self, epoch: int) -> None:
+        """Tell the loss which epoch begins (DKD warms up over the first ones)."""
+        self.loss.start_epoch(epoch, self.cfg.epochs)
 
     def step(
         self,
@@ -252,7 +256,7 @@ class DistillTask:
         """The final head's loss against the teacher on a validation batch (summed), with hard
         labels in the CE term, as the original validated."""
         targets = F.one_hot(labels, heads[0].shape[1]).float()
-        loss, _, _ = self.loss.head_loss(heads[0], self.teacher(images), targets)
+        loss, _ = self.loss.head_loss(heads[0], self.teacher(images), targets)
         return loss * labels.shape[0]
 
     def score(self, row: dict[str, Any]) -> float:

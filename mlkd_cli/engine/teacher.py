@@ -59,6 +59,9 @@ class TeacherTask:
             cfg.model, self.plan.card.num_classes, cfg.pretrained, cfg.init_checkpoint, cfg.init_ema
         )
 
+    def start_epoch(self, epoch: int) -> None:
+        """Nothing changes from epoch to epoch in plain training."""
+
     def prepare(
         self, ctx: DistContext, batches: TrainingBatches, precision: loop.Precision
     ) -> None:

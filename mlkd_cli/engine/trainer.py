@@ -145,6 +145,9 @@ class Task(Protocol):
     ) -> None:
         """Work before the first epoch, with the training data at hand (may do nothing)."""
 
+    def start_epoch(self, epoch: int) -> None:
+        """Told before each epoch (0-based), resumed ones included (may do nothing)."""
+
     def step(
         self,
         model: nn.Module,
@@ -595,6 +598,7 @@ class _Run:
         if progress is not None and resumed.rng is not None:
             set_rng_state(resumed.rng, ctx.device)
         batches = self.train_batches.epoch(epoch, progress.batches_done if progress else 0)
+        self.task.start_epoch(epoch)
         description = f"epoch {epoch + 1}/{cfg.epochs}"
         with self.report.step_progress(description, self.num_batches) as on_step:
             try:
