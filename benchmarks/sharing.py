@@ -102,12 +102,11 @@ def main() -> None:
                 pair = [start(args, data, out, f"pair{i}", extra) for i in range(2)]
                 both = [rate(p) for p in pair]
                 after = rate(start(args, data, out, "alone", extra))
-                alone = (before + after) / 2
-                rows.append((setting, before, after, both))
+                share = 100 * min(both) / ((before + after) / 2)
+                rows.append((setting, before, after, both, share))
                 print(
                     f"{setting}: alone {before:.0f} then {after:.0f} img/s; two at once "
-                    f"{both[0]:.0f} and {both[1]:.0f} img/s ({100 * min(both) / alone:.0f} % of "
-                    "alone, the slower)",
+                    f"{both[0]:.0f} and {both[1]:.0f} img/s ({share:.0f} % of alone, the slower)",
                     flush=True,
                 )
     print()
@@ -115,9 +114,8 @@ def main() -> None:
         "| OpenMP setting | alone img/s (before, after) | two at once, img/s each | slower/alone |"
     )
     print("|---|---|---|---|")
-    for setting, before, after, both in rows:
+    for setting, before, after, both, share in rows:
         each = " and ".join(f"{b:.0f}" for b in both)
-        share = 100 * min(both) / ((before + after) / 2)
         print(f"| {setting} | {before:.0f}, {after:.0f} | {each} | {share:.0f} % |")
 
 

@@ -143,3 +143,21 @@ def test_an_unknown_loss_is_one_line_naming_the_choices(digits_teacher: Path) ->
     )
     assert result.exit_code == 2
     assert_error_line(result.stderr, "--loss 'l2'", "dkd", "dist", "kd")
+
+
+def test_dkd_under_a_label_budget_never_reads_a_hidden_label() -> None:
+    torch.manual_seed(4)
+    loss = LOSSES["dkd"](4.0, 1.0, [])
+    assert loss.reads_labels and not LOSSES["kd"](4.0, 1.0, []).reads_labels
+    student, teacher = torch.randn(6, 5), torch.randn(6, 5)
+    labelled = torch.tensor([True, False, True, False, False, True])
+    labels = torch.randint(0, 5, (6,))
+    other = torch.where(labelled, labels, (labels + 1) % 5)  # the hidden labels changed
+    first = loss.distill_terms(student, teacher, F.one_hot(labels, 5).float(), labelled)
+    second = loss.distill_terms(student, teacher, F.one_hot(other, 5).float(), labelled)
+    assert all(torch.equal(first[k], second[k]) for k in ("tckd", "nckd"))
+    # The hidden images take the teacher's top class as their target.
+    guessed = torch.where(labelled, labels, teacher.argmax(1))
+    by_hand = dkd_terms(student, teacher, F.one_hot(guessed, 5).float(), 4.0)
+    assert first["tckd"].item() == pytest.approx(by_hand[0].item(), rel=1e-6)
+    assert first["nckd"].item() == pytest.approx(8.0 * by_hand[1].item(), rel=1e-6)

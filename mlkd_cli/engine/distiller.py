@@ -176,7 +176,7 @@ class DistillTask:
         """With --compile, compile the teacher; with --teacher-cache, fill the output cache."""
         report = Reporter(self.cfg.output, ctx.rank)
         labelled = self.plan.run.labelled
-        if labelled is not None and (self.cfg.alpha < 1.0 or self.loss.uses_labels):
+        if labelled is not None and self.loss.reads_labels:
             mask = torch.zeros(len(batches), dtype=torch.bool)
             mask[list(labelled)] = True
             self.labelled = mask.to(ctx.device)

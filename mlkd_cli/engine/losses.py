@@ -36,14 +36,21 @@ def kd_terms(
     kl = (p_teacher * (F.log_softmax(t, dim=1) - log_p_student)).sum(dim=1).mean()
     if class_mean:
         kl = kl / s.shape[1]
-    ce = None
-    if with_ce and labelled is None:
-        ce = F.cross_entropy(s, targets)
-    elif with_ce:
-        per_image = F.cross_entropy(s, targets, reduction="none")
-        weights = labelled.to(per_image.dtype)
-        ce = (per_image * weights).sum() / weights.sum().clamp(min=1.0)  # no host sync
+    ce = labelled_cross_entropy(s, targets, labelled) if with_ce else None
     return temperature * temperature * kl, ce
+
+
+def labelled_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor | None = None
+) -> torch.Tensor:
+    """CE(logits, targets) in fp32, `targets` as probabilities; with `labelled` (a bool per
+    image, under a label budget) its mean over those images only (0 for a batch with none)."""
+    s = logits.float()
+    if labelled is None:
+        return F.cross_entropy(s, targets)
+    per_image = F.cross_entropy(s, targets, reduction="none")
+    weights = labelled.to(per_image.dtype)
+    return (per_image * weights).sum() / weights.sum().clamp(min=1.0)  # no host sync
 
 
 def kd_loss(
@@ -73,6 +80,11 @@ class MultiExitKDLoss(nn.Module):
         self.temperature = temperature
         self.alpha = alpha
         self.head_weights = [1.0, *exit_weights]
+
+    @property
+    def reads_labels(self) -> bool:
+        """Whether a batch's targets enter the loss: a CE term (α < 1), or the loss's own."""
+        return self.alpha < 1.0 or self.uses_labels
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Told before each epoch (0-based) of `epochs`; for losses that change over a run."""
@@ -122,12 +134,10 @@ class MultiExitKDLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One head's `α·distill + (1−α)·CE`, with its named terms (no `ce` when α = 1)."""
         parts = self.distill_terms(logits, teacher_logits, targets, labelled)
-        distill = sum(parts.values())
-        assert isinstance(distill, torch.Tensor)
+        distill = torch.stack(list(parts.values())).sum()
         if self.alpha >= 1.0:
             return self.alpha * distill, parts
-        _, ce = kd_terms(logits, teacher_logits, targets, self.temperature, True, False, labelled)
-        assert ce is not None
+        ce = labelled_cross_entropy(logits, targets, labelled)
         return self.alpha * distill + (1.0 - self.alpha) * ce, {**parts, "ce": ce}
 
     def forward(

@@ -31,14 +31,14 @@ def dkd_per_image(
     s = student_logits.float() / temperature
     t = teacher_logits.float() / temperature
     is_target = F.one_hot(target, s.shape[1]).bool()
-    log_ps, log_pt = F.log_softmax(s, dim=1), F.log_softmax(t, dim=1)
-    # log of the non-target mass, 1 − p_g, taken stably as a log-sum-exp over the other classes.
     others_s = s.masked_fill(is_target, float("-inf"))
     others_t = t.masked_fill(is_target, float("-inf"))
-    log_rest_s = torch.logsumexp(others_s, dim=1) - torch.logsumexp(s, dim=1)
-    log_rest_t = torch.logsumexp(others_t, dim=1) - torch.logsumexp(t, dim=1)
-    log_target_s = log_ps.gather(1, target[:, None]).squeeze(1)
-    log_target_t = log_pt.gather(1, target[:, None]).squeeze(1)
+    # log p_g and log(1 − p_g), the latter a log-sum-exp over the other classes (stable).
+    lse_s, lse_t = torch.logsumexp(s, dim=1), torch.logsumexp(t, dim=1)
+    log_target_s = s.gather(1, target[:, None]).squeeze(1) - lse_s
+    log_target_t = t.gather(1, target[:, None]).squeeze(1) - lse_t
+    log_rest_s = torch.logsumexp(others_s, dim=1) - lse_s
+    log_rest_t = torch.logsumexp(others_t, dim=1) - lse_t
     tckd = log_target_t.exp() * (log_target_t - log_target_s) + log_rest_t.exp() * (
         log_rest_t - log_rest_s
     )
@@ -65,10 +65,10 @@ def dkd_terms(
     """
     weights, classes = targets.float().topk(min(2, targets.shape[1]), dim=1)
     weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1e-12)
-    tckd = nckd = None
-    for k in range(classes.shape[1]):
-        t_k, n_k = dkd_per_image(student_logits, teacher_logits, classes[:, k], temperature)
-        tckd = weights[:, k] * t_k if tckd is None else tckd + weights[:, k] * t_k
-        nckd = weights[:, k] * n_k if nckd is None else nckd + weights[:, k] * n_k
-    assert tckd is not None and nckd is not None
-    return tckd.mean(), nckd.mean()
+    per_label = [
+        dkd_per_image(student_logits, teacher_logits, classes[:, k], temperature)
+        for k in range(classes.shape[1])
+    ]
+    tckd = torch.stack([t for t, _ in per_label], dim=1)
+    nckd = torch.stack([n for _, n in per_label], dim=1)
+    return (weights * tckd).sum(dim=1).mean(), (weights * nckd).sum(dim=1).mean()
