@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,6 +18,16 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of the sources: setuptools reuses a stale build/ of the checkout, which
+    # would hide a package missing from pyproject's list.
+    source = tmp_path_factory.mktemp("source") / "mlkd"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "runs", "__pycache__"
+        ),
+    )
     subprocess.run(
         [
             sys.executable,
@@ -28,7 +39,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "-q",
             "-w",
             str(out),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,
@@ -47,6 +58,12 @@ def test_wheel_holds_commands_presets_and_digits(wheel: Path) -> None:
         "mlkd_cli/data/DIGITS.md",
     ):
         assert required in names
+    # Every module of the source tree ships (a package missing from pyproject's list would not).
+    sources = {
+        f"mlkd_cli/{path.relative_to(ROOT / 'mlkd_cli').as_posix()}"
+        for path in (ROOT / "mlkd_cli").rglob("*.py")
+    } | {f"mlkd_cli/commands/{path.name}" for path in (ROOT / "commands").glob("*.py")}
+    assert sources - names == set()
     # No generic top-level package lands in site-packages.
     assert {n.split("/")[0] for n in names if not n.startswith("mlkd-")} == {"mlkd_cli"}
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
