@@ -7,10 +7,12 @@ from typing import Annotated
 
 import typer
 
-from mlkd_cli.core.console import Reporter
+from mlkd_cli.core.console import OutputOptions, Reporter
+from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.config import DistillConfig
 from mlkd_cli.engine.distiller import distill_student, plan_distillation
 from mlkd_cli.engine.launch import launcher_rank
+from mlkd_cli.engine.losses import LOSSES
 from mlkd_cli.engine.trainer import launch_training
 
 from . import options as opt
@@ -127,10 +129,28 @@ def distill(
         typer.Option(
             "--loss",
             help="What every head learns from the teacher: kd (Hinton KD, the default), dkd "
-            "(decoupled KD), dist (DIST, Pearson matching), original (the original's KD).",
+            "(decoupled KD), dist (DIST), kd+feature, dkd+feature (plus the exits' features), "
+            "original; see --list-losses.",
             rich_help_panel=opt.LOSS,
         ),
     ] = None,
+    loss_param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--loss-param",
+            help="A parameter of the chosen loss, NAME=VALUE (repeat for more); "
+            "--list-losses names them.",
+            rich_help_panel=opt.LOSS,
+        ),
+    ] = None,
+    list_losses: Annotated[
+        bool,
+        typer.Option(
+            "--list-losses",
+            help="List the losses with their parameters and defaults, and exit.",
+            rich_help_panel=opt.LOSS,
+        ),
+    ] = False,
     temperature: Annotated[
         float | None,
         typer.Option(
@@ -156,6 +176,9 @@ def distill(
     shared: opt.Shared,
 ) -> None:
     """Distil a teacher (model or ensemble) into a multi-exit student; saves a plain timm model."""
+    if list_losses:
+        show_losses(shared.output)
+        return
     flags = {
         "dataset": dataset,
         "teacher_model": model,
@@ -171,6 +194,7 @@ def distill(
         "alpha": alpha,
         "temperature": temperature,
         "loss": loss,
+        "loss_params": parse_loss_params(loss_param),
         "teacher_cache": teacher_cache,
         "teacher_ema": teacher_ema,
         "recipe": recipe,
@@ -193,6 +217,54 @@ def distill(
         f"saved {files['best']} (plain timm, exits dropped); history {files['history_csv']}"
     )
     report.result(summary)
+
+
+def parse_loss_params(pairs: list[str] | None) -> dict[str, float] | None:
+    """`--loss-param NAME=VALUE ...` as a mapping; None when none is given."""
+    if not pairs:
+        return None
+    params: dict[str, float] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if not sep or not key.strip() or value is None:
+            raise UserError(
+                f"--loss-param takes NAME=VALUE with a number, e.g. nckd_weight=4, not {pair!r}"
+            )
+        params[key.strip()] = value
+    return params
+
+
+def show_losses(output: OutputOptions) -> None:
+    """The registered losses, what each learns and its parameters with their defaults."""
+    report = Reporter(output)
+    losses = [
+        {
+            "loss": name,
+            "summary": cls.SUMMARY,
+            "features": cls.FEATURES,
+            "params": {p.name: p.default for p in cls.PARAMS},
+            "param_help": {p.name: p.help for p in cls.PARAMS},
+        }
+        for name, cls in LOSSES.items()
+    ]
+    report.table(
+        "losses (--loss NAME; --loss-param NAME=VALUE)",
+        ["loss", "what every head learns", "parameters (default)"],
+        [
+            [
+                row["loss"],
+                row["summary"],
+                "\n".join(f"{k}={v:g}: {row['param_help'][k]}" for k, v in row["params"].items())
+                or "-",
+            ]
+            for row in losses
+        ],
+    )
+    report.result({"losses": losses})
 
 
 def _pct(value: float | None) -> str | None:

@@ -22,7 +22,7 @@ from mlkd_cli.core.plots import comparison_png
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine.anytime import AnytimeRequest, measure_anytime, plan_anytime_job
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig, TrainConfig
-from mlkd_cli.engine.distiller import distill_student, plan_distillation
+from mlkd_cli.engine.distiller import check_feature_loss, distill_student, plan_distillation
 from mlkd_cli.engine.ensemble import LogitsRequest, fit_and_write, run_logits_pass
 from mlkd_cli.engine.evaluation import EvalRequest, measure, plan_eval_job
 from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
@@ -121,13 +121,15 @@ def _baseline_config(
     )
 
 
-def _check_stages(configs: list[TrainConfig], options: PipelineOptions) -> None:
+def _check_stages(configs: list[TrainConfig], options: PipelineOptions, teachers: int) -> None:
     """Validate every training stage's settings (batch arithmetic at this world size included),
     model names and data before the first stage runs; raises UserError naming the stage."""
     for cfg in configs:
         try:
             cfg.validate()
             check_model_name(cfg.student if isinstance(cfg, DistillConfig) else cfg.model)
+            if isinstance(cfg, DistillConfig):
+                check_feature_loss(cfg, teachers)
         except UserError as exc:
             raise UserError(f"{options.preset}: stage {cfg.run_name}: {exc}") from None
     first = configs[0]
@@ -162,7 +164,7 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
     baseline = _baseline_config(student, common, options) if use_baseline else None
     # Every stage is checked now, so that a bad setting of a late stage is not found only
     # after the teachers have trained for hours.
-    _check_stages([*teachers, student, *([baseline] if baseline else [])], options)
+    _check_stages([*teachers, student, *([baseline] if baseline else [])], options, len(teachers))
 
     for t in teachers:
         stages[t.run_name] = _train(

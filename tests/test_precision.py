@@ -20,6 +20,7 @@ from mlkd_cli.engine.precision import (
     idle_taps,
     keep_idle_tap_convs_fp32,
 )
+from mlkd_cli.models.student import FeatureAdaptedStudent, MultiExitStudent
 from mlkd_cli.models.teacher import TeacherEnsemble
 
 CPU = torch.device("cpu")
@@ -286,3 +287,15 @@ def test_a_model_of_the_same_shape_is_measured_once_a_process(
     choose_layout(base, timm.create_model("test_resnet", num_classes=3), (3, 16, 16), CTX,
                   train=True)  # fmt: skip
     assert len(measured) == 3  # another classifier shape, then training: measured anew
+
+
+def test_the_layout_is_measured_on_students_with_exits_and_feature_adapters() -> None:
+    # Their training outputs nest: (heads, adapted maps) for feature distillation.
+    backbone = timm.create_model("test_resnet", num_classes=3)
+    student = MultiExitStudent(backbone, "test_resnet", [0, 1], 3, 16)
+    adapted = FeatureAdaptedStudent(student, [8, 8]).train()
+    heads, maps = adapted(torch.zeros(2, 3, 16, 16))
+    assert len(heads) == 3 and [m.shape[1] for m in maps] == [8, 8]
+    for model in (student, adapted):
+        chosen = choose_layout(Precision.resolve("fp32", CPU), model, (3, 16, 16), CTX, train=True)
+        assert "channels_last measured" in chosen.why

@@ -13,7 +13,7 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.loggers import parse_log_to
 from mlkd_cli.engine.loop import OPTIMIZERS, SCHEDULES
-from mlkd_cli.engine.losses import LOSSES
+from mlkd_cli.engine.losses import FORMER_NAMES, LOSSES, loss_param_problem
 from mlkd_cli.engine.precision import check_precision
 
 C = TypeVar("C")
@@ -341,6 +341,8 @@ class DistillConfig(TrainConfig):
     # fixed teacher input (--no-augment, no Mixup/CutMix).
     teacher_cache: bool = False
     loss: str | None = None  # a name in losses.LOSSES
+    # The loss's own parameters by name (`--loss-param NAME=VALUE`); None: its defaults.
+    loss_params: dict[str, float] | None = None
     # The settings `__post_init__` filled from the recipe (not the user's): for `source_of`.
     recipe_filled: tuple[str, ...] = field(default=(), repr=False, metadata={"internal": True})
 
@@ -380,7 +382,11 @@ class DistillConfig(TrainConfig):
             raise UserError(
                 f"--alpha mixes KD and cross-entropy and must be in [0, 1], got {self.alpha}"
             )
-        _check_choice("loss", self.loss, LOSSES)
+        if self.loss not in FORMER_NAMES:
+            _check_choice("loss", self.loss, LOSSES)
+        problem = loss_param_problem(self.loss, self.loss_params or {})
+        if problem:
+            raise UserError(problem)
         if self.temperature <= 0:
             raise UserError(f"--temperature must be positive, got {self.temperature}")
         if self.pretrained and self.student_checkpoint is not None:
@@ -457,6 +463,18 @@ def _is_pair(option: Any, value: Any) -> bool:
     )
 
 
+def _is_number_map(option: Any, value: Any) -> bool:
+    """`option` is dict[str, float] and `value` a mapping of names to numbers (YAML, flags)."""
+    return (
+        typing.get_origin(option) is dict
+        and isinstance(value, dict)
+        and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in value.items()
+        )
+    )
+
+
 def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None:
@@ -478,5 +496,7 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
             return value
         if _is_pair(option, value):
             return (float(value[0]), float(value[1]))
+        if _is_number_map(option, value):
+            return {str(k): float(v) for k, v in value.items()}
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
     raise UserError(f"{origin}: {key} must be {wanted}, got {value!r}")

@@ -27,7 +27,7 @@ from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.config import DistillConfig, TrainConfig
 from mlkd_cli.engine.launch import resolve_device
-from mlkd_cli.engine.losses import LOSSES
+from mlkd_cli.engine.losses import build_loss, loss_class
 from mlkd_cli.engine.trainer import (
     RunFiles,
     RunPlan,
@@ -42,12 +42,14 @@ from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec, read_ens
 from mlkd_cli.models.exits import exits_record
 from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
 from mlkd_cli.models.student import (
+    FeatureAdaptedStudent,
     MultiExitStudent,
     find_stages,
     parse_exit_weights,
     parse_exits,
+    unwrap_student,
 )
-from mlkd_cli.models.teacher import InputSpec, build_teacher, load_member
+from mlkd_cli.models.teacher import InputSpec, LoadedMember, build_teacher, load_member
 
 DEFAULT_ENSEMBLE_FILE = Path("config.json")
 
@@ -60,6 +62,9 @@ class DistillPlan:
     teacher: EnsembleConfig
     exits: tuple[int, ...]
     exit_weights: tuple[float, ...]
+    # Feature distillation: per exit, the teacher's feature_info position and width.
+    teacher_features: tuple[int, ...] = ()
+    teacher_channels: tuple[int, ...] = ()
 
     @property
     def config(self) -> TrainConfig:
@@ -108,10 +113,10 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     teacher = resolve_teacher(cfg)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     report = Reporter(cfg.output)
-    for spec in teacher.members:
-        note = load_member(spec, splits.num_classes).note
-        if note:
-            report.info(f"teacher {note}")
+    loaded = [load_member(spec, splits.num_classes) for spec in teacher.members]
+    for member in loaded:
+        if member.note:
+            report.info(f"teacher {member.note}")
     files = RunFiles(cfg.output_dir, cfg.run_name)
     check_output_files(cfg, files, identity=("student", "dataset"))
     recipe = dataset_recipe(cfg, splits)
@@ -130,8 +135,69 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     check_input_size(student.backbone, cfg.student, recipe.img_size)
     exits = parse_exits(cfg.exits, find_stages(student.backbone, cfg.student), cfg.student)
     weights = parse_exit_weights(cfg.exit_weights, len(exits))
+    features, channels = feature_pairs(cfg, loaded, student, exits)
     run = make_plan(cfg, cfg.student, splits, recipe, "student", learns_from_unlabelled=True)
-    return DistillPlan(run, teacher, tuple(exits), tuple(weights))
+    return DistillPlan(run, teacher, tuple(exits), tuple(weights), features, channels)
+
+
+def check_feature_loss(cfg: DistillConfig, teachers: int) -> None:
+    """Refuse what a loss with feature terms cannot run with (before any work)."""
+    if not loss_class(cfg.loss).FEATURES:
+        return
+    logit_loss = cfg.loss.split("+")[0]
+    if teachers != 1:
+        raise UserError(
+            f"--loss {cfg.loss} matches the exits' features to one teacher's stages, and an "
+            f"ensemble of {teachers} has no single set of stages: use --loss {logit_loss}, or "
+            "one teacher (--model with --checkpoint)"
+        )
+    if cfg.teacher_cache:
+        raise UserError(
+            f"--teacher-cache keeps the teacher's logits only, and --loss {cfg.loss} needs its "
+            f"features every step: drop --teacher-cache or use --loss {logit_loss}"
+        )
+    if cfg.exits is not None and cfg.exits.strip().lower() in ("", "none"):
+        raise UserError(
+            f"--loss {cfg.loss} puts its feature terms at the exits and --exits none leaves "
+            f"none: give the student exits or use --loss {logit_loss}"
+        )
+
+
+def feature_pairs(
+    cfg: DistillConfig,
+    teachers: list[LoadedMember],
+    student: MultiExitStudent,
+    exits: list[int],
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """For a loss with feature terms: per exit, the teacher stage it matches (feature_info
+    position, width); the stages pair in order, so teacher and student need as many."""
+    check_feature_loss(cfg, len(teachers))
+    if not loss_class(cfg.loss).FEATURES:
+        return (), ()
+    (teacher,) = teachers
+    logit_loss = cfg.loss.split("+")[0]
+    try:
+        stages = find_stages(teacher.model, teacher.arch)
+    except UserError:
+        stages = []
+    reductions = [s.reduction for s in stages]
+    if len(stages) < 2 or any(b <= a for a, b in zip(reductions, reductions[1:], strict=False)):
+        raise UserError(
+            f"the teacher {teacher.arch} has no stages of falling resolution (a ViT has one "
+            f"resolution throughout), so --loss {cfg.loss} has nothing to match the exits to: "
+            f"use --loss {logit_loss} or a CNN teacher"
+        )
+    student_stages = find_stages(student.backbone, cfg.student)
+    if len(stages) != len(student_stages):
+        raise UserError(
+            f"the teacher {teacher.arch} has {len(stages)} stages and the student {cfg.student} "
+            f"{len(student_stages)}; --loss {cfg.loss} pairs them in order: choose a teacher "
+            f"with {len(student_stages)} stages or use --loss {logit_loss}"
+        )
+    return (
+        tuple(stages[p].feature_index for p in exits),
+        tuple(stages[p].channels for p in exits),
+    )
 
 
 class DistillTask:
@@ -146,7 +212,9 @@ class DistillTask:
         student_input = InputSpec(recipe.img_size, recipe.mean, recipe.std)
         teacher, _, _ = build_teacher(plan.teacher, plan.run.card.num_classes, student_input)
         self.teacher = teacher  # placed in `prepare`, once the run's precision is known
-        self.loss = LOSSES[cfg.loss](cfg.temperature, cfg.alpha, plan.exit_weights)
+        self.loss = build_loss(
+            cfg.loss, cfg.temperature, cfg.alpha, plan.exit_weights, cfg.loss_params
+        )
         self.head_names: list[str] = []
         self.cache: torch.Tensor | None = None
         self.exits_record: dict[str, Any] | None = None
@@ -168,6 +236,8 @@ class DistillTask:
             cfg.student_checkpoint,
         )
         self.head_names = student.head_names
+        if self.plan.teacher_channels:
+            return FeatureAdaptedStudent(student, self.plan.teacher_channels)
         return student
 
     def prepare(
@@ -216,7 +286,12 @@ class DistillTask:
     ) -> dict[str, torch.Tensor]:
         """The loss and its named parts; the teacher sees exactly this augmented batch (or its
         cached outputs are used)."""
-        if self.cache is not None and indices is not None:
+        features = teacher_features = None
+        if self.plan.teacher_features:
+            teacher_logits, teacher_features = self.teacher.logits_and_features(
+                images, self.plan.teacher_features
+            )
+        elif self.cache is not None and indices is not None:
             teacher_logits = self.cache[indices.to(self.cache.device, non_blocking=True)]
         else:
             teacher_logits = self.teacher(images)
@@ -227,7 +302,12 @@ class DistillTask:
             labelled = self.labelled[indices.to(self.labelled.device, non_blocking=True)]
             if self.mixing:
                 labelled = labelled & labelled.flip(0)
-        return self.loss.named(model(images), teacher_logits, targets, labelled)
+        outputs = model(images)
+        if teacher_features is not None:
+            outputs, features = outputs
+        return self.loss.named(
+            outputs, teacher_logits, targets, labelled, features, teacher_features
+        )
 
     def evaluate(
         self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision
@@ -264,16 +344,15 @@ class DistillTask:
         return -row["val_kd_loss"] if self.cfg.best_by == "val_kd_loss" else row["val_top1"]
 
     def plain_model(self, model: nn.Module) -> nn.Module:
-        """The timm model inside, exits dropped."""
-        assert isinstance(model, MultiExitStudent)
-        return model.backbone
+        """The timm model inside, exits (and feature adapters) dropped."""
+        return unwrap_student(model).backbone
 
     def save_best(
         self, model: nn.Module, files: RunFiles, card: ModelCard, epoch: int, metrics: dict
     ) -> None:
         """`<name>_exits.pth`: the student with its exits and the MACs up to each (counted
-        once, at the training size)."""
-        assert isinstance(model, MultiExitStudent)
+        once, at the training size); feature adapters are not part of it."""
+        model = unwrap_student(model)
         if not model.exits:
             return  # --exits none: nothing beyond the plain model
         if self.exits_record is None:

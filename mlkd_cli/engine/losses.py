@@ -1,14 +1,38 @@
-"""Knowledge-distillation losses."""
+"""Knowledge-distillation losses: what every head of the student learns from the teacher.
+
+A loss is one class here and one line in `LOSSES`: its `PARAMS` (each settable with
+`--loss-param NAME=VALUE` or the preset key `loss_params`, and listed by `--list-losses`), its
+`distill_terms` (the named terms of one head), and, for losses with `FEATURES`, the feature terms
+at the exits. The formulas themselves live in `mlkd_cli/losses`.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlkd_cli.losses import dist, dkd
+from mlkd_cli.losses import dist, dkd, feature
+
+
+@dataclass(frozen=True)
+class LossParam:
+    """One parameter of a loss: its name (`--loss-param NAME=VALUE`), default and meaning."""
+
+    name: str
+    default: float
+    help: str
+    positive: bool = False  # > 0 (else >= 0)
+
+    def check(self, value: float) -> str | None:
+        """Why `value` is not allowed, or None."""
+        if not math.isfinite(value) or value < 0 or (self.positive and value == 0):
+            return f"must be {'positive' if self.positive else 'non-negative'}, got {value:g}"
+        return None
 
 
 def kd_terms(
@@ -72,14 +96,29 @@ class MultiExitKDLoss(nn.Module):
     (one term for KD; a subclass in `LOSSES` changes what a head learns from the teacher).
     """
 
+    SUMMARY = "Hinton KD: KL divergence to the teacher's softened probabilities (--temperature)"
+    PARAMS: tuple[LossParam, ...] = ()
+    # Feature terms at the exits: needs one teacher with stages matching the student's.
+    FEATURES = False
     class_mean = False  # see `kd_terms`
     uses_labels = False  # whether `distill_terms` reads the targets (a label budget hides some)
 
-    def __init__(self, temperature: float, alpha: float, exit_weights: Sequence[float]) -> None:
+    def __init__(
+        self,
+        temperature: float,
+        alpha: float,
+        exit_weights: Sequence[float],
+        **params: float,
+    ) -> None:
         super().__init__()
         self.temperature = temperature
         self.alpha = alpha
         self.head_weights = [1.0, *exit_weights]
+        known = {p.name: p.default for p in self.PARAMS}
+        unknown = set(params) - set(known)
+        if unknown:
+            raise ValueError(f"{type(self).__name__} takes no parameter {sorted(unknown)}")
+        self.params = {**known, **{k: float(v) for k, v in params.items()}}
 
     @property
     def reads_labels(self) -> bool:
@@ -106,11 +145,14 @@ class MultiExitKDLoss(nn.Module):
         teacher_logits: torch.Tensor,
         targets: torch.Tensor,
         labelled: torch.Tensor | None = None,
+        features: Sequence[torch.Tensor] | None = None,
+        teacher_features: Sequence[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The loss and its parts: `loss` (what trains), the final head's distillation terms
         (`kd`, or the loss's own) and `ce` term (when α < 1), and each exit's own loss
         `exit1_loss`, ... (before its weight). `labelled`: which images' labels may be used
-        (see `kd_terms`)."""
+        (see `kd_terms`). `features`, `teacher_features`: each exit's adapted map and the
+        teacher stage's, for losses with FEATURES."""
         if len(outputs) != len(self.head_weights):
             raise ValueError(f"expected {len(self.head_weights)} heads, got {len(outputs)}")
         teacher_logits = teacher_logits.detach()
@@ -123,7 +165,25 @@ class MultiExitKDLoss(nn.Module):
             else:
                 parts[f"exit{head}_loss"] = loss
             total = weight * loss if total is None else total + weight * loss
+        if self.FEATURES:
+            if features is None or teacher_features is None:
+                raise ValueError(f"{type(self).__name__} needs the exits' and teacher's features")
+            for i, term in enumerate(self.feature_terms(features, teacher_features), start=1):
+                parts[f"feat_exit{i}"] = term
+                total = total + term
         return {"loss": total, **parts}
+
+    def feature_terms(
+        self, features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Each exit's weighted feature term (`mlkd_cli/losses/feature.py`)."""
+        if len(features) != len(self.head_weights) - 1 or len(teacher_features) != len(features):
+            raise ValueError("one adapted map and one teacher map per exit are needed")
+        weight = self.params["feature_weight"]
+        return [
+            weight * feature.feature_term(s, t)
+            for s, t in zip(features, teacher_features, strict=True)
+        ]
 
     def head_loss(
         self,
@@ -150,6 +210,7 @@ class OriginalMultiExitKDLoss(MultiExitKDLoss):
     """The original's loss: its KL term averaged over classes too (`nn.KLDivLoss()`), which
     divides the distillation signal by the class count."""
 
+    SUMMARY = "the original's KD: its KL term also averaged over the classes (--recipe original)"
     class_mean = True
 
 
@@ -161,25 +222,23 @@ class MultiExitDKDLoss(MultiExitKDLoss):
     takes the teacher's top class instead, so no hidden label is read.
     """
 
+    SUMMARY = "Decoupled KD: target-class (tckd) and non-target-class (nckd) terms, weighted"
+    PARAMS = (
+        LossParam("tckd_weight", dkd.TCKD_WEIGHT, "weight of the target-class term (DKD's α)"),
+        LossParam("nckd_weight", dkd.NCKD_WEIGHT, "weight of the non-target term (DKD's β)"),
+        LossParam("warmup", dkd.WARMUP_FRACTION, "share of the run over which DKD ramps up"),
+    )
     uses_labels = True
 
     def __init__(
-        self,
-        temperature: float,
-        alpha: float,
-        exit_weights: Sequence[float],
-        tckd_weight: float = dkd.TCKD_WEIGHT,
-        nckd_weight: float = dkd.NCKD_WEIGHT,
-        warmup_fraction: float = dkd.WARMUP_FRACTION,
+        self, temperature: float, alpha: float, exit_weights: Sequence[float], **params: float
     ) -> None:
-        super().__init__(temperature, alpha, exit_weights)
-        self.tckd_weight, self.nckd_weight = tckd_weight, nckd_weight
-        self.warmup_fraction = warmup_fraction
+        super().__init__(temperature, alpha, exit_weights, **params)
         self.warmup = 1.0
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """The warm-up weight for this epoch (1 once the warm-up is over)."""
-        span = self.warmup_fraction * epochs
+        span = self.params["warmup"] * epochs
         self.warmup = 1.0 if span <= 0 else min(1.0, (epoch + 1) / span)
 
     def distill_terms(
@@ -195,8 +254,8 @@ class MultiExitDKDLoss(MultiExitKDLoss):
             targets = torch.where(labelled[:, None], targets, guess)
         tckd, nckd = dkd.dkd_terms(logits, teacher_logits, targets, self.temperature)
         return {
-            "tckd": self.warmup * self.tckd_weight * tckd,
-            "nckd": self.warmup * self.nckd_weight * nckd,
+            "tckd": self.warmup * self.params["tckd_weight"] * tckd,
+            "nckd": self.warmup * self.params["nckd_weight"] * nckd,
         }
 
 
@@ -204,17 +263,12 @@ class MultiExitDISTLoss(MultiExitKDLoss):
     """DIST at every head (`mlkd_cli/losses/dist.py`): `β·inter + γ·intra` at DIST's own
     temperature τ (the paper's 1), not --temperature."""
 
-    def __init__(
-        self,
-        temperature: float,
-        alpha: float,
-        exit_weights: Sequence[float],
-        inter_weight: float = dist.INTER_WEIGHT,
-        intra_weight: float = dist.INTRA_WEIGHT,
-        tau: float = dist.TAU,
-    ) -> None:
-        super().__init__(temperature, alpha, exit_weights)
-        self.inter_weight, self.intra_weight, self.tau = inter_weight, intra_weight, tau
+    SUMMARY = "DIST: Pearson correlation with the teacher, across classes and across images"
+    PARAMS = (
+        LossParam("inter_weight", dist.INTER_WEIGHT, "weight of the inter-class term (β)"),
+        LossParam("intra_weight", dist.INTRA_WEIGHT, "weight of the intra-class term (γ)"),
+        LossParam("tau", dist.TAU, "DIST's own temperature τ", positive=True),
+    )
 
     def distill_terms(
         self,
@@ -224,18 +278,80 @@ class MultiExitDISTLoss(MultiExitKDLoss):
         labelled: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """`inter` and `intra`, each weighted."""
-        inter, intra = dist.dist_terms(logits, teacher_logits, self.tau)
-        return {"inter": self.inter_weight * inter, "intra": self.intra_weight * intra}
+        inter, intra = dist.dist_terms(logits, teacher_logits, self.params["tau"])
+        return {
+            "inter": self.params["inter_weight"] * inter,
+            "intra": self.params["intra_weight"] * intra,
+        }
+
+
+FEATURE_PARAM = LossParam(
+    "feature_weight", feature.FEATURE_WEIGHT, "weight of each exit's feature term"
+)
+
+
+class MultiExitKDFeatureLoss(MultiExitKDLoss):
+    """Hinton KD at every head, plus each exit's stage features regressed onto the teacher's
+    matching stage through a 1x1 adapter (`mlkd_cli/losses/feature.py`)."""
+
+    SUMMARY = "kd, plus each exit's features matched to the teacher's stage (one CNN teacher)"
+    PARAMS = (FEATURE_PARAM,)
+    FEATURES = True
+
+
+class MultiExitDKDFeatureLoss(MultiExitDKDLoss):
+    """DKD at every head, plus the exits' feature terms (as `kd+feature`)."""
+
+    SUMMARY = "dkd, plus each exit's features matched to the teacher's stage (one CNN teacher)"
+    PARAMS = (*MultiExitDKDLoss.PARAMS, FEATURE_PARAM)
+    FEATURES = True
 
 
 # Distillation losses by name (config key `loss`, `--loss`): a new loss is one entry here. Each
-# takes (temperature, alpha, exit weights) and has `named(outputs, teacher_logits, targets)`.
-# `multi_exit_kd` and `original_multi_exit_kd` are the names runs before `--loss` recorded.
+# takes (temperature, alpha, exit weights, **its PARAMS) and has `named(outputs, teacher_logits,
+# targets, ...)`.
 LOSSES: dict[str, type[MultiExitKDLoss]] = {
     "kd": MultiExitKDLoss,
     "dkd": MultiExitDKDLoss,
     "dist": MultiExitDISTLoss,
+    "kd+feature": MultiExitKDFeatureLoss,
+    "dkd+feature": MultiExitDKDFeatureLoss,
     "original": OriginalMultiExitKDLoss,
-    "multi_exit_kd": MultiExitKDLoss,
-    "original_multi_exit_kd": OriginalMultiExitKDLoss,
 }
+# The names runs recorded before `--loss` existed: accepted, not listed.
+FORMER_NAMES = {"multi_exit_kd": "kd", "original_multi_exit_kd": "original"}
+
+
+def loss_class(name: str) -> type[MultiExitKDLoss]:
+    """The loss registered under `name` (or a former name of it)."""
+    return LOSSES[FORMER_NAMES.get(name, name)]
+
+
+def loss_param_problem(name: str, params: dict[str, float]) -> str | None:
+    """Why `params` do not fit the loss `name` (one line naming the fix), or None."""
+    cls = loss_class(name)
+    declared = {p.name: p for p in cls.PARAMS}
+    for key, value in params.items():
+        if key not in declared:
+            owners = [n for n, c in LOSSES.items() if key in {p.name for p in c.PARAMS}]
+            takes = ", ".join(declared) if declared else "no parameters"
+            where = f" ({key} belongs to {', '.join(owners)})" if owners else ""
+            return (
+                f"--loss-param {key}: the loss {name} takes {takes}{where}; "
+                "see `mlkd distill --list-losses`"
+            )
+        problem = declared[key].check(value)
+        if problem:
+            return f"--loss-param {key} {problem}"
+    return None
+
+
+def build_loss(
+    name: str,
+    temperature: float,
+    alpha: float,
+    exit_weights: Sequence[float],
+    params: dict[str, float] | None = None,
+) -> MultiExitKDLoss:
+    """The loss `name` with its parameters (defaults for those not given)."""
+    return loss_class(name)(temperature, alpha, exit_weights, **(params or {}))

@@ -16,6 +16,7 @@ import os
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -365,5 +366,11 @@ def _one_step(model: nn.Module, images: torch.Tensor, precision: Precision, trai
     with torch.set_grad_enabled(train), precision.autocast():
         outputs = model(images)
         if train:
-            tensors = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-            sum(t.float().sum() for t in tensors).backward()
+            sum(t.float().sum() for t in _flat_tensors(outputs)).backward()
+
+
+def _flat_tensors(outputs: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's output (a tensor, or lists/tuples of them, nested)."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    return [t for part in outputs for t in _flat_tensors(part)]

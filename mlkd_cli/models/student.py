@@ -233,13 +233,65 @@ class MultiExitStudent(nn.Module):
             self.backbone.train(was_training)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.forward_with_maps(images)[0]
+
+    def forward_with_maps(
+        self, images: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+        """The heads' logits (final first) and the stage feature maps the exits read."""
         if not self.exits:
-            return (self.backbone(images),)
+            return (self.backbone(images),), []
         final, maps = self.backbone.forward_intermediates(images, indices=self.feature_indices)
         logits = self.backbone.forward_head(final)
-        return (logits, *(branch(m) for branch, m in zip(self.exits, maps, strict=True)))
+        heads = (logits, *(branch(m) for branch, m in zip(self.exits, maps, strict=True)))
+        return heads, maps
 
     @property
     def head_names(self) -> list[str]:
         """'final', then each exit's stage module name."""
         return ["final", *(f"exit {s.module}" for s in self.stages)]
+
+
+class FeatureAdaptedStudent(nn.Module):
+    """A multi-exit student with a learned 1x1 convolution per exit that maps the exit's stage
+    features to a teacher stage's width, for feature distillation (training only).
+
+    In training, forward returns (heads' logits, adapted maps); in eval mode the heads alone, as
+    the student does. The adapters are dropped with the exits: `student` is what is saved.
+    """
+
+    def __init__(self, student: MultiExitStudent, teacher_channels: Sequence[int]) -> None:
+        super().__init__()
+        if len(teacher_channels) != len(student.stages):
+            raise ValueError("one teacher width per exit is needed")
+        self.student = student
+        self.adapters = nn.ModuleList(
+            nn.Conv2d(stage.channels, channels, 1, bias=False)
+            for stage, channels in zip(student.stages, teacher_channels, strict=True)
+        )
+
+    def forward(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, ...] | tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+        heads, maps = self.student.forward_with_maps(images)
+        if not self.training:
+            return heads
+        return heads, [adapter(m) for adapter, m in zip(self.adapters, maps, strict=True)]
+
+    @property
+    def exits(self) -> nn.ModuleList:
+        """The student's exit branches."""
+        return self.student.exits
+
+    @property
+    def head_names(self) -> list[str]:
+        """The student's head names."""
+        return self.student.head_names
+
+
+def unwrap_student(model: nn.Module) -> MultiExitStudent:
+    """The multi-exit student inside `model` (itself, or inside its feature adapters)."""
+    if isinstance(model, FeatureAdaptedStudent):
+        model = model.student
+    assert isinstance(model, MultiExitStudent)
+    return model

@@ -169,6 +169,22 @@ class TeacherEnsemble(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return combine_logits(self.member_logits(images), self.weights, self.temperature)
 
+    def logits_and_features(
+        self, images: torch.Tensor, feature_indices: Sequence[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A one-model teacher's logits (as `forward`) and its feature maps at the given
+        feature_info positions, from one forward pass."""
+        if len(self.members) != 1:
+            raise ValueError("features come from a teacher of one model, not an ensemble")
+        member, adapter = self.members[0], self.adapters[0]
+        with torch.inference_mode(), self._autocast(images.device):
+            final, maps = member.forward_intermediates(
+                adapter(images), indices=list(feature_indices)
+            )
+            logits = member.forward_head(final).float()
+        logits = combine_logits(logits.clone()[None], self.weights, self.temperature)
+        return logits, [m.clone() for m in maps]
+
 
 def combine_logits(
     member_logits: torch.Tensor, weights: torch.Tensor, temperature: float | torch.Tensor = 1.0

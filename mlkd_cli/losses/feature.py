@@ -1,0 +1,38 @@
+"""Feature distillation at the exits (FitNets: Romero et al., "FitNets: Hints for Thin Deep Nets",
+ICLR 2015), as mlkd takes it: each exit's stage features, projected by a learned 1x1 convolution
+(the adapter, owned by the student) to the matching teacher stage's width, regress onto that
+stage's features.
+
+The two maps are brought to one resolution by average pooling the finer one (a teacher fed a
+larger input has larger maps). The error is the mean squared error relative to the teacher
+features' mean square, so that one weight means the same on every architecture and stage (a
+ResNet's last stage runs an order of magnitude larger than its first).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FEATURE_WEIGHT = 1.0
+EPS = 1e-6
+
+
+def matched_resolution(
+    student: torch.Tensor, teacher: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both maps (N, C, H, W) at the coarser one's resolution, the finer average-pooled."""
+    size = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
+    if tuple(student.shape[-2:]) != size:
+        student = F.adaptive_avg_pool2d(student, size)
+    if tuple(teacher.shape[-2:]) != size:
+        teacher = F.adaptive_avg_pool2d(teacher, size)
+    return student, teacher
+
+
+def feature_term(adapted: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """`mean((s − t)²) / mean(t²)` in fp32, for the adapted student map and the teacher's."""
+    if adapted.shape[:2] != teacher.shape[:2]:
+        raise ValueError(f"feature maps {tuple(adapted.shape)} and {tuple(teacher.shape)} differ")
+    s, t = matched_resolution(adapted.float(), teacher.float().detach())
+    return (s - t).square().mean() / t.square().mean().clamp(min=EPS)
