@@ -26,6 +26,7 @@ R = TypeVar("R")
 # by it, so the panel order is written here once. Each option names its panel where it is
 # declared; a panel a command does not use is not shown.
 PIPELINE = "Pipeline"
+STUDY = "Study"
 DATA = "Data"
 EXPORT = "Export"
 TEACHER = "Teacher"
@@ -41,6 +42,7 @@ RUN = "Run and checkpoints"
 OUTPUT = "Output"
 PANELS = (
     PIPELINE,
+    STUDY,
     DATA,
     EXPORT,
     TEACHER,

@@ -29,6 +29,7 @@ from mlkd_cli.commands import (  # noqa: E402
     export,
     pipeline,
     presets,
+    study,
     teacher,
 )
 from mlkd_cli.core.errors import RunInterrupted, RunStopped, UserError  # noqa: E402
@@ -107,6 +108,7 @@ app.command("distill", help=distill.distill.__doc__)(distill.distill)
 app.command("eval", help=evaluate.evaluate.__doc__)(evaluate.evaluate)
 app.command("export", help=export.export.__doc__)(export.export)
 app.command("pipeline", help=pipeline.pipeline.__doc__)(pipeline.pipeline)
+app.command("study", help=study.study.__doc__)(study.study)
 app.add_typer(data.app, name="data")
 app.add_typer(presets.app, name="presets")
 

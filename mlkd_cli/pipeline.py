@@ -70,7 +70,7 @@ def run_complete(files: RunFiles, epochs: int) -> bool:
     return len(rows) >= epochs
 
 
-def _train(
+def train_stage(
     cfg: TrainConfig,
     planner: Callable,
     worker: Callable,
@@ -99,8 +99,8 @@ def _train(
     return "resumed" if resume else "trained"
 
 
-def _baseline_config(
-    student: DistillConfig, common: dict[str, Any], options: PipelineOptions
+def baseline_config(
+    student: DistillConfig, common: dict[str, Any], data_dir: Path | None
 ) -> TeacherTrainConfig:
     """The cross-entropy student: the student's architecture, data and budget, no teacher.
 
@@ -117,7 +117,7 @@ def _baseline_config(
         val_fraction=student.val_fraction,
         label_fraction=student.label_fraction,
         **common,
-        **({"data_dir": student.data_dir} if options.data_dir is None else {}),
+        **({"data_dir": student.data_dir} if data_dir is None else {}),
     )
 
 
@@ -161,13 +161,13 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
     teachers = [replace(t, **common) for t in resolved.teachers]
     student = replace(distill, **common, ensemble=ensemble_path, models_dir=models)
     use_baseline = resolved.baseline if options.baseline is None else options.baseline
-    baseline = _baseline_config(student, common, options) if use_baseline else None
+    baseline = baseline_config(student, common, options.data_dir) if use_baseline else None
     # Every stage is checked now, so that a bad setting of a late stage is not found only
     # after the teachers have trained for hours.
     _check_stages([*teachers, student, *([baseline] if baseline else [])], options, len(teachers))
 
     for t in teachers:
-        stages[t.run_name] = _train(
+        stages[t.run_name] = train_stage(
             t, plan_teacher_training, train_teacher, report, f"teacher {t.run_name} ({t.model})"
         )
 
@@ -197,7 +197,7 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
             fit_and_write(run, fit_temperature, ensemble_path)
         stages["ensemble"] = "fitted"
 
-    stages[student.run_name] = _train(
+    stages[student.run_name] = train_stage(
         student,
         plan_distillation,
         distill_student,
@@ -205,7 +205,7 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
         f"student {student.run_name} ({student.student})",
     )
     if baseline is not None:
-        stages[baseline.run_name] = _train(
+        stages[baseline.run_name] = train_stage(
             baseline,
             plan_teacher_training,
             train_teacher,

@@ -18,6 +18,7 @@ LAYERS = {
     "mlkd_cli.losses": 1,
     "mlkd_cli.engine": 2,
     "mlkd_cli.pipeline": 3,
+    "mlkd_cli.study": 3,
     "mlkd_cli.export": 3,
     "mlkd_cli.anytime": 3,
     "mlkd_cli.presets": 3,

@@ -188,3 +188,25 @@ def anytime_png(result: dict[str, Any], title: str, path: Path) -> None:
     axes.grid(alpha=0.3)
     figure.tight_layout()
     _save(figure, path)
+
+
+def study_png(rows: list[dict[str, Any]], title: str, path: Path) -> None:
+    """Each arm of a study: test top-1 and NLL of every seed (dots) and their mean (bar)."""
+    plt = _pyplot()
+    labels = [row["arm"] for row in rows]
+    figure, (top1_axes, nll_axes) = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(rows) + 4), 4.5))
+    for axes, key, label in ((top1_axes, "top1", "test top-1 %"), (nll_axes, "nll", "test NLL")):
+        means = [row[key]["mean"] for row in rows]
+        colours = ["tab:orange" if row["arm"] == "ce" else "tab:blue" for row in rows]
+        axes.bar(labels, means, color=colours, alpha=0.6)
+        for x, row in enumerate(rows):
+            values = row[key]["per_seed"]
+            axes.scatter([x] * len(values), values, color="black", s=12, zorder=3)
+        axes.set_ylabel(label)
+        if key == "top1":
+            low = min(min(row["top1"]["per_seed"]) for row in rows)
+            axes.set_ylim(max(0, low - 5), min(100, max(means) + 3))
+        axes.tick_params(axis="x", rotation=30)
+    figure.suptitle(title)
+    figure.tight_layout()
+    _save(figure, path)

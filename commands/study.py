@@ -1,0 +1,182 @@
+"""`mlkd study`: cross-entropy against each named loss, over seeds, in one table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mlkd_cli.core.console import Reporter
+from mlkd_cli.engine.config import DistillConfig
+from mlkd_cli.engine.launch import launcher_rank
+from mlkd_cli.study import CE, REFERENCE, StudyOptions, parse_losses, parse_seeds, run_study
+
+from . import options as opt
+
+D = DistillConfig(dataset="")
+# The study names every run itself and continues by itself: no --name, --seed, --output-dir,
+# --resume or --overwrite.
+OWN = {"output_dir", "resume", "overwrite", "seed"}
+STUDY = opt.STUDY
+
+
+@opt.with_options([p for p in opt.training_options(D) if p.name not in OWN])
+def study(
+    dataset: opt.Dataset = None,
+    losses: Annotated[
+        str,
+        typer.Option(
+            "--losses",
+            help="The losses compared with cross-entropy, e.g. kd,dkd,dist (see distill "
+            "--list-losses).",
+            rich_help_panel=STUDY,
+        ),
+    ] = "kd,dkd,dist",
+    seeds: Annotated[
+        str,
+        typer.Option("--seeds", help="Seeds each arm runs with.", rich_help_panel=STUDY),
+    ] = "0,1,2",
+    run_dir: Annotated[
+        Path,
+        typer.Option("--run-dir", help="The study's folder.", rich_help_panel=STUDY),
+    ] = Path("runs/study"),
+    ensemble: Annotated[
+        Path | None,
+        typer.Option(
+            "--ensemble",
+            help="Ensemble teacher file (default: config.json here).",
+            rich_help_panel=opt.TEACHER,
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="A single teacher's timm model name.",
+            rich_help_panel=opt.TEACHER,
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            help="A single teacher's checkpoint.",
+            rich_help_panel=opt.TEACHER,
+        ),
+    ] = None,
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--models-dir",
+            help="Where the ensemble file's names resolve.",
+            rich_help_panel=opt.TEACHER,
+        ),
+    ] = None,
+    student: Annotated[
+        str | None,
+        typer.Option(
+            "--student",
+            help=f"Student timm model (default {D.student}).",
+            rich_help_panel=opt.STUDENT,
+        ),
+    ] = None,
+    exits: Annotated[
+        str | None,
+        typer.Option(
+            "--exits",
+            help="Stages that get exits, e.g. 0,1,2 (default: all but last).",
+            rich_help_panel=opt.STUDENT,
+        ),
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--alpha",
+            help=f"Weight of the distillation term vs cross-entropy (default {D.alpha:g}).",
+            rich_help_panel=opt.LOSS,
+        ),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            "--temperature",
+            help=f"KD and DKD temperature (default {D.temperature:g}).",
+            rich_help_panel=opt.LOSS,
+        ),
+    ] = None,
+    *,
+    shared: opt.Shared,
+) -> None:
+    """Compare cross-entropy and each named loss over seeds; continues where it stopped."""
+    flags = {
+        "dataset": dataset,
+        "teacher_model": model,
+        "teacher_checkpoint": checkpoint,
+        "ensemble": ensemble,
+        "models_dir": models_dir,
+        "student": student,
+        "exits": exits,
+        "alpha": alpha,
+        "temperature": temperature,
+    }
+    arms, chosen_seeds = parse_losses(losses), parse_seeds(seeds)
+    v = shared.values
+    base = opt.training_config(
+        DistillConfig,
+        "distill",
+        v["preset"],
+        {**shared.given(), **opt.given(**flags)},
+        resume=False,
+        overwrite=False,
+        quiet=v["quiet"],
+        json=v["json"],
+    )
+    summary = run_study(StudyOptions(base, arms, chosen_seeds, run_dir, base.output))
+    if summary is None or launcher_rank() != 0:
+        return
+    report = Reporter(base.output)
+    rows = summary["rows"]
+    report.table(
+        f"study: {summary['dataset']}, {summary['student']}, {summary['epochs']} epochs, "
+        f"seeds {','.join(map(str, summary['seeds']))} (test split)",
+        [
+            "arm",
+            "top-1 % mean ± sd",
+            "NLL mean ± sd",
+            f"Δ top-1 vs {CE} per seed",
+            f"Δ vs {CE} [95 % CI]",
+            f"Δ vs {REFERENCE} [95 % CI]",
+        ],
+        [
+            [
+                r["arm"],
+                f"{r['top1']['mean']:.2f} ± {r['top1']['sd']:.2f}",
+                f"{r['nll']['mean']:.4f} ± {r['nll']['sd']:.4f}",
+                _per_seed(r.get(f"vs_{CE}")),
+                _interval(r.get(f"vs_{CE}")),
+                _interval(r.get(f"vs_{REFERENCE}")),
+            ]
+            for r in rows
+        ],
+    )
+    best = summary["verdict"]
+    holds = "its interval above 0" if best["beats_ce"] else "its interval does not exclude 0"
+    lead = best["top1_points_vs_ce"]
+    against = "" if lead is None else f", {lead:+.2f} points over {CE} ({holds})"
+    report.info(f"best mean test top-1: {best['best']} {best['top1']:.2f}{against}")
+    report.info(f"figure {summary['figure']}; every run in {summary['run_dir']}/models")
+    report.result(summary)
+
+
+def _per_seed(diff: dict[str, Any] | None) -> str:
+    return "-" if diff is None else " ".join(f"{d:+.2f}" for d in diff["per_seed"])
+
+
+def _interval(diff: dict[str, Any] | None) -> str:
+    if diff is None:
+        return "-"
+    low, high = diff["ci95"]
+    return f"{diff['mean']:+.2f} [{low:+.2f}, {high:+.2f}]"
