@@ -19,7 +19,7 @@ from mlkd_cli.data.device import DeviceAugment
 from mlkd_cli.data.registry import augmentation_defaults, get_dataset_spec, load_splits
 from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
 from mlkd_cli.engine.config import TeacherTrainConfig, build_config
-from mlkd_cli.engine.trainer import data_pipeline, dataset_recipe
+from mlkd_cli.engine.planning import data_pipeline, dataset_recipe
 
 CPU = torch.device("cpu")
 

@@ -14,7 +14,7 @@ from conftest import DIGITS_TEACHER, assert_error_line, invoke_cli
 from mlkd_cli.core import cpus
 from mlkd_cli.data.loaders import ReplayedBatches, default_cpu_workers
 from mlkd_cli.data.registry import labelled_positions, load_splits
-from mlkd_cli.engine import launch, trainer
+from mlkd_cli.engine import launch, planning, trainer
 from mlkd_cli.engine.config import TeacherTrainConfig
 from mlkd_cli.engine.losses import kd_terms
 from mlkd_cli.pipeline import distillation_gain
@@ -103,11 +103,11 @@ def test_the_distillation_gain_compares_the_student_with_its_baseline() -> None:
 def test_in_memory_data_is_augmented_in_batches_on_a_cpu_too() -> None:
     cfg = TeacherTrainConfig(dataset="digits", model="test_resnet")
     splits = load_splits("digits", Path("data"))
-    recipe = trainer.dataset_recipe(cfg, splits)
-    assert trainer.data_pipeline(cfg, splits, "cpu", recipe) == "device"
+    recipe = planning.dataset_recipe(cfg, splits)
+    assert planning.data_pipeline(cfg, splits, "cpu", recipe) == "device"
     erasing = TeacherTrainConfig(dataset="digits", model="test_resnet", reprob=0.25)
-    recipe = trainer.dataset_recipe(erasing, splits)
-    assert trainer.data_pipeline(erasing, splits, "cpu", recipe) == "cpu"  # timm's only
+    recipe = planning.dataset_recipe(erasing, splits)
+    assert planning.data_pipeline(erasing, splits, "cpu", recipe) == "cpu"  # timm's only
 
 
 def test_a_small_validation_split_is_transformed_once_and_replayed() -> None:

@@ -28,16 +28,16 @@ from mlkd_cli.engine import loop
 from mlkd_cli.engine.config import DistillConfig, TrainConfig
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.losses import build_loss, loss_class
-from mlkd_cli.engine.trainer import (
+from mlkd_cli.engine.planning import (
     RunFiles,
     RunPlan,
     check_output_files,
     check_recipe,
     data_pipeline,
     dataset_recipe,
-    fit,
     make_plan,
 )
+from mlkd_cli.engine.trainer import fit
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec, read_ensemble_config
 from mlkd_cli.models.exits import exits_record
 from mlkd_cli.models.factory import build_model, check_input_size, check_model_name

@@ -15,10 +15,10 @@ from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.loaders import TrainingBatches
 from mlkd_cli.data.registry import load_splits
-from mlkd_cli.engine import loop, trainer
+from mlkd_cli.engine import loop, planning, trainer
 from mlkd_cli.engine.config import TeacherTrainConfig
 from mlkd_cli.engine.launch import resolve_device
-from mlkd_cli.engine.trainer import RunFiles, RunPlan
+from mlkd_cli.engine.planning import RunFiles, RunPlan
 from mlkd_cli.models.factory import build_model, check_input_size, check_model_name, weights_note
 
 
@@ -27,11 +27,11 @@ def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
     cfg.validate()
     check_model_name(cfg.model)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
-    files = trainer.RunFiles(cfg.output_dir, cfg.run_name)
-    trainer.check_output_files(cfg, files, identity=("model", "dataset"))
-    recipe = trainer.dataset_recipe(cfg, splits)
-    trainer.data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
-    trainer.check_recipe(recipe)
+    files = planning.RunFiles(cfg.output_dir, cfg.run_name)
+    planning.check_output_files(cfg, files, identity=("model", "dataset"))
+    recipe = planning.dataset_recipe(cfg, splits)
+    planning.data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
+    planning.check_recipe(recipe)
     # Built once here, on the CPU, so a bad checkpoint or image size fails before any worker.
     model = build_model(
         cfg.model, splits.num_classes, init_checkpoint=cfg.init_checkpoint, init_ema=cfg.init_ema
@@ -42,7 +42,7 @@ def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
         note = weights_note(cfg.init_checkpoint, meta, "--no-init-ema")
         if note:
             Reporter(cfg.output).info(f"--init-checkpoint {note}")
-    return trainer.make_plan(cfg, cfg.model, splits, recipe, "teacher")
+    return planning.make_plan(cfg, cfg.model, splits, recipe, "teacher")
 
 
 class TeacherTask:

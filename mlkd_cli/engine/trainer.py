@@ -15,7 +15,6 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -24,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mlkd_cli import __version__
-from mlkd_cli.core.atomic import check_writable
 from mlkd_cli.core.checkpoint import (
     TRAINING_STATE_FORMAT,
     ModelCard,
@@ -37,7 +35,7 @@ from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import RunInterrupted, RunStopped, UserError
 from mlkd_cli.core.plots import training_curves_png
 from mlkd_cli.core.rng import rng_state, seed_everything, set_rng_state
-from mlkd_cli.data.device import DeviceBatches, device_unsupported
+from mlkd_cli.data.device import DeviceBatches
 from mlkd_cli.data.loaders import (
     ReplayedBatches,
     TrainingBatches,
@@ -46,10 +44,7 @@ from mlkd_cli.data.loaders import (
     build_train_batches,
 )
 from mlkd_cli.data.registry import (
-    HOLDOUT_SEED,
     DataSplits,
-    augmentation_defaults,
-    labelled_positions,
     load_splits,
 )
 from mlkd_cli.data.sources import ArraySource
@@ -60,6 +55,7 @@ from mlkd_cli.engine.history import History
 from mlkd_cli.engine.interrupt import StopRequest
 from mlkd_cli.engine.launch import launch
 from mlkd_cli.engine.loggers import build_loggers, parse_log_to
+from mlkd_cli.engine.planning import RunFiles, RunPlan, data_pipeline, describe_augmentation
 from mlkd_cli.engine.precision import Precision, choose_layout, keep_idle_tap_convs_fp32
 from mlkd_cli.models.norms import use_fast_group_norms
 
@@ -68,70 +64,6 @@ CURVES_EVERY_S = 30.0
 # The training state is written after an epoch at most this often (and after the last one, and
 # whenever the run is stopped); see `_TrainingState.save_epoch`.
 STATE_EVERY_S = 5.0
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """Where a run named `name` writes, all inside the output folder."""
-
-    output_dir: Path
-    name: str
-
-    @property
-    def best(self) -> Path:
-        """The best model by validation top-1 (a plain timm checkpoint)."""
-        return self.output_dir / f"{self.name}.pth"
-
-    @property
-    def last(self) -> Path:
-        """The full training state, for --resume."""
-        return self.output_dir / f"{self.name}_last.pth"
-
-    @property
-    def exits(self) -> Path:
-        """A distilled student with its exits, beside the best model (anytime inference)."""
-        return self.output_dir / f"{self.name}_exits.pth"
-
-    def periodic(self, epoch: int) -> Path:
-        """The plain model as it was after `epoch` (with --save-frequency)."""
-        return self.output_dir / f"{self.name}_e{epoch}.pth"
-
-    @property
-    def history_json(self) -> Path:
-        """Per-epoch metrics as JSON."""
-        return self.output_dir / f"{self.name}_history.json"
-
-    @property
-    def history_csv(self) -> Path:
-        """Per-epoch metrics as CSV."""
-        return self.output_dir / f"{self.name}_history.csv"
-
-    @property
-    def curves(self) -> Path:
-        """Loss and validation top-1 per epoch, drawn."""
-        return self.output_dir / f"{self.name}_curves.png"
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """A checked run: the config plus what was derived from the data, sent to every worker."""
-
-    config: TrainConfig
-    card: ModelCard
-    recipe: ImageRecipe
-    files: RunFiles
-    kind: str  # "teacher" or "student": what the history files say the run made
-    # Under a label budget, the positions in the training split whose labels the run may use
-    # (None: every label). A task that learns from unlabelled images too (distillation) trains
-    # on the whole split; any other trains on these images alone.
-    labelled: tuple[int, ...] | None = None
-    learns_from_unlabelled: bool = False
-
-    def training_positions(self, total: int) -> list[int]:
-        """The positions in the training split this run trains on."""
-        if self.labelled is None or self.learns_from_unlabelled:
-            return list(range(total))
-        return list(self.labelled)
 
 
 class Task(Protocol):
@@ -175,172 +107,6 @@ class Task(Protocol):
 
     def report_epoch(self, report: Reporter, row: dict[str, Any], improved: bool) -> None:
         """Tell the user how the epoch went."""
-
-
-def make_card(cfg: TrainConfig, arch: str, splits: DataSplits, recipe: ImageRecipe) -> ModelCard:
-    """The model card a run's checkpoints carry."""
-    return ModelCard(
-        arch=arch,
-        num_classes=splits.num_classes,
-        class_names=list(splits.class_names),
-        dataset=cfg.dataset,
-        img_size=recipe.img_size,
-        crop_pct=recipe.crop_pct,
-        mean=list(recipe.mean),
-        std=list(recipe.std),
-        interpolation=recipe.interpolation,
-        extra={"val_fraction": cfg.val_fraction, "holdout_seed": HOLDOUT_SEED},
-    )
-
-
-def make_plan(
-    cfg: TrainConfig,
-    arch: str,
-    splits: DataSplits,
-    recipe: ImageRecipe,
-    kind: str,
-    learns_from_unlabelled: bool = False,
-) -> RunPlan:
-    """The checked plan of a run: its card and files, and under a label budget the labelled
-    images (refusing a budget that leaves less than one batch to train on)."""
-    labelled = None
-    if cfg.label_fraction < 1.0:
-        labelled = tuple(labelled_positions(splits, cfg.label_fraction))
-    plan = RunPlan(
-        cfg,
-        make_card(cfg, arch, splits, recipe),
-        recipe,
-        RunFiles(cfg.output_dir, cfg.run_name),
-        kind,
-        labelled,
-        learns_from_unlabelled,
-    )
-    images = len(plan.training_positions(len(splits.train_indices)))
-    per_process = cfg.batch_plan(cfg.world_size).per_process
-    if images // cfg.world_size < per_process:
-        budget, fix = "", "lower --batch-size"
-        if labelled is not None:
-            budget = f" (--label-fraction {cfg.label_fraction:g})"
-            fix += " or raise --label-fraction"
-        raise UserError(
-            f"{images} training images{budget} make less than one batch of {per_process} on "
-            f"each of {cfg.world_size} process(es); {fix}"
-        )
-    return plan
-
-
-def dataset_recipe(cfg: TrainConfig, splits: DataSplits) -> ImageRecipe:
-    """The run's image recipe: the dataset's size and augmentation, then the flags given."""
-    spec = splits.spec
-    default = augmentation_defaults(spec, splits.train)
-    base = ImageRecipe(img_size=cfg.img_size or spec.img_size, crop_pct=spec.crop_pct)
-    return ImageRecipe(
-        img_size=base.img_size,
-        crop_pct=base.crop_pct,
-        interpolation=cfg.interpolation or base.interpolation,
-        hflip=default.hflip if cfg.hflip is None else cfg.hflip,
-        vflip=cfg.vflip,
-        crop_scale=cfg.scale or default.crop_scale,
-        crop_ratio=cfg.ratio or base.crop_ratio,
-        color_jitter=default.color_jitter if cfg.color_jitter is None else cfg.color_jitter,
-        auto_augment=cfg.auto_augment,
-        reprob=cfg.reprob,
-    )
-
-
-def describe_augmentation(recipe: ImageRecipe, cfg: TrainConfig) -> str:
-    """One line: how training images are augmented (and mixed)."""
-    if not cfg.augment:
-        parts = ["none (--no-augment): the evaluation view"]
-    else:
-        low, high = recipe.crop_scale
-        parts = [
-            f"crop {low:g}-{high:g} of the area",
-            f"hflip {recipe.hflip:g}",
-            f"vflip {recipe.vflip:g}",
-            f"colour jitter {recipe.color_jitter:g}",
-        ]
-        if recipe.auto_augment:
-            parts.append(f"auto-augment {recipe.auto_augment}")
-        if recipe.reprob:
-            parts.append(f"random erasing {recipe.reprob:g}")
-    mixing = f"Mixup {cfg.mixup_alpha:g}, CutMix {cfg.cutmix_alpha:g}"
-    return f"augmentation: {', '.join(parts)}; {mixing}"
-
-
-def check_recipe(recipe: ImageRecipe) -> None:
-    """Build the training transform once, so that a bad knob is refused before any work."""
-    try:
-        build_train_transform(recipe)
-    except Exception as exc:  # timm raises assorted errors for a spec it cannot parse
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"timm cannot build this augmentation ({detail}); check --auto-augment (e.g. "
-            "rand-m9-mstd0.5, augmix-m5, v0) and --interpolation (bicubic, bilinear, random)"
-        ) from None
-
-
-def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, ...]) -> None:
-    """Refuse to overwrite a run by accident, or to resume one that is absent or different.
-
-    `identity` names the settings a resumed run must share with the one it continues.
-    """
-    check_writable(files.output_dir)
-    if cfg.resume:
-        if not files.last.is_file():
-            raise UserError(
-                f"nothing to resume: {files.last} does not exist; drop --resume to start the run"
-            )
-        state = load_checkpoint(files.last)
-        if state.get("format") != TRAINING_STATE_FORMAT:
-            raise UserError(f"{files.last} is not an mlkd training state; drop --resume")
-        before = state.get("config", {})
-        now = cfg.to_record()
-        for key in identity:
-            if before.get(key) != now.get(key):
-                flag = key.replace("_", "-")
-                raise UserError(
-                    f"{files.last} was trained with --{flag} {before.get(key)}, not "
-                    f"{now.get(key)}; resume with the same --{flag} or choose another --name"
-                )
-        changed = [
-            f"{k} {now[k]} (was {before[k]})"
-            for k in sorted(now)
-            if k in before and k not in ("resume", "overwrite") and before[k] != now[k]
-        ]
-        if changed:
-            Reporter(cfg.output).warn("resuming with changed settings: " + ", ".join(changed))
-        return
-    existing = [p for p in (files.best, files.last, files.exits) if p.exists()]
-    if existing and not cfg.overwrite:
-        raise UserError(
-            f"{existing[0]} already exists; pass --resume to continue that run, --overwrite "
-            "to replace it, or another --name"
-        )
-
-
-def data_pipeline(
-    cfg: TrainConfig, splits: DataSplits, device_type: str, recipe: ImageRecipe
-) -> str:
-    """Which training pipeline a run uses: "device" or "cpu" (refusing what cannot work)."""
-    in_memory = isinstance(splits.train, ArraySource)
-    if cfg.data_pipeline == "device" and not in_memory:
-        raise UserError(
-            f"--data-pipeline device needs a dataset held in memory (cifar-10, cifar-100, "
-            f"digits); {cfg.dataset} is decoded from files: use --data-pipeline cpu"
-        )
-    missing = device_unsupported(recipe) if cfg.augment else []
-    if cfg.data_pipeline == "device" and missing:
-        raise UserError(
-            f"the device data pipeline does not do {', '.join(missing)}; use --data-pipeline "
-            "cpu (timm's transforms on loader workers) or drop them"
-        )
-    if cfg.data_pipeline == "auto":
-        # In memory, one batched pass beats per-image transforms on any device: on a 2-core CPU
-        # test_convnext at 32 px trained at 2,000+ img/s this way against 570 through timm's
-        # per-image transforms in the main process (BENCHMARKS.md, "Small models").
-        return "device" if in_memory and not missing else "cpu"
-    return cfg.data_pipeline
 
 
 def build_training_batches(
