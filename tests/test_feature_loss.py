@@ -172,7 +172,8 @@ def test_list_losses_names_every_loss_with_its_parameters() -> None:
     assert result.exit_code == 0, result.stderr
     listed = {row["loss"]: row for row in json.loads(result.stdout)["losses"]}
     assert set(listed) == set(LOSSES)
-    assert listed["dkd"]["params"] == {"tckd_weight": 1.0, "nckd_weight": 8.0, "warmup": 20 / 240}
+    dkd = {"tckd_weight": 1.0, "nckd_weight": 8.0, "warmup": 20 / 240, "ce_weight": 1.0}
+    assert listed["dkd"]["params"] == dkd
     assert listed["kd+feature"]["features"] and not listed["kd"]["features"]
     table = invoke_cli("distill", "--list-losses")
     assert all(name in table.stdout for name in LOSSES)

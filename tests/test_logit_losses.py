@@ -126,11 +126,11 @@ def test_distill_with_loss_logs_its_terms_and_trains_by_them(
     rows = json.loads((tmp_path / "s_history.json").read_text())["epochs"]
     exits = sorted(k for k in rows[0] if k.startswith("exit") and k.endswith("_loss"))
     assert exits and all(set(terms) <= set(row) and "kd" not in row for row in rows)
-    for row in rows:  # mlkd's α = 0.9; every head weighs 1
-        final = 0.9 * (row[terms[0]] + row[terms[1]]) + 0.1 * row["ce"]
+    for row in rows:  # as in both papers, the terms add to a CE of weight 1; every head weighs 1
+        final = row[terms[0]] + row[terms[1]] + row["ce"]
         assert row["train_loss"] == pytest.approx(final + sum(row[e] for e in exits), rel=1e-5)
     if loss == "dkd":  # 2 epochs: the warm-up (1/12 of the run) is over by the first epoch's end
-        student = LOSSES["dkd"](4.0, 0.9, [])
+        student = LOSSES["dkd"](4.0, 1.0, [])
         student.start_epoch(0, 24)
         assert student.warmup == pytest.approx(0.5)
         student.start_epoch(1, 24)
@@ -161,3 +161,22 @@ def test_dkd_under_a_label_budget_never_reads_a_hidden_label() -> None:
     by_hand = dkd_terms(student, teacher, F.one_hot(guessed, 5).float(), 4.0)
     assert first["tckd"].item() == pytest.approx(by_hand[0].item(), rel=1e-6)
     assert first["nckd"].item() == pytest.approx(8.0 * by_hand[1].item(), rel=1e-6)
+
+
+def test_dkd_and_dist_add_to_cross_entropy_and_refuse_alpha(digits_teacher: Path) -> None:
+    torch.manual_seed(5)
+    logits, teacher = torch.randn(8, 5), torch.randn(8, 5)
+    targets = F.one_hot(torch.randint(0, 5, (8,)), 5).float()
+    ce = F.cross_entropy(logits, targets).item()
+    for name in ("dkd", "dist"):
+        loss = LOSSES[name](4.0, 0.9, [], ce_weight=0.5)  # α is not DKD's or DIST's mix
+        total, parts = loss.head_loss(logits, teacher, targets)
+        terms = sum(v.item() for k, v in parts.items() if k != "ce")
+        assert total.item() == pytest.approx(terms + 0.5 * ce, rel=1e-6)
+        assert not LOSSES[name](4.0, 0.9, [], ce_weight=0.0).mixing[1]
+    result = invoke_cli(
+        "distill", "-d", "digits", "-m", "test_resnet", "-c", digits_teacher, "--loss", "dkd",
+        "--alpha", "0.5",
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert_error_line(result.stderr, "--alpha", "--loss dkd", "ce_weight")

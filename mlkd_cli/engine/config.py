@@ -13,7 +13,7 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.loggers import parse_log_to
 from mlkd_cli.engine.loop import OPTIMIZERS, SCHEDULES
-from mlkd_cli.engine.losses import FORMER_NAMES, LOSSES, loss_param_problem
+from mlkd_cli.engine.losses import FORMER_NAMES, LOSSES, loss_class, loss_param_problem
 from mlkd_cli.engine.precision import check_precision
 
 C = TypeVar("C")
@@ -387,6 +387,12 @@ class DistillConfig(TrainConfig):
         problem = loss_param_problem(self.loss, self.loss_params or {})
         if problem:
             raise UserError(problem)
+        if loss_class(self.loss).ADDS_TO_CE and "alpha" not in self.recipe_filled:
+            raise UserError(
+                f"--alpha mixes kd with cross-entropy; --loss {self.loss} adds its terms to "
+                "cross-entropy as its paper does: drop --alpha and set --loss-param "
+                "ce_weight=W (default 1) instead"
+            )
         if self.temperature <= 0:
             raise UserError(f"--temperature must be positive, got {self.temperature}")
         if self.pretrained and self.student_checkpoint is not None:

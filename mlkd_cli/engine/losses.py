@@ -93,13 +93,16 @@ class MultiExitKDLoss(nn.Module):
     """Hinton KD at the final head plus each exit, summed with per-head weights.
 
     Each head's loss is `α·distill + (1−α)·CE`, where `distill` is the sum of `distill_terms`
-    (one term for KD; a subclass in `LOSSES` changes what a head learns from the teacher).
+    (one term for KD; a subclass in `LOSSES` changes what a head learns from the teacher). A loss
+    whose paper adds its terms to a full cross-entropy (DKD, DIST) sets `ADDS_TO_CE`: its head
+    loss is `distill + ce_weight·CE`, and --alpha does not apply.
     """
 
     SUMMARY = "Hinton KD: KL divergence to the teacher's softened probabilities (--temperature)"
     PARAMS: tuple[LossParam, ...] = ()
     # Feature terms at the exits: needs one teacher with stages matching the student's.
     FEATURES = False
+    ADDS_TO_CE = False  # see above; such a loss has a `ce_weight` parameter
     class_mean = False  # see `kd_terms`
     uses_labels = False  # whether `distill_terms` reads the targets (a label budget hides some)
 
@@ -121,9 +124,16 @@ class MultiExitKDLoss(nn.Module):
         self.params = {**known, **{k: float(v) for k, v in params.items()}}
 
     @property
+    def mixing(self) -> tuple[float, float]:
+        """(weight of the distillation terms, weight of CE) at every head."""
+        if self.ADDS_TO_CE:
+            return 1.0, self.params["ce_weight"]
+        return self.alpha, 1.0 - self.alpha
+
+    @property
     def reads_labels(self) -> bool:
-        """Whether a batch's targets enter the loss: a CE term (α < 1), or the loss's own."""
-        return self.alpha < 1.0 or self.uses_labels
+        """Whether a batch's targets enter the loss: a CE term, or the loss's own use."""
+        return self.mixing[1] > 0 or self.uses_labels
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Told before each epoch (0-based) of `epochs`; for losses that change over a run."""
@@ -192,13 +202,14 @@ class MultiExitKDLoss(nn.Module):
         targets: torch.Tensor,
         labelled: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One head's `α·distill + (1−α)·CE`, with its named terms (no `ce` when α = 1)."""
+        """One head's `w·distill + c·CE` (`mixing`), with its named terms (no `ce` when c = 0)."""
         parts = self.distill_terms(logits, teacher_logits, targets, labelled)
         distill = torch.stack(list(parts.values())).sum()
-        if self.alpha >= 1.0:
-            return self.alpha * distill, parts
+        weight, ce_weight = self.mixing
+        if ce_weight <= 0:
+            return weight * distill, parts
         ce = labelled_cross_entropy(logits, targets, labelled)
-        return self.alpha * distill + (1.0 - self.alpha) * ce, {**parts, "ce": ce}
+        return weight * distill + ce_weight * ce, {**parts, "ce": ce}
 
     def forward(
         self, outputs: Sequence[torch.Tensor], teacher_logits: torch.Tensor, targets: torch.Tensor
@@ -215,19 +226,22 @@ class OriginalMultiExitKDLoss(MultiExitKDLoss):
 
 
 class MultiExitDKDLoss(MultiExitKDLoss):
-    """Decoupled KD at every head (`mlkd_cli/losses/dkd.py`): `w·(α·TCKD + β·NCKD)`, the weight
-    `w` rising linearly from 0 to 1 over the run's first WARMUP_FRACTION, as in the paper.
+    """Decoupled KD at every head (`mlkd_cli/losses/dkd.py`): `CE + w·(α·TCKD + β·NCKD)`, the
+    weight `w` rising linearly from 0 to 1 over the run's first WARMUP_FRACTION, as in the paper
+    (whose CE weighs 1: --alpha does not apply).
 
     DKD needs each image's target class. Under a label budget an image whose label is hidden
     takes the teacher's top class instead, so no hidden label is read.
     """
 
-    SUMMARY = "Decoupled KD: target-class (tckd) and non-target-class (nckd) terms, weighted"
+    SUMMARY = "Decoupled KD: CE plus target-class (tckd) and non-target (nckd) terms"
     PARAMS = (
         LossParam("tckd_weight", dkd.TCKD_WEIGHT, "weight of the target-class term (DKD's α)"),
         LossParam("nckd_weight", dkd.NCKD_WEIGHT, "weight of the non-target term (DKD's β)"),
         LossParam("warmup", dkd.WARMUP_FRACTION, "share of the run over which DKD ramps up"),
+        LossParam("ce_weight", 1.0, "weight of cross-entropy, which DKD adds to"),
     )
+    ADDS_TO_CE = True
     uses_labels = True
 
     def __init__(
@@ -260,15 +274,18 @@ class MultiExitDKDLoss(MultiExitKDLoss):
 
 
 class MultiExitDISTLoss(MultiExitKDLoss):
-    """DIST at every head (`mlkd_cli/losses/dist.py`): `β·inter + γ·intra` at DIST's own
-    temperature τ (the paper's 1), not --temperature."""
+    """DIST at every head (`mlkd_cli/losses/dist.py`): `CE + β·inter + γ·intra` at DIST's own
+    temperature τ (the paper's 1), not --temperature; as in the paper CE weighs 1 (--alpha does
+    not apply)."""
 
-    SUMMARY = "DIST: Pearson correlation with the teacher, across classes and across images"
+    SUMMARY = "DIST: CE plus Pearson matching, across classes (inter) and images (intra)"
     PARAMS = (
         LossParam("inter_weight", dist.INTER_WEIGHT, "weight of the inter-class term (β)"),
         LossParam("intra_weight", dist.INTRA_WEIGHT, "weight of the intra-class term (γ)"),
         LossParam("tau", dist.TAU, "DIST's own temperature τ", positive=True),
+        LossParam("ce_weight", 1.0, "weight of cross-entropy, which DIST adds to"),
     )
+    ADDS_TO_CE = True
 
     def distill_terms(
         self,
