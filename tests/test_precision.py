@@ -299,3 +299,18 @@ def test_the_layout_is_measured_on_students_with_exits_and_feature_adapters() ->
     for model in (student, adapted):
         chosen = choose_layout(Precision.resolve("fp32", CPU), model, (3, 16, 16), CTX, train=True)
         assert "channels_last measured" in chosen.why
+
+
+def test_eval_under_auto_on_a_bf16_cpu_is_fp32_so_its_figures_do_not_follow_a_timing(
+    cpu_bf16: None, digits_teacher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever the probe would time, evaluation measures in fp32 under auto on a CPU.
+    monkeypatch.setattr(precision_module, "BF16_MARGIN", 0.0)  # bf16 would win any timing
+    said = invoke_cli("eval", digits_teacher)
+    assert said.exit_code == 0, said.stderr
+    assert "precision: fp32" in said.stderr and "auto: fp32 for figures" in said.stderr
+    bf16 = invoke_cli("eval", digits_teacher, "--precision", "bf16")
+    assert "precision: bf16 autocast" in bf16.stderr
+    auto = json.loads(invoke_cli("eval", digits_teacher, "--json").stdout)
+    fp32 = json.loads(invoke_cli("eval", digits_teacher, "--json", "--precision", "fp32").stdout)
+    assert (auto["top1"], auto["nll"]) == (fp32["top1"], fp32["nll"])
