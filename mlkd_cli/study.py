@@ -82,8 +82,9 @@ def t_quantile(dof: int) -> float:
     return T_975[dof - 1] if dof <= len(T_975) else 1.960
 
 
-def paired(differences: list[float]) -> dict[str, Any]:
-    """Mean of per-seed differences, with its 95 % t interval (n − 1 degrees of freedom)."""
+def paired(differences: list[float], lower_is_better: bool = False) -> dict[str, Any]:
+    """Mean of per-seed differences, with its 95 % t interval (n − 1 degrees of freedom), and
+    the seeds won (a difference above 0; below 0 for a figure where lower is better, NLL)."""
     mean = statistics.fmean(differences)
     sd = statistics.stdev(differences)
     half = t_quantile(len(differences) - 1) * sd / math.sqrt(len(differences))
@@ -91,7 +92,7 @@ def paired(differences: list[float]) -> dict[str, Any]:
         "per_seed": differences,
         "mean": mean,
         "ci95": [mean - half, mean + half],
-        "wins": sum(d > 0 for d in differences),
+        "wins": sum((d < 0) if lower_is_better else (d > 0) for d in differences),
     }
 
 
@@ -181,7 +182,8 @@ def summarise(
                 continue
             ref = results[reference]
             row[f"vs_{reference}"] = paired([by_seed[s]["top1"] - ref[s]["top1"] for s in seeds])
-            row[f"nll_vs_{reference}"] = paired([by_seed[s]["nll"] - ref[s]["nll"] for s in seeds])
+            nll = [by_seed[s]["nll"] - ref[s]["nll"] for s in seeds]
+            row[f"nll_vs_{reference}"] = paired(nll, lower_is_better=True)
         rows.append(row)
     return rows
 

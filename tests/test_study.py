@@ -34,6 +34,7 @@ def test_each_arm_is_compared_with_ce_and_kd_seed_by_seed() -> None:
     assert rows["kd"]["vs_ce"]["per_seed"] == [3.0, 2.0]
     assert rows["dkd"]["vs_kd"]["per_seed"] == [-2.0, 1.0]
     assert rows["dkd"]["nll_vs_ce"]["per_seed"] == pytest.approx([-0.1, -0.1])
+    assert rows["dkd"]["nll_vs_ce"]["wins"] == 2 and rows["dkd"]["vs_kd"]["wins"] == 1
     assert rows["ce"]["top1"] == {
         "mean": 91.0,
         "sd": pytest.approx(math.sqrt(2)),
