@@ -16,19 +16,7 @@ LOSSES=${LOSSES:-kd,dkd,dist,kd+feature,dkd+feature}
 DATA=(-d imagefolder --data-dir digits28 --img-size 32)
 
 if [ ! -d digits28 ]; then
-  "$PY" - <<'PY'
-from pathlib import Path
-from PIL import Image
-from mlkd_cli.data.sources import load_digits
-
-raw = load_digits()
-for split, source in (("train", raw.train), ("test", raw.test)):
-    for index in range(len(source)):
-        image, label = source[index]
-        folder = Path("digits28") / split / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        image.convert("L").resize((28, 28), Image.BICUBIC).save(folder / f"{index}.png")
-PY
+  "$PY" "$(dirname "$0")/digits_png.py" digits28
 fi
 
 if [ ! -f models/t_resnet18.pth ]; then

@@ -17,19 +17,7 @@ read -r -a EXTRA <<<"${EXTRA:-}"
 read -r -a TEACHER_EXTRA <<<"${TEACHER_EXTRA:-}"
 DATA=(-d imagefolder --data-dir digits28 --img-size 32)
 
-"$PY" - <<'PY'
-from pathlib import Path
-from PIL import Image
-from mlkd_cli.data.sources import load_digits
-
-raw = load_digits()
-for split, source in (("train", raw.train), ("test", raw.test)):
-    for index in range(len(source)):
-        image, label = source[index]
-        folder = Path("digits28") / split / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        image.convert("L").resize((28, 28), Image.BICUBIC).save(folder / f"{index}.png")
-PY
+"$PY" "$(dirname "$0")/digits_png.py" digits28
 
 for teacher in resnet18 test_convnext resnet10t; do
   $MLKD teacher train "${DATA[@]}" -m $teacher -n t_$teacher -e 8 -q --overwrite "${EXTRA[@]}" "${TEACHER_EXTRA[@]}" >/dev/null

@@ -24,32 +24,9 @@ D = DistillConfig(dataset="")
 @opt.with_options(opt.training_options(D))
 def distill(
     dataset: opt.Dataset = None,
-    ensemble: Annotated[
-        Path | None,
-        typer.Option(
-            "--ensemble",
-            help="Ensemble teacher file (default: config.json here).",
-            rich_help_panel=opt.TEACHER,
-        ),
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help="A single teacher's timm model name.",
-            rich_help_panel=opt.TEACHER,
-        ),
-    ] = None,
-    checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            "--checkpoint",
-            "-c",
-            help="A single teacher's checkpoint.",
-            rich_help_panel=opt.TEACHER,
-        ),
-    ] = None,
+    ensemble: opt.EnsembleFile = None,
+    model: opt.TeacherModel = None,
+    checkpoint: opt.TeacherCheckpoint = None,
     teacher_cache: Annotated[
         bool | None,
         typer.Option(
@@ -59,14 +36,7 @@ def distill(
             rich_help_panel=opt.TEACHER,
         ),
     ] = None,
-    models_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--models-dir",
-            help="Where the ensemble file's names resolve.",
-            rich_help_panel=opt.TEACHER,
-        ),
-    ] = None,
+    models_dir: opt.ModelsDir = None,
     teacher_ema: Annotated[
         bool | None,
         typer.Option(
@@ -76,14 +46,7 @@ def distill(
             rich_help_panel=opt.TEACHER,
         ),
     ] = None,
-    student: Annotated[
-        str | None,
-        typer.Option(
-            "--student",
-            help=f"Student timm model (default {D.student}).",
-            rich_help_panel=opt.STUDENT,
-        ),
-    ] = None,
+    student: opt.Student = None,
     student_checkpoint: Annotated[
         Path | None,
         typer.Option(
@@ -100,14 +63,7 @@ def distill(
             rich_help_panel=opt.STUDENT,
         ),
     ] = None,
-    exits: Annotated[
-        str | None,
-        typer.Option(
-            "--exits",
-            help="Stages that get exits, e.g. 0,1,2 (default: all but last).",
-            rich_help_panel=opt.STUDENT,
-        ),
-    ] = None,
+    exits: opt.Exits = None,
     exit_weights: Annotated[
         str | None,
         typer.Option(
@@ -116,14 +72,7 @@ def distill(
             rich_help_panel=opt.STUDENT,
         ),
     ] = None,
-    alpha: Annotated[
-        float | None,
-        typer.Option(
-            "--alpha",
-            help=f"Weight of the KD term vs cross-entropy (default {D.alpha:g}).",
-            rich_help_panel=opt.LOSS,
-        ),
-    ] = None,
+    alpha: opt.Alpha = None,
     loss: Annotated[
         str | None,
         typer.Option(
@@ -151,14 +100,7 @@ def distill(
             rich_help_panel=opt.LOSS,
         ),
     ] = False,
-    temperature: Annotated[
-        float | None,
-        typer.Option(
-            "--temperature",
-            help=f"KD and DKD temperature (default {D.temperature:g}).",
-            rich_help_panel=opt.LOSS,
-        ),
-    ] = None,
+    temperature: opt.Temperature = None,
     name: Annotated[
         str | None,
         typer.Option("--name", "-n", help=f"Run name (default {D.name}).", rich_help_panel=opt.RUN),

@@ -15,7 +15,7 @@ import typer
 from typer.models import ParameterInfo
 
 from mlkd_cli.core.console import OutputOptions
-from mlkd_cli.engine.config import build_config, config_field_names
+from mlkd_cli.engine.config import DistillConfig, build_config, config_field_names
 from mlkd_cli.presets import preset_section
 
 C = TypeVar("C")
@@ -154,6 +154,66 @@ PlainClasses = Annotated[
     int | None,
     typer.Option(
         "--num-classes", help="Class count, for plain state dicts.", rich_help_panel=MODEL
+    ),
+]
+# What `distill` and `study` share: the teacher, the student and the loss mix.
+_DISTILL = DistillConfig(dataset="")
+EnsembleFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--ensemble",
+        help="Ensemble teacher file (default: config.json here).",
+        rich_help_panel=TEACHER,
+    ),
+]
+TeacherModel = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="A single teacher's timm model name.", rich_help_panel=TEACHER
+    ),
+]
+TeacherCheckpoint = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint", "-c", help="A single teacher's checkpoint.", rich_help_panel=TEACHER
+    ),
+]
+ModelsDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--models-dir", help="Where the ensemble file's names resolve.", rich_help_panel=TEACHER
+    ),
+]
+Student = Annotated[
+    str | None,
+    typer.Option(
+        "--student",
+        help=f"Student timm model (default {_DISTILL.student}).",
+        rich_help_panel=STUDENT,
+    ),
+]
+Exits = Annotated[
+    str | None,
+    typer.Option(
+        "--exits",
+        help="Stages that get exits, e.g. 0,1,2 (default: all but last).",
+        rich_help_panel=STUDENT,
+    ),
+]
+Alpha = Annotated[
+    float | None,
+    typer.Option(
+        "--alpha",
+        help=f"Weight of the KD term vs cross-entropy (default {_DISTILL.alpha:g}).",
+        rich_help_panel=LOSS,
+    ),
+]
+Temperature = Annotated[
+    float | None,
+    typer.Option(
+        "--temperature",
+        help=f"KD and DKD temperature (default {_DISTILL.temperature:g}).",
+        rich_help_panel=LOSS,
     ),
 ]
 Augment = Annotated[

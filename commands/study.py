@@ -41,72 +41,14 @@ def study(
         Path,
         typer.Option("--run-dir", help="The study's folder.", rich_help_panel=STUDY),
     ] = Path("runs/study"),
-    ensemble: Annotated[
-        Path | None,
-        typer.Option(
-            "--ensemble",
-            help="Ensemble teacher file (default: config.json here).",
-            rich_help_panel=opt.TEACHER,
-        ),
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help="A single teacher's timm model name.",
-            rich_help_panel=opt.TEACHER,
-        ),
-    ] = None,
-    checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            "--checkpoint",
-            "-c",
-            help="A single teacher's checkpoint.",
-            rich_help_panel=opt.TEACHER,
-        ),
-    ] = None,
-    models_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--models-dir",
-            help="Where the ensemble file's names resolve.",
-            rich_help_panel=opt.TEACHER,
-        ),
-    ] = None,
-    student: Annotated[
-        str | None,
-        typer.Option(
-            "--student",
-            help=f"Student timm model (default {D.student}).",
-            rich_help_panel=opt.STUDENT,
-        ),
-    ] = None,
-    exits: Annotated[
-        str | None,
-        typer.Option(
-            "--exits",
-            help="Stages that get exits, e.g. 0,1,2 (default: all but last).",
-            rich_help_panel=opt.STUDENT,
-        ),
-    ] = None,
-    alpha: Annotated[
-        float | None,
-        typer.Option(
-            "--alpha",
-            help=f"Weight of the distillation term vs cross-entropy (default {D.alpha:g}).",
-            rich_help_panel=opt.LOSS,
-        ),
-    ] = None,
-    temperature: Annotated[
-        float | None,
-        typer.Option(
-            "--temperature",
-            help=f"KD and DKD temperature (default {D.temperature:g}).",
-            rich_help_panel=opt.LOSS,
-        ),
-    ] = None,
+    ensemble: opt.EnsembleFile = None,
+    model: opt.TeacherModel = None,
+    checkpoint: opt.TeacherCheckpoint = None,
+    models_dir: opt.ModelsDir = None,
+    student: opt.Student = None,
+    exits: opt.Exits = None,
+    alpha: opt.Alpha = None,
+    temperature: opt.Temperature = None,
     *,
     shared: opt.Shared,
 ) -> None:

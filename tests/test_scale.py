@@ -71,6 +71,18 @@ def _without_speed(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "images_per_s"}
 
 
+def _same_figures(a: object, b: object) -> bool:
+    """Equal, floats to 1e-9 relative: in fp32 a conv's output can depend on the size of the
+    batch an image shares (shards end at other batch boundaries), by a few ulps."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_figures(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_figures(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    return a == b
+
+
 def test_eval_of_megabytes_on_two_processes_equals_one(big: Path) -> None:
     one = _json(_run("eval", "models/a.pth", "--split", "test", "--json", cwd=big))
     two = _json(
@@ -78,7 +90,8 @@ def test_eval_of_megabytes_on_two_processes_equals_one(big: Path) -> None:
     )
     # 5,000 x 100 float32 logits: 2 MB came back from the workers.
     assert one["images"] == IMAGES and len(one["worst_classes"]) > 0
-    assert _without_speed(two) == _without_speed(one)
+    assert _same_figures(_without_speed(two), _without_speed(one))
+    assert two["top1"] == one["top1"] and two["worst_classes"] == one["worst_classes"]
 
 
 def test_ensemble_build_and_eval_on_two_processes_equal_one(big: Path) -> None:
@@ -86,12 +99,12 @@ def test_ensemble_build_and_eval_on_two_processes_equal_one(big: Path) -> None:
     one = _json(_run(*build, "-o", "one.json", cwd=big))
     two = _json(_run(*build, "-o", "two.json", "--world-size", "2", cwd=big))
     assert one["images"] == 4_000  # two members x 4,000 x 100 logits: 3.2 MB
-    assert two == {**one, "written": two["written"]}
+    assert _same_figures(two, {**one, "written": two["written"]})
     assert json.loads((big / "one.json").read_text()) == json.loads((big / "two.json").read_text())
     evaluate = ["ensemble", "eval", "one.json", "--split", "test", "--json"]
     one_eval = _json(_run(*evaluate, cwd=big))
     assert one_eval["images"] == IMAGES
-    assert _json(_run(*evaluate, "--world-size", "2", cwd=big)) == one_eval
+    assert _same_figures(_json(_run(*evaluate, "--world-size", "2", cwd=big)), one_eval)
 
 
 def _descendants(pid: int) -> list[int]:
