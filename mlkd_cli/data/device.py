@@ -27,6 +27,9 @@ from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe
 
 CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop, before it falls back to a centre crop
+# Uniform draws one augmented image takes: crop scales and ratios per attempt, position, two
+# flips, one spare, three colour jitters.
+DRAWS_PER_IMAGE = 2 * CROP_ATTEMPTS + 7
 # The recipe's knobs this pipeline cannot follow (only the CPU pipeline, through timm, can).
 DEVICE_INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # what grid_sample resamples with
 
@@ -56,14 +59,25 @@ class DeviceAugment:
         self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
         self.grey = torch.tensor(_GREY, device=device).view(1, 3, 1, 1)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Float images of the recipe's size, normalised; random only when augmenting."""
+    def __call__(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None,
+        draws: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Float images of the recipe's size, normalised; random only when augmenting.
+
+        `draws` (B, DRAWS_PER_IMAGE) uniform numbers fix each image's view (a stored view
+        replayed); without them they come from `generator`. An image's view depends on its own
+        row alone, never on the others in the batch.
+        """
         count, _, height, width = images.shape
         x = images.float().div_(255)
         if self.augment:
-            draws = torch.rand(
-                count, 2 * CROP_ATTEMPTS + 7, generator=generator, device=images.device
-            )
+            if draws is None:
+                draws = torch.rand(
+                    count, DRAWS_PER_IMAGE, generator=generator, device=images.device
+                )
             theta = self._crop_boxes(draws, height, width)
             x = self._resample(x, theta)
             if self.recipe.color_jitter > 0:

@@ -1,0 +1,38 @@
+"""Numbered augmented views of a training image, reproducible anywhere: the keys of a soft-label
+store (a teacher's outputs stored per view, replayed exactly when a student trains on them).
+
+View `v` of image `i` under a store seed is fixed by two things only, in either pipeline:
+- the CPU pipeline (timm/torchvision transforms, `TransformedSubset`): the item `(i, view_seed(s,
+  v))`, whose transforms draw from generators seeded by that pair alone;
+- the device pipeline (`DeviceAugment`): the row `i` of `view_draws(s, v, N)`, uniform numbers
+  drawn on the CPU from a generator seeded by (s, v), so that the view is the same whichever
+  device augments it and whatever batch, order or rank the image lands in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mlkd_cli.core.rng import derive_seed
+from mlkd_cli.data.device import DRAWS_PER_IMAGE
+
+_VIEW_KEY = 0x5F1E  # keeps view seeds apart from the other streams derived from a run's seed
+
+
+def view_seed(store_seed: int, view: int) -> int:
+    """The CPU pipeline's per-item seed for view `view` of every image."""
+    return derive_seed(store_seed, view, _VIEW_KEY)
+
+
+def view_draws(store_seed: int, view: int, count: int) -> torch.Tensor:
+    """(count, DRAWS_PER_IMAGE) uniform numbers fixing view `view` of images 0..count-1 in the
+    device pipeline; drawn on the CPU, so every device replays the same view."""
+    generator = torch.Generator().manual_seed(view_seed(store_seed, view))
+    return torch.rand(count, DRAWS_PER_IMAGE, generator=generator)
+
+
+def chosen_views(store_seed: int, epoch: int, count: int, views: int) -> torch.Tensor:
+    """Which stored view each image takes in `epoch` (count,), a seeded choice: a resumed run
+    takes the same ones."""
+    generator = torch.Generator().manual_seed(derive_seed(store_seed, epoch, _VIEW_KEY + 1))
+    return torch.randint(views, (count,), generator=generator)
