@@ -27,6 +27,7 @@ R = TypeVar("R")
 # declared; a panel a command does not use is not shown.
 PIPELINE = "Pipeline"
 STUDY = "Study"
+STORE = "Soft-label store"
 DATA = "Data"
 EXPORT = "Export"
 TEACHER = "Teacher"
@@ -43,6 +44,7 @@ OUTPUT = "Output"
 PANELS = (
     PIPELINE,
     STUDY,
+    STORE,
     DATA,
     EXPORT,
     TEACHER,

@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 from mlkd_cli.core.console import Reporter
-from mlkd_cli.engine.config import TeacherTrainConfig
+from mlkd_cli.core.errors import UserError
+from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig
+from mlkd_cli.engine.labeling import SHARD_SIZE, label_store, plan_labeling
 from mlkd_cli.engine.launch import launcher_rank
 from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
 from mlkd_cli.engine.trainer import launch_training
@@ -94,6 +96,84 @@ def train(
         f"saved {files['best']}; history {files['history_csv']}; resume state {files['last']}"
     )
     report.result(summary)
+
+
+# What a labelling takes of the training options: data, the augmentation its views are drawn
+# with, the pipeline, seed and batch, and how processes run.
+LABEL_OPTIONS = {
+    "data_dir", "img_size", "val_fraction", "download", "batch_size", "augment", "scale",
+    "ratio", "hflip", "vflip", "color_jitter", "auto_augment", "reprob", "interpolation",
+    "world_size", "device", "precision", "workers", "max_restarts", "data_pipeline", "preset",
+    "seed", "quiet", "json",
+}  # fmt: skip
+STORE = opt.STORE
+
+
+@app.command("label")
+@opt.with_options([p for p in opt.training_options(D) if p.name in LABEL_OPTIONS])
+def label(
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="The store folder to write.", rich_help_panel=STORE),
+    ],
+    dataset: opt.Dataset = None,
+    views: Annotated[
+        int,
+        typer.Option("--views", help="Augmented views per image.", rich_help_panel=STORE),
+    ] = 8,
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            "--top-k",
+            help="Largest logits kept per view (default: every class up to 100, else 10).",
+            rich_help_panel=STORE,
+        ),
+    ] = None,
+    shard_size: Annotated[
+        int,
+        typer.Option(
+            "--shard-size", help="Images per shard (what a resume redoes).", rich_help_panel=STORE
+        ),
+    ] = SHARD_SIZE,
+    ensemble: opt.EnsembleFile = None,
+    model: opt.TeacherModel = None,
+    checkpoint: opt.TeacherCheckpoint = None,
+    models_dir: opt.ModelsDir = None,
+    *,
+    shared: opt.Shared,
+) -> None:
+    """Store a teacher's outputs for numbered augmented views of every training image, once."""
+    flags = {
+        "dataset": dataset,
+        "teacher_model": model,
+        "teacher_checkpoint": checkpoint,
+        "ensemble": ensemble,
+        "models_dir": models_dir,
+    }
+    v = shared.values
+    cfg = opt.training_config(
+        DistillConfig,
+        "distill",
+        v["preset"],
+        {**shared.given(), **opt.given(**flags)},
+        resume=False,
+        overwrite=False,
+        quiet=v["quiet"],
+        json=v["json"],
+    )
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
+    plan = plan_labeling(cfg, output, views, top_k, shard_size)
+    summary = label_store(plan)
+    if launcher_rank() != 0:
+        return
+    report = Reporter(cfg.output)
+    manifest = plan.manifest
+    report.info(
+        f"{output}: {manifest.images} images x {manifest.views} views, top {manifest.top_k} "
+        f"logits each, {manifest.shard_count} shards ({summary['skipped']} already done)"
+    )
+    report.result({**summary, "manifest": str(output / "manifest.json")})
 
 
 def _pct(value: float | None) -> str | None:

@@ -75,6 +75,16 @@ class StoreManifest:
         return cls(**record)
 
 
+def manifest_difference(found: StoreManifest, wanted: StoreManifest) -> str | None:
+    """The first setting in which two manifests differ, as "key found, not wanted" (None: the
+    same store). Compared as written, so a tuple and the list it is read back as agree."""
+    a, b = json.loads(found.to_json()), json.loads(wanted.to_json())
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            return f"{key} {_show(a.get(key))}, not {_show(b.get(key))}"
+    return None
+
+
 def _shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
@@ -99,13 +109,19 @@ def start_store(folder: Path, manifest: StoreManifest) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MANIFEST
     if path.is_file():
-        if read_manifest(folder) != manifest:
-            raise UserError(
-                f"{folder} holds a soft-label store made with other settings; choose another "
-                "--output or delete it"
-            )
+        check_same_store(folder, manifest)
         return
     atomic_write_text(path, manifest.to_json())
+
+
+def check_same_store(folder: Path, manifest: StoreManifest) -> None:
+    """Refuse to add to a store at `folder` made with other settings than `manifest`."""
+    difference = manifest_difference(read_manifest(folder), manifest)
+    if difference:
+        raise UserError(
+            f"{folder} holds a soft-label store made with other settings ({difference}); "
+            "choose another --output or delete it"
+        )
 
 
 def write_shard(folder: Path, shard: int, logits: np.ndarray, classes: np.ndarray) -> None:

@@ -1,0 +1,217 @@
+"""`mlkd teacher label`: a teacher's outputs for K numbered views of every training image, written
+once into a soft-label store (`mlkd_cli/data/softlabels.py`) for students to replay.
+
+The views are the ones the distillation run would draw, from the same recipe and pipeline: view v
+of image i is fixed by (seed, v) (`mlkd_cli/data/views.py`), so a student replays it exactly.
+Every rank labels its own shards (rank r: shards r, r + W, ...), skipping those already done, so
+a stopped labelling continues shard by shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mlkd_cli.core.console import Reporter
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.core.errors import UserError
+from mlkd_cli.data.device import DeviceAugment
+from mlkd_cli.data.loaders import TransformedSubset, collate_readable
+from mlkd_cli.data.registry import DataSplits, load_splits
+from mlkd_cli.data.softlabels import (
+    StoreManifest,
+    check_same_store,
+    done_shards,
+    shards_of_rank,
+    start_store,
+    write_shard,
+)
+from mlkd_cli.data.sources import ArraySource
+from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
+from mlkd_cli.data.views import view_draws, view_seed
+from mlkd_cli.engine.config import DistillConfig
+from mlkd_cli.engine.distiller import resolve_teacher
+from mlkd_cli.engine.launch import launch, resolve_device
+from mlkd_cli.engine.planning import check_recipe, data_pipeline, dataset_recipe
+from mlkd_cli.engine.precision import check_precision, prepare_forward
+from mlkd_cli.models.ensemble_config import EnsembleConfig
+from mlkd_cli.models.teacher import InputSpec, build_teacher, load_member
+
+SHARD_SIZE = 1_000  # images per shard: the unit a stopped labelling redoes
+FULL_TOP_K = 100  # class counts up to this are stored whole by default; above, their top 10
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    """A checked labelling: the run's settings, teacher, recipe, pipeline and store."""
+
+    config: DistillConfig
+    teacher: EnsembleConfig
+    recipe: ImageRecipe
+    pipeline: str  # "cpu" or "device": the pipeline whose views are stored
+    manifest: StoreManifest
+    output: Path
+
+
+def store_recipe(recipe: ImageRecipe, pipeline: str) -> dict[str, Any]:
+    """The augmentation a store's views were drawn with, as its manifest records it (and as a
+    distillation run's must match)."""
+    return {**asdict(recipe), "pipeline": pipeline}
+
+
+def teacher_identity(teacher: EnsembleConfig) -> dict[str, Any]:
+    """Which teacher made the outputs: architectures, checkpoints and their SHA-256, weights,
+    temperature."""
+    sums = []
+    for member in teacher.members:
+        digest = hashlib.sha256()
+        with member.checkpoint.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        sums.append(digest.hexdigest())
+    return {
+        "models": [m.model for m in teacher.members],
+        "checkpoints": [str(m.checkpoint) for m in teacher.members],
+        "sha256": sums,
+        "weights": list(teacher.weights),
+        "temperature": teacher.temperature,
+    }
+
+
+def plan_labeling(
+    cfg: DistillConfig, output: Path, views: int, top_k: int | None, shard_size: int = SHARD_SIZE
+) -> LabelPlan:
+    """Check flags, teacher, data, recipe and the store folder before any worker starts."""
+    cfg.validate()
+    if views < 1:
+        raise UserError(f"--views must be at least 1, got {views}")
+    if not cfg.augment and views > 1:
+        raise UserError(f"--no-augment makes every view the same image: use --views 1, not {views}")
+    teacher = resolve_teacher(cfg)
+    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
+    for spec in teacher.members:
+        load_member(spec, splits.num_classes)  # architecture and class count checked
+    recipe = dataset_recipe(cfg, splits)
+    pipeline = data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
+    check_recipe(recipe)
+    check_precision(cfg.precision, resolve_device(cfg.device))
+    classes = splits.num_classes
+    k = top_k if top_k is not None else (classes if classes <= FULL_TOP_K else 10)
+    if not 1 <= k <= classes:
+        raise UserError(f"--top-k must be between 1 and the {classes} classes, got {k}")
+    manifest = StoreManifest(
+        dataset=cfg.dataset,
+        split="train",
+        images=len(splits.train_indices),
+        classes=tuple(splits.class_names),
+        img_size=recipe.img_size,
+        recipe=store_recipe(recipe, pipeline),
+        teacher=teacher_identity(teacher),
+        views=views,
+        top_k=k,
+        seed=cfg.seed,
+        shard_size=shard_size,
+    )
+    if (output / "manifest.json").is_file():
+        check_same_store(output, manifest)
+    return LabelPlan(cfg, teacher, recipe, pipeline, manifest, output)
+
+
+def _view_batches(
+    plan: LabelPlan, splits: DataSplits, start: int, stop: int, view: int, device: torch.device
+):
+    """Batches (images on `device`, dataset positions) of view `view` of images [start, stop)."""
+    cfg, manifest = plan.config, plan.manifest
+    if plan.pipeline == "device":
+        source = splits.train
+        assert isinstance(source, ArraySource)
+        chosen = np.asarray(splits.train_indices[start:stop], dtype=np.int64)
+        images = torch.from_numpy(source.images[chosen]).permute(0, 3, 1, 2).contiguous()
+        draws = view_draws(manifest.seed, view, manifest.images)[start:stop]
+        augment = DeviceAugment(plan.recipe, device)
+        for first in range(0, stop - start, cfg.batch_size):
+            part = slice(first, first + cfg.batch_size)
+            batch = augment(images[part].to(device), None, draws[part].to(device))
+            yield batch, torch.arange(start + first, start + first + batch.shape[0])
+        return
+    subset = TransformedSubset(
+        splits.train, splits.train_indices, build_train_transform(plan.recipe)
+    )
+    seed = view_seed(manifest.seed, view)
+    keys = [(p, seed) for p in range(start, stop)]
+    loader = DataLoader(
+        subset,
+        batch_size=cfg.batch_size,
+        sampler=keys,
+        num_workers=cfg.workers or 0,
+        collate_fn=collate_readable,
+    )
+    for batch in loader:
+        yield batch.images.to(device), batch.indices
+
+
+def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
+    """The worker `mlkd teacher label` launches on every rank: label this rank's missing shards."""
+    cfg, manifest = plan.config, plan.manifest
+    report = Reporter(cfg.output, ctx.rank)
+    splits = load_splits(cfg.dataset, cfg.data_dir, False, cfg.val_fraction)
+    spec = InputSpec(plan.recipe.img_size, plan.recipe.mean, plan.recipe.std)
+    teacher, _, _ = build_teacher(plan.teacher, splits.num_classes, spec)
+    precision = prepare_forward(cfg.precision, teacher, plan.recipe.img_size, ctx, cfg.batch_size)
+    report.info(precision.describe())
+    if ctx.is_main:
+        start_store(plan.output, manifest)
+    ctx.barrier()
+    done = done_shards(plan.output, manifest)
+    mine = [s for s in shards_of_rank(manifest, ctx.rank, ctx.world_size) if s not in done]
+    started, images = time.perf_counter(), 0
+    with report.step_progress(f"labelling {len(mine)} shards", len(mine)) as on_step:
+        for count, shard in enumerate(mine, start=1):
+            start, stop = manifest.shard_range(shard)
+            logits = np.zeros((stop - start, manifest.views, manifest.top_k), dtype=np.float16)
+            classes = np.full(logits.shape, -1, dtype=np.int32)  # -1: an unreadable image
+            for view in range(manifest.views):
+                for batch, positions in _view_batches(plan, splits, start, stop, view, ctx.device):
+                    with torch.inference_mode():
+                        out = teacher(precision.to_device(batch)).float()
+                    top = out.topk(manifest.top_k, dim=1)
+                    rows = (positions - start).numpy()
+                    logits[rows, view] = top.values.cpu().numpy().astype(np.float16)
+                    classes[rows, view] = top.indices.cpu().numpy().astype(np.int32)
+            write_shard(plan.output, shard, logits, classes)
+            images += stop - start
+            if on_step is not None:
+                on_step(count, None)
+    ctx.barrier()
+    return {
+        "store": str(plan.output),
+        "shards": manifest.shard_count,
+        "labelled_here": len(mine),
+        "skipped": len(done),
+        "views": manifest.views,
+        "top_k": manifest.top_k,
+        "images": manifest.images,
+        "seconds": time.perf_counter() - started,
+        "rank0_images": images,
+    }
+
+
+def label_store(plan: LabelPlan) -> dict[str, Any]:
+    """Run the labelling on the run's processes; rank 0's summary."""
+    cfg = plan.config
+    return launch(
+        label_worker,
+        plan,
+        cfg.world_size,
+        cfg.device,
+        max_restarts=cfg.max_restarts,
+        memory_hint=f"lower --batch-size, now {cfg.batch_size} per process",
+        workers=cfg.workers,
+    )

@@ -1,0 +1,118 @@
+"""`mlkd teacher label`: the stored outputs are the teacher's on exactly the views a student
+replays, in the CPU and the device pipeline, shard by shard, on one process or two."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_error_line, invoke_cli
+
+from mlkd_cli.data.device import DeviceAugment
+from mlkd_cli.data.loaders import TransformedSubset
+from mlkd_cli.data.registry import load_splits
+from mlkd_cli.data.softlabels import open_store, read_manifest
+from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
+from mlkd_cli.data.views import view_draws, view_seed
+from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec
+from mlkd_cli.models.teacher import InputSpec, build_teacher
+
+LABEL = ("teacher", "label", "-d", "digits", "-m", "test_resnet", "--img-size", "16")
+
+
+def _label(teacher: Path, out: Path, *extra: object):
+    return invoke_cli(*LABEL, "-c", teacher, "--output", out, "--shard-size", "500", "-q",
+                      "--json", *extra)  # fmt: skip
+
+
+def _recipe(store: Path) -> ImageRecipe:
+    fields = dict(read_manifest(store).recipe)
+    fields.pop("pipeline")
+    tuples = ("mean", "std", "crop_scale", "crop_ratio")
+    return ImageRecipe(**{k: tuple(v) if k in tuples else v for k, v in fields.items()})
+
+
+def _teacher(checkpoint: Path, recipe: ImageRecipe):
+    config = EnsembleConfig(path=checkpoint, members=(MemberSpec(checkpoint, "test_resnet", 1.0),))
+    teacher, _, _ = build_teacher(config, 10, InputSpec(recipe.img_size, recipe.mean, recipe.std))
+    return teacher
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_the_store_holds_the_teachers_outputs_on_the_views_a_student_replays(
+    digits_teacher: Path, tmp_path: Path, pipeline: str
+) -> None:
+    store = tmp_path / "store"
+    done = _label(digits_teacher, store, "--views", "3", "--data-pipeline", pipeline)
+    assert done.exit_code == 0, done.stderr
+    summary = json.loads(done.stdout)
+    manifest = read_manifest(store)
+    assert manifest.recipe["pipeline"] == pipeline and manifest.top_k == 10  # 10 classes: all
+    assert summary["shards"] == manifest.shard_count == 3 and summary["skipped"] == 0
+    labelled = open_store(store, {"dataset": "digits", "images": manifest.images})
+    # Replay some views by hand, as distillation will make them, and run the teacher on them.
+    recipe = _recipe(store)
+    splits = load_splits("digits", Path("data"))
+    teacher = _teacher(digits_teacher, recipe)
+    positions, views = torch.tensor([0, 501, 1000, manifest.images - 1]), torch.tensor([0, 2, 1, 2])
+    pairs = list(zip(positions.tolist(), views.tolist(), strict=True))
+    if pipeline == "cpu":
+        subset = TransformedSubset(
+            splits.train, splits.train_indices, build_train_transform(recipe)
+        )
+        images = torch.stack([subset[(p, view_seed(manifest.seed, v))][0] for p, v in pairs])
+    else:
+        chosen = np.asarray(splits.train_indices, dtype=np.int64)[positions.numpy()]
+        raw = torch.from_numpy(splits.train.images[chosen]).permute(0, 3, 1, 2).contiguous()
+        draws = torch.stack([view_draws(manifest.seed, v, manifest.images)[p] for p, v in pairs])
+        images = DeviceAugment(recipe, torch.device("cpu"))(raw, None, draws)
+    with torch.inference_mode():
+        expected = teacher(images).float()
+    logits, classes = labelled.lookup(positions, views)
+    assert torch.equal(classes[:, 0], expected.argmax(1))
+    gathered = expected.gather(1, classes)
+    assert torch.allclose(logits, gathered, rtol=2e-3, atol=2e-3)  # float16 storage
+    assert torch.equal(classes.sort(1).values, torch.arange(10).expand(4, 10))
+
+
+def test_a_stopped_labelling_redoes_only_its_missing_shards_and_two_processes_agree(
+    digits_teacher: Path, tmp_path: Path
+) -> None:
+    one = tmp_path / "one"
+    assert _label(digits_teacher, one, "--views", "2").exit_code == 0
+    before = {p.name: p.read_bytes() for p in one.glob("shard-*.npy")}
+    (one / "shard-00001.json").unlink()  # as if stopped while writing shard 1
+    (one / "shard-00001.logits.npy").unlink()
+    again = _label(digits_teacher, one, "--views", "2")
+    assert again.exit_code == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert (summary["labelled_here"], summary["skipped"]) == (1, 2)
+    assert {p.name: p.read_bytes() for p in one.glob("shard-*.npy")} == before
+    two = tmp_path / "two"
+    split = _label(digits_teacher, two, "--views", "2", "--world-size", "2")
+    assert split.exit_code == 0, split.stderr
+    assert {p.name: p.read_bytes() for p in two.glob("shard-*.npy")} == before
+    assert (two / "manifest.json").read_text() == (one / "manifest.json").read_text()
+
+
+def test_labelling_refusals_are_one_line_and_write_nothing(
+    digits_teacher: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "store"
+    cases = [
+        (["--views", "4", "--no-augment"], "--no-augment makes every view the same", "--views 1"),
+        (["--top-k", "11"], "--top-k must be between 1 and the 10 classes"),
+        (["--views", "0"], "--views must be at least 1"),
+    ]
+    for extra, *fragments in cases:
+        result = _label(digits_teacher, out, *extra)
+        assert result.exit_code == 2, (extra, result.stderr)
+        assert_error_line(result.stderr, *fragments)
+    assert not out.exists()
+    assert _label(digits_teacher, out, "--views", "1").exit_code == 0
+    other = _label(digits_teacher, out, "--views", "2")
+    assert other.exit_code == 2
+    assert_error_line(other.stderr, "made with other settings (views 1, not 2)", "--output")
