@@ -37,6 +37,15 @@ def distill(
         ),
     ] = None,
     models_dir: opt.ModelsDir = None,
+    soft_labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--soft-labels",
+            help="A store from `mlkd teacher label`: no teacher runs, each image replays one of "
+            "its stored views.",
+            rich_help_panel=opt.TEACHER,
+        ),
+    ] = None,
     teacher_ema: Annotated[
         bool | None,
         typer.Option(
@@ -138,6 +147,7 @@ def distill(
         "loss": loss,
         "loss_params": parse_loss_params(loss_param),
         "teacher_cache": teacher_cache,
+        "soft_labels": soft_labels,
         "teacher_ema": teacher_ema,
         "recipe": recipe,
     }

@@ -30,7 +30,7 @@ def _label(teacher: Path, out: Path, *extra: object):
 
 def _recipe(store: Path) -> ImageRecipe:
     fields = dict(read_manifest(store).recipe)
-    fields.pop("pipeline")
+    fields.pop("pipeline"), fields.pop("augment")
     tuples = ("mean", "std", "crop_scale", "crop_ratio")
     return ImageRecipe(**{k: tuple(v) if k in tuples else v for k, v in fields.items()})
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,8 +172,12 @@ class DeviceBatches:
         ctx: DistContext,
         seed: int,
         augment: bool = True,
+        replay: Any = None,
     ) -> None:
         chosen = np.asarray(indices, dtype=np.int64)
+        # Replaying a store's views (a views.ViewReplay): every view's draws, on the device.
+        self.replay = replay
+        self.view_table = None if replay is None else replay.draw_table().to(ctx.device)
         images = torch.from_numpy(source.images[chosen]).permute(0, 3, 1, 2).contiguous()
         self.images = images.to(ctx.device)
         targets = torch.as_tensor(np.asarray(source.targets)[chosen], dtype=torch.long)
@@ -195,8 +200,16 @@ class DeviceBatches:
         self.sampler.set_epoch(epoch)
         self.sampler.skip = 0
         order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.ctx.device)
+        views = None
+        if self.view_table is not None:
+            views = self.replay.epoch_views(epoch).to(self.ctx.device)
         for b in range(start_batch, self.batches_per_epoch):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if views is not None:
+                draws = self.view_table[views[index], index]
+                images = self.augment(self.images[index], None, draws)
+                yield Batch(images, self.labels[index], indices=index)
+                continue
             self.generator.manual_seed(derive_seed(self.seed, epoch, self.ctx.rank, b, 0xD1))
             images = self.augment(self.images[index], self.generator)
             yield Batch(images, self.labels[index], indices=index)

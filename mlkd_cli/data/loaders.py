@@ -146,8 +146,12 @@ class SeededSampler(Sampler[tuple[int, int]]):
     def __init__(self, sampler: Sampler[int]) -> None:
         self.sampler = sampler
         self.seed = 0
+        # Replaying stored views: each item's own seed (by dataset position) instead of `seed`.
+        self.item_seeds: Any = None
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.item_seeds is not None:
+            return ((index, int(self.item_seeds[index])) for index in self.sampler)
         return ((index, self.seed) for index in self.sampler)
 
     def __len__(self) -> int:
@@ -174,9 +178,16 @@ class TrainBatches:
     """
 
     def __init__(
-        self, dataset: TransformedSubset, batch_size: int, ctx: DistContext, seed: int, workers: int
+        self,
+        dataset: TransformedSubset,
+        batch_size: int,
+        ctx: DistContext,
+        seed: int,
+        workers: int,
+        replay: Any = None,
     ) -> None:
         self.dataset = dataset
+        self.replay = replay  # a views.ViewReplay: each image's view comes from a store
         self.batch_size = batch_size
         self.seed = seed
         self.ctx, self.workers = ctx, workers
@@ -208,6 +219,8 @@ class TrainBatches:
         self.sampler.set_epoch(epoch)
         self.sampler.skip = start_batch * self.batch_size
         self.seeded.seed = derive_seed(self.seed, epoch, self.ctx.rank, 0xA06)
+        if self.replay is not None:
+            self.seeded.item_seeds = self.replay.item_seeds(epoch)
         return iter(self.loader)
 
     def shard_in_order(self, batch_size: int) -> Iterator[Batch]:
@@ -247,6 +260,7 @@ def build_train_batches(
     ctx: DistContext,
     seed: int,
     workers: int | None = None,
+    replay: Any = None,
 ) -> TrainBatches:
     """A shuffled, resumable loader over this rank's shard.
 
@@ -255,7 +269,7 @@ def build_train_batches(
     Mixup/CutMix always sees an even batch when `batch_size` is even.
     """
     n = default_workers(ctx) if workers is None else workers
-    return TrainBatches(dataset, batch_size, ctx, seed, n)
+    return TrainBatches(dataset, batch_size, ctx, seed, n, replay)
 
 
 def build_eval_loader(

@@ -26,6 +26,7 @@ import torch
 
 from mlkd_cli.core.atomic import atomic_write, atomic_write_text
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.data.transforms import ImageRecipe
 
 STORE_FORMAT = "mlkd-soft-labels/1"
 MANIFEST = "manifest.json"
@@ -83,6 +84,12 @@ def manifest_difference(found: StoreManifest, wanted: StoreManifest) -> str | No
         if a.get(key) != b.get(key):
             return f"{key} {_show(a.get(key))}, not {_show(b.get(key))}"
     return None
+
+
+def store_recipe(recipe: ImageRecipe, pipeline: str, augment: bool) -> dict[str, Any]:
+    """The augmentation a store's views were drawn with, as its manifest records it (and as a
+    distillation run's must match)."""
+    return {**asdict(recipe), "pipeline": pipeline, "augment": augment}
 
 
 def _shard_name(shard: int) -> str:
@@ -168,6 +175,13 @@ class SoftLabelStore:
             name = _shard_name(shard)
             self.logits.append(np.load(folder / f"{name}.logits.npy", mmap_mode="r"))
             self.classes.append(np.load(folder / f"{name}.classes.npy", mmap_mode="r"))
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole store in memory: top-k logits (images, views, k) as float16 and their
+        classes as int64, for lookups on the training device without the host."""
+        logits = np.concatenate([np.asarray(a) for a in self.logits])
+        classes = np.concatenate([np.asarray(a) for a in self.classes])
+        return torch.from_numpy(logits), torch.from_numpy(classes.astype(np.int64))
 
     def lookup(
         self, positions: torch.Tensor, views: torch.Tensor

@@ -11,6 +11,9 @@ View `v` of image `i` under a store seed is fixed by two things only, in either 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from mlkd_cli.core.rng import derive_seed
@@ -36,3 +39,25 @@ def chosen_views(store_seed: int, epoch: int, count: int, views: int) -> torch.T
     takes the same ones."""
     generator = torch.Generator().manual_seed(derive_seed(store_seed, epoch, _VIEW_KEY + 1))
     return torch.randint(views, (count,), generator=generator)
+
+
+@dataclass(frozen=True)
+class ViewReplay:
+    """A run that replays a store's views: which one each training image takes each epoch."""
+
+    seed: int  # the store's
+    views: int
+    images: int
+
+    def epoch_views(self, epoch: int) -> torch.Tensor:
+        """The view each image takes in `epoch` (images,)."""
+        return chosen_views(self.seed, epoch, self.images, self.views)
+
+    def item_seeds(self, epoch: int) -> np.ndarray:
+        """The CPU pipeline's per-item seed of each image in `epoch` (images,)."""
+        seeds = np.array([view_seed(self.seed, v) for v in range(self.views)], dtype=np.int64)
+        return seeds[self.epoch_views(epoch).numpy()]
+
+    def draw_table(self) -> torch.Tensor:
+        """The device pipeline's draws of every view of every image (views, images, draws)."""
+        return torch.stack([view_draws(self.seed, v, self.images) for v in range(self.views)])

@@ -343,6 +343,8 @@ class DistillConfig(TrainConfig):
     loss: str | None = None  # a name in losses.LOSSES
     # The loss's own parameters by name (`--loss-param NAME=VALUE`); None: its defaults.
     loss_params: dict[str, float] | None = None
+    # A soft-label store (`mlkd teacher label`): no teacher runs; each image replays a stored view.
+    soft_labels: Path | None = None
     # The settings `__post_init__` filled from the recipe (not the user's): for `source_of`.
     recipe_filled: tuple[str, ...] = field(default=(), repr=False, metadata={"internal": True})
 
@@ -355,6 +357,12 @@ class DistillConfig(TrainConfig):
             if getattr(self, key) is None:
                 setattr(self, key, value)
                 filled.add(key)
+        if self.soft_labels is not None:
+            # A store holds no teacher output for a mixed image: long schedules' Mixup/CutMix
+            # stay off unless asked for (and then `validate` refuses them).
+            for key in ("mixup_alpha", "cutmix_alpha"):
+                if key in filled:
+                    setattr(self, key, 0.0)
         self.recipe_filled = tuple(sorted(filled))
 
     def source_of(self, key: str) -> str:
@@ -371,6 +379,25 @@ class DistillConfig(TrainConfig):
                 self.batch_size, max(1, ORIGINAL_EFFECTIVE_BATCH // self.batch_size), world_size
             )
         return super().batch_plan(world_size)
+
+    def _check_soft_labels(self) -> None:
+        """What a run from a soft-label store cannot do (it has no teacher to run)."""
+        if self.ensemble is not None or self.teacher_model or self.teacher_checkpoint:
+            raise UserError(
+                "--soft-labels replaces the teacher: drop --ensemble / --model / --checkpoint"
+            )
+        refused = {
+            "--teacher-cache": self.teacher_cache,
+            f"--loss {self.loss} (it needs the teacher's features)": loss_class(self.loss).FEATURES,
+            "Mixup/CutMix (a mixed image's teacher output is not stored; "
+            "--mixup-alpha 0 --cutmix-alpha 0)": self.mixup_alpha > 0 or self.cutmix_alpha > 0,
+            "--best-by val_kd_loss (the store holds training images only)": (
+                self.best_by == "val_kd_loss"
+            ),
+        }
+        for what, present in refused.items():
+            if present:
+                raise UserError(f"--soft-labels cannot be used with {what}")
 
     def validate(self) -> None:
         """Refuse impossible values before any work starts."""
@@ -406,6 +433,8 @@ class DistillConfig(TrainConfig):
                 "--teacher-cache reuses the teacher's outputs, so its input must not change "
                 "between epochs: add --no-augment --mixup-alpha 0 --cutmix-alpha 0"
             )
+        if self.soft_labels is not None:
+            self._check_soft_labels()
         if (self.teacher_model is None) != (self.teacher_checkpoint is None):
             raise UserError("a single teacher needs both --model and --checkpoint")
 

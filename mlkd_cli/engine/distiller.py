@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,10 @@ from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import TrainingBatches
-from mlkd_cli.data.registry import load_splits
+from mlkd_cli.data.registry import DataSplits, load_splits
+from mlkd_cli.data.softlabels import SoftLabelStore, open_store, read_manifest, store_recipe
+from mlkd_cli.data.transforms import ImageRecipe
+from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.config import DistillConfig, TrainConfig
 from mlkd_cli.engine.launch import resolve_device
@@ -52,6 +55,8 @@ from mlkd_cli.models.student import (
 from mlkd_cli.models.teacher import InputSpec, LoadedMember, build_teacher, load_member
 
 DEFAULT_ENSEMBLE_FILE = Path("config.json")
+# The logit a class outside a stored top-k takes: exp(-1e4 / T) is 0 in fp32 for any usable T.
+STORE_FILL = -1e4
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class DistillPlan:
     """A checked distillation run: the shared run plan plus teacher and exits."""
 
     run: RunPlan
-    teacher: EnsembleConfig
+    teacher: EnsembleConfig | None  # None: the outputs come from a soft-label store
     exits: tuple[int, ...]
     exit_weights: tuple[float, ...]
     # Feature distillation: per exit, the teacher's feature_info position and width.
@@ -110,18 +115,20 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     """Check flags, teacher, student, data and files before any worker starts."""
     cfg.validate()
     check_model_name(cfg.student)
-    teacher = resolve_teacher(cfg)
+    teacher = None if cfg.soft_labels is not None else resolve_teacher(cfg)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     report = Reporter(cfg.output)
-    loaded = [load_member(spec, splits.num_classes) for spec in teacher.members]
+    members = teacher.members if teacher is not None else ()
+    loaded = [load_member(spec, splits.num_classes) for spec in members]
     for member in loaded:
         if member.note:
             report.info(f"teacher {member.note}")
     files = RunFiles(cfg.output_dir, cfg.run_name)
     check_output_files(cfg, files, identity=("student", "dataset"))
     recipe = dataset_recipe(cfg, splits)
-    data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
+    pipeline = data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
     check_recipe(recipe)
+    replay = None if cfg.soft_labels is None else store_replay(cfg, splits, recipe, pipeline)
     # Built once here, on the CPU, so that an unsuitable student is refused before any worker.
     student = build_student(
         cfg.student,
@@ -137,7 +144,26 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     weights = parse_exit_weights(cfg.exit_weights, len(exits))
     features, channels = feature_pairs(cfg, loaded, student, exits)
     run = make_plan(cfg, cfg.student, splits, recipe, "student", learns_from_unlabelled=True)
+    run = replace(run, view_replay=replay)
     return DistillPlan(run, teacher, tuple(exits), tuple(weights), features, channels)
+
+
+def store_replay(
+    cfg: DistillConfig, splits: DataSplits, recipe: ImageRecipe, pipeline: str
+) -> ViewReplay:
+    """The soft-label store checked against this run (data, classes, size, augmentation and
+    pipeline, completeness, checksums): which views the run replays."""
+    assert cfg.soft_labels is not None
+    expected = {
+        "dataset": cfg.dataset,
+        "split": "train",
+        "images": len(splits.train_indices),
+        "classes": list(splits.class_names),
+        "img_size": recipe.img_size,
+        "recipe": store_recipe(recipe, pipeline, cfg.augment),
+    }
+    manifest = open_store(cfg.soft_labels, expected).manifest
+    return ViewReplay(manifest.seed, manifest.views, manifest.images)
 
 
 def check_feature_loss(cfg: DistillConfig, teachers: int) -> None:
@@ -210,8 +236,15 @@ class DistillTask:
         self.cfg = cfg
         recipe = plan.run.recipe
         student_input = InputSpec(recipe.img_size, recipe.mean, recipe.std)
-        teacher, _, _ = build_teacher(plan.teacher, plan.run.card.num_classes, student_input)
-        self.teacher = teacher  # placed in `prepare`, once the run's precision is known
+        self.teacher: nn.Module | None = None  # placed in `prepare`, once the precision is known
+        if plan.teacher is not None:
+            self.teacher, _, _ = build_teacher(
+                plan.teacher, plan.run.card.num_classes, student_input
+            )
+        # From a soft-label store: its logits and classes (images, views, k) on the device, and
+        # the view each image takes this epoch.
+        self.stored: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.epoch_views: torch.Tensor | None = None
         self.loss = build_loss(
             cfg.loss, cfg.temperature, cfg.alpha, plan.exit_weights, cfg.loss_params
         )
@@ -250,6 +283,16 @@ class DistillTask:
             mask = torch.zeros(len(batches), dtype=torch.bool)
             mask[list(labelled)] = True
             self.labelled = mask.to(ctx.device)
+        if self.teacher is None:
+            assert self.cfg.soft_labels is not None
+            store = SoftLabelStore(self.cfg.soft_labels, read_manifest(self.cfg.soft_labels))
+            logits, classes = store.tables()
+            self.stored = (logits.to(ctx.device), classes.to(ctx.device))
+            report.info(
+                f"teacher outputs from {self.cfg.soft_labels}: {store.manifest.views} views of "
+                f"{len(batches)} images, top {store.manifest.top_k}; no teacher runs"
+            )
+            return
         precision.place(self.teacher)
         self.teacher.bf16 = precision.bf16
         if self.cfg.compile:
@@ -274,8 +317,12 @@ class DistillTask:
             )
 
     def start_epoch(self, epoch: int) -> None:
-        """Tell the loss which epoch begins (DKD warms up over the first ones)."""
+        """Tell the loss which epoch begins (DKD warms up over the first ones); from a store,
+        choose each image's view for the epoch (the pipeline replays the same ones)."""
         self.loss.start_epoch(epoch, self.cfg.epochs)
+        replay = self.plan.run.view_replay
+        if replay is not None and self.stored is not None:
+            self.epoch_views = replay.epoch_views(epoch).to(self.stored[0].device)
 
     def step(
         self,
@@ -287,7 +334,10 @@ class DistillTask:
         """The loss and its named parts; the teacher sees exactly this augmented batch (or its
         cached outputs are used)."""
         features = teacher_features = None
-        if self.plan.teacher_features:
+        if self.stored is not None:
+            assert indices is not None and self.epoch_views is not None
+            teacher_logits = self._stored_logits(indices, images.shape[0])
+        elif self.plan.teacher_features:
             teacher_logits, teacher_features = self.teacher.logits_and_features(
                 images, self.plan.teacher_features
             )
@@ -308,6 +358,18 @@ class DistillTask:
         return self.loss.named(
             outputs, teacher_logits, targets, labelled, features, teacher_features
         )
+
+    def _stored_logits(self, indices: torch.Tensor, count: int) -> torch.Tensor:
+        """The stored teacher logits of this batch's images in their epoch views, as full
+        (count, classes) logits: classes outside the stored top-k get STORE_FILL (probability
+        0 at any temperature, and no 0 x inf in a KL term)."""
+        assert self.stored is not None and self.epoch_views is not None
+        logits, classes = self.stored
+        index = indices.to(logits.device, non_blocking=True)
+        view = self.epoch_views[index]
+        top, which = logits[index, view].float(), classes[index, view]
+        full = torch.full((count, self.plan.run.card.num_classes), STORE_FILL, device=logits.device)
+        return full.scatter_(1, which.clamp(min=0), top)
 
     def evaluate(
         self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision
@@ -398,6 +460,9 @@ def teacher_outputs(
 def distill_student(ctx: DistContext, plan: DistillPlan) -> dict[str, Any]:
     """The worker `mlkd distill` launches on every rank."""
     summary = fit(ctx, plan.run, DistillTask(ctx, plan))
-    summary["teacher"] = [str(m.checkpoint) for m in plan.teacher.members]
+    if plan.teacher is not None:
+        summary["teacher"] = [str(m.checkpoint) for m in plan.teacher.members]
+    else:
+        summary["teacher"] = {"soft_labels": str(plan.run.config.soft_labels)}
     summary["exits"] = list(plan.exits)
     return summary

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,11 @@ from mlkd_cli.data.softlabels import (
     done_shards,
     shards_of_rank,
     start_store,
+    store_recipe,
     write_shard,
 )
 from mlkd_cli.data.sources import ArraySource
-from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
+from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
 from mlkd_cli.data.views import view_draws, view_seed
 from mlkd_cli.engine.config import DistillConfig
 from mlkd_cli.engine.distiller import resolve_teacher
@@ -58,12 +59,6 @@ class LabelPlan:
     pipeline: str  # "cpu" or "device": the pipeline whose views are stored
     manifest: StoreManifest
     output: Path
-
-
-def store_recipe(recipe: ImageRecipe, pipeline: str) -> dict[str, Any]:
-    """The augmentation a store's views were drawn with, as its manifest records it (and as a
-    distillation run's must match)."""
-    return {**asdict(recipe), "pipeline": pipeline}
 
 
 def teacher_identity(teacher: EnsembleConfig) -> dict[str, Any]:
@@ -112,7 +107,7 @@ def plan_labeling(
         images=len(splits.train_indices),
         classes=tuple(splits.class_names),
         img_size=recipe.img_size,
-        recipe=store_recipe(recipe, pipeline),
+        recipe=store_recipe(recipe, pipeline, cfg.augment),
         teacher=teacher_identity(teacher),
         views=views,
         top_k=k,
@@ -135,15 +130,14 @@ def _view_batches(
         chosen = np.asarray(splits.train_indices[start:stop], dtype=np.int64)
         images = torch.from_numpy(source.images[chosen]).permute(0, 3, 1, 2).contiguous()
         draws = view_draws(manifest.seed, view, manifest.images)[start:stop]
-        augment = DeviceAugment(plan.recipe, device)
+        augment = DeviceAugment(plan.recipe, device, cfg.augment)
         for first in range(0, stop - start, cfg.batch_size):
             part = slice(first, first + cfg.batch_size)
             batch = augment(images[part].to(device), None, draws[part].to(device))
             yield batch, torch.arange(start + first, start + first + batch.shape[0])
         return
-    subset = TransformedSubset(
-        splits.train, splits.train_indices, build_train_transform(plan.recipe)
-    )
+    transform = build_train_transform if cfg.augment else build_eval_transform
+    subset = TransformedSubset(splits.train, splits.train_indices, transform(plan.recipe))
     seed = view_seed(manifest.seed, view)
     keys = [(p, seed) for p in range(start, stop)]
     loader = DataLoader(

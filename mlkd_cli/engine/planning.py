@@ -24,6 +24,7 @@ from mlkd_cli.data.registry import (
 )
 from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
+from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine.config import TrainConfig
 
 
@@ -83,6 +84,8 @@ class RunPlan:
     # on the whole split; any other trains on these images alone.
     labelled: tuple[int, ...] | None = None
     learns_from_unlabelled: bool = False
+    # Distilling from a soft-label store: the stored views the pipeline replays (None: drawn).
+    view_replay: ViewReplay | None = None
 
     def training_positions(self, total: int) -> list[int]:
         """The positions in the training split this run trains on."""

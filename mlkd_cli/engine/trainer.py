@@ -49,6 +49,7 @@ from mlkd_cli.data.registry import (
 )
 from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
+from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.config import TrainConfig
 from mlkd_cli.engine.history import History
@@ -115,9 +116,10 @@ def build_training_batches(
     recipe: ImageRecipe,
     ctx: DistContext,
     positions: list[int] | None = None,
+    replay: ViewReplay | None = None,
 ) -> TrainingBatches:
     """This rank's training batches from the pipeline the run asked for, over the training
-    split's `positions` (default all of it)."""
+    split's `positions` (default all of it); with `replay`, each image in a stored view."""
     per_process = cfg.batch_plan(ctx.world_size).per_process
     indices = splits.train_indices
     if positions is not None:
@@ -132,10 +134,11 @@ def build_training_batches(
             ctx,
             cfg.seed,
             cfg.augment,
+            replay,
         )
     transform = build_train_transform(recipe) if cfg.augment else build_eval_transform(recipe)
     train_set = TransformedSubset(splits.train, indices, transform)
-    return build_train_batches(train_set, per_process, ctx, cfg.seed, cfg.workers)
+    return build_train_batches(train_set, per_process, ctx, cfg.seed, cfg.workers, replay)
 
 
 @dataclass
@@ -241,7 +244,9 @@ class _Run:
         cfg, ctx, recipe = self.cfg, self.ctx, self.plan.recipe
         splits = load_splits(cfg.dataset, cfg.data_dir, False, cfg.val_fraction)
         positions = self.plan.training_positions(len(splits.train_indices))
-        self.train_batches = build_training_batches(cfg, splits, recipe, ctx, positions)
+        self.train_batches = build_training_batches(
+            cfg, splits, recipe, ctx, positions, self.plan.view_replay
+        )
         self.val_set = TransformedSubset(
             splits.val, splits.val_indices, build_eval_transform(recipe)
         )

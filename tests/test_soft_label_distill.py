@@ -1,0 +1,120 @@
+"""`mlkd distill --soft-labels STORE`: no teacher runs, every batch is the stored views and its
+teacher outputs are the stored ones; resume is exact; a store that does not fit is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_error_line, assert_same_weights, invoke_cli, write_image_folder
+
+from mlkd_cli.engine import distiller
+from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec
+from mlkd_cli.models.teacher import InputSpec, build_teacher
+
+DATA = ("-d", "digits", "--img-size", "16")
+STUDENT = ("--student", "test_resnet", "-b", "64", "-q")
+
+
+def _store(teacher: Path, out: Path, *extra: object) -> Path:
+    done = invoke_cli(
+        "teacher", "label", *DATA, "-m", "test_resnet", "-c", teacher, "--views", "3",
+        "--output", out, "-q", *extra,
+    )  # fmt: skip
+    assert done.exit_code == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_every_batch_is_the_stored_views_with_their_stored_outputs(
+    digits_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pipeline: str
+) -> None:
+    store = _store(digits_teacher, tmp_path / "store", "--data-pipeline", pipeline)
+    config = EnsembleConfig(digits_teacher, (MemberSpec(digits_teacher, "test_resnet", 1.0),))
+    live, _, _ = build_teacher(config, 10, InputSpec(16))
+    seen: list[float] = []
+    real = distiller.DistillTask.step
+
+    def checked(self, model, images, targets, indices=None):
+        stored = self._stored_logits(indices, images.shape[0])
+        with torch.inference_mode():
+            now = live(images).float()
+        top = stored.topk(10, dim=1).indices
+        assert torch.equal(top[:, 0], now.argmax(1))
+        seen.append((stored - now).abs().max().item())
+        return real(self, model, images, targets, indices)
+
+    monkeypatch.setattr(distiller.DistillTask, "step", checked)
+    result = invoke_cli(
+        "distill", *DATA, "--soft-labels", store, *STUDENT, "-e", "2", "-n", "s",
+        "--data-pipeline", pipeline, "--output-dir", tmp_path / "out",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert len(seen) == 2 * (1_294 // 64) and max(seen) < 2e-2  # float16 storage of logits
+    rows = json.loads((tmp_path / "out" / "s_history.json").read_text())["epochs"]
+    assert rows[-1]["kd"] > 0
+
+
+def test_a_run_from_a_store_resumes_mid_epoch_to_the_same_weights(
+    digits_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _store(digits_teacher, tmp_path / "store")
+    run = ("distill", *DATA, "--soft-labels", store, *STUDENT, "-e", "2")
+    whole = invoke_cli(
+        *run, "-n", "s", "--output-dir", tmp_path / "whole", "--save-every-steps", "5"
+    )
+    assert whole.exit_code == 0, whole.stderr
+    real, calls = distiller.DistillTask.step, []
+
+    def stopped(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 27:  # in the second epoch (20 steps each)
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(distiller.DistillTask, "step", stopped)
+    out = tmp_path / "parts"
+    cut = invoke_cli(*run, "-n", "s", "--output-dir", out, "--save-every-steps", "5")
+    assert cut.exit_code == 130
+    monkeypatch.setattr(distiller.DistillTask, "step", real)
+    resumed = invoke_cli(
+        *run, "-n", "s", "--output-dir", out, "--save-every-steps", "5", "--resume"
+    )
+    assert resumed.exit_code == 0, resumed.stderr
+    assert_same_weights(tmp_path / "whole" / "s.pth", out / "s.pth", "state_dict")
+
+
+def test_a_store_that_does_not_fit_the_run_is_refused_before_any_training(
+    digits_teacher: Path, tmp_path: Path
+) -> None:
+    store = _store(digits_teacher, tmp_path / "store")
+    out = tmp_path / "out"
+    run = ("distill", "-d", "digits", "--soft-labels", store, *STUDENT, "--output-dir", out)
+    cases = [
+        (["--img-size", "24"], "labelled for img_size 16, and this run has img_size 24"),
+        (["--img-size", "16", "--hflip", "0.5"], "labelled for recipe"),
+        (["--img-size", "16", "-m", "test_resnet", "-c", digits_teacher], "replaces the teacher"),
+        (["--img-size", "16", "--mixup-alpha", "0.2"], "cannot be used with Mixup/CutMix"),
+        (["--img-size", "16", "--loss", "kd+feature"], "needs the teacher's features"),
+    ]
+    folder = write_image_folder(tmp_path / "pets", {"train": 20, "val": 4})
+    other = ("distill", "-d", "imagefolder", "--data-dir", folder, "--img-size", "16")
+    result = invoke_cli(*other, "--soft-labels", store, *STUDENT, "--output-dir", out)
+    assert result.exit_code == 2
+    assert_error_line(
+        result.stderr, "labelled for dataset digits, and this run has dataset imagefolder"
+    )
+    for extra, fragment in cases:
+        result = invoke_cli(*run, *extra)
+        assert result.exit_code == 2, (extra, result.stderr)
+        assert_error_line(result.stderr, fragment)
+    shard = store / "shard-00001.logits.npy"
+    content = bytearray(shard.read_bytes())
+    content[-1] ^= 0x01
+    shard.write_bytes(bytes(content))
+    damaged = invoke_cli(*run, "--img-size", "16")
+    assert damaged.exit_code == 2
+    assert_error_line(damaged.stderr, "shard 1 is damaged", "relabel it")
+    assert not out.exists()
