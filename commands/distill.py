@@ -132,10 +132,7 @@ def distill(
         return
     flags = {
         "dataset": dataset,
-        "teacher_model": model,
-        "teacher_checkpoint": checkpoint,
-        "ensemble": ensemble,
-        "models_dir": models_dir,
+        **opt.teacher_flags(model, checkpoint, ensemble, models_dir),
         "student": student,
         "student_checkpoint": student_checkpoint,
         "pretrained": pretrained,

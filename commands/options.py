@@ -158,6 +158,20 @@ PlainClasses = Annotated[
         "--num-classes", help="Class count, for plain state dicts.", rich_help_panel=MODEL
     ),
 ]
+
+
+def teacher_flags(
+    model: str | None, checkpoint: Path | None, ensemble: Path | None, models_dir: Path | None
+) -> dict[str, Any]:
+    """The teacher options as config settings (`DistillConfig`'s names)."""
+    return {
+        "teacher_model": model,
+        "teacher_checkpoint": checkpoint,
+        "ensemble": ensemble,
+        "models_dir": models_dir,
+    }
+
+
 # What `distill` and `study` share: the teacher, the student and the loss mix.
 _DISTILL = DistillConfig(dataset="")
 EnsembleFile = Annotated[
@@ -587,6 +601,21 @@ class Shared:
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
+
+    def own_files_config(self, cls: type[C], section: str, flags: dict[str, Any]) -> C:
+        """The config of a command that names and continues its files itself (no --resume or
+        --overwrite: `study`, `teacher label`)."""
+        v = self.values
+        return training_config(
+            cls,
+            section,
+            v["preset"],
+            {**self.given(), **given(**flags)},
+            resume=False,
+            overwrite=False,
+            quiet=v["quiet"],
+            json=v["json"],
+        )
 
     def training_config(self, cls: type[C], section: str, flags: dict[str, Any]) -> C:
         """The run's config: class defaults, the preset's section, then every flag given."""

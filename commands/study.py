@@ -55,27 +55,14 @@ def study(
     """Compare cross-entropy and each named loss over seeds; continues where it stopped."""
     flags = {
         "dataset": dataset,
-        "teacher_model": model,
-        "teacher_checkpoint": checkpoint,
-        "ensemble": ensemble,
-        "models_dir": models_dir,
+        **opt.teacher_flags(model, checkpoint, ensemble, models_dir),
         "student": student,
         "exits": exits,
         "alpha": alpha,
         "temperature": temperature,
     }
     arms, chosen_seeds = parse_losses(losses), parse_seeds(seeds)
-    v = shared.values
-    base = opt.training_config(
-        DistillConfig,
-        "distill",
-        v["preset"],
-        {**shared.given(), **opt.given(**flags)},
-        resume=False,
-        overwrite=False,
-        quiet=v["quiet"],
-        json=v["json"],
-    )
+    base = shared.own_files_config(DistillConfig, "distill", flags)
     summary = run_study(StudyOptions(base, arms, chosen_seeds, run_dir, base.output))
     if summary is None or launcher_rank() != 0:
         return

@@ -143,24 +143,8 @@ def label(
     shared: opt.Shared,
 ) -> None:
     """Store a teacher's outputs for numbered augmented views of every training image, once."""
-    flags = {
-        "dataset": dataset,
-        "teacher_model": model,
-        "teacher_checkpoint": checkpoint,
-        "ensemble": ensemble,
-        "models_dir": models_dir,
-    }
-    v = shared.values
-    cfg = opt.training_config(
-        DistillConfig,
-        "distill",
-        v["preset"],
-        {**shared.given(), **opt.given(**flags)},
-        resume=False,
-        overwrite=False,
-        quiet=v["quiet"],
-        json=v["json"],
-    )
+    flags = {"dataset": dataset, **opt.teacher_flags(model, checkpoint, ensemble, models_dir)}
+    cfg = shared.own_files_config(DistillConfig, "distill", flags)
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     plan = plan_labeling(cfg, output, views, top_k, shard_size)
