@@ -9,6 +9,10 @@ training size — it prints images/s of
   teacher   the teacher's forward pass alone
   student   the student's training step alone (KD loss against fixed teacher outputs)
   full      the whole distillation step: data, teacher, student, optimiser (`train_one_epoch`)
+  store     the step from a soft-label store (`distill --soft-labels`): the data pipeline
+            replaying stored views, the stored outputs looked up on the device, student,
+            optimiser — the same for any teacher, since none runs (and the "vs student" column:
+            its share of the student step's rate)
 
 in two modes, each in its own process so that global settings cannot leak:
 
@@ -54,8 +58,9 @@ from mlkd_cli.data.loaders import Batch, TransformedSubset, build_train_batches
 from mlkd_cli.data.registry import get_dataset_spec
 from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
+from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine import loop
-from mlkd_cli.engine.distiller import build_student
+from mlkd_cli.engine.distiller import build_student, stored_logits
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.losses import MultiExitKDLoss
 from mlkd_cli.engine.precision import Precision, choose_layout
@@ -227,6 +232,36 @@ class Worker:
         stream = self.batches()
         return self.rate(lambda steps: self._train(stream, step, steps))
 
+    def store_step(self) -> float:
+        """`distill --soft-labels`'s step: the pipeline replays stored views (8 per image), the
+        stored outputs (every class, as the store keeps 100 classes) come from tables on the
+        device; no teacher runs, whatever its size."""
+        views, count = STORE_VIEWS, len(self.source)
+        replay = ViewReplay(0, views, count)
+        logits = torch.randn(count, views, CLASSES).half().to(self.device)
+        classes = torch.arange(CLASSES).expand(count, views, CLASSES).contiguous().to(self.device)
+        epoch_views = replay.epoch_views(0).to(self.device)
+        batch = self.args.batch_size
+        if self.mode == "reference":
+            transform = build_train_transform(self.recipe)
+            subset = TransformedSubset(self.source, range(count), transform)
+            source = build_train_batches(subset, batch, self.ctx, 0, 4, replay)
+        else:
+            source = DeviceBatches(
+                self.source, range(count), self.recipe, batch, self.ctx, 0, replay=replay
+            )
+
+        def step(model, images, targets, indices):
+            teacher = stored_logits(logits, classes, epoch_views, indices, CLASSES)
+            return self.loss(model(images), teacher, targets)
+
+        def endless() -> Iterator[Batch]:
+            while True:
+                yield from source.epoch(0)
+
+        stream = endless()
+        return self.rate(lambda steps: self._train(stream, step, steps))
+
     def measure(self) -> dict[str, float]:
         """Every row of the table, in images/s."""
         return {
@@ -236,6 +271,7 @@ class Worker:
             "student": self.student_step(),
             "full3": self.full_step(3),
             "full5": self.full_step(5),
+            "store": self.store_step(),
         }
 
 
@@ -254,6 +290,7 @@ def count_flops(args: argparse.Namespace) -> dict[str, float]:
         flops[f"teacher{n}"] = counter.get_total_flops() / 2
     flops["full3"] = flops["student"] + flops["teacher3"]
     flops["full5"] = flops["student"] + flops["teacher5"]
+    flops["store"] = flops["student"]
     return flops
 
 
@@ -264,7 +301,9 @@ ROWS = {
     "student": "student step alone",
     "full3": "full step, 3-model teacher",
     "full5": "full step, 5-model teacher",
+    "store": "full step from a store (3 or 5 models)",
 }
+STORE_VIEWS = 8
 
 
 # The 224 px CPU comparison (`distill_cli`): the real command, the original's recipe sizes.
@@ -488,6 +527,7 @@ def print_table(
     if "reference" in results and fastest:
         header.append(f"{fastest} / reference")
     header.append(f"{fastest or modes[0]} model TFLOP/s")
+    header.append(f"{fastest or modes[0]} vs student")
     if peak:
         header.append("% of bf16 peak")
     rows: list[list[str]] = []
@@ -498,6 +538,8 @@ def print_table(
         best = results[fastest or modes[0]][key]
         tflops = best * flops[key] / 1e12 if key in flops else None
         row.append(f"{tflops:.3f}" if tflops is not None else "-")
+        shown = results[fastest or modes[0]]
+        row.append(f"{best / shown['student']:.2f}" if key.startswith(("full", "store")) else "")
         if peak:
             row.append(f"{100 * tflops * 1e12 / peak:.1f}" if tflops is not None else "-")
         rows.append(row)

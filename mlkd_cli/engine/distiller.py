@@ -360,16 +360,12 @@ class DistillTask:
         )
 
     def _stored_logits(self, indices: torch.Tensor, count: int) -> torch.Tensor:
-        """The stored teacher logits of this batch's images in their epoch views, as full
-        (count, classes) logits: classes outside the stored top-k get STORE_FILL (probability
-        0 at any temperature, and no 0 x inf in a KL term)."""
+        """This batch's stored teacher logits in the images' epoch views (`stored_logits`)."""
         assert self.stored is not None and self.epoch_views is not None
         logits, classes = self.stored
-        index = indices.to(logits.device, non_blocking=True)
-        view = self.epoch_views[index]
-        top, which = logits[index, view].float(), classes[index, view]
-        full = torch.full((count, self.plan.run.card.num_classes), STORE_FILL, device=logits.device)
-        return full.scatter_(1, which.clamp(min=0), top)
+        return stored_logits(
+            logits, classes, self.epoch_views, indices, self.plan.run.card.num_classes
+        )[:count]
 
     def evaluate(
         self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision
@@ -435,6 +431,24 @@ class DistillTask:
             ["head", "val top-1 %", "val NLL"],
             [[n, f"{t:.2f}", f"{v:.4f}"] for n, t, v in rows],
         )
+
+
+def stored_logits(
+    logits: torch.Tensor,
+    classes: torch.Tensor,
+    epoch_views: torch.Tensor,
+    indices: torch.Tensor,
+    num_classes: int,
+) -> torch.Tensor:
+    """Full (batch, classes) teacher logits from a store's tables (images, views, k) for the
+    images at `indices` in their `epoch_views`, on the tables' device without a host sync:
+    classes outside the stored top-k get STORE_FILL (probability 0 at any temperature, and no
+    0 x inf in a KL term)."""
+    index = indices.to(logits.device, non_blocking=True)
+    view = epoch_views[index]
+    top, which = logits[index, view].float(), classes[index, view]
+    full = torch.full((index.shape[0], num_classes), STORE_FILL, device=logits.device)
+    return full.scatter_(1, which.clamp(min=0), top)
 
 
 def teacher_outputs(
