@@ -194,7 +194,7 @@ def show_losses(output: OutputOptions) -> None:
         {
             "loss": name,
             "summary": cls.SUMMARY,
-            "features": cls.FEATURES,
+            "features": cls.has_features(),
             "params": {p.name: p.default for p in cls.PARAMS},
             "param_help": {p.name: p.help for p in cls.PARAMS},
         }

@@ -24,7 +24,7 @@ from mlkd_cli.core.plots import study_png
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig, TrainConfig
 from mlkd_cli.engine.distiller import distill_student, plan_distillation
 from mlkd_cli.engine.evaluation import EvalRequest, measure, plan_eval_job
-from mlkd_cli.engine.losses import LOSSES, loss_class
+from mlkd_cli.engine.losses import LOSSES
 from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
 from mlkd_cli.pipeline import BASELINE_KIND, baseline_config, train_stage
 
@@ -204,9 +204,6 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def run_study(options: StudyOptions) -> dict[str, Any] | None:
     """Train (or finish) every run of the study, measure each student, compare the arms."""
     base = options.base
-    base.validate()
-    for loss in options.losses:
-        loss_class(loss)  # parse_losses already refused unknown names
     runs = _arms(options)
     _check_plan(runs)
     report = Reporter(options.output)

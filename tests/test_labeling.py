@@ -71,7 +71,9 @@ def test_the_store_holds_the_teachers_outputs_on_the_views_a_student_replays(
         images = DeviceAugment(recipe, torch.device("cpu"))(raw, None, draws)
     with torch.inference_mode():
         expected = teacher(images).float()
-    logits, classes = labelled.lookup(positions, views)
+    all_logits, all_classes = labelled.tables()
+    logits = all_logits[positions, views].float()
+    classes = all_classes[positions, views].long()
     assert torch.equal(classes[:, 0], expected.argmax(1))
     gathered = expected.gather(1, classes)
     assert torch.allclose(logits, gathered, rtol=2e-3, atol=2e-3)  # float16 storage

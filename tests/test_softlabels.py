@@ -67,11 +67,13 @@ def test_what_is_written_reads_back_view_by_view(tmp_path: Path) -> None:
     store = open_store(tmp_path / "store", EXPECTED)
     positions = torch.tensor([0, 999, 1000, 2499, 1500])
     views = torch.tensor([0, 3, 1, 2, 3])
-    logits, classes = store.lookup(positions, views)
-    assert logits.dtype == torch.float32 and classes.dtype == torch.int64
+    all_logits, all_classes = store.tables()
+    assert all_logits.dtype == torch.float16 and all_classes.dtype == torch.int32
+    assert all_logits.shape == all_classes.shape == (2_500, 4, 5)
+    logits, classes = all_logits[positions, views], all_classes[positions, views]
     for j, (p, v) in enumerate(zip(positions.tolist(), views.tolist(), strict=True)):
         shard, row = divmod(p, 1_000)
-        assert np.array_equal(logits[j].numpy(), written[shard][0][row, v].astype(np.float32))
+        assert np.array_equal(logits[j].numpy(), written[shard][0][row, v])
         assert np.array_equal(classes[j].numpy(), written[shard][1][row, v])
     assert [list(shards_of_rank(MANIFEST_OF, r, 2)) for r in (0, 1)] == [[0, 2], [1]]
 

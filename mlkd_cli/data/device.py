@@ -205,13 +205,10 @@ class DeviceBatches:
             views = self.replay.epoch_views(epoch).to(self.ctx.device)
         for b in range(start_batch, self.batches_per_epoch):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
-            if views is not None:
-                draws = self.view_table[views[index], index]
-                images = self.augment(self.images[index], None, draws)
-                yield Batch(images, self.labels[index], indices=index)
-                continue
-            self.generator.manual_seed(derive_seed(self.seed, epoch, self.ctx.rank, b, 0xD1))
-            images = self.augment(self.images[index], self.generator)
+            draws = None if views is None else self.view_table[views[index], index]
+            if draws is None:
+                self.generator.manual_seed(derive_seed(self.seed, epoch, self.ctx.rank, b, 0xD1))
+            images = self.augment(self.images[index], self.generator, draws)
             yield Batch(images, self.labels[index], indices=index)
 
     def shard_in_order(self, batch_size: int) -> Iterator[Batch]:

@@ -285,6 +285,24 @@ def build_eval_loader(
     )
 
 
+def build_keyed_loader(
+    dataset: TransformedSubset,
+    keys: Sequence[tuple[int, int]],
+    batch_size: int,
+    ctx: DistContext,
+    workers: int | None = None,
+) -> DataLoader:
+    """An ordered loader over `(position, seed)` items (`TransformedSubset`): batch b holds
+    keys[b * batch_size : (b + 1) * batch_size], less the unreadable ones (`Batch.kept`)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=keys,
+        collate_fn=collate_readable,
+        **_loader_kwargs(ctx, workers),
+    )
+
+
 # The most memory an evaluation split's transformed images may take to be kept between passes.
 REPLAY_LIMIT_BYTES = 256 * 2**20
 

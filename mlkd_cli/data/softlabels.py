@@ -79,7 +79,7 @@ class StoreManifest:
 def manifest_difference(found: StoreManifest, wanted: StoreManifest) -> str | None:
     """The first setting in which two manifests differ, as "key found, not wanted" (None: the
     same store). Compared as written, so a tuple and the list it is read back as agree."""
-    a, b = json.loads(found.to_json()), json.loads(wanted.to_json())
+    a, b = _recorded(asdict(found)), _recorded(asdict(wanted))
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             return f"{key} {_show(a.get(key))}, not {_show(b.get(key))}"
@@ -96,7 +96,8 @@ def _shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
 
-def _digest(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB pieces."""
     hasher = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -137,7 +138,7 @@ def write_shard(folder: Path, shard: int, logits: np.ndarray, classes: np.ndarra
     logits_path, classes_path = folder / f"{name}.logits.npy", folder / f"{name}.classes.npy"
     _save_npy(np.ascontiguousarray(logits, dtype=np.float16), logits_path)
     _save_npy(np.ascontiguousarray(classes, dtype=np.int32), classes_path)
-    sums = {"logits": _digest(logits_path), "classes": _digest(classes_path)}
+    sums = {"logits": file_sha256(logits_path), "classes": file_sha256(classes_path)}
     atomic_write_text(folder / f"{name}.json", json.dumps(sums) + "\n")
 
 
@@ -178,24 +179,9 @@ class SoftLabelStore:
 
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole store in memory: top-k logits (images, views, k) as float16 and their
-        classes as int64, for lookups on the training device without the host."""
+        classes as int32, for lookups on the training device without the host."""
         logits = np.concatenate([np.asarray(a) for a in self.logits])
         classes = np.concatenate([np.asarray(a) for a in self.classes])
-        return torch.from_numpy(logits), torch.from_numpy(classes.astype(np.int64))
-
-    def lookup(
-        self, positions: torch.Tensor, views: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored (top-k logits as float32, their classes as int64) for view `views[j]` of
-        training image `positions[j]`, each (B, k)."""
-        size = self.manifest.shard_size
-        pos, view = positions.cpu().numpy(), views.cpu().numpy()
-        logits = np.empty((len(pos), self.manifest.top_k), dtype=np.float32)
-        classes = np.empty((len(pos), self.manifest.top_k), dtype=np.int64)
-        for j, (p, v) in enumerate(zip(pos, view, strict=True)):
-            shard, row = divmod(int(p), size)
-            logits[j] = self.logits[shard][row, v]
-            classes[j] = self.classes[shard][row, v]
         return torch.from_numpy(logits), torch.from_numpy(classes)
 
 
@@ -204,7 +190,7 @@ def open_store(folder: Path, expected: dict[str, Any]) -> SoftLabelStore:
     MATCHED keys with the run's values), is incomplete or has a damaged shard."""
     manifest = read_manifest(folder)
     for key in MATCHED:
-        if key in expected and getattr(manifest, key) != _as_recorded(expected[key]):
+        if key in expected and _recorded(getattr(manifest, key)) != _recorded(expected[key]):
             raise UserError(
                 f"{folder} was labelled for {key} {_show(getattr(manifest, key))}, and this run "
                 f"has {key} {_show(expected[key])}: label a store for this run (mlkd teacher "
@@ -228,7 +214,7 @@ def _check_shard(folder: Path, manifest: StoreManifest, shard: int) -> None:
     try:
         sums = json.loads((folder / f"{name}.json").read_text())
         for part in ("logits", "classes"):
-            if _digest(folder / f"{name}.{part}.npy") != sums[part]:
+            if file_sha256(folder / f"{name}.{part}.npy") != sums[part]:
                 raise UserError(
                     f"{folder} shard {shard} is damaged ({part} checksum differs): {fix}"
                 )
@@ -244,10 +230,9 @@ def _check_shard(folder: Path, manifest: StoreManifest, shard: int) -> None:
         ) from None
 
 
-def _as_recorded(value: Any) -> Any:
-    """A run's value as a manifest records it (JSON round trip: tuples as lists, etc.)."""
-    recorded = json.loads(json.dumps(value))
-    return tuple(recorded) if isinstance(value, (list, tuple)) else recorded
+def _recorded(value: Any) -> Any:
+    """A value as a manifest file holds it (a JSON round trip: tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 def _show(value: Any) -> str:

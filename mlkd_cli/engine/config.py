@@ -357,12 +357,6 @@ class DistillConfig(TrainConfig):
             if getattr(self, key) is None:
                 setattr(self, key, value)
                 filled.add(key)
-        if self.soft_labels is not None:
-            # A store holds no teacher output for a mixed image: long schedules' Mixup/CutMix
-            # stay off unless asked for (and then `validate` refuses them).
-            for key in ("mixup_alpha", "cutmix_alpha"):
-                if key in filled:
-                    setattr(self, key, 0.0)
         self.recipe_filled = tuple(sorted(filled))
 
     def source_of(self, key: str) -> str:
@@ -388,7 +382,9 @@ class DistillConfig(TrainConfig):
             )
         refused = {
             "--teacher-cache": self.teacher_cache,
-            f"--loss {self.loss} (it needs the teacher's features)": loss_class(self.loss).FEATURES,
+            f"--loss {self.loss} (it needs the teacher's features)": loss_class(
+                self.loss
+            ).has_features(),
             "Mixup/CutMix (a mixed image's teacher output is not stored; "
             "--mixup-alpha 0 --cutmix-alpha 0)": self.mixup_alpha > 0 or self.cutmix_alpha > 0,
             "--best-by val_kd_loss (the store holds training images only)": (
@@ -414,7 +410,7 @@ class DistillConfig(TrainConfig):
         problem = loss_param_problem(self.loss, self.loss_params or {})
         if problem:
             raise UserError(problem)
-        if loss_class(self.loss).ADDS_TO_CE and "alpha" not in self.recipe_filled:
+        if loss_class(self.loss).adds_to_ce() and "alpha" not in self.recipe_filled:
             raise UserError(
                 f"--alpha mixes kd with cross-entropy; --loss {self.loss} adds its terms to "
                 "cross-entropy as its paper does: drop --alpha and set --loss-param "
@@ -447,6 +443,10 @@ def recipe_values(recipe: str, config: DistillConfig) -> dict[str, Any]:
         mixing = epochs >= MIXUP_MIN_EPOCHS
         values["mixup_alpha"] = 0.8 if mixing else 0.0
         values["cutmix_alpha"] = 1.0 if mixing else 0.0
+    if config.soft_labels is not None:
+        # A store holds no teacher output for a mixed image: no recipe mixes (asked for by a
+        # flag, `validate` refuses it).
+        values["mixup_alpha"] = values["cutmix_alpha"] = 0.0
     if recipe == "original":
         # timm's Mixup smooths its targets by 0.1; without Mixup the original used hard labels.
         mixup = config.mixup_alpha if config.mixup_alpha is not None else values["mixup_alpha"]

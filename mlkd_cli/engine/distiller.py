@@ -168,7 +168,7 @@ def store_replay(
 
 def check_feature_loss(cfg: DistillConfig, teachers: int) -> None:
     """Refuse what a loss with feature terms cannot run with (before any work)."""
-    if not loss_class(cfg.loss).FEATURES:
+    if not loss_class(cfg.loss).has_features():
         return
     logit_loss = cfg.loss.split("+")[0]
     if teachers != 1:
@@ -198,7 +198,7 @@ def feature_pairs(
     """For a loss with feature terms: per exit, the teacher stage it matches (feature_info
     position, width); the stages pair in order, so teacher and student need as many."""
     check_feature_loss(cfg, len(teachers))
-    if not loss_class(cfg.loss).FEATURES:
+    if not loss_class(cfg.loss).has_features():
         return (), ()
     (teacher,) = teachers
     logit_loss = cfg.loss.split("+")[0]
@@ -241,9 +241,10 @@ class DistillTask:
             self.teacher, _, _ = build_teacher(
                 plan.teacher, plan.run.card.num_classes, student_input
             )
-        # From a soft-label store: its logits and classes (images, views, k) on the device, and
-        # the view each image takes this epoch.
-        self.stored: tuple[torch.Tensor, torch.Tensor] | None = None
+        # From a soft-label store: its logits (images, views, k) on the device with their classes
+        # (None when the store holds every class: the logits are then in class order), and the
+        # view each image takes this epoch.
+        self.stored: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.epoch_views: torch.Tensor | None = None
         self.loss = build_loss(
             cfg.loss, cfg.temperature, cfg.alpha, plan.exit_weights, cfg.loss_params
@@ -287,7 +288,16 @@ class DistillTask:
             assert self.cfg.soft_labels is not None
             store = SoftLabelStore(self.cfg.soft_labels, read_manifest(self.cfg.soft_labels))
             logits, classes = store.tables()
-            self.stored = (logits.to(ctx.device), classes.to(ctx.device))
+            if store.manifest.top_k == self.plan.run.card.num_classes:
+                # Every class stored: put them in class order once, so a step only gathers.
+                # (An unreadable image's -1s land on class 0; it never trains.)
+                order = classes.long().clamp(min=0)
+                self.stored = (
+                    torch.empty_like(logits).scatter_(2, order, logits).to(ctx.device),
+                    None,
+                )
+            else:
+                self.stored = (logits.to(ctx.device), classes.to(ctx.device))
             report.info(
                 f"teacher outputs from {self.cfg.soft_labels}: {store.manifest.views} views of "
                 f"{len(batches)} images, top {store.manifest.top_k}; no teacher runs"
@@ -336,7 +346,7 @@ class DistillTask:
         features = teacher_features = None
         if self.stored is not None:
             assert indices is not None and self.epoch_views is not None
-            teacher_logits = self._stored_logits(indices, images.shape[0])
+            teacher_logits = self._stored_logits(indices)
         elif self.plan.teacher_features:
             teacher_logits, teacher_features = self.teacher.logits_and_features(
                 images, self.plan.teacher_features
@@ -359,13 +369,13 @@ class DistillTask:
             outputs, teacher_logits, targets, labelled, features, teacher_features
         )
 
-    def _stored_logits(self, indices: torch.Tensor, count: int) -> torch.Tensor:
+    def _stored_logits(self, indices: torch.Tensor) -> torch.Tensor:
         """This batch's stored teacher logits in the images' epoch views (`stored_logits`)."""
         assert self.stored is not None and self.epoch_views is not None
         logits, classes = self.stored
         return stored_logits(
             logits, classes, self.epoch_views, indices, self.plan.run.card.num_classes
-        )[:count]
+        )
 
     def evaluate(
         self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision
@@ -435,20 +445,24 @@ class DistillTask:
 
 def stored_logits(
     logits: torch.Tensor,
-    classes: torch.Tensor,
+    classes: torch.Tensor | None,
     epoch_views: torch.Tensor,
     indices: torch.Tensor,
     num_classes: int,
 ) -> torch.Tensor:
     """Full (batch, classes) teacher logits from a store's tables (images, views, k) for the
-    images at `indices` in their `epoch_views`, on the tables' device without a host sync:
+    images at `indices` in their `epoch_views`, on the tables' device without a host sync.
+    `classes` None: the tables hold every class in order, a gather is all. Otherwise the
     classes outside the stored top-k get STORE_FILL (probability 0 at any temperature, and no
     0 x inf in a KL term)."""
     index = indices.to(logits.device, non_blocking=True)
     view = epoch_views[index]
-    top, which = logits[index, view].float(), classes[index, view]
+    top = logits[index, view].float()
+    if classes is None:
+        return top
+    which = classes[index, view].long().clamp(min=0)
     full = torch.full((index.shape[0], num_classes), STORE_FILL, device=logits.device)
-    return full.scatter_(1, which.clamp(min=0), top)
+    return full.scatter_(1, which, top)
 
 
 def teacher_outputs(

@@ -9,26 +9,26 @@ a stopped labelling continues shard by shard.
 
 from __future__ import annotations
 
-import hashlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.device import DeviceAugment
-from mlkd_cli.data.loaders import TransformedSubset, collate_readable
+from mlkd_cli.data.loaders import TransformedSubset, build_keyed_loader
 from mlkd_cli.data.registry import DataSplits, load_splits
 from mlkd_cli.data.softlabels import (
     StoreManifest,
     check_same_store,
     done_shards,
+    file_sha256,
     shards_of_rank,
     start_store,
     store_recipe,
@@ -36,7 +36,7 @@ from mlkd_cli.data.softlabels import (
 )
 from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
-from mlkd_cli.data.views import view_draws, view_seed
+from mlkd_cli.data.views import ViewReplay, view_seed
 from mlkd_cli.engine.config import DistillConfig
 from mlkd_cli.engine.distiller import resolve_teacher
 from mlkd_cli.engine.launch import launch, resolve_device
@@ -64,17 +64,10 @@ class LabelPlan:
 def teacher_identity(teacher: EnsembleConfig) -> dict[str, Any]:
     """Which teacher made the outputs: architectures, checkpoints and their SHA-256, weights,
     temperature."""
-    sums = []
-    for member in teacher.members:
-        digest = hashlib.sha256()
-        with member.checkpoint.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        sums.append(digest.hexdigest())
     return {
         "models": [m.model for m in teacher.members],
         "checkpoints": [str(m.checkpoint) for m in teacher.members],
-        "sha256": sums,
+        "sha256": [file_sha256(m.checkpoint) for m in teacher.members],
         "weights": list(teacher.weights),
         "temperature": teacher.temperature,
     }
@@ -119,36 +112,41 @@ def plan_labeling(
     return LabelPlan(cfg, teacher, recipe, pipeline, manifest, output)
 
 
-def _view_batches(
-    plan: LabelPlan, splits: DataSplits, start: int, stop: int, view: int, device: torch.device
-):
-    """Batches (images on `device`, dataset positions) of view `view` of images [start, stop)."""
+def _shard_views(
+    plan: LabelPlan,
+    splits: DataSplits,
+    subset: TransformedSubset | None,
+    draws: torch.Tensor | None,
+    shard: int,
+    ctx: DistContext,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every view of every image of one shard, in batches: (images on the device, positions,
+    views). Device pipeline: the shard's images read once, each view from its rows of `draws`
+    (views, images, DRAWS_PER_IMAGE). CPU pipeline: one loader over the shard's (image, view)
+    items, view by view."""
     cfg, manifest = plan.config, plan.manifest
-    if plan.pipeline == "device":
-        source = splits.train
-        assert isinstance(source, ArraySource)
+    start, stop = manifest.shard_range(shard)
+    count, batch_size = stop - start, cfg.batch_size
+    if subset is None:
+        assert draws is not None and isinstance(splits.train, ArraySource)
         chosen = np.asarray(splits.train_indices[start:stop], dtype=np.int64)
-        images = torch.from_numpy(source.images[chosen]).permute(0, 3, 1, 2).contiguous()
-        draws = view_draws(manifest.seed, view, manifest.images)[start:stop]
-        augment = DeviceAugment(plan.recipe, device, cfg.augment)
-        for first in range(0, stop - start, cfg.batch_size):
-            part = slice(first, first + cfg.batch_size)
-            batch = augment(images[part].to(device), None, draws[part].to(device))
-            yield batch, torch.arange(start + first, start + first + batch.shape[0])
+        raw = torch.from_numpy(splits.train.images[chosen]).permute(0, 3, 1, 2)
+        images = raw.contiguous().to(ctx.device)
+        augment = DeviceAugment(plan.recipe, ctx.device, cfg.augment)
+        for view in range(manifest.views):
+            rows = draws[view, start:stop].to(ctx.device)
+            for first in range(0, count, batch_size):
+                part = slice(first, first + batch_size)
+                batch = augment(images[part], None, rows[part])
+                positions = torch.arange(start + first, start + first + batch.shape[0])
+                yield batch, positions, torch.full_like(positions, view)
         return
-    transform = build_train_transform if cfg.augment else build_eval_transform
-    subset = TransformedSubset(splits.train, splits.train_indices, transform(plan.recipe))
-    seed = view_seed(manifest.seed, view)
-    keys = [(p, seed) for p in range(start, stop)]
-    loader = DataLoader(
-        subset,
-        batch_size=cfg.batch_size,
-        sampler=keys,
-        num_workers=cfg.workers or 0,
-        collate_fn=collate_readable,
-    )
-    for batch in loader:
-        yield batch.images.to(device), batch.indices
+    seeds = [view_seed(manifest.seed, v) for v in range(manifest.views)]
+    keys = [(p, seeds[v]) for v in range(manifest.views) for p in range(start, stop)]
+    loader = build_keyed_loader(subset, keys, batch_size, ctx, cfg.workers)
+    for b, batch in enumerate(loader):
+        kept = torch.arange(len(batch.labels)) if batch.kept is None else batch.kept
+        yield batch.images.to(ctx.device), batch.indices, (b * batch_size + kept) // count
 
 
 def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
@@ -165,20 +163,25 @@ def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
     ctx.barrier()
     done = done_shards(plan.output, manifest)
     mine = [s for s in shards_of_rank(manifest, ctx.rank, ctx.world_size) if s not in done]
+    subset = draws = None
+    if plan.pipeline == "device":
+        draws = ViewReplay(manifest.seed, manifest.views, manifest.images).draw_table()
+    else:
+        transform = build_train_transform if cfg.augment else build_eval_transform
+        subset = TransformedSubset(splits.train, splits.train_indices, transform(plan.recipe))
     started, images = time.perf_counter(), 0
     with report.step_progress(f"labelling {len(mine)} shards", len(mine)) as on_step:
         for count, shard in enumerate(mine, start=1):
             start, stop = manifest.shard_range(shard)
             logits = np.zeros((stop - start, manifest.views, manifest.top_k), dtype=np.float16)
             classes = np.full(logits.shape, -1, dtype=np.int32)  # -1: an unreadable image
-            for view in range(manifest.views):
-                for batch, positions in _view_batches(plan, splits, start, stop, view, ctx.device):
-                    with torch.inference_mode():
-                        out = teacher(precision.to_device(batch)).float()
-                    top = out.topk(manifest.top_k, dim=1)
-                    rows = (positions - start).numpy()
-                    logits[rows, view] = top.values.cpu().numpy().astype(np.float16)
-                    classes[rows, view] = top.indices.cpu().numpy().astype(np.int32)
+            for batch, positions, views in _shard_views(plan, splits, subset, draws, shard, ctx):
+                with torch.inference_mode():
+                    out = teacher(precision.to_device(batch)).float()
+                top = out.topk(manifest.top_k, dim=1)
+                rows, columns = (positions - start).numpy(), views.numpy()
+                logits[rows, columns] = top.values.cpu().numpy().astype(np.float16)
+                classes[rows, columns] = top.indices.cpu().numpy().astype(np.int32)
             write_shard(plan.output, shard, logits, classes)
             images += stop - start
             if on_step is not None:

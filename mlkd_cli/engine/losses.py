@@ -1,9 +1,9 @@
 """Knowledge-distillation losses: what every head of the student learns from the teacher.
 
 A loss is one class here and one line in `LOSSES`: its `PARAMS` (each settable with
-`--loss-param NAME=VALUE` or the preset key `loss_params`, and listed by `--list-losses`), its
-`distill_terms` (the named terms of one head), and, for losses with `FEATURES`, the feature terms
-at the exits. The formulas themselves live in `mlkd_cli/losses`.
+`--loss-param NAME=VALUE` or the preset key `loss_params`, and listed by `--list-losses`; two of
+them, FEATURE_PARAM and CE_WEIGHT, also say what the loss is made of) and its `distill_terms`
+(the named terms of one head). The formulas themselves live in `mlkd_cli/losses`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,16 @@ class LossParam:
         if not math.isfinite(value) or value < 0 or (self.positive and value == 0):
             return f"must be {'positive' if self.positive else 'non-negative'}, got {value:g}"
         return None
+
+
+# Parameters that say what a loss is made of: a loss declaring FEATURE_PARAM has feature terms
+# at the exits (it needs one teacher with stages matching the student's); one declaring
+# CE_WEIGHT adds its terms to a cross-entropy of that weight, as DKD's and DIST's papers do
+# (--alpha, KD's mix, does not apply).
+FEATURE_PARAM = LossParam(
+    "feature_weight", feature.FEATURE_WEIGHT, "weight of each exit's feature term"
+)
+CE_WEIGHT = LossParam("ce_weight", 1.0, "weight of cross-entropy, which the terms add to")
 
 
 def kd_terms(
@@ -94,15 +104,11 @@ class MultiExitKDLoss(nn.Module):
 
     Each head's loss is `α·distill + (1−α)·CE`, where `distill` is the sum of `distill_terms`
     (one term for KD; a subclass in `LOSSES` changes what a head learns from the teacher). A loss
-    whose paper adds its terms to a full cross-entropy (DKD, DIST) sets `ADDS_TO_CE`: its head
-    loss is `distill + ce_weight·CE`, and --alpha does not apply.
+    with the CE_WEIGHT parameter (DKD, DIST) weighs its head `distill + ce_weight·CE` instead.
     """
 
     SUMMARY = "Hinton KD: KL divergence to the teacher's softened probabilities (--temperature)"
     PARAMS: tuple[LossParam, ...] = ()
-    # Feature terms at the exits: needs one teacher with stages matching the student's.
-    FEATURES = False
-    ADDS_TO_CE = False  # see above; such a loss has a `ce_weight` parameter
     class_mean = False  # see `kd_terms`
     uses_labels = False  # whether `distill_terms` reads the targets (a label budget hides some)
 
@@ -123,11 +129,21 @@ class MultiExitKDLoss(nn.Module):
             raise ValueError(f"{type(self).__name__} takes no parameter {sorted(unknown)}")
         self.params = {**known, **{k: float(v) for k, v in params.items()}}
 
+    @classmethod
+    def has_features(cls) -> bool:
+        """Whether the loss has feature terms at the exits (see FEATURE_PARAM)."""
+        return FEATURE_PARAM in cls.PARAMS
+
+    @classmethod
+    def adds_to_ce(cls) -> bool:
+        """Whether the loss adds its terms to a weighted CE rather than α-mixing (CE_WEIGHT)."""
+        return CE_WEIGHT in cls.PARAMS
+
     @property
     def mixing(self) -> tuple[float, float]:
         """(weight of the distillation terms, weight of CE) at every head."""
-        if self.ADDS_TO_CE:
-            return 1.0, self.params["ce_weight"]
+        if self.adds_to_ce():
+            return 1.0, self.params[CE_WEIGHT.name]
         return self.alpha, 1.0 - self.alpha
 
     @property
@@ -162,7 +178,7 @@ class MultiExitKDLoss(nn.Module):
         (`kd`, or the loss's own) and `ce` term (when α < 1), and each exit's own loss
         `exit1_loss`, ... (before its weight). `labelled`: which images' labels may be used
         (see `kd_terms`). `features`, `teacher_features`: each exit's adapted map and the
-        teacher stage's, for losses with FEATURES."""
+        teacher stage's, for losses with FEATURE_PARAM."""
         if len(outputs) != len(self.head_weights):
             raise ValueError(f"expected {len(self.head_weights)} heads, got {len(outputs)}")
         teacher_logits = teacher_logits.detach()
@@ -175,7 +191,7 @@ class MultiExitKDLoss(nn.Module):
             else:
                 parts[f"exit{head}_loss"] = loss
             total = weight * loss if total is None else total + weight * loss
-        if self.FEATURES:
+        if self.has_features():
             if features is None or teacher_features is None:
                 raise ValueError(f"{type(self).__name__} needs the exits' and teacher's features")
             for i, term in enumerate(self.feature_terms(features, teacher_features), start=1):
@@ -189,7 +205,7 @@ class MultiExitKDLoss(nn.Module):
         """Each exit's weighted feature term (`mlkd_cli/losses/feature.py`)."""
         if len(features) != len(self.head_weights) - 1 or len(teacher_features) != len(features):
             raise ValueError("one adapted map and one teacher map per exit are needed")
-        weight = self.params["feature_weight"]
+        weight = self.params[FEATURE_PARAM.name]
         return [
             weight * feature.feature_term(s, t)
             for s, t in zip(features, teacher_features, strict=True)
@@ -239,9 +255,8 @@ class MultiExitDKDLoss(MultiExitKDLoss):
         LossParam("tckd_weight", dkd.TCKD_WEIGHT, "weight of the target-class term (DKD's α)"),
         LossParam("nckd_weight", dkd.NCKD_WEIGHT, "weight of the non-target term (DKD's β)"),
         LossParam("warmup", dkd.WARMUP_FRACTION, "share of the run over which DKD ramps up"),
-        LossParam("ce_weight", 1.0, "weight of cross-entropy, which DKD adds to"),
+        CE_WEIGHT,
     )
-    ADDS_TO_CE = True
     uses_labels = True
 
     def __init__(
@@ -283,9 +298,8 @@ class MultiExitDISTLoss(MultiExitKDLoss):
         LossParam("inter_weight", dist.INTER_WEIGHT, "weight of the inter-class term (β)"),
         LossParam("intra_weight", dist.INTRA_WEIGHT, "weight of the intra-class term (γ)"),
         LossParam("tau", dist.TAU, "DIST's own temperature τ", positive=True),
-        LossParam("ce_weight", 1.0, "weight of cross-entropy, which DIST adds to"),
+        CE_WEIGHT,
     )
-    ADDS_TO_CE = True
 
     def distill_terms(
         self,
@@ -302,18 +316,12 @@ class MultiExitDISTLoss(MultiExitKDLoss):
         }
 
 
-FEATURE_PARAM = LossParam(
-    "feature_weight", feature.FEATURE_WEIGHT, "weight of each exit's feature term"
-)
-
-
 class MultiExitKDFeatureLoss(MultiExitKDLoss):
     """Hinton KD at every head, plus each exit's stage features regressed onto the teacher's
     matching stage through a 1x1 adapter (`mlkd_cli/losses/feature.py`)."""
 
     SUMMARY = "kd, plus each exit's features matched to the teacher's stage (one CNN teacher)"
     PARAMS = (FEATURE_PARAM,)
-    FEATURES = True
 
 
 class MultiExitDKDFeatureLoss(MultiExitDKDLoss):
@@ -321,7 +329,6 @@ class MultiExitDKDFeatureLoss(MultiExitDKDLoss):
 
     SUMMARY = "dkd, plus each exit's features matched to the teacher's stage (one CNN teacher)"
     PARAMS = (*MultiExitDKDLoss.PARAMS, FEATURE_PARAM)
-    FEATURES = True
 
 
 # Distillation losses by name (config key `loss`, `--loss`): a new loss is one entry here. Each
@@ -350,7 +357,7 @@ def loss_param_problem(name: str, params: dict[str, float]) -> str | None:
     declared = {p.name: p for p in cls.PARAMS}
     for key, value in params.items():
         if key not in declared:
-            owners = [n for n, c in LOSSES.items() if key in {p.name for p in c.PARAMS}]
+            owners = [n for n, c in LOSSES.items() if any(p.name == key for p in c.PARAMS)]
             takes = ", ".join(declared) if declared else "no parameters"
             where = f" ({key} belongs to {', '.join(owners)})" if owners else ""
             return (
