@@ -212,7 +212,7 @@ class Worker:
         batch = Batch(self._random_images(), torch.randint(0, CLASSES, (self.args.batch_size,)))
         fixed = torch.randn(self.args.batch_size, CLASSES, device=self.device)
 
-        def step(model, images, targets, indices):
+        def step(model, images, targets, indices, mix):
             return self.loss(model(images), fixed[: images.shape[0]], targets)
 
         def endless() -> Iterator[Batch]:
@@ -226,7 +226,7 @@ class Worker:
         """Data pipeline, teacher, student and optimiser: `mlkd distill`'s step."""
         teacher = self.teachers[size]
 
-        def step(model, images, targets, indices):
+        def step(model, images, targets, indices, mix):
             return self.loss(model(images), teacher(images), targets)
 
         stream = self.batches()
@@ -251,7 +251,7 @@ class Worker:
                 self.source, range(count), self.recipe, batch, self.ctx, 0, replay=replay
             )
 
-        def step(model, images, targets, indices):
+        def step(model, images, targets, indices, mix):
             teacher = stored_logits(logits, None, epoch_views, indices, CLASSES)
             return self.loss(model(images), teacher, targets)
 

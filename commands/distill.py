@@ -37,15 +37,7 @@ def distill(
         ),
     ] = None,
     models_dir: opt.ModelsDir = None,
-    soft_labels: Annotated[
-        Path | None,
-        typer.Option(
-            "--soft-labels",
-            help="A store from `mlkd teacher label`: no teacher runs, each image replays one of "
-            "its stored views.",
-            rich_help_panel=opt.TEACHER,
-        ),
-    ] = None,
+    soft_labels: opt.SoftLabels = None,
     teacher_ema: Annotated[
         bool | None,
         typer.Option(

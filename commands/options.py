@@ -200,6 +200,15 @@ ModelsDir = Annotated[
         "--models-dir", help="Where the ensemble file's names resolve.", rich_help_panel=TEACHER
     ),
 ]
+SoftLabels = Annotated[
+    Path | None,
+    typer.Option(
+        "--soft-labels",
+        help="A store from `mlkd teacher label`: no teacher runs, each image replays one of "
+        "its stored views.",
+        rich_help_panel=TEACHER,
+    ),
+]
 Student = Annotated[
     str | None,
     typer.Option(

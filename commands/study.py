@@ -45,6 +45,7 @@ def study(
     model: opt.TeacherModel = None,
     checkpoint: opt.TeacherCheckpoint = None,
     models_dir: opt.ModelsDir = None,
+    soft_labels: opt.SoftLabels = None,
     student: opt.Student = None,
     exits: opt.Exits = None,
     alpha: opt.Alpha = None,
@@ -56,6 +57,7 @@ def study(
     flags = {
         "dataset": dataset,
         **opt.teacher_flags(model, checkpoint, ensemble, models_dir),
+        "soft_labels": soft_labels,
         "student": student,
         "exits": exits,
         "alpha": alpha,

@@ -10,7 +10,7 @@ import typer
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig
-from mlkd_cli.engine.labeling import SHARD_SIZE, label_store, plan_labeling
+from mlkd_cli.engine.labeling import DEFAULT_VIEWS, SHARD_SIZE, label_store, plan_labeling
 from mlkd_cli.engine.launch import launcher_rank
 from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
 from mlkd_cli.engine.trainer import launch_training
@@ -120,7 +120,7 @@ def label(
     views: Annotated[
         int,
         typer.Option("--views", help="Augmented views per image.", rich_help_panel=STORE),
-    ] = 8,
+    ] = DEFAULT_VIEWS,
     top_k: Annotated[
         int | None,
         typer.Option(

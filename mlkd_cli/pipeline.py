@@ -1,6 +1,7 @@
 """`mlkd pipeline`: the whole method from a preset, into one run folder, resumable stage by stage.
 
-Stages: train each teacher → fit the ensemble on the validation split → distil the student →
+Stages: train each teacher → fit the ensemble on the validation split → (with `soft_labels:`)
+label a soft-label store from the fitted ensemble once → distil the student (from the store) →
 (optionally) train a cross-entropy-only student of the same architecture and budget → evaluate
 everything on the test split → export the student. A stage whose outputs are complete is skipped;
 an interrupted training stage resumes from its `_last.pth`; so running the same command again
@@ -10,7 +11,8 @@ after any interruption finishes the run without redoing what is done.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,15 +27,17 @@ from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig, TrainConfi
 from mlkd_cli.engine.distiller import check_feature_loss, distill_student, plan_distillation
 from mlkd_cli.engine.ensemble import LogitsRequest, fit_and_write, run_logits_pass
 from mlkd_cli.engine.evaluation import EvalRequest, measure, plan_eval_job
+from mlkd_cli.engine.labeling import label_store, plan_labeling
 from mlkd_cli.engine.planning import RunFiles
 from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
 from mlkd_cli.engine.trainer import launch_training
 from mlkd_cli.export import export_checkpoint
 from mlkd_cli.models.ensemble_config import read_ensemble_config
 from mlkd_cli.models.factory import check_model_name
-from mlkd_cli.presets import resolve_preset
+from mlkd_cli.presets import SoftLabelSettings, resolve_preset
 
 ENSEMBLE_FILE = "ensemble.json"
+STORE_DIR = "soft_labels"  # the run folder's soft-label store (preset key `soft_labels`)
 # The top-1 points the pipeline's early-exit thresholds may give up on the validation split.
 PIPELINE_MAX_DROP = 0.5
 # Images the early-exit speed is timed on in each configuration (`mlkd eval` times 512): the
@@ -71,6 +75,19 @@ def run_complete(files: RunFiles, epochs: int) -> bool:
     return len(rows) >= epochs
 
 
+@contextmanager
+def continued_by_the_pipeline() -> Iterator[None]:
+    """A stage stopped by a signal says to run the pipeline again (which continues it), instead
+    of the single command's own way to continue."""
+    try:
+        yield
+    except RunInterrupted as exc:
+        message = str(exc).split(": run the same command", 1)[0]
+        raise RunInterrupted(
+            f"{message}: run the same pipeline command again to continue", exc.signum
+        ) from None
+
+
 def train_stage(
     cfg: TrainConfig,
     planner: Callable,
@@ -88,16 +105,30 @@ def train_stage(
     resume = files.last.is_file()
     cfg = replace(cfg, resume=resume, overwrite=not resume)
     report.info(f"{'resume' if resume else 'run'} {what}")
-    try:
+    with continued_by_the_pipeline():
         plan = planner(cfg)
         launch_training(worker, plan if kind is None else replace(plan, kind=kind))
-    except RunInterrupted as exc:
-        # The pipeline resumes by itself: say so instead of the --resume of a single command.
-        message = str(exc).split(": run the same command", 1)[0]
-        raise RunInterrupted(
-            f"{message}: run the same pipeline command again to continue", exc.signum
-        ) from None
     return "resumed" if resume else "trained"
+
+
+def label_stage(
+    student: DistillConfig, settings: SoftLabelSettings, store: Path, report: Reporter
+) -> str:
+    """Label the run's soft-label store from the fitted ensemble with the student's
+    augmentation (or skip it when every shard is written; a partial one is finished)."""
+    plan = plan_labeling(student, store, settings.views, settings.top_k)
+    if plan.complete:
+        report.info(f"skip soft labels: {store} is complete")
+        return "skipped"
+    report.info(f"run soft labels: {settings.views} views of every training image into {store}")
+    with continued_by_the_pipeline():
+        label_store(plan)
+    return "labelled"
+
+
+def from_store(student: DistillConfig, store: Path) -> DistillConfig:
+    """The student's run from the store instead of the live ensemble."""
+    return replace(student, ensemble=None, models_dir=None, soft_labels=store)
 
 
 def baseline_config(
@@ -129,7 +160,7 @@ def _check_stages(configs: list[TrainConfig], options: PipelineOptions, teachers
         try:
             cfg.validate()
             check_model_name(cfg.student if isinstance(cfg, DistillConfig) else cfg.model)
-            if isinstance(cfg, DistillConfig):
+            if isinstance(cfg, DistillConfig) and cfg.soft_labels is None:
                 check_feature_loss(cfg, teachers)
         except UserError as exc:
             raise UserError(f"{options.preset}: stage {cfg.run_name}: {exc}") from None
@@ -163,9 +194,13 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
     student = replace(distill, **common, ensemble=ensemble_path, models_dir=models)
     use_baseline = resolved.baseline if options.baseline is None else options.baseline
     baseline = baseline_config(student, common, options.data_dir) if use_baseline else None
+    store = run_dir / STORE_DIR
+    learner = student if resolved.soft_labels is None else from_store(student, store)
     # Every stage is checked now, so that a bad setting of a late stage is not found only
     # after the teachers have trained for hours.
-    _check_stages([*teachers, student, *([baseline] if baseline else [])], options, len(teachers))
+    _check_stages(
+        [*teachers, student, learner, *([baseline] if baseline else [])], options, len(teachers)
+    )
 
     for t in teachers:
         stages[t.run_name] = train_stage(
@@ -198,12 +233,15 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
             fit_and_write(run, fit_temperature, ensemble_path)
         stages["ensemble"] = "fitted"
 
+    if resolved.soft_labels is not None:
+        stages["soft_labels"] = label_stage(student, resolved.soft_labels, store, report)
     stages[student.run_name] = train_stage(
-        student,
+        learner,
         plan_distillation,
         distill_student,
         report,
-        f"student {student.run_name} ({student.student})",
+        f"student {student.run_name} ({student.student})"
+        + ("" if resolved.soft_labels is None else f" from {store}"),
     )
     if baseline is not None:
         stages[baseline.run_name] = train_stage(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,16 @@ from mlkd_cli.engine.config import (
     build_config,
     config_field_names,
 )
+from mlkd_cli.engine.labeling import DEFAULT_VIEWS
 
 # The repository's presets/ folder, installed inside the package under this name.
 PRESET_PACKAGE = "mlkd_cli.shipped_presets"
 # Top-level keys about the preset itself, not settings of any command.
-PRESET_META_KEYS = {"description", "baseline"}
+PRESET_META_KEYS = {"description", "baseline", "soft_labels"}
 # Sections a preset may hold: one per command it feeds, plus the list of teachers.
-PRESET_SECTIONS = {"teacher", "teachers", "ensemble", "distill"}
+PRESET_SECTIONS = {"teacher", "teachers", "ensemble", "distill", "soft_labels"}
+# `soft_labels:` in a preset: `true` (the defaults) or a mapping of these.
+SOFT_LABEL_KEYS = {"views", "top_k"}
 
 
 def available_presets() -> list[str]:
@@ -103,6 +106,33 @@ def check_preset_layout(name_or_path: str) -> dict[str, Any]:
 ENSEMBLE_KEYS = {"fit_temperature"}
 
 
+@dataclass(frozen=True)
+class SoftLabelSettings:
+    """A pipeline that labels a soft-label store once and distils from it (`soft_labels:`)."""
+
+    views: int = DEFAULT_VIEWS
+    top_k: int | None = None  # None: `mlkd teacher label`'s default
+
+
+def _soft_label_settings(value: Any, origin: str) -> SoftLabelSettings | None:
+    """The preset's `soft_labels:`: absent or false (live teacher), true, or {views, top_k}."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return SoftLabelSettings()
+    if not isinstance(value, dict) or set(value) - SOFT_LABEL_KEYS:
+        raise UserError(
+            f"{origin}: soft_labels must be true, false or a mapping of {sorted(SOFT_LABEL_KEYS)}"
+        )
+    for key, number in value.items():
+        if number is not None and (isinstance(number, bool) or not isinstance(number, int)):
+            raise UserError(f"{origin}: soft_labels.{key} must be a whole number, got {number!r}")
+    views = value.get("views", DEFAULT_VIEWS)
+    if views < 1:
+        raise UserError(f"{origin}: soft_labels.views must be at least 1, got {views}")
+    return SoftLabelSettings(views, value.get("top_k"))
+
+
 @dataclass(frozen=True, kw_only=True)
 class Preset:
     """A preset resolved into the checked settings of every command it feeds."""
@@ -113,6 +143,8 @@ class Preset:
     fit_temperature: bool  # the ensemble section's setting
     distill: DistillConfig | None
     baseline: bool  # whether the pipeline also trains a cross-entropy student
+    # The pipeline labels a store once and distils from it (None: the live teacher).
+    soft_labels: SoftLabelSettings | None = None
 
 
 def resolve_preset(name_or_path: str) -> Preset:
@@ -152,6 +184,7 @@ def resolve_preset(name_or_path: str) -> Preset:
         fit_temperature=bool(ensemble.get("fit_temperature", False)),
         distill=distill,
         baseline=baseline,
+        soft_labels=_soft_label_settings(content.get("soft_labels"), origin),
     )
 
 
@@ -163,4 +196,5 @@ def resolved_record(resolved: Preset) -> dict[str, Any]:
         "ensemble": {"fit_temperature": resolved.fit_temperature},
         "distill": resolved.distill.to_record() if resolved.distill else None,
         "baseline": resolved.baseline,
+        "soft_labels": asdict(resolved.soft_labels) if resolved.soft_labels else None,
     }

@@ -179,7 +179,7 @@ def _ddp_sync_worker(ctx: DistContext, steps: int) -> list[bool]:
     loss = MultiExitKDLoss(4.0, 0.5, [1.0, 1.0, 1.0])
     same: list[bool] = []
 
-    def step(m: nn.Module, images: torch.Tensor, targets: torch.Tensor, _i=None) -> torch.Tensor:
+    def step(m: nn.Module, images: torch.Tensor, targets: torch.Tensor, *_: object) -> torch.Tensor:
         return loss(m(images), teacher(images), targets)
 
     def check(_done: int, _snapshot: object) -> bool:

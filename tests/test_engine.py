@@ -61,14 +61,40 @@ def test_evaluate_matches_a_direct_count() -> None:
 
 def test_batch_mixer_handles_odd_batches_and_gives_distributions() -> None:
     mixer = loop.BatchMixer(num_classes=5, mixup_alpha=1.0, cutmix_alpha=1.0, label_smoothing=0.1)
-    images, targets = mixer(torch.randn(7, 3, 8, 8), torch.randint(0, 5, (7,)))
+    images, targets, _ = mixer(torch.randn(7, 3, 8, 8), torch.randint(0, 5, (7,)))
     assert images.shape[0] == 6 and targets.shape == (6, 5)
     assert torch.allclose(targets.sum(1), torch.ones(6))
-    single, none = mixer(torch.randn(1, 3, 8, 8), torch.zeros(1, dtype=torch.long))
+    single, none, _ = mixer(torch.randn(1, 3, 8, 8), torch.zeros(1, dtype=torch.long))
     assert single.shape[0] == 0 and none.shape == (0, 5)
     plain = loop.BatchMixer(num_classes=4, mixup_alpha=0, cutmix_alpha=0, label_smoothing=0.2)
-    _, soft = plain(torch.randn(3, 2), torch.tensor([0, 1, 3]))
+    _, soft, lam = plain(torch.randn(3, 2), torch.tensor([0, 1, 3]))
+    assert lam == 1.0
     assert soft[0].tolist() == pytest.approx([0.85, 0.05, 0.05, 0.05])
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_batch_mixer_says_which_share_of_each_image_is_its_own(kind: str) -> None:
+    """The λ returned is the one the images and targets were mixed with, the partner being the
+    batch reversed: Mixup's blend weight, CutMix's share of pixels outside the pasted box."""
+    alphas = (1.0, 0.0) if kind == "mixup" else (0.0, 1.0)
+    mixer = loop.BatchMixer(num_classes=4, mixup_alpha=alphas[0], cutmix_alpha=alphas[1],
+                            label_smoothing=0.0)  # fmt: skip
+    seen = []
+    for _ in range(20):
+        original = torch.rand(6, 3, 16, 16) + 1.0  # no pixel equal across images
+        labels = torch.tensor([0, 1, 2, 3, 0, 1])
+        images, targets, lam = mixer(original.clone(), labels)
+        seen.append(lam)
+        expected = lam * nn.functional.one_hot(labels, 4) + (1 - lam) * nn.functional.one_hot(
+            labels.flip(0), 4
+        )
+        assert torch.allclose(targets, expected.float())
+        if kind == "mixup":
+            assert torch.allclose(images, lam * original + (1 - lam) * original.flip(0), atol=1e-6)
+        else:
+            own = (images == original).float().mean().item()
+            assert own == pytest.approx(lam, abs=1e-6)
+    assert len(set(seen)) > 10 and all(0.0 <= lam <= 1.0 for lam in seen)
 
 
 def test_schedule_warms_up_then_decays_to_the_floor() -> None:

@@ -124,7 +124,7 @@ def _nan_on_call(monkeypatch: pytest.MonkeyPatch, which: int) -> None:
     """Make the teacher-training step return NaN on its `which`-th call."""
     calls = []
 
-    def step(model, images, targets, indices=None):
+    def step(model, images, targets, indices=None, mix=1.0):
         calls.append(1)
         loss = loop.cross_entropy_step(model, images, targets)
         return loss * float("nan") if len(calls) == which else loss

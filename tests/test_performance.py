@@ -98,7 +98,7 @@ def test_mixing_device_batches_gives_soft_targets() -> None:
     mixer = loop.BatchMixer(10, mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.0)
     batch = next(device.epoch(0))
     np.random.seed(0)
-    mixed, targets = mixer(batch.images.clone(), batch.labels)
+    mixed, targets, _ = mixer(batch.images.clone(), batch.labels)
     assert torch.allclose(targets.sum(1), torch.ones(16))
     lam = targets[0, batch.labels[0]].item() if batch.labels[0] != batch.labels[-1] else None
     if lam is not None:  # image 0 is lam * image 0 + (1 - lam) * the last image

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke_cli
+from conftest import assert_error_line, invoke_cli
 
+from mlkd_cli import pipeline
+from mlkd_cli.core.console import Reporter
 from mlkd_cli.engine import loop
+from mlkd_cli.models.teacher import TeacherEnsemble
+from mlkd_cli.presets import resolve_preset
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +96,81 @@ def test_interrupted_pipeline_finishes_without_redoing_teachers(
         invoke_cli("pipeline", "--preset", preset, "--run-dir", run, "--json", "-q").stdout
     )
     assert set(again["stages"].values()) == {"skipped"}
+
+
+STORE_PRESET = """\
+description: a tiny teacher, a store labelled once from its fitted "ensemble"
+dataset: digits
+img_size: 16
+soft_labels: {views: 2}
+teacher: {epochs: 1, batch_size: 64}
+teachers:
+  - {name: ta, model: test_resnet}
+ensemble: {fit_temperature: true}
+distill: {name: s, student: test_resnet, epochs: 1, batch_size: 64, mixup_alpha: 0.5}
+"""
+
+
+def test_a_pipeline_with_soft_labels_labels_once_from_the_fitted_ensemble(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    preset = tmp_path / "store.yaml"
+    preset.write_text(STORE_PRESET)
+    run = tmp_path / "run"
+    teachers_ran = []
+    real_forward = TeacherEnsemble.forward
+
+    def counted(self, *args, **kwargs):
+        teachers_ran.append(1)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(TeacherEnsemble, "forward", counted)
+    real_distill, during = pipeline.distill_student, []
+
+    def watched(ctx, plan):
+        before = len(teachers_ran)
+        summary = real_distill(ctx, plan)
+        during.append(len(teachers_ran) - before)
+        return summary
+
+    monkeypatch.setattr(pipeline, "distill_student", watched)
+    result = invoke_cli("pipeline", "--preset", preset, "--run-dir", run, "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["stages"]["soft_labels"] == "labelled"
+    assert summary["stages"]["s"] == "trained"
+    manifest = json.loads((run / "soft_labels" / "manifest.json").read_text())
+    ensemble = json.loads((run / "ensemble.json").read_text())
+    assert manifest["views"] == 2 and manifest["images"] == 1_294
+    assert manifest["teacher"]["models"] == ["test_resnet"]
+    assert manifest["teacher"]["weights"] == pytest.approx(ensemble["weights"])
+    # The teachers ran for the labelling (2 views of shards of 1,000 and 294 images in
+    # batches of 64), and not once while the student trained.
+    assert during == [0]
+    assert len(teachers_ran) >= 2 * (math.ceil(1_000 / 64) + math.ceil(294 / 64))
+    history = json.loads((run / "models" / "s_history.json").read_text())["epochs"]
+    assert history[-1]["kd"] > 0
+
+    # Run again, the complete store is not labelled again (the stage's own check).
+    resolved = resolve_preset(str(preset))
+    student = replace(resolved.distill, ensemble=run / "ensemble.json", models_dir=run / "models")
+    settings = resolved.soft_labels
+    assert pipeline.label_stage(student, settings, run / "soft_labels", Reporter()) == "skipped"
+
+
+def test_a_pipeline_whose_student_cannot_learn_from_a_store_is_refused_first(
+    tmp_path: Path,
+) -> None:
+    preset = tmp_path / "cached.yaml"
+    preset.write_text(
+        STORE_PRESET.replace("mixup_alpha: 0.5", "augment: false, teacher_cache: true")
+    )
+    run = tmp_path / "run"
+    result = invoke_cli("pipeline", "--preset", preset, "--run-dir", run)
+    assert result.exit_code == 2
+    assert_error_line(result.stderr, "stage s", "--soft-labels cannot be used with --teacher-cache")
+    assert not (run / "models").exists()
+    preset.write_text(STORE_PRESET.replace("{views: 2}", "{views: 0}"))
+    result = invoke_cli("pipeline", "--preset", preset, "--run-dir", run)
+    assert result.exit_code == 2
+    assert_error_line(result.stderr, "soft_labels.views must be at least 1")

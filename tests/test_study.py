@@ -10,9 +10,22 @@ import pytest
 from conftest import assert_error_line, invoke_cli
 
 from mlkd_cli.engine import loop
+from mlkd_cli.models.teacher import TeacherEnsemble
 from mlkd_cli.study import paired, summarise, t_quantile
 
 STUDY = ("study", "-d", "digits", "--student", "test_resnet", "--img-size", "16", "-b", "64")
+
+
+@pytest.fixture
+def store(digits_teacher: Path, tmp_path: Path) -> Path:
+    """A soft-label store of the digits teacher (2 views), for studies that share it."""
+    folder = tmp_path / "store"
+    labelled = invoke_cli(
+        "teacher", "label", "-d", "digits", "--img-size", "16", "-m", "test_resnet",
+        "-c", digits_teacher, "--views", "2", "--output", folder, "-q",
+    )  # fmt: skip
+    assert labelled.exit_code == 0, labelled.stderr
+    return folder
 
 
 def test_the_paired_interval_is_the_t_interval_by_hand() -> None:
@@ -44,11 +57,17 @@ def test_each_arm_is_compared_with_ce_and_kd_seed_by_seed() -> None:
 
 
 def test_a_study_continues_where_it_stopped_and_prints_what_eval_measures(
-    digits_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The arms share one soft-label store (no teacher runs in any of them)."""
     run_dir = tmp_path / "study"
-    args = (*STUDY, "-m", "test_resnet", "-c", digits_teacher, "-e", "1", "--losses", "kd,dkd",
+    args = (*STUDY, "--soft-labels", store, "-e", "1", "--losses", "kd,dkd",
             "--seeds", "0,1", "--run-dir", run_dir, "--json", "-q")  # fmt: skip
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a teacher ran in a study from a store")
+
+    monkeypatch.setattr(TeacherEnsemble, "forward", no_teacher)
     real, calls = loop.train_one_epoch, []
 
     def interrupted(*a, **k):
@@ -85,7 +104,9 @@ def test_a_study_continues_where_it_stopped_and_prints_what_eval_measures(
     assert table.exit_code == 0 and f"{rows['dkd']['top1']['mean']:.2f}" in table.stdout
 
 
-def test_study_refusals_are_one_line_before_any_run(digits_teacher: Path, tmp_path: Path) -> None:
+def test_study_refusals_are_one_line_before_any_run(
+    digits_teacher: Path, store: Path, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "study"
     teacher = ("-m", "test_resnet", "-c", digits_teacher, "--run-dir", run_dir)
     cases = [
@@ -104,4 +125,8 @@ def test_study_refusals_are_one_line_before_any_run(digits_teacher: Path, tmp_pa
     )  # fmt: skip
     assert result.exit_code == 2
     assert_error_line(result.stderr, "study arm kd+feature", "an ensemble of 2")
+    from_store = invoke_cli(*STUDY, "--soft-labels", store, "--losses", "kd,kd+feature",
+                            "--run-dir", run_dir)  # fmt: skip
+    assert from_store.exit_code == 2
+    assert_error_line(from_store.stderr, "study arm kd+feature", "needs the teacher's features")
     assert not run_dir.exists()

@@ -385,8 +385,6 @@ class DistillConfig(TrainConfig):
             f"--loss {self.loss} (it needs the teacher's features)": loss_class(
                 self.loss
             ).has_features(),
-            "Mixup/CutMix (a mixed image's teacher output is not stored; "
-            "--mixup-alpha 0 --cutmix-alpha 0)": self.mixup_alpha > 0 or self.cutmix_alpha > 0,
             "--best-by val_kd_loss (the store holds training images only)": (
                 self.best_by == "val_kd_loss"
             ),
@@ -443,10 +441,6 @@ def recipe_values(recipe: str, config: DistillConfig) -> dict[str, Any]:
         mixing = epochs >= MIXUP_MIN_EPOCHS
         values["mixup_alpha"] = 0.8 if mixing else 0.0
         values["cutmix_alpha"] = 1.0 if mixing else 0.0
-    if config.soft_labels is not None:
-        # A store holds no teacher output for a mixed image: no recipe mixes (asked for by a
-        # flag, `validate` refuses it).
-        values["mixup_alpha"] = values["cutmix_alpha"] = 0.0
     if recipe == "original":
         # timm's Mixup smooths its targets by 0.1; without Mixup the original used hard labels.
         mixup = config.mixup_alpha if config.mixup_alpha is not None else values["mixup_alpha"]

@@ -41,6 +41,7 @@ from mlkd_cli.engine.planning import (
     make_plan,
 )
 from mlkd_cli.engine.trainer import fit
+from mlkd_cli.losses.mixing import mixed_teacher_logits
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec, read_ensemble_config
 from mlkd_cli.models.exits import exits_record
 from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
@@ -340,13 +341,17 @@ class DistillTask:
         images: torch.Tensor,
         targets: torch.Tensor,
         indices: torch.Tensor | None = None,
+        mix: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """The loss and its named parts; the teacher sees exactly this augmented batch (or its
-        cached outputs are used)."""
+        cached outputs are used). From a store, a batch mixed by Mixup/CutMix (`mix` = λ < 1)
+        learns the stored outputs of its two views blended with the images' own λ."""
         features = teacher_features = None
         if self.stored is not None:
             assert indices is not None and self.epoch_views is not None
-            teacher_logits = self._stored_logits(indices)
+            teacher_logits = mixed_teacher_logits(
+                self._stored_logits(indices), mix, self.loss.teacher_temperature
+            )
         elif self.plan.teacher_features:
             teacher_logits, teacher_features = self.teacher.logits_and_features(
                 images, self.plan.teacher_features

@@ -46,6 +46,7 @@ from mlkd_cli.models.ensemble_config import EnsembleConfig
 from mlkd_cli.models.teacher import InputSpec, build_teacher, load_member
 
 SHARD_SIZE = 1_000  # images per shard: the unit a stopped labelling redoes
+DEFAULT_VIEWS = 8  # views per image: FKD's range is 8-16; more cost label time and disk
 FULL_TOP_K = 100  # class counts up to this are stored whole by default; above, their top 10
 
 
@@ -59,6 +60,11 @@ class LabelPlan:
     pipeline: str  # "cpu" or "device": the pipeline whose views are stored
     manifest: StoreManifest
     output: Path
+
+    @property
+    def complete(self) -> bool:
+        """Whether every shard of the store is already written (nothing left to label)."""
+        return len(done_shards(self.output, self.manifest)) == self.manifest.shard_count
 
 
 def teacher_identity(teacher: EnsembleConfig) -> dict[str, Any]:

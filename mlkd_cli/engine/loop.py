@@ -28,10 +28,11 @@ from mlkd_cli.data.loaders import Batch
 from mlkd_cli.data.sources import UnreadableImage
 from mlkd_cli.engine.precision import Precision
 
-# (model, images, soft targets, dataset positions of the images or None) -> the loss, or a dict
-# of named losses whose "loss" entry trains (the others, e.g. "kd", "ce", are recorded).
+# (model, images, soft targets, dataset positions of the images or None, Mixup/CutMix share λ)
+# -> the loss, or a dict of named losses whose "loss" entry trains (the others, e.g. "kd", "ce",
+# are recorded). A mixed batch is λ of each image and 1 − λ of the batch reversed (λ = 1: none).
 StepFn = Callable[
-    [nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    [nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None, float],
     torch.Tensor | dict[str, torch.Tensor],
 ]
 # Reading the loss forces a host-device sync; do it this often, not every step.
@@ -39,7 +40,9 @@ LOSS_READ_EVERY = 20
 
 
 class BatchMixer:
-    """Mixup/CutMix from timm, or plain label smoothing, always returning soft targets.
+    """Mixup/CutMix from timm, or plain label smoothing, always returning soft targets and the
+    batch's λ: each image keeps a share λ of its own content and takes 1 − λ from the batch
+    reversed (timm's batch mode), so that outputs stored per image can be mixed alike.
 
     timm's Mixup needs an even batch; an odd batch loses its last image instead of crashing.
     """
@@ -62,14 +65,17 @@ class BatchMixer:
 
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         if self.mixup is None:
-            return images, mixup_target(labels, self.num_classes, 1.0, self.label_smoothing)
+            return images, mixup_target(labels, self.num_classes, 1.0, self.label_smoothing), 1.0
         if images.shape[0] % 2:
             images, labels = images[:-1], labels[:-1]
         if images.shape[0] == 0:
-            return images, labels.new_zeros((0, self.num_classes), dtype=torch.float32)
-        return self.mixup(images, labels)
+            return images, labels.new_zeros((0, self.num_classes), dtype=torch.float32), 1.0
+        # timm's own batch mixing (what `Mixup.__call__` does in its batch mode), kept apart so
+        # that its λ (a Python float, CutMix's corrected for the box) is known: no device read.
+        lam = float(self.mixup._mix_batch(images))
+        return images, mixup_target(labels, self.num_classes, lam, self.label_smoothing), lam
 
 
 class NonFiniteLoss(Exception):
@@ -118,6 +124,7 @@ def cross_entropy_step(
     images: torch.Tensor,
     targets: torch.Tensor,
     indices: torch.Tensor | None = None,
+    mix: float = 1.0,
 ) -> torch.Tensor:
     """The teacher-training step: soft-target cross-entropy of the model's logits."""
     return soft_cross_entropy(model(images), targets)
@@ -257,13 +264,13 @@ def train_one_epoch(
         unreadable += _unreadable(batch, strict_data)
         images = precision.to_device(batch.images)
         labels = batch.labels.to(ctx.device, non_blocking=True)
-        images, targets = mixer(images, labels)
+        images, targets, mix = mixer(images, labels)
         indices = None if batch.indices is None else batch.indices[: images.shape[0]]
         if images.shape[0] > 0:
             sync = nullcontext() if closes_group or not ctx.distributed else model.no_sync()
             with sync:
                 with precision.autocast():
-                    out = step_fn(model, images, targets, indices)
+                    out = step_fn(model, images, targets, indices, mix)
                 parts = out if isinstance(out, dict) else {"loss": out}
                 loss = parts["loss"]
                 bad = (~torch.isfinite(loss.detach())).double()

@@ -151,6 +151,12 @@ class MultiExitKDLoss(nn.Module):
         """Whether a batch's targets enter the loss: a CE term, or the loss's own use."""
         return self.mixing[1] > 0 or self.uses_labels
 
+    @property
+    def teacher_temperature(self) -> float:
+        """The temperature at which the loss reads the teacher's logits (a stored Mixup target
+        is blended at it: `mlkd_cli/losses/mixing.py`)."""
+        return self.temperature
+
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Told before each epoch (0-based) of `epochs`; for losses that change over a run."""
 
@@ -300,6 +306,11 @@ class MultiExitDISTLoss(MultiExitKDLoss):
         LossParam("tau", dist.TAU, "DIST's own temperature τ", positive=True),
         CE_WEIGHT,
     )
+
+    @property
+    def teacher_temperature(self) -> float:
+        """DIST reads the teacher at its own τ."""
+        return self.params["tau"]
 
     def distill_terms(
         self,

@@ -87,8 +87,10 @@ class Task(Protocol):
         images: torch.Tensor,
         targets: torch.Tensor,
         indices: torch.Tensor | None,
+        mix: float,
     ) -> torch.Tensor:
-        """One batch's loss (inside autocast); `indices` are the images' dataset positions."""
+        """One batch's loss (inside autocast); `indices` are the images' dataset positions, `mix`
+        the batch's Mixup/CutMix λ (`loop.StepFn`)."""
 
     def evaluate(
         self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision

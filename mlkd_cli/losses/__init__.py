@@ -5,4 +5,5 @@ teacher's outputs. Pure functions of logits and targets (no model, no engine), i
   non-target-class term.
 - `dist`: DIST (Huang et al., NeurIPS 2022), Pearson-correlation matching of the softened
   probabilities between classes per image and between images per class.
+- `mixing`: the target of a Mixup/CutMix image from stored (unmixed) teacher outputs.
 """
