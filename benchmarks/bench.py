@@ -10,9 +10,15 @@ training size — it prints images/s of
   student   the student's training step alone (KD loss against fixed teacher outputs)
   full      the whole distillation step: data, teacher, student, optimiser (`train_one_epoch`)
   store     the step from a soft-label store (`distill --soft-labels`): the data pipeline
-            replaying stored views, the stored outputs looked up on the device, student,
-            optimiser — the same for any teacher, since none runs (and the "vs student" column:
-            its share of the student step's rate)
+            replaying stored views, the stored outputs looked up on the device (and blended for
+            Mixup/CutMix), student, optimiser — the same for any teacher, since none runs (and
+            the "vs student" column: its share of the student step's rate). The student and
+            store steps take turns over --rounds rounds, the fastest of each kept, so that the
+            machine's drift within a run falls on both alike
+  label     `mlkd teacher label`'s work per view: the pipeline drawing numbered views, the
+            teacher under inference mode, its top-k taken (the "vs teacher" column: its share
+            of the teacher forward's rate; at 1 or above, labelling K views costs no more teacher
+            time than K live epochs)
 
 in two modes, each in its own process so that global settings cannot leak:
 
@@ -53,17 +59,23 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mlkd_cli.core.checkpoint import ModelCard, save_model
 from mlkd_cli.core.dist import DistContext
-from mlkd_cli.data.device import DeviceBatches
-from mlkd_cli.data.loaders import Batch, TransformedSubset, build_train_batches
+from mlkd_cli.data.device import DeviceAugment, DeviceBatches
+from mlkd_cli.data.loaders import (
+    Batch,
+    TransformedSubset,
+    build_keyed_loader,
+    build_train_batches,
+)
 from mlkd_cli.data.registry import get_dataset_spec
 from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
-from mlkd_cli.data.views import ViewReplay
+from mlkd_cli.data.views import ViewReplay, view_seed
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.distiller import build_student, stored_logits
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.losses import MultiExitKDLoss
 from mlkd_cli.engine.precision import Precision, choose_layout
+from mlkd_cli.losses.mixing import mixed_teacher_logits
 from mlkd_cli.models.teacher import TeacherEnsemble
 
 # The original project's five-member ensemble (its README's config.json); the first three form
@@ -232,6 +244,36 @@ class Worker:
         stream = self.batches()
         return self.rate(lambda steps: self._train(stream, step, steps))
 
+    def label(self, size: int) -> float:
+        """`mlkd teacher label`'s work per view: numbered views drawn by the device pipeline
+        (the CPU pipeline's loader in reference mode), the teacher, its top-k kept."""
+        views, count, batch = STORE_VIEWS, len(self.source), self.args.batch_size
+        replay = ViewReplay(0, views, count)
+        teacher = self.teachers[size]
+        if self.mode == "reference":
+            transform = build_train_transform(self.recipe)
+            subset = TransformedSubset(self.source, range(count), transform)
+            seeds = [view_seed(0, v) for v in range(views)]
+            keys = [(p, seeds[v]) for v in range(views) for p in range(count)]
+            loader = build_keyed_loader(subset, keys, batch, self.ctx, 4)
+            made = (b.images for b in loader)
+        else:
+            images = torch.from_numpy(self.source.images).permute(0, 3, 1, 2).to(self.device)
+            draws = replay.draw_table().to(self.device)
+            augment = DeviceAugment(self.recipe, self.device)
+            made = (
+                augment(images[first : first + batch], None, draws[v, first : first + batch])
+                for v in range(views)
+                for first in range(0, count - batch + 1, batch)
+            )
+
+        def work(steps: int) -> None:
+            for _ in range(steps):
+                with torch.inference_mode():
+                    teacher(self.precision.to_device(next(made))).float().topk(CLASSES, dim=1)
+
+        return self.rate(work)
+
     def store_step(self) -> float:
         """`distill --soft-labels`'s step: the pipeline replays stored views (8 per image), the
         stored outputs (every class, as the store keeps 100 classes) come from tables on the
@@ -253,6 +295,7 @@ class Worker:
 
         def step(model, images, targets, indices, mix):
             teacher = stored_logits(logits, None, epoch_views, indices, CLASSES)
+            teacher = mixed_teacher_logits(teacher, mix, self.loss.teacher_temperature)
             return self.loss(model(images), teacher, targets)
 
         def endless() -> Iterator[Batch]:
@@ -264,15 +307,21 @@ class Worker:
 
     def measure(self) -> dict[str, float]:
         """Every row of the table, in images/s."""
-        return {
+        rows = {
             "data": self.data(),
             "teacher3": self.teacher(3),
             "teacher5": self.teacher(5),
-            "student": self.student_step(),
+            "label3": self.label(3),
+            "label5": self.label(5),
             "full3": self.full_step(3),
             "full5": self.full_step(5),
-            "store": self.store_step(),
         }
+        # The student and store steps in turns, the fastest of each: their ratio is the figure.
+        student, store = [], []
+        for _ in range(self.args.rounds):
+            student.append(self.student_step())
+            store.append(self.store_step())
+        return {**rows, "student": max(student), "store": max(store)}
 
 
 def count_flops(args: argparse.Namespace) -> dict[str, float]:
@@ -291,6 +340,7 @@ def count_flops(args: argparse.Namespace) -> dict[str, float]:
     flops["full3"] = flops["student"] + flops["teacher3"]
     flops["full5"] = flops["student"] + flops["teacher5"]
     flops["store"] = flops["student"]
+    flops["label3"], flops["label5"] = flops["teacher3"], flops["teacher5"]
     return flops
 
 
@@ -298,6 +348,8 @@ ROWS = {
     "data": "data pipeline alone",
     "teacher3": "teacher forward, 3 models",
     "teacher5": "teacher forward, 5 models",
+    "label3": "labelling a view, 3 models",
+    "label5": "labelling a view, 5 models",
     "student": "student step alone",
     "full3": "full step, 3-model teacher",
     "full5": "full step, 5-model teacher",
@@ -461,6 +513,9 @@ def main() -> None:
         "--warmup", type=int, help="unmeasured steps first (default 5 on CUDA, 1 on CPU)"
     )
     parser.add_argument("--images", type=int, default=4096, help="synthetic CIFAR-sized images")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="turns of the student and store steps (fastest kept)"
+    )
     parser.add_argument("--modes", default="reference,default")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table too")
     parser.add_argument(
@@ -495,6 +550,7 @@ def main() -> None:
             "--device", args.device, "--student", args.student, "--img-size", str(args.img_size),
             "--batch-size", str(args.batch_size), "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--images", str(args.images),
+            "--rounds", str(args.rounds),
         ]  # fmt: skip
         done = subprocess.run(
             [sys.executable, __file__, "--worker", mode, *passed],
@@ -539,7 +595,12 @@ def print_table(
         tflops = best * flops[key] / 1e12 if key in flops else None
         row.append(f"{tflops:.3f}" if tflops is not None else "-")
         shown = results[fastest or modes[0]]
-        row.append(f"{best / shown['student']:.2f}" if key.startswith(("full", "store")) else "")
+        if key.startswith(("full", "store")):
+            row.append(f"{best / shown['student']:.2f}")
+        elif key.startswith("label"):
+            row.append(f"{best / shown['teacher' + key[-1]]:.2f} of teacher")
+        else:
+            row.append("")
         if peak:
             row.append(f"{100 * tflops * 1e12 / peak:.1f}" if tflops is not None else "-")
         rows.append(row)

@@ -14,6 +14,7 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.softlabels import (
     MANIFEST,
     StoreManifest,
+    class_index_dtype,
     done_shards,
     open_store,
     shards_of_rank,
@@ -58,7 +59,7 @@ def _store(folder: Path, shards=None) -> dict[int, tuple[np.ndarray, np.ndarray]
     written = {}
     for shard in range(MANIFEST_OF.shard_count) if shards is None else shards:
         written[shard] = _arrays(MANIFEST_OF, shard)
-        write_shard(folder, shard, *written[shard])
+        write_shard(folder, shard, *written[shard], num_classes=10)
     return written
 
 
@@ -68,7 +69,9 @@ def test_what_is_written_reads_back_view_by_view(tmp_path: Path) -> None:
     positions = torch.tensor([0, 999, 1000, 2499, 1500])
     views = torch.tensor([0, 3, 1, 2, 3])
     all_logits, all_classes = store.tables()
-    assert all_logits.dtype == torch.float16 and all_classes.dtype == torch.int32
+    # Class indices in int16 (a third of the store) below 32,768 classes, int32 past them.
+    assert all_logits.dtype == torch.float16 and all_classes.dtype == torch.int16
+    assert class_index_dtype(32_767) is np.int16 and class_index_dtype(32_768) is np.int32
     assert all_logits.shape == all_classes.shape == (2_500, 4, 5)
     logits, classes = all_logits[positions, views], all_classes[positions, views]
     for j, (p, v) in enumerate(zip(positions.tolist(), views.tolist(), strict=True)):

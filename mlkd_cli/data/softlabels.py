@@ -6,7 +6,8 @@ A store is a folder:
   augmentation recipe and pipeline, teacher identity, views per image, top-k, seed) and how it is
   cut into shards (`shard_size` images each, in training-split order);
 - per shard `shard-NNNNN.logits.npy` (float16, images x views x k: the teacher's k largest
-  logits), `shard-NNNNN.classes.npy` (int32, their classes) and `shard-NNNNN.json` (the two
+  logits), `shard-NNNNN.classes.npy` (their classes: int16, or int32 past 32,767 classes; -1
+  for an unreadable image) and `shard-NNNNN.json` (the two
   arrays' SHA-256), written last and atomically: a shard without it is not done.
 Logits rather than probabilities, so the distillation temperature stays the student's choice;
 with k equal to the class count they are the whole output. Arrays are read memory-mapped.
@@ -132,12 +133,19 @@ def check_same_store(folder: Path, manifest: StoreManifest) -> None:
         )
 
 
-def write_shard(folder: Path, shard: int, logits: np.ndarray, classes: np.ndarray) -> None:
+def class_index_dtype(num_classes: int) -> type[np.signedinteger]:
+    """The narrowest signed type a store's class indices fit (-1 marks an unreadable image)."""
+    return np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+
+
+def write_shard(
+    folder: Path, shard: int, logits: np.ndarray, classes: np.ndarray, num_classes: int
+) -> None:
     """Write one shard's arrays, then its checksum file (the mark that it is done)."""
     name = _shard_name(shard)
     logits_path, classes_path = folder / f"{name}.logits.npy", folder / f"{name}.classes.npy"
     _save_npy(np.ascontiguousarray(logits, dtype=np.float16), logits_path)
-    _save_npy(np.ascontiguousarray(classes, dtype=np.int32), classes_path)
+    _save_npy(np.ascontiguousarray(classes, dtype=class_index_dtype(num_classes)), classes_path)
     sums = {"logits": file_sha256(logits_path), "classes": file_sha256(classes_path)}
     atomic_write_text(folder / f"{name}.json", json.dumps(sums) + "\n")
 
@@ -179,7 +187,8 @@ class SoftLabelStore:
 
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole store in memory: top-k logits (images, views, k) as float16 and their
-        classes as int32, for lookups on the training device without the host."""
+        classes as stored (int16 or int32), for lookups on the training device without the
+        host."""
         logits = np.concatenate([np.asarray(a) for a in self.logits])
         classes = np.concatenate([np.asarray(a) for a in self.classes])
         return torch.from_numpy(logits), torch.from_numpy(classes)

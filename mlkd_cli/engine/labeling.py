@@ -41,7 +41,7 @@ from mlkd_cli.engine.config import DistillConfig
 from mlkd_cli.engine.distiller import resolve_teacher
 from mlkd_cli.engine.launch import launch, resolve_device
 from mlkd_cli.engine.planning import check_recipe, data_pipeline, dataset_recipe
-from mlkd_cli.engine.precision import check_precision, prepare_forward
+from mlkd_cli.engine.precision import Precision, check_precision, prepare_forward
 from mlkd_cli.models.ensemble_config import EnsembleConfig
 from mlkd_cli.models.teacher import InputSpec, build_teacher, load_member
 
@@ -155,6 +155,30 @@ def _shard_views(
         yield batch.images.to(ctx.device), batch.indices, (b * batch_size + kept) // count
 
 
+def _label_shard(
+    manifest: StoreManifest,
+    teacher: torch.nn.Module,
+    precision: Precision,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    start: int,
+    stop: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One shard's top-k logits and their classes (images, views, k), gathered on the device
+    and read back once (no host sync a batch); an unreadable image's rows keep class -1."""
+    shape = (stop - start, manifest.views, manifest.top_k)
+    device = precision.device
+    with torch.inference_mode():
+        logits = torch.zeros(shape, dtype=torch.float16, device=device)
+        classes = torch.full(shape, -1, dtype=torch.int32, device=device)
+        for batch, positions, views in batches:
+            top = teacher(precision.to_device(batch)).float().topk(manifest.top_k, dim=1)
+            rows = (positions - start).to(device, non_blocking=True)
+            columns = views.to(device, non_blocking=True)
+            logits[rows, columns] = top.values.half()
+            classes[rows, columns] = top.indices.int()
+        return logits.cpu().numpy(), classes.cpu().numpy()
+
+
 def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
     """The worker `mlkd teacher label` launches on every rank: label this rank's missing shards."""
     cfg, manifest = plan.config, plan.manifest
@@ -179,16 +203,9 @@ def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
     with report.step_progress(f"labelling {len(mine)} shards", len(mine)) as on_step:
         for count, shard in enumerate(mine, start=1):
             start, stop = manifest.shard_range(shard)
-            logits = np.zeros((stop - start, manifest.views, manifest.top_k), dtype=np.float16)
-            classes = np.full(logits.shape, -1, dtype=np.int32)  # -1: an unreadable image
-            for batch, positions, views in _shard_views(plan, splits, subset, draws, shard, ctx):
-                with torch.inference_mode():
-                    out = teacher(precision.to_device(batch)).float()
-                top = out.topk(manifest.top_k, dim=1)
-                rows, columns = (positions - start).numpy(), views.numpy()
-                logits[rows, columns] = top.values.cpu().numpy().astype(np.float16)
-                classes[rows, columns] = top.indices.cpu().numpy().astype(np.int32)
-            write_shard(plan.output, shard, logits, classes)
+            batches = _shard_views(plan, splits, subset, draws, shard, ctx)
+            logits, classes = _label_shard(manifest, teacher, precision, batches, start, stop)
+            write_shard(plan.output, shard, logits, classes, len(manifest.classes))
             images += stop - start
             if on_step is not None:
                 on_step(count, None)
