@@ -15,7 +15,7 @@ from mlkd_cli.engine.anytime import AnytimeJob, AnytimeRequest, measure_anytime,
 from mlkd_cli.engine.cascade import macs_label
 from mlkd_cli.engine.evaluation import EvalJob, EvalRequest, Measured, measure, plan_eval_job
 from mlkd_cli.engine.launch import launcher_rank
-from mlkd_cli.models.exits import is_exits_checkpoint
+from mlkd_cli.models.exits import EXIT_RULES, is_exits_checkpoint
 
 from . import options as opt
 
@@ -59,26 +59,45 @@ def evaluate(
         bool,
         typer.Option(
             "--early-exit",
-            help="For a student with exits (<name>_exits.pth), on --split val: choose the "
-            "thresholds with the fewest MACs that keep top-1 within --max-drop of the final "
-            "head, and write them into the checkpoint.",
+            help="For a student with exits (<name>_exits.pth), on --split val: choose the exit "
+            "rule and thresholds with the fewest MACs that keep top-1 within --max-drop of the "
+            "final head (or the most accurate within --budget), print each rule's frontier, and "
+            "write the choice into the checkpoint.",
             rich_help_panel=opt.EARLY_EXIT,
         ),
     ] = False,
     max_drop: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--max-drop",
-            help="Top-1 points --early-exit may lose.",
+            help="Top-1 points --early-exit may lose (default 0.5, unless --budget).",
             rich_help_panel=opt.EARLY_EXIT,
         ),
-    ] = 0.5,
+    ] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            "--budget",
+            help="--early-exit takes the most accurate thresholds whose mean MACs stay within "
+            "this share of the plain model's, e.g. 0.5.",
+            rich_help_panel=opt.EARLY_EXIT,
+        ),
+    ] = None,
+    exit_rule: Annotated[
+        str | None,
+        typer.Option(
+            "--exit-rule",
+            help="max_softmax, margin (top two probabilities apart) or entropy; --early-exit "
+            "without it tries all three and keeps the best.",
+            rich_help_panel=opt.EARLY_EXIT,
+        ),
+    ] = None,
     thresholds: Annotated[
         str | None,
         typer.Option(
             "--thresholds",
             help="For a student with exits: also evaluate the cascade at these per-exit "
-            "thresholds (top softmax probability, in (0, 1]), e.g. 0.9,0.9,0.95.",
+            "thresholds (confidence under --exit-rule, in (0, 1]), e.g. 0.9,0.9,0.95.",
             rich_help_panel=opt.EARLY_EXIT,
         ),
     ] = None,
@@ -123,6 +142,8 @@ def evaluate(
                 path=path,
                 early_exit=early_exit,
                 max_drop=max_drop,
+                budget=budget,
+                exit_rule=exit_rule,
                 thresholds=given,
                 timing_images=timing_images,
                 **common,
@@ -230,9 +251,10 @@ def _render_anytime(report: Reporter, result: dict[str, Any], job: AnytimeJob) -
         ],
     )
     exits = [f"exit {i}" for i in range(1, len(result["heads"]))]
+    rule = result["exit_rule"]
     report.table(
-        "early exit: an image leaves at the first exit whose top probability reaches the "
-        "threshold; % of images leaving at each head",
+        f"early exit: an image leaves at the first exit whose {EXIT_RULES[rule]} ({rule}) "
+        "reaches the threshold; % of images leaving at each head",
         [
             "thresholds",
             "top-1 %",
@@ -260,19 +282,48 @@ def _render_anytime(report: Reporter, result: dict[str, Any], job: AnytimeJob) -
             "leaving the batch at their exit; MACs counted at "
             f"{result['macs_img_size']} px (plain model {macs_label(result['macs_plain'])})"
         )
+    if result.get("frontiers"):
+        _render_frontiers(report, result["frontiers"])
     chosen = result.get("chosen")
     if job.early_exit and chosen:
         values = ",".join(f"{v:g}" for v in chosen["values"])
         report.info(
-            f"chose thresholds {values} on {chosen['split']}: top-1 {chosen['top1']:.2f} "
-            f"(final head {chosen['final_top1']:.2f}), {chosen['macs_pct']:.1f} % of the plain "
-            f"model's MACs; written into {job.path}"
+            f"chose {chosen['rule']} thresholds {values} on {chosen['split']}: top-1 "
+            f"{chosen['top1']:.2f} (final head {chosen['final_top1']:.2f}), "
+            f"{chosen['macs_pct']:.1f} % of the plain model's MACs; written into {job.path}"
         )
-        if chosen["top1"] < chosen["final_top1"] - job.max_drop:
+        if not chosen.get("met", True) and job.budget is not None:
+            report.warn(
+                f"no thresholds kept the mean MACs within {job.budget:g} of the plain model's; "
+                "these are the cheapest found"
+            )
+        elif not chosen.get("met", True):
             report.warn(
                 f"no thresholds kept top-1 within {job.max_drop:g} points of the final head; "
                 "these are the most cautious ones"
             )
+
+
+def _render_frontiers(report: Reporter, frontiers: dict[str, list[dict[str, Any]]]) -> None:
+    """Each rule's accuracy-against-MACs frontier, a row per point (cheapest first)."""
+    rows = []
+    for rule, points in frontiers.items():
+        for i, p in enumerate(points):
+            rows.append(
+                [
+                    rule if i == 0 else "",
+                    f"{p['thresholds'][0]:g}",
+                    f"{p['macs_pct']:.1f}",
+                    f"{p['top1']:.2f}",
+                    f"{p['nll']:.4f}",
+                ]
+            )
+    report.table(
+        "frontier of each exit rule: one threshold for every exit; each row more accurate than "
+        "every cheaper one",
+        ["rule", "threshold", "MACs %", "top-1 %", "NLL"],
+        rows,
+    )
 
 
 def _thresholds_label(cascade: dict[str, Any]) -> str:

@@ -6,9 +6,10 @@
     result = classifier.predict(classifier.preprocess(images))  # PIL images, or a tensor
     result.labels, result.exits, result.macs  # class indices, the exit each took, MACs spent
 
-Each image leaves at the first exit whose top softmax probability reaches that exit's threshold
-(the ones `mlkd eval --split val --early-exit` chose and wrote into the checkpoint, unless others
-are given); the rest of the batch runs on to the next stage.
+Each image leaves at the first exit whose confidence under the exit rule (the top softmax
+probability, the margin between the top two, or one minus the normalised entropy) reaches that
+exit's threshold — the rule and thresholds `mlkd eval --split val --early-exit` chose and wrote
+into the checkpoint, unless others are given; the rest of the batch runs on to the next stage.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
 from mlkd_cli.models.exits import (
     ExitsCheckpoint,
     StagedStudent,
+    check_rule,
     check_thresholds,
     load_exits_checkpoint,
 )
@@ -52,8 +54,11 @@ class AnytimeClassifier:
         checkpoint: ExitsCheckpoint,
         thresholds: Sequence[float] | None = None,
         device: str | torch.device = "cpu",
+        rule: str | None = None,
     ) -> None:
         self.checkpoint = checkpoint
+        # Given thresholds go with the rule given (else the checkpoint's, else max_softmax).
+        self.rule = check_rule(rule or checkpoint.rule)
         self.device = torch.device(device)
         student = checkpoint.student.to(self.device).eval()
         self.staged = StagedStudent(student, checkpoint.card.img_size)
@@ -86,9 +91,10 @@ class AnytimeClassifier:
         path: str | Path,
         thresholds: Sequence[float] | None = None,
         device: str | torch.device = "cpu",
+        rule: str | None = None,
     ) -> AnytimeClassifier:
         """From `<name>_exits.pth` or the folder `mlkd export` writes from it."""
-        return cls(load_exits_checkpoint(Path(path)), thresholds, device)
+        return cls(load_exits_checkpoint(Path(path)), thresholds, device, rule)
 
     @property
     def exit_count(self) -> int:
@@ -102,7 +108,7 @@ class AnytimeClassifier:
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> AnytimePrediction:
         """Run the cascade on a preprocessed batch (N, 3, H, W)."""
-        logits, taken = self.staged.cascade(images.to(self.device), self.thresholds)
+        logits, taken = self.staged.cascade(images.to(self.device), self.thresholds, self.rule)
         probs = logits.softmax(dim=1)
         return AnytimePrediction(
             labels=probs.argmax(dim=1).cpu(),

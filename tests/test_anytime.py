@@ -24,7 +24,7 @@ from mlkd_cli.engine.cascade import (
     exits_taken,
 )
 from mlkd_cli.engine.logits import card_recipe, split_dataset
-from mlkd_cli.models.exits import StagedStudent, load_exits_checkpoint
+from mlkd_cli.models.exits import EXIT_RULES, StagedStudent, load_exits_checkpoint
 from mlkd_cli.models.student import MultiExitStudent
 
 STUDENTS = [("test_convnext", 32), ("test_efficientnet", 32), ("test_resnet", 32)]
@@ -38,24 +38,27 @@ def _student(arch: str, size: int, seed: int = 0) -> MultiExitStudent:
 
 @pytest.mark.parametrize(("arch", "size"), STUDENTS)
 def test_cascade_takes_each_image_from_the_head_the_thresholds_pick(arch: str, size: int) -> None:
+    """The running cascade and the one measured from logits agree, under every exit rule."""
     student = _student(arch, size)
     staged = StagedStudent(student, size)
     images = torch.randn(24, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         heads = torch.stack(student(images))  # final, exit 1, exit 2, exit 3
-        confidence = HeadOutputs.from_logits(heads, torch.zeros(24)).confidence
-        # A threshold between two of the first exit's confidences, near their median: some
-        # images leave at each head, so every path of the cascade runs (and none sits on it).
-        ordered = confidence[0].sort().values
-        middle = float(ordered[11] + ordered[12]) / 2
-        for thresholds in ([1e-6] * 3, [1.0] * 3, [middle, middle, 1e-6], [middle, 1.0, 1.0]):
-            logits, taken = staged.cascade(images, thresholds)
-            expected = exits_taken(confidence, thresholds)
-            assert torch.equal(taken, expected)
-            ordered = torch.cat([heads[1:], heads[:1]])
-            want = ordered[taken, torch.arange(24)]
-            assert torch.allclose(logits, want, atol=1e-5), thresholds
-    assert set(expected.tolist()) == {0, 3}  # the last case: exit 1 or the final head
+        outputs = HeadOutputs.from_logits(heads, torch.zeros(24))
+        for rule in EXIT_RULES:
+            confidence = outputs.confidence_of(rule)
+            # A threshold between two of the first exit's confidences, near their median: some
+            # images leave at each head, so every path of the cascade runs (none sits on it).
+            ordered = confidence[0].sort().values
+            middle = float(ordered[11] + ordered[12]) / 2
+            for thresholds in ([1e-6] * 3, [1.0] * 3, [middle, middle, 1e-6], [middle, 1.0, 1.0]):
+                logits, taken = staged.cascade(images, thresholds, rule)
+                expected = exits_taken(confidence, thresholds)
+                assert torch.equal(taken, expected), (rule, thresholds)
+                ordered = torch.cat([heads[1:], heads[:1]])
+                want = ordered[taken, torch.arange(24)]
+                assert torch.allclose(logits, want, atol=1e-5), (rule, thresholds)
+            assert set(expected.tolist()) == {0, 3}  # the last case: exit 1 or the final head
 
 
 def test_pooled_batches_give_what_each_batch_gives_alone() -> None:
@@ -251,7 +254,7 @@ def test_early_exit_on_val_writes_thresholds_that_test_then_uses(
     # The record's figures are the validation cascade's, recomputed here from every head.
     val = _split_heads(exits_ckpt, "val")
     macs = load_checkpoint(exits_ckpt)["exits"]["macs"]
-    again = evaluate_cascade(val, record["values"], macs["cascade"], macs["plain"])
+    again = evaluate_cascade(val, record["values"], macs["cascade"], macs["plain"], record["rule"])
     assert again.top1 == pytest.approx(record["top1"]) and again.top1 >= record["final_top1"] - 0.5
     assert again.macs_pct == pytest.approx(record["macs_pct"])
 
@@ -266,9 +269,43 @@ def test_early_exit_on_val_writes_thresholds_that_test_then_uses(
     assert result["timed_images"] == 48
     assert Path(result["plots"]["accuracy_vs_macs"]).stat().st_size > 10_000
     test_heads = _split_heads(exits_ckpt, "test")
-    expected = evaluate_cascade(test_heads, record["values"], macs["cascade"], macs["plain"])
+    expected = evaluate_cascade(
+        test_heads, record["values"], macs["cascade"], macs["plain"], record["rule"]
+    )
     assert first["top1"] == pytest.approx(expected.top1)
     assert first["macs_pct"] == pytest.approx(expected.macs_pct)
+
+
+@pytest.mark.slow
+def test_a_budget_picks_the_most_accurate_point_within_it_and_every_rule_has_a_frontier(
+    exits_ckpt: Path,
+) -> None:
+    from mlkd_cli.anytime import AnytimeClassifier
+
+    base = ("eval", exits_ckpt, "--precision", "fp32", "--json", "--quiet", "--timing-images", "0")
+    chose = invoke_cli(*base, "--split", "val", "--early-exit", "--budget", "0.6")
+    assert chose.exit_code == 0, chose.stderr
+    result = json.loads(chose.stdout)
+    record = load_checkpoint(exits_ckpt)["exits"]["thresholds"]
+    assert record["budget"] == 0.6 and record["max_drop"] is None and record["met"]
+    assert record["rule"] in ("max_softmax", "margin", "entropy")
+    assert record["macs_pct"] <= 60.0 + 1e-6
+    assert set(result["frontiers"]) == {"max_softmax", "margin", "entropy"}
+    # No point of any rule's frontier within the budget beats the chosen one on validation
+    # (the frontier's shared thresholds are among the candidates on this small split).
+    for points in result["frontiers"].values():
+        affordable = [p["top1"] for p in points if p["macs_pct"] <= 60.0 + 1e-6]
+        assert max(affordable, default=0.0) <= record["top1"] + 1e-9
+    # The classifier runs the chosen rule; a file chosen before rules existed runs max_softmax.
+    assert AnytimeClassifier.load(exits_ckpt).rule == record["rule"]
+    content = load_checkpoint(exits_ckpt)
+    del content["exits"]["thresholds"]["rule"]
+    torch.save(content, exits_ckpt)
+    older = AnytimeClassifier.load(exits_ckpt)
+    assert older.rule == "max_softmax" and older.thresholds == record["values"]
+    shown = invoke_cli(*base)  # the test split, at the saved thresholds
+    assert shown.exit_code == 0, shown.stderr
+    assert json.loads(shown.stdout)["cascades"][0]["exit_rule"] == "max_softmax"
 
 
 @pytest.mark.slow
@@ -357,6 +394,11 @@ def test_export_writes_safetensors_and_an_onnx_output_per_exit(
         (("--split", "test", "--early-exit"), "never on the test split"),
         (("--split", "val", "--early-exit", "--thresholds", "0.9,0.9,0.9"), "pass one"),
         (("--img-size", "64"), "records its student and size"),
+        (("--split", "val", "--early-exit", "--budget", "0.5", "--max-drop", "1"), "pass one"),
+        (("--split", "val", "--early-exit", "--budget", "0"), "must be above 0"),
+        (("--split", "val", "--early-exit", "--budget", "0.01"), "below the first exit's own"),
+        (("--split", "val", "--budget", "0.5"), "add --early-exit"),
+        (("--split", "val", "--early-exit", "--exit-rule", "vote"), "--exit-rule must be one of"),
     ],
 )
 def test_bad_exit_flags_are_one_line_and_write_nothing(

@@ -137,7 +137,7 @@ def comparison_png(rows: list[dict[str, Any]], title: str, path: Path) -> None:
 
 def anytime_png(result: dict[str, Any], title: str, path: Path) -> None:
     """Top-1 against mean MACs per image: each head alone, the early-exit cascade over shared
-    thresholds, and the chosen thresholds."""
+    thresholds (with --early-exit: each exit rule's frontier), and the chosen thresholds."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 4.5))
     heads = result["heads"]
@@ -156,15 +156,30 @@ def anytime_png(result: dict[str, Any], title: str, path: Path) -> None:
             xytext=(4, -10),
             textcoords="offset points",
         )
-    shared = [c for c in result["cascades"] if c["rule"] not in ("chosen", "given")]
-    shared.sort(key=lambda c: c["macs_pct"])
-    axes.plot(
-        [c["macs_pct"] for c in shared],
-        [c["top1"] for c in shared],
-        marker="o",
-        color="tab:blue",
-        label="cascade, one threshold for all exits",
-    )
+    frontiers = result.get("frontiers") or {}
+    if frontiers:
+        for (rule, points), color in zip(
+            frontiers.items(), ("tab:blue", "tab:orange", "tab:purple"), strict=False
+        ):
+            axes.plot(
+                [p["macs_pct"] for p in points],
+                [p["top1"] for p in points],
+                marker="o",
+                markersize=3,
+                color=color,
+                label=f"frontier, {rule}",
+            )
+    else:
+        shared = [c for c in result["cascades"] if c["rule"] not in ("chosen", "given")]
+        shared.sort(key=lambda c: c["macs_pct"])
+        axes.plot(
+            [c["macs_pct"] for c in shared],
+            [c["top1"] for c in shared],
+            marker="o",
+            color="tab:blue",
+            label="cascade, one threshold for all exits "
+            f"({result.get('exit_rule', 'max_softmax')})",
+        )
     for c in result["cascades"]:
         if c["rule"] in ("chosen", "given"):
             values = ",".join(f"{v:g}" for v in c["thresholds"])
@@ -175,7 +190,7 @@ def anytime_png(result: dict[str, Any], title: str, path: Path) -> None:
                 s=180,
                 color="tab:red" if c["rule"] == "chosen" else "tab:green",
                 zorder=4,
-                label=f"{c['rule']} thresholds {values}",
+                label=f"{c['rule']} thresholds {values} ({c.get('exit_rule', 'max_softmax')})",
             )
     axes.axhline(heads[0]["top1"], color="tab:gray", linestyle=":", linewidth=1)
     axes.set_xlabel("mean MACs per image, % of the plain model")

@@ -1,6 +1,7 @@
-"""`mlkd eval` of a student with exits: every head, the cascade at several thresholds, the
-thresholds chosen on validation (written into the checkpoint), and speeds measured with real
-early stopping."""
+"""`mlkd eval` of a student with exits: every head, the cascade at several thresholds, each exit
+rule's accuracy-against-MACs frontier, the operating point chosen on validation for a top-1 bound
+or a compute budget (rule and thresholds, written into the checkpoint), and speeds measured with
+real early stopping."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ from mlkd_cli.engine.cascade import (
     TABLE_THRESHOLDS,
     CascadeResult,
     HeadOutputs,
-    choose_thresholds,
+    OperatingPoint,
+    choose_operating_point,
     evaluate_cascade,
+    frontier,
 )
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.logits import (
@@ -41,11 +44,15 @@ from mlkd_cli.engine.logits import (
 from mlkd_cli.engine.precision import Precision, prepare_forward
 from mlkd_cli.models.exits import (
     EXIT_RULE,
+    EXIT_RULES,
     ExitCosts,
     StagedStudent,
+    check_rule,
     check_thresholds,
     load_exits_checkpoint,
 )
+
+DEFAULT_MAX_DROP = 0.5  # top-1 points --early-exit may lose when no --budget is given
 
 # Timing repeats each configuration this many times, interleaved, and keeps the median; a round
 # lasts at least MIN_ROUND_SECONDS (whole passes over the timed images).
@@ -64,7 +71,12 @@ class AnytimeRequest:
     data_dir: Path = Path("data")
     split: str = "test"
     early_exit: bool = False  # choose thresholds on this (validation) split and save them
-    max_drop: float = 0.5  # top-1 points the chosen cascade may lose against the final head
+    # The criterion --early-exit chooses by (one of the two): top-1 points the cascade may lose
+    # against the final head (None: DEFAULT_MAX_DROP unless a budget is given), or the share
+    # of the plain model's mean MACs it may spend.
+    max_drop: float | None = None
+    budget: float | None = None
+    exit_rule: str | None = None  # None: --early-exit tries every rule; else this one
     thresholds: tuple[float, ...] | None = None  # a cascade to evaluate besides the table's
     timing_images: int = 512  # images timed per configuration; 0 skips timing
     timing_budget_s: float = TIMING_BUDGET_S  # about how long timing every configuration takes
@@ -84,7 +96,9 @@ class AnytimeJob(PlannedPass):
     head_names: tuple[str, ...]  # final, then each exit
     saved_thresholds: dict[str, Any] | None  # what an earlier --early-exit chose and wrote
     early_exit: bool
-    max_drop: float
+    max_drop: float | None
+    budget: float | None
+    exit_rule: str | None
     thresholds: tuple[float, ...] | None
     timing_images: int
     timing_budget_s: float = TIMING_BUDGET_S
@@ -95,17 +109,42 @@ class AnytimeJob(PlannedPass):
         return len(self.head_names) - 1
 
 
+def _criterion(request: AnytimeRequest) -> tuple[float | None, float | None]:
+    """(max_drop, budget) as --early-exit uses them: one of the two, checked."""
+    max_drop, budget = request.max_drop, request.budget
+    if max_drop is not None and budget is not None:
+        raise UserError("--max-drop and --budget both choose the thresholds; pass one")
+    if max_drop is not None and (not math.isfinite(max_drop) or max_drop < 0):
+        raise UserError(f"--max-drop must be 0 or more top-1 points, not {max_drop:g}")
+    if budget is not None and (not math.isfinite(budget) or budget <= 0):
+        raise UserError(
+            f"--budget is a share of the plain model's MACs, like 0.5, and must be above 0, "
+            f"not {budget:g}"
+        )
+    if budget is not None and not request.early_exit:
+        raise UserError("--budget chooses thresholds: add --early-exit (on --split val)")
+    return (DEFAULT_MAX_DROP if budget is None and max_drop is None else max_drop), budget
+
+
 def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
     """Check the checkpoint, the split and every threshold flag before any work starts."""
-    if not math.isfinite(request.max_drop) or request.max_drop < 0:
-        raise UserError(f"--max-drop must be 0 or more top-1 points, not {request.max_drop:g}")
+    max_drop, budget = _criterion(request)
+    if request.exit_rule is not None:
+        check_rule(request.exit_rule)
     if request.timing_images < 0:
         raise UserError(f"--timing-images must be 0 or more, not {request.timing_images}")
     checkpoint = load_exits_checkpoint(request.path)
     card = checkpoint.card
-    if checkpoint.costs is None:
+    costs = checkpoint.costs
+    if costs is None:
         raise UserError(
             f"{request.path}: {card.arch} cannot be run stage by stage, so it cannot stop early"
+        )
+    cheapest = costs.up_to(0) / costs.plain
+    if budget is not None and budget < cheapest:
+        raise UserError(
+            f"--budget {budget:g} is below the first exit's own cost ({cheapest:.3f} of the plain "
+            f"model's MACs), so no cascade fits it; raise --budget to {cheapest:.3f} or more"
         )
     exit_count = len(checkpoint.student.exits)
     thresholds: tuple[float, ...] | None = None
@@ -137,11 +176,13 @@ def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
         workers=request.workers,
         precision=request.precision,
         output=request.output,
-        costs=checkpoint.costs,
+        costs=costs,
         head_names=tuple(checkpoint.student.head_names),
         saved_thresholds=checkpoint.exits.get("thresholds"),
         early_exit=request.early_exit,
-        max_drop=request.max_drop,
+        max_drop=max_drop,
+        budget=budget,
+        exit_rule=request.exit_rule,
         thresholds=thresholds,
         timing_images=request.timing_images,
         timing_budget_s=request.timing_budget_s,
@@ -180,33 +221,18 @@ def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, 
             }
         )
     outputs = HeadOutputs.from_logits(logits, labels)
-    cascade_macs = costs.cascade
-    rows: list[tuple[str, CascadeResult]] = []
-    chosen_record = None
-    if job.early_exit:
-        values = choose_thresholds(outputs, cascade_macs, job.max_drop)
-        result = evaluate_cascade(outputs, values, cascade_macs, costs.plain)
-        chosen_record = _save_thresholds(job, result, heads[0]["top1"])
-        rows.append(("chosen", result))
-    elif job.saved_thresholds is not None:
-        values = job.saved_thresholds["values"]
-        rows.append(("chosen", evaluate_cascade(outputs, values, cascade_macs, costs.plain)))
-    if job.thresholds is not None:
-        given = evaluate_cascade(outputs, job.thresholds, cascade_macs, costs.plain)
-        rows.append(("given", given))
-    for value in TABLE_THRESHOLDS:
-        shared = [value] * job.exit_count
-        rows.append((f"{value:g}", evaluate_cascade(outputs, shared, cascade_macs, costs.plain)))
-    speeds = time_anytime(job, device, [r.thresholds for _, r in rows])
+    rows, rule, chosen_record, frontiers = _cascade_rows(job, outputs, heads[0]["top1"])
+    speeds = time_anytime(job, device, [(r.thresholds, row_rule) for _, row_rule, r in rows])
     for i, head in enumerate(heads):
         head["images_per_s"] = speeds["heads"][i] if speeds else None
     cascades = [
         {
             "rule": label,
+            "exit_rule": exit_rule,
             **result.to_record(),
             "images_per_s": speeds["cascades"][i] if speeds else None,
         }
-        for i, (label, result) in enumerate(rows)
+        for i, (label, exit_rule, result) in enumerate(rows)
     ]
     return {
         "checkpoint": str(job.path),
@@ -215,7 +241,8 @@ def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, 
         "images": int(len(labels)),
         # The final head's figures, as a plain model's evaluation gives them.
         **{key: heads[0][key] for key in ("top1", "top5", "nll", "ece")},
-        "exit_rule": EXIT_RULE,
+        "exit_rule": rule,
+        "frontiers": frontiers,
         "macs_plain": costs.plain,
         "macs_img_size": costs.img_size,
         "heads": heads,
@@ -225,14 +252,64 @@ def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, 
     }
 
 
-def _save_thresholds(job: AnytimeJob, result: CascadeResult, final_top1: float) -> dict[str, Any]:
-    """Write the chosen thresholds into the exits checkpoint's card (atomically); returns them."""
+def _cascade_rows(
+    job: AnytimeJob, outputs: HeadOutputs, final_top1: float
+) -> tuple[list[tuple[str, str, CascadeResult]], str, dict | None, dict | None]:
+    """The cascades to show, as (label, exit rule, figures): the chosen (with --early-exit, chosen
+    now and saved; else the saved one), the given, and shared thresholds under the chosen rule
+    (else the asked, else the default); that rule; the saved record; each rule's frontier."""
+    costs = job.costs
+    cascade_macs, plain = costs.cascade, costs.plain
+    rows: list[tuple[str, str, CascadeResult]] = []
+    chosen_record, frontiers = None, None
+    rule = job.exit_rule or EXIT_RULE
+    if job.early_exit:
+        point = choose_operating_point(
+            outputs, cascade_macs, plain, max_drop=job.max_drop, budget=job.budget,
+            rules=[job.exit_rule] if job.exit_rule else list(EXIT_RULES),
+        )  # fmt: skip
+        chosen_record = _save_thresholds(job, point, final_top1)
+        rule = point.rule
+        rows.append(("chosen", rule, point.result))
+        frontiers = {
+            r: [p.to_record() for p in frontier(outputs, cascade_macs, plain, r)]
+            for r in EXIT_RULES
+        }
+    elif job.saved_thresholds is not None:
+        saved_rule = job.saved_thresholds.get("rule", EXIT_RULE)
+        values = job.saved_thresholds["values"]
+        rows.append(
+            (
+                "chosen",
+                saved_rule,
+                evaluate_cascade(outputs, values, cascade_macs, plain, saved_rule),
+            )
+        )
+        rule = job.exit_rule or saved_rule
+    if job.thresholds is not None:
+        rows.append(
+            ("given", rule, evaluate_cascade(outputs, job.thresholds, cascade_macs, plain, rule))
+        )
+    for value in TABLE_THRESHOLDS:
+        shared = [value] * job.exit_count
+        rows.append(
+            (f"{value:g}", rule, evaluate_cascade(outputs, shared, cascade_macs, plain, rule))
+        )
+    return rows, rule, chosen_record, frontiers
+
+
+def _save_thresholds(job: AnytimeJob, point: OperatingPoint, final_top1: float) -> dict[str, Any]:
+    """Write the chosen operating point into the exits checkpoint's card (atomically); returns
+    it."""
+    result = point.result
     record = {
         "values": list(result.thresholds),
-        "rule": EXIT_RULE,
+        "rule": point.rule,
         "split": job.split,
         "dataset": job.dataset,
         "max_drop": job.max_drop,
+        "budget": job.budget,
+        "met": point.met,
         "top1": result.top1,
         "final_top1": final_top1,
         "macs_pct": result.macs_pct,
@@ -245,7 +322,7 @@ def _save_thresholds(job: AnytimeJob, result: CascadeResult, final_top1: float) 
 
 
 def time_anytime(
-    job: AnytimeJob, device: str, cascades: list[tuple[float, ...]]
+    job: AnytimeJob, device: str, cascades: list[tuple[tuple[float, ...], str]]
 ) -> dict[str, Any] | None:
     """Images per second of each head used alone and of each cascade, with real early stopping,
     on up to `job.timing_images` images held in memory (the model's compute, not data loading)."""
@@ -271,7 +348,7 @@ def time_anytime(
     heads = [_each(staged.plain)] + [
         _each(lambda x, j=j: staged.exit_logits(x, j)) for j in range(job.exit_count)
     ]
-    runs = [(lambda b, t=t: staged.cascade_batches(b, t)) for t in cascades]
+    runs = [(lambda b, t=t, r=r: staged.cascade_batches(b, t, r)) for t, r in cascades]
     functions = [*heads, *runs]
     budget = job.timing_budget_s
     batches, rounds = _fit_budget(staged, batches, precision, len(functions), budget)

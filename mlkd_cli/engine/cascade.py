@@ -1,9 +1,12 @@
 """Early exit measured from every head's logits: what a cascade at given thresholds scores and
-costs, and the cheapest thresholds that keep top-1 within a margin of the final head.
+costs; the operating point chosen for an accuracy bound (the cheapest thresholds that keep top-1
+within a margin of the final head) or a compute budget (the most accurate thresholds whose mean
+MACs stay within a share of the plain model's), under each exit rule; and each rule's
+accuracy-against-MACs frontier.
 
 Heads are in cascade order here: exit 0, exit 1, ..., the final head last. An image leaves at the
-first exit whose top softmax probability reaches that exit's threshold (the final head takes the
-rest), exactly as `StagedStudent.cascade` runs it.
+first exit whose confidence under the rule (`models.exits.EXIT_RULES`) reaches that exit's
+threshold (the final head takes the rest), exactly as `StagedStudent.cascade` runs it.
 """
 
 from __future__ import annotations
@@ -11,14 +14,24 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
-# Thresholds tried per exit when choosing; 1.0 lets only certain images leave.
+from mlkd_cli.models.exits import EXIT_RULE, EXIT_RULES, exit_confidence
+
+# Thresholds tried per exit when choosing; 1.0 lets only certain images leave, the low ones
+# nearly every image (a margin or an entropy rule's confidence runs lower than the top
+# probability, and a tight budget needs most images to leave early).
 THRESHOLD_GRID = (
+    0.01,
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.4,
     0.5,
     0.6,
     0.7,
@@ -50,6 +63,7 @@ class HeadOutputs:
 
     logits: torch.Tensor  # (heads, images, classes), float32
     labels: torch.Tensor  # (images,)
+    _scores: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor) -> HeadOutputs:
@@ -70,6 +84,12 @@ class HeadOutputs:
     def confidence(self) -> torch.Tensor:
         """(heads, images): each head's top probability."""
         return self.probs.amax(dim=-1)
+
+    def confidence_of(self, rule: str) -> torch.Tensor:
+        """(heads, images): how sure each head is of each image under `rule` (computed once)."""
+        if rule not in self._scores:
+            self._scores[rule] = exit_confidence(self.logits, rule)
+        return self._scores[rule]
 
     @property
     def correct(self) -> torch.Tensor:
@@ -109,10 +129,14 @@ class CascadeResult:
 
 
 def evaluate_cascade(
-    heads: HeadOutputs, thresholds: Sequence[float], cascade_macs: Sequence[int], plain_macs: int
+    heads: HeadOutputs,
+    thresholds: Sequence[float],
+    cascade_macs: Sequence[int],
+    plain_macs: int,
+    rule: str = EXIT_RULE,
 ) -> CascadeResult:
-    """Top-1, NLL, exit shares and mean MACs of the cascade at `thresholds`."""
-    taken = exits_taken(heads.confidence, thresholds)
+    """Top-1, NLL, exit shares and mean MACs of the cascade at `thresholds` under `rule`."""
+    taken = exits_taken(heads.confidence_of(rule), thresholds)
     images = torch.arange(len(heads.labels))
     logits = heads.logits[taken, images].double()
     count = max(len(heads.labels), 1)
@@ -131,19 +155,29 @@ def evaluate_cascade(
 def choose_thresholds(
     heads: HeadOutputs,
     cascade_macs: Sequence[int],
-    max_drop: float,
+    max_drop: float | None = None,
     grid: Sequence[float] = THRESHOLD_GRID,
-) -> tuple[float, ...]:
-    """The thresholds with the fewest mean MACs (ties: the higher top-1) that lose at most
-    `max_drop` top-1 points against the final head, counted conservatively: the images the final
-    head gets right and the cascade gets wrong are at most `max_drop` % of the split (images
-    the cascade gets right where the final head fails do not buy further losses).
+    *,
+    max_macs: float | None = None,
+    rule: str = EXIT_RULE,
+) -> tuple[float, ...] | None:
+    """Thresholds for one of two criteria (exactly one given), under `rule`:
 
-    On digits the net difference picked thresholds that were 2 points better than the final
-    head on its 144 validation images and a point worse on the test split; this bound held.
+    - `max_drop`: the fewest mean MACs (ties: the higher top-1) losing at most `max_drop` top-1
+      points against the final head, counted conservatively: the images the final head gets
+      right and the cascade gets wrong are at most `max_drop` % of the split (images the cascade
+      gets right where the final head fails do not buy further losses). On digits the net
+      difference picked thresholds that were 2 points better than the final head on its 144
+      validation images and a point worse on the test split; this bound held. Falls back to the
+      most cautious thresholds (1.0) when none qualify.
+    - `max_macs`: the highest top-1 (ties: fewer MACs) whose mean MACs per image stay within
+      `max_macs`; None when no thresholds do.
+
     A split of fewer than `PER_EXIT_FROM` images picks one threshold shared by every exit (per-
     exit thresholds overfit it); larger ones search each exit's threshold.
     """
+    if (max_drop is None) == (max_macs is None):
+        raise ValueError("give max_drop or max_macs")
     correct = heads.correct
     final = correct[-1]
     count = max(len(heads.labels), 1)
@@ -152,42 +186,129 @@ def choose_thresholds(
     images = torch.arange(len(heads.labels))
     limits = torch.tensor(list(grid), dtype=torch.float32)
     # leave[j, g, n]: image n leaves at exit j under the g-th threshold.
-    leave = heads.confidence[:exits, None, :] >= limits[None, :, None]
+    leave = heads.confidence_of(rule)[:exits, None, :] >= limits[None, :, None]
 
     def score(choice: Sequence[int]) -> tuple[float, float] | None:
-        """(mean MACs, top-1) of a choice of grid positions; None when it loses too much."""
+        """(mean MACs, top-1) of a choice of grid positions; None when it breaks the bound."""
         rows = torch.stack([leave[j, g] for j, g in enumerate(choice)])
         taken = torch.cat([rows, torch.ones_like(rows[:1])]).int().argmax(dim=0)
         hits = correct[taken, images]
-        if 100.0 * float((final & ~hits).sum()) / count > max_drop + 1e-9:
+        macs = float(costs[taken].mean())
+        if max_macs is not None and macs > max_macs * (1 + 1e-9):
             return None
-        return float(costs[taken].mean()), 100.0 * float(hits.sum()) / count
+        if max_drop is not None and 100.0 * float((final & ~hits).sum()) / count > max_drop + 1e-9:
+            return None
+        return macs, 100.0 * float(hits.sum()) / count
 
-    best_choice, best = tuple([len(grid) - 1] * exits), None
-    for choice in _candidates(len(grid), exits, count, score):
+    def key(figures: tuple[float, float]) -> tuple[float, float]:
+        macs, top1 = figures
+        return (macs, -top1) if max_drop is not None else (-top1, macs)
+
+    best_choice, best = None, None
+    for choice in _candidates(len(grid), exits, count, score, key):
         figures = score(choice)
-        if figures is not None and (
-            best is None or (figures[0], -figures[1]) < (best[0] - 1e-9, -best[1])
-        ):
+        if figures is not None and (best is None or key(figures) < key(best)):
             best_choice, best = choice, figures
+    if best_choice is None:
+        if max_macs is not None:
+            return None
+        best_choice = tuple([len(grid) - 1] * exits)
     return tuple(float(grid[g]) for g in best_choice)
 
 
-def _candidates(size: int, exits: int, count: int, score) -> list[tuple[int, ...]]:
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The thresholds chosen for a deployment: rule, thresholds, their figures on the split,
+    and whether the criterion could be met (False: the closest that could be found)."""
+
+    rule: str
+    result: CascadeResult
+    met: bool
+
+
+def choose_operating_point(
+    heads: HeadOutputs,
+    cascade_macs: Sequence[int],
+    plain_macs: int,
+    *,
+    max_drop: float | None = None,
+    budget: float | None = None,
+    rules: Sequence[str] = tuple(EXIT_RULES),
+) -> OperatingPoint:
+    """The best thresholds over `rules` for `max_drop` (fewest MACs, then higher top-1) or
+    `budget`, a share of `plain_macs` (highest top-1, then fewer MACs). Under a budget no
+    thresholds can meet, the cheapest cascade found (every exit at the lowest threshold)."""
+    if (max_drop is None) == (budget is None):
+        raise ValueError("give max_drop or budget")
+    limit = None if budget is None else budget * plain_macs
+    found: list[OperatingPoint] = []
+    for rule in rules:
+        values = choose_thresholds(heads, cascade_macs, max_drop, max_macs=limit, rule=rule)
+        if values is not None:
+            result = evaluate_cascade(heads, values, cascade_macs, plain_macs, rule)
+            met = max_drop is None or result.top1 >= heads_top1(heads) - max_drop - 1e-9
+            found.append(OperatingPoint(rule, result, met))
+    if not found:  # the budget is below what any thresholds reach: the cheapest there is
+        lowest = [THRESHOLD_GRID[0]] * heads.exit_count
+        cheapest = [
+            OperatingPoint(
+                rule, evaluate_cascade(heads, lowest, cascade_macs, plain_macs, rule), False
+            )
+            for rule in rules
+        ]
+        return min(cheapest, key=lambda p: (p.result.macs, -p.result.top1))
+    if max_drop is not None:
+        return min(found, key=lambda p: (not p.met, p.result.macs, -p.result.top1))
+    return min(found, key=lambda p: (-p.result.top1, p.result.macs))
+
+
+def heads_top1(heads: HeadOutputs) -> float:
+    """The final head's top-1 over the split."""
+    return 100.0 * float(heads.correct[-1].double().mean())
+
+
+def frontier(
+    heads: HeadOutputs,
+    cascade_macs: Sequence[int],
+    plain_macs: int,
+    rule: str,
+    grid: Sequence[float] = THRESHOLD_GRID,
+) -> list[CascadeResult]:
+    """The rule's accuracy-against-MACs frontier: the cascades at one threshold shared by every
+    exit, each on the grid, keeping those no cheaper one matches in top-1 (fewest MACs first)."""
+    points = sorted(
+        (
+            evaluate_cascade(heads, [t] * heads.exit_count, cascade_macs, plain_macs, rule)
+            for t in grid
+        ),
+        key=lambda r: (r.macs, -r.top1),
+    )
+    kept: list[CascadeResult] = []
+    for point in points:
+        if not kept or point.top1 > kept[-1].top1 + 1e-9:
+            kept.append(point)
+    return kept
+
+
+def _candidates(size: int, exits: int, count: int, score, key) -> list[tuple[int, ...]]:
     """Grid positions to try: shared ones for a small split, all combinations when few enough,
-    else the one that coordinate descent from the most cautious thresholds settles on."""
+    else where coordinate descent (by `key`) settles from the most cautious thresholds and from
+    the most eager ones (a budget may rule the cautious end out altogether)."""
     if count < PER_EXIT_FROM:
         return [tuple([g] * exits) for g in range(size)]
     if size**exits <= EXHAUSTIVE_LIMIT:
         return list(itertools.product(range(size), repeat=exits))
-    current = tuple([size - 1] * exits)
-    for _ in range(3):
-        for j in range(exits):
-            options = [(*current[:j], g, *current[j + 1 :]) for g in range(size)]
-            feasible = [(f[0], -f[1], o) for o in options if (f := score(o)) is not None]
-            if feasible:
-                current = min(feasible)[2]
-    return [current]
+    settled = []
+    for start in (size - 1, 0):
+        current = tuple([start] * exits)
+        for _ in range(3):
+            for j in range(exits):
+                options = [(*current[:j], g, *current[j + 1 :]) for g in range(size)]
+                feasible = [(key(f), o) for o in options if (f := score(o)) is not None]
+                if feasible:
+                    current = min(feasible)[1]
+        settled.append(current)
+    return settled
 
 
 def macs_label(macs: float) -> str:

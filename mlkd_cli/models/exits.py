@@ -1,8 +1,9 @@
 """Anytime inference with a multi-exit student: the backbone cut at its exits, run stage by stage.
 
 A cascade runs the first segment of the backbone (stem to the first exit's stage) and that exit's
-branch; the images whose top softmax probability reaches the exit's threshold leave with its
-prediction, the rest go on to the next segment, and so on to the final head. What each image costs
+branch; the images whose confidence under the exit rule (`EXIT_RULES`: the top softmax
+probability by default) reaches the exit's threshold leave with its prediction, the rest go on to
+the next segment, and so on to the final head. What each image costs
 is counted in multiply-accumulates (MACs) with torch's FlopCounterMode, segment by segment.
 
 The cut is taken from the backbone's own modules in order (timm's sequential CNNs: ResNet,
@@ -31,9 +32,37 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.models.factory import check_model_name
 from mlkd_cli.models.student import MultiExitStudent
 
-# The confidence rule: an image leaves at the first exit whose top softmax probability reaches
-# the exit's threshold.
-EXIT_RULE = "max_softmax"
+# How sure a head is of an image, in [0, 1] (higher: surer); an image leaves at the first exit
+# whose confidence reaches that exit's threshold. Files written before rules existed used the
+# first.
+EXIT_RULES = {
+    "max_softmax": "the top softmax probability",
+    "margin": "the top probability minus the second",
+    "entropy": "1 minus the softmax's entropy divided by log(classes)",
+}
+EXIT_RULE = "max_softmax"  # the default, and what a file without a rule was chosen with
+
+
+def exit_confidence(logits: torch.Tensor, rule: str = EXIT_RULE) -> torch.Tensor:
+    """How sure each row of `logits` (..., classes) is under `rule` (`EXIT_RULES`), in [0, 1],
+    from the float32 softmax: the arithmetic every cascade decides by."""
+    probs = logits.float().softmax(dim=-1)
+    if rule == "max_softmax":
+        return probs.amax(dim=-1)
+    if rule == "margin":
+        top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
+        return top[..., 0] - (top[..., 1] if top.shape[-1] > 1 else 0.0)
+    if rule == "entropy":
+        entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)
+        return (1.0 - entropy / math.log(max(probs.shape[-1], 2))).clamp(0.0, 1.0)
+    raise ValueError(f"unknown exit rule {rule!r}; rules are {', '.join(EXIT_RULES)}")
+
+
+def check_rule(rule: str) -> str:
+    """Refuse an exit rule mlkd does not know (one line naming the choices)."""
+    if rule not in EXIT_RULES:
+        raise UserError(f"--exit-rule must be one of {', '.join(EXIT_RULES)}, not {rule!r}")
+    return rule
 
 
 @dataclass(frozen=True)
@@ -199,15 +228,15 @@ class StagedStudent:
         return self.exit_logits(images, self.exit_count)
 
     def cascade(
-        self, images: torch.Tensor, thresholds: Sequence[float]
+        self, images: torch.Tensor, thresholds: Sequence[float], rule: str = EXIT_RULE
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (float) of the head each image left at, and that head's index (exits 0..E-1,
-        E the final head). Images leave as soon as an exit's top probability reaches its
-        threshold; the rest of the batch runs on."""
-        return self.cascade_batches([images], thresholds)
+        E the final head). Images leave as soon as an exit's confidence under `rule` reaches
+        its threshold; the rest of the batch runs on."""
+        return self.cascade_batches([images], thresholds, rule)
 
     def cascade_batches(
-        self, batches: Sequence[torch.Tensor], thresholds: Sequence[float]
+        self, batches: Sequence[torch.Tensor], thresholds: Sequence[float], rule: str = EXIT_RULE
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`cascade` over several batches in order, as one result; the images that run on past
         an exit wait for a full batch's worth before the next segment runs, so that the few
@@ -215,7 +244,7 @@ class StagedStudent:
         per-operation cost of those passes undid the savings)."""
         if len(thresholds) != self.exit_count:
             raise ValueError(f"{self.exit_count} thresholds needed, got {len(thresholds)}")
-        run = _CascadeRun(self, list(thresholds), batches)
+        run = _CascadeRun(self, list(thresholds), batches, rule)
         offset = 0
         for batch in batches:
             positions = torch.arange(offset, offset + batch.shape[0], device=run.device)
@@ -250,9 +279,13 @@ class _CascadeRun:
     """One `cascade_batches` call: results so far and the images waiting at each segment."""
 
     def __init__(
-        self, staged: StagedStudent, thresholds: list[float], batches: Sequence[torch.Tensor]
+        self,
+        staged: StagedStudent,
+        thresholds: list[float],
+        batches: Sequence[torch.Tensor],
+        rule: str,
     ) -> None:
-        self.staged, self.thresholds = staged, thresholds
+        self.staged, self.thresholds, self.rule = staged, thresholds, rule
         self.total = sum(b.shape[0] for b in batches)
         self.full = max((b.shape[0] for b in batches), default=1)
         self.device = batches[0].device if batches else torch.device("cpu")
@@ -276,7 +309,7 @@ class _CascadeRun:
             self.record(positions, staged.head(x).float(), level)
             return
         logits = staged.student.exits[level](x).float()
-        leave = logits.softmax(dim=1).amax(dim=1) >= self.thresholds[level]
+        leave = exit_confidence(logits, self.rule) >= self.thresholds[level]
         # Positions, once each (one host sync per exit): who leaves here, who runs on.
         gone = leave.nonzero().squeeze(1)
         stay = (~leave).nonzero().squeeze(1)
@@ -362,6 +395,12 @@ class ExitsCheckpoint:
         """The thresholds chosen on validation, if they have been."""
         chosen = self.exits.get("thresholds")
         return list(chosen["values"]) if chosen else None
+
+    @property
+    def rule(self) -> str:
+        """The exit rule the thresholds were chosen for (older files: the top probability)."""
+        chosen = self.exits.get("thresholds") or {}
+        return str(chosen.get("rule", EXIT_RULE))
 
 
 def is_exits_checkpoint(path: Path) -> bool:
