@@ -65,6 +65,7 @@ def distill(
         ),
     ] = None,
     exits: opt.Exits = None,
+    exit_head: opt.ExitHead = None,
     exit_weights: Annotated[
         str | None,
         typer.Option(
@@ -129,6 +130,7 @@ def distill(
         "student_checkpoint": student_checkpoint,
         "pretrained": pretrained,
         "exits": exits,
+        "exit_head": exit_head,
         "exit_weights": exit_weights,
         "name": name,
         "alpha": alpha,

@@ -225,6 +225,15 @@ Exits = Annotated[
         rich_help_panel=STUDENT,
     ),
 ]
+ExitHead = Annotated[
+    str | None,
+    typer.Option(
+        "--exit-head",
+        help="original (the original's branch) or light (1-3 % of a ResNet-50's MACs an exit; "
+        f"default {_DISTILL.exit_head}).",
+        rich_help_panel=STUDENT,
+    ),
+]
 Alpha = Annotated[
     float | None,
     typer.Option(

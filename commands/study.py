@@ -48,6 +48,7 @@ def study(
     soft_labels: opt.SoftLabels = None,
     student: opt.Student = None,
     exits: opt.Exits = None,
+    exit_head: opt.ExitHead = None,
     alpha: opt.Alpha = None,
     temperature: opt.Temperature = None,
     *,
@@ -60,6 +61,7 @@ def study(
         "soft_labels": soft_labels,
         "student": student,
         "exits": exits,
+        "exit_head": exit_head,
         "alpha": alpha,
         "temperature": temperature,
     }

@@ -27,19 +27,27 @@ from mlkd_cli.engine.logits import card_recipe, split_dataset
 from mlkd_cli.models.exits import EXIT_RULES, StagedStudent, load_exits_checkpoint
 from mlkd_cli.models.student import MultiExitStudent
 
-STUDENTS = [("test_convnext", 32), ("test_efficientnet", 32), ("test_resnet", 32)]
+STUDENTS = [
+    ("test_convnext", 32, "original"),
+    ("test_efficientnet", 32, "original"),
+    ("test_resnet", 32, "original"),
+    ("test_resnet", 32, "light"),
+    ("test_efficientnet", 30, "light"),  # odd map sizes: the pooling rounds up
+]
 
 
-def _student(arch: str, size: int, seed: int = 0) -> MultiExitStudent:
+def _student(arch: str, size: int, seed: int = 0, head: str = "original") -> MultiExitStudent:
     torch.manual_seed(seed)
     backbone = timm.create_model(arch, num_classes=7)
-    return MultiExitStudent(backbone, arch, [0, 1, 2], 7, size).eval()
+    return MultiExitStudent(backbone, arch, [0, 1, 2], 7, size, head).eval()
 
 
-@pytest.mark.parametrize(("arch", "size"), STUDENTS)
-def test_cascade_takes_each_image_from_the_head_the_thresholds_pick(arch: str, size: int) -> None:
+@pytest.mark.parametrize(("arch", "size", "head"), STUDENTS)
+def test_cascade_takes_each_image_from_the_head_the_thresholds_pick(
+    arch: str, size: int, head: str
+) -> None:
     """The running cascade and the one measured from logits agree, under every exit rule."""
-    student = _student(arch, size)
+    student = _student(arch, size, head=head)
     staged = StagedStudent(student, size)
     images = torch.randn(24, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -104,12 +112,18 @@ def _conv_linear_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
 
 
 @pytest.mark.slow
-def test_resnet50_student_macs_agree_with_an_independent_count() -> None:
-    student = _student("resnetv2_50x1_bit", 224)
+@pytest.mark.parametrize("head", ["original", "light"])
+def test_resnet50_student_macs_agree_with_an_independent_count(head: str) -> None:
+    student = _student("resnetv2_50x1_bit", 224, head=head)
     costs = StagedStudent(student, 224).count_costs(224)
     independent = _conv_linear_macs(student.backbone, (3, 224, 224))
     assert abs(costs.plain - independent) / independent < 0.01
     assert 4.0e9 < costs.plain < 4.2e9  # ResNet-50 at 224 px: about 4.1 GMACs
+    shares = [b / costs.plain for b in costs.branches]
+    if head == "light":  # the issue's bound: at most 3 % of the plain model an exit
+        assert max(shares) <= 0.03
+    else:  # the original's first exit: about a third of the plain model
+        assert 0.25 < shares[0] < 0.35
     # Each exit alone costs its backbone prefix and its branch, less than the whole model.
     for j in range(3):
         stage = student.stages[j]  # the branch runs on its stage's map
@@ -301,11 +315,41 @@ def test_a_budget_picks_the_most_accurate_point_within_it_and_every_rule_has_a_f
     content = load_checkpoint(exits_ckpt)
     del content["exits"]["thresholds"]["rule"]
     torch.save(content, exits_ckpt)
+    del content["exits"]["exit_head"]  # and before light exits: the original's branches
+    torch.save(content, exits_ckpt)
     older = AnytimeClassifier.load(exits_ckpt)
     assert older.rule == "max_softmax" and older.thresholds == record["values"]
     shown = invoke_cli(*base)  # the test split, at the saved thresholds
     assert shown.exit_code == 0, shown.stderr
     assert json.loads(shown.stdout)["cascades"][0]["exit_rule"] == "max_softmax"
+
+
+@pytest.mark.slow
+def test_light_exits_train_save_choose_and_run(digits_teacher: Path, tmp_path: Path) -> None:
+    from mlkd_cli.anytime import AnytimeClassifier
+
+    out = tmp_path / "models"
+    run = ("distill", "--dataset", "digits", "-q", "-m", "test_resnet", "-c", digits_teacher,
+           "--student", "test_resnet", "--img-size", "32", "-e", "1", "-b", "64", "-n", "s",
+           "--output-dir", out)  # fmt: skip
+    bad = invoke_cli(*run, "--exit-head", "tiny")
+    assert bad.exit_code == 2
+    assert_error_line(bad.stderr, "--exit-head 'tiny' is not one of light, original")
+    assert not out.exists()
+    done = invoke_cli(*run, "--exit-head", "light")
+    assert done.exit_code == 0, done.stderr
+    exits = load_checkpoint(out / "s_exits.pth")["exits"]
+    assert exits["exit_head"] == "light"
+    light = MultiExitStudent(timm.create_model("test_resnet", num_classes=10), "test_resnet",
+                             [0, 1, 2], 10, 32, "light")  # fmt: skip
+    assert exits["macs"]["branches"] == list(StagedStudent(light, 32).count_costs(32).branches)
+    chose = invoke_cli("eval", out / "s_exits.pth", "--split", "val", "--early-exit",
+                       "--budget", "0.9", "--timing-images", "0", "--json", "-q")  # fmt: skip
+    assert chose.exit_code == 0, chose.stderr
+    assert json.loads(chose.stdout)["chosen"]["macs_pct"] <= 90.0 + 1e-6
+    classifier = AnytimeClassifier.load(out / "s_exits.pth")
+    result = classifier.predict(torch.randn(8, 3, 32, 32))
+    assert result.exits.max() <= 3 and result.labels.shape == (8,)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from mlkd_cli.engine.loggers import parse_log_to
 from mlkd_cli.engine.loop import OPTIMIZERS, SCHEDULES
 from mlkd_cli.engine.losses import FORMER_NAMES, LOSSES, loss_class, loss_param_problem
 from mlkd_cli.engine.precision import check_precision
+from mlkd_cli.models.student import EXIT_HEADS
 
 C = TypeVar("C")
 DATA_PIPELINES = ("auto", "device", "cpu")
@@ -259,6 +260,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "warmup_epochs": 1.0,
         "optimizer": "adamw",
         "loss": "kd",
+        "exit_head": "original",
         "best_by": "top1",
         "seed": 0,
         "precision": "auto",
@@ -279,6 +281,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "lr": 1e-3,
         "weight_decay": 1e-4,
         "loss": "original",
+        "exit_head": "original",
         "best_by": "val_kd_loss",
         "seed": 53303,
         "precision": "fp32",
@@ -315,6 +318,7 @@ class DistillConfig(TrainConfig):
     models_dir: Path | None = None
     exits: str | None = None  # comma-separated stage indices; None: every stage but the last
     exit_weights: str | None = None  # comma-separated; None: 1 for each exit
+    exit_head: str | None = None  # a name in models.student.EXIT_HEADS; None: the recipe's
     alpha: float | None = None
     temperature: float | None = None
     name: str | None = "mlkd_student"
@@ -405,6 +409,7 @@ class DistillConfig(TrainConfig):
             )
         if self.loss not in FORMER_NAMES:
             _check_choice("loss", self.loss, LOSSES)
+        _check_choice("exit-head", self.exit_head, EXIT_HEADS)
         problem = loss_param_problem(self.loss, self.loss_params or {})
         if problem:
             raise UserError(problem)

@@ -104,12 +104,14 @@ def build_student(
     pretrained: bool = False,
     init_checkpoint: Path | None = None,
     exits_text: str | None = None,
+    exit_head: str = "original",
 ) -> MultiExitStudent:
-    """A timm model wrapped with exits after the chosen stages (default: all but the last)."""
+    """A timm model wrapped with exits (`exit_head`, see `EXIT_HEADS`) after the chosen stages
+    (default: all but the last)."""
     backbone = build_model(arch, num_classes, pretrained, init_checkpoint)
     if exits is None:
         exits = parse_exits(exits_text, find_stages(backbone, arch), arch)
-    return MultiExitStudent(backbone, arch, exits, num_classes, img_size)
+    return MultiExitStudent(backbone, arch, exits, num_classes, img_size, exit_head)
 
 
 def plan_distillation(cfg: DistillConfig) -> DistillPlan:
@@ -139,6 +141,7 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
         False,
         cfg.student_checkpoint,
         cfg.exits,
+        cfg.exit_head,
     )
     check_input_size(student.backbone, cfg.student, recipe.img_size)
     exits = parse_exits(cfg.exits, find_stages(student.backbone, cfg.student), cfg.student)
@@ -269,6 +272,7 @@ class DistillTask:
             self.plan.run.recipe.img_size,
             cfg.pretrained,
             cfg.student_checkpoint,
+            exit_head=cfg.exit_head,
         )
         self.head_names = student.head_names
         if self.plan.teacher_channels:

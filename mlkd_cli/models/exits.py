@@ -364,6 +364,7 @@ def exits_record(student: MultiExitStudent, positions: Sequence[int], img_size: 
         "stages": list(positions),
         "modules": [s.module for s in student.stages],
         "head_names": student.head_names,
+        "exit_head": student.exit_head,
         "macs": costs,
         "rule": EXIT_RULE,
         "thresholds": None,
@@ -458,8 +459,14 @@ def build_exits_student(
     """The multi-exit network a card and exits record describe, holding `state_dict`."""
     check_model_name(card.arch)
     backbone = timm.create_model(card.arch, num_classes=card.num_classes)
+    # Files written before light exits existed hold the original's branches.
     student = MultiExitStudent(
-        backbone, card.arch, exits["stages"], card.num_classes, card.img_size
+        backbone,
+        card.arch,
+        exits["stages"],
+        card.num_classes,
+        card.img_size,
+        exits.get("exit_head", "original"),
     )
     try:
         student.load_state_dict(state_dict, strict=True)
