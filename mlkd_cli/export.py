@@ -348,6 +348,13 @@ def _exits_onnx(
 
     def write(path: Path) -> None:
         _export_onnx(loaded.student, example, path, names)
+        # The card and the exits record (rule, thresholds, MACs) travel inside the file, as
+        # ONNX metadata, so a runtime needs nothing beside it to run the cascade.
+        model = onnx.load(str(path))
+        for key, value in (("mlkd", asdict(loaded.card)), ("mlkd_exits", loaded.exits)):
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
+        onnx.save(model, str(path))
 
     checked_with = ["onnx.checker"]
 

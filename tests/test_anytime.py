@@ -396,6 +396,12 @@ def test_export_writes_safetensors_and_an_onnx_output_per_exit(
     exits_ckpt: Path, tmp_path: Path
 ) -> None:
     onnxruntime = pytest.importorskip("onnxruntime")
+    import onnx
+
+    chose = invoke_cli("eval", exits_ckpt, "--split", "val", "--early-exit", "--budget", "0.7",
+                       "--timing-images", "0", "-q")  # fmt: skip
+    assert chose.exit_code == 0, chose.stderr
+    point = load_checkpoint(exits_ckpt)["exits"]["thresholds"]
     result = invoke_cli("export", exits_ckpt, "--json")
     assert result.exit_code == 0, result.stderr
     exports = {e["format"]: e for e in json.loads(result.stdout)["exports"]}
@@ -408,6 +414,12 @@ def test_export_writes_safetensors_and_an_onnx_output_per_exit(
     with torch.no_grad():
         expected = loaded.student(images)
         assert all(torch.equal(a, b) for a, b in zip(again.student(images), expected, strict=True))
+    # Both exports carry the operating point: rule, thresholds and what they were chosen for.
+    assert json.loads((folder / "exits.json").read_text())["exits"]["thresholds"] == point
+    assert again.thresholds == point["values"] and again.rule == point["rule"]
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert json.loads(meta["mlkd_exits"])["thresholds"] == point
+    assert json.loads(meta["mlkd"])["arch"] == "test_convnext"
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["final", "exit1", "exit2", "exit3"]
     outputs = session.run(None, {"images": images.numpy()})
