@@ -78,3 +78,10 @@ def test_each_epoch_chooses_a_stored_view_per_image_the_same_way_every_time() ->
     counts = torch.bincount(first, minlength=8)
     assert counts.min() > 5_000 / 8 * 0.8  # every view used, about evenly
     assert not torch.equal(first, chosen_views(SEED, 4, 5_000, 8))
+    # Epochs 0-7 take each image through all 8 views once, in an order of its own; the next 8
+    # again, in another order.
+    cycle = torch.stack([chosen_views(SEED, e, 5_000, 8) for e in range(8)])
+    assert torch.equal(cycle.sort(dim=0).values, torch.arange(8)[:, None].expand(8, 5_000))
+    again = torch.stack([chosen_views(SEED, e, 5_000, 8) for e in range(8, 16)])
+    assert torch.equal(again.sort(dim=0).values, cycle.sort(dim=0).values)
+    assert not torch.equal(again, cycle)

@@ -36,9 +36,13 @@ def view_draws(store_seed: int, view: int, count: int) -> torch.Tensor:
 
 def chosen_views(store_seed: int, epoch: int, count: int, views: int) -> torch.Tensor:
     """Which stored view each image takes in `epoch` (count,), a seeded choice: a resumed run
-    takes the same ones."""
-    generator = torch.Generator().manual_seed(derive_seed(store_seed, epoch, _VIEW_KEY + 1))
-    return torch.randint(views, (count,), generator=generator)
+    takes the same ones. Each image goes through its views in an order of its own, without
+    repeating one until it has taken them all (epochs 0..K-1 take K different views, and so on),
+    so that a run sees as many different views as the store and its epochs allow."""
+    cycle, turn = divmod(epoch, views)
+    generator = torch.Generator().manual_seed(derive_seed(store_seed, cycle, _VIEW_KEY + 1))
+    orders = torch.rand(count, views, generator=generator).argsort(dim=1)
+    return orders[:, turn].contiguous()
 
 
 @dataclass(frozen=True)
