@@ -10,6 +10,7 @@ import typer
 
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.export import FORMATS, TOLERANCE, export_any
+from mlkd_cli.int8 import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MIN_AGREEMENT, Int8Options
 
 from . import options as opt
 
@@ -55,12 +56,42 @@ def export(
             rich_help_panel=opt.MODEL,
         ),
     ] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Also quantize the ONNX export to int8 (<name>.int8.onnx), calibrated on "
+            "training images and kept only if it agrees with fp32 on the validation split.",
+            rich_help_panel=opt.EXPORT,
+        ),
+    ] = False,
+    calibration_images: Annotated[
+        int,
+        typer.Option(
+            "--calibration-images",
+            help="Training images --int8 calibrates on.",
+            rich_help_panel=opt.EXPORT,
+        ),
+    ] = DEFAULT_CALIBRATION_IMAGES,
+    min_agreement: Annotated[
+        float,
+        typer.Option(
+            "--min-agreement",
+            help="% of validation images on which int8 and fp32 must give the same top class.",
+            rich_help_panel=opt.EXPORT,
+        ),
+    ] = DEFAULT_MIN_AGREEMENT,
+    data_dir: opt.DataDir = None,
     *,
     shared: opt.Shared,
 ) -> None:
-    """Export a checkpoint to safetensors, ONNX or TorchScript, checked against PyTorch."""
+    """Export a checkpoint to safetensors, ONNX or TorchScript, checked against PyTorch; with
+    --int8, an int8 ONNX checked against the fp32 one too."""
+    options = (
+        Int8Options(data_dir or Path("data"), calibration_images, min_agreement) if int8 else None
+    )
     results = export_any(
-        checkpoint, fmt.value if fmt else None, output, model, num_classes, img_size
+        checkpoint, fmt.value if fmt else None, output, model, num_classes, img_size, options
     )
     report = Reporter(shared.output)
     report.table(
@@ -75,8 +106,19 @@ def export(
                 f"{r['max_abs_diff']:.2e} (limit {TOLERANCE:g})",
             ]
             for r in results
+            if r["format"] != "onnx-int8"
         ],
     )
+    for r in results:
+        if r["format"] == "onnx-int8":
+            agreement = ", ".join(f"{a:.2f}" for a in r["agreement"])
+            report.info(
+                f"int8: {r['output']} ({r['int8_bytes'] / 1e6:.1f} MB, fp32 "
+                f"{r['fp32_bytes'] / 1e6:.1f} MB), calibrated on {r['calibration_images']} "
+                f"training images; on {r['images']} validation images it agrees with fp32 on "
+                f"{agreement} % (final head first), top-1 {r['top1_int8']:.2f} against fp32's "
+                f"{r['top1_fp32']:.2f}"
+            )
     if any(r["format"] == "onnx" and "onnxruntime" not in r["checked_with"] for r in results):
         report.warn("onnxruntime is not installed: the file passed the checker but was not run")
     report.result(results[0] if len(results) == 1 else {"exports": results})

@@ -20,17 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlkd_cli.core.atomic import atomic_write_text
-from mlkd_cli.core.checkpoint import ModelCard
+from mlkd_cli.core.atomic import atomic_write_text, plain_file_mode
+from mlkd_cli.core.checkpoint import ModelCard, read_weights
 from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.int8 import Int8Options, Int8Plan, plan_int8, quantize_export
 from mlkd_cli.models.exits import (
     ExitsCheckpoint,
     is_exits_checkpoint,
     load_exits_checkpoint,
     load_exits_safetensors,
 )
-from mlkd_cli.models.factory import load_trained_model
+from mlkd_cli.models.factory import card_of, load_trained_model
 
 FORMATS = ("safetensors", "onnx", "torchscript")
 # What `mlkd export` writes of a student with exits when no --format is given: both.
@@ -110,6 +111,7 @@ def _verified_file(
         write(tmp)
         diff = verify(tmp)
         if diff <= TOLERANCE:
+            os.chmod(tmp, plain_file_mode())  # not mkstemp's 0600: others may read a model
             os.replace(tmp, destination)
         return diff
     finally:
@@ -243,18 +245,36 @@ def export_any(
     arch: str | None = None,
     num_classes: int | None = None,
     img_size: int | None = None,
+    int8: Int8Options | None = None,
 ) -> list[dict[str, Any]]:
     """What `mlkd export` does: a plain model in `fmt` (default safetensors); a student with
-    exits in `fmt`, or by default as both a safetensors folder and an ONNX model."""
-    if is_exits_checkpoint(checkpoint):
+    exits in `fmt`, or by default as both a safetensors folder and an ONNX model. With `int8`,
+    the ONNX export is also quantized (`mlkd_cli/int8.py`) into `<name>.int8.onnx`, checked
+    (data, flags) before anything is written."""
+    exits = is_exits_checkpoint(checkpoint)
+    plan = _plan_int8(checkpoint, fmt, exits, int8) if int8 is not None else None
+    if exits:
         if arch is not None or num_classes is not None or img_size is not None:
             raise UserError(
                 f"{checkpoint} records its student; drop --model, --num-classes and --img-size"
             )
-        return export_exits_checkpoint(checkpoint, (fmt,) if fmt else EXITS_FORMATS, output)
-    return [
-        export_checkpoint(checkpoint, fmt or "safetensors", output, arch, num_classes, img_size)
-    ]
+        results = export_exits_checkpoint(checkpoint, (fmt,) if fmt else EXITS_FORMATS, output)
+    else:
+        results = [
+            export_checkpoint(checkpoint, fmt or "safetensors", output, arch, num_classes, img_size)
+        ]
+    if plan is not None:
+        fp32 = Path(next(r["output"] for r in results if r["format"] == "onnx"))
+        results.append(quantize_export(plan, fp32, fp32.with_suffix(".int8.onnx")))
+    return results
+
+
+def _plan_int8(checkpoint: Path, fmt: str | None, exits: bool, options: Int8Options) -> Int8Plan:
+    """--int8 checked before any export: it quantizes the ONNX file, so one must be written."""
+    if fmt != "onnx" and not (exits and fmt is None):
+        raise UserError("--int8 quantizes the ONNX export: add --format onnx")
+    card = load_exits_checkpoint(checkpoint).card if exits else card_of(read_weights(checkpoint)[1])
+    return plan_int8(options, card, checkpoint)
 
 
 def export_exits_checkpoint(

@@ -505,3 +505,62 @@ def test_timing_of_a_slow_model_keeps_to_its_budget(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(anytime, "TIMING_BUDGET_S", 1e-9)  # as if each image took an hour
     kept, rounds = anytime._fit_budget(staged, batches, precision, 12)
     assert len(kept) == 1 and rounds == 1  # one batch, one round, however slow
+
+
+@pytest.mark.slow
+def test_int8_export_of_a_student_with_exits_agrees_with_fp32_and_carries_its_exits(
+    exits_ckpt: Path,
+) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import onnx
+
+    result = invoke_cli("export", exits_ckpt, "--int8", "--calibration-images", "64", "--json")
+    assert result.exit_code == 0, result.stderr
+    exports = {e["format"]: e for e in json.loads(result.stdout)["exports"]}
+    int8 = exports["onnx-int8"]
+    path = Path(int8["output"])
+    assert path.name == "s_exits.int8.onnx" and path.is_file()
+    assert int8["calibration_images"] == 64 and int8["images"] == 144  # the validation split
+    assert len(int8["agreement"]) == 4 and int8["agreement"][0] >= 99.0
+    assert int8["int8_bytes"] < int8["fp32_bytes"] / 2
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert "int8" in meta["mlkd_quantized"] and json.loads(meta["mlkd_exits"])["stages"] == [
+        0,
+        1,
+        2,
+    ]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["final", "exit1", "exit2", "exit3"]
+    types = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "QuantizeLinear" in types and "DequantizeLinear" in types
+
+
+@pytest.mark.slow
+def test_int8_export_is_refused_below_the_agreement_bound_and_bad_flags_before_any_work(
+    exits_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlkd_cli import int8
+
+    plain = tmp_path / "s.pth"
+    shutil.copy(exits_run / "s.pth", plain)
+    cases = [
+        (("--int8",), "add --format onnx"),
+        (("--int8", "--format", "onnx", "--calibration-images", "0"), "at least 1"),
+        (("--int8", "--format", "onnx", "--min-agreement", "0"), "percentage in (0, 100]"),
+    ]
+    for args, fragment in cases:
+        refused = invoke_cli("export", plain, *args)
+        assert refused.exit_code == 2, (args, refused.stderr)
+        assert_error_line(refused.stderr, fragment)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pth"]
+    real = int8.compare_on_validation
+
+    def poor(*args, **kwargs):
+        return {**real(*args, **kwargs), "agreement": [97.5]}
+
+    monkeypatch.setattr(int8, "compare_on_validation", poor)
+    low = invoke_cli("export", plain, "--format", "onnx", "--int8", "--calibration-images", "32")
+    assert low.exit_code == 2
+    assert_error_line(low.stderr, "agrees with fp32 on 97.50 %", "--min-agreement 99; not written")
+    assert not (tmp_path / "s.int8.onnx").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers

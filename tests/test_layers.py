@@ -20,6 +20,7 @@ LAYERS = {
     "mlkd_cli.pipeline": 3,
     "mlkd_cli.study": 3,
     "mlkd_cli.export": 3,
+    "mlkd_cli.int8": 3,
     "mlkd_cli.anytime": 3,
     "mlkd_cli.presets": 3,
     "mlkd_cli.commands": 4,

@@ -21,6 +21,11 @@ def _umask() -> int:
     return mask
 
 
+def plain_file_mode() -> int:
+    """The permissions a plain open() gives a new file (mkstemp's are 0600)."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call `write` on a temporary file beside `path`, fsync it, then rename it over `path`.
 
@@ -35,7 +40,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         raise _write_failed(path, exc) from exc
     try:
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, plain_file_mode())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
