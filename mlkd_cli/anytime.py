@@ -14,19 +14,25 @@ into the checkpoint, unless others are given; the rest of the batch runs on to t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
+from mlkd_cli.engine.cascade import exits_taken
 from mlkd_cli.models.exits import (
+    EXIT_RULE,
+    ExitCosts,
     ExitsCheckpoint,
     StagedStudent,
     check_rule,
     check_thresholds,
+    exit_confidence,
     load_exits_checkpoint,
 )
 
@@ -47,7 +53,13 @@ class AnytimePrediction:
 
 
 class AnytimeClassifier:
-    """A student with exits that stops early on the images it is sure of."""
+    """A student with exits that stops early on the images it is sure of.
+
+    From `<name>_exits.pth` or its safetensors export, PyTorch runs the backbone stage by stage
+    and an image that leaves costs only what it ran. From the ONNX file `mlkd export` writes
+    (fp32 or `--int8`), onnxruntime runs the graph, which computes every head for every image:
+    the decisions, labels and counted MACs are the cascade's, its speed that of the whole graph.
+    """
 
     def __init__(
         self,
@@ -56,24 +68,36 @@ class AnytimeClassifier:
         device: str | torch.device = "cpu",
         rule: str | None = None,
     ) -> None:
-        self.checkpoint = checkpoint
-        # Given thresholds go with the rule given (else the checkpoint's, else max_softmax).
-        self.rule = check_rule(rule or checkpoint.rule)
+        self.checkpoint: ExitsCheckpoint | None = checkpoint
         self.device = torch.device(device)
         student = checkpoint.student.to(self.device).eval()
-        self.staged = StagedStudent(student, checkpoint.card.img_size)
-        chosen = thresholds if thresholds is not None else checkpoint.thresholds
-        if chosen is None:
+        self.staged: StagedStudent | None = StagedStudent(student, checkpoint.card.img_size)
+        self.session = None
+        self._setup(checkpoint.card, checkpoint.exits, checkpoint.path, thresholds, rule)
+
+    def _setup(
+        self,
+        card: ModelCard,
+        exits: dict,
+        path: Path,
+        thresholds: Sequence[float] | None,
+        rule: str | None,
+    ) -> None:
+        """What both backends share: rule, thresholds, MACs, classes and preprocessing."""
+        chosen = exits.get("thresholds") or {}
+        # Given thresholds go with the rule given (else the file's, else max_softmax).
+        self.rule = check_rule(rule or chosen.get("rule", EXIT_RULE))
+        values = thresholds if thresholds is not None else chosen.get("values")
+        if values is None:
             raise UserError(
-                f"{checkpoint.path} has no thresholds yet: run mlkd eval on it with --split val "
+                f"{path} has no thresholds yet: run mlkd eval on it with --split val "
                 "--early-exit, or pass thresholds"
             )
-        self.thresholds = check_thresholds(chosen, self.staged.exit_count)
-        costs = checkpoint.costs
-        if costs is None:
-            raise UserError(f"{checkpoint.path} has no MAC counts; it cannot stop early")
-        self._macs = torch.tensor(costs.cascade, dtype=torch.long)
-        card = checkpoint.card
+        self.thresholds = check_thresholds(values, len(exits["stages"]))
+        if not exits.get("macs"):
+            raise UserError(f"{path} has no MAC counts; it cannot stop early")
+        self._macs = torch.tensor(ExitCosts.from_record(exits["macs"]).cascade, dtype=torch.long)
+        self.card = card
         self.class_names = list(card.class_names)
         self.transform = build_eval_transform(
             ImageRecipe(
@@ -93,22 +117,67 @@ class AnytimeClassifier:
         device: str | torch.device = "cpu",
         rule: str | None = None,
     ) -> AnytimeClassifier:
-        """From `<name>_exits.pth` or the folder `mlkd export` writes from it."""
-        return cls(load_exits_checkpoint(Path(path)), thresholds, device, rule)
+        """From `<name>_exits.pth`, the folder `mlkd export` writes from it, or its ONNX file
+        (`<name>_exits.onnx`, `<name>_exits.int8.onnx`: run by onnxruntime on the CPU)."""
+        path = Path(path)
+        if path.suffix == ".onnx":
+            return cls._from_onnx(path, thresholds, rule)
+        return cls(load_exits_checkpoint(path), thresholds, device, rule)
+
+    @classmethod
+    def _from_onnx(
+        cls, path: Path, thresholds: Sequence[float] | None, rule: str | None
+    ) -> AnytimeClassifier:
+        try:
+            import onnx
+            import onnxruntime
+        except ImportError:
+            raise UserError(
+                f"{path} needs onnx and onnxruntime: pip install 'mlkd[export]'"
+            ) from None
+        if not path.is_file():
+            raise UserError(f"no file {path}")
+        meta = {
+            p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
+        }
+        if "mlkd_exits" not in meta or "mlkd" not in meta:
+            raise UserError(f"{path} is not a student with exits exported by mlkd")
+        try:
+            card = ModelCard(**json.loads(meta["mlkd"]))
+            exits = json.loads(meta["mlkd_exits"])
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"{path} has a damaged mlkd header ({exc})") from None
+        self = cls.__new__(cls)
+        self.checkpoint, self.staged = None, None
+        self.device = torch.device("cpu")
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self._setup(card, exits, path, thresholds, rule)
+        return self
 
     @property
     def exit_count(self) -> int:
         """Exits before the final head."""
-        return self.staged.exit_count
+        return len(self.thresholds)
 
     def preprocess(self, images: Sequence) -> torch.Tensor:
         """PIL images to the normalised batch the student was trained on."""
         return torch.stack([self.transform(image.convert("RGB")) for image in images])
 
+    def _cascade(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the head each image left at, and that head (exits 0.., final last)."""
+        if self.staged is not None:
+            return self.staged.cascade(images.to(self.device), self.thresholds, self.rule)
+        assert self.session is not None
+        name = self.session.get_inputs()[0].name
+        outputs = self.session.run(None, {name: images.float().cpu().numpy()})
+        heads = torch.stack([torch.from_numpy(o) for o in [*outputs[1:], outputs[0]]])
+        taken = exits_taken(exit_confidence(heads, self.rule), self.thresholds)
+        return heads[taken, torch.arange(heads.shape[1])].float(), taken
+
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> AnytimePrediction:
         """Run the cascade on a preprocessed batch (N, 3, H, W)."""
-        logits, taken = self.staged.cascade(images.to(self.device), self.thresholds, self.rule)
+        logits, taken = self._cascade(images)
         probs = logits.softmax(dim=1)
         return AnytimePrediction(
             labels=probs.argmax(dim=1).cpu(),

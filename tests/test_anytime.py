@@ -378,6 +378,13 @@ def test_anytime_classifier_predicts_what_the_eval_cascade_scores(exits_ckpt: Pa
         AnytimeClassifier.load(exits_ckpt)
 
 
+def _test_images(path: Path) -> list:
+    loaded = load_exits_checkpoint(path)
+    splits = load_splits("digits", Path("data"), False, 0.1)
+    dataset = split_dataset(splits, "test", card_recipe(loaded.card))
+    return [dataset[i] for i in range(len(dataset))]
+
+
 def _macs(path: Path) -> tuple[list[int], int]:
     macs = load_checkpoint(path)["exits"]["macs"]
     return macs["cascade"], macs["plain"]
@@ -514,6 +521,11 @@ def test_int8_export_of_a_student_with_exits_agrees_with_fp32_and_carries_its_ex
     onnxruntime = pytest.importorskip("onnxruntime")
     import onnx
 
+    from mlkd_cli.anytime import AnytimeClassifier
+
+    chose = invoke_cli("eval", exits_ckpt, "--split", "val", "--early-exit", "--max-drop", "1",
+                       "--timing-images", "0", "-q")  # fmt: skip
+    assert chose.exit_code == 0, chose.stderr
     result = invoke_cli("export", exits_ckpt, "--int8", "--calibration-images", "64", "--json")
     assert result.exit_code == 0, result.stderr
     exports = {e["format"]: e for e in json.loads(result.stdout)["exports"]}
@@ -533,6 +545,19 @@ def test_int8_export_of_a_student_with_exits_agrees_with_fp32_and_carries_its_ex
     assert [o.name for o in session.get_outputs()] == ["final", "exit1", "exit2", "exit3"]
     types = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert "QuantizeLinear" in types and "DequantizeLinear" in types
+    # The classifier runs either ONNX file with the rule and thresholds it carries, deciding as
+    # the PyTorch cascade does (fp32: the same exits; int8: nearly every image).
+    torch_side = AnytimeClassifier.load(exits_ckpt)
+    images = torch.stack([d[0] for d in _test_images(exits_ckpt)])
+    want = torch_side.predict(images)
+    fp32 = AnytimeClassifier.load(exits_ckpt.with_suffix(".onnx")).predict(images)
+    assert float((fp32.exits == want.exits).double().mean()) >= 0.99
+    assert float((fp32.labels == want.labels).double().mean()) >= 0.99
+    quantized = AnytimeClassifier.load(path)
+    assert (quantized.rule, quantized.thresholds) == (torch_side.rule, torch_side.thresholds)
+    got = quantized.predict(images)
+    assert float((got.labels == want.labels).double().mean()) >= 0.95
+    assert got.macs.shape == (len(images),) and got.exits.max() <= 3
 
 
 @pytest.mark.slow
