@@ -109,6 +109,16 @@ def evaluate(
             rich_help_panel=opt.EARLY_EXIT,
         ),
     ] = 512,
+    latency: Annotated[
+        bool,
+        typer.Option(
+            "--latency",
+            help="For a student with exits: images/s and per-request latency (p50, p95) of the "
+            "plain model and the cascade, 1 and --batch-size images a request, in PyTorch and "
+            "in onnxruntime where the exports lie beside the checkpoint.",
+            rich_help_panel=opt.EARLY_EXIT,
+        ),
+    ] = False,
     *,
     shared: opt.Shared,
 ) -> None:
@@ -146,6 +156,7 @@ def evaluate(
                 exit_rule=exit_rule,
                 thresholds=given,
                 timing_images=timing_images,
+                latency=latency,
                 **common,
             )
         )
@@ -284,6 +295,23 @@ def _render_anytime(report: Reporter, result: dict[str, Any], job: AnytimeJob) -
         )
     if result.get("frontiers"):
         _render_frontiers(report, result["frontiers"])
+    if result.get("latency"):
+        report.table(
+            "latency on this machine: images in memory; a request is 1 image or a batch, and "
+            "each of its images waits for the whole of it",
+            ["runtime", "model", "images a request", "img/s", "p50 ms", "p95 ms"],
+            [
+                [
+                    r["runtime"],
+                    r["model"] + (" (every head computed)" if "onnx" in r["runtime"] else ""),
+                    str(r["batch"]),
+                    f"{r['images_per_s']:.0f}",
+                    f"{r['p50_ms']:.2f}",
+                    f"{r['p95_ms']:.2f}",
+                ]
+                for r in result["latency"]
+            ],
+        )
     chosen = result.get("chosen")
     if job.early_exit and chosen:
         values = ",".join(f"{v:g}" for v in chosen["values"])

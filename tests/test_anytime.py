@@ -296,6 +296,9 @@ def test_a_budget_picks_the_most_accurate_point_within_it_and_every_rule_has_a_f
 ) -> None:
     from mlkd_cli.anytime import AnytimeClassifier
 
+    untimed = invoke_cli("eval", exits_ckpt, "--latency")
+    assert untimed.exit_code == 2
+    assert_error_line(untimed.stderr, "has none yet: add --early-exit")
     base = ("eval", exits_ckpt, "--precision", "fp32", "--json", "--quiet", "--timing-images", "0")
     chose = invoke_cli(*base, "--split", "val", "--early-exit", "--budget", "0.6")
     assert chose.exit_code == 0, chose.stderr
@@ -462,6 +465,7 @@ def test_export_writes_safetensors_and_an_onnx_output_per_exit(
         (("--split", "val", "--early-exit", "--budget", "0.01"), "below the first exit's own"),
         (("--split", "val", "--budget", "0.5"), "add --early-exit"),
         (("--split", "val", "--early-exit", "--exit-rule", "vote"), "--exit-rule must be one of"),
+        (("--latency",), "--timing-images must be above 0"),
     ],
 )
 def test_bad_exit_flags_are_one_line_and_write_nothing(
@@ -558,6 +562,19 @@ def test_int8_export_of_a_student_with_exits_agrees_with_fp32_and_carries_its_ex
     got = quantized.predict(images)
     assert float((got.labels == want.labels).double().mean()) >= 0.95
     assert got.macs.shape == (len(images),) and got.exits.max() <= 3
+    # Latency: PyTorch's plain model and cascade, and both ONNX files found beside it.
+    timed = invoke_cli("eval", exits_ckpt, "--latency", "--timing-images", "16", "-b", "8",
+                       "--json", "-q")  # fmt: skip
+    assert timed.exit_code == 0, timed.stderr
+    rows = json.loads(timed.stdout)["latency"]
+    seen = {(r["runtime"], r["model"], r["batch"]) for r in rows}
+    assert seen == {
+        ("pytorch", "plain", 1), ("pytorch", "cascade", 1), ("pytorch", "plain", 8),
+        ("pytorch", "cascade", 8), ("onnxruntime fp32", "cascade", 1),
+        ("onnxruntime fp32", "cascade", 8), ("onnxruntime int8", "cascade", 1),
+        ("onnxruntime int8", "cascade", 8),
+    }  # fmt: skip
+    assert all(r["images_per_s"] > 0 and 0 < r["p50_ms"] <= r["p95_ms"] for r in rows)
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ from mlkd_cli.engine.cascade import (
     evaluate_cascade,
     frontier,
 )
+from mlkd_cli.engine.latency import measure_latency
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.logits import (
     PlannedPass,
@@ -80,6 +81,7 @@ class AnytimeRequest:
     thresholds: tuple[float, ...] | None = None  # a cascade to evaluate besides the table's
     timing_images: int = 512  # images timed per configuration; 0 skips timing
     timing_budget_s: float = TIMING_BUDGET_S  # about how long timing every configuration takes
+    latency: bool = False  # time requests of 1 and of --batch-size images (engine/latency.py)
     batch_size: int = 128
     workers: int | None = None
     precision: str = "auto"
@@ -102,6 +104,7 @@ class AnytimeJob(PlannedPass):
     thresholds: tuple[float, ...] | None
     timing_images: int
     timing_budget_s: float = TIMING_BUDGET_S
+    latency: bool = False
 
     @property
     def exit_count(self) -> int:
@@ -133,6 +136,8 @@ def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
         check_rule(request.exit_rule)
     if request.timing_images < 0:
         raise UserError(f"--timing-images must be 0 or more, not {request.timing_images}")
+    if request.latency and request.timing_images == 0:
+        raise UserError("--latency times images in memory: --timing-images must be above 0")
     checkpoint = load_exits_checkpoint(request.path)
     card = checkpoint.card
     costs = checkpoint.costs
@@ -150,6 +155,13 @@ def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
     thresholds: tuple[float, ...] | None = None
     if request.thresholds is not None:
         thresholds = tuple(check_thresholds(request.thresholds, exit_count))
+    if request.latency and not (
+        request.early_exit or thresholds is not None or checkpoint.thresholds is not None
+    ):
+        raise UserError(
+            f"--latency times the cascade at its thresholds and {request.path} has none yet: "
+            "add --early-exit (on --split val) or --thresholds"
+        )
     if request.early_exit:
         if thresholds is not None:
             raise UserError("--thresholds and --early-exit both set the thresholds; pass one")
@@ -186,6 +198,7 @@ def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
         thresholds=thresholds,
         timing_images=request.timing_images,
         timing_budget_s=request.timing_budget_s,
+        latency=request.latency,
     )
     check_split(request.path, job, card.num_classes)
     return job
@@ -234,7 +247,12 @@ def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, 
         }
         for i, (label, exit_rule, result) in enumerate(rows)
     ]
+    latency = None
+    if job.latency:  # the chosen (else the given) cascade
+        _, point_rule, point = next(r for r in rows if r[0] in ("chosen", "given"))
+        latency = time_latency(job, device, point.thresholds, point_rule)
     return {
+        "latency": latency,
         "checkpoint": str(job.path),
         "dataset": job.dataset,
         "split": job.split,
@@ -328,22 +346,8 @@ def time_anytime(
     on up to `job.timing_images` images held in memory (the model's compute, not data loading)."""
     if job.timing_images == 0:
         return None
-    checkpoint = load_exits_checkpoint(job.path)
-    student = checkpoint.student
-    ctx = DistContext(0, 1, 0, torch.device(resolve_device(device)))
-    precision = prepare_forward(job.precision, student, job.recipe.img_size, ctx, job.batch_size)
-    staged = StagedStudent(student, job.recipe.img_size)
-    splits = load_splits(job.dataset, job.data_dir, False, job.val_fraction)
-    dataset = split_dataset(splits, job.split, job.recipe)
-    batches, count = [], 0
-    for batch in build_eval_loader(dataset, job.batch_size, ctx, job.workers):
-        images = batch.images[: job.timing_images - count]
-        if images.shape[0]:
-            batches.append(precision.to_device(images))
-            count += images.shape[0]
-        if count >= job.timing_images:
-            break
-    if not count:
+    staged, precision, batches = _timing_setup(job, device)
+    if not batches:
         return None
     heads = [_each(staged.plain)] + [
         _each(lambda x, j=j: staged.exit_logits(x, j)) for j in range(job.exit_count)
@@ -360,6 +364,37 @@ def time_anytime(
         "cascades": rates[len(heads) :],
         "images": sum(b.shape[0] for b in batches),
     }
+
+
+def _timing_setup(
+    job: AnytimeJob, device: str
+) -> tuple[StagedStudent, Precision, list[torch.Tensor]]:
+    """The student run stage by stage, its precision, and up to `timing_images` images of the
+    split in memory on the device (in batches of `batch_size`)."""
+    student = load_exits_checkpoint(job.path).student
+    ctx = DistContext(0, 1, 0, torch.device(resolve_device(device)))
+    precision = prepare_forward(job.precision, student, job.recipe.img_size, ctx, job.batch_size)
+    staged = StagedStudent(student, job.recipe.img_size)
+    splits = load_splits(job.dataset, job.data_dir, False, job.val_fraction)
+    dataset = split_dataset(splits, job.split, job.recipe)
+    batches, count = [], 0
+    for batch in build_eval_loader(dataset, job.batch_size, ctx, job.workers):
+        images = batch.images[: job.timing_images - count]
+        if images.shape[0]:
+            batches.append(precision.to_device(images))
+            count += images.shape[0]
+        if count >= job.timing_images:
+            break
+    return staged, precision, batches
+
+
+def time_latency(
+    job: AnytimeJob, device: str, thresholds: tuple[float, ...], rule: str
+) -> list[dict[str, Any]]:
+    """`engine/latency.py`'s rows for the cascade at `thresholds` under `rule`."""
+    staged, precision, batches = _timing_setup(job, device)
+    rows = measure_latency(staged, precision, batches, thresholds, rule, job.path)
+    return [row.to_record() for row in rows]
 
 
 def _fit_budget(

@@ -1,0 +1,135 @@
+"""Latency of a student with exits on this machine: images/s and per-request latency (p50, p95)
+of the plain model and of the early-exit cascade, one image a request and a batch a request, in
+PyTorch and, where `mlkd export` wrote them beside the checkpoint, in onnxruntime (the ONNX
+graph computes every head; the cascade's decision is taken on its outputs).
+
+A request's latency is the time from its images in memory to its answers: for a batch, the time
+of the whole batch, which every image in it waits for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlkd_cli.engine.cascade import exits_taken
+from mlkd_cli.engine.precision import Precision
+from mlkd_cli.models.exits import StagedStudent, exit_confidence
+
+SINGLE_IMAGES = 64  # one-image requests timed per configuration and round
+ROUNDS = 3  # passes over the requests, interleaved across configurations
+ONNX_FILES = ((".onnx", "onnxruntime fp32"), (".int8.onnx", "onnxruntime int8"))
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    """One configuration's figures."""
+
+    runtime: str  # pytorch, onnxruntime fp32, onnxruntime int8
+    model: str  # plain, cascade
+    batch: int  # images a request
+    images_per_s: float
+    p50_ms: float  # per request
+    p95_ms: float
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain types for JSON."""
+        return asdict(self)
+
+
+def _timed(
+    run: Callable[[Any], Any], requests: Sequence[Any], sizes: Sequence[int], sync: Callable
+) -> list[float]:
+    """Seconds each request of one round took."""
+    seconds = []
+    for request in requests:
+        sync()
+        start = time.perf_counter()
+        run(request)
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def measure_latency(
+    staged: StagedStudent,
+    precision: Precision,
+    batches: list[torch.Tensor],
+    thresholds: Sequence[float],
+    rule: str,
+    checkpoint: Path,
+) -> list[LatencyRow]:
+    """Every configuration over the timing images `batches` (on the device), rounds interleaved
+    so that a slow moment of the machine falls on all of them alike."""
+    device = precision.device
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    singles = [image[None] for batch in batches for image in batch][:SINGLE_IMAGES]
+    shapes = {1: (singles, [1] * len(singles)), 0: (batches, [b.shape[0] for b in batches])}
+    configurations: list[tuple[str, str, int, Callable[[Any], Any], bool]] = []
+    for key in (1, 0):
+        configurations.append(("pytorch", "plain", key, staged.plain, False))
+        cascade = lambda x: staged.cascade(x, thresholds, rule)  # noqa: E731
+        configurations.append(("pytorch", "cascade", key, cascade, False))
+    for suffix, runtime in ONNX_FILES:
+        path = checkpoint.with_suffix(suffix)
+        if path.is_file():
+            run = _onnx_cascade(path, thresholds, rule)
+            if run is not None:
+                configurations += [(runtime, "cascade", k, run, True) for k in (1, 0)]
+    seconds: list[list[float]] = [[] for _ in configurations]
+    with torch.inference_mode(), precision.autocast():
+        for _, _, key, run, on_host in configurations:  # warm-up
+            request = shapes[key][0][0]
+            run(request.float().cpu().numpy() if on_host else request)
+        for _ in range(ROUNDS):
+            for i, (_, _, key, run, on_host) in enumerate(configurations):
+                requests = shapes[key][0]
+                if on_host:
+                    requests = [r.float().cpu().numpy() for r in requests]
+                seconds[i] += _timed(run, requests, shapes[key][1], sync)
+    rows = []
+    for (runtime, model, key, _, _), spent in zip(configurations, seconds, strict=True):
+        sizes = shapes[key][1] * ROUNDS
+        rows.append(
+            LatencyRow(
+                runtime=runtime,
+                model=model,
+                batch=1 if key == 1 else max(shapes[0][1]),
+                images_per_s=sum(sizes) / sum(spent),
+                p50_ms=1e3 * float(np.percentile(spent, 50)),
+                p95_ms=1e3 * float(np.percentile(spent, 95)),
+            )
+        )
+    return rows
+
+
+def _onnx_cascade(
+    path: Path, thresholds: Sequence[float], rule: str
+) -> Callable[[np.ndarray], Any] | None:
+    """The exported graph (every head) and the cascade's decision on its outputs; None where
+    onnxruntime is not installed or the file is not a multi-head export."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if len(session.get_outputs()) != len(thresholds) + 1:
+        return None
+    name = session.get_inputs()[0].name
+
+    def run(images: np.ndarray) -> torch.Tensor:
+        outputs = session.run(None, {name: images})
+        heads = torch.stack([torch.from_numpy(o) for o in [*outputs[1:], outputs[0]]])
+        return exits_taken(exit_confidence(heads, rule), thresholds)
+
+    return run
