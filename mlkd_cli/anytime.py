@@ -14,7 +14,6 @@ into the checkpoint, unless others are given; the rest of the batch runs on to t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from mlkd_cli.models.exits import (
     check_rule,
     check_thresholds,
     exit_confidence,
+    exits_header,
     load_exits_checkpoint,
 )
 
@@ -140,13 +140,7 @@ class AnytimeClassifier:
         meta = {
             p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
         }
-        if "mlkd_exits" not in meta or "mlkd" not in meta:
-            raise UserError(f"{path} is not a student with exits exported by mlkd")
-        try:
-            card = ModelCard(**json.loads(meta["mlkd"]))
-            exits = json.loads(meta["mlkd_exits"])
-        except (ValueError, TypeError) as exc:
-            raise UserError(f"{path} has a damaged mlkd header ({exc})") from None
+        card, exits = exits_header(meta, path)
         self = cls.__new__(cls)
         self.checkpoint, self.staged = None, None
         self.device = torch.device("cpu")

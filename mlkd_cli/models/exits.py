@@ -476,15 +476,19 @@ def build_exits_student(
     return student.eval()
 
 
-def load_exits_safetensors(path: Path) -> ExitsCheckpoint:
-    """A student with exits from the `model.safetensors` that `mlkd export` writes."""
-    tensors, meta = read_safetensors(path)
+def exits_header(meta: dict[str, str], path: Path) -> tuple[ModelCard, dict[str, Any]]:
+    """The card and exits record an export carries (safetensors header, ONNX metadata)."""
     if "mlkd_exits" not in meta or "mlkd" not in meta:
         raise UserError(f"{path} is not a student with exits exported by mlkd")
     try:
-        card = ModelCard(**json.loads(meta["mlkd"]))
-        exits = json.loads(meta["mlkd_exits"])
+        return ModelCard(**json.loads(meta["mlkd"])), json.loads(meta["mlkd_exits"])
     except (ValueError, TypeError) as exc:
         raise UserError(f"{path} has a damaged mlkd header ({exc})") from None
+
+
+def load_exits_safetensors(path: Path) -> ExitsCheckpoint:
+    """A student with exits from the `model.safetensors` that `mlkd export` writes."""
+    tensors, meta = read_safetensors(path)
+    card, exits = exits_header(meta, path)
     student = build_exits_student(card, exits, tensors, path)
     return ExitsCheckpoint(path, student, card, exits)
