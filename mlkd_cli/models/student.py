@@ -6,10 +6,10 @@ architecture is hard-coded. Two kinds of exit (`EXIT_HEADS`):
   k x k conv with stride k that brings the map to the last stage's resolution, a 1x1 conv to the
   final feature width (each with BatchNorm + ReLU), global pooling, a classifier. On a ResNet-50
   at 224 px that is about 1.3 GMACs an exit, a third of the plain model.
-- `light`: a 3x3 depthwise conv on the stage's map, k x k average pooling to the last stage's
-  resolution, a 1x1 conv to the final feature width (BatchNorm + ReLU after each conv), global
-  pooling, a classifier: 1-3 % of a ResNet-50's MACs an exit, so an image that leaves early
-  saves nearly all of what the rest of the backbone costs.
+- `light`: a 3x3 depthwise conv on the stage's map, a k x k depthwise conv with stride k to the
+  last stage's resolution, a 1x1 conv to the final feature width (BatchNorm + ReLU after each
+  conv), global pooling, a classifier: 1-3 % of a ResNet-50's MACs an exit, so an image that
+  leaves early saves nearly all of what the rest of the backbone costs.
 The saved student is the plain timm model inside; `<name>_exits.pth` keeps the exits too.
 """
 
@@ -190,26 +190,36 @@ class ExitBranch(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+def _depthwise_bn_relu(channels: int, kernel: int, stride: int, padding: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, kernel, stride, padding, groups=channels, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+    )
+
+
 class LightExitBranch(nn.Module):
-    """A cheap auxiliary classifier: depthwise 3x3 conv, average pooling to the last stage's
-    resolution, a 1x1 conv to the final width, global pooling, a classifier."""
+    """A cheap auxiliary classifier: a depthwise 3x3 conv, a depthwise k x k conv with stride k
+    to the last stage's resolution (a learned pooling per channel), a 1x1 conv to the final
+    width, global pooling, a classifier. The dense work is the 1x1 at the coarsest resolution."""
 
     def __init__(self, in_channels: int, width: int, factor: int, num_classes: int) -> None:
         super().__init__()
         self.factor = factor
-        self.spatial = nn.Sequential(
-            nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False),
-            nn.BatchNorm2d(in_channels),
-            nn.ReLU(inplace=True),
+        self.spatial = _depthwise_bn_relu(in_channels, 3, 1, 1)
+        self.downsample = (
+            _depthwise_bn_relu(in_channels, factor, factor, 0) if factor > 1 else nn.Identity()
         )
         self.expand = _conv_bn_relu(in_channels, width, 1)
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.spatial(features)
-        if self.factor > 1:  # ceil_mode: odd sizes reach the last stage's resolution too
-            x = F.avg_pool2d(x, self.factor, ceil_mode=True)
-        x = self.expand(x)
+        # Pad to a multiple of the stride so odd sizes reach the last stage's resolution too.
+        pad_h, pad_w = (-x.shape[-2]) % self.factor, (-x.shape[-1]) % self.factor
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.expand(self.downsample(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
