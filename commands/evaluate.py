@@ -303,7 +303,12 @@ def _render_anytime(report: Reporter, result: dict[str, Any], job: AnytimeJob) -
             [
                 [
                     r["runtime"],
-                    r["model"] + (" (every head computed)" if "onnx" in r["runtime"] else ""),
+                    r["model"]
+                    + (
+                        " (every head computed)"
+                        if "onnx" in r["runtime"] and r["model"] == "cascade"
+                        else ""
+                    ),
                     str(r["batch"]),
                     f"{r['images_per_s']:.0f}",
                     f"{r['p50_ms']:.2f}",

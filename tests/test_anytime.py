@@ -520,7 +520,7 @@ def test_timing_of_a_slow_model_keeps_to_its_budget(monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.slow
 def test_int8_export_of_a_student_with_exits_agrees_with_fp32_and_carries_its_exits(
-    exits_ckpt: Path,
+    exits_ckpt: Path, exits_run: Path
 ) -> None:
     onnxruntime = pytest.importorskip("onnxruntime")
     import onnx
@@ -562,7 +562,11 @@ def test_int8_export_of_a_student_with_exits_agrees_with_fp32_and_carries_its_ex
     got = quantized.predict(images)
     assert float((got.labels == want.labels).double().mean()) >= 0.95
     assert got.macs.shape == (len(images),) and got.exits.max() <= 3
-    # Latency: PyTorch's plain model and cascade, and both ONNX files found beside it.
+    # Latency: PyTorch's plain model and cascade, and the ONNX files found beside it (the
+    # plain student's s.onnx too).
+    shutil.copy(exits_run / "s.pth", exits_ckpt.parent / "s.pth")
+    plain = invoke_cli("export", exits_ckpt.parent / "s.pth", "--format", "onnx", "-q")
+    assert plain.exit_code == 0, plain.stderr
     timed = invoke_cli("eval", exits_ckpt, "--latency", "--timing-images", "16", "-b", "8",
                        "--json", "-q")  # fmt: skip
     assert timed.exit_code == 0, timed.stderr
@@ -572,7 +576,8 @@ def test_int8_export_of_a_student_with_exits_agrees_with_fp32_and_carries_its_ex
         ("pytorch", "plain", 1), ("pytorch", "cascade", 1), ("pytorch", "plain", 8),
         ("pytorch", "cascade", 8), ("onnxruntime fp32", "cascade", 1),
         ("onnxruntime fp32", "cascade", 8), ("onnxruntime int8", "cascade", 1),
-        ("onnxruntime int8", "cascade", 8),
+        ("onnxruntime int8", "cascade", 8), ("onnxruntime fp32", "plain", 1),
+        ("onnxruntime fp32", "plain", 8),
     }  # fmt: skip
     assert all(r["images_per_s"] > 0 and 0 < r["p50_ms"] <= r["p95_ms"] for r in rows)
 

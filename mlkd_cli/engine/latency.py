@@ -1,7 +1,9 @@
 """Latency of a student with exits on this machine: images/s and per-request latency (p50, p95)
 of the plain model and of the early-exit cascade, one image a request and a batch a request, in
-PyTorch and, where `mlkd export` wrote them beside the checkpoint, in onnxruntime (the ONNX
-graph computes every head; the cascade's decision is taken on its outputs).
+PyTorch and, where `mlkd export` wrote them beside the checkpoint, in onnxruntime: the plain
+student's `<name>.onnx` / `<name>.int8.onnx`, and the student with exits' `<name>_exits.onnx` /
+`<name>_exits.int8.onnx` (that graph computes every head; the cascade's decision is taken on its
+outputs).
 
 A request's latency is the time from its images in memory to its answers: for a batch, the time
 of the whole batch, which every image in it waits for.
@@ -80,12 +82,16 @@ def measure_latency(
         configurations.append(("pytorch", "plain", key, staged.plain, False))
         cascade = lambda x: staged.cascade(x, thresholds, rule)  # noqa: E731
         configurations.append(("pytorch", "cascade", key, cascade, False))
+    plain_name = checkpoint.stem.removesuffix("_exits")
     for suffix, runtime in ONNX_FILES:
+        plain = checkpoint.with_name(plain_name + suffix)
+        run = _onnx_plain(plain) if plain.is_file() and plain_name != checkpoint.stem else None
+        if run is not None:
+            configurations += [(runtime, "plain", k, run, True) for k in (1, 0)]
         path = checkpoint.with_suffix(suffix)
-        if path.is_file():
-            run = _onnx_cascade(path, thresholds, rule)
-            if run is not None:
-                configurations += [(runtime, "cascade", k, run, True) for k in (1, 0)]
+        run = _onnx_cascade(path, thresholds, rule) if path.is_file() else None
+        if run is not None:
+            configurations += [(runtime, "cascade", k, run, True) for k in (1, 0)]
     seconds: list[list[float]] = [[] for _ in configurations]
     with torch.inference_mode(), precision.autocast():
         for _, _, key, run, on_host in configurations:  # warm-up
@@ -111,6 +117,17 @@ def measure_latency(
             )
         )
     return rows
+
+
+def _onnx_plain(path: Path) -> Callable[[np.ndarray], Any] | None:
+    """The plain student's exported graph; None without onnxruntime."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda images: session.run(None, {name: images})
 
 
 def _onnx_cascade(
