@@ -264,8 +264,8 @@ def _render_anytime(report: Reporter, result: dict[str, Any], job: AnytimeJob) -
     exits = [f"exit {i}" for i in range(1, len(result["heads"]))]
     rule = result["exit_rule"]
     report.table(
-        f"early exit: an image leaves at the first exit whose {EXIT_RULES[rule]} ({rule}) "
-        "reaches the threshold; % of images leaving at each head",
+        f"early exit: an image leaves at the first exit whose confidence ({rule}: "
+        f"{EXIT_RULES[rule]}) reaches the threshold; % of images leaving at each head",
         [
             "thresholds",
             "top-1 %",

@@ -11,8 +11,11 @@ head agrees on less than `--min-agreement` % is refused, not written.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +124,10 @@ def quantize_export(plan: Int8Plan, fp32: Path, destination: Path) -> dict[str, 
             batch = next(self.batches, None)
             return None if batch is None else {name: batch}
 
-    with tempfile.TemporaryDirectory(prefix=".int8-", dir=destination.parent) as scratch:
+    with (
+        tempfile.TemporaryDirectory(prefix=".int8-", dir=destination.parent) as scratch,
+        _quiet_root_logger(),
+    ):
         prepared, quantized = Path(scratch) / "prepared.onnx", Path(scratch) / "int8.onnx"
         quant_pre_process(str(fp32), str(prepared))  # shape inference and folding first
         quantize_static(
@@ -151,6 +157,19 @@ def quantize_export(plan: Int8Plan, fp32: Path, destination: Path) -> dict[str, 
         "int8_bytes": destination.stat().st_size,
         **parity,
     }
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime's quantizer warns on the root logger for every 1-D weight it leaves per
+    tensor (norm scales): dozens of lines that say nothing to the user; kept off stderr."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _input_name(path: Path) -> str:
