@@ -165,8 +165,10 @@ def anytime_png(result: dict[str, Any], title: str, path: Path) -> None:
                 [p["macs_pct"] for p in points],
                 [p["top1"] for p in points],
                 marker="o",
-                markersize=3,
+                markersize=4,
                 color=color,
+                alpha=0.8,
+                zorder=4,  # above the heads' dots: a one-point frontier sits on one
                 label=f"frontier, {rule}",
             )
     else:
