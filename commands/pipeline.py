@@ -92,7 +92,8 @@ def pipeline(
                 "alone, images in memory)"
             )
         report.info(
-            f"early exit at thresholds {values} (chosen on the validation split): "
+            f"early exit at {cascade.get('exit_rule', 'max_softmax')} thresholds {values} (chosen "
+            "on the validation split): "
             f"{cascade['macs_pct']:.1f} % of the student's MACs{speed}"
         )
     report.info(f"figure {summary['comparison_png']}; student exported to {summary['export']}")

@@ -403,6 +403,7 @@ def _exit_rows(
             "images_per_s": None,
             "macs_pct": cascade["macs_pct"],
             "thresholds": cascade["thresholds"],
+            "exit_rule": cascade["exit_rule"],
             "exit_shares": cascade["exit_shares"],
             "model_images_per_s": cascade["images_per_s"],
             "plain_model_images_per_s": test["heads"][0]["images_per_s"],

@@ -86,6 +86,7 @@ def test_interrupted_pipeline_finishes_without_redoing_teachers(
     cascade = next(row for row in summary["rows"] if row["role"] == "cascade")
     chosen = torch.load(models / "s_exits.pth", weights_only=True)["exits"]["thresholds"]
     assert chosen["split"] == "val" and chosen["values"] == cascade["thresholds"]
+    assert chosen["rule"] == cascade["exit_rule"]
     assert 0 < cascade["macs_pct"] < 110 and sum(cascade["exit_shares"]) == pytest.approx(100)
     for png in [run / "comparison.png", *(models / f"{n}_curves.png" for n in ("ta", "s"))]:
         assert png.read_bytes()[:4] == b"\x89PNG"
