@@ -23,7 +23,7 @@ import torch
 from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
-from mlkd_cli.engine.cascade import exits_taken
+from mlkd_cli.engine.cascade import cascade_from_outputs
 from mlkd_cli.models.exits import (
     EXIT_RULE,
     ExitCosts,
@@ -31,7 +31,6 @@ from mlkd_cli.models.exits import (
     StagedStudent,
     check_rule,
     check_thresholds,
-    exit_confidence,
     exits_header,
     load_exits_checkpoint,
 )
@@ -164,9 +163,9 @@ class AnytimeClassifier:
         assert self.session is not None
         name = self.session.get_inputs()[0].name
         outputs = self.session.run(None, {name: images.float().cpu().numpy()})
-        heads = torch.stack([torch.from_numpy(o) for o in [*outputs[1:], outputs[0]]])
-        taken = exits_taken(exit_confidence(heads, self.rule), self.thresholds)
-        return heads[taken, torch.arange(heads.shape[1])].float(), taken
+        return cascade_from_outputs(
+            [torch.from_numpy(o) for o in outputs], self.thresholds, self.rule
+        )
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> AnytimePrediction:

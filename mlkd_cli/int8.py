@@ -82,12 +82,16 @@ def plan_int8(options: Int8Options, card: ModelCard | None, checkpoint: Path) ->
     return Int8Plan(options, card, splits)
 
 
-def _batches(dataset: TransformedSubset, positions: list[int]) -> list[np.ndarray]:
-    """The images at `positions`, transformed, in batches of BATCH (float32 NCHW)."""
+def _batches(
+    dataset: TransformedSubset, positions: list[int]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The images at `positions`, transformed once, in batches of BATCH (float32 NCHW), each
+    with its labels."""
     batches = []
     for start in range(0, len(positions), BATCH):
-        images = [dataset[p][0] for p in positions[start : start + BATCH]]
-        batches.append(torch.stack(images).numpy())
+        items = [dataset[p] for p in positions[start : start + BATCH]]  # (image, label, position)
+        images = torch.stack([item[0] for item in items]).numpy()
+        batches.append((images, np.array([item[1] for item in items])))
     return batches
 
 
@@ -99,7 +103,7 @@ def calibration_batches(plan: Int8Plan) -> list[np.ndarray]:
     )
     generator = torch.Generator().manual_seed(CALIBRATION_SEED)
     order = torch.randperm(len(train), generator=generator).tolist()
-    return _batches(train, order[: plan.options.calibration_images])
+    return [images for images, _ in _batches(train, order[: plan.options.calibration_images])]
 
 
 def quantize_export(plan: Int8Plan, fp32: Path, destination: Path) -> dict[str, Any]:
@@ -186,14 +190,15 @@ def compare_on_validation(plan: Int8Plan, fp32: Path, int8: Path) -> dict[str, A
 
     splits = plan.splits
     val = split_dataset(splits, "val", card_recipe(plan.card))
-    labels = np.array([val[i][1] for i in range(len(val))])
+    batches = _batches(val, list(range(len(val))))
+    labels = np.concatenate([batch_labels for _, batch_labels in batches])
     sessions = [
         onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"])
         for p in (fp32, int8)
     ]
     name = sessions[0].get_inputs()[0].name
     predictions: list[list[list[np.ndarray]]] = [[], []]
-    for batch in _batches(val, list(range(len(val)))):
+    for batch, _ in batches:
         for which, session in enumerate(sessions):
             outputs = session.run(None, {name: batch})
             predictions[which].append([o.argmax(axis=1) for o in outputs])

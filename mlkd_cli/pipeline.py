@@ -27,7 +27,7 @@ from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig, TrainConfi
 from mlkd_cli.engine.distiller import check_feature_loss, distill_student, plan_distillation
 from mlkd_cli.engine.ensemble import LogitsRequest, fit_and_write, run_logits_pass
 from mlkd_cli.engine.evaluation import EvalRequest, measure, plan_eval_job
-from mlkd_cli.engine.labeling import label_store, plan_labeling
+from mlkd_cli.engine.labeling import label_store, plan_labeling, resolve_top_k
 from mlkd_cli.engine.planning import RunFiles
 from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
 from mlkd_cli.engine.trainer import launch_training
@@ -153,9 +153,15 @@ def baseline_config(
     )
 
 
-def _check_stages(configs: list[TrainConfig], options: PipelineOptions, teachers: int) -> None:
+def _check_stages(
+    configs: list[TrainConfig],
+    options: PipelineOptions,
+    teachers: int,
+    soft_labels: SoftLabelSettings | None = None,
+) -> None:
     """Validate every training stage's settings (batch arithmetic at this world size included),
-    model names and data before the first stage runs; raises UserError naming the stage."""
+    model names, data and the store's top-k before the first stage runs; raises UserError
+    naming the stage."""
     for cfg in configs:
         try:
             cfg.validate()
@@ -165,7 +171,12 @@ def _check_stages(configs: list[TrainConfig], options: PipelineOptions, teachers
         except UserError as exc:
             raise UserError(f"{options.preset}: stage {cfg.run_name}: {exc}") from None
     first = configs[0]
-    load_splits(first.dataset, first.data_dir, first.download, first.val_fraction)
+    splits = load_splits(first.dataset, first.data_dir, first.download, first.val_fraction)
+    if soft_labels is not None:
+        try:
+            resolve_top_k(soft_labels.top_k, splits.num_classes)
+        except UserError as exc:
+            raise UserError(f"{options.preset}: soft_labels: {exc}") from None
 
 
 def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
@@ -199,7 +210,10 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
     # Every stage is checked now, so that a bad setting of a late stage is not found only
     # after the teachers have trained for hours.
     _check_stages(
-        [*teachers, student, learner, *([baseline] if baseline else [])], options, len(teachers)
+        [*teachers, student, learner, *([baseline] if baseline else [])],
+        options,
+        len(teachers),
+        resolved.soft_labels,
     )
 
     for t in teachers:

@@ -175,3 +175,9 @@ def test_a_pipeline_whose_student_cannot_learn_from_a_store_is_refused_first(
     result = invoke_cli("pipeline", "--preset", preset, "--run-dir", run)
     assert result.exit_code == 2
     assert_error_line(result.stderr, "soft_labels.views must be at least 1")
+    # A top-k the dataset cannot have: found before the teacher trains, not at labelling.
+    preset.write_text(STORE_PRESET.replace("{views: 2}", "{views: 2, top_k: 11}"))
+    result = invoke_cli("pipeline", "--preset", preset, "--run-dir", run)
+    assert result.exit_code == 2
+    assert_error_line(result.stderr, "soft_labels", "between 1 and the 10 classes, got 11")
+    assert not (run / "models").exists()

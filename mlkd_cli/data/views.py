@@ -11,6 +11,7 @@ View `v` of image `i` under a store seed is fixed by two things only, in either 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,11 +35,14 @@ def view_draws(store_seed: int, view: int, count: int) -> torch.Tensor:
     return torch.rand(count, DRAWS_PER_IMAGE, generator=generator)
 
 
+@functools.lru_cache(maxsize=2)
 def chosen_views(store_seed: int, epoch: int, count: int, views: int) -> torch.Tensor:
     """Which stored view each image takes in `epoch` (count,), a seeded choice: a resumed run
     takes the same ones. Each image goes through its views in an order of its own, without
     repeating one until it has taken them all (epochs 0..K-1 take K different views, and so on),
-    so that a run sees as many different views as the store and its epochs allow."""
+    so that a run sees as many different views as the store and its epochs allow. Computed once
+    an epoch per process (the task and the data pipeline both ask; a sort of images x views);
+    callers must not change the tensor."""
     cycle, turn = divmod(epoch, views)
     generator = torch.Generator().manual_seed(derive_seed(store_seed, cycle, _VIEW_KEY + 1))
     orders = torch.rand(count, views, generator=generator).argsort(dim=1)

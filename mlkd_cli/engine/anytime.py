@@ -235,7 +235,10 @@ def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, 
         )
     outputs = HeadOutputs.from_logits(logits, labels)
     rows, rule, chosen_record, frontiers = _cascade_rows(job, outputs, heads[0]["top1"])
-    speeds = time_anytime(job, device, [(r.thresholds, row_rule) for _, row_rule, r in rows])
+    # The student, its precision and the timed images, loaded once for every timing below.
+    timing = _timing_setup(job, device) if job.timing_images else None
+    cascades_timed = [(r.thresholds, row_rule) for _, row_rule, r in rows]
+    speeds = time_anytime(job, timing, cascades_timed) if timing else None
     for i, head in enumerate(heads):
         head["images_per_s"] = speeds["heads"][i] if speeds else None
     cascades = [
@@ -248,9 +251,10 @@ def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, 
         for i, (label, exit_rule, result) in enumerate(rows)
     ]
     latency = None
-    if job.latency:  # the chosen (else the given) cascade
+    if job.latency and timing is not None and timing[2]:  # the chosen (else given) cascade
         _, point_rule, point = next(r for r in rows if r[0] in ("chosen", "given"))
-        latency = time_latency(job, device, point.thresholds, point_rule)
+        measured = measure_latency(*timing, point.thresholds, point_rule, job.path)
+        latency = [row.to_record() for row in measured]
     return {
         "latency": latency,
         "checkpoint": str(job.path),
@@ -340,13 +344,14 @@ def _save_thresholds(job: AnytimeJob, point: OperatingPoint, final_top1: float) 
 
 
 def time_anytime(
-    job: AnytimeJob, device: str, cascades: list[tuple[tuple[float, ...], str]]
+    job: AnytimeJob,
+    timing: tuple[StagedStudent, Precision, list[torch.Tensor]],
+    cascades: list[tuple[tuple[float, ...], str]],
 ) -> dict[str, Any] | None:
-    """Images per second of each head used alone and of each cascade, with real early stopping,
-    on up to `job.timing_images` images held in memory (the model's compute, not data loading)."""
-    if job.timing_images == 0:
-        return None
-    staged, precision, batches = _timing_setup(job, device)
+    """Images per second of each head used alone and of each cascade (thresholds, rule), with
+    real early stopping, on the timed images held in memory (`_timing_setup`: the model's
+    compute, not data loading)."""
+    staged, precision, batches = timing
     if not batches:
         return None
     heads = [_each(staged.plain)] + [
@@ -386,15 +391,6 @@ def _timing_setup(
         if count >= job.timing_images:
             break
     return staged, precision, batches
-
-
-def time_latency(
-    job: AnytimeJob, device: str, thresholds: tuple[float, ...], rule: str
-) -> list[dict[str, Any]]:
-    """`engine/latency.py`'s rows for the cascade at `thresholds` under `rule`."""
-    staged, precision, batches = _timing_setup(job, device)
-    rows = measure_latency(staged, precision, batches, thresholds, rule, job.path)
-    return [row.to_record() for row in rows]
 
 
 def _fit_budget(

@@ -80,11 +80,6 @@ class HeadOutputs:
         """(heads, images, classes): float32 softmax, the arithmetic the cascade decides by."""
         return self.logits.softmax(dim=-1)
 
-    @cached_property
-    def confidence(self) -> torch.Tensor:
-        """(heads, images): each head's top probability."""
-        return self.probs.amax(dim=-1)
-
     def confidence_of(self, rule: str) -> torch.Tensor:
         """(heads, images): how sure each head is of each image under `rule` (computed once)."""
         if rule not in self._scores:
@@ -95,6 +90,17 @@ class HeadOutputs:
     def correct(self) -> torch.Tensor:
         """(heads, images): whether each head's top class is the label."""
         return self.logits.argmax(dim=-1) == self.labels
+
+
+def cascade_from_outputs(
+    outputs: Sequence[torch.Tensor], thresholds: Sequence[float], rule: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cascade's decision on every head's logits computed at once (an exported graph's
+    outputs: final first, then each exit): the logits of the head each image leaves at, and
+    that head (exits 0.., the final head last)."""
+    heads = torch.stack([*outputs[1:], outputs[0]])
+    taken = exits_taken(exit_confidence(heads, rule), thresholds)
+    return heads[taken, torch.arange(heads.shape[1])].float(), taken
 
 
 def exits_taken(confidence: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
@@ -168,10 +174,11 @@ def choose_thresholds(
       right and the cascade gets wrong are at most `max_drop` % of the split (images the cascade
       gets right where the final head fails do not buy further losses). On digits the net
       difference picked thresholds that were 2 points better than the final head on its 144
-      validation images and a point worse on the test split; this bound held. Falls back to the
-      most cautious thresholds (1.0) when none qualify.
+      validation images and a point worse on the test split; this bound held.
     - `max_macs`: the highest top-1 (ties: fewer MACs) whose mean MACs per image stay within
-      `max_macs`; None when no thresholds do.
+      `max_macs`.
+
+    None when no thresholds on the grid meet the criterion.
 
     A split of fewer than `PER_EXIT_FROM` images picks one threshold shared by every exit (per-
     exit thresholds overfit it); larger ones search each exit's threshold.
@@ -209,11 +216,7 @@ def choose_thresholds(
         figures = score(choice)
         if figures is not None and (best is None or key(figures) < key(best)):
             best_choice, best = choice, figures
-    if best_choice is None:
-        if max_macs is not None:
-            return None
-        best_choice = tuple([len(grid) - 1] * exits)
-    return tuple(float(grid[g]) for g in best_choice)
+    return None if best_choice is None else tuple(float(grid[g]) for g in best_choice)
 
 
 @dataclass(frozen=True)
@@ -236,8 +239,9 @@ def choose_operating_point(
     rules: Sequence[str] = tuple(EXIT_RULES),
 ) -> OperatingPoint:
     """The best thresholds over `rules` for `max_drop` (fewest MACs, then higher top-1) or
-    `budget`, a share of `plain_macs` (highest top-1, then fewer MACs). Under a budget no
-    thresholds can meet, the cheapest cascade found (every exit at the lowest threshold)."""
+    `budget`, a share of `plain_macs` (highest top-1, then fewer MACs). Where no thresholds
+    meet the criterion (`met` False): the most cautious ones (1.0) for a top-1 bound, the
+    cheapest (every exit at the lowest threshold) for a budget."""
     if (max_drop is None) == (budget is None):
         raise ValueError("give max_drop or budget")
     limit = None if budget is None else budget * plain_macs
@@ -246,25 +250,25 @@ def choose_operating_point(
         values = choose_thresholds(heads, cascade_macs, max_drop, max_macs=limit, rule=rule)
         if values is not None:
             result = evaluate_cascade(heads, values, cascade_macs, plain_macs, rule)
-            met = max_drop is None or result.top1 >= heads_top1(heads) - max_drop - 1e-9
-            found.append(OperatingPoint(rule, result, met))
-    if not found:  # the budget is below what any thresholds reach: the cheapest there is
-        lowest = [THRESHOLD_GRID[0]] * heads.exit_count
-        cheapest = [
+            found.append(OperatingPoint(rule, result, True))
+    if max_drop is not None:
+        key = lambda p: (p.result.macs, -p.result.top1)  # noqa: E731
+    else:
+        key = lambda p: (-p.result.top1, p.result.macs)  # noqa: E731
+    if found:
+        return min(found, key=key)
+    fallback = [(THRESHOLD_GRID[-1] if max_drop is not None else THRESHOLD_GRID[0])] * (
+        heads.exit_count
+    )
+    return min(
+        (
             OperatingPoint(
-                rule, evaluate_cascade(heads, lowest, cascade_macs, plain_macs, rule), False
+                rule, evaluate_cascade(heads, fallback, cascade_macs, plain_macs, rule), False
             )
             for rule in rules
-        ]
-        return min(cheapest, key=lambda p: (p.result.macs, -p.result.top1))
-    if max_drop is not None:
-        return min(found, key=lambda p: (not p.met, p.result.macs, -p.result.top1))
-    return min(found, key=lambda p: (-p.result.top1, p.result.macs))
-
-
-def heads_top1(heads: HeadOutputs) -> float:
-    """The final head's top-1 over the split."""
-    return 100.0 * float(heads.correct[-1].double().mean())
+        ),
+        key=key,
+    )
 
 
 def frontier(

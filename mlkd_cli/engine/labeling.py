@@ -79,6 +79,14 @@ def teacher_identity(teacher: EnsembleConfig) -> dict[str, Any]:
     }
 
 
+def resolve_top_k(top_k: int | None, classes: int) -> int:
+    """`--top-k`, or its default for `classes` classes, checked (a UserError naming the range)."""
+    k = top_k if top_k is not None else (classes if classes <= FULL_TOP_K else 10)
+    if not 1 <= k <= classes:
+        raise UserError(f"--top-k must be between 1 and the {classes} classes, got {k}")
+    return k
+
+
 def plan_labeling(
     cfg: DistillConfig, output: Path, views: int, top_k: int | None, shard_size: int = SHARD_SIZE
 ) -> LabelPlan:
@@ -97,9 +105,7 @@ def plan_labeling(
     check_recipe(recipe)
     check_precision(cfg.precision, resolve_device(cfg.device))
     classes = splits.num_classes
-    k = top_k if top_k is not None else (classes if classes <= FULL_TOP_K else 10)
-    if not 1 <= k <= classes:
-        raise UserError(f"--top-k must be between 1 and the {classes} classes, got {k}")
+    k = resolve_top_k(top_k, classes)
     manifest = StoreManifest(
         dataset=cfg.dataset,
         split="train",

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlkd_cli.engine.cascade import exits_taken
+from mlkd_cli.engine.cascade import cascade_from_outputs
 from mlkd_cli.engine.precision import Precision
-from mlkd_cli.models.exits import StagedStudent, exit_confidence
+from mlkd_cli.models.exits import StagedStudent
 
 SINGLE_IMAGES = 64  # one-image requests timed per configuration and round
 ROUNDS = 3  # passes over the requests, interleaved across configurations
@@ -144,9 +144,8 @@ def _onnx_cascade(
         return None
     name = session.get_inputs()[0].name
 
-    def run(images: np.ndarray) -> torch.Tensor:
+    def run(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = session.run(None, {name: images})
-        heads = torch.stack([torch.from_numpy(o) for o in [*outputs[1:], outputs[0]]])
-        return exits_taken(exit_confidence(heads, rule), thresholds)
+        return cascade_from_outputs([torch.from_numpy(o) for o in outputs], thresholds, rule)
 
     return run
