@@ -37,6 +37,7 @@ def distill(
         ),
     ] = None,
     models_dir: opt.ModelsDir = None,
+    teacher_img_size: opt.TeacherImgSize = None,
     soft_labels: opt.SoftLabels = None,
     teacher_ema: Annotated[
         bool | None,
@@ -125,7 +126,7 @@ def distill(
         return
     flags = {
         "dataset": dataset,
-        **opt.teacher_flags(model, checkpoint, ensemble, models_dir),
+        **opt.teacher_flags(model, checkpoint, ensemble, models_dir, teacher_img_size),
         "student": student,
         "student_checkpoint": student_checkpoint,
         "pretrained": pretrained,

@@ -161,7 +161,11 @@ PlainClasses = Annotated[
 
 
 def teacher_flags(
-    model: str | None, checkpoint: Path | None, ensemble: Path | None, models_dir: Path | None
+    model: str | None,
+    checkpoint: Path | None,
+    ensemble: Path | None,
+    models_dir: Path | None,
+    img_size: int | None = None,
 ) -> dict[str, Any]:
     """The teacher options as config settings (`DistillConfig`'s names)."""
     return {
@@ -169,6 +173,7 @@ def teacher_flags(
         "teacher_checkpoint": checkpoint,
         "ensemble": ensemble,
         "models_dir": models_dir,
+        "teacher_img_size": img_size,
     }
 
 
@@ -185,13 +190,25 @@ EnsembleFile = Annotated[
 TeacherModel = Annotated[
     str | None,
     typer.Option(
-        "--model", "-m", help="A single teacher's timm model name.", rich_help_panel=TEACHER
+        "--model",
+        "-m",
+        help="A single teacher's timm model name (default: what its checkpoint records).",
+        rich_help_panel=TEACHER,
     ),
 ]
 TeacherCheckpoint = Annotated[
     Path | None,
     typer.Option(
         "--checkpoint", "-c", help="A single teacher's checkpoint.", rich_help_panel=TEACHER
+    ),
+]
+TeacherImgSize = Annotated[
+    int | None,
+    typer.Option(
+        "--teacher-img-size",
+        help="Input size the teacher runs at (default: what its checkpoint records; one that "
+        "records none sees the student's size).",
+        rich_help_panel=TEACHER,
     ),
 ]
 ModelsDir = Annotated[

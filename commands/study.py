@@ -45,6 +45,7 @@ def study(
     model: opt.TeacherModel = None,
     checkpoint: opt.TeacherCheckpoint = None,
     models_dir: opt.ModelsDir = None,
+    teacher_img_size: opt.TeacherImgSize = None,
     soft_labels: opt.SoftLabels = None,
     student: opt.Student = None,
     exits: opt.Exits = None,
@@ -57,7 +58,7 @@ def study(
     """Compare cross-entropy and each named loss over seeds; continues where it stopped."""
     flags = {
         "dataset": dataset,
-        **opt.teacher_flags(model, checkpoint, ensemble, models_dir),
+        **opt.teacher_flags(model, checkpoint, ensemble, models_dir, teacher_img_size),
         "soft_labels": soft_labels,
         "student": student,
         "exits": exits,

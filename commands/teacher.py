@@ -139,11 +139,15 @@ def label(
     model: opt.TeacherModel = None,
     checkpoint: opt.TeacherCheckpoint = None,
     models_dir: opt.ModelsDir = None,
+    teacher_img_size: opt.TeacherImgSize = None,
     *,
     shared: opt.Shared,
 ) -> None:
     """Store a teacher's outputs for numbered augmented views of every training image, once."""
-    flags = {"dataset": dataset, **opt.teacher_flags(model, checkpoint, ensemble, models_dir)}
+    flags = {
+        "dataset": dataset,
+        **opt.teacher_flags(model, checkpoint, ensemble, models_dir, teacher_img_size),
+    }
     cfg = shared.own_files_config(DistillConfig, "distill", flags)
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")

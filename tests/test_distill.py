@@ -288,7 +288,7 @@ def test_config_json_here_is_the_default_teacher(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--model", "test_resnet"), "both --model and --checkpoint"),
+        (("--model", "test_resnet"), "add --checkpoint"),
         (("--ensemble", "nowhere.json"), "no ensemble file nowhere.json"),
         (("--student", "test_vit"), "convolutional feature map"),
         (("--exits", "7"), "--exits 7"),

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mlkd_cli.core.console import OutputOptions
+from mlkd_cli.core.constants import MAX_IMG_SIZE
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.loggers import parse_log_to
@@ -315,6 +316,9 @@ class DistillConfig(TrainConfig):
     ensemble: Path | None = None
     # Take the EMA weights of teachers saved by timm's train.py (state_dict_ema) when present.
     teacher_ema: bool = True
+    # The input size teachers run at (None: what each checkpoint records; one that records
+    # none is fed what the student sees).
+    teacher_img_size: int | None = None
     models_dir: Path | None = None
     exits: str | None = None  # comma-separated stage indices; None: every stage but the last
     exit_weights: str | None = None  # comma-separated; None: 1 for each exit
@@ -397,6 +401,23 @@ class DistillConfig(TrainConfig):
             if present:
                 raise UserError(f"--soft-labels cannot be used with {what}")
 
+    def _check_teacher(self) -> None:
+        """How the teacher is named, and the input size it is given."""
+        if self.ensemble is not None and (self.teacher_model or self.teacher_checkpoint):
+            raise UserError("name the teacher once: --ensemble, or --checkpoint (with --model)")
+        if self.teacher_model is not None and self.teacher_checkpoint is None:
+            raise UserError("--model names a single teacher's architecture: add --checkpoint PATH")
+        if self.teacher_img_size is not None and self.soft_labels is not None:
+            raise UserError(
+                "--soft-labels replays outputs the store's teacher already made: drop "
+                "--teacher-img-size (label a store with it instead)"
+            )
+        if self.teacher_img_size is not None and not 8 <= self.teacher_img_size <= MAX_IMG_SIZE:
+            raise UserError(
+                f"--teacher-img-size must be between 8 and {MAX_IMG_SIZE} pixels, got "
+                f"{self.teacher_img_size}"
+            )
+
     def validate(self) -> None:
         """Refuse impossible values before any work starts."""
         _check_choice("recipe", self.recipe, RECIPES)
@@ -425,8 +446,7 @@ class DistillConfig(TrainConfig):
             raise UserError(
                 "--pretrained and --student-checkpoint both give initial weights; pass one"
             )
-        if self.ensemble is not None and (self.teacher_model or self.teacher_checkpoint):
-            raise UserError("name the teacher once: --ensemble, or --model with --checkpoint")
+        self._check_teacher()
         if self.teacher_cache and (self.augment or self.mixup_alpha > 0 or self.cutmix_alpha > 0):
             raise UserError(
                 "--teacher-cache reuses the teacher's outputs, so its input must not change "
@@ -434,8 +454,6 @@ class DistillConfig(TrainConfig):
             )
         if self.soft_labels is not None:
             self._check_soft_labels()
-        if (self.teacher_model is None) != (self.teacher_checkpoint is None):
-            raise UserError("a single teacher needs both --model and --checkpoint")
 
 
 def recipe_values(recipe: str, config: DistillConfig) -> dict[str, Any]:

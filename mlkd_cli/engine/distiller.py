@@ -53,7 +53,14 @@ from mlkd_cli.models.student import (
     parse_exits,
     unwrap_student,
 )
-from mlkd_cli.models.teacher import InputSpec, LoadedMember, build_teacher, load_member
+from mlkd_cli.models.teacher import (
+    InputSpec,
+    LoadedMember,
+    build_teacher,
+    describe_input,
+    load_member,
+    member_input,
+)
 
 DEFAULT_ENSEMBLE_FILE = Path("config.json")
 # The logit a class outside a stored top-k takes: exp(-1e4 / T) is 0 in fp32 for any usable T.
@@ -80,7 +87,7 @@ class DistillPlan:
 
 def resolve_teacher(cfg: DistillConfig) -> EnsembleConfig:
     """The teacher the user named, or `config.json` here, as an ensemble (of one, maybe)."""
-    if cfg.teacher_checkpoint is not None and cfg.teacher_model is not None:
+    if cfg.teacher_checkpoint is not None:  # --model may be left out: the checkpoint's card
         member = MemberSpec(cfg.teacher_checkpoint, cfg.teacher_model, 1.0)
         return EnsembleConfig(path=cfg.teacher_checkpoint, members=(member,)).with_ema(
             cfg.teacher_ema
@@ -94,6 +101,14 @@ def resolve_teacher(cfg: DistillConfig) -> EnsembleConfig:
             )
         path = DEFAULT_ENSEMBLE_FILE
     return read_ensemble_config(path, cfg.models_dir).with_ema(cfg.teacher_ema)
+
+
+def teacher_inputs(
+    loaded: Sequence[LoadedMember], recipe: ImageRecipe, img_size: int | None
+) -> list[str]:
+    """One line per teacher: the input it runs at, why, and any resize of the student's batch."""
+    seen = InputSpec(recipe.img_size, recipe.mean, recipe.std)
+    return [describe_input(m, *member_input(m, seen, img_size), seen) for m in loaded]
 
 
 def build_student(
@@ -129,6 +144,8 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     files = RunFiles(cfg.output_dir, cfg.run_name)
     check_output_files(cfg, files, identity=("student", "dataset"))
     recipe = dataset_recipe(cfg, splits)
+    for line in teacher_inputs(loaded, recipe, cfg.teacher_img_size):
+        report.info(line)
     pipeline = data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
     check_recipe(recipe)
     replay = None if cfg.soft_labels is None else store_replay(cfg, splits, recipe, pipeline)
@@ -243,7 +260,7 @@ class DistillTask:
         self.teacher: nn.Module | None = None  # placed in `prepare`, once the precision is known
         if plan.teacher is not None:
             self.teacher, _, _ = build_teacher(
-                plan.teacher, plan.run.card.num_classes, student_input
+                plan.teacher, plan.run.card.num_classes, student_input, cfg.teacher_img_size
             )
         # From a soft-label store: its logits (images, views, k) on the device with their classes
         # (None when the store holds every class: the logits are then in class order), and the

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mlkd_cli.core.console import OutputOptions
+from mlkd_cli.core.console import OutputOptions, Reporter
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.metrics import classification_metrics
@@ -63,6 +63,14 @@ def plan_model_job(request: EvalRequest) -> EvalJob:
     else:
         recipe = ImageRecipe(img_size=spec.img_size, crop_pct=spec.crop_pct)
     if request.img_size is not None:
+        if card is not None and request.img_size != card.img_size:
+            # The user asked for it, so it runs; but the figure describes another model than the
+            # one trained, and says so.
+            Reporter(request.output).warn(
+                f"{path} was trained at {card.img_size} px and is evaluated at "
+                f"{request.img_size} px (--img-size): top-1 at another size than the training "
+                "one is usually far lower; drop --img-size to use the card's"
+            )
         recipe = replace(recipe, img_size=request.img_size)
     classes = card.num_classes if card else num_classes
     job = EvalJob(
@@ -148,5 +156,11 @@ def measure(job: EvalJob, world_size: int, device: str) -> Measured | None:
     seconds = collected["seconds"]
     metrics["images_per_s"] = len(labels) / seconds if seconds else None
     metrics["params_m"] = collected["params"] / 1e6
-    result = {"checkpoint": str(job.path), "dataset": job.dataset, "split": job.split, **metrics}
+    result = {
+        "checkpoint": str(job.path),
+        "dataset": job.dataset,
+        "split": job.split,
+        "img_size": job.recipe.img_size,
+        **metrics,
+    }
     return Measured(result, logits, labels, collected["class_names"])

@@ -38,7 +38,7 @@ from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
 from mlkd_cli.data.views import ViewReplay, view_seed
 from mlkd_cli.engine.config import DistillConfig
-from mlkd_cli.engine.distiller import resolve_teacher
+from mlkd_cli.engine.distiller import resolve_teacher, teacher_inputs
 from mlkd_cli.engine.launch import launch, resolve_device
 from mlkd_cli.engine.planning import check_recipe, data_pipeline, dataset_recipe
 from mlkd_cli.engine.precision import Precision, check_precision, prepare_forward
@@ -98,9 +98,10 @@ def plan_labeling(
         raise UserError(f"--no-augment makes every view the same image: use --views 1, not {views}")
     teacher = resolve_teacher(cfg)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
-    for spec in teacher.members:
-        load_member(spec, splits.num_classes)  # architecture and class count checked
+    loaded = [load_member(spec, splits.num_classes) for spec in teacher.members]
     recipe = dataset_recipe(cfg, splits)
+    for line in teacher_inputs(loaded, recipe, cfg.teacher_img_size):
+        Reporter(cfg.output).info(line)
     pipeline = data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
     check_recipe(recipe)
     check_precision(cfg.precision, resolve_device(cfg.device))
@@ -191,7 +192,7 @@ def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
     report = Reporter(cfg.output, ctx.rank)
     splits = load_splits(cfg.dataset, cfg.data_dir, False, cfg.val_fraction)
     spec = InputSpec(plan.recipe.img_size, plan.recipe.mean, plan.recipe.std)
-    teacher, _, _ = build_teacher(plan.teacher, splits.num_classes, spec)
+    teacher, _, _ = build_teacher(plan.teacher, splits.num_classes, spec, cfg.teacher_img_size)
     precision = prepare_forward(cfg.precision, teacher, plan.recipe.img_size, ctx, cfg.batch_size)
     report.info(precision.describe())
     if ctx.is_main:

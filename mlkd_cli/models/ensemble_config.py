@@ -16,6 +16,9 @@ records its architecture; `weight` optional):
     temperature: 1.0
 
 `weights` may be absent before fitting (equal weights then); `temperature` is optional in both.
+`img_size` (top level, or a member's own) sets the input a member runs at; without it a member
+runs at what its checkpoint records, and one that records nothing at the size of the batches it is
+given (the student's, when distilling).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 import yaml
 
 from mlkd_cli.core.atomic import atomic_write_text
+from mlkd_cli.core.constants import MAX_IMG_SIZE
 from mlkd_cli.core.errors import UserError
 
 ORIGINAL = "original"
@@ -45,6 +49,7 @@ class MemberSpec:
     weight: float = 1.0
     label: str = ""  # the original's checkpoint name, or the file's stem
     ema: bool = True  # take a timm train.py checkpoint's EMA weights (state_dict_ema)
+    img_size: int | None = None  # the input it runs at (None: its checkpoint's, else the batch's)
 
     @property
     def name(self) -> str:
@@ -123,6 +128,18 @@ def _finite(path: Path, what: str, value: Any) -> float:
     return float(value)
 
 
+def _img_size(path: Path, what: str, value: Any) -> int | None:
+    """An `img_size` the file gives (None when absent), checked to be a usable pixel count."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= MAX_IMG_SIZE:
+        raise UserError(
+            f"{path}: {what} must be a whole number of pixels from 8 to {MAX_IMG_SIZE}, "
+            f"got {str(value)[:100]!r}"
+        )
+    return value
+
+
 def _original_members(path: Path, content: dict[str, Any], models_dir: Path) -> list[MemberSpec]:
     models, names = content.get("models"), content.get("names")
     if not isinstance(models, list) or not isinstance(names, list) or not models:
@@ -135,12 +152,14 @@ def _original_members(path: Path, content: dict[str, Any], models_dir: Path) -> 
             f"{path}: {len(models)} models, {len(names)} names and {len(weights)} weights; "
             "the three lists must be the same length"
         )
+    img_size = _img_size(path, "img_size", content.get("img_size"))
     return [
         MemberSpec(
             checkpoint=models_dir / f"{name}.pth",
             model=str(model),
             weight=_finite(path, f"weight of {name}", weight),
             label=str(name),
+            img_size=img_size,
         )
         for model, name, weight in zip(models, names, weights, strict=True)
     ]
@@ -154,7 +173,7 @@ def _explicit_members(path: Path, content: dict[str, Any]) -> list[MemberSpec]:
     for number, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict) or "checkpoint" not in entry:
             raise UserError(f"{path}: member {number} needs a 'checkpoint' path")
-        unknown = sorted(set(entry) - {"checkpoint", "model", "weight", "name"})
+        unknown = sorted(set(entry) - {"checkpoint", "model", "weight", "name", "img_size"})
         if unknown:
             raise UserError(f"{path}: member {number} has unknown key {unknown[0]!r}")
         checkpoint = Path(entry["checkpoint"])
@@ -164,6 +183,11 @@ def _explicit_members(path: Path, content: dict[str, Any]) -> list[MemberSpec]:
                 model=entry.get("model"),
                 weight=_finite(path, f"weight of member {number}", entry.get("weight", 1.0)),
                 label=str(entry.get("name", "")),
+                img_size=_img_size(
+                    path,
+                    f"img_size of member {number}",
+                    entry.get("img_size", content.get("img_size")),
+                ),
             )
         )
     return members

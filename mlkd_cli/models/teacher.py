@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import timm
 import torch
@@ -81,14 +81,15 @@ def load_member(spec: MemberSpec, num_classes: int | None) -> LoadedMember:
     """Build a member from its checkpoint, checking architecture and class count."""
     if not spec.checkpoint.is_file():
         raise UserError(
-            f"ensemble member checkpoint {spec.checkpoint} does not exist; train it or fix the path"
+            f"teacher checkpoint {spec.checkpoint} does not exist; train it or fix the path"
         )
     weights, meta = read_weights(spec.checkpoint, spec.ema)
     card = ModelCard.from_checkpoint(meta) if meta.get("format") == MODEL_FORMAT else None
     arch = spec.model or (card.arch if card else None) or recorded_arch(meta)
     if arch is None:
         raise UserError(
-            f"{spec.checkpoint} does not record its architecture; give the member a 'model'"
+            f"{spec.checkpoint} does not record its architecture; name it (--model NAME, or "
+            "'model' in the ensemble file)"
         )
     check_model_name(arch)
     if card is not None and spec.model is not None and card.arch != spec.model:
@@ -195,20 +196,43 @@ def combine_logits(
     return weighted / temperature
 
 
-def build_teacher(
-    config: EnsembleConfig, num_classes: int | None, input_spec: InputSpec | None = None
-) -> tuple[TeacherEnsemble, list[LoadedMember], InputSpec]:
-    """Load every member and wrap them; inputs arrive prepared for `input_spec`.
+def member_input(
+    member: LoadedMember, seen: InputSpec, img_size: int | None = None
+) -> tuple[InputSpec, str]:
+    """The input a member is fed and why, in words: `img_size` (`--teacher-img-size`) first,
+    then the ensemble file's `img_size`, then what its checkpoint records; a checkpoint that
+    records nothing is fed what the caller's batches hold (`seen`), never a guessed size."""
+    recorded = InputSpec.of(member.card, seen)
+    if img_size is not None:
+        return replace(recorded, img_size=img_size), "--teacher-img-size"
+    if member.spec.img_size is not None:
+        return replace(recorded, img_size=member.spec.img_size), "the ensemble file's img_size"
+    if member.card is not None:
+        return recorded, "recorded in its checkpoint"
+    return seen, "its checkpoint records no input size; --teacher-img-size sets one"
 
-    Without an `input_spec`, the largest recorded input size (and the first member's
-    normalisation) is used, and the other members get adapters.
+
+def describe_input(member: LoadedMember, spec: InputSpec, why: str, seen: InputSpec) -> str:
+    """One line: which input a member runs at, why, and any resize of the batches it gets."""
+    resize = "" if spec.img_size == seen.img_size else f", resized from {seen.img_size} px"
+    return f"teacher {member.spec.name} ({member.arch}): {spec.img_size} px input ({why}){resize}"
+
+
+def build_teacher(
+    config: EnsembleConfig,
+    num_classes: int | None,
+    input_spec: InputSpec,
+    img_size: int | None = None,
+) -> tuple[TeacherEnsemble, list[LoadedMember], list[str]]:
+    """Load every member and wrap them; batches arrive prepared for `input_spec`.
+
+    Each member is fed the input `member_input` settles (`img_size`: `--teacher-img-size`), and
+    gets an adapter that resizes or re-normalises when that differs from `input_spec`. Returns the
+    ensemble, the loaded members, and one line per member saying what it is fed and why.
     """
     loaded = [load_member(spec, num_classes) for spec in config.members]
-    fallback = InputSpec(224)
-    specs = [InputSpec.of(m.card, fallback) for m in loaded]
-    if input_spec is None:
-        input_spec = InputSpec(max(s.img_size for s in specs), specs[0].mean, specs[0].std)
-    adapters = [InputAdapter(input_spec, spec) for spec in specs]
+    inputs = [member_input(m, input_spec, img_size) for m in loaded]
+    adapters = [InputAdapter(input_spec, spec) for spec, _ in inputs]
     teacher = TeacherEnsemble(
         [m.model for m in loaded],
         config.weights,
@@ -216,4 +240,8 @@ def build_teacher(
         config.temperature,
         [m.spec.name for m in loaded],
     )
-    return teacher, loaded, input_spec
+    lines = [
+        describe_input(m, spec, why, input_spec)
+        for m, (spec, why) in zip(loaded, inputs, strict=True)
+    ]
+    return teacher, loaded, lines
