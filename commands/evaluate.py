@@ -119,11 +119,23 @@ def evaluate(
             rich_help_panel=opt.EARLY_EXIT,
         ),
     ] = False,
+    provenance: Annotated[
+        bool,
+        typer.Option(
+            "--provenance",
+            help="Print where each model came from (its teacher and their SHA-256, the data, "
+            "the software versions, the command) and exit without evaluating.",
+            rich_help_panel=opt.OUTPUT,
+        ),
+    ] = False,
     *,
     shared: opt.Shared,
 ) -> None:
     """Top-1, top-5, NLL, calibration (ECE) and the worst classes of a model on a split; for a
     student with exits, every exit and the early-exit cascade too."""
+    if provenance:
+        show_provenance(checkpoints, Reporter(shared.output))
+        return
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     given = _parse_thresholds(thresholds)
@@ -401,3 +413,36 @@ def _render(report: Reporter, results: list[dict[str, Any]]) -> None:
             ["class", "images", "top-1 %"],
             [[c["class"], c["images"], f"{c['top1']:.2f}"] for c in first["worst_classes"]],
         )
+
+
+def show_provenance(checkpoints: list[Path], report: Reporter) -> None:
+    """Each checkpoint's provenance record (what its card says made it), as a table and JSON."""
+    from mlkd_cli.models.factory import read_card
+
+    records = []
+    for path in checkpoints:
+        if path.suffix.lower() in (".json", ".yaml", ".yml"):
+            raise UserError(f"{path} is an ensemble file; --provenance reads a trained model")
+        card = read_card(path)
+        record = card.extra.get("provenance") if card is not None else None
+        if record is None:
+            raise UserError(
+                f"{path} records no provenance (trained outside mlkd, or by an mlkd from before "
+                "provenance was recorded); nothing to show"
+            )
+        records.append({"checkpoint": str(path), "provenance": record})
+        report.table(f"{path}: where it came from", ["what", "value"], _flattened(record))
+    report.result(records[0] if len(records) == 1 else {"results": records})
+
+
+def _flattened(record: dict[str, Any], prefix: str = "") -> list[list[str]]:
+    """A nested record as (dotted key, value) rows; lists joined with commas."""
+    rows: list[list[str]] = []
+    for key, value in record.items():
+        if isinstance(value, dict):
+            rows += _flattened(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            rows.append([f"{prefix}{key}", ", ".join(str(v) for v in value)])
+        else:
+            rows.append([f"{prefix}{key}", "-" if value is None else str(value)])
+    return rows

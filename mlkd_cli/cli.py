@@ -33,6 +33,7 @@ from mlkd_cli.commands import (  # noqa: E402
     teacher,
 )
 from mlkd_cli.core.errors import RunInterrupted, RunStopped, UserError  # noqa: E402
+from mlkd_cli.core.invocation import record_invocation  # noqa: E402
 
 
 class MlkdGroup(TyperGroup):
@@ -44,6 +45,7 @@ class MlkdGroup(TyperGroup):
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         kwargs.setdefault("prog_name", "mlkd")
+        record_invocation(args[0] if args else kwargs.get("args"))
         try:
             result = super().main(*args, standalone_mode=False, **kwargs)
         except click_errors.UsageError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -99,6 +100,18 @@ def test_distill_from_a_checkpoint_alone_names_the_teachers_input(
         "teacher t (test_resnet): 16 px input (recorded in its checkpoint), resized from 24 px"
         in (" ".join(shown.split()))
     )
+    # The student records what taught it, and the history says the same.
+    card = torch.load(tmp_path / "s.pth", weights_only=True)
+    teacher = card["extra"]["provenance"]["teacher"]
+    assert teacher["sha256"] == [hashlib.sha256(digits_teacher.read_bytes()).hexdigest()]
+    assert teacher["models"] == [None] and teacher["img_size"] == [16]
+    assert teacher["checkpoints"] == [str(digits_teacher)] and teacher["loss"] == "kd"
+    history = json.loads((tmp_path / "s_history.json").read_text())
+    assert history["provenance"] == card["extra"]["provenance"]
+    assert history["provenance"]["command"].startswith("mlkd distill --dataset digits")
+    shown = invoke_cli("eval", tmp_path / "s.pth", "--provenance")
+    assert shown.exit_code == 0, shown.stderr
+    assert "teacher.sha256" in shown.stdout and teacher["sha256"][0][:16] in shown.stdout
 
 
 def test_eval_at_another_size_than_trained_says_so(digits_teacher: Path) -> None:

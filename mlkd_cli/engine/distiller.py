@@ -40,6 +40,7 @@ from mlkd_cli.engine.planning import (
     dataset_recipe,
     make_plan,
 )
+from mlkd_cli.engine.provenance import store_identity, teacher_identity
 from mlkd_cli.engine.trainer import fit
 from mlkd_cli.losses.mixing import mixed_teacher_logits
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec, read_ensemble_config
@@ -164,9 +165,30 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     exits = parse_exits(cfg.exits, find_stages(student.backbone, cfg.student), cfg.student)
     weights = parse_exit_weights(cfg.exit_weights, len(exits))
     features, channels = feature_pairs(cfg, loaded, student, exits)
-    run = make_plan(cfg, cfg.student, splits, recipe, "student", learns_from_unlabelled=True)
+    taught_by = teacher_record(cfg, teacher, loaded, recipe)
+    run = make_plan(
+        cfg, cfg.student, splits, recipe, "student", learns_from_unlabelled=True, teacher=taught_by
+    )
     run = replace(run, view_replay=replay)
     return DistillPlan(run, teacher, tuple(exits), tuple(weights), features, channels)
+
+
+def teacher_record(
+    cfg: DistillConfig,
+    teacher: EnsembleConfig | None,
+    loaded: Sequence[LoadedMember],
+    recipe: ImageRecipe,
+) -> dict[str, Any]:
+    """What taught the student, for its provenance: the teacher's identity with the input each
+    member ran at, or the soft-label store's; the loss and temperature it was learnt with."""
+    if teacher is None:
+        assert cfg.soft_labels is not None
+        source = store_identity(cfg.soft_labels, read_manifest(cfg.soft_labels))
+    else:
+        seen = InputSpec(recipe.img_size, recipe.mean, recipe.std)
+        sizes = [member_input(m, seen, cfg.teacher_img_size)[0].img_size for m in loaded]
+        source = {**teacher_identity(teacher), "img_size": sizes}
+    return {**source, "loss": cfg.loss, "distill_temperature": cfg.temperature}
 
 
 def store_replay(

@@ -28,7 +28,6 @@ from mlkd_cli.data.softlabels import (
     StoreManifest,
     check_same_store,
     done_shards,
-    file_sha256,
     shards_of_rank,
     start_store,
     store_recipe,
@@ -42,6 +41,7 @@ from mlkd_cli.engine.distiller import resolve_teacher, teacher_inputs
 from mlkd_cli.engine.launch import launch, resolve_device
 from mlkd_cli.engine.planning import check_recipe, data_pipeline, dataset_recipe
 from mlkd_cli.engine.precision import Precision, check_precision, prepare_forward
+from mlkd_cli.engine.provenance import teacher_identity
 from mlkd_cli.models.ensemble_config import EnsembleConfig
 from mlkd_cli.models.teacher import InputSpec, build_teacher, load_member
 
@@ -65,18 +65,6 @@ class LabelPlan:
     def complete(self) -> bool:
         """Whether every shard of the store is already written (nothing left to label)."""
         return len(done_shards(self.output, self.manifest)) == self.manifest.shard_count
-
-
-def teacher_identity(teacher: EnsembleConfig) -> dict[str, Any]:
-    """Which teacher made the outputs: architectures, checkpoints and their SHA-256, weights,
-    temperature."""
-    return {
-        "models": [m.model for m in teacher.members],
-        "checkpoints": [str(m.checkpoint) for m in teacher.members],
-        "sha256": [file_sha256(m.checkpoint) for m in teacher.members],
-        "weights": list(teacher.weights),
-        "temperature": teacher.temperature,
-    }
 
 
 def resolve_top_k(top_k: int | None, classes: int) -> int:

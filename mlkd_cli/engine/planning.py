@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlkd_cli.core.atomic import check_writable
 from mlkd_cli.core.checkpoint import (
@@ -26,6 +27,7 @@ from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
 from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine.config import TrainConfig
+from mlkd_cli.engine.provenance import run_provenance
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,16 @@ class RunPlan:
         return list(self.labelled)
 
 
-def make_card(cfg: TrainConfig, arch: str, splits: DataSplits, recipe: ImageRecipe) -> ModelCard:
-    """The model card a run's checkpoints carry."""
+def make_card(
+    cfg: TrainConfig,
+    arch: str,
+    splits: DataSplits,
+    recipe: ImageRecipe,
+    teacher: dict[str, Any] | None = None,
+) -> ModelCard:
+    """The model card a run's checkpoints carry, with the run's provenance (`teacher`: the
+    identity of what taught it, None for a run on labels alone)."""
+    provenance = run_provenance(cfg.dataset, cfg.data_dir, splits, teacher)
     return ModelCard(
         arch=arch,
         num_classes=splits.num_classes,
@@ -106,7 +116,11 @@ def make_card(cfg: TrainConfig, arch: str, splits: DataSplits, recipe: ImageReci
         mean=list(recipe.mean),
         std=list(recipe.std),
         interpolation=recipe.interpolation,
-        extra={"val_fraction": cfg.val_fraction, "holdout_seed": HOLDOUT_SEED},
+        extra={
+            "val_fraction": cfg.val_fraction,
+            "holdout_seed": HOLDOUT_SEED,
+            "provenance": provenance,
+        },
     )
 
 
@@ -117,6 +131,7 @@ def make_plan(
     recipe: ImageRecipe,
     kind: str,
     learns_from_unlabelled: bool = False,
+    teacher: dict[str, Any] | None = None,
 ) -> RunPlan:
     """The checked plan of a run: its card and files, and under a label budget the labelled
     images (refusing a budget that leaves less than one batch to train on)."""
@@ -125,7 +140,7 @@ def make_plan(
         labelled = tuple(labelled_positions(splits, cfg.label_fraction))
     plan = RunPlan(
         cfg,
-        make_card(cfg, arch, splits, recipe),
+        make_card(cfg, arch, splits, recipe, teacher),
         recipe,
         RunFiles(cfg.output_dir, cfg.run_name),
         kind,

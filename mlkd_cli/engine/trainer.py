@@ -322,6 +322,7 @@ class _Run:
                 "kind": self.plan.kind,
                 "mlkd_version": __version__,
                 "config": cfg.to_record(),
+                "provenance": self.plan.card.extra.get("provenance"),
                 "model_card": asdict(self.plan.card),
             },
         )

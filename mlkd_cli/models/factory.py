@@ -152,6 +152,14 @@ def card_of(meta: dict) -> ModelCard | None:
     return None
 
 
+def read_card(path: Path) -> ModelCard | None:
+    """The model card of a checkpoint, a .safetensors file or an export folder (None: it records
+    none), read without building the model."""
+    if path.is_dir():
+        path = path / "model.safetensors"
+    return card_of(read_weights(path)[1])
+
+
 def check_input_size(model: nn.Module, arch: str, img_size: int) -> None:
     """Refuse an image size the architecture cannot run (one dry forward of one image)."""
     was_training = model.training
