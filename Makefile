@@ -30,6 +30,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/small_models.py
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/teacher_input.py
 
 lint: install
 	$(VENV)/bin/ruff format --check .
