@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mlkd_cli.core.checkpoint import ModelCard
+from mlkd_cli.core.cpus import warn_int8_target
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
 from mlkd_cli.engine.cascade import cascade_from_outputs
@@ -140,6 +141,7 @@ class AnytimeClassifier:
             p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
         }
         card, exits = exits_header(meta, path)
+        warn_int8_target(meta, path)  # an int8 file for a CPU this one is not: one line
         self = cls.__new__(cls)
         self.checkpoint, self.staged = None, None
         self.device = torch.device("cpu")
