@@ -242,6 +242,18 @@ def test_an_asked_int8_target_is_kept_whatever_the_cpu() -> None:
         resolve_int8_target("avx9" * 100, ZEN4)
 
 
+def test_auto_asks_this_cpu_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlkd_cli import int8
+    from mlkd_cli.core.checkpoint import ModelCard
+
+    assert cpus.detect_cpu() is cpus.detect_cpu()  # read once a process
+    card = ModelCard(**DIGITS_CARD)
+    for cpu, target in ((ZEN3, "avx2"), (ZEN4, "vnni")):
+        monkeypatch.setattr(int8, "detect_cpu", lambda cpu=cpu: cpu)
+        plan = int8.plan_int8(int8.Int8Options(Path("data")), card, Path("s.pth"))
+        assert plan.target == resolve_int8_target("auto", cpu) and plan.target.name == target
+
+
 def test_cpu_flags_are_read_from_cpuinfo_text() -> None:
     text = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f avx512bw\n"
     cpu = CpuFeatures("x86_64", cpus._cpuinfo_flags(text))

@@ -156,8 +156,8 @@ def int8_target_warning(
     if not cpu.is_x86 or cpu.flags is None or cpu.has_vnni:
         return None
     return (
-        f"{path.name} is int8 for target {target} (8-bit weights) and this CPU "
-        f"({cpu.describe()}) saturates them, so it may answer unlike the export's check; "
+        f"{path.name} is int8 for target {target}, whose 8-bit weights this CPU "
+        f"({cpu.describe()}) saturates: its answers may differ from those the export checked; "
         "export with --int8-target auto on the machine that runs it"
     )
 
