@@ -59,6 +59,8 @@ class AnytimeClassifier:
     and an image that leaves costs only what it ran. From the ONNX file `mlkd export` writes
     (fp32 or `--int8`), onnxruntime runs the graph, which computes every head for every image:
     the decisions, labels and counted MACs are the cascade's, its speed that of the whole graph.
+    An int8 file quantized for VNNI (`--int8-target vnni`), loaded on an x86 CPU without it,
+    prints one warning line: such a CPU saturates its 8-bit weights.
     """
 
     def __init__(
