@@ -9,13 +9,21 @@ from typing import Annotated
 import typer
 
 from mlkd_cli.core.console import Reporter
+from mlkd_cli.core.errors import UserError
 from mlkd_cli.export import FORMATS, TOLERANCE, export_any
-from mlkd_cli.int8 import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MIN_AGREEMENT, Int8Options
+from mlkd_cli.int8 import (
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_MIN_AGREEMENT,
+    INT8_TARGETS,
+    Int8Options,
+)
 
 from . import options as opt
 
 # The formats mlkd_cli.export writes, as a choice --help lists.
 FormatChoice = Enum("FormatChoice", {name: name for name in FORMATS}, type=str)
+# The CPUs an int8 file can be quantized for.
+TargetChoice = Enum("TargetChoice", {name: name for name in INT8_TARGETS}, type=str)
 
 
 @opt.with_options(opt.output_options())
@@ -77,18 +85,34 @@ def export(
         float,
         typer.Option(
             "--min-agreement",
-            help="% of validation images on which int8 and fp32 must give the same top class.",
+            help="% of validation images on which int8 and fp32 must give the same top class, "
+            "on every head, and the same exit and class in the saved cascade.",
             rich_help_panel=opt.EXPORT,
         ),
     ] = DEFAULT_MIN_AGREEMENT,
+    int8_target: Annotated[
+        TargetChoice | None,
+        typer.Option(
+            "--int8-target",
+            metavar="<cpu>",
+            help="The CPU the int8 file is for: auto (this one, the default), avx2 or avx512 "
+            "(7-bit weights, which CPUs without VNNI need), vnni (8-bit weights).",
+            rich_help_panel=opt.EXPORT,
+        ),
+    ] = None,
     data_dir: opt.DataDir = None,
     *,
     shared: opt.Shared,
 ) -> None:
     """Export a checkpoint to safetensors, ONNX or TorchScript, checked against PyTorch; with
     --int8, an int8 ONNX checked against the fp32 one too."""
+    if int8_target is not None and not int8:
+        raise UserError("--int8-target chooses how --int8 quantizes: add --int8")
+    target = int8_target.value if int8_target is not None else "auto"
     options = (
-        Int8Options(data_dir or Path("data"), calibration_images, min_agreement) if int8 else None
+        Int8Options(data_dir or Path("data"), calibration_images, min_agreement, target)
+        if int8
+        else None
     )
     results = export_any(
         checkpoint, fmt.value if fmt else None, output, model, num_classes, img_size, options
@@ -111,14 +135,36 @@ def export(
     )
     for r in results:
         if r["format"] == "onnx-int8":
-            agreement = ", ".join(f"{a:.2f}" for a in r["agreement"])
-            report.info(
-                f"int8: {r['output']} ({r['int8_bytes'] / 1e6:.1f} MB, fp32 "
-                f"{r['fp32_bytes'] / 1e6:.1f} MB), calibrated on {r['calibration_images']} "
-                f"training images; on {r['images']} validation images it agrees with fp32 on "
-                f"{agreement} % (final head first), top-1 {r['top1_int8']:.2f} against fp32's "
-                f"{r['top1_fp32']:.2f}"
-            )
+            _report_int8(report, r)
     if any(r["format"] == "onnx" and "onnxruntime" not in r["checked_with"] for r in results):
         report.warn("onnxruntime is not installed: the file passed the checker but was not run")
     report.result(results[0] if len(results) == 1 else {"exports": results})
+
+
+def _report_int8(report: Reporter, r: dict) -> None:
+    """The int8 file's target, and its agreement with fp32 on each head and the cascade."""
+    report.info(r["target_line"])
+    images, target = r["images"], r["target"]
+    rows = [
+        [head, target, f"{a:.2f}", images]
+        for head, a in zip(r["heads"], r["agreement"], strict=True)
+    ]
+    if r.get("cascade"):
+        rows.append(
+            [
+                f"cascade ({r['cascade']['rule']})",
+                target,
+                f"{r['cascade']['agreement']:.2f}",
+                images,
+            ]
+        )
+    report.table(
+        "int8 against fp32, head by head",
+        ["int8 head", "target", "agrees with fp32 %", "validation images"],
+        rows,
+    )
+    report.info(
+        f"int8: {r['output']}, {r['int8_bytes'] / 1e6:.1f} MB (fp32 "
+        f"{r['fp32_bytes'] / 1e6:.1f} MB), {r['calibration_images']} calibration images; "
+        f"top-1 {r['top1_int8']:.2f} (fp32 {r['top1_fp32']:.2f})"
+    )

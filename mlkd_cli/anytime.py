@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mlkd_cli.core.checkpoint import ModelCard
+from mlkd_cli.core.cpus import warn_int8_target
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
 from mlkd_cli.engine.cascade import cascade_from_outputs
@@ -58,6 +59,8 @@ class AnytimeClassifier:
     and an image that leaves costs only what it ran. From the ONNX file `mlkd export` writes
     (fp32 or `--int8`), onnxruntime runs the graph, which computes every head for every image:
     the decisions, labels and counted MACs are the cascade's, its speed that of the whole graph.
+    An int8 file quantized for VNNI (`--int8-target vnni`), loaded on an x86 CPU without it,
+    prints one warning line: such a CPU saturates its 8-bit weights.
     """
 
     def __init__(
@@ -140,6 +143,7 @@ class AnytimeClassifier:
             p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
         }
         card, exits = exits_header(meta, path)
+        warn_int8_target(meta, path)  # an int8 file for a CPU this one is not: one line
         self = cls.__new__(cls)
         self.checkpoint, self.staged = None, None
         self.device = torch.device("cpu")

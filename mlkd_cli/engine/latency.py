@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlkd_cli.core.cpus import warn_int8_target
 from mlkd_cli.engine.cascade import cascade_from_outputs
 from mlkd_cli.engine.precision import Precision
 from mlkd_cli.models.exits import StagedStudent
@@ -119,13 +120,23 @@ def measure_latency(
     return rows
 
 
-def _onnx_plain(path: Path) -> Callable[[np.ndarray], Any] | None:
-    """The plain student's exported graph; None without onnxruntime."""
+def _onnx_session(path: Path) -> Any:
+    """An onnxruntime session on `path` (one warning line if it is an int8 file for a CPU this
+    one is not); None without onnxruntime."""
     try:
         import onnxruntime
     except ImportError:
         return None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    warn_int8_target(session.get_modelmeta().custom_metadata_map, path)
+    return session
+
+
+def _onnx_plain(path: Path) -> Callable[[np.ndarray], Any] | None:
+    """The plain student's exported graph; None without onnxruntime."""
+    session = _onnx_session(path)
+    if session is None:
+        return None
     name = session.get_inputs()[0].name
     return lambda images: session.run(None, {name: images})
 
@@ -135,12 +146,8 @@ def _onnx_cascade(
 ) -> Callable[[np.ndarray], Any] | None:
     """The exported graph (every head) and the cascade's decision on its outputs; None where
     onnxruntime is not installed or the file is not a multi-head export."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    if len(session.get_outputs()) != len(thresholds) + 1:
+    session = _onnx_session(path)
+    if session is None or len(session.get_outputs()) != len(thresholds) + 1:
         return None
     name = session.get_inputs()[0].name
 
