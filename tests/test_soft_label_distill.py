@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import assert_error_line, assert_same_weights, invoke_cli, write_image_folder
 
+from mlkd_cli.data.softlabels import open_store
 from mlkd_cli.engine import distiller
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec
 from mlkd_cli.models.teacher import InputSpec, build_teacher
@@ -158,3 +159,40 @@ def test_a_store_that_does_not_fit_the_run_is_refused_before_any_training(
     assert damaged.exit_code == 2
     assert_error_line(damaged.stderr, "shard 1 is damaged", "relabel it")
     assert not out.exists()
+
+
+def _swap_shards(store: Path, a: int, b: int) -> None:
+    for suffix in (".logits.npy", ".classes.npy", ".json"):
+        one, two = store / f"shard-{a:05d}{suffix}", store / f"shard-{b:05d}{suffix}"
+        held = one.read_bytes()
+        one.write_bytes(two.read_bytes())
+        two.write_bytes(held)
+
+
+def test_a_tampered_store_is_refused_before_any_training(
+    digits_teacher: Path, tmp_path: Path
+) -> None:
+    """Two whole shards swapped, the manifest's seed edited 0 -> 7, a shard_size of 0: one line
+    each, exit 2, nothing trained; put back, the store is accepted again."""
+    store = _store(digits_teacher, tmp_path / "store", "--shard-size", "500")
+    out = tmp_path / "out"
+    run = ("distill", *DATA, "--soft-labels", store, *STUDENT, "--output-dir", out, "-e", "1")
+    manifest = store / "manifest.json"
+    original = manifest.read_text()
+    edits = [
+        (lambda: _swap_shards(store, 0, 1), "shard 0 (positions 0:500) holds shard 1's labels"),
+        (lambda: manifest.write_text(original.replace('"seed": 0', '"seed": 7')),
+         "shard 0 was labelled under another manifest.json"),
+        (lambda: manifest.write_text(original.replace('"shard_size": 500', '"shard_size": 0')),
+         "records shard_size 0, not a whole number from 1"),
+    ]  # fmt: skip
+    for edit, fragment in edits:
+        edit()
+        result = invoke_cli(*run)
+        assert result.exit_code == 2, (fragment, result.stderr)
+        assert_error_line(result.stderr, fragment)
+        assert not out.exists()
+        manifest.write_text(original)
+        if "positions" in fragment:
+            _swap_shards(store, 0, 1)
+    assert open_store(store, {"dataset": "digits"}).manifest.seed == 0  # sound again

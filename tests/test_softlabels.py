@@ -166,7 +166,7 @@ def test_swapped_shards_and_an_edited_seed_are_refused_naming_the_shard(tmp_path
     with pytest.raises(UserError) as swapped:
         open_store(folder, expected)
     said = str(swapped.value)
-    assert "shard 0 (positions 0:1000) holds the labels of shard 1 (positions 1000:2000" in said
+    assert "shard 0 (positions 0:1000) holds shard 1's labels (positions 1000:2000" in said
     assert "relabel it" in said and "\n" not in said
     _swap(folder, 0, 1)
     # The replayed views follow the seed: edited, they would not be the labelled ones.

@@ -336,7 +336,7 @@ def _check_record(record: Any, manifest: StoreManifest, shard: int, where: str, 
     held = (record["shard"], record["start"], record["stop"])
     if held != (shard, start, stop):
         raise UserError(
-            f"{where} (positions {start}:{stop}) holds the labels of shard {clip(held[0])} "
+            f"{where} (positions {start}:{stop}) holds shard {clip(held[0])}'s labels "
             f"(positions {clip(held[1])}:{clip(held[2])}; files swapped or renamed?): {fix}"
         )
     if record["manifest"] != manifest_digest(manifest):
