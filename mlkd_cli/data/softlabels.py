@@ -307,7 +307,7 @@ def open_store(folder: Path, expected: dict[str, Any]) -> SoftLabelStore:
 def _check_shard(folder: Path, manifest: StoreManifest, shard: int) -> None:
     """Refuse shard `shard` unless its record is this manifest's and names its positions, its
     arrays have the manifest's shape and types and their checksums, its logits are finite and
-    its classes in [-1, classes)."""
+    its classes in [-1, classes), none twice in a view."""
     name = _shard_name(shard)
     where = f"{clip(folder)} shard {shard}"
     fix = (
@@ -374,7 +374,9 @@ def _mapped_arrays(
 def _check_values(
     logits: np.ndarray, classes: np.ndarray, manifest: StoreManifest, shard: int, fix: str
 ) -> None:
-    """Every logit finite and every class index in [-1, classes), scanned piece by piece."""
+    """Every logit finite and every class index in [-1, classes) and at most once in a view's
+    top k (a class stored twice would be scattered over another's logit), scanned piece by
+    piece."""
     num_classes, start = len(manifest.classes), manifest.shard_range(shard)[0]
     where = f"shard {shard}"
     rows = max(1, SCAN_ROWS // max(1, logits.shape[1] * logits.shape[2]))
@@ -392,6 +394,13 @@ def _check_values(
             raise UserError(
                 f"{where} holds class index {int(wrong)}, outside 0 to {num_classes - 1} "
                 f"(-1: an unreadable image): {fix}"
+            )
+        ranked = np.sort(indices, axis=-1)
+        twice = (ranked[..., 1:] == ranked[..., :-1]) & (ranked[..., 1:] >= 0)
+        if twice.any():
+            raise UserError(
+                f"{where} holds class {int(ranked[..., 1:][twice][0])} twice in one view's top "
+                f"{manifest.top_k}: {fix}"
             )
 
 
