@@ -173,26 +173,32 @@ def test_a_tampered_store_is_refused_before_any_training(
     digits_teacher: Path, tmp_path: Path
 ) -> None:
     """Two whole shards swapped, the manifest's seed edited 0 -> 7, a shard_size of 0: one line
-    each, exit 2, nothing trained; put back, the store is accepted again."""
-    store = _store(digits_teacher, tmp_path / "store", "--shard-size", "500")
+    each, exit 2, nothing trained, and the labelling, run again, refuses to resume into it; put
+    back, the store is accepted again."""
+    label = ("--shard-size", "500")
+    store = _store(digits_teacher, tmp_path / "store", *label)
     out = tmp_path / "out"
     run = ("distill", *DATA, "--soft-labels", store, *STUDENT, "--output-dir", out, "-e", "1")
+    relabel = ("teacher", "label", *DATA, "-m", "test_resnet", "-c", digits_teacher, "--views",
+               "3", "--output", store, "-q", *label)  # fmt: skip
     manifest = store / "manifest.json"
     original = manifest.read_text()
+    swapped = "shard 0 (positions 0:500) holds shard 1's labels"
     edits = [
-        (lambda: _swap_shards(store, 0, 1), "shard 0 (positions 0:500) holds shard 1's labels"),
+        (lambda: _swap_shards(store, 0, 1), swapped, swapped),
         (lambda: manifest.write_text(original.replace('"seed": 0', '"seed": 7')),
-         "shard 0 was labelled under another manifest.json"),
+         "shard 0 was labelled under another manifest.json", "other settings (seed 7, not 0)"),
         (lambda: manifest.write_text(original.replace('"shard_size": 500', '"shard_size": 0')),
-         "records shard_size 0, not a whole number from 1"),
+         "records shard_size 0, not a whole number from 1", "records shard_size 0"),
     ]  # fmt: skip
-    for edit, fragment in edits:
+    for edit, fragment, label_fragment in edits:
         edit()
-        result = invoke_cli(*run)
-        assert result.exit_code == 2, (fragment, result.stderr)
-        assert_error_line(result.stderr, fragment)
+        for command, said in ((run, fragment), (relabel, label_fragment)):
+            result = invoke_cli(*command)
+            assert result.exit_code == 2, (said, result.stderr)
+            assert_error_line(result.stderr, said)
         assert not out.exists()
         manifest.write_text(original)
-        if "positions" in fragment:
+        if fragment == swapped:
             _swap_shards(store, 0, 1)
     assert open_store(store, {"dataset": "digits"}).manifest.seed == 0  # sound again

@@ -189,8 +189,8 @@ def test_a_store_of_the_previous_format_is_refused_saying_relabel(tmp_path: Path
 @pytest.mark.parametrize(
     ("bad", "said"),
     [
-        (np.nan, "holds a non-finite logit (training position 1007"),
-        (np.inf, "holds a non-finite logit (training position 1007"),
+        (np.nan, "holds a non-finite logit (the image at training position 1007)"),
+        (np.inf, "holds a non-finite logit (the image at training position 1007)"),
         (-5, "holds class index -5, outside 0 to 9 (-1: an unreadable image)"),
         (30_000, "holds class index 30000, outside 0 to 9"),
         ("twice", "twice in one view's top 5"),

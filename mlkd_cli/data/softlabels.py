@@ -309,29 +309,49 @@ def _check_shard(folder: Path, manifest: StoreManifest, shard: int) -> None:
     arrays have the manifest's shape and types and their checksums, its logits are finite and
     its classes in [-1, classes), none twice in a view."""
     name = _shard_name(shard)
-    where = f"{clip(folder)} shard {shard}"
-    fix = (
-        f"delete {clip(folder / name)}.* and run the same mlkd teacher label command to relabel it"
-    )
+    where, fix = _where(folder, shard), _fix(folder, shard)
     try:
-        path = folder / f"{name}.json"
-        if path.stat().st_size > MAX_RECORD_BYTES:
-            raise ValueError("record too large")
-        record = json.loads(path.read_text(encoding="utf-8"))
-        _check_record(record, manifest, shard, where, fix)
+        record = _read_record(folder, manifest, shard)
         arrays = _mapped_arrays(folder, manifest, shard, where, fix)
         for part in ("logits", "classes"):
             if file_sha256(folder / f"{name}.{part}.npy") != record[part]:
                 raise UserError(f"{where} is damaged ({part} checksum differs): {fix}")
-        _check_values(*arrays, manifest, shard, fix)
+        _check_values(*arrays, manifest, shard, where, fix)
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise UserError(f"{where} is damaged ({type(exc).__name__}): {fix}") from None
 
 
-def _check_record(record: Any, manifest: StoreManifest, shard: int, where: str, fix: str) -> None:
-    """The shard's record names this shard, its positions and this manifest."""
+def check_records(folder: Path, manifest: StoreManifest) -> None:
+    """Refuse, before a labelling resumes, a done shard whose record is not this manifest's or
+    names other positions (the arrays are checked when a run opens the store)."""
+    for shard in sorted(done_shards(folder, manifest)):
+        try:
+            _read_record(folder, manifest, shard)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise UserError(
+                f"{_where(folder, shard)} is damaged ({type(exc).__name__}): {_fix(folder, shard)}"
+            ) from None
+
+
+def _where(folder: Path, shard: int) -> str:
+    return f"{clip(folder)} shard {shard}"
+
+
+def _fix(folder: Path, shard: int) -> str:
+    name = clip(folder / _shard_name(shard))
+    return f"delete {name}.* and run the same mlkd teacher label command to relabel it"
+
+
+def _read_record(folder: Path, manifest: StoreManifest, shard: int) -> dict[str, Any]:
+    """The shard's record, checked to name this shard, its positions and this manifest
+    (OSError/ValueError/KeyError/TypeError when it is unreadable)."""
+    path = folder / f"{_shard_name(shard)}.json"
+    if path.stat().st_size > MAX_RECORD_BYTES:
+        raise ValueError("record too large")
+    record = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(record, dict):
         raise TypeError("not a JSON object")
+    where, fix = _where(folder, shard), _fix(folder, shard)
     start, stop = manifest.shard_range(shard)
     held = (record["shard"], record["start"], record["stop"])
     if held != (shard, start, stop):
@@ -344,6 +364,7 @@ def _check_record(record: Any, manifest: StoreManifest, shard: int, where: str, 
             f"{where} was labelled under another {MANIFEST} (the manifest was edited after "
             f"labelling, or the shard comes from another store): restore the manifest, or {fix}"
         )
+    return record
 
 
 def _mapped_arrays(
@@ -372,21 +393,25 @@ def _mapped_arrays(
 
 
 def _check_values(
-    logits: np.ndarray, classes: np.ndarray, manifest: StoreManifest, shard: int, fix: str
+    logits: np.ndarray,
+    classes: np.ndarray,
+    manifest: StoreManifest,
+    shard: int,
+    where: str,
+    fix: str,
 ) -> None:
     """Every logit finite and every class index in [-1, classes) and at most once in a view's
     top k (a class stored twice would be scattered over another's logit), scanned piece by
     piece."""
     num_classes, start = len(manifest.classes), manifest.shard_range(shard)[0]
-    where = f"shard {shard}"
     rows = max(1, SCAN_ROWS // max(1, logits.shape[1] * logits.shape[2]))
     for first in range(0, len(logits), rows):
         part = np.asarray(logits[first : first + rows])
         if not np.isfinite(part).all():
             bad = start + first + int(np.argwhere(~np.isfinite(part))[0][0])
             raise UserError(
-                f"{where} holds a non-finite logit (training position {bad} of the shard): {fix} "
-                "with a teacher whose outputs are finite"
+                f"{where} holds a non-finite logit (the image at training position {bad}): "
+                f"{fix} with a teacher whose outputs are finite"
             )
         indices = np.asarray(classes[first : first + rows])
         if indices.size and (indices.min() < -1 or indices.max() >= num_classes):

@@ -28,6 +28,7 @@ from mlkd_cli.data.softlabels import (
     MAX_SHARDS,
     MAX_VIEWS,
     StoreManifest,
+    check_records,
     check_same_store,
     clip,
     done_shards,
@@ -138,6 +139,7 @@ def plan_labeling(
     )
     if (output / "manifest.json").is_file():
         check_same_store(output, manifest)
+        check_records(output, manifest)
     return LabelPlan(cfg, teacher, recipe, pipeline, manifest, output)
 
 
