@@ -189,7 +189,7 @@ def test_a_tampered_store_is_refused_before_any_training(
         (lambda: manifest.write_text(original.replace('"seed": 0', '"seed": 7')),
          "shard 0 was labelled under another manifest.json", "other settings (seed 7, not 0)"),
         (lambda: manifest.write_text(original.replace('"shard_size": 500', '"shard_size": 0')),
-         "records shard_size 0, not a whole number from 1", "records shard_size 0"),
+         "records shard_size 0, not a whole number of at least 1", "records shard_size 0"),
     ]  # fmt: skip
     for edit, fragment, label_fragment in edits:
         edit()

@@ -218,8 +218,8 @@ def test_non_finite_logits_and_class_indices_out_of_range_are_refused(
 @pytest.mark.parametrize(
     ("changes", "said"),
     [
-        ({"shard_size": 0}, "records shard_size 0, not a whole number from 1"),
-        ({"images": -3}, "records images -3, not a whole number from 1"),
+        ({"shard_size": 0}, "records shard_size 0, not a whole number of at least 1"),
+        ({"images": -3}, "records images -3, not a whole number of at least 1"),
         ({"views": 10**9}, "records views 1000000000, not a whole number from 1 to 1000"),
         ({"top_k": 11}, "records top_k 11, not a whole number from 1 to 10"),
         ({"top_k": "5"}, "records top_k 5, not a whole number"),

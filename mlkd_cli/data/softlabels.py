@@ -249,9 +249,11 @@ def _check_manifest(manifest: StoreManifest, path: Path, relabel: str) -> None:
     for key, (low, high) in bounds.items():
         value = getattr(manifest, key)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            span = (
+                f"of at least {low}" if high == np.iinfo(np.int64).max else f"from {low} to {high}"
+            )
             raise UserError(
-                f"{clip(path)} records {key} {clip(value)}, not a whole number from {low} to "
-                f"{high}: {relabel}"
+                f"{clip(path)} records {key} {clip(value)}, not a whole number {span}: {relabel}"
             )
     if manifest.shard_count > MAX_SHARDS:
         raise UserError(

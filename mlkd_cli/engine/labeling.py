@@ -49,6 +49,7 @@ from mlkd_cli.engine.precision import Precision, check_precision, prepare_forwar
 from mlkd_cli.models.ensemble_config import EnsembleConfig
 from mlkd_cli.models.teacher import (
     InputSpec,
+    LoadedMember,
     TeacherEnsemble,
     build_teacher,
     combine_logits,
@@ -89,6 +90,19 @@ def teacher_identity(teacher: EnsembleConfig) -> dict[str, Any]:
     }
 
 
+def check_finite_weights(member: LoadedMember) -> None:
+    """Refuse a teacher member with a NaN or infinite weight: every output it gives would be
+    stored as one (and a store of them teaches nothing)."""
+    state = member.model.state_dict()
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(
+                f"teacher member {clip(member.spec.name)} ({clip(member.spec.checkpoint)}) has "
+                f"non-finite values in {clip(name)}: retrain or fix that checkpoint, or leave it "
+                "out of the ensemble"
+            )
+
+
 def resolve_top_k(top_k: int | None, classes: int) -> int:
     """`--top-k`, or its default for `classes` classes, checked (a UserError naming the range)."""
     k = top_k if top_k is not None else (classes if classes <= FULL_TOP_K else 10)
@@ -111,7 +125,7 @@ def plan_labeling(
     teacher = resolve_teacher(cfg)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     for spec in teacher.members:
-        load_member(spec, splits.num_classes)  # architecture and class count checked
+        check_finite_weights(load_member(spec, splits.num_classes))  # and arch, class count
     recipe = dataset_recipe(cfg, splits)
     pipeline = data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
     check_recipe(recipe)
