@@ -22,6 +22,13 @@ from the arrays' headers and matched against the manifest before anything is loa
 scan goes piece by piece, so memory stays bounded whatever the files say. The checksums guard
 against accidents and careless edits, not against someone who rewrites the records to match:
 they carry no secret.
+
+Format 2 (these records) replaced format 1, whose shard files held only the arrays' checksums.
+A format-1 store is refused with a line saying to label it again, not read: nothing in it says
+which positions a shard holds or under which manifest it was labelled, so a swapped shard or an
+edited seed cannot be told from a sound one, and reading it would keep open exactly the gap
+format 2 closes. Labelling again costs one teacher pass; training from wrong targets costs a run
+and gives no sign.
 """
 
 from __future__ import annotations
@@ -40,10 +47,7 @@ from mlkd_cli.core.atomic import atomic_write, atomic_write_text
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.transforms import ImageRecipe
 
-# Format 2 binds each shard to its positions and its manifest. A format-1 store is refused, not
-# read: its shards record only their arrays' checksums, so a swapped shard or an edited seed
-# cannot be told from a sound one, and accepting it would keep exactly the gap format 2 closes.
-# Labelling again costs one teacher pass; training from wrong targets costs a whole run.
+# Format 2: shard records bind positions and manifest (format 1 is refused: see above).
 STORE_FORMAT = "mlkd-soft-labels/2"
 OLD_FORMATS = ("mlkd-soft-labels/1",)
 MANIFEST = "manifest.json"
@@ -211,7 +215,8 @@ def read_manifest(folder: Path) -> StoreManifest:
         if found in OLD_FORMATS:
             raise UserError(
                 f"{clip(folder)} is a store of format {found}, whose shards do not record their "
-                f"positions and manifest, so it cannot be checked: {relabel} into a new --output"
+                f"positions and manifest, so it cannot be checked: {relabel} into a new folder, "
+                "or delete this one"
             )
         if found != STORE_FORMAT:
             raise UserError(
