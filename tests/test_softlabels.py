@@ -230,6 +230,7 @@ def test_non_finite_logits_and_class_indices_out_of_range_are_refused(
         ({"dataset": "x" * 5_000}, "was labelled for dataset xxx"),
         ({"images": 10**12, "shard_size": 1}, "into 1000000000000 shards, more than 1,000,000"),
         ({"teacher": [1]}, "records teacher that is not a JSON object"),
+        ({"recipe": json.loads('{"a": ' * 900 + "1" + "}" * 900)}, "nested deeper than 32"),
         ({"unknown": 1}, "is damaged (TypeError): label the store again"),
     ],
 )

@@ -57,6 +57,7 @@ MAX_RECORD_BYTES = 64 << 10
 MAX_SHARDS = 1_000_000
 MAX_VIEWS = 1_000
 MAX_IMG_SIZE = 16_384
+MAX_DEPTH = 32  # lists and objects in a manifest's recipe/teacher/extra (mlkd writes 2)
 MAX_CLASSES = np.iinfo(np.int32).max
 SCAN_ROWS = 1 << 20  # array entries (images x views x k) checked at a time
 QUOTE = 100  # characters of a file's value an error line quotes at most
@@ -230,6 +231,19 @@ def read_manifest(folder: Path) -> StoreManifest:
     return manifest
 
 
+def _depth(value: Any) -> int:
+    """How deeply JSON lists and objects nest in `value` (walked without recursion)."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        item, level = todo.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            todo.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            todo.extend((v, level + 1) for v in item)
+    return deepest
+
+
 def _check_manifest(manifest: StoreManifest, path: Path, relabel: str) -> None:
     """Refuse a manifest whose fields have the wrong types or numbers out of range."""
     texts = {"dataset": manifest.dataset, "split": manifest.split}
@@ -239,6 +253,10 @@ def _check_manifest(manifest: StoreManifest, path: Path, relabel: str) -> None:
     for key in ("recipe", "teacher", "extra"):
         if not isinstance(getattr(manifest, key), dict):
             raise UserError(f"{clip(path)} records {key} that is not a JSON object: {relabel}")
+        if _depth(getattr(manifest, key)) > MAX_DEPTH:
+            raise UserError(
+                f"{clip(path)} records {key} nested deeper than {MAX_DEPTH} levels: {relabel}"
+            )
     if not 1 <= len(manifest.classes) <= MAX_CLASSES or not all(
         isinstance(c, str) for c in manifest.classes
     ):
