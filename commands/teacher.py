@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from mlkd_cli.core.console import Reporter
-from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig
 from mlkd_cli.engine.labeling import DEFAULT_VIEWS, SHARD_SIZE, label_store, plan_labeling
 from mlkd_cli.engine.launch import launcher_rank
@@ -149,8 +148,6 @@ def label(
         **opt.teacher_flags(model, checkpoint, ensemble, models_dir, teacher_img_size),
     }
     cfg = shared.own_files_config(DistillConfig, "distill", flags)
-    if shard_size < 1:
-        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     plan = plan_labeling(cfg, output, views, top_k, shard_size)
     summary = label_store(plan)
     if launcher_rank() != 0:

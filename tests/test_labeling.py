@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import assert_error_line, invoke_cli
 
+from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.device import DeviceAugment
 from mlkd_cli.data.loaders import TransformedSubset
 from mlkd_cli.data.registry import load_splits
@@ -107,7 +108,8 @@ def test_labelling_refusals_are_one_line_and_write_nothing(
     cases = [
         (["--views", "4", "--no-augment"], "--no-augment makes every view the same", "--views 1"),
         (["--top-k", "11"], "--top-k must be between 1 and the 10 classes"),
-        (["--views", "0"], "--views must be at least 1"),
+        (["--views", "0"], "--views must be from 1 to 1000, got 0"),
+        (["--shard-size", "0", "--views", "2"], "--shard-size must be at least 1, got 0"),
     ]
     for extra, *fragments in cases:
         result = _label(digits_teacher, out, *extra)
@@ -118,3 +120,51 @@ def test_labelling_refusals_are_one_line_and_write_nothing(
     other = _label(digits_teacher, out, "--views", "2")
     assert other.exit_code == 2
     assert_error_line(other.stderr, "made with other settings (views 1, not 2)", "--output")
+
+
+def test_a_teacher_with_a_nan_weight_is_refused_naming_it_before_any_work(
+    digits_teacher: Path, tmp_path: Path
+) -> None:
+    content = torch.load(digits_teacher, weights_only=True)
+    weights = content["state_dict"]
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.dim() == 4)
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] = float("nan")
+    broken = tmp_path / "broken.pth"
+    torch.save(content, broken)
+    out = tmp_path / "store"
+    result = _label(broken, out, "--views", "1")
+    assert result.exit_code == 2, result.stderr
+    assert_error_line(result.stderr, "teacher member broken (", f"non-finite values in {name}")
+    assert not out.exists()  # refused in the plan, before the store is started
+
+
+def test_only_the_members_whose_output_is_not_finite_are_named(tmp_path: Path) -> None:
+    """In an ensemble, the member at fault is named; finite members whose combined logits leave
+    float16's range (what the store keeps) are refused as such."""
+    from mlkd_cli.data.softlabels import StoreManifest
+    from mlkd_cli.engine.labeling import _label_shard
+    from mlkd_cli.engine.precision import Precision
+    from mlkd_cli.models.teacher import TeacherEnsemble
+
+    def member(scale: float) -> torch.nn.Module:
+        layer = torch.nn.Linear(12, 10)
+        torch.nn.init.constant_(layer.weight, scale)
+        return torch.nn.Sequential(torch.nn.Flatten(), layer)
+
+    manifest = StoreManifest("digits", "train", 4, tuple("0123456789"), 2, {}, {}, 1, 10, 0, 4)
+    precision = Precision.resolve("fp32", torch.device("cpu"))
+    images = torch.ones(4, 3, 2, 2)
+
+    def label(*scales: float):
+        names = [f"m{i}" for i in range(len(scales))]
+        teacher = TeacherEnsemble([member(s) for s in scales], [1.0] * len(scales), names=names)
+        batches = iter([(images, torch.arange(4), torch.zeros(4, dtype=torch.long))])
+        return _label_shard(manifest, teacher, precision, batches, 0, 4)
+
+    logits, classes = label(0.1, 0.2)
+    assert np.isfinite(logits).all() and (classes >= 0).all()
+    with pytest.raises(UserError, match=r"not finite on training images 0:4 \(member m1, m2:"):
+        label(0.1, float("nan"), float("inf"))
+    with pytest.raises(UserError, match=r"exceed float16's range \(±65504\)"):
+        label(1e5, 1e5)

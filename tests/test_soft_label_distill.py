@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import assert_error_line, assert_same_weights, invoke_cli, write_image_folder
 
+from mlkd_cli.data.softlabels import open_store
 from mlkd_cli.engine import distiller
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec
 from mlkd_cli.models.teacher import InputSpec, build_teacher
@@ -158,3 +159,46 @@ def test_a_store_that_does_not_fit_the_run_is_refused_before_any_training(
     assert damaged.exit_code == 2
     assert_error_line(damaged.stderr, "shard 1 is damaged", "relabel it")
     assert not out.exists()
+
+
+def _swap_shards(store: Path, a: int, b: int) -> None:
+    for suffix in (".logits.npy", ".classes.npy", ".json"):
+        one, two = store / f"shard-{a:05d}{suffix}", store / f"shard-{b:05d}{suffix}"
+        held = one.read_bytes()
+        one.write_bytes(two.read_bytes())
+        two.write_bytes(held)
+
+
+def test_a_tampered_store_is_refused_before_any_training(
+    digits_teacher: Path, tmp_path: Path
+) -> None:
+    """Two whole shards swapped, the manifest's seed edited 0 -> 7, a shard_size of 0: one line
+    each, exit 2, nothing trained, and the labelling, run again, refuses to resume into it; put
+    back, the store is accepted again."""
+    label = ("--shard-size", "500")
+    store = _store(digits_teacher, tmp_path / "store", *label)
+    out = tmp_path / "out"
+    run = ("distill", *DATA, "--soft-labels", store, *STUDENT, "--output-dir", out, "-e", "1")
+    relabel = ("teacher", "label", *DATA, "-m", "test_resnet", "-c", digits_teacher, "--views",
+               "3", "--output", store, "-q", *label)  # fmt: skip
+    manifest = store / "manifest.json"
+    original = manifest.read_text()
+    swapped = "shard 0 (positions 0:500) holds shard 1's labels"
+    edits = [
+        (lambda: _swap_shards(store, 0, 1), swapped, swapped),
+        (lambda: manifest.write_text(original.replace('"seed": 0', '"seed": 7')),
+         "shard 0 was labelled under another manifest.json", "other settings (seed 7, not 0)"),
+        (lambda: manifest.write_text(original.replace('"shard_size": 500', '"shard_size": 0')),
+         "records shard_size 0, not a whole number of at least 1", "records shard_size 0"),
+    ]  # fmt: skip
+    for edit, fragment, label_fragment in edits:
+        edit()
+        for command, said in ((run, fragment), (relabel, label_fragment)):
+            result = invoke_cli(*command)
+            assert result.exit_code == 2, (said, result.stderr)
+            assert_error_line(result.stderr, said)
+        assert not out.exists()
+        manifest.write_text(original)
+        if fragment == swapped:
+            _swap_shards(store, 0, 1)
+    assert open_store(store, {"dataset": "digits"}).manifest.seed == 0  # sound again

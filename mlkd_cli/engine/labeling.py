@@ -25,8 +25,12 @@ from mlkd_cli.data.device import DeviceAugment
 from mlkd_cli.data.loaders import TransformedSubset, build_keyed_loader
 from mlkd_cli.data.registry import DataSplits, load_splits
 from mlkd_cli.data.softlabels import (
+    MAX_SHARDS,
+    MAX_VIEWS,
     StoreManifest,
+    check_records,
     check_same_store,
+    clip,
     done_shards,
     shards_of_rank,
     start_store,
@@ -43,7 +47,14 @@ from mlkd_cli.engine.planning import check_recipe, data_pipeline, dataset_recipe
 from mlkd_cli.engine.precision import Precision, check_precision, prepare_forward
 from mlkd_cli.engine.provenance import teacher_identity
 from mlkd_cli.models.ensemble_config import EnsembleConfig
-from mlkd_cli.models.teacher import InputSpec, build_teacher, load_member
+from mlkd_cli.models.teacher import (
+    InputSpec,
+    LoadedMember,
+    TeacherEnsemble,
+    build_teacher,
+    combine_logits,
+    load_member,
+)
 
 SHARD_SIZE = 1_000  # images per shard: the unit a stopped labelling redoes
 DEFAULT_VIEWS = 8  # views per image: FKD's range is 8-16; more cost label time and disk
@@ -67,6 +78,19 @@ class LabelPlan:
         return len(done_shards(self.output, self.manifest)) == self.manifest.shard_count
 
 
+def check_finite_weights(member: LoadedMember) -> None:
+    """Refuse a teacher member with a NaN or infinite weight: every output it gives would be
+    stored as one (and a store of them teaches nothing)."""
+    state = member.model.state_dict()
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(
+                f"teacher member {clip(member.spec.name)} ({clip(member.spec.checkpoint)}) has "
+                f"non-finite values in {clip(name)}: retrain or fix that checkpoint, or leave it "
+                "out of the ensemble"
+            )
+
+
 def resolve_top_k(top_k: int | None, classes: int) -> int:
     """`--top-k`, or its default for `classes` classes, checked (a UserError naming the range)."""
     k = top_k if top_k is not None else (classes if classes <= FULL_TOP_K else 10)
@@ -80,13 +104,17 @@ def plan_labeling(
 ) -> LabelPlan:
     """Check flags, teacher, data, recipe and the store folder before any worker starts."""
     cfg.validate()
-    if views < 1:
-        raise UserError(f"--views must be at least 1, got {views}")
+    if not 1 <= views <= MAX_VIEWS:
+        raise UserError(f"--views must be from 1 to {MAX_VIEWS}, got {views}")
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     if not cfg.augment and views > 1:
         raise UserError(f"--no-augment makes every view the same image: use --views 1, not {views}")
     teacher = resolve_teacher(cfg)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     loaded = [load_member(spec, splits.num_classes) for spec in teacher.members]
+    for member in loaded:
+        check_finite_weights(member)
     recipe = dataset_recipe(cfg, splits)
     for line in teacher_inputs(loaded, recipe, cfg.teacher_img_size):
         Reporter(cfg.output).info(line)
@@ -95,10 +123,16 @@ def plan_labeling(
     check_precision(cfg.precision, resolve_device(cfg.device))
     classes = splits.num_classes
     k = resolve_top_k(top_k, classes)
+    images = len(splits.train_indices)
+    if -(-images // shard_size) > MAX_SHARDS:
+        raise UserError(
+            f"--shard-size {shard_size} cuts the {images} training images into more than "
+            f"{MAX_SHARDS:,} shards: use --shard-size {-(-images // MAX_SHARDS)} or more"
+        )
     manifest = StoreManifest(
         dataset=cfg.dataset,
         split="train",
-        images=len(splits.train_indices),
+        images=images,
         classes=tuple(splits.class_names),
         img_size=recipe.img_size,
         recipe=store_recipe(recipe, pipeline, cfg.augment),
@@ -110,6 +144,7 @@ def plan_labeling(
     )
     if (output / "manifest.json").is_file():
         check_same_store(output, manifest)
+        check_records(output, manifest)
     return LabelPlan(cfg, teacher, recipe, pipeline, manifest, output)
 
 
@@ -152,26 +187,55 @@ def _shard_views(
 
 def _label_shard(
     manifest: StoreManifest,
-    teacher: torch.nn.Module,
+    teacher: TeacherEnsemble,
     precision: Precision,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     start: int,
     stop: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One shard's top-k logits and their classes (images, views, k), gathered on the device
-    and read back once (no host sync a batch); an unreadable image's rows keep class -1."""
+    and read back once (no host sync a batch); an unreadable image's rows keep class -1.
+    Refused before anything is written when a member's output or the stored (float16) logits
+    are not finite: which members misbehaved is tracked on the device as the batches go."""
     shape = (stop - start, manifest.views, manifest.top_k)
     device = precision.device
     with torch.inference_mode():
         logits = torch.zeros(shape, dtype=torch.float16, device=device)
         classes = torch.full(shape, -1, dtype=torch.int32, device=device)
+        broken = torch.zeros(len(teacher.members), dtype=torch.bool, device=device)
         for batch, positions, views in batches:
-            top = teacher(precision.to_device(batch)).float().topk(manifest.top_k, dim=1)
+            each = teacher.member_logits(precision.to_device(batch))
+            broken |= ~torch.isfinite(each).flatten(1).all(1)
+            output = combine_logits(each, teacher.weights, teacher.temperature)
+            top = output.topk(manifest.top_k, dim=1)
             rows = (positions - start).to(device, non_blocking=True)
             columns = views.to(device, non_blocking=True)
             logits[rows, columns] = top.values.half()
             classes[rows, columns] = top.indices.int()
-        return logits.cpu().numpy(), classes.cpu().numpy()
+        values, indices = logits.cpu().numpy(), classes.cpu().numpy()
+    _check_outputs(teacher, broken.cpu(), values, start, stop)
+    return values, indices
+
+
+def _check_outputs(
+    teacher: TeacherEnsemble, broken: torch.Tensor, logits: np.ndarray, start: int, stop: int
+) -> None:
+    """Refuse a shard whose teacher outputs are not finite, naming the members at fault (or
+    the float16 range the store keeps, when every member's output was finite)."""
+    if broken.any():
+        names = [name for name, bad in zip(teacher.names, broken.tolist(), strict=True) if bad]
+        shown = clip(", ".join(names))
+        raise UserError(
+            f"the teacher's output is not finite on training images {start}:{stop} (member "
+            f"{shown}: NaN or infinite weights, or an overflow): check or retrain that "
+            "checkpoint, or leave it out of the ensemble; nothing of this shard was written"
+        )
+    if not np.isfinite(logits).all():
+        raise UserError(
+            f"the teacher's logits on training images {start}:{stop} exceed float16's range "
+            f"(±{float(np.finfo(np.float16).max):.0f}), which the store keeps: raise the "
+            "ensemble's temperature or distil live from the teacher (--model/--checkpoint)"
+        )
 
 
 def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
@@ -200,7 +264,7 @@ def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
             start, stop = manifest.shard_range(shard)
             batches = _shard_views(plan, splits, subset, draws, shard, ctx)
             logits, classes = _label_shard(manifest, teacher, precision, batches, start, stop)
-            write_shard(plan.output, shard, logits, classes, len(manifest.classes))
+            write_shard(plan.output, manifest, shard, logits, classes)
             images += stop - start
             if on_step is not None:
                 on_step(count, None)
