@@ -6,6 +6,7 @@ import csv
 import gzip
 import importlib.resources
 import pickle
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +201,10 @@ class _ListedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, int] | UnreadableImage:
         path = self.paths[index]
         try:
-            with Image.open(path) as image:  # reads the header only
+            with warnings.catch_warnings():  # mlkd's own limit below replaces PIL's warning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(path)  # reads the header only
+            with image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
                     return UnreadableImage(
                         str(path),
