@@ -63,6 +63,11 @@ class ModelCard:
         names = [f.name for f in cls.__dataclass_fields__.values()]
         return cls(**{k: checkpoint[k] for k in names if k in checkpoint})
 
+    @classmethod
+    def from_json(cls, text: str, origin: str) -> ModelCard:
+        """The card an export's header holds as JSON text (safetensors, ONNX), checked."""
+        return cls.from_checkpoint(_card_record(text, origin), origin)
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -261,14 +266,16 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{path} is not a readable .safetensors file ({exc})") from exc
     if "mlkd" in meta:  # the card, as JSON text in the header
-        check_card(_card_record(path, meta["mlkd"]), str(path))
+        check_card(_card_record(meta["mlkd"], str(path)), str(path))
     return tensors, meta
 
 
-def _card_record(path: Path, text: str) -> dict[str, Any]:
-    record = load_json(text, f"{path}'s mlkd metadata")
+def _card_record(text: Any, origin: str) -> dict[str, Any]:
+    if not isinstance(text, str):
+        raise UserError(f"{origin}'s mlkd header is not JSON text; re-export the file")
+    record = load_json(text, f"{origin}'s mlkd header")
     if not isinstance(record, dict):
-        raise UserError(f"{path}'s mlkd metadata is not a mapping; re-export the file")
+        raise UserError(f"{origin}'s mlkd header is not a mapping; re-export the file")
     return record
 
 
