@@ -16,6 +16,7 @@ from mlkd_cli.engine.config import (
     config_field_names,
 )
 from mlkd_cli.engine.labeling import DEFAULT_VIEWS
+from mlkd_cli.models.ensemble_config import MAX_MEMBERS
 
 # The repository's presets/ folder, installed inside the package under this name.
 PRESET_PACKAGE = "mlkd_cli.shipped_presets"
@@ -98,6 +99,10 @@ def preset_teachers(name_or_path: str) -> list[dict[str, Any]]:
     entries = content.get("teachers") or []
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise UserError(f"{origin}: 'teachers' must be a list of mappings")
+    if len(entries) > MAX_MEMBERS:
+        raise UserError(
+            f"{origin} lists {len(entries)} teachers; an ensemble holds at most {MAX_MEMBERS}"
+        )
     return [_setting_names(entry, origin) for entry in entries]
 
 

@@ -323,6 +323,13 @@ def test_every_command_taking_a_preset_refuses_an_unknown_section(
     assert not (workdir / "runs").exists()
 
 
+def test_a_preset_with_more_teachers_than_an_ensemble_holds_is_one_line(workdir: Path) -> None:
+    teachers = "".join("  - {model: test_resnet}\n" for _ in range(MAX_MEMBERS + 1))
+    (workdir / "p.yaml").write_text(f"dataset: digits\nteachers:\n{teachers}")
+    refused("pipeline", "--preset", "p.yaml", expect=("p.yaml", f"{MAX_MEMBERS + 1} teachers"))
+    assert not (workdir / "runs").exists()
+
+
 def test_a_preset_setting_name_that_is_not_text_is_one_line(workdir: Path) -> None:
     (workdir / "p.yaml").write_text("teacher:\n  5: 1\n")
     refused(*TRAIN, "--preset", "p.yaml", expect=("p.yaml", "setting names are text"))
