@@ -260,8 +260,18 @@ def test_a_non_finite_or_huge_preset_number_is_refused(workdir: Path) -> None:
     refused(*TRAIN, "--preset", "p.yaml", expect=("--scale", "finite"))
 
 
-def test_an_image_size_past_the_cap_is_refused(workdir: Path) -> None:
-    refused(*TRAIN, "--img-size", "100000", expect=("--img-size", "at most 4096"))
+@pytest.mark.parametrize(
+    ("flag", "value", "most"), [("--img-size", "100000", "4096"), ("--workers", "100000", "64")]
+)
+def test_a_size_past_its_cap_is_refused(workdir: Path, flag: str, value: str, most: str) -> None:
+    refused(*TRAIN, flag, value, expect=(flag, f"at most {most}"))
+    (workdir / "p.yaml").write_text(f"teacher:\n  {flag[2:].replace('-', '_')}: {value}\n")
+    refused(*TRAIN, "--preset", "p.yaml", expect=(flag, f"at most {most}"))
+
+
+def test_a_non_finite_loss_parameter_is_refused(workdir: Path) -> None:
+    args = (*DISTILL, "--loss", "dkd", "--loss-param", "beta=nan")
+    refused(*args, expect=("--loss-param beta", "finite"))
 
 
 # ----------------------------------------------------------------------------- checkpoint cards

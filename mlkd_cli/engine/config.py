@@ -22,6 +22,8 @@ from mlkd_cli.models.student import EXIT_HEADS
 
 C = TypeVar("C")
 DATA_PIPELINES = ("auto", "device", "cpu")
+# Loader processes per run process: a preset's `workers: 100000` would fork that many.
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def _check_finite(config: Any) -> None:
         if isinstance(value, tuple):
             values = [(flag, v) for v in value]
         elif isinstance(value, dict):
-            values = [(f"{flag} {k}", v) for k, v in value.items()]
+            values = [(f"{flag.removesuffix('s')} {k}", v) for k, v in value.items()]
         else:
             values = [(flag, value)]
         for what, number in values:
@@ -181,8 +183,12 @@ class TrainConfig:
         counts["effective-batch-size"] = self.effective_batch_size
         counts["img-size"] = self.img_size
         _check_at_least_one(counts)
-        if self.img_size is not None and self.img_size > MAX_IMG_SIZE:
-            raise UserError(f"--img-size is at most {MAX_IMG_SIZE}, got {self.img_size}")
+        for flag, value, most in (
+            ("img-size", self.img_size, MAX_IMG_SIZE),
+            ("workers", self.workers, MAX_WORKERS),
+        ):
+            if value is not None and value > most:
+                raise UserError(f"--{flag} is at most {most}, got {value}")
         parse_log_to(self.log_to)
         check_precision(self.precision, resolve_device(self.device))
         if self.lr <= 0:
