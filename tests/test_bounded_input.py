@@ -214,7 +214,7 @@ def _members(count: int, **member: object) -> str:
         ('{"members": [{"checkpoint": 7}]}', ("member 1's checkpoint must be text",)),
         (
             '{"members": [{"checkpoint": "t.pth", "weight": 1' + "0" * 400 + "}]}",
-            ("weight of member 1", "not a finite number"),
+            ("weight of member 1", "too large"),
         ),
         (
             '{"models": ["test_resnet"], "names": ["t"], "weights": [NaN]}',

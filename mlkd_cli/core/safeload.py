@@ -55,8 +55,8 @@ def finite_number(value: Any, what: str) -> float:
         raise UserError(f"{what} must be a number, got {quote(value)}")
     try:
         number = float(value)
-    except OverflowError:
-        number = math.inf
+    except OverflowError:  # an int too large for a float (JSON's 1 followed by 400 zeros)
+        raise UserError(f"{what} is too large, got {quote(value, 40)}; fix it") from None
     if not math.isfinite(number):
         raise UserError(f"{what} is {quote(value, 40)}, not a finite number; fix it")
     return number
