@@ -7,9 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.safeload import load_yaml, quote, read_text_file
 from mlkd_cli.engine.config import (
     DistillConfig,
     TeacherTrainConfig,
@@ -17,6 +16,7 @@ from mlkd_cli.engine.config import (
     config_field_names,
 )
 from mlkd_cli.engine.labeling import DEFAULT_VIEWS
+from mlkd_cli.models.ensemble_config import MAX_MEMBERS
 
 # The repository's presets/ folder, installed inside the package under this name.
 PRESET_PACKAGE = "mlkd_cli.shipped_presets"
@@ -35,7 +35,11 @@ def available_presets() -> list[str]:
 
 
 def load_preset(name_or_path: str) -> tuple[dict[str, Any], str]:
-    """A preset's contents and where it came from: a shipped name or a YAML file path."""
+    """A preset's contents and where it came from: a shipped name or a YAML file path.
+
+    The file is read with the limits of `core.safeload` and its top-level layout checked, so
+    every command taking `--preset` refuses a section it does not know (a typo'd `teachr:`).
+    """
     shipped = importlib.resources.files(PRESET_PACKAGE).joinpath(f"{name_or_path}.yaml")
     if shipped.is_file():
         text, origin = shipped.read_text(encoding="utf-8"), f"preset {name_or_path}"
@@ -44,18 +48,24 @@ def load_preset(name_or_path: str) -> tuple[dict[str, Any], str]:
         if not path.is_file():
             known = ", ".join(available_presets())
             raise UserError(
-                f"no preset {name_or_path!r}: not a shipped preset ({known}) nor a file"
+                f"no preset {quote(name_or_path)}: not a shipped preset ({known}) nor a file"
             )
-        text, origin = path.read_text(encoding="utf-8"), str(path)
-    try:
-        content = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(
-            f"{origin} is not valid YAML ({exc.__class__.__name__}); fix the file"
-        ) from exc
+        text, origin = read_text_file(path, "preset"), str(path)
+    content = load_yaml(text, origin) or {}
     if not isinstance(content, dict):
         raise UserError(f"{origin} must be a mapping of settings, not a {type(content).__name__}")
+    _check_layout(content, origin)
     return content, origin
+
+
+def _check_layout(content: dict[str, Any], origin: str) -> None:
+    """Refuse top-level sections the preset format does not know."""
+    for key, value in content.items():
+        if isinstance(value, (dict, list)) and key not in PRESET_SECTIONS:
+            raise UserError(
+                f"{origin}: unknown section {quote(key, 40)}; sections are "
+                f"{', '.join(sorted(PRESET_SECTIONS))} (settings shared by all go at the top)"
+            )
 
 
 def preset_section(name_or_path: str | None, section: str, allowed: set[str]) -> dict[str, Any]:
@@ -74,11 +84,11 @@ def preset_section(name_or_path: str | None, section: str, allowed: set[str]) ->
     own = content.get(section) or {}
     if not isinstance(own, dict):
         raise UserError(f"{origin}: section {section!r} must be a mapping")
-    merged = {k.replace("-", "_"): v for k, v in {**shared, **own}.items()}
+    merged = _setting_names({**shared, **own}, origin)
     unknown = sorted(set(merged) - allowed)
     if unknown:
         raise UserError(
-            f"{origin}: unknown key {unknown[0]!r} for `{section}`; remove or rename it"
+            f"{origin}: unknown key {quote(unknown[0], 40)} for `{section}`; remove or rename it"
         )
     return merged
 
@@ -89,18 +99,24 @@ def preset_teachers(name_or_path: str) -> list[dict[str, Any]]:
     entries = content.get("teachers") or []
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise UserError(f"{origin}: 'teachers' must be a list of mappings")
-    return [{k.replace("-", "_"): v for k, v in entry.items()} for entry in entries]
+    if len(entries) > MAX_MEMBERS:
+        raise UserError(
+            f"{origin} lists {len(entries)} teachers; an ensemble holds at most {MAX_MEMBERS}"
+        )
+    return [_setting_names(entry, origin) for entry in entries]
+
+
+def _setting_names(values: dict[Any, Any], origin: str) -> dict[str, Any]:
+    """The settings with `-` in their names read as `_`; a key that is not text is refused."""
+    for key in values:
+        if not isinstance(key, str):
+            raise UserError(f"{origin}: setting names are text, not {quote(key, 40)}")
+    return {k.replace("-", "_"): v for k, v in values.items()}
 
 
 def check_preset_layout(name_or_path: str) -> dict[str, Any]:
-    """Refuse top-level sections the preset format does not know."""
-    content, origin = load_preset(name_or_path)
-    for key, value in content.items():
-        if isinstance(value, (dict, list)) and key not in PRESET_SECTIONS:
-            raise UserError(
-                f"{origin}: unknown section {key!r}; sections are {sorted(PRESET_SECTIONS)}"
-            )
-    return content
+    """The preset's contents, its layout checked (as `load_preset` always does)."""
+    return load_preset(name_or_path)[0]
 
 
 ENSEMBLE_KEYS = {"fit_temperature"}
@@ -126,7 +142,9 @@ def _soft_label_settings(value: Any, origin: str) -> SoftLabelSettings | None:
         )
     for key, number in value.items():
         if number is not None and (isinstance(number, bool) or not isinstance(number, int)):
-            raise UserError(f"{origin}: soft_labels.{key} must be a whole number, got {number!r}")
+            raise UserError(
+                f"{origin}: soft_labels.{key} must be a whole number, got {quote(number)}"
+            )
     views = value.get("views", DEFAULT_VIEWS)
     if views < 1:
         raise UserError(f"{origin}: soft_labels.views must be at least 1, got {views}")
@@ -157,7 +175,7 @@ def resolve_preset(name_or_path: str) -> Preset:
     for entry in preset_teachers(name_or_path):
         unknown = sorted(set(entry) - config_field_names(TeacherTrainConfig))
         if unknown:
-            raise UserError(f"{origin}: unknown key {unknown[0]!r} in a teacher entry")
+            raise UserError(f"{origin}: unknown key {quote(unknown[0], 40)} in a teacher entry")
         config = build_config(TeacherTrainConfig, {**base, **entry}, origin)
         config.validate()
         teachers.append(config)

@@ -8,6 +8,7 @@ and `mlkd eval` knows the architecture, classes and image recipe without being t
 from __future__ import annotations
 
 import argparse
+import math
 import pickle
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,9 @@ import torch
 
 from mlkd_cli import __version__
 from mlkd_cli.core.atomic import atomic_write
+from mlkd_cli.core.constants import MAX_IMG_SIZE
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.safeload import load_json, quote
 
 MODEL_FORMAT = "mlkd-model/1"
 # A student with its exits: the state dict of the whole multi-exit network (`backbone.*` is the
@@ -33,6 +36,9 @@ SAFE_CLASSES = (argparse.Namespace,)
 EMA_KEY = "state_dict_ema"
 WEIGHT_KEYS = ("state_dict", "model")
 TRAINING_STATE_FORMAT = "mlkd-training-state/1"
+# What a card may record: a file's metadata sizes allocations, so it is bounded before use.
+MAX_CLASSES = 100_000
+CROP_PCT_RANGE = (0.1, 1.0)
 
 
 @dataclass
@@ -51,10 +57,81 @@ class ModelCard:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> ModelCard:
-        """Read the card back from a loaded checkpoint dict."""
+    def from_checkpoint(cls, checkpoint: dict[str, Any], origin: str = "checkpoint") -> ModelCard:
+        """Read the card back from a loaded checkpoint dict, checking what it records."""
+        check_card(checkpoint, origin)
         names = [f.name for f in cls.__dataclass_fields__.values()]
         return cls(**{k: checkpoint[k] for k in names if k in checkpoint})
+
+    @classmethod
+    def from_json(cls, text: str, origin: str) -> ModelCard:
+        """The card an export's header holds as JSON text (safetensors, ONNX), checked."""
+        return cls.from_checkpoint(_card_record(text, origin), origin)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _is_channels(value: Any) -> bool:
+    return isinstance(value, list) and len(value) in (1, 3) and all(map(_is_finite, value))
+
+
+# Each card field: whether a value is acceptable, and what it must be (for the error line).
+_CARD_RULES: dict[str, tuple[Any, str]] = {
+    "arch": (lambda v: isinstance(v, str) and 0 < len(v) <= 200, "a model name"),
+    "num_classes": (
+        lambda v: _is_int(v) and 1 <= v <= MAX_CLASSES,
+        f"a whole number from 1 to {MAX_CLASSES}",
+    ),
+    "class_names": (
+        lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+        "a list of names",
+    ),
+    "dataset": (lambda v: isinstance(v, str), "a dataset name"),
+    "img_size": (
+        lambda v: _is_int(v) and 1 <= v <= MAX_IMG_SIZE,
+        f"a whole number of pixels from 1 to {MAX_IMG_SIZE}",
+    ),
+    "crop_pct": (
+        lambda v: _is_finite(v) and CROP_PCT_RANGE[0] <= v <= CROP_PCT_RANGE[1],
+        f"a number from {CROP_PCT_RANGE[0]} to {CROP_PCT_RANGE[1]}",
+    ),
+    "mean": (_is_channels, "a list of 1 or 3 finite numbers"),
+    "std": (
+        lambda v: _is_channels(v) and all(x > 0 for x in v),
+        "a list of 1 or 3 positive numbers",
+    ),
+    "interpolation": (lambda v: isinstance(v, str), "an interpolation name"),
+    "extra": (lambda v: isinstance(v, dict), "a mapping"),
+}
+_OPTIONAL_CARD_FIELDS = {"interpolation", "extra"}
+
+
+def check_card(record: dict[str, Any], origin: str) -> None:
+    """Refuse a card (a checkpoint's metadata) whose fields are missing, mistyped or unbounded.
+
+    A file's `img_size: 100000` would otherwise size a 3.8 TB allocation.
+    """
+    for key, (acceptable, wanted) in _CARD_RULES.items():
+        if key not in record:
+            if key in _OPTIONAL_CARD_FIELDS:
+                continue
+            raise UserError(f"{origin} records no {key}; re-save it with mlkd")
+        if not acceptable(record[key]):
+            raise UserError(
+                f"{origin} records {key} {quote(record[key], 60)}; it must be {wanted} "
+                "(the file is damaged or was edited)"
+            )
+    if len(record["class_names"]) != record["num_classes"]:
+        raise UserError(
+            f"{origin} records {record['num_classes']} classes but "
+            f"{len(record['class_names'])} class names (the file is damaged or was edited)"
+        )
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -133,6 +210,8 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
         raise UserError(
             f"{path} is not a readable checkpoint ({first_line}); it may be truncated, re-save it"
         ) from exc
+    if isinstance(content, dict) and content.get("format") in (MODEL_FORMAT, EXITS_FORMAT):
+        check_card(content, str(path))
     return content
 
 
@@ -186,7 +265,18 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             meta = dict(handle.metadata() or {})
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{path} is not a readable .safetensors file ({exc})") from exc
+    if "mlkd" in meta:  # the card, as JSON text in the header
+        check_card(_card_record(meta["mlkd"], str(path)), str(path))
     return tensors, meta
+
+
+def _card_record(text: Any, origin: str) -> dict[str, Any]:
+    if not isinstance(text, str):
+        raise UserError(f"{origin}'s mlkd header is not JSON text; re-export the file")
+    record = load_json(text, f"{origin}'s mlkd header")
+    if not isinstance(record, dict):
+        raise UserError(f"{origin}'s mlkd header is not a mapping; re-export the file")
+    return record
 
 
 def _strip_wrappers(state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import csv
 import gzip
 import importlib.resources
 import pickle
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.safeload import clip, quote
+
+# The most pixels an image file may hold (a 45 MP camera photo fits): a small file can declare a
+# huge image (a 194 KB PNG of 13000 x 13000 decodes to 1.9 GB), so the header is checked before
+# decoding and a larger image is treated as unreadable: left out with a warning naming it, or
+# the run stopped under --strict-data.
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 class UnreadableImage(NamedTuple):
@@ -193,7 +201,16 @@ class _ListedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, int] | UnreadableImage:
         path = self.paths[index]
         try:
-            with Image.open(path) as image:
+            with warnings.catch_warnings():  # mlkd's own limit below replaces PIL's warning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(path)  # reads the header only
+            with image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    return UnreadableImage(
+                        str(path),
+                        f"{image.width}x{image.height} pixels, over the limit of "
+                        f"{MAX_IMAGE_PIXELS:,}; shrink the image",
+                    )
                 return image.convert("RGB"), self.targets[index]
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             # PIL reports damaged files as OSError (truncated data, unidentified format) or
@@ -359,12 +376,15 @@ def load_csv_dataset(data_dir: Path) -> RawSplits:
         for row, path, label in rows:
             if label not in index:
                 raise UserError(
-                    f"{csv_path} row {row}: label {label!r} is not a class of "
+                    f"{csv_path} row {row}: label {quote(label, 40)} is not a class of "
                     f"{_classes_origin(data_dir)}; fix the row or add the class"
                 )
             image = (csv_path.parent / path).resolve()
             if not image.is_file():
-                raise UserError(f"{csv_path} row {row}: image {path} does not exist ({image})")
+                raise UserError(
+                    f"{csv_path} row {row}: image {clip(path, 60)} does not exist"
+                    f" ({clip(str(image), 80)})"
+                )
             paths.append(image)
             targets.append(index[label])
         sources[split] = _ListedImages(paths, targets)
@@ -373,6 +393,15 @@ def load_csv_dataset(data_dir: Path) -> RawSplits:
 
 def _read_csv_rows(path: Path) -> list[tuple[int, str, str]]:
     """(row number, path, label) of each data row; the header must name path and label."""
+    try:
+        return _csv_rows(path)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc.reason}); save it as UTF-8") from exc
+    except csv.Error as exc:  # a NUL byte, a field past csv's size limit, a broken quote
+        raise UserError(f"{path} is not a readable CSV ({clip(str(exc), 80)})") from exc
+
+
+def _csv_rows(path: Path) -> list[tuple[int, str, str]]:
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or not set(CSV_COLUMNS) <= {
@@ -393,7 +422,11 @@ def _read_csv_rows(path: Path) -> list[tuple[int, str, str]]:
 def _csv_classes(data_dir: Path, labels: list[str]) -> list[str]:
     listed = data_dir / "classes.txt"
     if listed.is_file():
-        names = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
+        try:
+            text = listed.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{listed} is not UTF-8 text ({exc.reason}); save it as UTF-8") from exc
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         if not names:
             raise UserError(f"{listed} is empty; list one class name per line or remove it")
         return names

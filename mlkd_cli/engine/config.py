@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 from mlkd_cli.core.console import OutputOptions
 from mlkd_cli.core.constants import MAX_IMG_SIZE
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.safeload import quote
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.loggers import parse_log_to
 from mlkd_cli.engine.loop import OPTIMIZERS, SCHEDULES
@@ -20,6 +22,8 @@ from mlkd_cli.models.student import EXIT_HEADS
 
 C = TypeVar("C")
 DATA_PIPELINES = ("auto", "device", "cpu")
+# Loader processes per run process: a preset's `workers: 100000` would fork that many.
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class BatchPlan:
 def _check_choice(flag: str, value: str, registry: dict[str, Any]) -> None:
     """`value` names an entry of `registry`."""
     if value not in registry:
-        raise UserError(f"--{flag} {value!r} is not one of {', '.join(sorted(registry))}")
+        raise UserError(f"--{flag} {quote(value, 40)} is not one of {', '.join(sorted(registry))}")
 
 
 def _check_at_least_one(values: dict[str, int | None]) -> None:
@@ -69,6 +73,22 @@ def _check_at_least_one(values: dict[str, int | None]) -> None:
     for flag, value in values.items():
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be at least 1, got {value}")
+
+
+def _check_finite(config: Any) -> None:
+    """Every number a config holds is finite (NaN compares false, so range checks miss it)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(value, tuple):
+            values = [(flag, v) for v in value]
+        elif isinstance(value, dict):
+            values = [(f"{flag.removesuffix('s')} {k}", v) for k, v in value.items()]
+        else:
+            values = [(flag, value)]
+        for what, number in values:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise UserError(f"{what} must be a finite number, got {number}")
 
 
 def _check_not_negative(values: dict[str, float | None]) -> None:
@@ -157,11 +177,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse impossible values before any work starts."""
+        _check_finite(self)
         counts = {"epochs": self.epochs, "batch-size": self.batch_size}
         counts["world-size"] = self.world_size
         counts["effective-batch-size"] = self.effective_batch_size
         counts["img-size"] = self.img_size
         _check_at_least_one(counts)
+        for flag, value, most in (
+            ("img-size", self.img_size, MAX_IMG_SIZE),
+            ("workers", self.workers, MAX_WORKERS),
+        ):
+            if value is not None and value > most:
+                raise UserError(f"--{flag} is at most {most}, got {value}")
         parse_log_to(self.log_to)
         check_precision(self.precision, resolve_device(self.device))
         if self.lr <= 0:
@@ -187,7 +214,7 @@ class TrainConfig:
         if self.data_pipeline not in DATA_PIPELINES:
             raise UserError(
                 f"--data-pipeline must be one of {', '.join(DATA_PIPELINES)}, "
-                f"not {self.data_pipeline!r}"
+                f"not {quote(self.data_pipeline, 40)}"
             )
         self._check_augmentation()
         if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.batch_size < 2:
@@ -423,7 +450,7 @@ class DistillConfig(TrainConfig):
         _check_choice("recipe", self.recipe, RECIPES)
         super().validate()
         if self.best_by not in ("top1", "val_kd_loss"):
-            raise UserError(f"best_by must be top1 or val_kd_loss, not {self.best_by!r}")
+            raise UserError(f"best_by must be top1 or val_kd_loss, not {quote(self.best_by, 40)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(
                 f"--alpha mixes KD and cross-entropy and must be in [0, 1], got {self.alpha}"
@@ -490,7 +517,7 @@ def build_config(cls: type[C], values: dict[str, Any], origin: str = "settings")
     checked: dict[str, Any] = {}
     for key, value in values.items():
         if key not in hints:
-            raise UserError(f"{origin}: unknown setting {key!r}")
+            raise UserError(f"{origin}: unknown setting {quote(key, 40)}")
         checked[key] = _coerce(key, value, hints[key], origin)
     missing = [f.name for f in fields(cls) if f.name not in checked and _required(f)]
     if missing:
@@ -527,6 +554,13 @@ def _is_number_map(option: Any, value: Any) -> bool:
     )
 
 
+def _as_float(key: str, value: float, origin: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int too large for a float (YAML reads `1000...0` as an int)
+        raise UserError(f"{origin}: {key} is too large, got {quote(value, 40)}") from None
+
+
 def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None:
@@ -539,7 +573,7 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _as_float(key, value, origin)
         if option is str and isinstance(value, str):
             return value
         if option is Path and isinstance(value, (str, Path)):
@@ -547,8 +581,8 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
         if option is OutputOptions and isinstance(value, OutputOptions):
             return value
         if _is_pair(option, value):
-            return (float(value[0]), float(value[1]))
+            return (_as_float(key, value[0], origin), _as_float(key, value[1], origin))
         if _is_number_map(option, value):
-            return {str(k): float(v) for k, v in value.items()}
+            return {str(k): _as_float(f"{key}.{k}", v, origin) for k, v in value.items()}
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
-    raise UserError(f"{origin}: {key} must be {wanted}, got {value!r}")
+    raise UserError(f"{origin}: {key} must be {wanted}, got {quote(value)}")

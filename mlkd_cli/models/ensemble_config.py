@@ -24,7 +24,6 @@ given (the student's, when distilling).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +34,10 @@ import yaml
 from mlkd_cli.core.atomic import atomic_write_text
 from mlkd_cli.core.constants import MAX_IMG_SIZE
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.safeload import finite_number, load_data_file, quote
 
+# The most members an ensemble file may list: each is a model held in memory at once.
+MAX_MEMBERS = 64
 ORIGINAL = "original"
 MEMBERS = "members"
 
@@ -93,12 +95,8 @@ def read_ensemble_config(path: Path, models_dir: Path | None = None) -> Ensemble
             f"no ensemble file {path}; pass its path (the original's is config.json), "
             "or train teachers and write one"
         )
-    text = path.read_text(encoding="utf-8")
     syntax = "yaml" if path.suffix.lower() in (".yaml", ".yml") else "json"
-    try:
-        content = yaml.safe_load(text) if syntax == "yaml" else json.loads(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise UserError(f"{path} is not valid {syntax.upper()} ({exc}); fix the file") from exc
+    content = load_data_file(path, "ensemble file", syntax)
     if not isinstance(content, dict):
         raise UserError(f"{path} must hold a mapping, not a {type(content).__name__}")
     if "members" in content:
@@ -121,11 +119,22 @@ def read_ensemble_config(path: Path, models_dir: Path | None = None) -> Ensemble
 
 
 def _finite(path: Path, what: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{path}: {what} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise UserError(f"{path}: {what} is {value}, not a finite number; fix or remove it")
-    return float(value)
+    return finite_number(value, f"{path}: {what}")
+
+
+def _check_count(path: Path, count: int) -> None:
+    if count > MAX_MEMBERS:
+        raise UserError(
+            f"{path} lists {count} members; an ensemble holds at most {MAX_MEMBERS} "
+            "(each is a model in memory at once)"
+        )
+
+
+def _text(path: Path, what: str, value: Any) -> str:
+    """A name or path from the file, which must be non-empty text."""
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{path}: {what} must be text, got {quote(value)}")
+    return value
 
 
 def _img_size(path: Path, what: str, value: Any) -> int | None:
@@ -135,7 +144,7 @@ def _img_size(path: Path, what: str, value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= MAX_IMG_SIZE:
         raise UserError(
             f"{path}: {what} must be a whole number of pixels from 8 to {MAX_IMG_SIZE}, "
-            f"got {str(value)[:100]!r}"
+            f"got {quote(value)}"
         )
     return value
 
@@ -144,6 +153,7 @@ def _original_members(path: Path, content: dict[str, Any], models_dir: Path) -> 
     models, names = content.get("models"), content.get("names")
     if not isinstance(models, list) or not isinstance(names, list) or not models:
         raise UserError(f"{path}: 'models' and 'names' must be non-empty lists")
+    _check_count(path, max(len(models), len(names)))
     weights = content.get("weights", [1.0] * len(models))
     if not isinstance(weights, list):
         raise UserError(f"{path}: 'weights' must be a list")
@@ -153,36 +163,43 @@ def _original_members(path: Path, content: dict[str, Any], models_dir: Path) -> 
             "the three lists must be the same length"
         )
     img_size = _img_size(path, "img_size", content.get("img_size"))
-    return [
-        MemberSpec(
-            checkpoint=models_dir / f"{name}.pth",
-            model=str(model),
-            weight=_finite(path, f"weight of {name}", weight),
-            label=str(name),
-            img_size=img_size,
+    members = []
+    for number, (model, name, weight) in enumerate(zip(models, names, weights, strict=True), 1):
+        label = _text(path, f"name {number}", name)
+        members.append(
+            MemberSpec(
+                checkpoint=models_dir / f"{label}.pth",
+                model=_text(path, f"model {number}", model),
+                weight=_finite(path, f"weight of {quote(label, 40)}", weight),
+                label=label,
+                img_size=img_size,
+            )
         )
-        for model, name, weight in zip(models, names, weights, strict=True)
-    ]
+    return members
 
 
 def _explicit_members(path: Path, content: dict[str, Any]) -> list[MemberSpec]:
     entries = content["members"]
     if not isinstance(entries, list) or not entries:
         raise UserError(f"{path}: 'members' must be a non-empty list")
+    _check_count(path, len(entries))
     members = []
     for number, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict) or "checkpoint" not in entry:
             raise UserError(f"{path}: member {number} needs a 'checkpoint' path")
-        unknown = sorted(set(entry) - {"checkpoint", "model", "weight", "name", "img_size"})
+        unknown = [
+            k for k in entry if k not in ("checkpoint", "model", "weight", "name", "img_size")
+        ]
         if unknown:
-            raise UserError(f"{path}: member {number} has unknown key {unknown[0]!r}")
-        checkpoint = Path(entry["checkpoint"])
+            raise UserError(f"{path}: member {number} has unknown key {quote(unknown[0], 40)}")
+        checkpoint = Path(_text(path, f"member {number}'s checkpoint", entry["checkpoint"]))
+        model, name = entry.get("model"), entry.get("name")
         members.append(
             MemberSpec(
                 checkpoint=checkpoint if checkpoint.is_absolute() else path.parent / checkpoint,
-                model=entry.get("model"),
+                model=None if model is None else _text(path, f"member {number}'s model", model),
                 weight=_finite(path, f"weight of member {number}", entry.get("weight", 1.0)),
-                label=str(entry.get("name", "")),
+                label="" if name is None else _text(path, f"member {number}'s name", name),
                 img_size=_img_size(
                     path,
                     f"img_size of member {number}",

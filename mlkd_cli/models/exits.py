@@ -480,8 +480,9 @@ def exits_header(meta: dict[str, str], path: Path) -> tuple[ModelCard, dict[str,
     """The card and exits record an export carries (safetensors header, ONNX metadata)."""
     if "mlkd_exits" not in meta or "mlkd" not in meta:
         raise UserError(f"{path} is not a student with exits exported by mlkd")
+    card = ModelCard.from_json(meta["mlkd"], str(path))  # checked: it sizes allocations
     try:
-        return ModelCard(**json.loads(meta["mlkd"])), json.loads(meta["mlkd_exits"])
+        return card, json.loads(meta["mlkd_exits"])
     except (ValueError, TypeError) as exc:
         raise UserError(f"{path} has a damaged mlkd header ({exc})") from None
 
