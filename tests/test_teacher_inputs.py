@@ -123,3 +123,17 @@ def test_eval_at_another_size_than_trained_says_so(digits_teacher: Path) -> None
     same = invoke_cli("eval", digits_teacher, "--split", "val", "--json")
     assert same.exit_code == 0 and "trained at" not in same.stderr
     assert json.loads(same.stdout)["img_size"] == 16
+
+
+def test_a_teacher_with_a_nan_weight_is_refused_before_distilling(tmp_path: Path) -> None:
+    model = timm.create_model("test_resnet", num_classes=10)
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("nan"))
+    torch.save(model.state_dict(), tmp_path / "nan.pth")
+    result = invoke_cli(
+        "distill", "--dataset", "digits", "--checkpoint", tmp_path / "nan.pth", "--model",
+        "test_resnet", "--student", "test_resnet", "--output-dir", tmp_path / "out",
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert_error_line(result.stderr, "teacher member nan (", "non-finite values in")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -44,8 +44,10 @@ def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
     return clip(text, limit)
 
 
-def clip(text: str, limit: int = QUOTE_CHARS) -> str:
-    """`text` (a path, a message) cut to `limit` characters, marked with `...` when cut."""
+def clip(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """`value`'s text (a path, a name, a message) cut to `limit` characters, marked with `...`
+    when cut."""
+    text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -45,6 +45,7 @@ import torch
 
 from mlkd_cli.core.atomic import atomic_write, atomic_write_text
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.safeload import clip
 from mlkd_cli.data.transforms import ImageRecipe
 
 # Format 2: shard records bind positions and manifest (format 1 is refused: see above).
@@ -60,7 +61,6 @@ MAX_IMG_SIZE = 16_384
 MAX_DEPTH = 32  # lists and objects in a manifest's recipe/teacher/extra (mlkd writes 2)
 MAX_CLASSES = np.iinfo(np.int32).max
 SCAN_ROWS = 1 << 20  # array entries (images x views x k) checked at a time
-QUOTE = 100  # characters of a file's value an error line quotes at most
 # What a run must share with the store it trains from; named in the refusal when one differs.
 MATCHED = ("dataset", "split", "images", "classes", "img_size", "recipe")
 
@@ -463,12 +463,6 @@ def _show(value: Any) -> str:
     if isinstance(value, (tuple, list)) and len(value) > 4:
         return f"[{len(value)} entries]"
     return clip(json.dumps(value) if isinstance(value, dict) else value)
-
-
-def clip(value: Any) -> str:
-    """A value as an error line quotes it: at most QUOTE characters of its text."""
-    text = str(value)
-    return text if len(text) <= QUOTE else text[: QUOTE - 3] + "..."
 
 
 def shards_of_rank(manifest: StoreManifest, rank: int, world_size: int) -> Iterable[int]:

@@ -21,6 +21,7 @@ import torch
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.safeload import clip
 from mlkd_cli.data.device import DeviceAugment
 from mlkd_cli.data.loaders import TransformedSubset, build_keyed_loader
 from mlkd_cli.data.registry import DataSplits, load_splits
@@ -30,7 +31,6 @@ from mlkd_cli.data.softlabels import (
     StoreManifest,
     check_records,
     check_same_store,
-    clip,
     done_shards,
     shards_of_rank,
     start_store,
@@ -49,7 +49,6 @@ from mlkd_cli.engine.provenance import teacher_identity
 from mlkd_cli.models.ensemble_config import EnsembleConfig
 from mlkd_cli.models.teacher import (
     InputSpec,
-    LoadedMember,
     TeacherEnsemble,
     build_teacher,
     combine_logits,
@@ -78,19 +77,6 @@ class LabelPlan:
         return len(done_shards(self.output, self.manifest)) == self.manifest.shard_count
 
 
-def check_finite_weights(member: LoadedMember) -> None:
-    """Refuse a teacher member with a NaN or infinite weight: every output it gives would be
-    stored as one (and a store of them teaches nothing)."""
-    state = member.model.state_dict()
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UserError(
-                f"teacher member {clip(member.spec.name)} ({clip(member.spec.checkpoint)}) has "
-                f"non-finite values in {clip(name)}: retrain or fix that checkpoint, or leave it "
-                "out of the ensemble"
-            )
-
-
 def resolve_top_k(top_k: int | None, classes: int) -> int:
     """`--top-k`, or its default for `classes` classes, checked (a UserError naming the range)."""
     k = top_k if top_k is not None else (classes if classes <= FULL_TOP_K else 10)
@@ -113,8 +99,6 @@ def plan_labeling(
     teacher = resolve_teacher(cfg)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     loaded = [load_member(spec, splits.num_classes) for spec in teacher.members]
-    for member in loaded:
-        check_finite_weights(member)
     recipe = dataset_recipe(cfg, splits)
     for line in teacher_inputs(loaded, recipe, cfg.teacher_img_size):
         Reporter(cfg.output).info(line)

@@ -13,6 +13,7 @@ from torch import nn
 from mlkd_cli.core.checkpoint import MODEL_FORMAT, ModelCard, read_weights
 from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.safeload import clip
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec
 from mlkd_cli.models.factory import check_model_name, recorded_arch, weights_note
 
@@ -114,7 +115,22 @@ def load_member(spec: MemberSpec, num_classes: int | None) -> LoadedMember:
         raise UserError(
             f"{spec.checkpoint} does not fit {arch}{shape_hint}: {detail}; check the member's model"
         ) from None
-    return LoadedMember(spec, arch, model, card, weights_note(spec.checkpoint, meta))
+    member = LoadedMember(spec, arch, model, card, weights_note(spec.checkpoint, meta))
+    check_finite_weights(member)
+    return member
+
+
+def check_finite_weights(member: LoadedMember) -> None:
+    """Refuse a teacher with a NaN or infinite weight: every output it gives would be one, and
+    a student (or a soft-label store) taught by it learns nothing."""
+    state = member.model.state_dict()
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(
+                f"teacher member {clip(member.spec.name)} ({clip(member.spec.checkpoint)}) has "
+                f"non-finite values in {clip(name)}: retrain or fix that checkpoint, or leave it "
+                "out of the ensemble"
+            )
 
 
 class TeacherEnsemble(nn.Module):
