@@ -82,6 +82,7 @@ def export(
         ),
     ] = DEFAULT_MIN_AGREEMENT,
     data_dir: opt.DataDir = None,
+    overwrite: opt.OverwriteFiles = False,
     *,
     shared: opt.Shared,
 ) -> None:
@@ -91,7 +92,14 @@ def export(
         Int8Options(data_dir or Path("data"), calibration_images, min_agreement) if int8 else None
     )
     results = export_any(
-        checkpoint, fmt.value if fmt else None, output, model, num_classes, img_size, options
+        checkpoint,
+        fmt.value if fmt else None,
+        output,
+        model,
+        num_classes,
+        img_size,
+        options,
+        overwrite=overwrite,
     )
     report = Reporter(shared.output)
     report.table(
