@@ -112,7 +112,8 @@ def check_destination(
     parent = destination.parent
     if not parent.is_dir():
         raise UserError(
-            f"cannot write {shown(destination)}: folder {shown(parent)} does not exist; create it"
+            f"cannot write {shown(destination)}: {shown(parent)} is not a writable folder (it "
+            "does not exist); create it or choose another --output"
         )
     check_writable(parent, "--output")
     if fmt == "safetensors" and destination.exists() and not destination.is_dir():
