@@ -196,6 +196,15 @@ def _holder(record: dict[str, Any]) -> str:
     return f"pid {record.get('pid')} on {record.get('host')} since {record.get('started')}"
 
 
+def running_holder(path: Path) -> str | None:
+    """Who holds the lock at `path` ("pid N on HOST since T"), when its process still runs;
+    None when there is no lock or a stale one (a run may take it)."""
+    if not path.exists():
+        return None
+    record = _read_lock(path)
+    return _holder(record) if record is not None and _alive(record) else None
+
+
 def _try_lock(path: Path, text: str) -> bool:
     """Create `path` holding `text`, atomically: False when it exists already.
 
@@ -235,8 +244,8 @@ def _acquire(path: Path, what: str, say: Callable[[str], None]) -> str:
                 continue
             if _alive(holder):
                 raise UserError(
-                    f"{what} is already running ({_holder(holder)}, lock {shown(path)}); wait "
-                    "for it to end or choose another --name"
+                    f"{what} is already running ({_holder(holder)}); wait for it to end or "
+                    f"choose another --name (the lock: {shown(path)})"
                 )
             say(
                 f"{shown(path)} was left by a run that is no longer running "

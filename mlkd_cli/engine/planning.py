@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlkd_cli.core.atomic import check_writable
+from mlkd_cli.core.atomic import check_writable, running_holder, shown
 from mlkd_cli.core.checkpoint import (
     TRAINING_STATE_FORMAT,
     ModelCard,
@@ -34,6 +34,14 @@ class RunFiles:
 
     output_dir: Path
     name: str
+
+    def __post_init__(self) -> None:
+        check_run_name(self.name)
+
+    @property
+    def lock(self) -> Path:
+        """Held while the run goes (pid, host, start time), so that a second is refused."""
+        return self.output_dir / f"{self.name}.lock"
 
     @property
     def best(self) -> Path:
@@ -68,6 +76,26 @@ class RunFiles:
     def curves(self) -> Path:
         """Loss and validation top-1 per epoch, drawn."""
         return self.output_dir / f"{self.name}_curves.png"
+
+
+# Longer names make file names (<name>_history.json, ...) that some filesystems refuse.
+MAX_NAME_CHARS = 200
+
+
+def check_run_name(name: str) -> None:
+    """A run's name becomes its file names in --output-dir: a plain file name, so that every
+    file stays inside that folder."""
+    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):
+        raise UserError(
+            f"--name {shown(repr(name))} is not a plain file name (no /, \\ or .., not empty); "
+            "a run's files go into --output-dir: choose the folder there"
+        )
+    if len(name) > MAX_NAME_CHARS:
+        raise UserError(
+            f"--name {shown(name)} is {len(name)} characters long; use at most {MAX_NAME_CHARS}"
+        )
+    if not name.isprintable():
+        raise UserError(f"--name {shown(repr(name))} holds control characters; choose another")
 
 
 @dataclass(frozen=True)
@@ -203,6 +231,12 @@ def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, .
     `identity` names the settings a resumed run must share with the one it continues.
     """
     check_writable(files.output_dir)
+    holder = running_holder(files.lock)
+    if holder is not None:
+        raise UserError(
+            f"run {files.name!r} is already running in {shown(files.output_dir)} ({holder}); "
+            "wait for it to end or choose another --name"
+        )
     if cfg.resume:
         if not files.last.is_file():
             raise UserError(
