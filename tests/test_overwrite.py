@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -296,3 +297,19 @@ def test_check_new_files_refuses_inputs_existing_files_and_folders(tmp_path: Pat
     with pytest.raises(UserError) as caught:
         check_new_files([long], True, "--output", sources=[long])
     assert "y" * 100 not in str(caught.value)  # each path is quoted in part
+
+
+def test_sigterm_outside_the_loop_ends_the_run_in_one_line_and_frees_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = tmp_path / "models"
+
+    def launch(*args: object, **kwargs: object) -> None:  # SIGTERM while the run sets up
+        assert (models / "t.lock").is_file()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr("mlkd_cli.engine.trainer.launch", launch)
+    result = invoke_cli(*DIGITS_TEACHER, "-n", "t", "--epochs", "1", "--output-dir", models)
+    assert result.exit_code == 128 + signal.SIGTERM
+    assert_error_line(result.stderr, "stopped by SIGTERM", "run the same command again")
+    assert not (models / "t.lock").exists()

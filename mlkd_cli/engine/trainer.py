@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -185,8 +186,32 @@ def _run_lock(plan: Any) -> Iterator[None]:
         yield
         return
     what = f"run {files.name!r} in {shown(files.output_dir)}"
-    with run_lock(files.lock, what, Reporter(plan.config.output).warn):
+    with run_lock(files.lock, what, Reporter(plan.config.output).warn), _sigterm_raises(files):
         yield
+
+
+@contextlib.contextmanager
+def _sigterm_raises(files: RunFiles) -> Iterator[None]:
+    """SIGTERM outside the training loop (setting up, finishing) ends the run with one line and
+    its lock released, instead of killing the process where it stands. Inside the loop
+    `StopRequest` replaces this handler and saves the state first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        resume = f" (with --resume: {files.last} exists)" if files.last.is_file() else ""
+        raise RunInterrupted(
+            f"stopped by {signal.Signals(signum).name} outside the training loop; run the "
+            f"same command again{resume}",
+            signum,
+        )
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
