@@ -26,6 +26,7 @@ from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
 from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine.config import TrainConfig
+from mlkd_cli.engine.launch import launcher_rank
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,8 @@ def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, .
     `identity` names the settings a resumed run must share with the one it continues.
     """
     check_writable(files.output_dir)
-    holder = running_holder(files.lock)
+    # Under torchrun every rank plans, and rank 0 may hold the lock already: only it looks.
+    holder = running_holder(files.lock) if launcher_rank() == 0 else None
     if holder is not None:
         raise UserError(
             f"run {files.name!r} is already running in {shown(files.output_dir)} ({holder}); "
