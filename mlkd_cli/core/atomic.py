@@ -73,13 +73,15 @@ def check_writable(folder: Path, flag: str = "--output-dir") -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder; choose another")
+        raise UserError(
+            f"{flag} {shown(folder)}: {shown(existing)} is a file, not a folder; choose another"
+        )
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
         raise UserError(
-            f"{flag} {folder} is not writable ({exc.strerror or exc}); choose another folder"
+            f"{flag} {shown(folder)} is not writable ({exc.strerror or exc}); choose another folder"
         ) from None
 
 

@@ -267,7 +267,7 @@ def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, .
     existing = [p for p in (files.best, files.last, files.exits) if p.exists()]
     if existing and not cfg.overwrite:
         raise UserError(
-            f"{existing[0]} already exists; pass --resume to continue that run, --overwrite "
+            f"{shown(existing[0])} already exists; pass --resume to continue that run, --overwrite "
             "to replace it, or another --name"
         )
 
