@@ -313,3 +313,16 @@ def test_sigterm_outside_the_loop_ends_the_run_in_one_line_and_frees_its_name(
     assert result.exit_code == 128 + signal.SIGTERM
     assert_error_line(result.stderr, "stopped by SIGTERM", "run the same command again")
     assert not (models / "t.lock").exists()
+
+
+def test_a_lock_from_another_host_or_not_from_mlkd_is_never_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "r.lock"
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
+    lock = run_lock(path, "run 'r'", print)
+    with pytest.raises(UserError, match="already running .pid 1 on elsewhere"), lock:
+        pass
+    path.write_text("my notes\n")
+    lock = run_lock(path, "run 'r'", print)
+    with pytest.raises(UserError, match="not a lock mlkd wrote; delete it"), lock:
+        pass
+    assert path.read_text() == "my notes\n"
