@@ -71,6 +71,18 @@ def test_export_refuses_an_existing_file_unless_overwrite(teacher: Path, tmp_pat
     assert_error_line(again.stderr, "model.safetensors already exists", "--overwrite")
 
 
+def test_export_int8_refuses_an_existing_int8_file_before_writing_the_fp32_one(
+    teacher: Path,
+) -> None:
+    int8 = teacher.with_suffix(".int8.onnx")
+    int8.write_bytes(b"an earlier int8 model")
+    result = invoke_cli("export", teacher, "-f", "onnx", "--int8")
+    assert result.exit_code == 2
+    assert_error_line(result.stderr, "t.int8.onnx already exists", "--overwrite")
+    assert not teacher.with_suffix(".onnx").exists()
+    assert int8.read_bytes() == b"an earlier int8 model"
+
+
 def test_export_into_an_existing_folder_or_an_unwritable_one_is_one_line(
     teacher: Path, tmp_path: Path
 ) -> None:
