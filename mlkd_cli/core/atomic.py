@@ -173,10 +173,15 @@ def _alive(holder: dict[str, Any]) -> bool:
     return started is None or _process_start(pid) in (None, started)
 
 
+# A lock mlkd writes is one short JSON line; more than this is someone else's file.
+LOCK_BYTES = 4096
+
+
 def _read_lock(path: Path) -> dict[str, Any] | None:
     """The lock's record; None when it vanished meanwhile."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")[:4096]
+        with path.open("rb") as handle:
+            text = handle.read(LOCK_BYTES).decode("utf-8", errors="replace")
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -198,13 +203,23 @@ def _holder(record: dict[str, Any]) -> str:
     return f"pid {record.get('pid')} on {record.get('host')} since {record.get('started')}"
 
 
-def running_holder(path: Path) -> str | None:
-    """Who holds the lock at `path` ("pid N on HOST since T"), when its process still runs;
-    None when there is no lock or a stale one (a run may take it)."""
-    if not path.exists():
-        return None
-    record = _read_lock(path)
-    return _holder(record) if record is not None and _alive(record) else None
+def check_not_running(path: Path, what: str) -> None:
+    """Refuse, before any work, a run whose lock at `path` a running process holds (a stale
+    lock passes: the run takes it over when it starts)."""
+    holder = _read_lock(path) if path.exists() else None
+    if holder is not None and _alive(holder):
+        raise _running(path, holder, what)
+
+
+def _running(path: Path, holder: dict[str, Any], what: str) -> UserError:
+    """`what` is already running: the error that says who runs it and what to do."""
+    elsewhere = holder.get("host") != socket.gethostname()
+    fix = (
+        f"if that run is gone, delete {shown(path)}"
+        if elsewhere
+        else f"wait for it to end or choose another --name (lock {shown(path)})"
+    )
+    return UserError(f"{what} is already running ({_holder(holder)}); {fix}")
 
 
 def _try_lock(path: Path, text: str) -> bool:
@@ -245,10 +260,7 @@ def _acquire(path: Path, what: str, say: Callable[[str], None]) -> str:
             if holder is None:
                 continue
             if _alive(holder):
-                raise UserError(
-                    f"{what} is already running ({_holder(holder)}); wait for it to end or "
-                    f"choose another --name (the lock: {shown(path)})"
-                )
+                raise _running(path, holder, what)
             say(
                 f"{shown(path)} was left by a run that is no longer running "
                 f"({_holder(holder)}); taking it over"

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlkd_cli.core.atomic import check_writable, running_holder, shown
+from mlkd_cli.core.atomic import check_not_running, check_writable, shown
 from mlkd_cli.core.checkpoint import (
     TRAINING_STATE_FORMAT,
     ModelCard,
@@ -38,6 +38,11 @@ class RunFiles:
 
     def __post_init__(self) -> None:
         check_run_name(self.name)
+
+    @property
+    def what(self) -> str:
+        """The run as an error line names it."""
+        return f"run {self.name!r} in {shown(self.output_dir)}"
 
     @property
     def lock(self) -> Path:
@@ -233,12 +238,8 @@ def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, .
     """
     check_writable(files.output_dir)
     # Under torchrun every rank plans, and rank 0 may hold the lock already: only it looks.
-    holder = running_holder(files.lock) if launcher_rank() == 0 else None
-    if holder is not None:
-        raise UserError(
-            f"run {files.name!r} is already running in {shown(files.output_dir)} ({holder}); "
-            "wait for it to end or choose another --name"
-        )
+    if launcher_rank() == 0:
+        check_not_running(files.lock, files.what)
     if cfg.resume:
         if not files.last.is_file():
             raise UserError(

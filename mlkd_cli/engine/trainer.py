@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mlkd_cli import __version__
-from mlkd_cli.core.atomic import run_lock, shown
+from mlkd_cli.core.atomic import run_lock
 from mlkd_cli.core.checkpoint import (
     TRAINING_STATE_FORMAT,
     ModelCard,
@@ -185,8 +185,10 @@ def _run_lock(plan: Any) -> Iterator[None]:
     if launcher_rank() != 0:
         yield
         return
-    what = f"run {files.name!r} in {shown(files.output_dir)}"
-    with run_lock(files.lock, what, Reporter(plan.config.output).warn), _sigterm_raises(files):
+    with (
+        run_lock(files.lock, files.what, Reporter(plan.config.output).warn),
+        _sigterm_raises(files),
+    ):
         yield
 
 
