@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from mlkd_cli.core.atomic import check_new_files, check_writable, shown
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.ensemble import LogitsRequest, fit_and_write, run_logits_pass
@@ -65,14 +65,25 @@ def _render(
     report.table(title, ["member", "architecture", "weight", "top-1 %", "NLL"], lines)
 
 
-def _check_writable(destination: Path) -> None:
+def _check_destination(config_path: Path, output: Path | None, overwrite: bool) -> None:
+    """Before any work: the fitted file's folder exists and is writable, and --output is
+    neither an existing file (unless --overwrite) nor CONFIG (which --in-place rewrites)."""
+    destination = output or config_path
     folder = destination.parent
     if not folder.is_dir():
         raise UserError(
-            f"cannot write {destination}: folder {folder} does not exist; create it first"
+            f"cannot write {shown(destination)}: folder {shown(folder)} does not exist; "
+            "create it first"
         )
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"cannot write {destination}: folder {folder} is not writable")
+    check_writable(folder, "--output" if output is not None else "--in-place")
+    if output is None:
+        return  # --in-place: CONFIG is rewritten with its weights, by request
+    if config_path.exists() and output.resolve() == config_path.resolve():
+        raise UserError(
+            f"--output {shown(output)} is CONFIG itself; drop --output (or pass --in-place) "
+            "to rewrite it"
+        )
+    check_new_files([output], overwrite, "--output", sources=[config_path])
 
 
 def _pass_options() -> list:
@@ -157,13 +168,14 @@ def build(
             rich_help_panel=opt.ENSEMBLE,
         ),
     ] = None,
+    overwrite: opt.OverwriteFiles = False,
     *,
     shared: opt.Shared,
 ) -> None:
     """Fit member weights on the held-out validation split and write them into the file."""
     if output is not None and in_place:
         raise UserError("--output writes a new file and --in-place rewrites CONFIG; pass one")
-    _check_writable(output or config_path)
+    _check_destination(config_path, output, overwrite)
     dataset = shared["dataset"]
     if preset is not None:  # the preset's dataset and ensemble settings, under the flags given
         resolved = resolve_preset(preset)

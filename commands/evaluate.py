@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from mlkd_cli.core.atomic import check_new_files, check_writable, shown
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.metrics import confusion_matrix, reliability_bins
@@ -128,6 +128,7 @@ def evaluate(
             rich_help_panel=opt.OUTPUT,
         ),
     ] = False,
+    overwrite: opt.OverwriteFiles = False,
     *,
     shared: opt.Shared,
 ) -> None:
@@ -145,9 +146,7 @@ def evaluate(
             f"{anytime[0]} records its student and size; drop --model, --num-classes, --img-size"
         )
     if plots is not None:
-        plots.mkdir(parents=True, exist_ok=True)
-        if not os.access(plots, os.W_OK):
-            raise UserError(f"--plots folder {plots} is not writable")
+        _check_plots(plots, checkpoints, anytime, overwrite)
     out = shared.output
     common = {
         "dataset": dataset,
@@ -243,10 +242,36 @@ def _parse_thresholds(text: str | None) -> tuple[float, ...] | None:
         raise UserError(f"--thresholds takes numbers like 0.9,0.9,0.95, not {text!r}") from None
 
 
+def _plot_files(folder: Path, path: Path, anytime: bool) -> list[Path]:
+    """The PNGs --plots writes for one checkpoint."""
+    kinds = ("anytime",) if anytime else ("confusion", "reliability")
+    return [folder / f"{path.stem}_{kind}.png" for kind in kinds]
+
+
+def _check_plots(
+    folder: Path, checkpoints: list[Path], anytime: list[Path], overwrite: bool
+) -> None:
+    """Before any work: the --plots folder can be written, and no figure in it exists (unless
+    --overwrite) or would be written twice; then the folder is created."""
+    check_writable(folder, "--plots")
+    files = [f for path in checkpoints for f in _plot_files(folder, path, path in anytime)]
+    twice = next((f for i, f in enumerate(files) if f in files[:i]), None)
+    if twice is not None:
+        raise UserError(
+            f"--plots would write {shown(twice)} twice (two checkpoints named "
+            f"{shown(twice.stem.rsplit('_', 1)[0])}); evaluate them one at a time"
+        )
+    check_new_files(files, overwrite, "--plots", sources=checkpoints)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --plots {shown(folder)} ({exc.strerror or exc})") from None
+
+
 def _anytime_plot(folder: Path, job: AnytimeJob, result: dict[str, Any]) -> dict[str, str]:
     from mlkd_cli.core.plots import anytime_png
 
-    path = folder / f"{job.path.stem}_anytime.png"
+    (path,) = _plot_files(folder, job.path, anytime=True)
     anytime_png(result, f"{job.label} on {job.dataset} {job.split}", path)
     return {"accuracy_vs_macs": str(path)}
 
@@ -380,9 +405,8 @@ def _thresholds_label(cascade: dict[str, Any]) -> str:
 def _plots(folder: Path, job: EvalJob, measured: Measured) -> dict[str, str]:
     from mlkd_cli.core.plots import confusion_matrix_png, reliability_png
 
-    stem = job.path.stem
     title = f"{job.label} on {job.dataset} {job.split}"
-    confusion, reliability = folder / f"{stem}_confusion.png", folder / f"{stem}_reliability.png"
+    confusion, reliability = _plot_files(folder, job.path, anytime=False)
     logits, labels = measured.logits, measured.labels
     confusion_matrix_png(confusion_matrix(logits, labels), measured.class_names, title, confusion)
     bins = reliability_bins(logits.double().softmax(1), labels)

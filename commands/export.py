@@ -101,6 +101,7 @@ def export(
         ),
     ] = None,
     data_dir: opt.DataDir = None,
+    overwrite: opt.OverwriteFiles = False,
     *,
     shared: opt.Shared,
 ) -> None:
@@ -115,7 +116,14 @@ def export(
         else None
     )
     results = export_any(
-        checkpoint, fmt.value if fmt else None, output, model, num_classes, img_size, options
+        checkpoint,
+        fmt.value if fmt else None,
+        output,
+        model,
+        num_classes,
+        img_size,
+        options,
+        overwrite=overwrite,
     )
     report = Reporter(shared.output)
     report.table(

@@ -350,6 +350,16 @@ Overwrite = Annotated[
         "--overwrite", help="Replace an existing run of the same name.", rich_help_panel=RUN
     ),
 ]
+# The same flag for a command that writes files rather than a run: it replaces existing files
+# (never the command's input; mlkd_cli.core.atomic.check_new_files holds both rules).
+OverwriteFiles = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace output files that exist already (never the input).",
+        rich_help_panel=OUTPUT,
+    ),
+]
 Seed = Annotated[
     int | None, typer.Option("--seed", help="Random seed (default 0).", rich_help_panel=RUN)
 ]

@@ -7,7 +7,10 @@ from typing import Annotated
 
 import typer
 
+from mlkd_cli.core.atomic import check_writable, shown
 from mlkd_cli.core.console import Reporter
+from mlkd_cli.core.errors import UserError
+from mlkd_cli.data.softlabels import MANIFEST
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig
 from mlkd_cli.engine.labeling import DEFAULT_VIEWS, SHARD_SIZE, label_store, plan_labeling
 from mlkd_cli.engine.launch import launcher_rank
@@ -148,6 +151,7 @@ def label(
         **opt.teacher_flags(model, checkpoint, ensemble, models_dir, teacher_img_size),
     }
     cfg = shared.own_files_config(DistillConfig, "distill", flags)
+    _check_store_folder(output)
     plan = plan_labeling(cfg, output, views, top_k, shard_size)
     summary = label_store(plan)
     if launcher_rank() != 0:
@@ -159,6 +163,21 @@ def label(
         f"logits each, {manifest.shard_count} shards ({summary['skipped']} already done)"
     )
     report.result({**summary, "manifest": str(output / "manifest.json")})
+
+
+def _check_store_folder(output: Path) -> None:
+    """Before any work: --output is a folder that can be written, new, empty, or a store (which
+    the labelling continues; one made with other settings is refused when planned)."""
+    if output.exists() and not output.is_dir():
+        raise UserError(
+            f"--output {shown(output)} is a file; a soft-label store is a folder: name a new one"
+        )
+    check_writable(output, "--output")
+    if output.is_dir() and not (output / MANIFEST).is_file() and any(output.iterdir()):
+        raise UserError(
+            f"--output {shown(output)} holds files but no {MANIFEST}, so it is no soft-label "
+            "store; name a new or empty folder"
+        )
 
 
 def _pct(value: float | None) -> str | None:

@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlkd_cli.core.atomic import atomic_write_text, plain_file_mode
+from mlkd_cli.core.atomic import (
+    atomic_write_text,
+    check_new_files,
+    check_writable,
+    plain_file_mode,
+    shown,
+)
 from mlkd_cli.core.checkpoint import ModelCard, read_weights
 from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD
 from mlkd_cli.core.errors import UserError
@@ -54,12 +60,13 @@ def export_checkpoint(
     arch: str | None = None,
     num_classes: int | None = None,
     img_size: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Export, verify against PyTorch, and return what was written and how close it is."""
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     destination = output or default_output(checkpoint, fmt)
-    _check_destination(destination)
+    check_destination(checkpoint, fmt, destination, overwrite)
     model, card = load_trained_model(checkpoint, arch, num_classes)
     model.eval()
     size = img_size or (card.img_size if card else 224)
@@ -81,12 +88,41 @@ def export_checkpoint(
     }
 
 
-def _check_destination(destination: Path) -> None:
-    """The folder that receives an export must exist and be writable (a safetensors folder
-    itself is created)."""
+def written_files(fmt: str, destination: Path, exits: bool = False) -> list[Path]:
+    """The files an export in `fmt` to `destination` writes (safetensors: a folder of two)."""
+    if fmt != "safetensors":
+        return [destination]
+    return [
+        destination / "model.safetensors",
+        destination / ("exits.json" if exits else "config.json"),
+    ]
+
+
+def check_destination(
+    checkpoint: Path,
+    fmt: str,
+    destination: Path,
+    overwrite: bool,
+    exits: bool = False,
+    also: tuple[Path, ...] = (),
+) -> None:
+    """Before any work: the folder that receives an export must exist and be writable (a
+    safetensors folder itself is created), and no file it writes may exist (unless
+    `overwrite`) or be the checkpoint exported (ever). `also`: further files it writes."""
     parent = destination.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write {destination}: {parent} is not a writable folder")
+    if not parent.is_dir():
+        raise UserError(
+            f"cannot write {shown(destination)}: {shown(parent)} is not a writable folder (it "
+            "does not exist); create it or choose another --output"
+        )
+    check_writable(parent, "--output")
+    if fmt == "safetensors" and destination.exists() and not destination.is_dir():
+        raise UserError(
+            f"--output {shown(destination)} is a file; a safetensors export is a folder "
+            "(model.safetensors + config.json): name a folder"
+        )
+    files = [*written_files(fmt, destination, exits), *also]
+    check_new_files(files, overwrite, "--output", sources=[checkpoint])
 
 
 def _probe_batches(size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,27 +282,40 @@ def export_any(
     num_classes: int | None = None,
     img_size: int | None = None,
     int8: Int8Options | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """What `mlkd export` does: a plain model in `fmt` (default safetensors); a student with
     exits in `fmt`, or by default as both a safetensors folder and an ONNX model. With `int8`,
     the ONNX export is also quantized (`mlkd_cli/int8.py`) into `<name>.int8.onnx`, checked
-    (data, flags) before anything is written."""
+    (data, flags) before anything is written. No file written may exist unless `overwrite`,
+    nor ever be the checkpoint itself."""
     exits = is_exits_checkpoint(checkpoint)
     plan = _plan_int8(checkpoint, fmt, exits, int8) if int8 is not None else None
+    if plan is not None:  # the int8 file is checked with the ONNX one, before either is written
+        onnx = output or default_output(checkpoint, "onnx")
+        check_destination(checkpoint, "onnx", onnx, overwrite, exits, (_int8_path(onnx),))
     if exits:
         if arch is not None or num_classes is not None or img_size is not None:
             raise UserError(
                 f"{checkpoint} records its student; drop --model, --num-classes and --img-size"
             )
-        results = export_exits_checkpoint(checkpoint, (fmt,) if fmt else EXITS_FORMATS, output)
+        formats = (fmt,) if fmt else EXITS_FORMATS
+        results = export_exits_checkpoint(checkpoint, formats, output, overwrite)
     else:
         results = [
-            export_checkpoint(checkpoint, fmt or "safetensors", output, arch, num_classes, img_size)
+            export_checkpoint(
+                checkpoint, fmt or "safetensors", output, arch, num_classes, img_size, overwrite
+            )
         ]
     if plan is not None:
         fp32 = Path(next(r["output"] for r in results if r["format"] == "onnx"))
-        results.append(quantize_export(plan, fp32, fp32.with_suffix(".int8.onnx")))
+        results.append(quantize_export(plan, fp32, _int8_path(fp32)))
     return results
+
+
+def _int8_path(onnx: Path) -> Path:
+    """Where --int8 writes the quantized copy of the ONNX export `onnx`."""
+    return onnx.with_suffix(".int8.onnx")
 
 
 def _plan_int8(checkpoint: Path, fmt: str | None, exits: bool, options: Int8Options) -> Int8Plan:
@@ -278,7 +327,10 @@ def _plan_int8(checkpoint: Path, fmt: str | None, exits: bool, options: Int8Opti
 
 
 def export_exits_checkpoint(
-    checkpoint: Path, formats: tuple[str, ...] = EXITS_FORMATS, output: Path | None = None
+    checkpoint: Path,
+    formats: tuple[str, ...] = EXITS_FORMATS,
+    output: Path | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Export a student with its exits: a safetensors folder (weights, exits, thresholds) and an
     ONNX model with one output per head, each verified against PyTorch before it is placed."""
@@ -290,10 +342,10 @@ def export_exits_checkpoint(
         )
     if output is not None and len(formats) > 1:
         raise UserError("--output names one destination; pass --format too")
-    loaded = load_exits_checkpoint(checkpoint)
     destinations = {f: output or default_output(checkpoint, f) for f in formats}
-    for destination in destinations.values():
-        _check_destination(destination)
+    for fmt, destination in destinations.items():
+        check_destination(checkpoint, fmt, destination, overwrite, exits=True)
+    loaded = load_exits_checkpoint(checkpoint)
     student = loaded.student
     size = loaded.card.img_size
     example, check = _probe_batches(size)

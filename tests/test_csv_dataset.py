@@ -17,8 +17,8 @@ NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 
 
 def write_digits_csv(root: Path, labels: str = "names", per_class: int = 12) -> Path:
-    """Real digits as 28 px grayscale PNGs under root/images, listed in root/lists/*.csv
-    (paths relative to the CSV: ../images/...)."""
+    """Real digits as 28 px grayscale PNGs under root/lists/images, listed in root/lists/*.csv
+    (paths relative to the CSV: images/...; mlkd refuses paths outside the CSV's folder)."""
     raw = load_digits()
     lists = root / "lists"
     lists.mkdir(parents=True)
@@ -29,11 +29,11 @@ def write_digits_csv(root: Path, labels: str = "names", per_class: int = 12) -> 
             if seen[label] >= per_class:
                 continue
             seen[label] += 1
-            path = root / "images" / split / f"{index}.png"
+            path = lists / "images" / split / f"{index}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             image.convert("L").resize((28, 28), Image.BICUBIC).save(path)
             name = NAMES[label] if labels == "names" else str(label)
-            rows.append(f"../images/{split}/{index}.png,{name}")
+            rows.append(f"images/{split}/{index}.png,{name}")
         (lists / f"{split}.csv").write_text("\n".join(rows) + "\n")
     return lists
 

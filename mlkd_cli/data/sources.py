@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.resources
+import os
 import pickle
 import warnings
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mlkd_cli.core.atomic import shown
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import clip, quote
 
@@ -349,6 +351,25 @@ def load_image_folder(data_dir: Path) -> RawSplits:
 # ----------------------------------------------------------------------------- CSV lists
 
 CSV_COLUMNS = ("path", "label")
+# Set to 1 to let CSV rows name images outside the CSV's folder (absolute or ../ paths). An
+# environment variable rather than a flag: every command that reads data, and every worker
+# process it starts, sees it. Off, a list handed over with the data cannot make mlkd open
+# /etc/passwd or ../../secrets.
+ALLOW_OUTSIDE_PATHS = "MLKD_ALLOW_OUTSIDE_PATHS"
+
+
+def _check_inside(csv_path: Path, row: int, path: str) -> None:
+    """A row's image path stays inside the CSV's folder (read lexically: a symlink the folder
+    holds may point elsewhere), unless MLKD_ALLOW_OUTSIDE_PATHS=1."""
+    if os.environ.get(ALLOW_OUTSIDE_PATHS) == "1":
+        return
+    normal = os.path.normpath(path)
+    if os.path.isabs(normal) or normal == ".." or normal.startswith(f"..{os.sep}"):
+        raise UserError(
+            f"{shown(csv_path)} row {row}: image {shown(path)} lies outside "
+            f"{shown(csv_path.parent)}; list paths inside it (a symlink there may point "
+            f"elsewhere) or set {ALLOW_OUTSIDE_PATHS}=1"
+        )
 
 
 def load_csv_dataset(data_dir: Path) -> RawSplits:
@@ -379,6 +400,7 @@ def load_csv_dataset(data_dir: Path) -> RawSplits:
                     f"{csv_path} row {row}: label {quote(label, 40)} is not a class of "
                     f"{_classes_origin(data_dir)}; fix the row or add the class"
                 )
+            _check_inside(csv_path, row, path)
             image = (csv_path.parent / path).resolve()
             if not image.is_file():
                 raise UserError(

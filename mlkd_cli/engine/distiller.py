@@ -134,6 +134,9 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     """Check flags, teacher, student, data and files before any worker starts."""
     cfg.validate()
     check_model_name(cfg.student)
+    # the name and the files first: a refusal there costs nothing (no teacher loaded)
+    files = RunFiles(cfg.output_dir, cfg.run_name)
+    check_output_files(cfg, files, identity=("student", "dataset"))
     teacher = None if cfg.soft_labels is not None else resolve_teacher(cfg)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     report = Reporter(cfg.output)
@@ -142,8 +145,6 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     for member in loaded:
         if member.note:
             report.info(f"teacher {member.note}")
-    files = RunFiles(cfg.output_dir, cfg.run_name)
-    check_output_files(cfg, files, identity=("student", "dataset"))
     recipe = dataset_recipe(cfg, splits)
     for line in teacher_inputs(loaded, recipe, cfg.teacher_img_size):
         report.info(line)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlkd_cli.core.atomic import check_writable
+from mlkd_cli.core.atomic import check_not_running, check_writable, shown
 from mlkd_cli.core.checkpoint import (
     TRAINING_STATE_FORMAT,
     ModelCard,
@@ -27,6 +27,7 @@ from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
 from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine.config import TrainConfig
+from mlkd_cli.engine.launch import launcher_rank
 from mlkd_cli.engine.provenance import run_provenance
 
 
@@ -36,6 +37,19 @@ class RunFiles:
 
     output_dir: Path
     name: str
+
+    def __post_init__(self) -> None:
+        check_run_name(self.name)
+
+    @property
+    def what(self) -> str:
+        """The run as an error line names it."""
+        return f"run {self.name!r} in {shown(self.output_dir)}"
+
+    @property
+    def lock(self) -> Path:
+        """Held while the run goes (pid, host, start time), so that a second is refused."""
+        return self.output_dir / f"{self.name}.lock"
 
     @property
     def best(self) -> Path:
@@ -70,6 +84,26 @@ class RunFiles:
     def curves(self) -> Path:
         """Loss and validation top-1 per epoch, drawn."""
         return self.output_dir / f"{self.name}_curves.png"
+
+
+# Longer names make file names (<name>_history.json, ...) that some filesystems refuse.
+MAX_NAME_CHARS = 200
+
+
+def check_run_name(name: str) -> None:
+    """A run's name becomes its file names in --output-dir: a plain file name, so that every
+    file stays inside that folder."""
+    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):
+        raise UserError(
+            f"--name {shown(repr(name))} is not a plain file name (no /, \\ or .., not empty); "
+            "a run's files go into --output-dir: choose the folder there"
+        )
+    if len(name) > MAX_NAME_CHARS:
+        raise UserError(
+            f"--name {shown(name)} is {len(name)} characters long; use at most {MAX_NAME_CHARS}"
+        )
+    if not name.isprintable():
+        raise UserError(f"--name {shown(repr(name))} holds control characters; choose another")
 
 
 @dataclass(frozen=True)
@@ -218,6 +252,9 @@ def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, .
     `identity` names the settings a resumed run must share with the one it continues.
     """
     check_writable(files.output_dir)
+    # Under torchrun every rank plans, and rank 0 may hold the lock already: only it looks.
+    if launcher_rank() == 0:
+        check_not_running(files.lock, files.what)
     if cfg.resume:
         if not files.last.is_file():
             raise UserError(
@@ -246,7 +283,7 @@ def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, .
     existing = [p for p in (files.best, files.last, files.exits) if p.exists()]
     if existing and not cfg.overwrite:
         raise UserError(
-            f"{existing[0]} already exists; pass --resume to continue that run, --overwrite "
+            f"{shown(existing[0])} already exists; pass --resume to continue that run, --overwrite "
             "to replace it, or another --name"
         )
 

@@ -26,9 +26,10 @@ def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
     """Validate flags, data, model and files in the launching process; raise UserError early."""
     cfg.validate()
     check_model_name(cfg.model)
-    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
+    # the name and the files first: a refusal there costs nothing
     files = planning.RunFiles(cfg.output_dir, cfg.run_name)
     planning.check_output_files(cfg, files, identity=("model", "dataset"))
+    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     recipe = planning.dataset_recipe(cfg, splits)
     planning.data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
     planning.check_recipe(recipe)

@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mlkd_cli import __version__
+from mlkd_cli.core.atomic import run_lock
 from mlkd_cli.core.checkpoint import (
     TRAINING_STATE_FORMAT,
     ModelCard,
@@ -54,7 +56,7 @@ from mlkd_cli.engine import loop
 from mlkd_cli.engine.config import TrainConfig
 from mlkd_cli.engine.history import History
 from mlkd_cli.engine.interrupt import StopRequest
-from mlkd_cli.engine.launch import launch
+from mlkd_cli.engine.launch import launch, launcher_rank
 from mlkd_cli.engine.loggers import build_loggers, parse_log_to
 from mlkd_cli.engine.planning import RunFiles, RunPlan, data_pipeline, describe_augmentation
 from mlkd_cli.engine.precision import Precision, choose_layout, keep_idle_tap_convs_fp32
@@ -163,15 +165,55 @@ def launch_training(worker: Any, plan: Any) -> dict[str, Any]:
     """
     cfg = plan.config
     per_process = cfg.batch_plan(cfg.world_size).per_process
-    return launch(
-        worker,
-        plan,
-        cfg.world_size,
-        cfg.device,
-        max_restarts=cfg.max_restarts,
-        memory_hint=f"lower --batch-size, now {per_process} per process",
-        workers=cfg.workers,
-    )
+    with _run_lock(plan):
+        return launch(
+            worker,
+            plan,
+            cfg.world_size,
+            cfg.device,
+            max_restarts=cfg.max_restarts,
+            memory_hint=f"lower --batch-size, now {per_process} per process",
+            workers=cfg.workers,
+        )
+
+
+@contextlib.contextmanager
+def _run_lock(plan: Any) -> Iterator[None]:
+    """The run's name locked in its folder while it runs, by the launching process only (not
+    by each torchrun rank): a second run of the same name is refused, a stale lock taken over."""
+    files: RunFiles = plan.files if isinstance(plan, RunPlan) else plan.run.files
+    if launcher_rank() != 0:
+        yield
+        return
+    with (
+        run_lock(files.lock, files.what, Reporter(plan.config.output).warn),
+        _sigterm_raises(files),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def _sigterm_raises(files: RunFiles) -> Iterator[None]:
+    """SIGTERM outside the training loop (setting up, finishing) ends the run with one line and
+    its lock released, instead of killing the process where it stands. Inside the loop
+    `StopRequest` replaces this handler and saves the state first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        resume = f" (with --resume: {files.last} exists)" if files.last.is_file() else ""
+        raise RunInterrupted(
+            f"stopped by {signal.Signals(signum).name} outside the training loop; run the "
+            f"same command again{resume}",
+            signum,
+        )
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
