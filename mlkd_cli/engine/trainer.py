@@ -349,7 +349,7 @@ class _Run:
         cfg, ctx, plan = self.cfg, self.ctx, self.batch_plan
         line = self.precision.describe()
         self.history.run_info["precision"] = line.removeprefix("precision: ")
-        self.report.info(line)
+        self.report.precision(line, self.precision.headline())
         budget = ""
         if self.plan.labelled is not None:
             budget = f" (labels of {len(self.plan.labelled)} used: --label-fraction "
@@ -478,6 +478,12 @@ class _Run:
                 "history_json": str(files.history_json),
                 "history_csv": str(files.history_csv),
                 "curves": str(files.curves),
+                # Every N epochs (--save-frequency): the plain model as it was then.
+                "periodic": [
+                    str(files.periodic(row["epoch"]))
+                    for row in rows
+                    if self.cfg.save_frequency and row["epoch"] % self.cfg.save_frequency == 0
+                ],
             },
         }
 
