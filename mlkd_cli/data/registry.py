@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +169,10 @@ def get_dataset_spec(name: str) -> DatasetSpec:
         return DATASETS[name]
     except KeyError:
         known = ", ".join(DATASETS)
-        raise UserError(f"unknown dataset {name!r}; choose one of: {known}") from None
+        shown = name if len(name) <= 60 else f"{name[:57]}..."
+        close = difflib.get_close_matches(name.lower(), DATASETS, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"unknown dataset {shown!r}; {hint}choose one of: {known}") from None
 
 
 @dataclass
