@@ -139,7 +139,7 @@ def evaluate(
     out = shared.output
     common = {
         "dataset": dataset,
-        "data_dir": data_dir or Path("data"),
+        "data_dir": data_dir,
         "split": split.value,
         "batch_size": batch_size,
         "workers": shared["workers"],

@@ -88,7 +88,7 @@ def export(
     """Export a checkpoint to safetensors, ONNX or TorchScript, checked against PyTorch; with
     --int8, an int8 ONNX checked against the fp32 one too."""
     options = (
-        Int8Options(data_dir or Path("data"), calibration_images, min_agreement) if int8 else None
+        Int8Options(data_dir, calibration_images, min_agreement, shared.output) if int8 else None
     )
     results = export_any(
         checkpoint, fmt.value if fmt else None, output, model, num_classes, img_size, options

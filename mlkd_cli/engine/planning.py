@@ -106,7 +106,12 @@ def make_card(cfg: TrainConfig, arch: str, splits: DataSplits, recipe: ImageReci
         mean=list(recipe.mean),
         std=list(recipe.std),
         interpolation=recipe.interpolation,
-        extra={"val_fraction": cfg.val_fraction, "holdout_seed": HOLDOUT_SEED},
+        extra={
+            "val_fraction": cfg.val_fraction,
+            "holdout_seed": HOLDOUT_SEED,
+            # eval and export --int8 read this folder when --data-dir is not given.
+            "data_dir": str(Path(cfg.data_dir).resolve()),
+        },
     )
 
 
