@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mlkd_cli.core.console import Reporter
+from mlkd_cli.core.console import Reporter, saved_lines
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig
 from mlkd_cli.engine.labeling import DEFAULT_VIEWS, SHARD_SIZE, label_store, plan_labeling
@@ -91,10 +91,8 @@ def train(
             ]
         ],
     )
-    files = summary["files"]
-    report.info(
-        f"saved {files['best']}; history {files['history_csv']}; resume state {files['last']}"
-    )
+    for line in saved_lines(summary["files"]):
+        report.info(line)
     report.result(summary)
 
 

@@ -160,9 +160,11 @@ def test_a_precision_that_differs_is_said_again() -> None:
     report.precision("precision: fp32, contiguous (NCHW) on cpu (a)", "fp32 nchw")
     report.precision("precision: fp32, contiguous (NCHW) on cpu (b)", "fp32 nchw")
     report.precision("precision: fp32, channels_last on cpu (c)", "fp32 nhwc")
+    report.precision("precision: fp32, contiguous (NCHW) on cpu (d)", "fp32 nchw")
     assert buffer.getvalue().splitlines() == [
         "precision: fp32, contiguous (NCHW) on cpu (a)",
         "precision: fp32, channels_last on cpu (c)",
+        "precision: fp32, contiguous (NCHW) on cpu (d)",  # a change back is said too
     ]
 
 
@@ -188,6 +190,9 @@ def test_distill_says_one_line_an_epoch_and_names_its_exits_one_way(distilled) -
     assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"]
     assert all(len(line) <= WIDTH and ", exit " in line for line in epochs), epochs
     assert "┃" not in result.stderr  # no table per epoch on stderr
+    # What the run says before its epochs fits 80 columns too (the precision's reasons aside).
+    said = [line for line in result.stderr.splitlines() if not line.startswith("precision:")]
+    assert all(len(line) <= WIDTH for line in said), result.stderr
     # The one head table, on stdout at the end: final, exit 1, exit 2, exit 3.
     heads = [line.split("│")[1].strip() for line in result.stdout.splitlines() if "│" in line]
     assert heads == ["final", "exit 1", "exit 2", "exit 3"]

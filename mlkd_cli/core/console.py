@@ -26,8 +26,8 @@ from rich.table import Table
 TEXT_WRAP = 30
 # A value without spaces (a path) wider than this folds onto more lines instead of being cut.
 LONG_VALUE = 48
-# The precision lines already shown in this process (`Reporter.precision`); `new_run` clears.
-_shown_precision: set[str] = set()
+# The precision last shown in this process (`Reporter.precision`); `new_run` forgets it.
+_shown_precision: list[str] = []
 
 
 def new_run() -> None:
@@ -68,11 +68,11 @@ class Reporter:
 
     def precision(self, line: str, key: str) -> None:
         """The precision line, once a run: again only where `key` (arithmetic, layout, device)
-        differs from every one shown before, e.g. a pipeline stage that runs otherwise."""
+        differs from the one shown last, e.g. a pipeline stage that runs otherwise."""
         if key in _shown_precision:
             return
         if self.chatty:
-            _shown_precision.add(key)
+            _shown_precision[:] = [key]
         self.info(line)
 
     def warn(self, message: str) -> None:

@@ -354,14 +354,22 @@ class _Run:
         if self.plan.labelled is not None:
             budget = f" (labels of {len(self.plan.labelled)} used: --label-fraction "
             budget += f"{cfg.label_fraction:g})"
+        # Two lines that fit 80 columns: what trains on what, then how it runs.
         self.report.info(
-            f"training {self.plan.card.arch} ({self.plan.kind}) on {cfg.dataset}: "
-            f"{len(self.train_batches)} train{budget} / {len(self.val_set)} val images, "
-            f"{_pipeline_name(self.train_batches)} data pipeline, {ctx.world_size} process(es) "
-            f"on {ctx.device.type}, effective batch {plan.global_batch} ({plan.per_process} x "
-            f"{ctx.world_size} process(es) x {self.accum} pass(es)), {cfg.epochs} epochs"
+            f"training {self.plan.card.arch} ({self.plan.kind}) on {cfg.dataset}, "
+            f"{cfg.epochs} epochs: {len(self.train_batches)} train{budget} / "
+            f"{len(self.val_set)} val images"
         )
-        self.report.info(describe_augmentation(self.plan.recipe, cfg))
+        processes = f"{ctx.world_size} process" + ("es" if ctx.world_size > 1 else "")
+        passes = f"{self.accum} pass" + ("es" if self.accum > 1 else "")
+        self.report.info(
+            f"  {processes} on {ctx.device.type}, effective batch {plan.global_batch} "
+            f"({plan.per_process} each, {passes}), data pipeline "
+            f"{_pipeline_name(self.train_batches)}"
+        )
+        views, _, mixing = describe_augmentation(self.plan.recipe, cfg).rpartition("; ")
+        self.report.info(views)  # within 80 columns: the views, then how images are mixed
+        self.report.info(f"  {mixing}")
 
     def train_epoch(self, epoch: int, stop: StopRequest) -> dict[str, Any]:
         """One epoch (or the rest of a part-done one); raises on a stop, divergence or bad data."""
