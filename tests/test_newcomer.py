@@ -5,6 +5,7 @@ every written file named, tables that fit 80 columns whole, a suggestion for a m
 from __future__ import annotations
 
 import io
+import json
 import socket
 from pathlib import Path
 
@@ -95,8 +96,8 @@ def test_each_result_table_fits_80_columns_with_its_values_whole(name: str) -> N
 
 def test_the_eval_tables_of_a_student_with_exits_fit_80_columns() -> None:
     heads = [
-        {"head": f"exit stages.{i - 1}" if i else "final", "top1": 90.0 + i, "nll": 0.3}
-        | {"ece": 0.02}
+        {"head": f"exit {i}" if i else "final", "module": f"stages.{i - 1}" if i else None}
+        | {"top1": 90.0 + i, "nll": 0.3, "ece": 0.02}
         | {"macs": 1.5e6 * (i + 1), "macs_pct": 20.0 * (i + 1), "images_per_s": 12345.0}
         for i in range(4)
     ]
@@ -234,6 +235,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple]:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
     return tried
 
 
@@ -316,3 +318,21 @@ def test_export_int8_calibrates_on_the_folder_the_card_records(
     with working_dir(tmp_path):
         plan = plan_int8(Int8Options(), card, checkpoint)
     assert plan.splits.counts()["test"] == 6 and plan.splits.num_classes == 2
+
+
+@pytest.mark.slow
+def test_eval_of_the_student_with_exits_fits_80_columns_and_names_heads_as_distill(
+    distilled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, _ = distilled
+    monkeypatch.setenv("COLUMNS", str(WIDTH))
+    with working_dir(folder):
+        shown = invoke_cli("eval", "models/s_exits.pth", "--timing-images", "0", "--world-size", 1)
+        measured = invoke_cli(
+            "eval", "models/s_exits.pth", "--timing-images", "0", "--world-size", 1, "--json"
+        )
+    assert shown.exit_code == 0, shown.stderr
+    assert_fits(shown.stdout, "exit 1 (layer1)", "exit 3 (layer3)", "thresholds", "exit 3")
+    heads = json.loads(measured.stdout)["heads"]
+    assert [h["head"] for h in heads] == ["final", "exit 1", "exit 2", "exit 3"]
+    assert [h["module"] for h in heads] == [None, "layer1", "layer2", "layer3"]

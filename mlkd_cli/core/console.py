@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -166,11 +167,12 @@ def fit_table(
     row's name). Only a value too long for any column (a long path) folds onto more lines.
     """
     cells = [[format_value(v) for v in row] for row in rows]
-    needs, naturals = [], []
+    needs, naturals, texts = [], [], []
     for j, header in enumerate(columns):
-        need, natural = _column_widths(header, [row[j] for row in cells])
+        need, natural, text = _column_widths(header, [row[j] for row in cells])
         needs.append(need)
         naturals.append(natural)
+        texts.append(text)
     if sum(needs) + 3 * len(needs) + 1 <= width:
         groups, compact = [list(range(len(columns)))], False
     else:
@@ -179,7 +181,12 @@ def fit_table(
     for g, group in enumerate(groups):
         picked = [0, *group] if g else group
         chrome = 2 * (len(picked) - 1) if compact else 3 * len(picked) + 1
-        widths = _spread([needs[j] for j in picked], [naturals[j] for j in picked], width - chrome)
+        widths = _spread(
+            [needs[j] for j in picked],
+            [naturals[j] for j in picked],
+            [texts[j] for j in picked],
+            width - chrome,
+        )
         table = _table(None if g else title, compact)
         for j, column_width in zip(picked, widths, strict=True):
             table.add_column(columns[j], width=column_width, overflow="fold")
@@ -189,26 +196,34 @@ def fit_table(
     return tables
 
 
-def _column_widths(header: str, values: Sequence[str]) -> tuple[int, int]:
-    """How wide a column must be for its header's words and its values to stay whole, and how
-    wide it would be with nothing wrapped."""
+def _column_widths(header: str, values: Sequence[str]) -> tuple[int, int, bool]:
+    """How wide a column must be for its header's words and its values to stay whole, how wide
+    it would be with nothing wrapped, and whether it holds free text (wrapped at its words)."""
     lines = [line for value in values for line in value.splitlines()] or [""]
     widest = max(len(line) for line in lines)
     natural = max(len(header), min(widest, 2 * LONG_VALUE))
+    # A header takes at most two lines where its words allow: "% at exit 1" as "% at/exit 1".
     words = max((len(w) for w in header.split()), default=0)
-    if widest > TEXT_WRAP and any(" " in line for line in lines):  # free text: wrap its words
+    while len(textwrap.wrap(header, words)) > 2:
+        words += 1
+    text = widest > TEXT_WRAP and any(" " in line for line in lines)
+    if text:  # free text: wrap its words
         longest_word = max(len(w) for line in lines for w in line.split() or [""])
         widest = max(longest_word, TEXT_WRAP)
-    return max(words, min(widest, LONG_VALUE)), natural
+    return max(words, min(widest, LONG_VALUE)), natural, text
 
 
-def _spread(needs: Sequence[int], naturals: Sequence[int], room: int) -> list[int]:
-    """Column widths: each its need, then the room left given in order towards each natural
-    width (so headers wrap only where the terminal is too narrow for them)."""
+def _spread(
+    needs: Sequence[int], naturals: Sequence[int], texts: Sequence[bool], room: int
+) -> list[int]:
+    """Column widths: each its natural width where all of those fit; else each its need (alike
+    columns wrap their headers alike), and the room left to the free-text columns in order."""
+    if sum(naturals) <= room:
+        return list(naturals)
     widths = list(needs)
     spare = room - sum(widths)
     for j, natural in enumerate(naturals):
-        grow = max(0, min(spare, natural - widths[j]))
+        grow = max(0, min(spare, natural - widths[j])) if texts[j] else 0
         widths[j] += grow
         spare -= grow
     return widths

@@ -227,7 +227,9 @@ def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, 
         position = job.exit_count if h == 0 else h - 1  # cascade order: exits, then final
         heads.append(
             {
-                "head": name,
+                # Named as every table names them; the stage an exit reads, beside.
+                "head": "final" if h == 0 else f"exit {h}",
+                "module": None if h == 0 else name.removeprefix("exit "),
                 "top1": metrics["top1"],
                 "top5": metrics["top5"],
                 "nll": metrics["nll"],
