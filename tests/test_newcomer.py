@@ -94,6 +94,23 @@ def test_each_result_table_fits_80_columns_with_its_values_whole(name: str) -> N
     assert_fits(rendered(lambda report: report.table(title, columns, rows)), *values)
 
 
+@pytest.mark.parametrize(
+    ("command", "values"),
+    [
+        (("data", "list"), ["data/cifar-10-batches-py", "oxford-iiit", "from files"]),
+        (("distill", "--list-losses"), ["dkd+feature", "tckd_weight=1:", "nckd_weight=8:"]),
+        (("presets", "list"), ["resnetv2_50x1_bit", "oxford-iiit"]),
+    ],
+)
+def test_listing_tables_fit_80_columns_with_words_whole(
+    command: tuple[str, ...], values: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", str(WIDTH))
+    result = invoke_cli(*command)
+    assert result.exit_code == 0, result.stderr
+    assert_fits(result.stdout, *values)
+
+
 def test_the_eval_tables_of_a_student_with_exits_fit_80_columns() -> None:
     heads = [
         {"head": f"exit {i}" if i else "final", "module": f"stages.{i - 1}" if i else None}

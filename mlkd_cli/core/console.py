@@ -23,8 +23,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-# A free-text cell (words) wider than this wraps on its words rather than widening its column.
-TEXT_WRAP = 30
+# A column of words wider than TEXT_WRAP is free text: it may wrap at its words, down to
+# TEXT_MIN columns (or its longest word), taking what room the other columns leave.
+TEXT_WRAP = 20
+TEXT_MIN = 16
 # A value without spaces (a path) wider than this folds onto more lines instead of being cut.
 LONG_VALUE = 48
 # The precision last shown in this process (`Reporter.precision`); `new_run` forgets it.
@@ -209,7 +211,7 @@ def _column_widths(header: str, values: Sequence[str]) -> tuple[int, int, bool]:
     text = widest > TEXT_WRAP and any(" " in line for line in lines)
     if text:  # free text: wrap its words
         longest_word = max(len(w) for line in lines for w in line.split() or [""])
-        widest = max(longest_word, TEXT_WRAP)
+        widest = max(longest_word, TEXT_MIN)
     return max(words, min(widest, LONG_VALUE)), natural, text
 
 
@@ -217,15 +219,20 @@ def _spread(
     needs: Sequence[int], naturals: Sequence[int], texts: Sequence[bool], room: int
 ) -> list[int]:
     """Column widths: each its natural width where all of those fit; else each its need (alike
-    columns wrap their headers alike), and the room left to the free-text columns in order."""
+    columns wrap their headers alike), and the room left shared among the free-text columns in
+    proportion to what each lacks."""
     if sum(naturals) <= room:
         return list(naturals)
     widths = list(needs)
-    spare = room - sum(widths)
-    for j, natural in enumerate(naturals):
-        grow = max(0, min(spare, natural - widths[j])) if texts[j] else 0
-        widths[j] += grow
-        spare -= grow
+    lacking = [
+        natural - need if text else 0
+        for need, natural, text in zip(needs, naturals, texts, strict=True)
+    ]
+    spare, total = room - sum(widths), sum(lacking)
+    if spare <= 0 or total <= 0:
+        return widths
+    for j, lack in enumerate(lacking):
+        widths[j] += min(lack, spare * lack // total)
     return widths
 
 
