@@ -353,3 +353,8 @@ def test_eval_of_the_student_with_exits_fits_80_columns_and_names_heads_as_disti
     heads = json.loads(measured.stdout)["heads"]
     assert [h["head"] for h in heads] == ["final", "exit 1", "exit 2", "exit 3"]
     assert [h["module"] for h in heads] == [None, "layer1", "layer2", "layer3"]
+
+
+def test_an_embedded_dataset_records_no_data_folder(digits_teacher: Path) -> None:
+    card = ModelCard.from_checkpoint(torch.load(digits_teacher, weights_only=True))
+    assert card.dataset == "digits" and "data_dir" not in card.extra

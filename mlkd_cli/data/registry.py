@@ -39,6 +39,7 @@ class DatasetSpec:
     color_jitter: float | None = None
     splits: str = "train, val, test"
     downloadable: bool = False
+    reads_files: bool = True  # False: embedded, no --data-dir read
 
 
 def _torchvision_download(kind: str) -> Callable[[Path], None]:
@@ -114,6 +115,7 @@ DATASETS: dict[str, DatasetSpec] = {
             num_classes=10,
             looks_in=lambda d: "embedded in mlkd",
             read=lambda d, dl: sources.load_digits(),
+            reads_files=False,
             img_size=32,
             crop_pct=1.0,
             hflip=0.0,  # a mirrored 2 is not a 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlkd_cli.core.atomic import check_writable
 from mlkd_cli.core.checkpoint import (
@@ -20,6 +21,7 @@ from mlkd_cli.data.registry import (
     HOLDOUT_SEED,
     DataSplits,
     augmentation_defaults,
+    get_dataset_spec,
     labelled_positions,
 )
 from mlkd_cli.data.sources import ArraySource
@@ -96,6 +98,10 @@ class RunPlan:
 
 def make_card(cfg: TrainConfig, arch: str, splits: DataSplits, recipe: ImageRecipe) -> ModelCard:
     """The model card a run's checkpoints carry."""
+    extra: dict[str, Any] = {"val_fraction": cfg.val_fraction, "holdout_seed": HOLDOUT_SEED}
+    if get_dataset_spec(cfg.dataset).reads_files:
+        # eval and export --int8 read this folder when --data-dir is not given.
+        extra["data_dir"] = str(Path(cfg.data_dir).resolve())
     return ModelCard(
         arch=arch,
         num_classes=splits.num_classes,
@@ -106,12 +112,7 @@ def make_card(cfg: TrainConfig, arch: str, splits: DataSplits, recipe: ImageReci
         mean=list(recipe.mean),
         std=list(recipe.std),
         interpolation=recipe.interpolation,
-        extra={
-            "val_fraction": cfg.val_fraction,
-            "holdout_seed": HOLDOUT_SEED,
-            # eval and export --int8 read this folder when --data-dir is not given.
-            "data_dir": str(Path(cfg.data_dir).resolve()),
-        },
+        extra=extra,
     )
 
 
