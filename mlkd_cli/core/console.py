@@ -206,7 +206,7 @@ def _column_widths(header: str, values: Sequence[str]) -> tuple[int, int, bool]:
     natural = max(len(header), min(widest, 2 * LONG_VALUE))
     # A header takes at most two lines where its words allow: "% at exit 1" as "% at/exit 1".
     words = max((len(w) for w in header.split()), default=0)
-    while len(textwrap.wrap(header, words)) > 2:
+    while words and len(textwrap.wrap(header, words)) > 2:
         words += 1
     text = widest > TEXT_WRAP and any(" " in line for line in lines)
     if text:  # free text: wrap its words
