@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mlkd_cli.core.console import OutputOptions, Reporter
+from mlkd_cli.core.console import OutputOptions, Reporter, saved_lines
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.config import DistillConfig
 from mlkd_cli.engine.distiller import distill_student, plan_distillation
@@ -156,10 +156,8 @@ def distill(
         ["head", "val top-1 %", "val NLL"],
         rows,
     )
-    files = summary["files"]
-    report.info(
-        f"saved {files['best']} (plain timm, exits dropped); history {files['history_csv']}"
-    )
+    for line in saved_lines(summary["files"], "plain timm, exits dropped"):
+        report.info(line)
     report.result(summary)
 
 

@@ -150,7 +150,7 @@ def evaluate(
     out = shared.output
     common = {
         "dataset": dataset,
-        "data_dir": data_dir or Path("data"),
+        "data_dir": data_dir,
         "split": split.value,
         "batch_size": batch_size,
         "workers": shared["workers"],
@@ -287,7 +287,7 @@ def _render_anytime(report: Reporter, result: dict[str, Any], job: AnytimeJob) -
         ["head", "top-1 %", "NLL", "ECE", "MACs/image", "% of plain", "img/s"],
         [
             [
-                "final" if i == 0 else f"exit {i} ({h['head'].removeprefix('exit ')})",
+                h["head"] if h.get("module") is None else f"{h['head']} ({h['module']})",
                 f"{h['top1']:.2f}",
                 f"{h['nll']:.4f}",
                 f"{h['ece']:.4f}",

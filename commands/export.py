@@ -111,7 +111,7 @@ def export(
         raise UserError("--int8-target chooses how --int8 quantizes: add --int8")
     target = int8_target.value if int8_target is not None else "auto"
     options = (
-        Int8Options(data_dir or Path("data"), calibration_images, min_agreement, target)
+        Int8Options(data_dir, calibration_images, min_agreement, target, shared.output)
         if int8
         else None
     )

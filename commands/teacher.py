@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mlkd_cli.core.atomic import check_writable, shown
-from mlkd_cli.core.console import Reporter
+from mlkd_cli.core.console import Reporter, saved_lines
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.softlabels import MANIFEST
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig
@@ -93,10 +93,8 @@ def train(
             ]
         ],
     )
-    files = summary["files"]
-    report.info(
-        f"saved {files['best']}; history {files['history_csv']}; resume state {files['last']}"
-    )
+    for line in saved_lines(summary["files"]):
+        report.info(line)
     report.result(summary)
 
 

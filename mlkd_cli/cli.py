@@ -32,6 +32,7 @@ from mlkd_cli.commands import (  # noqa: E402
     study,
     teacher,
 )
+from mlkd_cli.core.console import new_run  # noqa: E402
 from mlkd_cli.core.errors import RunInterrupted, RunStopped, UserError  # noqa: E402
 from mlkd_cli.core.invocation import record_invocation  # noqa: E402
 
@@ -46,6 +47,7 @@ class MlkdGroup(TyperGroup):
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         kwargs.setdefault("prog_name", "mlkd")
         record_invocation(args[0] if args else kwargs.get("args"))
+        new_run()  # lines said once a run (the precision) are said again by this command
         try:
             result = super().main(*args, standalone_mode=False, **kwargs)
         except click_errors.UsageError as exc:

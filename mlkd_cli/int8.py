@@ -36,13 +36,14 @@ import numpy as np
 import torch
 
 from mlkd_cli.core.checkpoint import ModelCard
+from mlkd_cli.core.console import OutputOptions
 from mlkd_cli.core.cpus import INT8_TARGET_KEY, TARGETS_NEEDING_VNNI, CpuFeatures, detect_cpu
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import TransformedSubset
 from mlkd_cli.data.registry import DataSplits, load_splits
 from mlkd_cli.data.transforms import build_eval_transform
 from mlkd_cli.engine.cascade import cascade_from_outputs
-from mlkd_cli.engine.logits import card_recipe, split_dataset
+from mlkd_cli.engine.logits import card_recipe, data_dir_for, split_dataset
 from mlkd_cli.models.exits import EXIT_RULE
 
 DEFAULT_CALIBRATION_IMAGES = 512
@@ -56,10 +57,11 @@ INT8_TARGETS = ("auto", "avx2", "avx512", "vnni")  # --int8-target's choices
 class Int8Options:
     """What `mlkd export --int8` was asked for."""
 
-    data_dir: Path = Path("data")
+    data_dir: Path | None = None  # None: the folder the card records, else ./data
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     target: str = "auto"
+    output: OutputOptions = OutputOptions()
 
 
 @dataclass(frozen=True)
@@ -129,10 +131,11 @@ def plan_int8(options: Int8Options, card: ModelCard | None, checkpoint: Path) ->
     except ImportError:
         raise UserError("--int8 needs onnxruntime: pip install 'mlkd[export]'") from None
     target = resolve_int8_target(options.target, detect_cpu())
-    splits = load_splits(card.dataset, options.data_dir, False, card.extra.get("val_fraction", 0.1))
+    data_dir = data_dir_for(options.data_dir, None, card, checkpoint, options.output)
+    splits = load_splits(card.dataset, data_dir, False, card.extra.get("val_fraction", 0.1))
     if splits.num_classes != card.num_classes:
         raise UserError(
-            f"{card.dataset} in {options.data_dir} has {splits.num_classes} classes and "
+            f"{card.dataset} in {data_dir} has {splits.num_classes} classes and "
             f"{checkpoint} {card.num_classes}; pass the --data-dir it was trained on"
         )
     return Int8Plan(options, card, splits, target)

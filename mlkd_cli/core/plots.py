@@ -148,9 +148,9 @@ def anytime_png(result: dict[str, Any], title: str, path: Path) -> None:
         zorder=3,
         label="each head alone",
     )
-    for h in heads:  # "final", "exit stages.0", ...
+    for i, h in enumerate(heads):  # "final", "exit 1", ...: as every table names them
         axes.annotate(
-            h["head"],
+            "final" if i == 0 else f"exit {i}",
             (h["macs_pct"], h["top1"]),
             fontsize=7,
             xytext=(4, -10),

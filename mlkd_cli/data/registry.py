@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ class DatasetSpec:
     color_jitter: float | None = None
     splits: str = "train, val, test"
     downloadable: bool = False
+    reads_files: bool = True  # False: embedded, no --data-dir read
 
 
 def _torchvision_download(kind: str) -> Callable[[Path], None]:
@@ -113,6 +115,7 @@ DATASETS: dict[str, DatasetSpec] = {
             num_classes=10,
             looks_in=lambda d: "embedded in mlkd",
             read=lambda d, dl: sources.load_digits(),
+            reads_files=False,
             img_size=32,
             crop_pct=1.0,
             hflip=0.0,  # a mirrored 2 is not a 2
@@ -168,7 +171,10 @@ def get_dataset_spec(name: str) -> DatasetSpec:
         return DATASETS[name]
     except KeyError:
         known = ", ".join(DATASETS)
-        raise UserError(f"unknown dataset {name!r}; choose one of: {known}") from None
+        shown = name if len(name) <= 60 else f"{name[:57]}..."
+        close = difflib.get_close_matches(name.lower(), DATASETS, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"unknown dataset {shown!r}; {hint}choose one of: {known}") from None
 
 
 @dataclass

@@ -38,6 +38,7 @@ from mlkd_cli.engine.logits import (
     PlannedPass,
     card_recipe,
     check_split,
+    data_dir_for,
     launch_pass,
     model_pass,
     split_dataset,
@@ -69,7 +70,7 @@ class AnytimeRequest:
 
     path: Path
     dataset: str | None = None
-    data_dir: Path = Path("data")
+    data_dir: Path | None = None  # None: the folder the card records, else ./data
     split: str = "test"
     early_exit: bool = False  # choose thresholds on this (validation) split and save them
     # The criterion --early-exit chooses by (one of the two): top-1 points the cascade may lose
@@ -180,7 +181,9 @@ def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
         path=request.path,
         label=request.path.name,
         dataset=request.dataset or card.dataset,
-        data_dir=request.data_dir,
+        data_dir=data_dir_for(
+            request.data_dir, request.dataset, card, request.path, request.output
+        ),
         split=request.split,
         val_fraction=float(card.extra.get("val_fraction", 0.1)),
         recipe=card_recipe(card),
@@ -224,7 +227,9 @@ def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, 
         position = job.exit_count if h == 0 else h - 1  # cascade order: exits, then final
         heads.append(
             {
-                "head": name,
+                # Named as every table names them; the stage an exit reads, beside.
+                "head": "final" if h == 0 else f"exit {h}",
+                "module": None if h == 0 else name.removeprefix("exit "),
                 "top1": metrics["top1"],
                 "top5": metrics["top5"],
                 "nll": metrics["nll"],

@@ -477,19 +477,18 @@ class DistillTask:
         save_exits_model(files.exits, model, card, self.exits_record, epoch, metrics)
 
     def report_epoch(self, report: Reporter, row: dict[str, Any], improved: bool) -> None:
-        """A table per epoch: loss, and each head's validation top-1 and NLL."""
-        rows = [["final", row["val_top1"], row["val_nll"]]]
-        for i, name in enumerate(self.head_names[1:], start=1):
-            rows.append([name, row[f"exit{i}_top1"], row[f"exit{i}_nll"]])
-        title = (
-            f"epoch {row['epoch']}/{self.cfg.epochs}  loss {row['train_loss']:.4f}  "
-            f"{row['images_per_s']:.0f} img/s" + ("  *best*" if improved else "")
+        """One line an epoch: the loss, the final head's validation top-1 and NLL, and the exit
+        that scored best (exits are `exit 1`, `exit 2`, ... as in the table at the end)."""
+        line = (
+            f"epoch {row['epoch']}/{self.cfg.epochs}: loss {row['train_loss']:.4f}, "
+            f"top-1 {row['val_top1']:.2f}, nll {row['val_nll']:.4f}, "
         )
-        report.epoch_table(
-            title,
-            ["head", "val top-1 %", "val NLL"],
-            [[n, f"{t:.2f}", f"{v:.4f}"] for n, t, v in rows],
-        )
+        exits = [(row[f"exit{i}_top1"], -i) for i in range(1, len(self.head_names))]
+        if exits:
+            top1, i = max(exits)  # the earliest exit among equals
+            line += f"exit {-i} {top1:.2f}, "
+        line += f"{row['images_per_s']:.0f} img/s" + (" *best*" if improved else "")
+        report.info(line)
 
 
 def stored_logits(
@@ -542,4 +541,6 @@ def distill_student(ctx: DistContext, plan: DistillPlan) -> dict[str, Any]:
     else:
         summary["teacher"] = {"soft_labels": str(plan.run.config.soft_labels)}
     summary["exits"] = list(plan.exits)
+    if plan.exits:
+        summary["files"]["exits"] = str(plan.run.files.exits)
     return summary

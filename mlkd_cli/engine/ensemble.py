@@ -129,7 +129,7 @@ def collect_member_logits(ctx: DistContext, plan: EnsemblePlan) -> dict[str, Any
     teacher, loaded, _ = build_teacher(plan.config, splits.num_classes, input_spec)
     precision = prepare_forward(plan.precision, teacher, plan.recipe.img_size, ctx, plan.batch_size)
     report = Reporter(plan.output, ctx.rank)
-    report.info(precision.describe())
+    report.precision(precision.describe(), precision.headline())
     logits, labels, _ = split_logits(
         ctx,
         teacher.member_logits,

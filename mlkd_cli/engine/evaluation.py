@@ -15,7 +15,15 @@ from mlkd_cli.core.metrics import classification_metrics
 from mlkd_cli.data.registry import DataSplits, get_dataset_spec
 from mlkd_cli.data.transforms import ImageRecipe
 from mlkd_cli.engine.ensemble import LogitsRequest, plan_ensemble_run
-from mlkd_cli.engine.logits import PlannedPass, card_recipe, check_split, launch_pass, model_pass
+from mlkd_cli.engine.logits import (
+    DEFAULT_DATA_DIR,
+    PlannedPass,
+    card_recipe,
+    check_split,
+    data_dir_for,
+    launch_pass,
+    model_pass,
+)
 from mlkd_cli.models.ensemble_config import EnsembleConfig, read_ensemble_config
 from mlkd_cli.models.factory import load_trained_model
 from mlkd_cli.models.teacher import InputSpec, build_teacher
@@ -38,7 +46,7 @@ class EvalRequest:
 
     path: Path
     dataset: str | None = None  # None: the checkpoint's card says
-    data_dir: Path = Path("data")
+    data_dir: Path | None = None  # None: the folder the card records, else ./data
     split: str = "test"
     arch: str | None = None  # for plain state dicts
     num_classes: int | None = None  # for plain state dicts
@@ -73,8 +81,10 @@ def plan_model_job(request: EvalRequest) -> EvalJob:
             )
         recipe = replace(recipe, img_size=request.img_size)
     classes = card.num_classes if card else num_classes
+    data_dir = data_dir_for(request.data_dir, request.dataset, card, path, request.output)
     job = EvalJob(
         **_job_basics(request),
+        data_dir=data_dir,
         dataset=dataset,
         val_fraction=float(card.extra.get("val_fraction", 0.1)) if card else 0.1,
         recipe=recipe,
@@ -90,7 +100,6 @@ def _job_basics(request: EvalRequest) -> dict[str, Any]:
     return {
         "path": request.path,
         "label": request.path.name,
-        "data_dir": request.data_dir,
         "split": request.split,
         "batch_size": request.batch_size,
         "workers": request.workers,
@@ -123,7 +132,7 @@ def plan_eval_job(request: EvalRequest) -> EvalJob:
         LogitsRequest(
             config_path=request.path,
             dataset=request.dataset,
-            data_dir=request.data_dir,
+            data_dir=request.data_dir or DEFAULT_DATA_DIR,
             split=request.split,
             batch_size=request.batch_size,
             workers=request.workers,
@@ -133,7 +142,7 @@ def plan_eval_job(request: EvalRequest) -> EvalJob:
         config,
     )
     checked = {name: getattr(plan, name) for name in ("dataset", "val_fraction", "recipe")}
-    return EvalJob(**_job_basics(request), **checked, ensemble=config)
+    return EvalJob(**_job_basics(request), **checked, data_dir=plan.data_dir, ensemble=config)
 
 
 @dataclass

@@ -230,7 +230,7 @@ def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
     spec = InputSpec(plan.recipe.img_size, plan.recipe.mean, plan.recipe.std)
     teacher, _, _ = build_teacher(plan.teacher, splits.num_classes, spec, cfg.teacher_img_size)
     precision = prepare_forward(cfg.precision, teacher, plan.recipe.img_size, ctx, cfg.batch_size)
-    report.info(precision.describe())
+    report.precision(precision.describe(), precision.headline())
     if ctx.is_main:
         start_store(plan.output, manifest)
     ctx.barrier()

@@ -81,7 +81,7 @@ def model_pass(
     model = build(splits)
     precision = prepare_forward(job.precision, model, job.recipe.img_size, ctx, job.batch_size)
     report = Reporter(job.output, ctx.rank)
-    report.info(precision.describe())
+    report.precision(precision.describe(), precision.headline())
     logits, labels, seconds = split_logits(
         ctx,
         (lambda images: torch.stack(model(images))) if heads else model,
@@ -201,6 +201,31 @@ def _assemble_shard(chunks: list) -> tuple[np.ndarray | None, np.ndarray]:
         rows.append(full)
         labels.append(full_labels)
     return torch.cat(rows, dim=-2).numpy(), torch.cat(labels).numpy()
+
+
+# Where `--data-dir` defaults when neither the flag nor a model card names a folder.
+DEFAULT_DATA_DIR = Path("data")
+
+
+def data_dir_for(
+    given: Path | None,
+    dataset: str | None,
+    card: ModelCard | None,
+    path: Path,
+    output: OutputOptions,
+) -> Path:
+    """The data folder to read: `--data-dir` when given; else the folder the model was trained
+    on, as its card records it (said in one line), if that still exists and `dataset` is the
+    card's; else DEFAULT_DATA_DIR."""
+    if given is not None:
+        return given
+    recorded = card.extra.get("data_dir") if card is not None else None
+    if isinstance(recorded, str) and dataset in (None, card.dataset) and Path(recorded).is_dir():
+        Reporter(output, launcher_rank()).info(
+            f"data from {recorded}, the folder {path.name} was trained on (--data-dir overrides)"
+        )
+        return Path(recorded)
+    return DEFAULT_DATA_DIR
 
 
 def card_recipe(card: ModelCard) -> ImageRecipe:

@@ -21,6 +21,7 @@ from mlkd_cli.data.registry import (
     HOLDOUT_SEED,
     DataSplits,
     augmentation_defaults,
+    get_dataset_spec,
     labelled_positions,
 )
 from mlkd_cli.data.sources import ArraySource
@@ -139,7 +140,14 @@ def make_card(
 ) -> ModelCard:
     """The model card a run's checkpoints carry, with the run's provenance (`teacher`: the
     identity of what taught it, None for a run on labels alone)."""
-    provenance = run_provenance(cfg.dataset, cfg.data_dir, splits, teacher)
+    extra: dict[str, Any] = {
+        "val_fraction": cfg.val_fraction,
+        "holdout_seed": HOLDOUT_SEED,
+        "provenance": run_provenance(cfg.dataset, cfg.data_dir, splits, teacher),
+    }
+    if get_dataset_spec(cfg.dataset).reads_files:
+        # eval and export --int8 read this folder when --data-dir is not given.
+        extra["data_dir"] = str(Path(cfg.data_dir).resolve())
     return ModelCard(
         arch=arch,
         num_classes=splits.num_classes,
@@ -150,11 +158,7 @@ def make_card(
         mean=list(recipe.mean),
         std=list(recipe.std),
         interpolation=recipe.interpolation,
-        extra={
-            "val_fraction": cfg.val_fraction,
-            "holdout_seed": HOLDOUT_SEED,
-            "provenance": provenance,
-        },
+        extra=extra,
     )
 
 

@@ -128,17 +128,21 @@ class Precision:
             module.to(memory_format=torch.channels_last)
         return module
 
-    def describe(self) -> str:
-        """One line: precision and memory format, and why."""
+    def headline(self) -> str:
+        """Arithmetic, memory format and device, e.g. `fp32, channels_last on cpu`."""
         arithmetic = "bf16 autocast" if self.bf16 else "fp32"
         layout = "channels_last" if self.channels_last else "contiguous (NCHW)"
+        return f"{arithmetic}, {layout} on {self.device.type}"
+
+    def describe(self) -> str:
+        """One line: precision and memory format, and why."""
         why = self.why
         if self.fp32_convs:
             why += (
                 f"; {self.fp32_convs} convolution(s) whose kernel overhangs a tiny feature map "
                 "kept in fp32"
             )
-        return f"precision: {arithmetic}, {layout} on {self.device.type} ({why})"
+        return f"precision: {self.headline()} ({why})"
 
 
 def choose_layout(

@@ -67,7 +67,8 @@ def run_provenance(
         "teacher": teacher,
         "data": {
             "dataset": dataset,
-            "data_dir": str(Path(data_dir).resolve()),
+            # None for a dataset shipped inside mlkd (no folder is read)
+            "data_dir": str(Path(data_dir).resolve()) if splits.spec.reads_files else None,
             "classes": splits.num_classes,
             **splits.counts(),
         },

@@ -91,12 +91,12 @@ class TeacherTask:
         """Nothing goes beside a teacher's best model."""
 
     def report_epoch(self, report: Reporter, row: dict[str, Any], improved: bool) -> None:
-        """One line per epoch."""
+        """One line per epoch, as a distillation's: loss, validation top-1, top-5 and NLL."""
         report.info(
-            f"epoch {row['epoch']}/{self.plan.config.epochs}  loss {row['train_loss']:.4f}  "
-            f"val top-1 {row['val_top1']:.2f}  top-5 {row['val_top5']:.2f}  "
-            f"nll {row['val_nll']:.4f}  {row['images_per_s']:.0f} img/s"
-            + ("  *best*" if improved else "")
+            f"epoch {row['epoch']}/{self.plan.config.epochs}: loss {row['train_loss']:.4f}, "
+            f"top-1 {row['val_top1']:.2f}, top-5 {row['val_top5']:.2f}, "
+            f"nll {row['val_nll']:.4f}, {row['images_per_s']:.0f} img/s"
+            + (" *best*" if improved else "")
         )
 
 

@@ -392,19 +392,27 @@ class _Run:
         cfg, ctx, plan = self.cfg, self.ctx, self.batch_plan
         line = self.precision.describe()
         self.history.run_info["precision"] = line.removeprefix("precision: ")
-        self.report.info(line)
+        self.report.precision(line, self.precision.headline())
         budget = ""
         if self.plan.labelled is not None:
             budget = f" (labels of {len(self.plan.labelled)} used: --label-fraction "
             budget += f"{cfg.label_fraction:g})"
+        # Two lines that fit 80 columns: what trains on what, then how it runs.
         self.report.info(
-            f"training {self.plan.card.arch} ({self.plan.kind}) on {cfg.dataset}: "
-            f"{len(self.train_batches)} train{budget} / {len(self.val_set)} val images, "
-            f"{_pipeline_name(self.train_batches)} data pipeline, {ctx.world_size} process(es) "
-            f"on {ctx.device.type}, effective batch {plan.global_batch} ({plan.per_process} x "
-            f"{ctx.world_size} process(es) x {self.accum} pass(es)), {cfg.epochs} epochs"
+            f"training {self.plan.card.arch} ({self.plan.kind}) on {cfg.dataset}, "
+            f"{cfg.epochs} epochs: {len(self.train_batches)} train{budget} / "
+            f"{len(self.val_set)} val images"
         )
-        self.report.info(describe_augmentation(self.plan.recipe, cfg))
+        processes = f"{ctx.world_size} process" + ("es" if ctx.world_size > 1 else "")
+        passes = f"{self.accum} pass" + ("es" if self.accum > 1 else "")
+        self.report.info(
+            f"  {processes} on {ctx.device.type}, effective batch {plan.global_batch} "
+            f"({plan.per_process} each, {passes}), data pipeline "
+            f"{_pipeline_name(self.train_batches)}"
+        )
+        views, _, mixing = describe_augmentation(self.plan.recipe, cfg).rpartition("; ")
+        self.report.info(views)  # within 80 columns: the views, then how images are mixed
+        self.report.info(f"  {mixing}")
 
     def train_epoch(self, epoch: int, stop: StopRequest) -> dict[str, Any]:
         """One epoch (or the rest of a part-done one); raises on a stop, divergence or bad data."""
@@ -521,6 +529,12 @@ class _Run:
                 "history_json": str(files.history_json),
                 "history_csv": str(files.history_csv),
                 "curves": str(files.curves),
+                # Every N epochs (--save-frequency): the plain model as it was then.
+                "periodic": [
+                    str(files.periodic(row["epoch"]))
+                    for row in rows
+                    if self.cfg.save_frequency and row["epoch"] % self.cfg.save_frequency == 0
+                ],
             },
         }
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import socket
+import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import timm
 import torch
@@ -12,6 +16,11 @@ from torch import nn
 
 from mlkd_cli.core.checkpoint import EMA_KEY, EXITS_FORMAT, MODEL_FORMAT, ModelCard, read_weights
 from mlkd_cli.core.errors import UserError
+
+# How long `--pretrained` waits for the weights' host to answer before calling it unreachable.
+CONNECT_TIMEOUT_S = 3.0
+# The files timm looks for in a Hugging Face hub repository, in its order.
+HUB_WEIGHT_FILES = ["model.safetensors", "pytorch_model.bin"]
 
 
 def check_model_name(arch: str) -> None:
@@ -40,18 +49,87 @@ def build_model(
     if pretrained and init_checkpoint is not None:
         raise UserError("--pretrained and --init-checkpoint both give initial weights; pass one")
     if pretrained:
-        try:
-            return timm.create_model(arch, pretrained=True, num_classes=num_classes)
-        except Exception as exc:  # hub, network and cache errors have no common base class
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(
-                f"could not fetch timm's pretrained weights for {arch} ({first_line}); "
-                "check the network, or pass --init-checkpoint with local weights"
-            ) from exc
+        return build_pretrained(arch, num_classes)
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     if init_checkpoint is not None:
         load_backbone(model, init_checkpoint, init_ema)
     return model
+
+
+def build_pretrained(arch: str, num_classes: int) -> nn.Module:
+    """`arch` with timm's pretrained weights: from the local cache when they are there, else
+    downloaded, after one quick check that the host answers; offline, one line at once instead
+    of minutes of the hub client's retries."""
+    source = timm.models.get_pretrained_cfg(arch)
+    if source is None or not (source.hf_hub_id or source.url):
+        raise UserError(
+            f"timm has no pretrained weights for {arch}; drop --pretrained, or pass "
+            "--init-checkpoint with local weights"
+        )
+    cached = cached_weights(source)
+    overlay = {"file": cached} if cached else None
+    if cached is None:
+        host = urlsplit(hf_endpoint() if source.hf_hub_id else source.url).hostname or ""
+        if not host_answers(host):
+            raise UserError(
+                f"timm's pretrained weights for {arch} are not in the local cache and {host} "
+                "cannot be reached (offline?); pass --init-checkpoint PATH with local weights "
+                "(a .pth, .safetensors or timm checkpoint), or drop --pretrained"
+            )
+    try:
+        return timm.create_model(
+            arch, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay
+        )
+    except Exception as exc:  # hub, network and cache errors have no common base class
+        first_line = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"could not fetch timm's pretrained weights for {arch} ({first_line}); "
+            "check the network, or pass --init-checkpoint with local weights"
+        ) from exc
+
+
+def cached_weights(source: timm.models.PretrainedCfg) -> str | None:
+    """The local file of timm's weights for `source` (Hugging Face or torch hub cache), if any."""
+    if source.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = source.hf_hub_id.partition("@")
+        names = [source.hf_hub_filename] if source.hf_hub_filename else HUB_WEIGHT_FILES
+        for name in names:
+            found = try_to_load_from_cache(repo, name, revision=revision or None)
+            if isinstance(found, str):
+                return found
+    if source.url:
+        local = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(source.url).path).name
+        if local.is_file():
+            return str(local)
+    return None
+
+
+def hf_endpoint() -> str:
+    """The Hugging Face hub's address (HF_ENDPOINT may point elsewhere, e.g. a mirror)."""
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+def host_answers(host: str, timeout: float = CONNECT_TIMEOUT_S) -> bool:
+    """Whether `host` accepts a connection on 443 within `timeout` seconds (name lookup
+    included); False at once when HF_HUB_OFFLINE asks for no network."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    answered: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            answered.append(False)
+
+    # The name lookup has no timeout of its own: a thread bounds it.
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(answered and answered[0])
 
 
 def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
