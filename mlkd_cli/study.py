@@ -130,7 +130,8 @@ def _check_plan(runs: list[tuple[str, int, TrainConfig]]) -> None:
         if arm in checked:
             continue
         checked.add(arm)
-        probe = replace(cfg, resume=False, overwrite=True)
+        # quiet: what a plan says is said when its arm runs, not before another arm's refusal
+        probe = replace(cfg, resume=False, overwrite=True, output=OutputOptions(quiet=True))
         try:
             if isinstance(probe, DistillConfig):
                 plan_distillation(probe)

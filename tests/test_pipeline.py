@@ -119,13 +119,13 @@ def test_a_pipeline_with_soft_labels_labels_once_from_the_fitted_ensemble(
     preset.write_text(STORE_PRESET)
     run = tmp_path / "run"
     teachers_ran = []
-    real_forward = TeacherEnsemble.forward
+    real_forward = TeacherEnsemble.member_logits  # what the labelling and the live teacher run
 
     def counted(self, *args, **kwargs):
         teachers_ran.append(1)
         return real_forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(TeacherEnsemble, "forward", counted)
+    monkeypatch.setattr(TeacherEnsemble, "member_logits", counted)
     real_distill, during = pipeline.distill_student, []
 
     def watched(ctx, plan):

@@ -29,13 +29,16 @@ TEXT_WRAP = 20
 TEXT_MIN = 16
 # A value without spaces (a path) wider than this folds onto more lines instead of being cut.
 LONG_VALUE = 48
-# The precision last shown in this process (`Reporter.precision`); `new_run` forgets it.
+# The precision last shown in this process (`Reporter.precision`) and the lines said once a run
+# (`Reporter.once`); `new_run` forgets both.
 _shown_precision: list[str] = []
+_said_once: set[str] = set()
 
 
 def new_run() -> None:
     """Forget what earlier commands in this process said once per run (the precision line)."""
     _shown_precision.clear()
+    _said_once.clear()
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,15 @@ class Reporter:
         """One informational line on stderr (rank 0, not quiet)."""
         if self.chatty:
             self.err.print(message, soft_wrap=True, markup=False)
+
+    def once(self, message: str) -> None:
+        """An informational line said once a run, however many stages or arms plan again (a
+        teacher's input, which a study's every arm settles the same way)."""
+        if message in _said_once:
+            return
+        if self.chatty:
+            _said_once.add(message)
+        self.info(message)
 
     def precision(self, line: str, key: str) -> None:
         """The precision line, once a run: again only where `key` (arithmetic, layout, device)

@@ -23,7 +23,7 @@ from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import TrainingBatches
-from mlkd_cli.data.registry import DataSplits, load_splits
+from mlkd_cli.data.registry import DataSplits, get_dataset_spec, load_splits
 from mlkd_cli.data.softlabels import SoftLabelStore, open_store, read_manifest, store_recipe
 from mlkd_cli.data.transforms import ImageRecipe
 from mlkd_cli.data.views import ViewReplay
@@ -45,7 +45,12 @@ from mlkd_cli.engine.trainer import fit
 from mlkd_cli.losses.mixing import mixed_teacher_logits
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec, read_ensemble_config
 from mlkd_cli.models.exits import exits_record
-from mlkd_cli.models.factory import build_model, check_input_size, check_model_name
+from mlkd_cli.models.factory import (
+    build_model,
+    check_input_size,
+    check_model_name,
+    pretrained_source,
+)
 from mlkd_cli.models.student import (
     FeatureAdaptedStudent,
     MultiExitStudent,
@@ -134,6 +139,9 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     """Check flags, teacher, student, data and files before any worker starts."""
     cfg.validate()
     check_model_name(cfg.student)
+    get_dataset_spec(cfg.dataset)  # the default run name is made of it: checked first
+    if cfg.pretrained:
+        pretrained_source(cfg.student)  # offline without the weights: refused before any file
     # the name and the files first: a refusal there costs nothing (no teacher loaded)
     files = RunFiles(cfg.output_dir, cfg.run_name)
     check_output_files(cfg, files, identity=("student", "dataset"))
@@ -146,8 +154,6 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
         if member.note:
             report.info(f"teacher {member.note}")
     recipe = dataset_recipe(cfg, splits)
-    for line in teacher_inputs(loaded, recipe, cfg.teacher_img_size):
-        report.info(line)
     pipeline = data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
     check_recipe(recipe)
     replay = None if cfg.soft_labels is None else store_replay(cfg, splits, recipe, pipeline)
@@ -171,6 +177,8 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
         cfg, cfg.student, splits, recipe, "student", learns_from_unlabelled=True, teacher=taught_by
     )
     run = replace(run, view_replay=replay)
+    for line in teacher_inputs(loaded, recipe, cfg.teacher_img_size):  # all checked: said
+        report.once(line)
     return DistillPlan(run, teacher, tuple(exits), tuple(weights), features, channels)
 
 

@@ -100,8 +100,6 @@ def plan_labeling(
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     loaded = [load_member(spec, splits.num_classes) for spec in teacher.members]
     recipe = dataset_recipe(cfg, splits)
-    for line in teacher_inputs(loaded, recipe, cfg.teacher_img_size):
-        Reporter(cfg.output).info(line)
     pipeline = data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
     check_recipe(recipe)
     check_precision(cfg.precision, resolve_device(cfg.device))
@@ -129,6 +127,8 @@ def plan_labeling(
     if (output / "manifest.json").is_file():
         check_same_store(output, manifest)
         check_records(output, manifest)
+    for line in teacher_inputs(loaded, recipe, cfg.teacher_img_size):  # all checked: said
+        Reporter(cfg.output).once(line)
     return LabelPlan(cfg, teacher, recipe, pipeline, manifest, output)
 
 

@@ -14,18 +14,27 @@ from mlkd_cli.core.checkpoint import ModelCard, read_weights
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.loaders import TrainingBatches
-from mlkd_cli.data.registry import load_splits
+from mlkd_cli.data.registry import get_dataset_spec, load_splits
 from mlkd_cli.engine import loop, planning, trainer
 from mlkd_cli.engine.config import TeacherTrainConfig
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.planning import RunFiles, RunPlan
-from mlkd_cli.models.factory import build_model, check_input_size, check_model_name, weights_note
+from mlkd_cli.models.factory import (
+    build_model,
+    check_input_size,
+    check_model_name,
+    pretrained_source,
+    weights_note,
+)
 
 
 def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
     """Validate flags, data, model and files in the launching process; raise UserError early."""
     cfg.validate()
     check_model_name(cfg.model)
+    get_dataset_spec(cfg.dataset)  # the default run name is made of it: checked first
+    if cfg.pretrained:
+        pretrained_source(cfg.model)  # offline without the weights: refused before any file
     # the name and the files first: a refusal there costs nothing
     files = planning.RunFiles(cfg.output_dir, cfg.run_name)
     planning.check_output_files(cfg, files, identity=("model", "dataset"))

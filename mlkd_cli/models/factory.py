@@ -60,6 +60,23 @@ def build_pretrained(arch: str, num_classes: int) -> nn.Module:
     """`arch` with timm's pretrained weights: from the local cache when they are there, else
     downloaded, after one quick check that the host answers; offline, one line at once instead
     of minutes of the hub client's retries."""
+    overlay = pretrained_source(arch)
+    try:
+        return timm.create_model(
+            arch, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay
+        )
+    except Exception as exc:  # hub, network and cache errors have no common base class
+        first_line = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"could not fetch timm's pretrained weights for {arch} ({first_line}); "
+            "check the network, or pass --init-checkpoint with local weights"
+        ) from exc
+
+
+def pretrained_source(arch: str) -> dict[str, str] | None:
+    """Where `--pretrained` takes `arch`'s weights from: the local file (as a pretrained_cfg
+    overlay), or None to download them; refused in one line when neither can be (checked in the
+    plan, before any work, and again where the model is built)."""
     source = timm.models.get_pretrained_cfg(arch)
     if source is None or not (source.hf_hub_id or source.url):
         raise UserError(
@@ -76,16 +93,7 @@ def build_pretrained(arch: str, num_classes: int) -> nn.Module:
                 "cannot be reached (offline?); pass --init-checkpoint PATH with local weights "
                 "(a .pth, .safetensors or timm checkpoint), or drop --pretrained"
             )
-    try:
-        return timm.create_model(
-            arch, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay
-        )
-    except Exception as exc:  # hub, network and cache errors have no common base class
-        first_line = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"could not fetch timm's pretrained weights for {arch} ({first_line}); "
-            "check the network, or pass --init-checkpoint with local weights"
-        ) from exc
+    return overlay
 
 
 def cached_weights(source: timm.models.PretrainedCfg) -> str | None:
