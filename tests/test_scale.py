@@ -225,19 +225,17 @@ def _metrics(history: Path) -> list[dict]:
 
 
 def test_two_node_torchrun_equals_a_two_process_spawn(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits_teacher: Path
 ) -> None:
     # Both "nodes" share this machine: give every process one thread in both launches, as
     # torchrun would for two processes on one node (thread count changes float summation order).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spawn, nodes = tmp_path / "spawn", tmp_path / "nodes"
-    # One teacher for both (training under either launcher is the distill step's `fit`).
-    teacher = ["teacher", "train", "-d", "digits", "-m", "test_resnet", "--img-size", "16"]
-    teacher += ["-e", "2", "-b", "32", "-n", "t", "--output-dir", str(tmp_path / "t"), "-q"]
-    _run(*teacher, cwd=tmp_path)
+    # One teacher for both, the suite's (training under either launcher is the distill step's
+    # `fit`, which the runs below hold).
     for folder in (spawn, nodes):
         (folder / "models").mkdir(parents=True)
-        shutil.copy(tmp_path / "t" / "t.pth", folder / "models" / "t.pth")
+        shutil.copy(digits_teacher, folder / "models" / "t.pth")
     distill = ["distill", "-d", "digits", "-m", "test_resnet", "-c", "models/t.pth"]
     distill += ["--student", "test_resnet", "--img-size", "16", "-e", "2", "-b", "32", "-n", "s"]
     distill += ["--mixup-alpha", "0.5", "--output-dir", "models", "-q", "--json"]
