@@ -323,6 +323,42 @@ CASES = [
         _write("p.yaml", "teacher: [1, 2\n"),
     ),
     Case(
+        "preset with an unknown section",
+        ("teacher", "train", "--preset", "p.yaml"),
+        ("unknown section 'teachr'", "p.yaml"),
+        _write("p.yaml", "dataset: digits\nteachr:\n  epochs: 1\n"),
+    ),
+    Case(
+        "preset YAML whose aliases explode",
+        ("teacher", "train", "--preset", "p.yaml"),
+        ("p.yaml expands (through its aliases) past the size limit",),
+        _write(
+            "p.yaml",
+            "a: &a [x, x, x, x, x, x, x, x, x]\n"
+            + "".join(
+                f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n"
+                for i in range(8)
+            ),
+        ),
+    ),
+    Case(
+        "dataset name with a typo",
+        ("teacher", "train", "-d", "imagefoldr", "-m", "test_resnet"),
+        ("unknown dataset 'imagefoldr'", "did you mean imagefolder?"),
+    ),
+    Case("learning rate that is not a number", (*TRAIN, "--lr", "nan"), ("--lr", "finite")),
+    Case(
+        "run name with a path in it",
+        (*TRAIN, "--name", "../../escaped"),
+        ("--name '../../escaped' is not a plain file name",),
+    ),
+    Case(
+        "export onto its own checkpoint",
+        ("export", "t.pth", "-f", "torchscript", "-o", "t.pth", "--overwrite"),
+        ("t.pth is the input t.pth itself", "--overwrite never replaces an input"),
+        _checkpoint("t.pth", 10),
+    ),
+    Case(
         "--early-exit on a plain checkpoint",
         ("eval", "s.pth", "--split", "val", "--early-exit"),
         ("--early-exit needs a student with exits", "_exits.pth"),
