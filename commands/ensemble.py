@@ -7,9 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
-from mlkd_cli.core.atomic import check_new_files, check_writable, shown
+from mlkd_cli.core.atomic import check_new_files, check_writable
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.safeload import shown
 from mlkd_cli.engine.ensemble import LogitsRequest, fit_and_write, run_logits_pass
 from mlkd_cli.models.ensemble_config import ORIGINAL
 from mlkd_cli.presets import resolve_preset

@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from mlkd_cli.core.atomic import check_writable, shown
+from mlkd_cli.core.atomic import check_writable
 from mlkd_cli.core.console import Reporter, saved_lines
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.safeload import shown
 from mlkd_cli.data.softlabels import MANIFEST
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig
 from mlkd_cli.engine.labeling import DEFAULT_VIEWS, SHARD_SIZE, label_store, plan_labeling

@@ -25,11 +25,11 @@ from mlkd_cli.core.atomic import (
     check_new_files,
     check_writable,
     plain_file_mode,
-    shown,
 )
 from mlkd_cli.core.checkpoint import ModelCard, read_weights
 from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.safeload import shown
 from mlkd_cli.int8 import Int8Options, Int8Plan, plan_int8, quantize_export
 from mlkd_cli.models.exits import (
     ExitsCheckpoint,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mlkd_cli.core.errors import RunStopped, UserError
+from mlkd_cli.core.safeload import shown
 
 
 class WriteFailed(RunStopped):
@@ -88,19 +89,6 @@ def check_writable(folder: Path, flag: str = "--output-dir") -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write text so that `path` holds either the old or the new content, never a mix."""
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-# An error line quotes at most this many characters of a path the user gave.
-SHOWN_CHARS = 100
-
-
-def shown(path: Path | str) -> str:
-    """`path` as an error line quotes it: whole, or its first and last characters."""
-    text = str(path)
-    if len(text) <= SHOWN_CHARS:
-        return text
-    half = SHOWN_CHARS // 2 - 2
-    return f"{text[:half]}...{text[-half:]}"
 
 
 def _same_file(a: Path, b: Path) -> bool:

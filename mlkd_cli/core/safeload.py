@@ -51,6 +51,16 @@ def clip(value: Any, limit: int = QUOTE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def shown(path: Path | str, limit: int = QUOTE_CHARS) -> str:
+    """A path as an error line quotes it: whole, or its first and last characters (a path's end,
+    the file name, says the most; `clip` keeps the start of other text)."""
+    text = str(path)
+    if len(text) <= limit:
+        return text
+    half = limit // 2 - 2
+    return f"{text[:half]}...{text[-half:]}"
+
+
 def finite_number(value: Any, what: str) -> float:
     """`value` as a float, refused (naming `what`) unless it is a finite number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -17,9 +17,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mlkd_cli.core.atomic import shown
 from mlkd_cli.core.errors import UserError
-from mlkd_cli.core.safeload import clip, quote
+from mlkd_cli.core.safeload import clip, quote, shown
 
 # The most pixels an image file may hold (a 45 MP camera photo fits): a small file can declare a
 # huge image (a 194 KB PNG of 13000 x 13000 decodes to 1.9 GB), so the header is checked before

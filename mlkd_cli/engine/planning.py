@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlkd_cli.core.atomic import check_not_running, check_writable, shown
+from mlkd_cli.core.atomic import check_not_running, check_writable
 from mlkd_cli.core.checkpoint import (
     TRAINING_STATE_FORMAT,
     ModelCard,
@@ -16,6 +16,7 @@ from mlkd_cli.core.checkpoint import (
 )
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.safeload import shown
 from mlkd_cli.data.device import device_unsupported
 from mlkd_cli.data.registry import (
     HOLDOUT_SEED,
