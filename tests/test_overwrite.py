@@ -4,6 +4,7 @@ names and CSV rows stay inside their folders. Each refusal is one line, exit 2, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -343,3 +345,49 @@ def test_a_lock_from_another_host_or_not_from_mlkd_is_never_taken_over(tmp_path:
     with pytest.raises(UserError, match="not a lock mlkd wrote; delete it"), lock:
         pass
     assert path.read_text() == "my notes\n"
+
+
+def test_two_runs_finding_one_stale_lock_do_not_both_take_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from mlkd_cli.core import atomic
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    path = tmp_path / "r.lock"
+    _lock(path, gone.pid)
+    real_read, both_read = atomic._read_lock, threading.Barrier(2, timeout=2)
+
+    def slow_read(where: Path) -> dict | None:
+        record = real_read(where)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_read.wait()  # unserialised, both runs would read the stale record here
+        return record
+
+    monkeypatch.setattr(atomic, "_read_lock", slow_read)
+    outcomes: list[str] = []
+    said: list[str] = []
+
+    def say(line: str) -> None:  # said just before a run deletes the stale lock
+        said.append(line)
+        if len(said) == 2:  # the second to find it stale waits for the first's new lock
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and "token" not in (real_read(path) or {}):
+                time.sleep(0.01)
+
+    def start() -> None:
+        try:
+            atomic._acquire(path, "run 'r'", say)
+            outcomes.append("took it")
+        except UserError as exc:
+            outcomes.append(str(exc))
+
+    runs = [threading.Thread(target=start) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=30)
+    assert sorted(outcomes)[-1] == "took it" and outcomes.count("took it") == 1, outcomes
+    assert "already running" in sorted(outcomes)[0]

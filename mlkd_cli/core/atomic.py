@@ -229,6 +229,23 @@ def _try_lock(path: Path, text: str) -> bool:
         Path(tmp).unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on `folder` itself for the block (the kernel drops it if the process
+    dies); where flock is missing (not POSIX) the block runs unserialised."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def _acquire(path: Path, what: str, say: Callable[[str], None]) -> str:
     """Take the lock at `path` (taking over one whose process is gone); returns its token."""
     token = uuid.uuid4().hex
@@ -241,19 +258,22 @@ def _acquire(path: Path, what: str, say: Callable[[str], None]) -> str:
     }
     text = json.dumps(record) + "\n"
     try:
-        for _ in range(2):  # a stale lock is taken over once; another run may win that race
-            if _try_lock(path, text):
-                return token
-            holder = _read_lock(path)
-            if holder is None:
-                continue
-            if _alive(holder):
-                raise _running(path, holder, what)
-            say(
-                f"{shown(path)} was left by a run that is no longer running "
-                f"({_holder(holder)}); taking it over"
-            )
-            path.unlink(missing_ok=True)
+        # Serialised with the other runs starting in this folder: two runs that both found the
+        # same stale lock would otherwise each delete it, the second deleting the first's new one.
+        with _folder_lock(path.parent):
+            for _ in range(2):  # a lock that vanished meanwhile is simply tried again
+                if _try_lock(path, text):
+                    return token
+                holder = _read_lock(path)
+                if holder is None:
+                    continue
+                if _alive(holder):
+                    raise _running(path, holder, what)
+                say(
+                    f"{shown(path)} was left by a run that is no longer running "
+                    f"({_holder(holder)}); taking it over"
+                )
+                path.unlink(missing_ok=True)
     except OSError as exc:
         raise UserError(
             f"cannot create the lock {shown(path)} ({exc.strerror or exc}); fix the folder's "
