@@ -12,7 +12,7 @@ from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import shown
 from mlkd_cli.engine.ensemble import LogitsRequest, fit_and_write, run_logits_pass
-from mlkd_cli.models.ensemble_config import ORIGINAL
+from mlkd_cli.models.ensemble_config import ORIGINAL, read_ensemble_config
 from mlkd_cli.presets import resolve_preset
 
 from . import options as opt
@@ -66,9 +66,12 @@ def _render(
     report.table(title, ["member", "architecture", "weight", "top-1 %", "NLL"], lines)
 
 
-def _check_destination(config_path: Path, output: Path | None, overwrite: bool) -> None:
+def _check_destination(
+    config_path: Path, output: Path | None, overwrite: bool, models_dir: Path | None
+) -> None:
     """Before any work: the fitted file's folder exists and is writable, and --output is
-    neither an existing file (unless --overwrite) nor CONFIG (which --in-place rewrites)."""
+    neither an existing file (unless --overwrite) nor CONFIG (which --in-place rewrites) nor a
+    member's checkpoint (ever)."""
     destination = output or config_path
     folder = destination.parent
     if not folder.is_dir():
@@ -84,7 +87,9 @@ def _check_destination(config_path: Path, output: Path | None, overwrite: bool) 
             f"--output {shown(output)} is CONFIG itself; drop --output (or pass --in-place) "
             "to rewrite it"
         )
-    check_new_files([output], overwrite, "--output", sources=[config_path])
+    members = read_ensemble_config(config_path, models_dir).members
+    inputs = [config_path, *(m.checkpoint for m in members)]
+    check_new_files([output], overwrite, "--output", sources=inputs)
 
 
 def _pass_options() -> list:
@@ -176,7 +181,7 @@ def build(
     """Fit member weights on the held-out validation split and write them into the file."""
     if output is not None and in_place:
         raise UserError("--output writes a new file and --in-place rewrites CONFIG; pass one")
-    _check_destination(config_path, output, overwrite)
+    _check_destination(config_path, output, overwrite, shared["models_dir"])
     dataset = shared["dataset"]
     if preset is not None:  # the preset's dataset and ensemble settings, under the flags given
         resolved = resolve_preset(preset)

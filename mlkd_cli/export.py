@@ -242,6 +242,8 @@ def _onnx(model, card, example, check, expected, destination: Path) -> tuple[flo
 
     def write(path: Path) -> None:
         _export_onnx(model, example, path, ["logits"])
+        if card is not None:  # the card (provenance included) travels inside the file
+            _add_metadata(onnx, path, {"mlkd": asdict(card)})
 
     checked_with = ["onnx.checker"]
 
@@ -412,6 +414,15 @@ def _exits_safetensors(
     return diff, "mlkd_cli.anytime + safetensors"
 
 
+def _add_metadata(onnx: Any, path: Path, entries: dict[str, Any]) -> None:
+    """Write `entries` (as JSON) into the ONNX file's metadata."""
+    model = onnx.load(str(path))
+    for key, value in entries.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(model, str(path))
+
+
 def _exits_onnx(
     loaded: ExitsCheckpoint, example, check, expected, destination: Path
 ) -> tuple[float, str]:
@@ -422,11 +433,7 @@ def _exits_onnx(
         _export_onnx(loaded.student, example, path, names)
         # The card and the exits record (rule, thresholds, MACs) travel inside the file, as
         # ONNX metadata, so a runtime needs nothing beside it to run the cascade.
-        model = onnx.load(str(path))
-        for key, value in (("mlkd", asdict(loaded.card)), ("mlkd_exits", loaded.exits)):
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, json.dumps(value)
-        onnx.save(model, str(path))
+        _add_metadata(onnx, path, {"mlkd": asdict(loaded.card), "mlkd_exits": loaded.exits})
 
     checked_with = ["onnx.checker"]
 

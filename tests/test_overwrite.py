@@ -127,6 +127,13 @@ def test_ensemble_build_refuses_an_existing_output_and_config_itself(
     folder = invoke_cli(*args, "--output", tmp_path)
     assert folder.exit_code == 2
     assert_error_line(folder.stderr, "is an existing folder")
+    member = tmp_path / "member.pth"  # a member's checkpoint is an input too, never replaced
+    member.write_bytes(digits_teacher.read_bytes())
+    config.write_text(f"members:\n  - checkpoint: {member}\n    model: test_resnet\n")
+    onto = invoke_cli(*args, "--output", member, "--overwrite")
+    assert onto.exit_code == 2
+    assert_error_line(onto.stderr, "member.pth is the input", "never replaces an input")
+    assert member.read_bytes() == digits_teacher.read_bytes()
 
 
 # ------------------------------------------------------------------------------ eval --plots

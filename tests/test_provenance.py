@@ -34,3 +34,16 @@ def test_provenance_of_a_file_without_one_is_one_line(tmp_path: Path) -> None:
     result = invoke_cli("eval", path, "--provenance")
     assert result.exit_code == 2
     assert_error_line(result.stderr, str(path), "records no provenance")
+
+
+def test_an_onnx_export_carries_the_provenance(digits_teacher: Path, tmp_path: Path) -> None:
+    onnx = tmp_path / "t.onnx"
+    assert invoke_cli("export", digits_teacher, "-f", "onnx", "-o", onnx, "-q").exit_code == 0
+    from_onnx = invoke_cli("eval", onnx, "--provenance", "--json")
+    assert from_onnx.exit_code == 0, from_onnx.stderr
+    from_pth = invoke_cli("eval", digits_teacher, "--provenance", "--json")
+    assert json.loads(from_onnx.stdout)["provenance"] == json.loads(from_pth.stdout)["provenance"]
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x01\x12")
+    refused = invoke_cli("eval", junk, "--provenance")
+    assert refused.exit_code == 2

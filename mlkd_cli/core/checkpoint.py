@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import pickle
+import struct
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -203,7 +204,15 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
                 "re-save it as a plain state dict or .safetensors"
             ) from exc
         raise UserError(f"{path} is not a readable checkpoint (damaged pickle data)") from exc
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError, zipfile.BadZipFile) as exc:
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        IndexError,
+        struct.error,
+        zipfile.BadZipFile,
+    ) as exc:
         # An untrusted file can fail the restricted unpickler in many ways; all mean "unreadable".
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         first_line = first_line.split(". ", 1)[0]  # torch appends paragraphs of advice

@@ -239,11 +239,26 @@ def card_of(meta: dict) -> ModelCard | None:
 
 
 def read_card(path: Path) -> ModelCard | None:
-    """The model card of a checkpoint, a .safetensors file or an export folder (None: it records
-    none), read without building the model."""
+    """The model card of a checkpoint, a .safetensors file, an export folder or an ONNX export
+    (None: it records none), read without building the model."""
     if path.is_dir():
         path = path / "model.safetensors"
+    if path.suffix.lower() == ".onnx" and path.is_file():
+        return card_of(_onnx_metadata(path))
     return card_of(read_weights(path)[1])
+
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    """An ONNX file's metadata entries (mlkd's exports carry the card there)."""
+    try:
+        import onnx
+    except ImportError:
+        raise UserError(f"reading {path} needs onnx: pip install 'mlkd[export]'") from None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's decode errors share no base class worth naming
+        raise UserError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
+    return {entry.key: entry.value for entry in model.metadata_props}
 
 
 def check_input_size(model: nn.Module, arch: str, img_size: int) -> None:
