@@ -120,6 +120,11 @@ def test_labelling_refusals_are_one_line_and_write_nothing(
     other = _label(digits_teacher, out, "--views", "2")
     assert other.exit_code == 2
     assert_error_line(other.stderr, "made with other settings (views 1, not 2)", "--output")
+    # The teachers' input size is part of the store: another one is another store.
+    resized = _label(digits_teacher, out, "--views", "1", "--teacher-img-size", "24")
+    assert resized.exit_code == 2
+    assert_error_line(resized.stderr, "made with other settings (teacher", "--output")
+    assert read_manifest(out).teacher["img_size"] == [16]
 
 
 def test_a_teacher_with_a_nan_weight_is_refused_naming_it_before_any_work(

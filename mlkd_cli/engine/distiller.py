@@ -117,6 +117,14 @@ def teacher_inputs(
     return [describe_input(m, *member_input(m, seen, img_size), seen) for m in loaded]
 
 
+def teacher_sizes(
+    loaded: Sequence[LoadedMember], recipe: ImageRecipe, img_size: int | None
+) -> list[int]:
+    """The input size each teacher runs at (as `teacher_inputs` says it), for the records."""
+    seen = InputSpec(recipe.img_size, recipe.mean, recipe.std)
+    return [member_input(m, seen, img_size)[0].img_size for m in loaded]
+
+
 def build_student(
     arch: str,
     num_classes: int,
@@ -194,8 +202,7 @@ def teacher_record(
         assert cfg.soft_labels is not None
         source = store_identity(cfg.soft_labels, read_manifest(cfg.soft_labels))
     else:
-        seen = InputSpec(recipe.img_size, recipe.mean, recipe.std)
-        sizes = [member_input(m, seen, cfg.teacher_img_size)[0].img_size for m in loaded]
+        sizes = teacher_sizes(loaded, recipe, cfg.teacher_img_size)
         source = {**teacher_identity(teacher), "img_size": sizes}
     return {**source, "loss": cfg.loss, "distill_temperature": cfg.temperature}
 

@@ -41,7 +41,7 @@ from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
 from mlkd_cli.data.views import ViewReplay, view_seed
 from mlkd_cli.engine.config import DistillConfig
-from mlkd_cli.engine.distiller import resolve_teacher, teacher_inputs
+from mlkd_cli.engine.distiller import resolve_teacher, teacher_inputs, teacher_sizes
 from mlkd_cli.engine.launch import launch, resolve_device
 from mlkd_cli.engine.planning import check_recipe, data_pipeline, dataset_recipe
 from mlkd_cli.engine.precision import Precision, check_precision, prepare_forward
@@ -118,7 +118,11 @@ def plan_labeling(
         classes=tuple(splits.class_names),
         img_size=recipe.img_size,
         recipe=store_recipe(recipe, pipeline, cfg.augment),
-        teacher=teacher_identity(teacher),
+        # the input each member ran at too: a store resumed at another size is another store
+        teacher={
+            **teacher_identity(teacher),
+            "img_size": teacher_sizes(loaded, recipe, cfg.teacher_img_size),
+        },
         views=views,
         top_k=k,
         seed=cfg.seed,
