@@ -60,12 +60,20 @@ def load_preset(name_or_path: str) -> tuple[dict[str, Any], str]:
 
 def _check_layout(content: dict[str, Any], origin: str) -> None:
     """Refuse top-level sections the preset format does not know."""
+    settings = config_field_names(TeacherTrainConfig) | config_field_names(DistillConfig)
     for key, value in content.items():
-        if isinstance(value, (dict, list)) and key not in PRESET_SECTIONS:
+        if not isinstance(value, (dict, list)) or key in PRESET_SECTIONS:
+            continue
+        if str(key).replace("-", "_") in settings:  # a real setting, only not shareable
             raise UserError(
-                f"{origin}: unknown section {quote(key, 40)}; sections are "
-                f"{', '.join(sorted(PRESET_SECTIONS))} (settings shared by all go at the top)"
+                f"{origin}: {quote(key, 40)} holds a list or mapping, which a preset gives one "
+                "command at a time: put it inside `teacher:` or `distill:` (only single values "
+                "are shared at the top)"
             )
+        raise UserError(
+            f"{origin}: unknown section {quote(key, 40)}; sections are "
+            f"{', '.join(sorted(PRESET_SECTIONS))} (settings shared by all go at the top)"
+        )
 
 
 def preset_section(name_or_path: str | None, section: str, allowed: set[str]) -> dict[str, Any]:

@@ -373,3 +373,12 @@ def test_an_image_over_the_pixel_limit_is_left_out_or_refused(workdir: Path) -> 
     warning = [line for line in result.stderr.splitlines() if "huge.png" in line]
     assert len(warning) == 1 and "left out" in warning[0] and "13000x13000" in warning[0]
     assert "DecompressionBomb" not in result.stderr
+
+
+def test_a_list_setting_at_the_top_of_a_preset_is_told_where_it_goes(tmp_path: Path) -> None:
+    preset = tmp_path / "p.yaml"
+    preset.write_text("dataset: digits\nscale: [0.35, 1.0]\nteacher:\n  model: test_resnet\n")
+    result = invoke_cli("teacher", "train", "--preset", preset, "--output-dir", tmp_path / "m")
+    assert result.exit_code == 2
+    line = assert_error_line(result.stderr, "'scale' holds a list", "inside `teacher:`")
+    assert "unknown section" not in line
