@@ -20,7 +20,7 @@ import torch
 
 from mlkd_cli import __version__
 from mlkd_cli.core.atomic import atomic_write
-from mlkd_cli.core.constants import MAX_IMG_SIZE
+from mlkd_cli.core.constants import MAX_CLASSES, MAX_IMG_SIZE
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import load_json, quote
 
@@ -38,7 +38,6 @@ EMA_KEY = "state_dict_ema"
 WEIGHT_KEYS = ("state_dict", "model")
 TRAINING_STATE_FORMAT = "mlkd-training-state/1"
 # What a card may record: a file's metadata sizes allocations, so it is bounded before use.
-MAX_CLASSES = 100_000
 CROP_PCT_RANGE = (0.1, 1.0)
 
 

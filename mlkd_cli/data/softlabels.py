@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from mlkd_cli.core.atomic import atomic_write, atomic_write_text
+from mlkd_cli.core.constants import MAX_CLASSES, MAX_IMG_SIZE
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import clip
 from mlkd_cli.data.transforms import ImageRecipe
@@ -57,9 +58,7 @@ MAX_MANIFEST_BYTES = 64 << 20  # a manifest of a million class names is ~20 MB
 MAX_RECORD_BYTES = 64 << 10
 MAX_SHARDS = 1_000_000
 MAX_VIEWS = 1_000
-MAX_IMG_SIZE = 16_384
 MAX_DEPTH = 32  # lists and objects in a manifest's recipe/teacher/extra (mlkd writes 2)
-MAX_CLASSES = np.iinfo(np.int32).max
 SCAN_ROWS = 1 << 20  # array entries (images x views x k) checked at a time
 # What a run must share with the store it trains from; named in the refusal when one differs.
 MATCHED = ("dataset", "split", "images", "classes", "img_size", "recipe")
