@@ -259,6 +259,8 @@ def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple]:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    for name in factory.PROXY_VARIABLES:  # a proxy's machine is tested by the proxy test
+        monkeypatch.delenv(name, raising=False)
     return tried
 
 
@@ -364,3 +366,15 @@ def test_eval_of_the_student_with_exits_fits_80_columns_and_names_heads_as_disti
 def test_an_embedded_dataset_records_no_data_folder(digits_teacher: Path) -> None:
     card = ModelCard.from_checkpoint(torch.load(digits_teacher, weights_only=True))
     assert card.dataset == "digits" and "data_dir" not in card.extra
+
+
+def test_a_proxy_or_an_endpoints_port_is_respected_by_the_quick_check(
+    no_network: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example:8080")
+    with pytest.raises(Exception, match="mirror.example cannot be reached"):
+        factory.pretrained_source("test_resnet")
+    assert no_network == [("mirror.example", 8080)]  # the endpoint's own port
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert factory.host_answers("huggingface.co") is True  # only the proxy can tell
+    assert no_network == [("mirror.example", 8080)]  # no direct probe behind a proxy

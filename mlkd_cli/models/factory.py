@@ -19,6 +19,15 @@ from mlkd_cli.core.errors import UserError
 
 # How long `--pretrained` waits for the weights' host to answer before calling it unreachable.
 CONNECT_TIMEOUT_S = 3.0
+# Where these are set, the network is reached through a proxy, which a direct probe cannot test.
+PROXY_VARIABLES = (
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+)
 # The files timm looks for in a Hugging Face hub repository, in its order.
 HUB_WEIGHT_FILES = ["model.safetensors", "pytorch_model.bin"]
 
@@ -86,8 +95,9 @@ def pretrained_source(arch: str) -> dict[str, str] | None:
     cached = cached_weights(source)
     overlay = {"file": cached} if cached else None
     if cached is None:
-        host = urlsplit(hf_endpoint() if source.hf_hub_id else source.url).hostname or ""
-        if not host_answers(host):
+        where = urlsplit(hf_endpoint() if source.hf_hub_id else source.url)
+        host = where.hostname or ""
+        if not host_answers(host, where.port or (80 if where.scheme == "http" else 443)):
             raise UserError(
                 f"timm's pretrained weights for {arch} are not in the local cache and {host} "
                 "cannot be reached (offline?); pass --init-checkpoint PATH with local weights "
@@ -119,16 +129,19 @@ def hf_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
 
 
-def host_answers(host: str, timeout: float = CONNECT_TIMEOUT_S) -> bool:
-    """Whether `host` accepts a connection on 443 within `timeout` seconds (name lookup
-    included); False at once when HF_HUB_OFFLINE asks for no network."""
+def host_answers(host: str, port: int = 443, timeout: float = CONNECT_TIMEOUT_S) -> bool:
+    """Whether `host` accepts a connection on `port` within `timeout` seconds (name lookup
+    included); False at once when HF_HUB_OFFLINE asks for no network, True without a probe
+    when a proxy is set (only the proxy reaches the host; the hub client goes through it)."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return True
     answered: list[bool] = []
 
     def connect() -> None:
         try:
-            socket.create_connection((host, 443), timeout=timeout).close()
+            socket.create_connection((host, port), timeout=timeout).close()
             answered.append(True)
         except OSError:
             answered.append(False)
