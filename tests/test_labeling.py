@@ -38,7 +38,7 @@ def _recipe(store: Path) -> ImageRecipe:
 
 def _teacher(checkpoint: Path, recipe: ImageRecipe):
     config = EnsembleConfig(path=checkpoint, members=(MemberSpec(checkpoint, "test_resnet", 1.0),))
-    teacher, _, _ = build_teacher(config, 10, InputSpec(recipe.img_size, recipe.mean, recipe.std))
+    teacher, _ = build_teacher(config, 10, InputSpec(recipe.img_size, recipe.mean, recipe.std))
     return teacher
 
 

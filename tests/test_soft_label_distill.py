@@ -34,7 +34,7 @@ def test_every_batch_is_the_stored_views_with_their_stored_outputs(
 ) -> None:
     store = _store(digits_teacher, tmp_path / "store", "--data-pipeline", pipeline)
     config = EnsembleConfig(digits_teacher, (MemberSpec(digits_teacher, "test_resnet", 1.0),))
-    live, _, _ = build_teacher(config, 10, InputSpec(16))
+    live, _ = build_teacher(config, 10, InputSpec(16))
     seen: list[float] = []
     real = distiller.DistillTask.step
 

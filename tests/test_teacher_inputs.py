@@ -12,7 +12,7 @@ import torch
 from conftest import assert_error_line, invoke_cli
 
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec, read_ensemble_config
-from mlkd_cli.models.teacher import InputSpec, build_teacher
+from mlkd_cli.models.teacher import InputSpec, build_teacher, input_lines
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def _one(path: Path, model: str | None = "test_resnet") -> EnsembleConfig:
 
 
 def test_a_teacher_that_records_no_input_runs_at_the_students_size(plain_teacher: Path) -> None:
-    teacher, _, lines = build_teacher(_one(plain_teacher), 10, InputSpec(32))
+    teacher, loaded = build_teacher(_one(plain_teacher), 10, InputSpec(32))
+    lines = input_lines(loaded, InputSpec(32))
     assert teacher.adapters[0].size is None  # no resize: 32 px in, 32 px to the teacher
     assert "32 px input" in lines[0] and "records no input size" in lines[0]
     assert "resized" not in lines[0]
@@ -38,7 +39,8 @@ def test_a_teacher_that_records_no_input_runs_at_the_students_size(plain_teacher
 
 
 def test_teacher_img_size_resizes_and_says_so(plain_teacher: Path) -> None:
-    teacher, _, lines = build_teacher(_one(plain_teacher), 10, InputSpec(32), img_size=48)
+    teacher, loaded = build_teacher(_one(plain_teacher), 10, InputSpec(32), img_size=48)
+    lines = input_lines(loaded, InputSpec(32), img_size=48)
     assert teacher.adapters[0].size == 48
     assert "48 px input (--teacher-img-size), resized from 32 px" in lines[0]
 
@@ -49,7 +51,8 @@ def test_the_ensemble_files_img_size_is_the_members_input(
     member = {"checkpoint": str(plain_teacher), "model": "test_resnet", "img_size": 24}
     path = tmp_path / "e.json"
     path.write_text(json.dumps({"members": [member]}))
-    teacher, _, lines = build_teacher(read_ensemble_config(path), 10, InputSpec(32))
+    teacher, loaded = build_teacher(read_ensemble_config(path), 10, InputSpec(32))
+    lines = input_lines(loaded, InputSpec(32))
     assert teacher.adapters[0].size == 24 and "the ensemble file's img_size" in lines[0]
     original = {"models": ["test_resnet"], "names": ["plain"], "img_size": 40}
     (tmp_path / "o.json").write_text(json.dumps(original))
@@ -61,7 +64,8 @@ def test_the_ensemble_files_img_size_is_the_members_input(
 
 
 def test_a_recorded_input_is_kept_and_the_resize_named(digits_teacher: Path) -> None:
-    teacher, _, lines = build_teacher(_one(digits_teacher, None), 10, InputSpec(32))
+    teacher, loaded = build_teacher(_one(digits_teacher, None), 10, InputSpec(32))
+    lines = input_lines(loaded, InputSpec(32))
     assert teacher.adapters[0].size == 16  # trained at 16 px: the student's 32 px scaled down
     assert "16 px input (recorded in its checkpoint), resized from 32 px" in lines[0]
 

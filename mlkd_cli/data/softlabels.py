@@ -33,6 +33,7 @@ and gives no sign.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable
@@ -120,9 +121,17 @@ def _shard_name(shard: int) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read in 1 MiB pieces."""
+    """The SHA-256 of a file's bytes, read in 1 MiB pieces; a file unchanged since it was last
+    hashed in this process (same size and modification time) is not read again (a study plans
+    every arm against the same teachers)."""
+    stat = path.stat()
+    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     hasher = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             hasher.update(chunk)
     return hasher.hexdigest()

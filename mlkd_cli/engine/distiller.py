@@ -63,7 +63,7 @@ from mlkd_cli.models.teacher import (
     InputSpec,
     LoadedMember,
     build_teacher,
-    describe_input,
+    input_lines,
     load_member,
     member_input,
 )
@@ -113,8 +113,7 @@ def teacher_inputs(
     loaded: Sequence[LoadedMember], recipe: ImageRecipe, img_size: int | None
 ) -> list[str]:
     """One line per teacher: the input it runs at, why, and any resize of the student's batch."""
-    seen = InputSpec(recipe.img_size, recipe.mean, recipe.std)
-    return [describe_input(m, *member_input(m, seen, img_size), seen) for m in loaded]
+    return input_lines(loaded, InputSpec(recipe.img_size, recipe.mean, recipe.std), img_size)
 
 
 def teacher_sizes(
@@ -297,7 +296,7 @@ class DistillTask:
         student_input = InputSpec(recipe.img_size, recipe.mean, recipe.std)
         self.teacher: nn.Module | None = None  # placed in `prepare`, once the precision is known
         if plan.teacher is not None:
-            self.teacher, _, _ = build_teacher(
+            self.teacher, _ = build_teacher(
                 plan.teacher, plan.run.card.num_classes, student_input, cfg.teacher_img_size
             )
         # From a soft-label store: its logits (images, views, k) on the device with their classes

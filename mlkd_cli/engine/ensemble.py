@@ -126,7 +126,7 @@ def collect_member_logits(ctx: DistContext, plan: EnsemblePlan) -> dict[str, Any
     splits = load_splits(plan.dataset, plan.data_dir, False, plan.val_fraction)
     dataset = split_dataset(splits, plan.split, plan.recipe)
     input_spec = InputSpec(plan.recipe.img_size, plan.recipe.mean, plan.recipe.std)
-    teacher, loaded, _ = build_teacher(plan.config, splits.num_classes, input_spec)
+    teacher, loaded = build_teacher(plan.config, splits.num_classes, input_spec)
     precision = prepare_forward(plan.precision, teacher, plan.recipe.img_size, ctx, plan.batch_size)
     report = Reporter(plan.output, ctx.rank)
     report.precision(precision.describe(), precision.headline())

@@ -232,7 +232,7 @@ def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
     report = Reporter(cfg.output, ctx.rank)
     splits = load_splits(cfg.dataset, cfg.data_dir, False, cfg.val_fraction)
     spec = InputSpec(plan.recipe.img_size, plan.recipe.mean, plan.recipe.std)
-    teacher, _, _ = build_teacher(plan.teacher, splits.num_classes, spec, cfg.teacher_img_size)
+    teacher, _ = build_teacher(plan.teacher, splits.num_classes, spec, cfg.teacher_img_size)
     precision = prepare_forward(cfg.precision, teacher, plan.recipe.img_size, ctx, cfg.batch_size)
     report.precision(precision.describe(), precision.headline())
     if ctx.is_main:

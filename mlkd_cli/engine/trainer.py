@@ -529,11 +529,12 @@ class _Run:
                 "history_json": str(files.history_json),
                 "history_csv": str(files.history_csv),
                 "curves": str(files.curves),
-                # Every N epochs (--save-frequency): the plain model as it was then.
+                # Every N epochs (--save-frequency): the plain model as it was then, as found on
+                # disk (a resumed run may have saved at another frequency before).
                 "periodic": [
                     str(files.periodic(row["epoch"]))
                     for row in rows
-                    if self.cfg.save_frequency and row["epoch"] % self.cfg.save_frequency == 0
+                    if files.periodic(row["epoch"]).is_file()
                 ],
             },
         }

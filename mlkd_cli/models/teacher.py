@@ -234,21 +234,28 @@ def describe_input(member: LoadedMember, spec: InputSpec, why: str, seen: InputS
     return f"teacher {member.spec.name} ({member.arch}): {spec.img_size} px input ({why}){resize}"
 
 
+def input_lines(
+    loaded: Sequence[LoadedMember], seen: InputSpec, img_size: int | None = None
+) -> list[str]:
+    """One line per member: the input `member_input` settles for it, why, and any resize of the
+    batches (prepared for `seen`) it is given."""
+    return [describe_input(m, *member_input(m, seen, img_size), seen) for m in loaded]
+
+
 def build_teacher(
     config: EnsembleConfig,
     num_classes: int | None,
     input_spec: InputSpec,
     img_size: int | None = None,
-) -> tuple[TeacherEnsemble, list[LoadedMember], list[str]]:
+) -> tuple[TeacherEnsemble, list[LoadedMember]]:
     """Load every member and wrap them; batches arrive prepared for `input_spec`.
 
     Each member is fed the input `member_input` settles (`img_size`: `--teacher-img-size`), and
-    gets an adapter that resizes or re-normalises when that differs from `input_spec`. Returns the
-    ensemble, the loaded members, and one line per member saying what it is fed and why.
+    gets an adapter that resizes or re-normalises when that differs from `input_spec`
+    (`input_lines` says so in words). Returns the ensemble and the loaded members.
     """
     loaded = [load_member(spec, num_classes) for spec in config.members]
-    inputs = [member_input(m, input_spec, img_size) for m in loaded]
-    adapters = [InputAdapter(input_spec, spec) for spec, _ in inputs]
+    adapters = [InputAdapter(input_spec, member_input(m, input_spec, img_size)[0]) for m in loaded]
     teacher = TeacherEnsemble(
         [m.model for m in loaded],
         config.weights,
@@ -256,8 +263,4 @@ def build_teacher(
         config.temperature,
         [m.spec.name for m in loaded],
     )
-    lines = [
-        describe_input(m, spec, why, input_spec)
-        for m, (spec, why) in zip(loaded, inputs, strict=True)
-    ]
-    return teacher, loaded, lines
+    return teacher, loaded
