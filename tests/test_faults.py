@@ -31,24 +31,21 @@ pytestmark = pytest.mark.slow
 MLKD = [sys.executable, "-m", "mlkd_cli"]  # a command of its own, for the tests that signal it
 
 
-def _spawned_workers(parent: int) -> list[int]:
-    """PIDs of the parent's children that are torch.multiprocessing workers (not helpers)."""
-    found = []
+def _spawned_workers(launcher: int) -> list[int]:
+    """PIDs of the launcher's DDP workers: the children of its fork server (engine/launch.py)."""
+    table: dict[int, tuple[int, bytes]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            table[int(entry.name)] = (int(stat[1]), (entry / "cmdline").read_bytes())
         except OSError:
             continue
-        if (
-            int(stat[1]) == parent
-            and b"spawn_main" in cmdline
-            and b"resource_tracker" not in cmdline
-        ):
-            found.append(int(entry.name))
-    return found
+    servers = {
+        pid for pid, (ppid, cmd) in table.items() if ppid == launcher and b"forkserver" in cmd
+    }
+    return [pid for pid, (ppid, _) in table.items() if ppid in servers]
 
 
 def _ddp_command(out: Path) -> list[str]:
