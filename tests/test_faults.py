@@ -31,8 +31,8 @@ pytestmark = pytest.mark.slow
 MLKD = [sys.executable, "-m", "mlkd_cli"]  # a command of its own, for the tests that signal it
 
 
-def _spawned_workers(launcher: int) -> list[int]:
-    """PIDs of the launcher's DDP workers: the children of its fork server (engine/launch.py)."""
+def _process_table() -> dict[int, tuple[int, bytes]]:
+    """Every live process: pid -> (parent pid, command line)."""
     table: dict[int, tuple[int, bytes]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -42,10 +42,22 @@ def _spawned_workers(launcher: int) -> list[int]:
             table[int(entry.name)] = (int(stat[1]), (entry / "cmdline").read_bytes())
         except OSError:
             continue
-    servers = {
-        pid for pid, (ppid, cmd) in table.items() if ppid == launcher and b"forkserver" in cmd
-    }
-    return [pid for pid, (ppid, _) in table.items() if ppid in servers]
+    return table
+
+
+def _fork_server_of(launcher: int) -> int | None:
+    """The launcher's fork server (engine/launch.py), if it has started one."""
+    table = _process_table()
+    return next(
+        (pid for pid, (ppid, cmd) in table.items() if ppid == launcher and b"forkserver" in cmd),
+        None,
+    )
+
+
+def _spawned_workers(launcher: int) -> list[int]:
+    """PIDs of the launcher's DDP workers: the children of its fork server."""
+    server = _fork_server_of(launcher)
+    return [pid for pid, (ppid, _) in _process_table().items() if ppid == server]
 
 
 def _ddp_command(out: Path) -> list[str]:
@@ -272,3 +284,39 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no stray temp files
     assert torch.load(tmp_path / "t_last.pth", weights_only=True)["epoch"] == 1
     assert torch.load(tmp_path / "t.pth", weights_only=True)["epoch"] == 1
+
+
+def test_a_signal_while_the_fork_server_imports_stops_the_launch_with_one_line(
+    tmp_path: Path,
+) -> None:
+    # A fork server that takes 2 s to import (as torch and timm do on a loaded machine).
+    (tmp_path / "slow_import.py").write_text("import time\ntime.sleep(2)\n")
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from mlkd_cli.core.errors import RunInterrupted\n"
+        "from mlkd_cli.engine import launch\n"
+        "launch.FORKSERVER_PRELOAD = ()\n"
+        "try:\n"
+        "    launch._start_fork_server('slow_import')\n"
+        "except RunInterrupted as exc:\n"
+        "    print(exc.signum, exc, file=sys.stderr)\n"
+        "    sys.exit(3)\n"
+    )
+    job = subprocess.Popen(
+        [sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    with reaped(job):
+        # Until the server has started (it is importing then), and a moment into its import.
+        _wait_for(lambda: _fork_server_of(job.pid) is not None, job, 60, 0.05)
+        assert _fork_server_of(job.pid) is not None, job.communicate()
+        time.sleep(0.5)
+        job.send_signal(signal.SIGTERM)
+        # Every holder of the job's stderr (the server and what it forks) has ended by then.
+        stderr, _ = ended_after(job, 60)
+    assert job.returncode == 3
+    assert stderr.splitlines() == [
+        f"{signal.SIGTERM.value} stopped by SIGTERM before the workers started; "
+        "nothing was written by this pass"
+    ]

@@ -54,6 +54,7 @@ FORKSERVER_PRELOAD = ("torch", "timm", "mlkd_cli.engine.launch")
 # fork server's environment from before the elastic agent added the worker's own variables, which
 # tells those apart (see `_adopt_launcher_environment`).
 _IMPORT_ENVIRON = dict(os.environ)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Variables the elastic agent sets for each worker (kept even where equal to the server's).
 _AGENT_VARIABLES = (
     "RANK",
@@ -185,9 +186,8 @@ def _elastic(
         os.environ.get("MASTER_ADDR", "127.0.0.1"), given_port
     ):
         Reporter().warn(f"MASTER_PORT {given_port} is busy or invalid; using a free port")
+    _start_fork_server(worker.__module__)
     scratch = Path(tempfile.mkdtemp(prefix="mlkd-launch-"))
-    # Only the first launch of this process starts the server; later ones reuse it.
-    mp.set_forkserver_preload([*FORKSERVER_PRELOAD, worker.__module__])
     try:
         for attempt in range(max_restarts + 1):
             reports = scratch / f"attempt{attempt}"
@@ -235,6 +235,39 @@ def _elastic(
         raise AssertionError("unreachable")  # the loop returns or raises
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _start_fork_server(worker_module: str) -> None:
+    """Start the fork server (the first launch of this process only) and wait until it has
+    imported what workers need.
+
+    Starting workers then takes a fork each, so a signal cannot catch one half-started: a worker
+    forked after the launcher had stopped would fail on the launcher's removed locks, with a
+    traceback. A signal while the server imports stops the launch with one line.
+    """
+    mp.set_forkserver_preload([*FORKSERVER_PRELOAD, worker_module])
+
+    def stop(signum: int, frame: object) -> None:
+        raise RunInterrupted(
+            f"stopped by {signal.Signals(signum).name} before the workers started; "
+            "nothing was written by this pass",
+            signum,
+        )
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    try:
+        probe = mp.get_context(START_METHOD).Process(target=_fork_server_ready, daemon=True)
+        probe.start()
+        probe.join()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _fork_server_ready() -> None:
+    """What the probe process runs: nothing (it shows the fork server can fork)."""
 
 
 def _launch_config(world_size: int, log_dir: Path) -> Any:
