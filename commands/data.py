@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from mlkd_cli.core.console import OutputOptions, Reporter
-from mlkd_cli.data.registry import DATASETS, get_dataset_spec, load_splits
 
 from . import options as opt
 
@@ -21,6 +20,8 @@ def list_datasets(
     json: opt.Json = False,
 ) -> None:
     """The registered datasets: classes, splits and where each looks for its files."""
+    from mlkd_cli.data.registry import DATASETS
+
     root = data_dir or Path("data")
     rows = [
         {
@@ -56,6 +57,8 @@ def info(
     json: opt.Json = False,
 ) -> None:
     """Images per split and a few class names; says where the files should be when absent."""
+    from mlkd_cli.data.registry import get_dataset_spec, load_splits
+
     spec = get_dataset_spec(name)
     root = data_dir or Path("data")
     splits = load_splits(name, root, bool(download), val_fraction)

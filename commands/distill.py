@@ -10,10 +10,6 @@ import typer
 from mlkd_cli.core.console import OutputOptions, Reporter, saved_lines
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.config import DistillConfig
-from mlkd_cli.engine.distiller import distill_student, plan_distillation
-from mlkd_cli.engine.launch import launcher_rank
-from mlkd_cli.engine.losses import LOSSES
-from mlkd_cli.engine.trainer import launch_training
 
 from . import options as opt
 
@@ -144,6 +140,10 @@ def distill(
         "recipe": recipe,
     }
     cfg = shared.training_config(DistillConfig, "distill", flags)
+    from mlkd_cli.engine.distiller import distill_student, plan_distillation
+    from mlkd_cli.engine.launch import launcher_rank
+    from mlkd_cli.engine.trainer import launch_training
+
     plan = plan_distillation(cfg)
     summary = launch_training(distill_student, plan)
     report = Reporter(cfg.output, rank=launcher_rank())
@@ -182,6 +182,8 @@ def parse_loss_params(pairs: list[str] | None) -> dict[str, float] | None:
 
 def show_losses(output: OutputOptions) -> None:
     """The registered losses, what each learns and its parameters with their defaults."""
+    from mlkd_cli.engine.losses import LOSSES
+
     report = Reporter(output)
     losses = [
         {

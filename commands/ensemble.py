@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -11,11 +11,13 @@ from mlkd_cli.core.atomic import check_new_files, check_writable
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import shown
-from mlkd_cli.engine.ensemble import LogitsRequest, fit_and_write, run_logits_pass
 from mlkd_cli.models.ensemble_config import ORIGINAL, read_ensemble_config
 from mlkd_cli.presets import resolve_preset
 
 from . import options as opt
+
+if TYPE_CHECKING:  # the engine loads when a command runs, not for --help
+    from mlkd_cli.engine.ensemble import LogitsRequest
 
 app = typer.Typer(help="Build and evaluate weighted teacher ensembles.", no_args_is_help=True)
 
@@ -119,6 +121,8 @@ def _request(
     shared: opt.Shared, config_path: Path, split: str, dataset: str | None
 ) -> LogitsRequest:
     """The logits pass both commands run, from their options."""
+    from mlkd_cli.engine.ensemble import LogitsRequest
+
     return LogitsRequest(
         config_path=config_path,
         models_dir=shared["models_dir"],
@@ -190,6 +194,8 @@ def build(
             fit_temperature = resolved.fit_temperature
     fit_temperature = bool(fit_temperature)
     out = shared.output
+    from mlkd_cli.engine.ensemble import fit_and_write, run_logits_pass
+
     run = run_logits_pass(_request(shared, config_path, "val", dataset))
     if run is None:
         return
@@ -236,6 +242,8 @@ def evaluate(
     shared: opt.Shared,
 ) -> None:
     """Every member's and the ensemble's top-1 and NLL on a split, with the file's weights."""
+    from mlkd_cli.engine.ensemble import run_logits_pass
+
     out = shared.output
     split_name = split.value
     run = run_logits_pass(_request(shared, config_path, split_name, shared["dataset"]))

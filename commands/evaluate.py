@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from mlkd_cli.core.atomic import check_new_files, check_writable
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.errors import UserError
-from mlkd_cli.core.metrics import confusion_matrix, reliability_bins
 from mlkd_cli.core.safeload import shown
-from mlkd_cli.engine.anytime import AnytimeJob, AnytimeRequest, measure_anytime, plan_anytime_job
-from mlkd_cli.engine.cascade import macs_label
-from mlkd_cli.engine.evaluation import EvalJob, EvalRequest, Measured, measure, plan_eval_job
-from mlkd_cli.engine.launch import launcher_rank
-from mlkd_cli.models.exits import EXIT_RULES, is_exits_checkpoint
 
 from . import options as opt
+
+if TYPE_CHECKING:  # the engine loads when a command runs, not for --help
+    from mlkd_cli.engine.anytime import AnytimeJob
+    from mlkd_cli.engine.evaluation import EvalJob, Measured
 
 
 @opt.with_options(opt.run_options(), opt.output_options())
@@ -149,6 +147,10 @@ def evaluate(
     if plots is not None:
         _check_plots(plots, checkpoints, anytime, overwrite)
     out = shared.output
+    from mlkd_cli.engine.anytime import AnytimeRequest, plan_anytime_job
+    from mlkd_cli.engine.evaluation import EvalRequest, plan_eval_job
+    from mlkd_cli.engine.launch import launcher_rank
+
     common = {
         "dataset": dataset,
         "data_dir": data_dir,
@@ -204,6 +206,9 @@ def _run_job(
     job: EvalJob | AnytimeJob, world_size: int, device: str, plots: Path | None, report: Reporter
 ) -> dict[str, Any] | None:
     """One job's result (None off rank 0); a student with exits is rendered at once."""
+    from mlkd_cli.engine.anytime import AnytimeJob, measure_anytime
+    from mlkd_cli.engine.evaluation import measure
+
     if isinstance(job, AnytimeJob):
         result = measure_anytime(job, world_size, device)
         if result is None:
@@ -223,6 +228,8 @@ def _run_job(
 
 def _students_with_exits(checkpoints: list[Path], early_exit: bool, given: bool) -> list[Path]:
     """The checkpoints that hold a student with exits; the exit flags need every one to."""
+    from mlkd_cli.models.exits import is_exits_checkpoint
+
     anytime = [path for path in checkpoints if is_exits_checkpoint(path)]
     plain = [path for path in checkpoints if path not in anytime]
     if (early_exit or given) and plain:
@@ -282,6 +289,9 @@ def _rate(value: float | None) -> str | None:
 
 
 def _render_anytime(report: Reporter, result: dict[str, Any], job: AnytimeJob) -> None:
+    from mlkd_cli.engine.cascade import macs_label
+    from mlkd_cli.models.exits import EXIT_RULES
+
     title = f"{job.label} on {result['dataset']} {result['split']} ({result['images']} images)"
     report.table(
         f"{title}: each head alone",
@@ -404,6 +414,7 @@ def _thresholds_label(cascade: dict[str, Any]) -> str:
 
 
 def _plots(folder: Path, job: EvalJob, measured: Measured) -> dict[str, str]:
+    from mlkd_cli.core.metrics import confusion_matrix, reliability_bins
     from mlkd_cli.core.plots import confusion_matrix_png, reliability_png
 
     title = f"{job.label} on {job.dataset} {job.split}"

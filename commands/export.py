@@ -9,18 +9,17 @@ from typing import Annotated
 import typer
 
 from mlkd_cli.core.console import Reporter
-from mlkd_cli.core.errors import UserError
-from mlkd_cli.export import FORMATS, TOLERANCE, export_any
-from mlkd_cli.int8 import (
+from mlkd_cli.core.constants import (
     DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_MIN_AGREEMENT,
+    FORMATS,
     INT8_TARGETS,
-    Int8Options,
 )
+from mlkd_cli.core.errors import UserError
 
 from . import options as opt
 
-# The formats mlkd_cli.export writes, as a choice --help lists.
+# The formats mlkd_cli.export writes, as a choice --help lists (the exporter loads when it runs).
 FormatChoice = Enum("FormatChoice", {name: name for name in FORMATS}, type=str)
 # The CPUs an int8 file can be quantized for.
 TargetChoice = Enum("TargetChoice", {name: name for name in INT8_TARGETS}, type=str)
@@ -110,6 +109,9 @@ def export(
     if int8_target is not None and not int8:
         raise UserError("--int8-target chooses how --int8 quantizes: add --int8")
     target = int8_target.value if int8_target is not None else "auto"
+    from mlkd_cli.export import TOLERANCE, export_any
+    from mlkd_cli.int8 import Int8Options
+
     options = (
         Int8Options(data_dir, calibration_images, min_agreement, target, shared.output)
         if int8

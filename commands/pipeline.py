@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from mlkd_cli.core.console import Reporter
-from mlkd_cli.engine.launch import launcher_rank
-from mlkd_cli.pipeline import PipelineOptions, run_pipeline
 
 from . import options as opt
 
@@ -45,6 +43,9 @@ def pipeline(
     shared: opt.Shared,
 ) -> None:
     """Run the whole method from a preset; a stopped run continues where it stopped."""
+    from mlkd_cli.engine.launch import launcher_rank
+    from mlkd_cli.pipeline import PipelineOptions, run_pipeline
+
     out = shared.output
     folder = run_dir or Path("runs") / Path(preset).stem
     summary = run_pipeline(

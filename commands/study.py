@@ -9,8 +9,6 @@ import typer
 
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.engine.config import DistillConfig
-from mlkd_cli.engine.launch import launcher_rank
-from mlkd_cli.study import CE, REFERENCE, StudyOptions, parse_losses, parse_seeds, run_study
 
 from . import options as opt
 
@@ -66,6 +64,9 @@ def study(
         "alpha": alpha,
         "temperature": temperature,
     }
+    from mlkd_cli.engine.launch import launcher_rank
+    from mlkd_cli.study import CE, REFERENCE, StudyOptions, parse_losses, parse_seeds, run_study
+
     arms, chosen_seeds = parse_losses(losses), parse_seeds(seeds)
     base = shared.own_files_config(DistillConfig, "distill", flags)
     summary = run_study(StudyOptions(base, arms, chosen_seeds, run_dir, base.output))

@@ -9,14 +9,10 @@ import typer
 
 from mlkd_cli.core.atomic import check_writable
 from mlkd_cli.core.console import Reporter, saved_lines
+from mlkd_cli.core.constants import DEFAULT_VIEWS, SHARD_SIZE
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import shown
-from mlkd_cli.data.softlabels import MANIFEST
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig
-from mlkd_cli.engine.labeling import DEFAULT_VIEWS, SHARD_SIZE, label_store, plan_labeling
-from mlkd_cli.engine.launch import launcher_rank
-from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
-from mlkd_cli.engine.trainer import launch_training
 
 from . import options as opt
 
@@ -77,6 +73,10 @@ def train(
     flags["init_checkpoint"] = init_checkpoint
     flags["init_ema"] = init_ema
     cfg = shared.training_config(TeacherTrainConfig, "teacher", flags)
+    from mlkd_cli.engine.launch import launcher_rank
+    from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
+    from mlkd_cli.engine.trainer import launch_training
+
     plan = plan_teacher_training(cfg)
     summary = launch_training(train_teacher, plan)
     report = Reporter(cfg.output, rank=launcher_rank())
@@ -151,6 +151,9 @@ def label(
     }
     cfg = shared.own_files_config(DistillConfig, "distill", flags)
     _check_store_folder(output)
+    from mlkd_cli.engine.labeling import label_store, plan_labeling
+    from mlkd_cli.engine.launch import launcher_rank
+
     plan = plan_labeling(cfg, output, views, top_k, shard_size)
     summary = label_store(plan)
     if launcher_rank() != 0:
@@ -167,6 +170,8 @@ def label(
 def _check_store_folder(output: Path) -> None:
     """Before any work: --output is a folder that can be written, new, empty, or a store (which
     the labelling continues; one made with other settings is refused when planned)."""
+    from mlkd_cli.data.softlabels import MANIFEST
+
     if output.exists() and not output.is_dir():
         raise UserError(
             f"--output {shown(output)} is a file; a soft-label store is a folder: name a new one"

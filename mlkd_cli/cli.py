@@ -17,7 +17,8 @@ except ImportError:  # older typer runs on click itself
 
 from mlkd_cli.core.cpus import prefer_short_spin
 
-# Before torch loads (the command modules import it): OpenMP reads its spin count once.
+# Before torch loads (when a command runs; help and usage errors never load it): OpenMP reads
+# its spin count once.
 prefer_short_spin()
 
 from mlkd_cli import __version__  # noqa: E402

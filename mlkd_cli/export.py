@@ -27,7 +27,7 @@ from mlkd_cli.core.atomic import (
     plain_file_mode,
 )
 from mlkd_cli.core.checkpoint import ModelCard, read_weights
-from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD
+from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD, FORMATS
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import shown
 from mlkd_cli.int8 import Int8Options, Int8Plan, plan_int8, quantize_export
@@ -39,7 +39,6 @@ from mlkd_cli.models.exits import (
 )
 from mlkd_cli.models.factory import card_of, load_trained_model
 
-FORMATS = ("safetensors", "onnx", "torchscript")
 # What `mlkd export` writes of a student with exits when no --format is given: both.
 EXITS_FORMATS = ("safetensors", "onnx")
 TOLERANCE = 1e-4

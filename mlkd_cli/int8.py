@@ -37,6 +37,11 @@ import torch
 
 from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.console import OutputOptions
+from mlkd_cli.core.constants import (
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_MIN_AGREEMENT,
+    INT8_TARGETS,
+)
 from mlkd_cli.core.cpus import INT8_TARGET_KEY, TARGETS_NEEDING_VNNI, CpuFeatures, detect_cpu
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import TransformedSubset
@@ -46,11 +51,8 @@ from mlkd_cli.engine.cascade import cascade_from_outputs
 from mlkd_cli.engine.logits import card_recipe, data_dir_for, split_dataset
 from mlkd_cli.models.exits import EXIT_RULE
 
-DEFAULT_CALIBRATION_IMAGES = 512
-DEFAULT_MIN_AGREEMENT = 99.0
 BATCH = 32  # images a calibration or comparison batch holds
 CALIBRATION_SEED = 0
-INT8_TARGETS = ("auto", "avx2", "avx512", "vnni")  # --int8-target's choices
 
 
 @dataclass(frozen=True)

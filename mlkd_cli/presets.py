@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mlkd_cli.core.constants import DEFAULT_VIEWS
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import load_yaml, quote, read_text_file
 from mlkd_cli.engine.config import (
@@ -15,7 +16,6 @@ from mlkd_cli.engine.config import (
     build_config,
     config_field_names,
 )
-from mlkd_cli.engine.labeling import DEFAULT_VIEWS
 from mlkd_cli.models.ensemble_config import MAX_MEMBERS
 
 # The repository's presets/ folder, installed inside the package under this name.

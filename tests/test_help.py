@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -125,3 +128,43 @@ def test_help_text_keeps_square_brackets(render_help) -> None:
     # rich reads `[word]` as markup; an unescaped one vanishes from the help
     text = re.sub(r"\s+", " ", render_help("distill", width=200))
     assert "pip install 'mlkd[tensorboard]'" in text
+
+
+# Run in a fresh interpreter: the root app is imported, `--help` rendered for it and every command
+# and group under it, and usage errors (a bad flag, a bad choice, a missing argument) refused; none
+# of it may load the heavy libraries (a command loads them when it runs).
+LIGHT_HELP = r"""
+import json, sys
+import typer.main
+from typer.testing import CliRunner
+from mlkd_cli.cli import app
+
+HEAVY = ("torch", "timm", "torchvision", "numpy")
+def walk(group, path=()):
+    yield path
+    for name, command in sorted(getattr(group, "commands", {}).items()):
+        yield from walk(command, (*path, name))
+
+runner = CliRunner()
+codes = {}
+for path in walk(typer.main.get_command(app)):
+    codes[" ".join((*path, "--help"))] = runner.invoke(app, [*path, "--help"]).exit_code
+for args in (["distill", "--bad-flag"], ["export", "m.pth", "--format", "nope"],
+             ["ensemble", "eval", "--split", "nope"], ["eval"]):
+    codes[" ".join(args)] = runner.invoke(app, args).exit_code
+loaded = [name for name in HEAVY if name in sys.modules]
+print(json.dumps({"codes": codes, "loaded": loaded}))
+"""
+
+
+def test_help_and_usage_errors_load_no_torch() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LIGHT_HELP], capture_output=True, text=True, check=True
+    )
+    seen = json.loads(done.stdout.splitlines()[-1])
+    helps = {args: code for args, code in seen["codes"].items() if args.endswith("--help")}
+    assert len(helps) == len(COMMANDS) + 1  # the root, and every command and group under it
+    assert set(helps.values()) == {0}, helps
+    errors = {args: code for args, code in seen["codes"].items() if args not in helps}
+    assert set(errors.values()) == {2}, errors
+    assert seen["loaded"] == [], f"help or a usage error imported {seen['loaded']}"

@@ -13,12 +13,9 @@ from mlkd_cli.core.console import OutputOptions
 from mlkd_cli.core.constants import MAX_IMG_SIZE
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import quote
-from mlkd_cli.engine.launch import resolve_device
-from mlkd_cli.engine.loggers import parse_log_to
-from mlkd_cli.engine.loop import OPTIMIZERS, SCHEDULES
-from mlkd_cli.engine.losses import FORMER_NAMES, LOSSES, loss_class, loss_param_problem
-from mlkd_cli.engine.precision import check_precision
-from mlkd_cli.models.student import EXIT_HEADS
+
+# The checks import torch, timm and the losses when they run: a config is built (and `--help` shows
+# its defaults) without them.
 
 C = TypeVar("C")
 DATA_PIPELINES = ("auto", "device", "cpu")
@@ -177,6 +174,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse impossible values before any work starts."""
+        from mlkd_cli.engine.launch import resolve_device
+        from mlkd_cli.engine.loggers import parse_log_to
+        from mlkd_cli.engine.loop import OPTIMIZERS, SCHEDULES
+        from mlkd_cli.engine.precision import check_precision
+
         _check_finite(self)
         counts = {"epochs": self.epochs, "batch-size": self.batch_size}
         counts["world-size"] = self.world_size
@@ -411,6 +413,8 @@ class DistillConfig(TrainConfig):
 
     def _check_soft_labels(self) -> None:
         """What a run from a soft-label store cannot do (it has no teacher to run)."""
+        from mlkd_cli.engine.losses import loss_class
+
         if self.ensemble is not None or self.teacher_model or self.teacher_checkpoint:
             raise UserError(
                 "--soft-labels replaces the teacher: drop --ensemble / --model / --checkpoint"
@@ -447,6 +451,9 @@ class DistillConfig(TrainConfig):
 
     def validate(self) -> None:
         """Refuse impossible values before any work starts."""
+        from mlkd_cli.engine.losses import FORMER_NAMES, LOSSES, loss_class, loss_param_problem
+        from mlkd_cli.models.student import EXIT_HEADS
+
         _check_choice("recipe", self.recipe, RECIPES)
         super().validate()
         if self.best_by not in ("top1", "val_kd_loss"):

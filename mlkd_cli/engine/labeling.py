@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mlkd_cli.core.console import Reporter
+from mlkd_cli.core.constants import SHARD_SIZE
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import clip
@@ -55,8 +56,6 @@ from mlkd_cli.models.teacher import (
     load_member,
 )
 
-SHARD_SIZE = 1_000  # images per shard: the unit a stopped labelling redoes
-DEFAULT_VIEWS = 8  # views per image: FKD's range is 8-16; more cost label time and disk
 FULL_TOP_K = 100  # class counts up to this are stored whole by default; above, their top 10
 
 
