@@ -7,16 +7,22 @@ from typing import Annotated, Any
 
 import typer
 
+from mlkd_cli.anytime.costs import macs_label
+from mlkd_cli.anytime.evaluation import (
+    AnytimeJob,
+    AnytimeRequest,
+    measure_anytime,
+    plan_anytime_job,
+)
+from mlkd_cli.anytime.rules import EXIT_RULES
 from mlkd_cli.core.atomic import check_new_files, check_writable
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.metrics import confusion_matrix, reliability_bins
 from mlkd_cli.core.safeload import shown
-from mlkd_cli.engine.anytime import AnytimeJob, AnytimeRequest, measure_anytime, plan_anytime_job
-from mlkd_cli.engine.cascade import macs_label
 from mlkd_cli.engine.evaluation import EvalJob, EvalRequest, Measured, measure, plan_eval_job
 from mlkd_cli.engine.launch import launcher_rank
-from mlkd_cli.models.exits import EXIT_RULES, is_exits_checkpoint
+from mlkd_cli.models.exits import is_exits_checkpoint
 
 from . import options as opt
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlkd_cli.anytime.rules import EXIT_RULE, cascade_from_outputs
 from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.console import OutputOptions
 from mlkd_cli.core.cpus import INT8_TARGET_KEY, TARGETS_NEEDING_VNNI, CpuFeatures, detect_cpu
@@ -42,9 +43,7 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import TransformedSubset
 from mlkd_cli.data.registry import DataSplits, load_splits
 from mlkd_cli.data.transforms import build_eval_transform
-from mlkd_cli.engine.cascade import cascade_from_outputs
 from mlkd_cli.engine.logits import card_recipe, data_dir_for, split_dataset
-from mlkd_cli.models.exits import EXIT_RULE
 
 DEFAULT_CALIBRATION_IMAGES = 512
 DEFAULT_MIN_AGREEMENT = 99.0

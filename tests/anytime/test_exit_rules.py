@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from mlkd_cli.engine.cascade import (
+from mlkd_cli.anytime.rules import exit_confidence
+from mlkd_cli.anytime.thresholds import (
     HeadOutputs,
     choose_operating_point,
     choose_thresholds,
     evaluate_cascade,
     frontier,
 )
-from mlkd_cli.models.exits import exit_confidence
 
 
 def _logits(probs: list[list[float]]) -> torch.Tensor:
