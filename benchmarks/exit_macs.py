@@ -12,7 +12,7 @@ import argparse
 import timm
 import torch
 
-from mlkd_cli.models.exits import StagedStudent
+from mlkd_cli.anytime.staged import StagedStudent
 from mlkd_cli.models.student import EXIT_HEADS, MultiExitStudent, find_stages
 
 MODELS = ("resnetv2_50x1_bit", "resnet50", "convnext_tiny", "efficientnet_b0", "regnety_016")

@@ -15,7 +15,7 @@ from mlkd_cli.core.safeload import shown
 from . import options as opt
 
 if TYPE_CHECKING:  # the engine loads when a command runs, not for --help
-    from mlkd_cli.engine.anytime import AnytimeJob
+    from mlkd_cli.anytime.evaluation import AnytimeJob
     from mlkd_cli.engine.evaluation import EvalJob, Measured
 
 
@@ -147,7 +147,7 @@ def evaluate(
     if plots is not None:
         _check_plots(plots, checkpoints, anytime, overwrite)
     out = shared.output
-    from mlkd_cli.engine.anytime import AnytimeRequest, plan_anytime_job
+    from mlkd_cli.anytime.evaluation import AnytimeRequest, plan_anytime_job
     from mlkd_cli.engine.evaluation import EvalRequest, plan_eval_job
     from mlkd_cli.engine.launch import launcher_rank
 
@@ -206,7 +206,7 @@ def _run_job(
     job: EvalJob | AnytimeJob, world_size: int, device: str, plots: Path | None, report: Reporter
 ) -> dict[str, Any] | None:
     """One job's result (None off rank 0); a student with exits is rendered at once."""
-    from mlkd_cli.engine.anytime import AnytimeJob, measure_anytime
+    from mlkd_cli.anytime.evaluation import AnytimeJob, measure_anytime
     from mlkd_cli.engine.evaluation import measure
 
     if isinstance(job, AnytimeJob):
@@ -289,8 +289,8 @@ def _rate(value: float | None) -> str | None:
 
 
 def _render_anytime(report: Reporter, result: dict[str, Any], job: AnytimeJob) -> None:
-    from mlkd_cli.engine.cascade import macs_label
-    from mlkd_cli.models.exits import EXIT_RULES
+    from mlkd_cli.anytime.costs import macs_label
+    from mlkd_cli.anytime.rules import EXIT_RULES
 
     title = f"{job.label} on {result['dataset']} {result['split']} ({result['images']} images)"
     report.table(

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlkd_cli.anytime.rules import EXIT_RULE, cascade_from_outputs
 from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.console import OutputOptions
 from mlkd_cli.core.constants import (
@@ -47,9 +48,7 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import TransformedSubset
 from mlkd_cli.data.registry import DataSplits, load_splits
 from mlkd_cli.data.transforms import build_eval_transform
-from mlkd_cli.engine.cascade import cascade_from_outputs
 from mlkd_cli.engine.logits import card_recipe, data_dir_for, split_dataset
-from mlkd_cli.models.exits import EXIT_RULE
 
 BATCH = 32  # images a calibration or comparison batch holds
 CALIBRATION_SEED = 0

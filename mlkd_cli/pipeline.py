@@ -17,12 +17,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mlkd_cli.anytime.evaluation import AnytimeRequest, measure_anytime, plan_anytime_job
 from mlkd_cli.core.atomic import atomic_write_text
 from mlkd_cli.core.console import OutputOptions, Reporter
 from mlkd_cli.core.errors import RunInterrupted, UserError
 from mlkd_cli.core.plots import comparison_png
 from mlkd_cli.data.registry import load_splits
-from mlkd_cli.engine.anytime import AnytimeRequest, measure_anytime, plan_anytime_job
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig, TrainConfig
 from mlkd_cli.engine.distiller import check_feature_loss, distill_student, plan_distillation
 from mlkd_cli.engine.ensemble import LogitsRequest, fit_and_write, run_logits_pass

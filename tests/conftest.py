@@ -29,10 +29,10 @@ os.environ["MLKD_MEMORY_FORMAT"] = "contiguous"
 def short_timing_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
     """Throughput rounds of a whole pass or two, not 0.3 s each: a tiny model's timing then costs
     well under a second instead of ~10 s a command. No test asserts a throughput figure; the
-    rounds, budgets and medians themselves are tested in tests/test_anytime.py."""
-    from mlkd_cli.engine import anytime
+    rounds, budgets and medians themselves are tested in tests/anytime/test_anytime.py."""
+    from mlkd_cli.anytime import timing
 
-    monkeypatch.setattr(anytime, "MIN_ROUND_SECONDS", 0.01)
+    monkeypatch.setattr(timing, "MIN_ROUND_SECONDS", 0.01)
 
 
 @dataclass

@@ -411,9 +411,8 @@ def test_an_int8_file_for_vnni_warns_once_where_it_is_loaded_on_a_cpu_without_it
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     pytest.importorskip("onnxruntime")
-    from mlkd_cli.anytime import AnytimeClassifier
+    from mlkd_cli.anytime import AnytimeClassifier, timing
     from mlkd_cli.core.checkpoint import ModelCard
-    from mlkd_cli.engine import latency
     from mlkd_cli.int8 import Int8Options, plan_int8, quantize_export
 
     fp32 = _two_head_onnx(tmp_path / "s_exits.onnx")
@@ -431,11 +430,11 @@ def test_an_int8_file_for_vnni_warns_once_where_it_is_loaded_on_a_cpu_without_it
     assert "this CPU (x86_64: AVX2, no VNNI)" in lines[0] and "--int8-target auto" in lines[0]
     images = torch.zeros(2, 3, 16, 16)
     assert classifier.predict(images).labels.shape == (2,)  # a warning, not a refusal
-    assert latency._onnx_cascade(written["vnni"], [0.3], "max_softmax") is not None
+    assert timing._onnx_cascade(written["vnni"], [0.3], "max_softmax") is not None
     assert len(capsys.readouterr().err.splitlines()) == 1  # eval --latency says it too
     for quiet in (written["avx2"], fp32):  # 7-bit weights; an fp32 file
         AnytimeClassifier.load(quiet)
-        latency._onnx_cascade(quiet, [0.3], "max_softmax")
+        timing._onnx_cascade(quiet, [0.3], "max_softmax")
     monkeypatch.setattr(cpus, "detect_cpu", lambda: ZEN4)  # a CPU with VNNI
     AnytimeClassifier.load(written["vnni"])
     assert capsys.readouterr().err == ""

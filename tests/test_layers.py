@@ -15,6 +15,15 @@ LAYERS = {
     "mlkd_cli.core": 0,
     "mlkd_cli.data": 1,
     "mlkd_cli.models": 1,
+    # Early exit is one folder across two layers. Its pure parts (the exit rules, the MACs
+    # counted per part, the staged runner) are part of the models layer: the exits file format
+    # (models/exits.py) records a student's rule and its counted MACs, and they need only core
+    # and models.student. Its jobs (threshold search, the eval job, timing, the deploy-time
+    # classifier) run passes over a split and load files: services. SIBLINGS lets models/ and
+    # these parts import each other; the cycle test still holds them apart module by module.
+    "mlkd_cli.anytime.rules": 1,
+    "mlkd_cli.anytime.costs": 1,
+    "mlkd_cli.anytime.staged": 1,
     "mlkd_cli.losses": 1,
     "mlkd_cli.engine": 2,
     "mlkd_cli.pipeline": 3,
@@ -29,6 +38,9 @@ LAYERS = {
     "mlkd_cli.__main__": 4,
 }
 NAMES = {0: "core", 1: "data/models", 2: "engine", 3: "services", 4: "commands"}
+# Layer-1 prefixes that count as one concept with models/ (others on layer 1 do not import each
+# other).
+SIBLINGS = {"mlkd_cli.anytime.rules", "mlkd_cli.anytime.costs", "mlkd_cli.anytime.staged"}
 
 
 def module_files() -> dict[str, Path]:
@@ -70,6 +82,11 @@ def layer(name: str) -> tuple[str, int]:
     return prefix, LAYERS[prefix]
 
 
+def _family(prefix: str) -> str:
+    """The concept a layer-1 prefix belongs to (early exit's pure parts go with models/)."""
+    return "mlkd_cli.models" if prefix in SIBLINGS else prefix
+
+
 def test_every_module_has_a_layer() -> None:
     for name in module_files():
         layer(name)  # raises ValueError (max of nothing) for a module outside every layer
@@ -83,7 +100,7 @@ def test_no_module_imports_a_higher_layer_or_a_sibling() -> None:
             there, target_level = layer(target)
             higher = target_level > level
             # data/ and models/ share a layer but do not import each other.
-            sibling = level == 1 and target_level == 1 and there != home
+            sibling = level == 1 and target_level == 1 and _family(there) != _family(home)
             if higher or sibling:
                 wrong.append(f"{name} ({NAMES[level]}) imports {target} ({NAMES[target_level]})")
     assert not wrong, "\n".join(wrong)

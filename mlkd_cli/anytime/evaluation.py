@@ -6,24 +6,16 @@ real early stopping."""
 from __future__ import annotations
 
 import math
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mlkd_cli.core.atomic import check_writable
-from mlkd_cli.core.checkpoint import atomic_save, load_checkpoint
-from mlkd_cli.core.console import OutputOptions
-from mlkd_cli.core.dist import DistContext
-from mlkd_cli.core.errors import UserError
-from mlkd_cli.core.metrics import classification_metrics
-from mlkd_cli.data.loaders import build_eval_loader
-from mlkd_cli.data.registry import load_splits
-from mlkd_cli.engine.cascade import (
+from mlkd_cli.anytime.costs import ExitCosts
+from mlkd_cli.anytime.rules import EXIT_RULE, EXIT_RULES, check_rule, check_thresholds
+from mlkd_cli.anytime.staged import StagedStudent
+from mlkd_cli.anytime.thresholds import (
     TABLE_THRESHOLDS,
     CascadeResult,
     HeadOutputs,
@@ -32,7 +24,15 @@ from mlkd_cli.engine.cascade import (
     evaluate_cascade,
     frontier,
 )
-from mlkd_cli.engine.latency import measure_latency
+from mlkd_cli.anytime.timing import TIMING_BUDGET_S, measure_latency, time_anytime
+from mlkd_cli.core.atomic import check_writable
+from mlkd_cli.core.checkpoint import atomic_save, load_checkpoint
+from mlkd_cli.core.console import OutputOptions
+from mlkd_cli.core.dist import DistContext
+from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.metrics import classification_metrics
+from mlkd_cli.data.loaders import build_eval_loader
+from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.logits import (
     PlannedPass,
@@ -44,24 +44,9 @@ from mlkd_cli.engine.logits import (
     split_dataset,
 )
 from mlkd_cli.engine.precision import Precision, prepare_forward
-from mlkd_cli.models.exits import (
-    EXIT_RULE,
-    EXIT_RULES,
-    ExitCosts,
-    StagedStudent,
-    check_rule,
-    check_thresholds,
-    load_exits_checkpoint,
-)
+from mlkd_cli.models.exits import load_exits_checkpoint
 
 DEFAULT_MAX_DROP = 0.5  # top-1 points --early-exit may lose when no --budget is given
-
-# Timing repeats each configuration this many times, interleaved, and keeps the median; a round
-# lasts at least MIN_ROUND_SECONDS (whole passes over the timed images).
-TIMING_ROUNDS = 3
-MIN_ROUND_SECONDS = 0.3
-# About how long timing may take in all; slow models are timed on fewer images (whole batches).
-TIMING_BUDGET_S = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +67,7 @@ class AnytimeRequest:
     thresholds: tuple[float, ...] | None = None  # a cascade to evaluate besides the table's
     timing_images: int = 512  # images timed per configuration; 0 skips timing
     timing_budget_s: float = TIMING_BUDGET_S  # about how long timing every configuration takes
-    latency: bool = False  # time requests of 1 and of --batch-size images (engine/latency.py)
+    latency: bool = False  # time requests of 1 and of --batch-size images (anytime/timing.py)
     batch_size: int = 128
     workers: int | None = None
     precision: str = "auto"
@@ -243,7 +228,7 @@ def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, 
     # The student, its precision and the timed images, loaded once for every timing below.
     timing = _timing_setup(job, device) if job.timing_images else None
     cascades_timed = [(r.thresholds, row_rule) for _, row_rule, r in rows]
-    speeds = time_anytime(job, timing, cascades_timed) if timing else None
+    speeds = time_anytime(timing, cascades_timed, job.timing_budget_s) if timing else None
     for i, head in enumerate(heads):
         head["images_per_s"] = speeds["heads"][i] if speeds else None
     cascades = [
@@ -348,34 +333,6 @@ def _save_thresholds(job: AnytimeJob, point: OperatingPoint, final_top1: float) 
     return record
 
 
-def time_anytime(
-    job: AnytimeJob,
-    timing: tuple[StagedStudent, Precision, list[torch.Tensor]],
-    cascades: list[tuple[tuple[float, ...], str]],
-) -> dict[str, Any] | None:
-    """Images per second of each head used alone and of each cascade (thresholds, rule), with
-    real early stopping, on the timed images held in memory (`_timing_setup`: the model's
-    compute, not data loading)."""
-    staged, precision, batches = timing
-    if not batches:
-        return None
-    heads = [_each(staged.plain)] + [
-        _each(lambda x, j=j: staged.exit_logits(x, j)) for j in range(job.exit_count)
-    ]
-    runs = [(lambda b, t=t, r=r: staged.cascade_batches(b, t, r)) for t, r in cascades]
-    functions = [*heads, *runs]
-    budget = job.timing_budget_s
-    batches, rounds = _fit_budget(staged, batches, precision, len(functions), budget)
-    # A round of each configuration lasts MIN_ROUND_SECONDS, or less where the budget is small.
-    least = min(MIN_ROUND_SECONDS, budget / (len(functions) * rounds))
-    rates = _throughput(functions, batches, precision, rounds, least)
-    return {
-        "heads": rates[: len(heads)],
-        "cascades": rates[len(heads) :],
-        "images": sum(b.shape[0] for b in batches),
-    }
-
-
 def _timing_setup(
     job: AnytimeJob, device: str
 ) -> tuple[StagedStudent, Precision, list[torch.Tensor]]:
@@ -396,78 +353,3 @@ def _timing_setup(
         if count >= job.timing_images:
             break
     return staged, precision, batches
-
-
-def _fit_budget(
-    staged: StagedStudent,
-    batches: list[torch.Tensor],
-    precision: Precision,
-    configurations: int,
-    budget: float | None = None,
-) -> tuple[list[torch.Tensor], int]:
-    """Fewer batches (at least one), then one round instead of several, so that timing every
-    configuration takes about `budget` seconds (a ResNet-50 on a CPU runs ~20 img/s: 512
-    images, 12 configurations and 3 rounds would take a quarter of an hour); None: the module's
-    TIMING_BUDGET_S."""
-    budget = TIMING_BUDGET_S if budget is None else budget
-    with torch.inference_mode(), precision.autocast():
-        staged.plain(batches[0])  # warm-up
-        _synchronize(precision.device)
-        start = time.perf_counter()
-        staged.plain(batches[0])
-        _synchronize(precision.device)
-    per_image = (time.perf_counter() - start) / batches[0].shape[0]
-    per_round = per_image * configurations  # the plain model bounds every configuration
-    kept, images = [], 0
-    for batch in batches:
-        if kept and (images + batch.shape[0]) * per_round * TIMING_ROUNDS > budget:
-            break
-        kept.append(batch)
-        images += batch.shape[0]
-    rounds = TIMING_ROUNDS if images * per_round * TIMING_ROUNDS <= budget else 1
-    return kept, rounds
-
-
-def _throughput(
-    functions: list[Callable[[list[torch.Tensor]], Any]],
-    batches: list[torch.Tensor],
-    precision: Precision,
-    rounds: int = TIMING_ROUNDS,
-    least: float = MIN_ROUND_SECONDS,
-) -> list[float]:
-    """Images per second of each function (run on the list of batches): rounds interleave the
-    functions (so that a machine's slow moment is shared); in each round a function runs over
-    the batches until `least` seconds have passed; each keeps the median of its rounds."""
-    count = sum(b.shape[0] for b in batches)
-    rates: list[list[float]] = [[] for _ in functions]
-    device = precision.device
-    with torch.inference_mode(), precision.autocast():
-        for function in functions:
-            function(batches[:1])  # warm-up: allocation, kernel choice
-        for _ in range(rounds):
-            for i, function in enumerate(functions):
-                images, elapsed = 0, 0.0
-                _synchronize(device)
-                start = time.perf_counter()
-                while elapsed < least:
-                    function(batches)
-                    images += count
-                    _synchronize(device)
-                    elapsed = time.perf_counter() - start
-                rates[i].append(images / elapsed)
-    return [statistics.median(r) for r in rates]
-
-
-def _each(function: Callable[[torch.Tensor], Any]) -> Callable[[list[torch.Tensor]], None]:
-    """`function` applied to each batch of a list."""
-
-    def apply(batches: list[torch.Tensor]) -> None:
-        for batch in batches:
-            function(batch)
-
-    return apply
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -15,17 +15,18 @@ import torch
 from conftest import assert_error_line, invoke_cli
 from torch import nn
 
-from mlkd_cli.core.checkpoint import load_checkpoint
-from mlkd_cli.data.registry import load_splits
-from mlkd_cli.engine.cascade import (
+from mlkd_cli.anytime.rules import EXIT_RULES, exits_taken
+from mlkd_cli.anytime.staged import StagedStudent
+from mlkd_cli.anytime.thresholds import (
     PER_EXIT_FROM,
     HeadOutputs,
     choose_thresholds,
     evaluate_cascade,
-    exits_taken,
 )
+from mlkd_cli.core.checkpoint import load_checkpoint
+from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine.logits import card_recipe, split_dataset
-from mlkd_cli.models.exits import EXIT_RULES, StagedStudent, load_exits_checkpoint
+from mlkd_cli.models.exits import load_exits_checkpoint
 from mlkd_cli.models.student import MultiExitStudent
 
 STUDENTS = [
@@ -396,7 +397,8 @@ def _macs(path: Path) -> tuple[list[int], int]:
 
 def test_anytime_classifier_imports_without_typer() -> None:
     code = (
-        "import sys, mlkd_cli.anytime; "
+        # The package loads its classifier on first use: ask for it, so that it loads here.
+        "import sys; from mlkd_cli.anytime import AnytimeClassifier; "
         "assert 'typer' not in sys.modules and 'rich' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -506,16 +508,16 @@ def test_exit_eval_on_two_processes_counts_every_image_once(exits_ckpt: Path) ->
 
 
 def test_timing_of_a_slow_model_keeps_to_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlkd_cli.engine import anytime
+    from mlkd_cli.anytime import timing
     from mlkd_cli.engine.precision import Precision
 
     staged = StagedStudent(_student("test_convnext", 32), 32)
     precision = Precision.resolve("fp32", torch.device("cpu"))
     batches = [torch.randn(8, 3, 32, 32) for _ in range(4)]
-    kept, rounds = anytime._fit_budget(staged, batches, precision, 12)
-    assert len(kept) == 4 and rounds == anytime.TIMING_ROUNDS  # a tiny model: everything
-    monkeypatch.setattr(anytime, "TIMING_BUDGET_S", 1e-9)  # as if each image took an hour
-    kept, rounds = anytime._fit_budget(staged, batches, precision, 12)
+    kept, rounds = timing._fit_budget(staged, batches, precision, 12)
+    assert len(kept) == 4 and rounds == timing.TIMING_ROUNDS  # a tiny model: everything
+    monkeypatch.setattr(timing, "TIMING_BUDGET_S", 1e-9)  # as if each image took an hour
+    kept, rounds = timing._fit_budget(staged, batches, precision, 12)
     assert len(kept) == 1 and rounds == 1  # one batch, one round, however slow
 
 

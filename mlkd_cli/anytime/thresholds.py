@@ -1,18 +1,17 @@
-"""Early exit measured from every head's logits: what a cascade at given thresholds scores and
+"""Threshold search, from every head's logits: what a cascade at given thresholds scores and
 costs; the operating point chosen for an accuracy bound (the cheapest thresholds that keep top-1
 within a margin of the final head) or a compute budget (the most accurate thresholds whose mean
 MACs stay within a share of the plain model's), under each exit rule; and each rule's
 accuracy-against-MACs frontier.
 
 Heads are in cascade order here: exit 0, exit 1, ..., the final head last. An image leaves at the
-first exit whose confidence under the rule (`models.exits.EXIT_RULES`) reaches that exit's
+first exit whose confidence under the rule (`rules.EXIT_RULES`) reaches that exit's
 threshold (the final head takes the rest), exactly as `StagedStudent.cascade` runs it.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,7 +19,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from mlkd_cli.models.exits import EXIT_RULE, EXIT_RULES, exit_confidence
+from mlkd_cli.anytime.rules import EXIT_RULE, EXIT_RULES, exit_confidence, exits_taken
 
 # Thresholds tried per exit when choosing; 1.0 lets only certain images leave, the low ones
 # nearly every image (a margin or an entropy rule's confidence runs lower than the top
@@ -90,25 +89,6 @@ class HeadOutputs:
     def correct(self) -> torch.Tensor:
         """(heads, images): whether each head's top class is the label."""
         return self.logits.argmax(dim=-1) == self.labels
-
-
-def cascade_from_outputs(
-    outputs: Sequence[torch.Tensor], thresholds: Sequence[float], rule: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cascade's decision on every head's logits computed at once (an exported graph's
-    outputs: final first, then each exit): the logits of the head each image leaves at, and
-    that head (exits 0.., the final head last)."""
-    heads = torch.stack([*outputs[1:], outputs[0]])
-    taken = exits_taken(exit_confidence(heads, rule), thresholds)
-    return heads[taken, torch.arange(heads.shape[1])].float(), taken
-
-
-def exits_taken(confidence: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
-    """(images,): the head each image leaves at (the exit count for the final head)."""
-    limits = torch.tensor(list(thresholds), dtype=torch.float32)[:, None]
-    leave = confidence[:-1] >= limits
-    leave = torch.cat([leave, torch.ones_like(leave[:1])])
-    return leave.int().argmax(dim=0)  # the first True
 
 
 @dataclass(frozen=True)
@@ -313,11 +293,3 @@ def _candidates(size: int, exits: int, count: int, score, key) -> list[tuple[int
                     current = min(feasible)[1]
         settled.append(current)
     return settled
-
-
-def macs_label(macs: float) -> str:
-    """MACs in the unit that reads best (k, M, G)."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if macs >= scale:
-            return f"{macs / scale:.2f} {unit}"
-    return f"{macs:.0f}" if math.isfinite(macs) else "n/a"

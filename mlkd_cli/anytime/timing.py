@@ -1,7 +1,12 @@
-"""Latency of a student with exits on this machine: images/s and per-request latency (p50, p95)
-of the plain model and of the early-exit cascade, one image a request and a batch a request, in
-PyTorch and, where `mlkd export` wrote them beside the checkpoint, in onnxruntime: the plain
-student's `<name>.onnx` / `<name>.int8.onnx`, and the student with exits' `<name>_exits.onnx` /
+"""Speeds of a student with exits on this machine, with real early stopping.
+
+Throughput (`time_anytime`): images/s of each head used alone and of each cascade, on timed
+images held in memory, rounds interleaved, the median kept, within a time budget.
+
+Latency (`measure_latency`): images/s and per-request latency (p50, p95) of the plain model
+and of the early-exit cascade, one image a request and a batch a request, in PyTorch and, where
+`mlkd export` wrote them beside the checkpoint, in onnxruntime: the plain student's
+`<name>.onnx` / `<name>.int8.onnx`, and the student with exits' `<name>_exits.onnx` /
 `<name>_exits.int8.onnx` (that graph computes every head; the cascade's decision is taken on its
 outputs).
 
@@ -11,6 +16,7 @@ of the whole batch, which every image in it waits for.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -20,10 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlkd_cli.anytime.rules import cascade_from_outputs
+from mlkd_cli.anytime.staged import StagedStudent
 from mlkd_cli.core.cpus import warn_int8_target
-from mlkd_cli.engine.cascade import cascade_from_outputs
 from mlkd_cli.engine.precision import Precision
-from mlkd_cli.models.exits import StagedStudent
+
+# Timing repeats each configuration this many times, interleaved, and keeps the median; a round
+# lasts at least MIN_ROUND_SECONDS (whole passes over the timed images).
+TIMING_ROUNDS = 3
+MIN_ROUND_SECONDS = 0.3
+# About how long timing may take in all; slow models are timed on fewer images (whole batches).
+TIMING_BUDGET_S = 60.0
 
 SINGLE_IMAGES = 64  # one-image requests timed per configuration and round
 ROUNDS = 3  # passes over the requests, interleaved across configurations
@@ -156,3 +169,105 @@ def _onnx_cascade(
         return cascade_from_outputs([torch.from_numpy(o) for o in outputs], thresholds, rule)
 
     return run
+
+
+def time_anytime(
+    timing: tuple[StagedStudent, Precision, list[torch.Tensor]],
+    cascades: list[tuple[tuple[float, ...], str]],
+    budget: float,
+) -> dict[str, Any] | None:
+    """Images per second of each head used alone and of each cascade (thresholds, rule), with
+    real early stopping, on the timed images held in memory (`_timing_setup`: the model's
+    compute, not data loading), in about `budget` seconds."""
+    staged, precision, batches = timing
+    if not batches:
+        return None
+    heads = [_each(staged.plain)] + [
+        _each(lambda x, j=j: staged.exit_logits(x, j)) for j in range(staged.exit_count)
+    ]
+    runs = [(lambda b, t=t, r=r: staged.cascade_batches(b, t, r)) for t, r in cascades]
+    functions = [*heads, *runs]
+    batches, rounds = _fit_budget(staged, batches, precision, len(functions), budget)
+    # A round of each configuration lasts MIN_ROUND_SECONDS, or less where the budget is small.
+    least = min(MIN_ROUND_SECONDS, budget / (len(functions) * rounds))
+    rates = _throughput(functions, batches, precision, rounds, least)
+    return {
+        "heads": rates[: len(heads)],
+        "cascades": rates[len(heads) :],
+        "images": sum(b.shape[0] for b in batches),
+    }
+
+
+def _fit_budget(
+    staged: StagedStudent,
+    batches: list[torch.Tensor],
+    precision: Precision,
+    configurations: int,
+    budget: float | None = None,
+) -> tuple[list[torch.Tensor], int]:
+    """Fewer batches (at least one), then one round instead of several, so that timing every
+    configuration takes about `budget` seconds (a ResNet-50 on a CPU runs ~20 img/s: 512
+    images, 12 configurations and 3 rounds would take a quarter of an hour); None: the module's
+    TIMING_BUDGET_S."""
+    budget = TIMING_BUDGET_S if budget is None else budget
+    with torch.inference_mode(), precision.autocast():
+        staged.plain(batches[0])  # warm-up
+        _synchronize(precision.device)
+        start = time.perf_counter()
+        staged.plain(batches[0])
+        _synchronize(precision.device)
+    per_image = (time.perf_counter() - start) / batches[0].shape[0]
+    per_round = per_image * configurations  # the plain model bounds every configuration
+    kept, images = [], 0
+    for batch in batches:
+        if kept and (images + batch.shape[0]) * per_round * TIMING_ROUNDS > budget:
+            break
+        kept.append(batch)
+        images += batch.shape[0]
+    rounds = TIMING_ROUNDS if images * per_round * TIMING_ROUNDS <= budget else 1
+    return kept, rounds
+
+
+def _throughput(
+    functions: list[Callable[[list[torch.Tensor]], Any]],
+    batches: list[torch.Tensor],
+    precision: Precision,
+    rounds: int = TIMING_ROUNDS,
+    least: float = MIN_ROUND_SECONDS,
+) -> list[float]:
+    """Images per second of each function (run on the list of batches): rounds interleave the
+    functions (so that a machine's slow moment is shared); in each round a function runs over
+    the batches until `least` seconds have passed; each keeps the median of its rounds."""
+    count = sum(b.shape[0] for b in batches)
+    rates: list[list[float]] = [[] for _ in functions]
+    device = precision.device
+    with torch.inference_mode(), precision.autocast():
+        for function in functions:
+            function(batches[:1])  # warm-up: allocation, kernel choice
+        for _ in range(rounds):
+            for i, function in enumerate(functions):
+                images, elapsed = 0, 0.0
+                _synchronize(device)
+                start = time.perf_counter()
+                while elapsed < least:
+                    function(batches)
+                    images += count
+                    _synchronize(device)
+                    elapsed = time.perf_counter() - start
+                rates[i].append(images / elapsed)
+    return [statistics.median(r) for r in rates]
+
+
+def _each(function: Callable[[torch.Tensor], Any]) -> Callable[[list[torch.Tensor]], None]:
+    """`function` applied to each batch of a list."""
+
+    def apply(batches: list[torch.Tensor]) -> None:
+        for batch in batches:
+            function(batch)
+
+    return apply
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -9,14 +9,21 @@ import math
 import pytest
 import torch
 
-from mlkd_cli.engine.cascade import (
+from mlkd_cli.anytime.rules import (
+    EXIT_RULES,
+    ExitRule,
+    cascade_from_outputs,
+    check_rule,
+    exit_confidence,
+)
+from mlkd_cli.anytime.thresholds import (
     HeadOutputs,
     choose_operating_point,
     choose_thresholds,
     evaluate_cascade,
     frontier,
 )
-from mlkd_cli.models.exits import exit_confidence
+from mlkd_cli.core.errors import UserError
 
 
 def _logits(probs: list[list[float]]) -> torch.Tensor:
@@ -102,3 +109,30 @@ def test_the_frontier_rises_with_its_cost_and_each_point_is_a_real_cascade() -> 
             assert (again.top1, again.macs) == (point.top1, point.macs)
     top = frontier(heads, costs, plain, "max_softmax")
     assert (top[0].top1, top[-1].top1) == (70.0, 100.0)
+
+
+def test_a_rule_added_to_the_registry_is_refused_nowhere_and_decides_every_cascade(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new exit rule is one function and one registry line: the flag check, the confidence,
+    the decision on an export's outputs and the threshold search all find it there."""
+    with pytest.raises(UserError, match="--exit-rule must be one of"):
+        check_rule("second_class")
+    # Confidence: the second class's probability (a rule no built-in one equals).
+    second = ExitRule("the second class's probability", lambda probs: probs[..., 1])
+    monkeypatch.setitem(EXIT_RULES, "second_class", second)
+    assert check_rule("second_class") == "second_class"
+    assert str(EXIT_RULES["second_class"]) == "the second class's probability"  # as captioned
+    exit_logits = _logits([[0.1, 0.8, 0.1], [0.8, 0.1, 0.1]])
+    assert exit_confidence(exit_logits, "second_class").tolist() == pytest.approx([0.8, 0.1])
+    final = torch.zeros(2, 3)
+    _, taken = cascade_from_outputs([final, exit_logits], [0.5], "second_class")
+    assert taken.tolist() == [0, 1]  # the first image leaves at the exit, the second runs on
+    _, taken = cascade_from_outputs([final, exit_logits], [0.5], "max_softmax")
+    assert taken.tolist() == [0, 0]
+    # Label 1: the exit is right where it is sure of class 1, wrong where it is as sure of class
+    # 0. Only the new rule tells the two apart, so only it lets images leave without a loss.
+    heads = _two_heads([[0.1, 0.8, 0.1]] * 6 + [[0.8, 0.1, 0.1]] * 4, [1] * 10)
+    point = choose_operating_point(heads, [10, 100], 100, max_drop=0.0, rules=list(EXIT_RULES))
+    assert point.met and point.rule == "second_class"
+    assert point.result.shares == pytest.approx((60.0, 40.0)) and point.result.top1 == 100.0

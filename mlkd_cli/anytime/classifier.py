@@ -1,4 +1,5 @@
-"""Early-exit inference with a distilled student, without the command line.
+"""The deploy-time classifier: early-exit inference with a distilled student, without the command
+line.
 
     from mlkd_cli.anytime import AnytimeClassifier
 
@@ -20,21 +21,14 @@ from pathlib import Path
 
 import torch
 
+from mlkd_cli.anytime.costs import ExitCosts
+from mlkd_cli.anytime.rules import EXIT_RULE, cascade_from_outputs, check_rule, check_thresholds
+from mlkd_cli.anytime.staged import StagedStudent
 from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.cpus import warn_int8_target
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
-from mlkd_cli.engine.cascade import cascade_from_outputs
-from mlkd_cli.models.exits import (
-    EXIT_RULE,
-    ExitCosts,
-    ExitsCheckpoint,
-    StagedStudent,
-    check_rule,
-    check_thresholds,
-    exits_header,
-    load_exits_checkpoint,
-)
+from mlkd_cli.models.exits import ExitsCheckpoint, exits_header, load_exits_checkpoint
 
 
 @dataclass(frozen=True)
