@@ -1,7 +1,7 @@
-"""Every bad input listed in the README's table: one line on stderr, exit code 2, nothing changed.
+"""Every bad input in the table of docs/bad-inputs.md: one line on stderr, exit code 2, no change.
 
 Each case runs `mlkd` in a scratch folder that its `setup` fills; afterwards every file there
-must hold exactly what it held before. The README table and `CASES` name the same rows.
+must hold exactly what it held before. That table and `CASES` name the same rows.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mlkd_cli.core.checkpoint import ModelCard, save_exits_model, save_model
 from mlkd_cli.models.exits import exits_record
 from mlkd_cli.models.student import MultiExitStudent
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+BAD_INPUTS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "bad-inputs.md"
 TRAIN = ("teacher", "train", "-d", "digits", "-m", "test_resnet", "-e", "1", "-q")
 DISTILL = ("distill", "-d", "digits", "--student", "test_resnet", "-e", "1", "-q")
 FOLDER = ("teacher", "train", "-d", "imagefolder", "-m", "test_resnet", "--data-dir", "pets")
@@ -129,7 +129,7 @@ def _resumable_run(root: Path) -> None:
 
 @dataclass(frozen=True)
 class Case:
-    """One row of the README table."""
+    """One row of the table in docs/bad-inputs.md."""
 
     id: str
     args: tuple[str, ...]
@@ -408,12 +408,12 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     assert not (tmp_path / "code-ran").exists()
 
 
-def _readme_rows() -> list[str]:
-    text = README.read_text()
+def _table_rows() -> list[str]:
+    text = BAD_INPUTS_PAGE.read_text()
     section = text.split("## Bad input, and what you see", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"^\| ([^|]+?) \|", section, flags=re.MULTILINE)[1:]  # after the header
 
 
-def test_the_readme_table_lists_exactly_these_cases() -> None:
+def test_the_bad_inputs_table_lists_exactly_these_cases() -> None:
     ids = [(c.values[0] if not isinstance(c, Case) else c).id for c in CASES]
-    assert _readme_rows() == ids
+    assert _table_rows() == ids
