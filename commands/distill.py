@@ -12,8 +12,8 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.config import DistillConfig
 from mlkd_cli.engine.distiller import distill_student, plan_distillation
 from mlkd_cli.engine.launch import launcher_rank
-from mlkd_cli.engine.losses import LOSSES
 from mlkd_cli.engine.trainer import launch_training
+from mlkd_cli.losses.registry import LOSSES
 
 from . import options as opt
 

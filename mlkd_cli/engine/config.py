@@ -16,8 +16,8 @@ from mlkd_cli.core.safeload import quote
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.loggers import parse_log_to
 from mlkd_cli.engine.loop import OPTIMIZERS, SCHEDULES
-from mlkd_cli.engine.losses import FORMER_NAMES, LOSSES, loss_class, loss_param_problem
 from mlkd_cli.engine.precision import check_precision
+from mlkd_cli.losses.registry import FORMER_NAMES, LOSSES, loss_param_problem, loss_spec
 from mlkd_cli.models.student import EXIT_HEADS
 
 C = TypeVar("C")
@@ -417,7 +417,7 @@ class DistillConfig(TrainConfig):
             )
         refused = {
             "--teacher-cache": self.teacher_cache,
-            f"--loss {self.loss} (it needs the teacher's features)": loss_class(
+            f"--loss {self.loss} (it needs the teacher's features)": loss_spec(
                 self.loss
             ).has_features(),
             "--best-by val_kd_loss (the store holds training images only)": (
@@ -461,7 +461,7 @@ class DistillConfig(TrainConfig):
         problem = loss_param_problem(self.loss, self.loss_params or {})
         if problem:
             raise UserError(problem)
-        if loss_class(self.loss).adds_to_ce() and "alpha" not in self.recipe_filled:
+        if loss_spec(self.loss).adds_to_ce() and "alpha" not in self.recipe_filled:
             raise UserError(
                 f"--alpha mixes kd with cross-entropy; --loss {self.loss} adds its terms to "
                 "cross-entropy as its paper does: drop --alpha and set --loss-param "
