@@ -1,11 +1,13 @@
 """The distillation losses by name, declared without torch: what `--list-losses`, `--loss`,
-`--loss-param`, preset `loss_params` and the config checks read. A loss's class (torch) is
-imported on first use, from the module its entry names.
+`--loss-param`, preset `loss_params`, the study's `--losses` and the config checks read. A loss's
+class (torch) is imported on first use, from the module its entry names.
 
-A loss is one entry in `LOSSES`: the module and class under `mlkd_cli.losses`, a one-line summary
-and its `PARAMS` (each settable with `--loss-param NAME=VALUE` or the preset key `loss_params`,
-and listed by `--list-losses`; two of them, FEATURE_PARAM and CE_WEIGHT, also say what the loss
-is made of).
+A new loss is one module in this package, one entry in `LOSSES` and its test in tests/losses/.
+The entry names the module and class, a one-line summary and the loss's `PARAMS` (`params.py`;
+FEATURE_PARAM and CE_WEIGHT also say what the loss is made of). The module holds the formula as
+a pure function of tensors and the class: a subclass of `heads.MultiExitLoss` whose `PARAMS`
+are its entry's and whose `distill_terms` returns one head's named terms (they become history
+columns). Nothing else changes: flags, presets, the study and the listing find it here.
 """
 
 from __future__ import annotations
