@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.distiller import build_student
-from mlkd_cli.engine.losses import MultiExitKDLoss
+from mlkd_cli.losses.kd import MultiExitKDLoss
 from mlkd_cli.models.student import PatchConv2d
 
 CLASSES = 100

@@ -10,6 +10,7 @@ import typer
 from mlkd_cli.core.console import OutputOptions, Reporter, saved_lines
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.config import DistillConfig
+from mlkd_cli.losses.registry import LOSSES
 
 from . import options as opt
 
@@ -182,8 +183,6 @@ def parse_loss_params(pairs: list[str] | None) -> dict[str, float] | None:
 
 def show_losses(output: OutputOptions) -> None:
     """The registered losses, what each learns and its parameters with their defaults."""
-    from mlkd_cli.engine.losses import LOSSES
-
     report = Reporter(output)
     losses = [
         {

@@ -13,9 +13,10 @@ from mlkd_cli.core.console import OutputOptions
 from mlkd_cli.core.constants import MAX_IMG_SIZE
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import quote
+from mlkd_cli.losses.registry import FORMER_NAMES, LOSSES, loss_param_problem, loss_spec
 
-# The checks import torch, timm and the losses when they run: a config is built (and `--help` shows
-# its defaults) without them.
+# The checks import torch and timm when they run: a config is built (and `--help` shows its
+# defaults) without them. The loss registry is torch-free.
 
 C = TypeVar("C")
 DATA_PIPELINES = ("auto", "device", "cpu")
@@ -413,15 +414,13 @@ class DistillConfig(TrainConfig):
 
     def _check_soft_labels(self) -> None:
         """What a run from a soft-label store cannot do (it has no teacher to run)."""
-        from mlkd_cli.engine.losses import loss_class
-
         if self.ensemble is not None or self.teacher_model or self.teacher_checkpoint:
             raise UserError(
                 "--soft-labels replaces the teacher: drop --ensemble / --model / --checkpoint"
             )
         refused = {
             "--teacher-cache": self.teacher_cache,
-            f"--loss {self.loss} (it needs the teacher's features)": loss_class(
+            f"--loss {self.loss} (it needs the teacher's features)": loss_spec(
                 self.loss
             ).has_features(),
             "--best-by val_kd_loss (the store holds training images only)": (
@@ -451,7 +450,6 @@ class DistillConfig(TrainConfig):
 
     def validate(self) -> None:
         """Refuse impossible values before any work starts."""
-        from mlkd_cli.engine.losses import FORMER_NAMES, LOSSES, loss_class, loss_param_problem
         from mlkd_cli.models.student import EXIT_HEADS
 
         _check_choice("recipe", self.recipe, RECIPES)
@@ -468,7 +466,7 @@ class DistillConfig(TrainConfig):
         problem = loss_param_problem(self.loss, self.loss_params or {})
         if problem:
             raise UserError(problem)
-        if loss_class(self.loss).adds_to_ce() and "alpha" not in self.recipe_filled:
+        if loss_spec(self.loss).adds_to_ce() and "alpha" not in self.recipe_filled:
             raise UserError(
                 f"--alpha mixes kd with cross-entropy; --loss {self.loss} adds its terms to "
                 "cross-entropy as its paper does: drop --alpha and set --loss-param "

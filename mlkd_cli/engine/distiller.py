@@ -24,13 +24,13 @@ from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import TrainingBatches
 from mlkd_cli.data.registry import DataSplits, get_dataset_spec, load_splits
+from mlkd_cli.data.replay import mixed_teacher_logits
 from mlkd_cli.data.softlabels import SoftLabelStore, open_store, read_manifest, store_recipe
 from mlkd_cli.data.transforms import ImageRecipe
 from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.config import DistillConfig, TrainConfig
 from mlkd_cli.engine.launch import resolve_device
-from mlkd_cli.engine.losses import build_loss, loss_class
 from mlkd_cli.engine.planning import (
     RunFiles,
     RunPlan,
@@ -42,7 +42,7 @@ from mlkd_cli.engine.planning import (
 )
 from mlkd_cli.engine.provenance import store_identity, teacher_identity
 from mlkd_cli.engine.trainer import fit
-from mlkd_cli.losses.mixing import mixed_teacher_logits
+from mlkd_cli.losses.registry import build_loss, loss_class
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec, read_ensemble_config
 from mlkd_cli.models.exits import exits_record
 from mlkd_cli.models.factory import (

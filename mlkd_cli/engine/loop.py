@@ -27,6 +27,7 @@ from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.loaders import Batch
 from mlkd_cli.data.sources import UnreadableImage
 from mlkd_cli.engine.precision import Precision
+from mlkd_cli.losses.ce import soft_cross_entropy
 
 # (model, images, soft targets, dataset positions of the images or None, Mixup/CutMix share λ)
 # -> the loss, or a dict of named losses whose "loss" entry trains (the others, e.g. "kd", "ce",
@@ -112,11 +113,6 @@ class EpochProgress:
 # epoch's progress (which reads device values, so only when a checkpoint is written); returns
 # True to end the epoch there.
 BoundaryFn = Callable[[int, Callable[[], EpochProgress]], bool]
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against probability targets, computed in fp32."""
-    return F.cross_entropy(logits.float(), targets)
 
 
 def cross_entropy_step(

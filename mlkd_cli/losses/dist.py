@@ -6,7 +6,7 @@ relations: with y = softmax(z/τ) for a batch (B images x C classes),
   teacher's rows (how the classes rank within one image);
 - intra-class: 1 − the mean over classes of the Pearson correlation of their columns (how the
   images rank within one class).
-Both carry τ². The paper's ImageNet defaults: β = γ = 1, τ = 1.
+Both carry τ². The paper's ImageNet defaults (β = γ = 1, τ = 1) are in the registry.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-INTER_WEIGHT = 1.0
-INTRA_WEIGHT = 1.0
-TAU = 1.0
+from mlkd_cli.losses.heads import MultiExitLoss
+from mlkd_cli.losses.registry import LOSSES
+
 EPS = 1e-8
 
 
@@ -37,3 +37,29 @@ def dist_terms(
     inter = scale * (1.0 - mean_pearson(y_s, y_t, dim=1))
     intra = scale * (1.0 - mean_pearson(y_s, y_t, dim=0))
     return inter, intra
+
+
+class MultiExitDISTLoss(MultiExitLoss):
+    """DIST at every head: `CE + β·inter + γ·intra` at DIST's own temperature τ (the paper's 1),
+    not --temperature; as in the paper CE weighs 1 (--alpha does not apply)."""
+
+    PARAMS = LOSSES["dist"].PARAMS
+
+    @property
+    def teacher_temperature(self) -> float:
+        """DIST reads the teacher at its own τ."""
+        return self.params["tau"]
+
+    def distill_terms(
+        self,
+        logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        targets: torch.Tensor,
+        labelled: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`inter` and `intra`, each weighted."""
+        inter, intra = dist_terms(logits, teacher_logits, self.params["tau"])
+        return {
+            "inter": self.params["inter_weight"] * inter,
+            "intra": self.params["intra_weight"] * intra,
+        }

@@ -11,10 +11,17 @@ ResNet's last stage runs an order of magnitude larger than its first).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
-FEATURE_WEIGHT = 1.0
+from mlkd_cli.losses.dkd import MultiExitDKDLoss
+from mlkd_cli.losses.heads import MultiExitLoss
+from mlkd_cli.losses.kd import MultiExitKDLoss
+from mlkd_cli.losses.params import FEATURE_PARAM
+from mlkd_cli.losses.registry import LOSSES
+
 EPS = 1e-6
 
 
@@ -36,3 +43,31 @@ def feature_term(adapted: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"feature maps {tuple(adapted.shape)} and {tuple(teacher.shape)} differ")
     s, t = matched_resolution(adapted.float(), teacher.float().detach())
     return (s - t).square().mean() / t.square().mean().clamp(min=EPS)
+
+
+class FeatureTerms(MultiExitLoss):
+    """The exits' feature terms, for a loss declaring FEATURE_PARAM: a logit loss with them is
+    `class L(FeatureTerms, LogitLoss)`."""
+
+    def feature_terms(
+        self, features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Each exit's weighted feature term (`feature_term`)."""
+        if len(features) != len(self.head_weights) - 1 or len(teacher_features) != len(features):
+            raise ValueError("one adapted map and one teacher map per exit are needed")
+        weight = self.params[FEATURE_PARAM.name]
+        pairs = zip(features, teacher_features, strict=True)
+        return [weight * feature_term(s, t) for s, t in pairs]
+
+
+class MultiExitKDFeatureLoss(FeatureTerms, MultiExitKDLoss):
+    """Hinton KD at every head, plus each exit's stage features regressed onto the teacher's
+    matching stage through a 1x1 adapter."""
+
+    PARAMS = LOSSES["kd+feature"].PARAMS
+
+
+class MultiExitDKDFeatureLoss(FeatureTerms, MultiExitDKDLoss):
+    """DKD at every head, plus the exits' feature terms (as `kd+feature`)."""
+
+    PARAMS = LOSSES["dkd+feature"].PARAMS

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_error_line, invoke_cli
 
-from mlkd_cli.engine.losses import LOSSES, kd_terms
 from mlkd_cli.losses.dist import dist_terms
 from mlkd_cli.losses.dkd import dkd_per_image, dkd_terms
-from mlkd_cli.losses.mixing import mixed_teacher_logits
+from mlkd_cli.losses.kd import kd_terms
+from mlkd_cli.losses.registry import LOSSES
 
 
 def _kl(p: list[float], q: list[float]) -> float:
@@ -68,30 +68,6 @@ def test_dkd_of_a_mixed_target_weighs_the_two_labels_by_their_shares() -> None:
     one_t, one_n = dkd_terms(student, teacher, F.one_hot(a, 10).float(), 4.0)
     assert one_t.item() == pytest.approx(ta.mean().item(), rel=1e-6)
     assert one_n.item() == pytest.approx(na.mean().item(), rel=1e-6)
-
-
-def test_a_stored_mixup_target_is_the_two_distributions_blended_by_the_images_share() -> None:
-    """From a store, a mixed image learns λ·p(own view) + (1 − λ)·p(partner's), partner = the
-    batch reversed, at the loss's temperature; classes outside a stored top-k (-1e4) stay 0."""
-    torch.manual_seed(0)
-    logits = torch.randn(6, 7) * 3
-    logits[:, 5:] = -1e4  # outside a stored top-5
-    for temperature in (1.0, 4.0):
-        p = F.softmax(logits / temperature, dim=1)
-        for lam in (0.0, 0.3, 0.999):
-            mixed = mixed_teacher_logits(logits, lam, temperature)
-            assert torch.isfinite(mixed).all()
-            got = F.softmax(mixed / temperature, dim=1)
-            assert torch.allclose(got, lam * p + (1 - lam) * p.flip(0), atol=1e-6)
-            assert got[:, 5:].max() < 1e-30
-        assert mixed_teacher_logits(logits, 1.0, temperature) is logits
-    # KD against it is the KL to the blend, computed by hand for one image.
-    student = torch.randn(6, 7)
-    mixed = mixed_teacher_logits(logits, 0.3, 4.0)
-    kd, _ = kd_terms(student[:1], mixed[:1], torch.zeros(1, 7), 4.0, with_ce=False)
-    pt = (0.3 * F.softmax(logits[0] / 4, 0) + 0.7 * F.softmax(logits[5] / 4, 0)).tolist()
-    expected = 16 * _kl(pt, _softmax(student[0].tolist(), 4.0))
-    assert kd.item() == pytest.approx(expected, rel=1e-4)
 
 
 def test_dist_terms_equal_a_direct_pearson_computation() -> None:

@@ -11,8 +11,8 @@ import timm
 import torch
 from conftest import assert_error_line, invoke_cli
 
-from mlkd_cli.engine.losses import LOSSES, build_loss
 from mlkd_cli.losses.feature import feature_term, matched_resolution
+from mlkd_cli.losses.registry import LOSSES, build_loss
 from mlkd_cli.models.exits import load_exits_checkpoint
 
 TEACHER = ("-d", "digits", "-m", "test_resnet", "--img-size", "16")

@@ -1,4 +1,5 @@
-"""Mixup/CutMix targets from stored teacher outputs.
+"""Replaying a soft-label store (`mlkd_cli/data/softlabels.py`) as training targets: the target
+of a Mixup/CutMix image from the stored teacher outputs of its two unmixed views.
 
 A live teacher sees the mixed image. A soft-label store holds the teacher's outputs for the two
 unmixed views only, so a mixed image's target is their blend with the images' own share λ (as
