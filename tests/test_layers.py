@@ -1,4 +1,5 @@
-"""The package's layers import one way only: core <- data, models <- engine <- services <- commands.
+"""The package's layers import one way only:
+core <- data, models <- engine <- passes <- services <- commands.
 
 Walks every module's imports with `ast` (those inside functions too), so the rule lasts.
 """
@@ -26,18 +27,22 @@ LAYERS = {
     "mlkd_cli.anytime.staged": 1,
     "mlkd_cli.losses": 1,
     "mlkd_cli.engine": 2,
-    "mlkd_cli.pipeline": 3,
-    "mlkd_cli.study": 3,
-    "mlkd_cli.export": 3,
-    "mlkd_cli.int8": 3,
-    "mlkd_cli.anytime": 3,
-    "mlkd_cli.presets": 3,
-    "mlkd_cli.commands": 4,
-    "mlkd_cli.shipped_presets": 4,
-    "mlkd_cli.cli": 4,
-    "mlkd_cli.__main__": 4,
+    # Forward-only jobs over a split (logits, evaluation, ensemble fitting, labelling): above
+    # the engine, whose launcher, precision and planning helpers they reuse; training never
+    # imports them.
+    "mlkd_cli.passes": 3,
+    "mlkd_cli.pipeline": 4,
+    "mlkd_cli.study": 4,
+    "mlkd_cli.export": 4,
+    "mlkd_cli.int8": 4,
+    "mlkd_cli.anytime": 4,
+    "mlkd_cli.presets": 4,
+    "mlkd_cli.commands": 5,
+    "mlkd_cli.shipped_presets": 5,
+    "mlkd_cli.cli": 5,
+    "mlkd_cli.__main__": 5,
 }
-NAMES = {0: "core", 1: "data/models", 2: "engine", 3: "services", 4: "commands"}
+NAMES = {0: "core", 1: "data/models", 2: "engine", 3: "passes", 4: "services", 5: "commands"}
 # Layer-1 prefixes that count as one concept with models/ (others on layer 1 do not import each
 # other).
 SIBLINGS = {"mlkd_cli.anytime.rules", "mlkd_cli.anytime.costs", "mlkd_cli.anytime.staged"}
