@@ -148,9 +148,9 @@ def test_only_the_members_whose_output_is_not_finite_are_named(tmp_path: Path) -
     """In an ensemble, the member at fault is named; finite members whose combined logits leave
     float16's range (what the store keeps) are refused as such."""
     from mlkd_cli.data.softlabels import StoreManifest
-    from mlkd_cli.engine.labeling import _label_shard
     from mlkd_cli.engine.precision import Precision
     from mlkd_cli.models.teacher import TeacherEnsemble
+    from mlkd_cli.passes.labeling import _label_shard
 
     def member(scale: float) -> torch.nn.Module:
         layer = torch.nn.Linear(12, 10)
