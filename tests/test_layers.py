@@ -140,3 +140,25 @@ def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     path = tmp_path / "bad.py"
     path.write_text("def f():\n    from mlkd_cli.engine import launch\n")
     assert "mlkd_cli.engine.launch" in imports_of("mlkd_cli.data.bad", path)
+
+
+# The training tasks and the trainer that runs them: a forward-only pass reuses the launcher,
+# precision, the config and the planning checks (whose validation knows the loss and optimiser
+# names), never a task. `models/` builds the teacher a pass runs.
+TRAINING = ("mlkd_cli.engine.distiller", "mlkd_cli.engine.teacher", "mlkd_cli.engine.trainer")
+
+
+def test_passes_reach_no_training_task() -> None:
+    files = module_files()
+    graph = {name: imports_of(name, path) for name, path in files.items()}
+    passes = [name for name in graph if name.startswith("mlkd_cli.passes.")]
+    assert passes, "no module found under mlkd_cli/passes/"
+    wrong = []
+    for start in passes:
+        seen, todo = set(), [start]
+        while todo:  # everything the pass loads, directly or through another module
+            for target in graph[todo.pop()] - seen:
+                seen.add(target)
+                todo.append(target)
+        wrong += [f"{start} reaches {t}" for t in sorted(seen) if t.startswith(TRAINING)]
+    assert not wrong, "\n".join(wrong)
