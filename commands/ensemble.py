@@ -17,7 +17,7 @@ from mlkd_cli.presets import resolve_preset
 from . import options as opt
 
 if TYPE_CHECKING:  # the engine loads when a command runs, not for --help
-    from mlkd_cli.engine.ensemble import LogitsRequest
+    from mlkd_cli.passes.ensemble import LogitsRequest
 
 app = typer.Typer(help="Build and evaluate weighted teacher ensembles.", no_args_is_help=True)
 
@@ -121,7 +121,7 @@ def _request(
     shared: opt.Shared, config_path: Path, split: str, dataset: str | None
 ) -> LogitsRequest:
     """The logits pass both commands run, from their options."""
-    from mlkd_cli.engine.ensemble import LogitsRequest
+    from mlkd_cli.passes.ensemble import LogitsRequest
 
     return LogitsRequest(
         config_path=config_path,
@@ -194,7 +194,7 @@ def build(
             fit_temperature = resolved.fit_temperature
     fit_temperature = bool(fit_temperature)
     out = shared.output
-    from mlkd_cli.engine.ensemble import fit_and_write, run_logits_pass
+    from mlkd_cli.passes.ensemble import fit_and_write, run_logits_pass
 
     run = run_logits_pass(_request(shared, config_path, "val", dataset))
     if run is None:
@@ -242,7 +242,7 @@ def evaluate(
     shared: opt.Shared,
 ) -> None:
     """Every member's and the ensemble's top-1 and NLL on a split, with the file's weights."""
-    from mlkd_cli.engine.ensemble import run_logits_pass
+    from mlkd_cli.passes.ensemble import run_logits_pass
 
     out = shared.output
     split_name = split.value

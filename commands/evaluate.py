@@ -16,7 +16,7 @@ from . import options as opt
 
 if TYPE_CHECKING:  # the engine loads when a command runs, not for --help
     from mlkd_cli.anytime.evaluation import AnytimeJob
-    from mlkd_cli.engine.evaluation import EvalJob, Measured
+    from mlkd_cli.passes.evaluation import EvalJob, Measured
 
 
 @opt.with_options(opt.run_options(), opt.output_options())
@@ -148,8 +148,8 @@ def evaluate(
         _check_plots(plots, checkpoints, anytime, overwrite)
     out = shared.output
     from mlkd_cli.anytime.evaluation import AnytimeRequest, plan_anytime_job
-    from mlkd_cli.engine.evaluation import EvalRequest, plan_eval_job
     from mlkd_cli.engine.launch import launcher_rank
+    from mlkd_cli.passes.evaluation import EvalRequest, plan_eval_job
 
     common = {
         "dataset": dataset,
@@ -207,7 +207,7 @@ def _run_job(
 ) -> dict[str, Any] | None:
     """One job's result (None off rank 0); a student with exits is rendered at once."""
     from mlkd_cli.anytime.evaluation import AnytimeJob, measure_anytime
-    from mlkd_cli.engine.evaluation import measure
+    from mlkd_cli.passes.evaluation import measure
 
     if isinstance(job, AnytimeJob):
         result = measure_anytime(job, world_size, device)

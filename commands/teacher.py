@@ -151,8 +151,8 @@ def label(
     }
     cfg = shared.own_files_config(DistillConfig, "distill", flags)
     _check_store_folder(output)
-    from mlkd_cli.engine.labeling import label_store, plan_labeling
     from mlkd_cli.engine.launch import launcher_rank
+    from mlkd_cli.passes.labeling import label_store, plan_labeling
 
     plan = plan_labeling(cfg, output, views, top_k, shard_size)
     summary = label_store(plan)

@@ -48,7 +48,7 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import TransformedSubset
 from mlkd_cli.data.registry import DataSplits, load_splits
 from mlkd_cli.data.transforms import build_eval_transform
-from mlkd_cli.engine.logits import card_recipe, data_dir_for, split_dataset
+from mlkd_cli.passes.logits import card_recipe, data_dir_for, split_dataset
 
 BATCH = 32  # images a calibration or comparison batch holds
 CALIBRATION_SEED = 0

@@ -25,15 +25,15 @@ from mlkd_cli.core.plots import comparison_png
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig, TrainConfig
 from mlkd_cli.engine.distiller import check_feature_loss, distill_student, plan_distillation
-from mlkd_cli.engine.ensemble import LogitsRequest, fit_and_write, run_logits_pass
-from mlkd_cli.engine.evaluation import EvalRequest, measure, plan_eval_job
-from mlkd_cli.engine.labeling import label_store, plan_labeling, resolve_top_k
 from mlkd_cli.engine.planning import RunFiles
 from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
 from mlkd_cli.engine.trainer import launch_training
 from mlkd_cli.export import export_checkpoint
 from mlkd_cli.models.ensemble_config import read_ensemble_config
 from mlkd_cli.models.factory import check_model_name
+from mlkd_cli.passes.ensemble import LogitsRequest, fit_and_write, run_logits_pass
+from mlkd_cli.passes.evaluation import EvalRequest, measure, plan_eval_job
+from mlkd_cli.passes.labeling import label_store, plan_labeling, resolve_top_k
 from mlkd_cli.presets import SoftLabelSettings, resolve_preset
 
 ENSEMBLE_FILE = "ensemble.json"

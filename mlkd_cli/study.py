@@ -23,9 +23,9 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.plots import study_png
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig, TrainConfig
 from mlkd_cli.engine.distiller import distill_student, plan_distillation
-from mlkd_cli.engine.evaluation import EvalRequest, measure, plan_eval_job
 from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
 from mlkd_cli.losses.registry import LOSSES
+from mlkd_cli.passes.evaluation import EvalRequest, measure, plan_eval_job
 from mlkd_cli.pipeline import BASELINE_KIND, baseline_config, train_stage
 
 CE = "ce"  # the cross-entropy arm: the student trained on labels alone

@@ -1,5 +1,5 @@
-"""The package's layers import one way only: core <- data, models, losses <- engine <- services <-
-commands; data/, models/ and losses/ share a layer and do not import each other.
+"""The package's layers import one way only: core <- data, models, losses <- engine <- passes <-
+services <- commands; data/, models/ and losses/ share a layer and do not import each other.
 
 Walks every module's imports with `ast` (those inside functions too), so the rule lasts.
 """
@@ -27,18 +27,22 @@ LAYERS = {
     "mlkd_cli.anytime.staged": 1,
     "mlkd_cli.losses": 1,
     "mlkd_cli.engine": 2,
-    "mlkd_cli.pipeline": 3,
-    "mlkd_cli.study": 3,
-    "mlkd_cli.export": 3,
-    "mlkd_cli.int8": 3,
-    "mlkd_cli.anytime": 3,
-    "mlkd_cli.presets": 3,
-    "mlkd_cli.commands": 4,
-    "mlkd_cli.shipped_presets": 4,
-    "mlkd_cli.cli": 4,
-    "mlkd_cli.__main__": 4,
+    # Forward-only jobs over a split (logits, evaluation, ensemble fitting, labelling): above
+    # the engine, whose launcher, precision and planning helpers they reuse; training never
+    # imports them.
+    "mlkd_cli.passes": 3,
+    "mlkd_cli.pipeline": 4,
+    "mlkd_cli.study": 4,
+    "mlkd_cli.export": 4,
+    "mlkd_cli.int8": 4,
+    "mlkd_cli.anytime": 4,
+    "mlkd_cli.presets": 4,
+    "mlkd_cli.commands": 5,
+    "mlkd_cli.shipped_presets": 5,
+    "mlkd_cli.cli": 5,
+    "mlkd_cli.__main__": 5,
 }
-NAMES = {0: "core", 1: "data/models/losses", 2: "engine", 3: "services", 4: "commands"}
+NAMES = {0: "core", 1: "data/models/losses", 2: "engine", 3: "passes", 4: "services", 5: "commands"}
 # Layer-1 prefixes that count as one concept with models/ (others on layer 1 do not import each
 # other).
 SIBLINGS = {"mlkd_cli.anytime.rules", "mlkd_cli.anytime.costs", "mlkd_cli.anytime.staged"}
@@ -136,3 +140,25 @@ def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     path = tmp_path / "bad.py"
     path.write_text("def f():\n    from mlkd_cli.engine import launch\n")
     assert "mlkd_cli.engine.launch" in imports_of("mlkd_cli.data.bad", path)
+
+
+# The training tasks and the trainer that runs them: a forward-only pass reuses the launcher,
+# precision, the config and the planning checks (whose validation knows the loss and optimiser
+# names), never a task. `models/` builds the teacher a pass runs.
+TRAINING = ("mlkd_cli.engine.distiller", "mlkd_cli.engine.teacher", "mlkd_cli.engine.trainer")
+
+
+def test_passes_reach_no_training_task() -> None:
+    files = module_files()
+    graph = {name: imports_of(name, path) for name, path in files.items()}
+    passes = [name for name in graph if name.startswith("mlkd_cli.passes.")]
+    assert passes, "no module found under mlkd_cli/passes/"
+    wrong = []
+    for start in passes:
+        seen, todo = set(), [start]
+        while todo:  # everything the pass loads, directly or through another module
+            for target in graph[todo.pop()] - seen:
+                seen.add(target)
+                todo.append(target)
+        wrong += [f"{start} reaches {t}" for t in sorted(seen) if t.startswith(TRAINING)]
+    assert not wrong, "\n".join(wrong)

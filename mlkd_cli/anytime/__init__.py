@@ -6,9 +6,10 @@ early stage. `rules` (how sure a head is; where an image leaves; the rule regist
 this machine) and `classifier` (the deploy-time `AnytimeClassifier`). The exit heads are built in
 `models/student.py` and the exits file format lives in `models/exits.py`. `rules`, `costs` and
 `staged` sit in the models layer (the file format records a rule and counted MACs): they import
-only torch, `core` and `models.student`. The rest may also import `data` and `engine` (a pass over
-a split, precision, launch), never `commands`, Typer or rich. This file imports nothing, so
-`from mlkd_cli.anytime import AnytimeClassifier` loads the classifier only when asked for.
+only torch, `core` and `models.student`. The rest may also import `data`, `engine` (precision,
+launch) and `passes` (a pass over a split), never `commands`, Typer or rich. This file imports
+nothing, so `from mlkd_cli.anytime import AnytimeClassifier` loads the classifier only when asked
+for.
 """
 
 from __future__ import annotations

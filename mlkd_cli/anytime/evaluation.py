@@ -34,7 +34,9 @@ from mlkd_cli.core.metrics import classification_metrics
 from mlkd_cli.data.loaders import build_eval_loader
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine.launch import resolve_device
-from mlkd_cli.engine.logits import (
+from mlkd_cli.engine.precision import Precision, prepare_forward
+from mlkd_cli.models.exits import load_exits_checkpoint
+from mlkd_cli.passes.logits import (
     PlannedPass,
     card_recipe,
     check_split,
@@ -43,8 +45,6 @@ from mlkd_cli.engine.logits import (
     model_pass,
     split_dataset,
 )
-from mlkd_cli.engine.precision import Precision, prepare_forward
-from mlkd_cli.models.exits import load_exits_checkpoint
 
 DEFAULT_MAX_DROP = 0.5  # top-1 points --early-exit may lose when no --budget is given
 

@@ -43,7 +43,7 @@ from mlkd_cli.engine.planning import (
 from mlkd_cli.engine.provenance import store_identity, teacher_identity
 from mlkd_cli.engine.trainer import fit
 from mlkd_cli.losses.registry import build_loss, loss_class
-from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec, read_ensemble_config
+from mlkd_cli.models.ensemble_config import EnsembleConfig, resolve_teacher
 from mlkd_cli.models.exits import exits_record
 from mlkd_cli.models.factory import (
     build_model,
@@ -64,11 +64,10 @@ from mlkd_cli.models.teacher import (
     LoadedMember,
     build_teacher,
     input_lines,
+    input_sizes,
     load_member,
-    member_input,
 )
 
-DEFAULT_ENSEMBLE_FILE = Path("config.json")
 # The logit a class outside a stored top-k takes: exp(-1e4 / T) is 0 in fp32 for any usable T.
 STORE_FILL = -1e4
 
@@ -89,39 +88,6 @@ class DistillPlan:
     def config(self) -> TrainConfig:
         """The run's settings (what the launcher reads: world size, restarts, batch)."""
         return self.run.config
-
-
-def resolve_teacher(cfg: DistillConfig) -> EnsembleConfig:
-    """The teacher the user named, or `config.json` here, as an ensemble (of one, maybe)."""
-    if cfg.teacher_checkpoint is not None:  # --model may be left out: the checkpoint's card
-        member = MemberSpec(cfg.teacher_checkpoint, cfg.teacher_model, 1.0)
-        return EnsembleConfig(path=cfg.teacher_checkpoint, members=(member,)).with_ema(
-            cfg.teacher_ema
-        )
-    path = cfg.ensemble
-    if path is None:
-        if not DEFAULT_ENSEMBLE_FILE.is_file():
-            raise UserError(
-                "no teacher named and no config.json here; pass --ensemble FILE, or --model NAME "
-                "--checkpoint PATH for a single teacher"
-            )
-        path = DEFAULT_ENSEMBLE_FILE
-    return read_ensemble_config(path, cfg.models_dir).with_ema(cfg.teacher_ema)
-
-
-def teacher_inputs(
-    loaded: Sequence[LoadedMember], recipe: ImageRecipe, img_size: int | None
-) -> list[str]:
-    """One line per teacher: the input it runs at, why, and any resize of the student's batch."""
-    return input_lines(loaded, InputSpec(recipe.img_size, recipe.mean, recipe.std), img_size)
-
-
-def teacher_sizes(
-    loaded: Sequence[LoadedMember], recipe: ImageRecipe, img_size: int | None
-) -> list[int]:
-    """The input size each teacher runs at (as `teacher_inputs` says it), for the records."""
-    seen = InputSpec(recipe.img_size, recipe.mean, recipe.std)
-    return [member_input(m, seen, img_size)[0].img_size for m in loaded]
 
 
 def build_student(
@@ -152,7 +118,13 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     # the name and the files first: a refusal there costs nothing (no teacher loaded)
     files = RunFiles(cfg.output_dir, cfg.run_name)
     check_output_files(cfg, files, identity=("student", "dataset"))
-    teacher = None if cfg.soft_labels is not None else resolve_teacher(cfg)
+    teacher = (
+        None
+        if cfg.soft_labels is not None
+        else resolve_teacher(
+            cfg.teacher_checkpoint, cfg.teacher_model, cfg.ensemble, cfg.models_dir, cfg.teacher_ema
+        )
+    )
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     report = Reporter(cfg.output)
     members = teacher.members if teacher is not None else ()
@@ -184,7 +156,8 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
         cfg, cfg.student, splits, recipe, "student", learns_from_unlabelled=True, teacher=taught_by
     )
     run = replace(run, view_replay=replay)
-    for line in teacher_inputs(loaded, recipe, cfg.teacher_img_size):  # all checked: said
+    seen = InputSpec(recipe.img_size, recipe.mean, recipe.std)
+    for line in input_lines(loaded, seen, cfg.teacher_img_size):  # all checked: said
         report.once(line)
     return DistillPlan(run, teacher, tuple(exits), tuple(weights), features, channels)
 
@@ -201,7 +174,8 @@ def teacher_record(
         assert cfg.soft_labels is not None
         source = store_identity(cfg.soft_labels, read_manifest(cfg.soft_labels))
     else:
-        sizes = teacher_sizes(loaded, recipe, cfg.teacher_img_size)
+        seen = InputSpec(recipe.img_size, recipe.mean, recipe.std)
+        sizes = input_sizes(loaded, seen, cfg.teacher_img_size)
         source = {**teacher_identity(teacher), "img_size": sizes}
     return {**source, "loss": cfg.loss, "distill_temperature": cfg.temperature}
 

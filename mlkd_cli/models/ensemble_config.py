@@ -88,6 +88,33 @@ class EnsembleConfig:
         return replace(self, members=members, temperature=float(temperature), has_weights=True)
 
 
+# The ensemble file read when no teacher is named: the original project's, in the working folder.
+DEFAULT_ENSEMBLE_FILE = Path("config.json")
+
+
+def resolve_teacher(
+    checkpoint: Path | None,
+    model: str | None,
+    ensemble: Path | None,
+    models_dir: Path | None,
+    ema: bool,
+) -> EnsembleConfig:
+    """The teacher the user named (`--checkpoint` with `--model`, or `--ensemble`), or
+    `config.json` here, as an ensemble (of one, maybe), each member taking its EMA or not."""
+    if checkpoint is not None:  # --model may be left out: the checkpoint's card names it
+        member = MemberSpec(checkpoint, model, 1.0)
+        return EnsembleConfig(path=checkpoint, members=(member,)).with_ema(ema)
+    path = ensemble
+    if path is None:
+        if not DEFAULT_ENSEMBLE_FILE.is_file():
+            raise UserError(
+                "no teacher named and no config.json here; pass --ensemble FILE, or --model NAME "
+                "--checkpoint PATH for a single teacher"
+            )
+        path = DEFAULT_ENSEMBLE_FILE
+    return read_ensemble_config(path, models_dir).with_ema(ema)
+
+
 def read_ensemble_config(path: Path, models_dir: Path | None = None) -> EnsembleConfig:
     """Parse an ensemble file, checking its shape (not yet its checkpoints)."""
     if not path.is_file():

@@ -242,6 +242,14 @@ def input_lines(
     return [describe_input(m, *member_input(m, seen, img_size), seen) for m in loaded]
 
 
+def input_sizes(
+    loaded: Sequence[LoadedMember], seen: InputSpec, img_size: int | None = None
+) -> list[int]:
+    """The input size `member_input` settles for each member (as `input_lines` says it), for
+    the records."""
+    return [member_input(m, seen, img_size)[0].img_size for m in loaded]
+
+
 def build_teacher(
     config: EnsembleConfig,
     num_classes: int | None,

@@ -25,9 +25,9 @@ from mlkd_cli.anytime.thresholds import (
 )
 from mlkd_cli.core.checkpoint import load_checkpoint
 from mlkd_cli.data.registry import load_splits
-from mlkd_cli.engine.logits import card_recipe, split_dataset
 from mlkd_cli.models.exits import load_exits_checkpoint
 from mlkd_cli.models.student import MultiExitStudent
+from mlkd_cli.passes.logits import card_recipe, split_dataset
 
 STUDENTS = [
     ("test_convnext", 32, "original"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_error_line, invoke_cli
+from conftest import assert_error_line, invoke_cli, working_dir
 
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.device import DeviceAugment
@@ -127,6 +127,22 @@ def test_labelling_refusals_are_one_line_and_write_nothing(
     assert read_manifest(out).teacher["img_size"] == [16]
 
 
+def test_with_no_teacher_named_the_config_json_here_is_the_teacher(tmp_path: Path) -> None:
+    """The original project's habit: no `--ensemble` and no `--checkpoint` reads `config.json`
+    in the working folder; without one, one line names both ways to name a teacher."""
+    args = ("teacher", "label", "-d", "digits", "--img-size", "16", "--output", "store", "-q")
+    with working_dir(tmp_path):
+        alone = invoke_cli(*args)
+        assert alone.exit_code == 2
+        assert_error_line(alone.stderr, "no config.json here", "--ensemble FILE", "--checkpoint")
+        member = {"checkpoint": "nowhere.pth", "model": "test_resnet"}
+        Path("config.json").write_text(json.dumps({"members": [member]}))
+        read = invoke_cli(*args)
+    assert read.exit_code == 2  # its member is what is missing now: the file was read
+    assert_error_line(read.stderr, "teacher checkpoint nowhere.pth does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # nothing written
+
+
 def test_a_teacher_with_a_nan_weight_is_refused_naming_it_before_any_work(
     digits_teacher: Path, tmp_path: Path
 ) -> None:
@@ -148,9 +164,9 @@ def test_only_the_members_whose_output_is_not_finite_are_named(tmp_path: Path) -
     """In an ensemble, the member at fault is named; finite members whose combined logits leave
     float16's range (what the store keeps) are refused as such."""
     from mlkd_cli.data.softlabels import StoreManifest
-    from mlkd_cli.engine.labeling import _label_shard
     from mlkd_cli.engine.precision import Precision
     from mlkd_cli.models.teacher import TeacherEnsemble
+    from mlkd_cli.passes.labeling import _label_shard
 
     def member(scale: float) -> torch.nn.Module:
         layer = torch.nn.Linear(12, 10)

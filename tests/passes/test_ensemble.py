@@ -16,9 +16,9 @@ from conftest import invoke_cli as _cli
 from mlkd_cli.core.checkpoint import ModelCard, save_model
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data import sources
-from mlkd_cli.engine.ensemble import fit_ensemble_weights
 from mlkd_cli.models.ensemble_config import read_ensemble_config, write_ensemble_config
 from mlkd_cli.models.teacher import InputAdapter, InputSpec, TeacherEnsemble
+from mlkd_cli.passes.ensemble import fit_ensemble_weights
 
 ORIGINAL_EXAMPLE = """{
     "models": ["deit_small_distilled_patch16_224", "convnextv2_nano", "gmlp_s16_224", "hrnet_w18", "swinv2_cr_tiny_ns_224"],

@@ -14,8 +14,11 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.metrics import classification_metrics
 from mlkd_cli.data.registry import DataSplits, get_dataset_spec
 from mlkd_cli.data.transforms import ImageRecipe
-from mlkd_cli.engine.ensemble import LogitsRequest, plan_ensemble_run
-from mlkd_cli.engine.logits import (
+from mlkd_cli.models.ensemble_config import EnsembleConfig, read_ensemble_config
+from mlkd_cli.models.factory import load_trained_model
+from mlkd_cli.models.teacher import InputSpec, build_teacher
+from mlkd_cli.passes.ensemble import LogitsRequest, plan_ensemble_run
+from mlkd_cli.passes.logits import (
     DEFAULT_DATA_DIR,
     PlannedPass,
     card_recipe,
@@ -24,9 +27,6 @@ from mlkd_cli.engine.logits import (
     launch_pass,
     model_pass,
 )
-from mlkd_cli.models.ensemble_config import EnsembleConfig, read_ensemble_config
-from mlkd_cli.models.factory import load_trained_model
-from mlkd_cli.models.teacher import InputSpec, build_teacher
 
 
 @dataclass(frozen=True, kw_only=True)

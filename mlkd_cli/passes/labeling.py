@@ -42,17 +42,18 @@ from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
 from mlkd_cli.data.views import ViewReplay, view_seed
 from mlkd_cli.engine.config import DistillConfig
-from mlkd_cli.engine.distiller import resolve_teacher, teacher_inputs, teacher_sizes
 from mlkd_cli.engine.launch import launch, resolve_device
 from mlkd_cli.engine.planning import check_recipe, data_pipeline, dataset_recipe
 from mlkd_cli.engine.precision import Precision, check_precision, prepare_forward
 from mlkd_cli.engine.provenance import teacher_identity
-from mlkd_cli.models.ensemble_config import EnsembleConfig
+from mlkd_cli.models.ensemble_config import EnsembleConfig, resolve_teacher
 from mlkd_cli.models.teacher import (
     InputSpec,
     TeacherEnsemble,
     build_teacher,
     combine_logits,
+    input_lines,
+    input_sizes,
     load_member,
 )
 
@@ -95,7 +96,9 @@ def plan_labeling(
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     if not cfg.augment and views > 1:
         raise UserError(f"--no-augment makes every view the same image: use --views 1, not {views}")
-    teacher = resolve_teacher(cfg)
+    teacher = resolve_teacher(
+        cfg.teacher_checkpoint, cfg.teacher_model, cfg.ensemble, cfg.models_dir, cfg.teacher_ema
+    )
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     loaded = [load_member(spec, splits.num_classes) for spec in teacher.members]
     recipe = dataset_recipe(cfg, splits)
@@ -103,6 +106,7 @@ def plan_labeling(
     check_recipe(recipe)
     check_precision(cfg.precision, resolve_device(cfg.device))
     classes = splits.num_classes
+    seen = InputSpec(recipe.img_size, recipe.mean, recipe.std)
     k = resolve_top_k(top_k, classes)
     images = len(splits.train_indices)
     if -(-images // shard_size) > MAX_SHARDS:
@@ -120,7 +124,7 @@ def plan_labeling(
         # the input each member ran at too: a store resumed at another size is another store
         teacher={
             **teacher_identity(teacher),
-            "img_size": teacher_sizes(loaded, recipe, cfg.teacher_img_size),
+            "img_size": input_sizes(loaded, seen, cfg.teacher_img_size),
         },
         views=views,
         top_k=k,
@@ -130,7 +134,7 @@ def plan_labeling(
     if (output / "manifest.json").is_file():
         check_same_store(output, manifest)
         check_records(output, manifest)
-    for line in teacher_inputs(loaded, recipe, cfg.teacher_img_size):  # all checked: said
+    for line in input_lines(loaded, seen, cfg.teacher_img_size):  # all checked: said
         Reporter(cfg.output).once(line)
     return LabelPlan(cfg, teacher, recipe, pipeline, manifest, output)
 

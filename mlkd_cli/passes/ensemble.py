@@ -23,7 +23,6 @@ from mlkd_cli.core.metrics import classification_metrics
 from mlkd_cli.data.registry import DEFAULT_VAL_FRACTION, get_dataset_spec, load_splits
 from mlkd_cli.data.transforms import ImageRecipe
 from mlkd_cli.engine.launch import launch, launcher_rank, resolve_device
-from mlkd_cli.engine.logits import PlannedPass, split_dataset, split_logits
 from mlkd_cli.engine.precision import check_precision, prepare_forward
 from mlkd_cli.models.ensemble_config import (
     EnsembleConfig,
@@ -31,6 +30,7 @@ from mlkd_cli.models.ensemble_config import (
     write_ensemble_config,
 )
 from mlkd_cli.models.teacher import InputSpec, build_teacher, combine_logits, load_member
+from mlkd_cli.passes.logits import PlannedPass, split_dataset, split_logits
 
 
 @dataclass(frozen=True, kw_only=True)
