@@ -21,7 +21,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from mlkd_cli.export import _export_onnx
+from mlkd_cli.export.exporter import _export_onnx
 
 ROUNDS = 3
 

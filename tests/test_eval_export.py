@@ -22,7 +22,7 @@ from mlkd_cli.core.metrics import (
 )
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
-from mlkd_cli.int8 import agreement_shortfalls, check_agreement, resolve_int8_target
+from mlkd_cli.export.int8 import agreement_shortfalls, check_agreement, resolve_int8_target
 
 
 def test_nll_and_ece_against_hand_computed_values() -> None:
@@ -243,7 +243,7 @@ def test_an_asked_int8_target_is_kept_whatever_the_cpu() -> None:
 
 
 def test_auto_asks_this_cpu_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlkd_cli import int8
+    from mlkd_cli.export import int8
     from mlkd_cli.core.checkpoint import ModelCard
 
     assert cpus.detect_cpu() is cpus.detect_cpu()  # read once a process
@@ -385,7 +385,7 @@ def test_int8_weights_are_7_bit_for_targets_without_vnni_and_the_target_is_recor
     import onnx
 
     from mlkd_cli.core.checkpoint import ModelCard
-    from mlkd_cli.int8 import Int8Options, plan_int8, quantize_export
+    from mlkd_cli.export.int8 import Int8Options, plan_int8, quantize_export
 
     fp32 = _two_head_onnx(tmp_path / "s_exits.onnx")
     # A low bar: this test holds the file's weights and records, not this CPU's arithmetic.
@@ -413,7 +413,7 @@ def test_an_int8_file_for_vnni_warns_once_where_it_is_loaded_on_a_cpu_without_it
     pytest.importorskip("onnxruntime")
     from mlkd_cli.anytime import AnytimeClassifier, timing
     from mlkd_cli.core.checkpoint import ModelCard
-    from mlkd_cli.int8 import Int8Options, plan_int8, quantize_export
+    from mlkd_cli.export.int8 import Int8Options, plan_int8, quantize_export
 
     fp32 = _two_head_onnx(tmp_path / "s_exits.onnx")
     written = {}

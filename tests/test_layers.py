@@ -28,8 +28,9 @@ LAYERS = {
     "mlkd_cli.engine": 2,
     "mlkd_cli.pipeline": 3,
     "mlkd_cli.study": 3,
+    # Formats, int8 and the one onnxruntime session opener; anytime's jobs may open sessions
+    # with it (same layer), and export uses only anytime's pure parts (layer 1): no cycle.
     "mlkd_cli.export": 3,
-    "mlkd_cli.int8": 3,
     "mlkd_cli.anytime": 3,
     "mlkd_cli.presets": 3,
     "mlkd_cli.commands": 4,

@@ -30,7 +30,7 @@ from mlkd_cli.core.checkpoint import ModelCard, read_weights
 from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD, FORMATS
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import shown
-from mlkd_cli.int8 import Int8Options, Int8Plan, plan_int8, quantize_export
+from mlkd_cli.export.int8 import Int8Options, Int8Plan, plan_int8, quantize_export
 from mlkd_cli.models.exits import (
     ExitsCheckpoint,
     is_exits_checkpoint,
@@ -287,7 +287,7 @@ def export_any(
 ) -> list[dict[str, Any]]:
     """What `mlkd export` does: a plain model in `fmt` (default safetensors); a student with
     exits in `fmt`, or by default as both a safetensors folder and an ONNX model. With `int8`,
-    the ONNX export is also quantized (`mlkd_cli/int8.py`) into `<name>.int8.onnx`, checked
+    the ONNX export is also quantized (`export/int8.py`) into `<name>.int8.onnx`, checked
     (data, flags) before anything is written. No file written may exist unless `overwrite`,
     nor ever be the checkpoint itself."""
     exits = is_exits_checkpoint(checkpoint)
