@@ -21,7 +21,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from mlkd_cli.export.exporter import _export_onnx
+from mlkd_cli.export.onnx_graph import export_onnx
 
 ROUNDS = 3
 
@@ -67,7 +67,7 @@ def main() -> None:
             name, size = entry.split(":")[0], int(entry.split(":")[1])
             model = timm.create_model(name, num_classes=100).eval()
             fp32, int8 = Path(scratch) / f"{name}.onnx", Path(scratch) / f"{name}.int8.onnx"
-            _export_onnx(model, torch.randn(2, 3, size, size), fp32, ["logits"])
+            export_onnx(model, torch.randn(2, 3, size, size), fp32, ["logits"])
             quantized(fp32, int8, size)
             sessions = [
                 onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"])

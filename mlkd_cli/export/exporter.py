@@ -1,48 +1,33 @@
-"""Exporting a trained classifier so it runs without mlkd: safetensors, ONNX, TorchScript.
-
-Every export is written to a temporary file beside its destination, reloaded and run on a batch,
-compared with PyTorch (largest absolute difference at most 1e-4), and only then renamed into
-place: a failed export leaves nothing behind.
+"""What `mlkd export` does: check every destination before any work, load the checkpoint, write
+each format (`safetensors_folder`, `onnx_graph`, `torchscript`), each verified against PyTorch
+before it is placed (`verify`), and with --int8 quantize the ONNX file (`int8`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import os
-import tempfile
-from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from mlkd_cli.core.atomic import (
-    atomic_write_text,
-    check_new_files,
-    check_writable,
-    plain_file_mode,
-)
-from mlkd_cli.core.checkpoint import ModelCard, read_weights
-from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD, FORMATS
+from mlkd_cli.core.atomic import check_new_files, check_writable
+from mlkd_cli.core.checkpoint import read_weights
+from mlkd_cli.core.constants import FORMATS
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import shown
-from mlkd_cli.export.int8 import Int8Options, Int8Plan, plan_int8, quantize_export
-from mlkd_cli.models.exits import (
-    ExitsCheckpoint,
-    is_exits_checkpoint,
-    load_exits_checkpoint,
-    load_exits_safetensors,
-)
+from mlkd_cli.export.int8 import quantize_export
+from mlkd_cli.export.int8_plan import Int8Options, Int8Plan, plan_int8
+from mlkd_cli.export.onnx_graph import head_output_names, write_exits_onnx, write_onnx
+from mlkd_cli.export.safetensors_folder import write_exits_safetensors, write_safetensors
+from mlkd_cli.export.torchscript import write_torchscript
+from mlkd_cli.export.verify import probe_batches, refuse_if_far
+from mlkd_cli.models.exits import is_exits_checkpoint, load_exits_checkpoint
 from mlkd_cli.models.factory import card_of, load_trained_model
 
 # What `mlkd export` writes of a student with exits when no --format is given: both.
 EXITS_FORMATS = ("safetensors", "onnx")
-TOLERANCE = 1e-4
-ONNX_OPSET = 18  # onnxruntime >= 1.16 and every current runtime run it
+# The writer of each format of a plain classifier.
+WRITERS = {"safetensors": write_safetensors, "onnx": write_onnx, "torchscript": write_torchscript}
 
 
 def default_output(checkpoint: Path, fmt: str) -> Path:
@@ -69,15 +54,11 @@ def export_checkpoint(
     model, card = load_trained_model(checkpoint, arch, num_classes)
     model.eval()
     size = img_size or (card.img_size if card else 224)
-    example, check = _probe_batches(size)
+    example, check = probe_batches(size)
     with torch.no_grad():
         expected = model(check)
-    writer = {"safetensors": _safetensors, "onnx": _onnx, "torchscript": _torchscript}[fmt]
-    diff, checked_with = writer(model, card, example, check, expected, destination)
-    if diff > TOLERANCE:
-        raise UserError(
-            f"the {fmt} export differs from PyTorch by {diff:.2e} (> {TOLERANCE:g}); not written"
-        )
+    diff, checked_with = WRITERS[fmt](model, card, example, check, expected, destination)
+    refuse_if_far(diff, fmt)
     return {
         "format": fmt,
         "output": str(destination),
@@ -122,157 +103,6 @@ def check_destination(
         )
     files = [*written_files(fmt, destination, exits), *also]
     check_new_files(files, overwrite, "--output", sources=[checkpoint])
-
-
-def _probe_batches(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch an export is traced on, and another of another size that checks it (the batch
-    axis must be dynamic)."""
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(2, 3, size, size, generator=generator)
-    return example, torch.randn(3, 3, size, size, generator=generator)
-
-
-def _verified_file(
-    destination: Path, write: Callable[[Path], None], verify: Callable[[Path], float]
-) -> float:
-    """Write to a temporary file beside `destination`, verify it, then rename it into place."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
-    )
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        diff = verify(tmp)
-        if diff <= TOLERANCE:
-            os.chmod(tmp, plain_file_mode())  # not mkstemp's 0600: others may read a model
-            os.replace(tmp, destination)
-        return diff
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def timm_config(model: nn.Module, card: ModelCard | None, size: int) -> dict[str, Any]:
-    """config.json in timm's hub form: architecture, classes, and the pretrained config."""
-    arch = card.arch if card else model.default_cfg.get("architecture", type(model).__name__)
-    classes = model.num_classes
-    config: dict[str, Any] = {
-        "architecture": arch,
-        "num_classes": classes,
-        "num_features": getattr(model, "num_features", None),
-        "pretrained_cfg": {
-            "input_size": [3, size, size],
-            "interpolation": card.interpolation if card else "bicubic",
-            "mean": list(card.mean) if card else list(DEFAULT_MEAN),
-            "std": list(card.std) if card else list(DEFAULT_STD),
-            "crop_pct": card.crop_pct if card else 0.875,
-            "crop_mode": "center",
-            "num_classes": classes,
-            "classifier": model.pretrained_cfg.get("classifier", "fc"),
-        },
-    }
-    if card is not None:
-        config["label_names"] = list(card.class_names)
-    return config
-
-
-def _safetensors(model, card, example, check, expected, destination: Path) -> tuple[float, str]:
-    from safetensors.torch import load_file, save_file
-
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": "pt"}
-    if card is not None:
-        metadata["mlkd"] = json.dumps(asdict(card))
-
-    def verify(path: Path) -> float:
-        import timm
-
-        fresh = timm.create_model(
-            timm_config(model, card, check.shape[-1])["architecture"], num_classes=model.num_classes
-        )
-        fresh.load_state_dict(load_file(str(path)))
-        fresh.eval()
-        with torch.no_grad():
-            return float((fresh(check) - expected).abs().max())
-
-    diff = _verified_file(
-        destination / "model.safetensors",
-        lambda p: save_file(state, str(p), metadata=metadata),
-        verify,
-    )
-    if diff <= TOLERANCE:
-        config = timm_config(model, card, check.shape[-1])
-        atomic_write_text(destination / "config.json", json.dumps(config, indent=2) + "\n")
-    return diff, "timm.create_model + safetensors"
-
-
-def _onnx_module() -> Any:
-    try:
-        import onnx
-    except ImportError:
-        raise UserError(
-            "ONNX export needs onnx and onnxscript: pip install 'mlkd[export]'"
-        ) from None
-    return onnx
-
-
-def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, outputs: list[str]) -> None:
-    """torch.onnx's exporter with a dynamic batch axis, its progress kept off stdout."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    # The exporter prints its progress on stdout, which --json reserves for the result.
-    with contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=["images"],
-            output_names=outputs,
-            opset_version=ONNX_OPSET,
-            dynamo=True,
-            dynamic_shapes=({0: batch},),
-            external_data=False,
-            verbose=False,
-        )
-
-
-def _onnx(model, card, example, check, expected, destination: Path) -> tuple[float, str]:
-    onnx = _onnx_module()
-
-    def write(path: Path) -> None:
-        _export_onnx(model, example, path, ["logits"])
-        if card is not None:  # the card (provenance included) travels inside the file
-            _add_metadata(onnx, path, {"mlkd": asdict(card)})
-
-    checked_with = ["onnx.checker"]
-
-    def verify(path: Path) -> float:
-        onnx.checker.check_model(onnx.load(str(path)))
-        try:
-            import onnxruntime
-        except ImportError:
-            return 0.0  # structurally valid; nothing here can run it (the caller says so)
-        checked_with.append("onnxruntime")
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = session.run(None, {session.get_inputs()[0].name: check.numpy()})[0]
-        return float((torch.from_numpy(got) - expected).abs().max())
-
-    diff = _verified_file(destination, write, verify)
-    return diff, " + ".join(checked_with)
-
-
-def _torchscript(model, card, example, check, expected, destination: Path) -> tuple[float, str]:
-    def write(path: Path) -> None:
-        with torch.no_grad():
-            traced = torch.jit.trace(model, example)
-        traced.save(str(path))
-
-    def verify(path: Path) -> float:
-        loaded = torch.jit.load(str(path))
-        with torch.no_grad():
-            return float((loaded(check) - expected).abs().max())
-
-    return _verified_file(destination, write, verify), "torch.jit.load"
 
 
 def export_any(
@@ -349,18 +179,14 @@ def export_exits_checkpoint(
     loaded = load_exits_checkpoint(checkpoint)
     student = loaded.student
     size = loaded.card.img_size
-    example, check = _probe_batches(size)
+    example, check = probe_batches(size)
     with torch.no_grad():
         expected = student(check)
     results = []
     for fmt, destination in destinations.items():
-        writer = _exits_safetensors if fmt == "safetensors" else _exits_onnx
+        writer = write_exits_safetensors if fmt == "safetensors" else write_exits_onnx
         diff, checked_with = writer(loaded, example, check, expected, destination)
-        if diff > TOLERANCE:
-            raise UserError(
-                f"the {fmt} export differs from PyTorch by {diff:.2e} (> {TOLERANCE:g}); "
-                "not written"
-            )
+        refuse_if_far(diff, fmt)
         results.append(
             {
                 "format": fmt,
@@ -372,82 +198,3 @@ def export_exits_checkpoint(
             }
         )
     return results
-
-
-def head_output_names(count: int) -> list[str]:
-    """The ONNX output names of a student with `count` heads: final, exit1, exit2, ..."""
-    return ["final", *(f"exit{i}" for i in range(1, count))]
-
-
-def _largest_diff(got: list[torch.Tensor], expected: tuple[torch.Tensor, ...]) -> float:
-    if len(got) != len(expected):
-        return float("inf")
-    return max(float((g - e).abs().max()) for g, e in zip(got, expected, strict=True))
-
-
-def _exits_safetensors(
-    loaded: ExitsCheckpoint, example, check, expected, destination: Path
-) -> tuple[float, str]:
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous() for k, v in loaded.student.state_dict().items()}
-    metadata = {
-        "format": "pt",
-        "mlkd": json.dumps(asdict(loaded.card)),
-        "mlkd_exits": json.dumps(loaded.exits),
-    }
-
-    def verify(path: Path) -> float:
-        fresh = load_exits_safetensors(path)
-        with torch.no_grad():
-            return _largest_diff(list(fresh.student(check)), expected)
-
-    diff = _verified_file(
-        destination / "model.safetensors",
-        lambda p: save_file(state, str(p), metadata=metadata),
-        verify,
-    )
-    if diff <= TOLERANCE:
-        about = {"card": asdict(loaded.card), "exits": loaded.exits}
-        atomic_write_text(destination / "exits.json", json.dumps(about, indent=2) + "\n")
-    return diff, "mlkd_cli.anytime + safetensors"
-
-
-def _add_metadata(onnx: Any, path: Path, entries: dict[str, Any]) -> None:
-    """Write `entries` (as JSON) into the ONNX file's metadata."""
-    model = onnx.load(str(path))
-    for key, value in entries.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
-    onnx.save(model, str(path))
-
-
-def _exits_onnx(
-    loaded: ExitsCheckpoint, example, check, expected, destination: Path
-) -> tuple[float, str]:
-    onnx = _onnx_module()
-    names = head_output_names(len(expected))
-
-    def write(path: Path) -> None:
-        _export_onnx(loaded.student, example, path, names)
-        # The card and the exits record (rule, thresholds, MACs) travel inside the file, as
-        # ONNX metadata, so a runtime needs nothing beside it to run the cascade.
-        _add_metadata(onnx, path, {"mlkd": asdict(loaded.card), "mlkd_exits": loaded.exits})
-
-    checked_with = ["onnx.checker"]
-
-    def verify(path: Path) -> float:
-        onnx.checker.check_model(onnx.load(str(path)))
-        try:
-            import onnxruntime
-        except ImportError:
-            return 0.0
-        checked_with.append("onnxruntime")
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        if [o.name for o in session.get_outputs()] != names:
-            return float("inf")
-        got = session.run(None, {session.get_inputs()[0].name: check.numpy()})
-        return _largest_diff([torch.from_numpy(g) for g in got], expected)
-
-    diff = _verified_file(destination, write, verify)
-    return diff, " + ".join(checked_with)

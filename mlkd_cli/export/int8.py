@@ -9,137 +9,33 @@ on every head of a student with exits, and on the cascade's decisions (the head 
 leaves at and its class) where the file carries an operating point, and the top-1 of each; a
 file on which any of these falls under `--min-agreement` % is refused, not written.
 
-The int8 target (`--int8-target`) is the CPU the file is for. On x86 without VNNI (`avx2`, and
-`avx512` without VNNI) onnxruntime's kernels sum pairs of uint8 x int8 products in 16 bits,
-which saturates on full 8-bit weights; there the weights are quantized to 7 bits
-(`reduce_range`), which no CPU saturates. `vnni` keeps 8-bit weights: right where VNNI (or AMX)
-accumulates in 32 bits, and the file records its target so that loading it on a CPU without
-VNNI warns. `auto` is this CPU. A CPU that is not x86 (ARM widens its products and does not
-saturate) or whose features cannot be read gets `avx2`'s 7-bit weights under `auto`: a file that
-is right on every CPU it may later be copied to, at a cost in agreement too small to measure on
-the students tried (issue #32: 100 % agreement with reduce_range on every one).
+The flags, the target CPU and the data are checked first (`int8_plan`); the agreement bound
+(`agreement`) decides whether the file is kept.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mlkd_cli.anytime.rules import EXIT_RULE, cascade_from_outputs
-from mlkd_cli.core.checkpoint import ModelCard
-from mlkd_cli.core.console import OutputOptions
-from mlkd_cli.core.constants import (
-    DEFAULT_CALIBRATION_IMAGES,
-    DEFAULT_MIN_AGREEMENT,
-    INT8_TARGETS,
-)
-from mlkd_cli.core.cpus import INT8_TARGET_KEY, TARGETS_NEEDING_VNNI, CpuFeatures, detect_cpu
-from mlkd_cli.core.errors import UserError
+from mlkd_cli.core.cpus import INT8_TARGET_KEY
 from mlkd_cli.data.loaders import TransformedSubset
-from mlkd_cli.data.registry import DataSplits, load_splits
 from mlkd_cli.data.transforms import build_eval_transform
-from mlkd_cli.engine.logits import card_recipe, data_dir_for, split_dataset
+from mlkd_cli.engine.logits import card_recipe, split_dataset
+from mlkd_cli.export.agreement import cascade_decisions, check_agreement, saved_operating_point
+from mlkd_cli.export.int8_plan import Int8Plan, Int8Target
+from mlkd_cli.export.session import open_session
 
 BATCH = 32  # images a calibration or comparison batch holds
 CALIBRATION_SEED = 0
-
-
-@dataclass(frozen=True)
-class Int8Options:
-    """What `mlkd export --int8` was asked for."""
-
-    data_dir: Path | None = None  # None: the folder the card records, else ./data
-    calibration_images: int = DEFAULT_CALIBRATION_IMAGES
-    min_agreement: float = DEFAULT_MIN_AGREEMENT
-    target: str = "auto"
-    output: OutputOptions = OutputOptions()
-
-
-@dataclass(frozen=True)
-class Int8Target:
-    """The CPU an int8 file is quantized for, and what that means for its weights."""
-
-    name: str  # avx2, avx512, vnni
-    reduce_range: bool  # 7-bit weights, which no CPU's int8 kernels saturate
-    reason: str  # why this target, for the user
-
-    def describe(self) -> str:
-        """One line: `int8 target avx2 (this CPU has no VNNI): reduce_range on`."""
-        state = "on" if self.reduce_range else "off"
-        return f"int8 target {self.name} ({self.reason}): reduce_range {state}"
-
-
-def resolve_int8_target(requested: str, cpu: CpuFeatures) -> Int8Target:
-    """The target `--int8-target requested` names on the CPU `cpu` (`auto`: that CPU)."""
-    if requested not in INT8_TARGETS:
-        raise UserError(
-            f"--int8-target is one of {', '.join(INT8_TARGETS)}, not {requested[:100]!r}"
-        )
-    if requested != "auto":
-        name, reason = requested, "as asked"
-        if name in TARGETS_NEEDING_VNNI and cpu.is_x86 and cpu.flags and not cpu.has_vnni:
-            reason = "as asked; this CPU has no VNNI, so the check below saturates"
-    elif not cpu.is_x86:
-        name, reason = "avx2", f"this CPU is {cpu.machine or 'unknown'}, not x86: 7-bit weights"
-    elif cpu.flags is None:
-        name, reason = "avx2", "this CPU's features are unknown: 7-bit weights"
-    elif cpu.has_vnni:
-        name, reason = "vnni", "this CPU has VNNI"
-    elif cpu.has_avx512:
-        name, reason = "avx512", "this CPU has AVX-512 but no VNNI"
-    else:
-        name, reason = "avx2", "this CPU has no VNNI"
-    return Int8Target(name, name not in TARGETS_NEEDING_VNNI, reason)
-
-
-@dataclass(frozen=True)
-class Int8Plan:
-    """A checked quantization: the options, the target, the model card and its data."""
-
-    options: Int8Options
-    card: ModelCard
-    splits: DataSplits
-    target: Int8Target
-
-
-def plan_int8(options: Int8Options, card: ModelCard | None, checkpoint: Path) -> Int8Plan:
-    """Check the flags, onnxruntime and the data the card names, before any export."""
-    if options.calibration_images < 1:
-        raise UserError(
-            f"--calibration-images must be at least 1, got {options.calibration_images}"
-        )
-    if not 0 < options.min_agreement <= 100:
-        raise UserError(
-            f"--min-agreement is a percentage in (0, 100], not {options.min_agreement:g}"
-        )
-    if card is None:
-        raise UserError(
-            f"{checkpoint} does not record its dataset, which --int8 calibrates and checks on; "
-            "export an mlkd checkpoint"
-        )
-    try:
-        import onnxruntime.quantization  # noqa: F401
-    except ImportError:
-        raise UserError("--int8 needs onnxruntime: pip install 'mlkd[export]'") from None
-    target = resolve_int8_target(options.target, detect_cpu())
-    data_dir = data_dir_for(options.data_dir, None, card, checkpoint, options.output)
-    splits = load_splits(card.dataset, data_dir, False, card.extra.get("val_fraction", 0.1))
-    if splits.num_classes != card.num_classes:
-        raise UserError(
-            f"{card.dataset} in {data_dir} has {splits.num_classes} classes and "
-            f"{checkpoint} {card.num_classes}; pass the --data-dir it was trained on"
-        )
-    return Int8Plan(options, card, splits, target)
 
 
 def _batches(
@@ -236,26 +132,18 @@ def _quiet_root_logger() -> Iterator[None]:
 
 
 def _input_name(path: Path) -> str:
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.get_inputs()[0].name
+    return open_session(path).get_inputs()[0].name
 
 
 def compare_on_validation(plan: Int8Plan, fp32: Path, int8: Path) -> dict[str, Any]:
     """On the validation split: the top-1 agreement (%) of every output (`heads`, final first)
     and, where the fp32 file carries an operating point, of the cascade's decisions (`cascade`);
     each model's top-1 of the final head."""
-    import onnxruntime
-
     splits = plan.splits
     val = split_dataset(splits, "val", card_recipe(plan.card))
     batches = _batches(val, list(range(len(val))))
     labels = np.concatenate([batch_labels for _, batch_labels in batches])
-    sessions = [
-        onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-        for p in (fp32, int8)
-    ]
+    sessions = [open_session(p) for p in (fp32, int8)]
     name = sessions[0].get_inputs()[0].name
     heads = [output.name for output in sessions[0].get_outputs()]
     point = saved_operating_point(sessions[0].get_modelmeta().custom_metadata_map, len(heads))
@@ -285,54 +173,6 @@ def compare_on_validation(plan: Int8Plan, fp32: Path, int8: Path) -> dict[str, A
         "top1_fp32": 100.0 * float((top[0][0] == labels).mean()),
         "top1_int8": 100.0 * float((top[1][0] == labels).mean()),
     }
-
-
-def saved_operating_point(metadata: dict[str, str], heads: int) -> tuple[list[float], str] | None:
-    """The thresholds and exit rule an exported student with exits carries (`mlkd eval --split
-    val --early-exit` chose them), None for a plain model or a student without them."""
-    try:
-        chosen = (json.loads(metadata.get("mlkd_exits", "null")) or {}).get("thresholds") or {}
-        values = [float(v) for v in chosen.get("values") or []]
-    except (ValueError, TypeError, AttributeError):
-        return None
-    if not values or len(values) != heads - 1:
-        return None
-    return values, str(chosen.get("rule", EXIT_RULE))
-
-
-def cascade_decisions(outputs: list[np.ndarray], thresholds: list[float], rule: str) -> np.ndarray:
-    """(2, images): the head each image leaves the cascade at and the class it is given there,
-    from every head's logits (an exported graph's outputs: final first)."""
-    logits, taken = cascade_from_outputs([torch.from_numpy(o) for o in outputs], thresholds, rule)
-    return np.stack([taken.numpy(), logits.argmax(dim=1).numpy()])
-
-
-def agreement_shortfalls(parity: dict[str, Any], min_agreement: float) -> list[str]:
-    """`98.50 % (exit1)` for each head, and the cascade, that agrees on less than
-    `min_agreement` % of the images."""
-    short = [
-        f"{agreement:.2f} % ({head})"
-        for head, agreement in zip(parity["heads"], parity["agreement"], strict=True)
-        if agreement < min_agreement
-    ]
-    cascade = parity.get("cascade")
-    if cascade is not None and cascade["agreement"] < min_agreement:
-        short.append(f"{cascade['agreement']:.2f} % (the cascade's exits and classes)")
-    return short
-
-
-def check_agreement(parity: dict[str, Any], min_agreement: float, target: Int8Target) -> None:
-    """Refuse an int8 model any of whose heads, or whose cascade, agrees too little."""
-    short = agreement_shortfalls(parity, min_agreement)
-    if not short:
-        return
-    fix = "calibrate on more images with --calibration-images, or keep fp32"
-    if not target.reduce_range:
-        fix = f"try --int8-target avx2 (7-bit weights), {fix}"
-    raise UserError(
-        f"the int8 model agrees with fp32 on {', '.join(short)} of the {parity['images']} "
-        f"validation images, under --min-agreement {min_agreement:g}; not written ({fix})"
-    )
 
 
 def _copy_metadata(source: Path, target: Path, int8_target: Int8Target) -> None:
