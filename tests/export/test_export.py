@@ -118,3 +118,17 @@ def test_the_session_opener_runs_a_file_on_the_cpu(tmp_path: Path) -> None:
     assert session.get_providers() == ["CPUExecutionProvider"]
     (got,) = session.run(None, {"images": np.array([[1.0, -2.5]], np.float32)})
     assert got.tolist() == [[2.0, -5.0]]
+
+
+def test_only_the_opener_creates_onnxruntime_sessions() -> None:
+    # One place says how mlkd opens an ONNX file (the CPU provider): any other module that
+    # builds an InferenceSession itself is reported here.
+    import ast
+
+    builders = []
+    for path in sorted(MLKD_CLI.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
+            if name == "InferenceSession":
+                builders.append(str(path.relative_to(MLKD_CLI)))
+    assert builders == ["export/session.py"]
