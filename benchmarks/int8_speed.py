@@ -21,7 +21,8 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from mlkd_cli.export import _export_onnx
+from mlkd_cli.export.onnx_graph import export_onnx
+from mlkd_cli.export.session import open_session
 
 ROUNDS = 3
 
@@ -67,12 +68,9 @@ def main() -> None:
             name, size = entry.split(":")[0], int(entry.split(":")[1])
             model = timm.create_model(name, num_classes=100).eval()
             fp32, int8 = Path(scratch) / f"{name}.onnx", Path(scratch) / f"{name}.int8.onnx"
-            _export_onnx(model, torch.randn(2, 3, size, size), fp32, ["logits"])
+            export_onnx(model, torch.randn(2, 3, size, size), fp32, ["logits"])
             quantized(fp32, int8, size)
-            sessions = [
-                onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-                for p in (fp32, int8)
-            ]
+            sessions = [open_session(p) for p in (fp32, int8)]
             for batch in (int(b) for b in args.batches.split(",")):
                 images = np.random.default_rng(1).standard_normal(
                     (batch, 3, size, size), np.float32

@@ -109,8 +109,7 @@ def export(
     if int8_target is not None and not int8:
         raise UserError("--int8-target chooses how --int8 quantizes: add --int8")
     target = int8_target.value if int8_target is not None else "auto"
-    from mlkd_cli.export import TOLERANCE, export_any
-    from mlkd_cli.int8 import Int8Options
+    from mlkd_cli.export import TOLERANCE, Int8Options, export_any
 
     options = (
         Int8Options(data_dir, calibration_images, min_agreement, target, shared.output)

@@ -217,6 +217,27 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "models" / "t.pth"
 
 
+def independent_test_top1(checkpoint: Path) -> float:
+    """The digits test top-1 of a test_resnet checkpoint at 16 px, counted without mlkd's eval:
+    plain timm model, plain loop over the test split, the card's eval transform."""
+    import timm
+    import torch
+
+    from mlkd_cli.data.registry import load_splits
+    from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
+
+    model = timm.create_model("test_resnet", checkpoint_path=str(checkpoint), num_classes=10)
+    model.eval()
+    transform = build_eval_transform(ImageRecipe(img_size=16, crop_pct=1.0))
+    test = load_splits("digits", Path("data")).test
+    hits = 0
+    with torch.no_grad():
+        for index in range(len(test)):
+            image, label = test[index]
+            hits += int(model(transform(image)[None]).argmax(1).item() == label)
+    return 100.0 * hits / len(test)
+
+
 def assert_same_weights(a: Path, b: Path, key: str) -> None:
     """Two checkpoints hold bitwise-equal tensors under `key` ("model", "state_dict")."""
     import torch

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.console import OutputOptions, Reporter, fit_table, new_run
-from mlkd_cli.int8 import Int8Options, plan_int8
+from mlkd_cli.export.int8_plan import Int8Options, plan_int8
 from mlkd_cli.models import factory
 
 WIDTH = 80

@@ -28,6 +28,7 @@ from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.cpus import warn_int8_target
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
+from mlkd_cli.export.session import open_session
 from mlkd_cli.models.exits import ExitsCheckpoint, exits_header, load_exits_checkpoint
 
 
@@ -126,7 +127,7 @@ class AnytimeClassifier:
     ) -> AnytimeClassifier:
         try:
             import onnx
-            import onnxruntime
+            import onnxruntime  # noqa: F401  (here only to say what is missing)
         except ImportError:
             raise UserError(
                 f"{path} needs onnx and onnxruntime: pip install 'mlkd[export]'"
@@ -141,7 +142,7 @@ class AnytimeClassifier:
         self = cls.__new__(cls)
         self.checkpoint, self.staged = None, None
         self.device = torch.device("cpu")
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.session = open_session(path)
         self._setup(card, exits, path, thresholds, rule)
         return self
 

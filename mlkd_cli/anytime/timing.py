@@ -30,6 +30,7 @@ from mlkd_cli.anytime.rules import cascade_from_outputs
 from mlkd_cli.anytime.staged import StagedStudent
 from mlkd_cli.core.cpus import warn_int8_target
 from mlkd_cli.engine.precision import Precision
+from mlkd_cli.export.session import open_session
 
 # Timing repeats each configuration this many times, interleaved, and keeps the median; a round
 # lasts at least MIN_ROUND_SECONDS (whole passes over the timed images).
@@ -137,10 +138,9 @@ def _onnx_session(path: Path) -> Any:
     """An onnxruntime session on `path` (one warning line if it is an int8 file for a CPU this
     one is not); None without onnxruntime."""
     try:
-        import onnxruntime
+        session = open_session(path)
     except ImportError:
         return None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     warn_int8_target(session.get_modelmeta().custom_metadata_map, path)
     return session
 

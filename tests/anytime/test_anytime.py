@@ -603,7 +603,7 @@ def test_int8_export_of_a_student_with_exits_agrees_with_fp32_and_carries_its_ex
 def test_int8_export_is_refused_below_the_agreement_bound_and_bad_flags_before_any_work(
     exits_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mlkd_cli import int8
+    from mlkd_cli.export import int8
 
     plain = tmp_path / "s.pth"
     shutil.copy(exits_run / "s.pth", plain)
