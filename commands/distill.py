@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import typer
 
@@ -13,17 +14,22 @@ from mlkd_cli.engine.config import DistillConfig
 from mlkd_cli.losses.registry import LOSSES
 
 from . import options as opt
-
-# Defaults live in the config class; the help text reads them from there.
-D = DistillConfig(dataset="")
+from .requests import TrainingFlags, takes
 
 
-@opt.with_options(opt.training_options(D))
-def distill(
-    dataset: opt.Dataset = None,
-    ensemble: opt.EnsembleFile = None,
-    model: opt.TeacherModel = None,
-    checkpoint: opt.TeacherCheckpoint = None,
+@dataclass(kw_only=True)
+class DistillRequest(TrainingFlags):
+    """`mlkd distill`'s flags: each a `DistillConfig` setting of its name but `COMMAND_ONLY`."""
+
+    # Defaults live in the config class; the help text reads them from there.
+    DEFAULTS: ClassVar[DistillConfig] = DistillConfig(dataset="")
+    SECTION: ClassVar[str] = "distill"
+    COMMAND_ONLY: ClassVar[frozenset[str]] = frozenset({"loss_param", "list_losses"})
+
+    dataset: opt.Dataset = None
+    ensemble: opt.EnsembleFile = None
+    teacher_model: opt.TeacherModel = None
+    teacher_checkpoint: opt.TeacherCheckpoint = None
     teacher_cache: Annotated[
         bool | None,
         typer.Option(
@@ -32,10 +38,10 @@ def distill(
             "--no-augment and no Mixup/CutMix).",
             rich_help_panel=opt.TEACHER,
         ),
-    ] = None,
-    models_dir: opt.ModelsDir = None,
-    teacher_img_size: opt.TeacherImgSize = None,
-    soft_labels: opt.SoftLabels = None,
+    ] = None
+    models_dir: opt.ModelsDir = None
+    teacher_img_size: opt.TeacherImgSize = None
+    soft_labels: opt.SoftLabels = None
     teacher_ema: Annotated[
         bool | None,
         typer.Option(
@@ -44,8 +50,8 @@ def distill(
             "the default) or the raw ones.",
             rich_help_panel=opt.TEACHER,
         ),
-    ] = None,
-    student: opt.Student = None,
+    ] = None
+    student: opt.Student = None
     student_checkpoint: Annotated[
         Path | None,
         typer.Option(
@@ -53,7 +59,7 @@ def distill(
             help="Start the student from local weights.",
             rich_help_panel=opt.STUDENT,
         ),
-    ] = None,
+    ] = None
     pretrained: Annotated[
         bool | None,
         typer.Option(
@@ -61,9 +67,9 @@ def distill(
             help="Start the student from timm's hub.",
             rich_help_panel=opt.STUDENT,
         ),
-    ] = None,
-    exits: opt.Exits = None,
-    exit_head: opt.ExitHead = None,
+    ] = None
+    exits: opt.Exits = None
+    exit_head: opt.ExitHead = None
     exit_weights: Annotated[
         str | None,
         typer.Option(
@@ -71,8 +77,8 @@ def distill(
             help="Loss weight per exit (default 1 each).",
             rich_help_panel=opt.STUDENT,
         ),
-    ] = None,
-    alpha: opt.Alpha = None,
+    ] = None
+    alpha: opt.Alpha = None
     loss: Annotated[
         str | None,
         typer.Option(
@@ -82,7 +88,7 @@ def distill(
             "original; see --list-losses.",
             rich_help_panel=opt.LOSS,
         ),
-    ] = None,
+    ] = None
     loss_param: Annotated[
         list[str] | None,
         typer.Option(
@@ -91,7 +97,7 @@ def distill(
             "--list-losses names them.",
             rich_help_panel=opt.LOSS,
         ),
-    ] = None,
+    ] = None
     list_losses: Annotated[
         bool,
         typer.Option(
@@ -99,12 +105,12 @@ def distill(
             help="List the losses with their parameters and defaults, and exit.",
             rich_help_panel=opt.LOSS,
         ),
-    ] = False,
-    temperature: opt.Temperature = None,
+    ] = False
+    temperature: opt.Temperature = None
     name: Annotated[
         str | None,
-        typer.Option("--name", "-n", help=f"Run name (default {D.name}).", rich_help_panel=opt.RUN),
-    ] = None,
+        typer.Option("--name", "-n", help="Run name (default {name}).", rich_help_panel=opt.RUN),
+    ] = None
     recipe: Annotated[
         str | None,
         typer.Option(
@@ -113,34 +119,16 @@ def distill(
             "original: the original project's training, setting for setting (README).",
             rich_help_panel=opt.RUN,
         ),
-    ] = None,
-    *,
-    shared: opt.Shared,
-) -> None:
+    ] = None
+
+
+@takes(DistillRequest)
+def distill(request: DistillRequest) -> None:
     """Distil a teacher (model or ensemble) into a multi-exit student; saves a plain timm model."""
-    if list_losses:
-        show_losses(shared.output)
+    if request.list_losses:
+        show_losses(request.output_options)
         return
-    flags = {
-        "dataset": dataset,
-        **opt.teacher_flags(model, checkpoint, ensemble, models_dir, teacher_img_size),
-        "student": student,
-        "student_checkpoint": student_checkpoint,
-        "pretrained": pretrained,
-        "exits": exits,
-        "exit_head": exit_head,
-        "exit_weights": exit_weights,
-        "name": name,
-        "alpha": alpha,
-        "temperature": temperature,
-        "loss": loss,
-        "loss_params": parse_loss_params(loss_param),
-        "teacher_cache": teacher_cache,
-        "soft_labels": soft_labels,
-        "teacher_ema": teacher_ema,
-        "recipe": recipe,
-    }
-    cfg = shared.training_config(DistillConfig, "distill", flags)
+    cfg = request.config(loss_params=parse_loss_params(request.loss_param))
     from mlkd_cli.engine.distiller import distill_student, plan_distillation
     from mlkd_cli.engine.launch import launcher_rank
     from mlkd_cli.engine.trainer import launch_training

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -15,6 +16,7 @@ from mlkd_cli.models.ensemble_config import ORIGINAL, read_ensemble_config
 from mlkd_cli.presets import resolve_preset
 
 from . import options as opt
+from .requests import OutputFlags, RunFlags, takes
 
 if TYPE_CHECKING:  # the engine loads when a command runs, not for --help
     from mlkd_cli.passes.ensemble import LogitsRequest
@@ -94,56 +96,56 @@ def _check_destination(
     check_new_files([output], overwrite, "--output", sources=inputs)
 
 
-def _pass_options() -> list:
-    """The data and batching options both commands take."""
-    return opt.option_group(
-        dataset=(opt.Dataset, None),
-        data_dir=(opt.DataDir, None),
-        models_dir=(ModelsDir, None),
-        val_fraction=(ValFraction, None),
-        batch_size=(BatchSize, 128),
-        teacher_ema=(
-            Annotated[
-                bool,
-                typer.Option(
-                    "--teacher-ema/--no-teacher-ema",
-                    help="Members saved by timm's train.py: their EMA weights (state_dict_ema; "
-                    "the default) or the raw ones.",
-                    rich_help_panel=opt.ENSEMBLE,
-                ),
-            ],
-            True,
+@dataclass(kw_only=True)
+class PassFlags:
+    """The data and batching flags both commands take."""
+
+    dataset: opt.Dataset = None
+    data_dir: opt.DataDir = None
+    models_dir: ModelsDir = None
+    val_fraction: ValFraction = None
+    batch_size: BatchSize = 128
+    teacher_ema: Annotated[
+        bool,
+        typer.Option(
+            "--teacher-ema/--no-teacher-ema",
+            help="Members saved by timm's train.py: their EMA weights (state_dict_ema; "
+            "the default) or the raw ones.",
+            rich_help_panel=opt.ENSEMBLE,
         ),
-    )
+    ] = True
 
 
-def _request(
-    shared: opt.Shared, config_path: Path, split: str, dataset: str | None
-) -> LogitsRequest:
-    """The logits pass both commands run, from their options."""
-    from mlkd_cli.passes.ensemble import LogitsRequest
+@dataclass(kw_only=True)
+class EnsembleRequest(OutputFlags, RunFlags, PassFlags):
+    """What `ensemble build` and `ensemble eval` share: a logits pass over a split."""
 
-    return LogitsRequest(
-        config_path=config_path,
-        models_dir=shared["models_dir"],
-        dataset=dataset,
-        data_dir=shared["data_dir"] or Path("data"),
-        split=split,
-        val_fraction=shared["val_fraction"],
-        batch_size=shared["batch_size"],
-        world_size=shared["world_size"] or 1,
-        device=shared["device"] or "auto",
-        precision=shared["precision"] or "auto",
-        teacher_ema=shared["teacher_ema"],
-        workers=shared["workers"],
-        output=shared.output,
-    )
+    def logits_request(self, config_path: Path, split: str, dataset: str | None) -> LogitsRequest:
+        """The logits pass both commands run."""
+        from mlkd_cli.passes.ensemble import LogitsRequest
+
+        return LogitsRequest(
+            config_path=config_path,
+            models_dir=self.models_dir,
+            dataset=dataset,
+            data_dir=self.data_dir or Path("data"),
+            split=split,
+            val_fraction=self.val_fraction,
+            batch_size=self.batch_size,
+            world_size=self.world_size or 1,
+            device=self.device or "auto",
+            precision=self.precision or "auto",
+            teacher_ema=self.teacher_ema,
+            workers=self.workers,
+            output=self.output_options,
+        )
 
 
-@app.command("build")
-@opt.with_options(_pass_options(), opt.run_options(), opt.output_options())
-def build(
-    config_path: Config = Path("config.json"),
+@dataclass(kw_only=True)
+class EnsembleBuildRequest(EnsembleRequest):
+    """`mlkd ensemble build`'s flags."""
+
+    config_path: Config = Path("config.json")
     output: Annotated[
         Path | None,
         typer.Option(
@@ -152,7 +154,7 @@ def build(
             help="Write the fitted file here instead.",
             rich_help_panel=opt.OUTPUT,
         ),
-    ] = None,
+    ] = None
     in_place: Annotated[
         bool,
         typer.Option(
@@ -160,7 +162,7 @@ def build(
             help="Rewrite CONFIG (the default without --output).",
             rich_help_panel=opt.OUTPUT,
         ),
-    ] = False,
+    ] = False
     fit_temperature: Annotated[
         bool | None,
         typer.Option(
@@ -168,7 +170,7 @@ def build(
             help="Also fit a temperature, weakly pulled towards 1 (default: the preset's, or no).",
             rich_help_panel=opt.ENSEMBLE,
         ),
-    ] = None,
+    ] = None
     preset: Annotated[
         str | None,
         typer.Option(
@@ -177,26 +179,39 @@ def build(
             "under the flags given.",
             rich_help_panel=opt.ENSEMBLE,
         ),
-    ] = None,
-    overwrite: opt.OverwriteFiles = False,
-    *,
-    shared: opt.Shared,
-) -> None:
+    ] = None
+    overwrite: opt.OverwriteFiles = False
+
+
+@dataclass(kw_only=True)
+class EnsembleEvalRequest(EnsembleRequest):
+    """`mlkd ensemble eval`'s flags."""
+
+    config_path: Config = Path("config.json")
+    split: Annotated[
+        opt.SplitChoice, typer.Option("--split", help="Which split.", rich_help_panel=opt.DATA)
+    ] = opt.SplitChoice.val
+
+
+@app.command("build")
+@takes(EnsembleBuildRequest)
+def build(request: EnsembleBuildRequest) -> None:
     """Fit member weights on the held-out validation split and write them into the file."""
-    if output is not None and in_place:
+    config_path, output, preset = request.config_path, request.output, request.preset
+    if output is not None and request.in_place:
         raise UserError("--output writes a new file and --in-place rewrites CONFIG; pass one")
-    _check_destination(config_path, output, overwrite, shared["models_dir"])
-    dataset = shared["dataset"]
+    _check_destination(config_path, output, request.overwrite, request.models_dir)
+    dataset, fit_temperature = request.dataset, request.fit_temperature
     if preset is not None:  # the preset's dataset and ensemble settings, under the flags given
         resolved = resolve_preset(preset)
         dataset = dataset or (resolved.distill.dataset if resolved.distill else None)
         if fit_temperature is None:
             fit_temperature = resolved.fit_temperature
     fit_temperature = bool(fit_temperature)
-    out = shared.output
+    out = request.output_options
     from mlkd_cli.passes.ensemble import fit_and_write, run_logits_pass
 
-    run = run_logits_pass(_request(shared, config_path, "val", dataset))
+    run = run_logits_pass(request.logits_request(config_path, "val", dataset))
     if run is None:
         return
     config, plan, labels = run.config, run.plan, run.labels
@@ -232,21 +247,14 @@ def build(
 
 
 @app.command("eval")
-@opt.with_options(_pass_options(), opt.run_options(), opt.output_options())
-def evaluate(
-    config_path: Config = Path("config.json"),
-    split: Annotated[
-        opt.SplitChoice, typer.Option("--split", help="Which split.", rich_help_panel=opt.DATA)
-    ] = opt.SplitChoice.val,
-    *,
-    shared: opt.Shared,
-) -> None:
+@takes(EnsembleEvalRequest)
+def evaluate(request: EnsembleEvalRequest) -> None:
     """Every member's and the ensemble's top-1 and NLL on a split, with the file's weights."""
     from mlkd_cli.passes.ensemble import run_logits_pass
 
-    out = shared.output
-    split_name = split.value
-    run = run_logits_pass(_request(shared, config_path, split_name, shared["dataset"]))
+    out = request.output_options
+    split_name = request.split
+    run = run_logits_pass(request.logits_request(request.config_path, split_name, request.dataset))
     if run is None:
         return
     config, plan, labels = run.config, run.plan, run.labels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -13,26 +14,29 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import shown
 
 from . import options as opt
+from .requests import OutputFlags, RunFlags, takes
 
 if TYPE_CHECKING:  # the engine loads when a command runs, not for --help
     from mlkd_cli.anytime.evaluation import AnytimeJob
     from mlkd_cli.passes.evaluation import EvalJob, Measured
 
 
-@opt.with_options(opt.run_options(), opt.output_options())
-def evaluate(
+@dataclass(kw_only=True)
+class EvaluateRequest(OutputFlags, RunFlags):
+    """`mlkd eval`'s flags."""
+
     checkpoints: Annotated[
         list[Path],
         typer.Argument(help="Checkpoints (.pth, .safetensors) or ensemble files to evaluate."),
-    ],
-    dataset: opt.Dataset = None,
+    ]
+    dataset: opt.Dataset = None
     split: Annotated[
         opt.SplitChoice, typer.Option("--split", help="Which split.", rich_help_panel=opt.DATA)
-    ] = opt.SplitChoice.test,
-    data_dir: opt.DataDir = None,
-    model: opt.PlainModel = None,
-    num_classes: opt.PlainClasses = None,
-    img_size: opt.ImgSize = None,
+    ] = opt.SplitChoice.test
+    data_dir: opt.DataDir = None
+    model: opt.PlainModel = None
+    num_classes: opt.PlainClasses = None
+    img_size: opt.ImgSize = None
     models_dir: Annotated[
         Path | None,
         typer.Option(
@@ -40,11 +44,11 @@ def evaluate(
             help="Where an ensemble file's names resolve.",
             rich_help_panel=opt.MODEL,
         ),
-    ] = None,
+    ] = None
     batch_size: Annotated[
         int,
         typer.Option("--batch-size", "-b", help="Images per step.", rich_help_panel=opt.PROCESSES),
-    ] = 128,
+    ] = 128
     plots: Annotated[
         Path | None,
         typer.Option(
@@ -53,7 +57,7 @@ def evaluate(
             "exits: accuracy against MACs).",
             rich_help_panel=opt.OUTPUT,
         ),
-    ] = None,
+    ] = None
     early_exit: Annotated[
         bool,
         typer.Option(
@@ -64,7 +68,7 @@ def evaluate(
             "write the choice into the checkpoint.",
             rich_help_panel=opt.EARLY_EXIT,
         ),
-    ] = False,
+    ] = False
     max_drop: Annotated[
         float | None,
         typer.Option(
@@ -72,7 +76,7 @@ def evaluate(
             help="Top-1 points --early-exit may lose (default 0.5, unless --budget).",
             rich_help_panel=opt.EARLY_EXIT,
         ),
-    ] = None,
+    ] = None
     budget: Annotated[
         float | None,
         typer.Option(
@@ -81,7 +85,7 @@ def evaluate(
             "this share of the plain model's, e.g. 0.5.",
             rich_help_panel=opt.EARLY_EXIT,
         ),
-    ] = None,
+    ] = None
     exit_rule: Annotated[
         str | None,
         typer.Option(
@@ -90,7 +94,7 @@ def evaluate(
             "without it tries all three and keeps the best.",
             rich_help_panel=opt.EARLY_EXIT,
         ),
-    ] = None,
+    ] = None
     thresholds: Annotated[
         str | None,
         typer.Option(
@@ -99,7 +103,7 @@ def evaluate(
             "thresholds (confidence under --exit-rule, in (0, 1]), e.g. 0.9,0.9,0.95.",
             rich_help_panel=opt.EARLY_EXIT,
         ),
-    ] = None,
+    ] = None
     timing_images: Annotated[
         int,
         typer.Option(
@@ -107,7 +111,7 @@ def evaluate(
             help="For a student with exits: images timed per head and cascade (0: no timing).",
             rich_help_panel=opt.EARLY_EXIT,
         ),
-    ] = 512,
+    ] = 512
     latency: Annotated[
         bool,
         typer.Option(
@@ -117,7 +121,7 @@ def evaluate(
             "in onnxruntime where the exports lie beside the checkpoint.",
             rich_help_panel=opt.EARLY_EXIT,
         ),
-    ] = False,
+    ] = False
     provenance: Annotated[
         bool,
         typer.Option(
@@ -126,51 +130,54 @@ def evaluate(
             "the software versions, the command) and exit without evaluating.",
             rich_help_panel=opt.OUTPUT,
         ),
-    ] = False,
-    overwrite: opt.OverwriteFiles = False,
-    *,
-    shared: opt.Shared,
-) -> None:
+    ] = False
+    overwrite: opt.OverwriteFiles = False
+
+
+@takes(EvaluateRequest)
+def evaluate(request: EvaluateRequest) -> None:
     """Top-1, top-5, NLL, calibration (ECE) and the worst classes of a model on a split; for a
     student with exits, every exit and the early-exit cascade too."""
-    if provenance:
-        show_provenance(checkpoints, Reporter(shared.output))
+    checkpoints, plots = request.checkpoints, request.plots
+    out = request.output_options
+    if request.provenance:
+        show_provenance(checkpoints, Reporter(out))
         return
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    given = _parse_thresholds(thresholds)
-    anytime = _students_with_exits(checkpoints, early_exit, given is not None)
-    if anytime and (model is not None or num_classes is not None or img_size is not None):
+    if request.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
+    given = _parse_thresholds(request.thresholds)
+    anytime = _students_with_exits(checkpoints, request.early_exit, given is not None)
+    plain_flags = (request.model, request.num_classes, request.img_size)
+    if anytime and any(flag is not None for flag in plain_flags):
         raise UserError(
             f"{anytime[0]} records its student and size; drop --model, --num-classes, --img-size"
         )
     if plots is not None:
-        _check_plots(plots, checkpoints, anytime, overwrite)
-    out = shared.output
+        _check_plots(plots, checkpoints, anytime, request.overwrite)
     from mlkd_cli.anytime.evaluation import AnytimeRequest, plan_anytime_job
     from mlkd_cli.engine.launch import launcher_rank
     from mlkd_cli.passes.evaluation import EvalRequest, plan_eval_job
 
     common = {
-        "dataset": dataset,
-        "data_dir": data_dir,
-        "split": split.value,
-        "batch_size": batch_size,
-        "workers": shared["workers"],
-        "precision": shared["precision"] or "auto",
+        "dataset": request.dataset,
+        "data_dir": request.data_dir,
+        "split": request.split,
+        "batch_size": request.batch_size,
+        "workers": request.workers,
+        "precision": request.precision or "auto",
         "output": out,
     }
     jobs: list[EvalJob | AnytimeJob] = [
         plan_anytime_job(
             AnytimeRequest(
                 path=path,
-                early_exit=early_exit,
-                max_drop=max_drop,
-                budget=budget,
-                exit_rule=exit_rule,
+                early_exit=request.early_exit,
+                max_drop=request.max_drop,
+                budget=request.budget,
+                exit_rule=request.exit_rule,
                 thresholds=given,
-                timing_images=timing_images,
-                latency=latency,
+                timing_images=request.timing_images,
+                latency=request.latency,
                 **common,
             )
         )
@@ -178,16 +185,16 @@ def evaluate(
         else plan_eval_job(
             EvalRequest(
                 path=path,
-                arch=model,
-                num_classes=num_classes,
-                img_size=img_size,
-                models_dir=models_dir,
+                arch=request.model,
+                num_classes=request.num_classes,
+                img_size=request.img_size,
+                models_dir=request.models_dir,
                 **common,
             )
         )
         for path in checkpoints
     ]
-    world_size, device = shared["world_size"] or 1, shared["device"] or "auto"
+    world_size, device = request.world_size or 1, request.device or "auto"
     results = [_run_job(job, world_size, device, plots, Reporter(out)) for job in jobs]
     results = [r for r in results if r is not None]
     if launcher_rank() != 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -18,6 +19,7 @@ from mlkd_cli.core.constants import (
 from mlkd_cli.core.errors import UserError
 
 from . import options as opt
+from .requests import OutputFlags, takes
 
 # The formats mlkd_cli.export writes, as a choice --help lists (the exporter loads when it runs).
 FormatChoice = Enum("FormatChoice", {name: name for name in FORMATS}, type=str)
@@ -25,11 +27,11 @@ FormatChoice = Enum("FormatChoice", {name: name for name in FORMATS}, type=str)
 TargetChoice = Enum("TargetChoice", {name: name for name in INT8_TARGETS}, type=str)
 
 
-@opt.with_options(opt.output_options())
-def export(
-    checkpoint: Annotated[
-        Path, typer.Argument(help="A trained checkpoint (.pth or .safetensors).")
-    ],
+@dataclass(kw_only=True)
+class ExportRequest(OutputFlags):
+    """`mlkd export`'s flags."""
+
+    checkpoint: Annotated[Path, typer.Argument(help="A trained checkpoint (.pth or .safetensors).")]
     fmt: Annotated[
         FormatChoice | None,
         typer.Option(
@@ -42,7 +44,7 @@ def export(
             "exits, <name>_exits.pth, both safetensors and onnx).",
             rich_help_panel=opt.EXPORT,
         ),
-    ] = None,
+    ] = None
     output: Annotated[
         Path | None,
         typer.Option(
@@ -51,9 +53,9 @@ def export(
             help="Destination (default beside the checkpoint; a folder for safetensors).",
             rich_help_panel=opt.EXPORT,
         ),
-    ] = None,
-    model: opt.PlainModel = None,
-    num_classes: opt.PlainClasses = None,
+    ] = None
+    model: opt.PlainModel = None
+    num_classes: opt.PlainClasses = None
     img_size: Annotated[
         int | None,
         typer.Option(
@@ -62,7 +64,7 @@ def export(
             "else 224).",
             rich_help_panel=opt.MODEL,
         ),
-    ] = None,
+    ] = None
     int8: Annotated[
         bool,
         typer.Option(
@@ -71,7 +73,7 @@ def export(
             "training images and kept only if it agrees with fp32 on the validation split.",
             rich_help_panel=opt.EXPORT,
         ),
-    ] = False,
+    ] = False
     calibration_images: Annotated[
         int,
         typer.Option(
@@ -79,7 +81,7 @@ def export(
             help="Training images --int8 calibrates on.",
             rich_help_panel=opt.EXPORT,
         ),
-    ] = DEFAULT_CALIBRATION_IMAGES,
+    ] = DEFAULT_CALIBRATION_IMAGES
     min_agreement: Annotated[
         float,
         typer.Option(
@@ -88,7 +90,7 @@ def export(
             "on every head, and the same exit and class in the saved cascade.",
             rich_help_panel=opt.EXPORT,
         ),
-    ] = DEFAULT_MIN_AGREEMENT,
+    ] = DEFAULT_MIN_AGREEMENT
     int8_target: Annotated[
         TargetChoice | None,
         typer.Option(
@@ -98,35 +100,38 @@ def export(
             "(7-bit weights, which CPUs without VNNI need), vnni (8-bit weights).",
             rich_help_panel=opt.EXPORT,
         ),
-    ] = None,
-    data_dir: opt.DataDir = None,
-    overwrite: opt.OverwriteFiles = False,
-    *,
-    shared: opt.Shared,
-) -> None:
+    ] = None
+    data_dir: opt.DataDir = None
+    overwrite: opt.OverwriteFiles = False
+
+
+@takes(ExportRequest)
+def export(request: ExportRequest) -> None:
     """Export a checkpoint to safetensors, ONNX or TorchScript, checked against PyTorch; with
     --int8, an int8 ONNX checked against the fp32 one too."""
-    if int8_target is not None and not int8:
+    r = request
+    if r.int8_target is not None and not r.int8:
         raise UserError("--int8-target chooses how --int8 quantizes: add --int8")
-    target = int8_target.value if int8_target is not None else "auto"
+    target = r.int8_target or "auto"
     from mlkd_cli.export import TOLERANCE, Int8Options, export_any
 
     options = (
-        Int8Options(data_dir, calibration_images, min_agreement, target, shared.output)
-        if int8
+        Int8Options(r.data_dir, r.calibration_images, r.min_agreement, target, r.output_options)
+        if r.int8
         else None
     )
+    checkpoint = r.checkpoint
     results = export_any(
         checkpoint,
-        fmt.value if fmt else None,
-        output,
-        model,
-        num_classes,
-        img_size,
+        r.fmt,
+        r.output,
+        r.model,
+        r.num_classes,
+        r.img_size,
         options,
-        overwrite=overwrite,
+        overwrite=r.overwrite,
     )
-    report = Reporter(shared.output)
+    report = Reporter(r.output_options)
     report.table(
         f"export of {checkpoint}",
         ["format", "written", "outputs", "checked with", "max |diff|"],

@@ -1,29 +1,22 @@
-"""Option declarations shared by the command modules, so every command spells them alike."""
+"""Every flag more than one command takes, declared once as an `Annotated` Typer option.
+
+A command's own flags are declared beside it, in the same style; `commands/requests.py` gathers
+them into the command's typed request. A help text may show a default of the command's config as
+`{setting}` (e.g. `{lr:g}`): the request fills it in from its `DEFAULTS`, so a default is written
+once, in the config class. Nothing here loads torch or the engine (`--help` stays fast).
+"""
 
 from __future__ import annotations
 
-import functools
-import inspect
-import typing
-from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
-from typer.models import ParameterInfo
-
-from mlkd_cli.core.console import OutputOptions
-from mlkd_cli.engine.config import DistillConfig, build_config, config_field_names
-from mlkd_cli.presets import preset_section
-
-C = TypeVar("C")
-R = TypeVar("R")
 
 # ------------------------------------------------------------------------------- help panels
-# `--help` shows options in these panels, in this order: `with_options` sorts a command's options
-# by it, so the panel order is written here once. Each option names its panel where it is
+# `--help` shows options in these panels, in this order: `requests.takes` sorts a command's
+# options by it, so the panel order is written here once. Each option names its panel where it is
 # declared; a panel a command does not use is not shown.
 PIPELINE = "Pipeline"
 STUDY = "Study"
@@ -160,25 +153,7 @@ PlainClasses = Annotated[
 ]
 
 
-def teacher_flags(
-    model: str | None,
-    checkpoint: Path | None,
-    ensemble: Path | None,
-    models_dir: Path | None,
-    img_size: int | None = None,
-) -> dict[str, Any]:
-    """The teacher options as config settings (`DistillConfig`'s names)."""
-    return {
-        "teacher_model": model,
-        "teacher_checkpoint": checkpoint,
-        "ensemble": ensemble,
-        "models_dir": models_dir,
-        "teacher_img_size": img_size,
-    }
-
-
-# What `distill` and `study` share: the teacher, the student and the loss mix.
-_DISTILL = DistillConfig(dataset="")
+# What `distill`, `study` and `teacher label` share: the teacher, the student and the loss mix.
 EnsembleFile = Annotated[
     Path | None,
     typer.Option(
@@ -230,7 +205,7 @@ Student = Annotated[
     str | None,
     typer.Option(
         "--student",
-        help=f"Student timm model (default {_DISTILL.student}).",
+        help="Student timm model (default {student}).",
         rich_help_panel=STUDENT,
     ),
 ]
@@ -247,7 +222,7 @@ ExitHead = Annotated[
     typer.Option(
         "--exit-head",
         help="original (the original's branch) or light (1-3 % of a ResNet-50's MACs an exit; "
-        f"default {_DISTILL.exit_head}).",
+        "default {exit_head}).",
         rich_help_panel=STUDENT,
     ),
 ]
@@ -255,7 +230,7 @@ Alpha = Annotated[
     float | None,
     typer.Option(
         "--alpha",
-        help=f"Weight of the KD term vs cross-entropy (default {_DISTILL.alpha:g}).",
+        help="Weight of the KD term vs cross-entropy (default {alpha:g}).",
         rich_help_panel=LOSS,
     ),
 ]
@@ -263,7 +238,7 @@ Temperature = Annotated[
     float | None,
     typer.Option(
         "--temperature",
-        help=f"KD and DKD temperature (default {_DISTILL.temperature:g}).",
+        help="KD and DKD temperature (default {temperature:g}).",
         rich_help_panel=LOSS,
     ),
 ]
@@ -407,326 +382,153 @@ Json = Annotated[
     typer.Option("--json", help="Print the result as one JSON object.", rich_help_panel=OUTPUT),
 ]
 
-
-def given(**values: Any) -> dict[str, Any]:
-    """The options the user actually passed (Typer gives None for the rest)."""
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def training_config(
-    cls: type[C],
-    section: str,
-    preset: str | None,
-    flags: dict[str, Any],
-    *,
-    resume: bool,
-    overwrite: bool,
-    quiet: bool,
-    json: bool,
-) -> C:
-    """A run's config: class defaults, then the preset's section, then the flags given."""
-    values = {**preset_section(preset, section, config_field_names(cls)), **flags}
-    values.update(resume=resume, overwrite=overwrite, output=OutputOptions(quiet=quiet, json=json))
-    return build_config(cls, values, origin=preset or "options")
-
-
-# ------------------------------------------------------------------------- shared option groups
-
-
-def _plain(value: Any) -> Any:
-    """An Enum choice as its string (what configs hold); anything else as it is."""
-    return value.value if isinstance(value, Enum) else value
-
-
-def option_group(**options: tuple[Any, Any]) -> list[inspect.Parameter]:
-    """Keyword parameters `name: annotation = default`, as Typer reads them."""
-    kind = inspect.Parameter.KEYWORD_ONLY
-    return [
-        inspect.Parameter(name, kind, annotation=annotation, default=default)
-        for name, (annotation, default) in options.items()
-    ]
-
-
-def _opt(kind: Any, *names: str, help: str, panel: str) -> Any:
-    """An optional flag of type `kind` (None when not given), shown in `--help` under `panel`."""
-    return Annotated[kind | None, typer.Option(*names, help=help, rich_help_panel=panel)]
-
-
-def run_options() -> list[inspect.Parameter]:
-    """Where and how processes run: every command that runs models takes these."""
-    return option_group(
-        world_size=(WorldSize, None),
-        device=(Device, None),
-        precision=(Precision, None),
-        workers=(Workers, None),
-    )
-
-
-def restart_options() -> list[inspect.Parameter]:
-    """How often dead workers are restarted: every command that trains takes this."""
-    return option_group(max_restarts=(MaxRestarts, None))
-
-
-def output_options() -> list[inspect.Parameter]:
-    """How results are shown: every command that reports takes these."""
-    return option_group(quiet=(Quiet, False), json=(Json, False))
-
-
-def augmentation_options() -> dict[str, tuple[Any, Any]]:
-    """timm's augmentation knobs (default: chosen from the dataset's images; see README)."""
-    pair = tuple[float, float]
-    aug = functools.partial(_opt, panel=AUGMENTATION)
-    return {
-        "scale": (
-            aug(pair, "--scale", help="Random resized crop: MIN MAX share of the area."),
-            None,
-        ),
-        "ratio": (
-            aug(pair, "--ratio", help="Random resized crop: MIN MAX aspect ratio (3/4 4/3)."),
-            None,
-        ),
-        "hflip": (aug(float, "--hflip", help="Horizontal flip probability."), None),
-        "vflip": (aug(float, "--vflip", help="Vertical flip probability (default 0)."), None),
-        "color_jitter": (
-            aug(float, "--color-jitter", help="Brightness, contrast and saturation jitter, 0 off."),
-            None,
-        ),
-        "auto_augment": (
-            aug(
-                str,
-                "--auto-augment",
-                help="timm's RandAugment or AutoAugment, e.g. rand-m9-mstd0.5 (default none).",
-            ),
-            None,
-        ),
-        "reprob": (aug(float, "--reprob", help="Random erasing probability (default 0)."), None),
-        "interpolation": (
-            aug(str, "--interpolation", help="Resampling: bicubic (default), bilinear, random."),
-            None,
-        ),
-    }
-
-
-def training_options(d: Any) -> list[inspect.Parameter]:
-    """Options `teacher train` and `distill` share; help shows `d`'s (the command's) defaults.
-
-    Within a panel they are listed in this order, the ones most often changed first.
-    """
-    optim = functools.partial(_opt, panel=OPTIMISATION)
-    return [
-        *option_group(
-            data_dir=(DataDir, None),
-            img_size=(ImgSize, None),
-            val_fraction=(ValFraction, None),
-            label_fraction=(LabelFraction, None),
-            download=(Download, None),
-            epochs=(optim(int, "--epochs", "-e", help=f"Epochs (default {d.epochs})."), None),
-            batch_size=(
-                optim(
-                    int,
-                    "--batch-size",
-                    "-b",
-                    help=f"Most images per process per forward pass (default {d.batch_size}).",
-                ),
-                None,
-            ),
-            effective_batch_size=(
-                optim(
-                    int,
-                    "--effective-batch-size",
-                    help="Images per optimiser step over all processes (accumulation, and a "
-                    "smaller per-process batch where that fits better).",
-                ),
-                None,
-            ),
-            lr=(optim(float, "--lr", help=f"Peak AdamW learning rate (default {d.lr:g})."), None),
-            weight_decay=(
-                optim(
-                    float,
-                    "--weight-decay",
-                    help=f"AdamW weight decay (default {d.weight_decay:g}).",
-                ),
-                None,
-            ),
-            warmup_epochs=(
-                optim(
-                    float,
-                    "--warmup-epochs",
-                    help=f"Linear warmup epochs (default {d.warmup_epochs:g}).",
-                ),
-                None,
-            ),
-            optimizer=(
-                optim(str, "--optimizer", help=f"adamw or sgd (default {d.optimizer})."),
-                None,
-            ),
-            schedule=(
-                optim(
-                    str,
-                    "--schedule",
-                    help=f"cosine (with warmup) or constant (default {d.schedule}).",
-                ),
-                None,
-            ),
-            label_smoothing=(
-                _opt(
-                    float,
-                    "--label-smoothing",
-                    help=f"Label smoothing (default {d.label_smoothing:g}).",
-                    panel=LOSS,
-                ),
-                None,
-            ),
-            augment=(Augment, None),
-            mixup_alpha=(
-                _opt(
-                    float,
-                    "--mixup-alpha",
-                    help=f"Mixup alpha, 0 off (default {d.mixup_alpha:g}).",
-                    panel=AUGMENTATION,
-                ),
-                None,
-            ),
-            cutmix_alpha=(
-                _opt(
-                    float,
-                    "--cutmix-alpha",
-                    help=f"CutMix alpha, 0 off (default {d.cutmix_alpha:g}).",
-                    panel=AUGMENTATION,
-                ),
-                None,
-            ),
-            **augmentation_options(),
-        ),
-        *run_options(),
-        *restart_options(),
-        *option_group(
-            data_pipeline=(DataPipeline, None),
-            compile=(Compile, None),
-            preset=(Preset, None),
-            output_dir=(OutputDir, None),
-            resume=(Resume, False),
-            overwrite=(Overwrite, False),
-            seed=(Seed, None),
-            save_frequency=(
-                _opt(
-                    int,
-                    "--save-frequency",
-                    "-s",
-                    help="Keep <name>_e<N>.pth every N epochs, 0 never "
-                    f"(default {d.save_frequency}).",
-                    panel=RUN,
-                ),
-                None,
-            ),
-            save_every_steps=(SaveEverySteps, None),
-            skip_nonfinite=(SkipNonfinite, None),
-            strict_data=(StrictData, None),
-            log_to=(LogTo, None),
-        ),
-        *output_options(),
-    ]
-
-
-@dataclass(frozen=True)
-class Shared:
-    """The values of a command's shared options, handed to it as one argument."""
-
-    values: dict[str, Any]
-
-    def given(self) -> dict[str, Any]:
-        """The shared config settings the user passed (flags that map to config fields)."""
-        skip = {"resume", "overwrite", "preset", "quiet", "json"}
-        return {k: v for k, v in self.values.items() if k not in skip and v is not None}
-
-    @property
-    def output(self) -> OutputOptions:
-        """--quiet / --json."""
-        return OutputOptions(quiet=self.values["quiet"], json=self.values["json"])
-
-    def __getitem__(self, name: str) -> Any:
-        return self.values[name]
-
-    def own_files_config(self, cls: type[C], section: str, flags: dict[str, Any]) -> C:
-        """The config of a command that names and continues its files itself (no --resume or
-        --overwrite: `study`, `teacher label`)."""
-        v = self.values
-        return training_config(
-            cls,
-            section,
-            v["preset"],
-            {**self.given(), **given(**flags)},
-            resume=False,
-            overwrite=False,
-            quiet=v["quiet"],
-            json=v["json"],
-        )
-
-    def training_config(self, cls: type[C], section: str, flags: dict[str, Any]) -> C:
-        """The run's config: class defaults, the preset's section, then every flag given."""
-        v = self.values
-        return training_config(
-            cls,
-            section,
-            v["preset"],
-            {**self.given(), **given(**flags)},
-            resume=v["resume"],
-            overwrite=v["overwrite"],
-            quiet=v["quiet"],
-            json=v["json"],
-        )
-
-
-def panel_of(param: inspect.Parameter) -> str | None:
-    """The `--help` panel a parameter declares (None: an argument, or Typer's default panel)."""
-    for info in getattr(param.annotation, "__metadata__", ()):
-        if isinstance(info, ParameterInfo):
-            return info.rich_help_panel
-    return None
-
-
-def _panel_rank(param: inspect.Parameter) -> int:
-    panel = panel_of(param)
-    if panel is None:
-        return -1  # Typer shows arguments and its default panel first
-    if panel not in PANELS:
-        raise ValueError(f"--help panel {panel!r} of {param.name} is not in options.PANELS")
-    return PANELS.index(panel)
-
-
-def with_options(
-    *groups: list[inspect.Parameter],
-) -> Callable[[Callable[..., R]], Callable[..., R]]:
-    """Add the groups' options to a command; it receives their values as `shared: Shared`.
-
-    Typer reads a command's parameters from its signature, so the shared ones are declared once
-    here and spliced into each command's signature instead of being written out in each. The
-    signature lists the command's own and the shared options panel by panel in `PANELS` order
-    (declaration order within a panel), which is the order `--help` shows them in.
-    """
-    extra = [p for group in groups for p in group]
-
-    def decorate(command: Callable[..., R]) -> Callable[..., R]:
-        own = inspect.signature(command, eval_str=True)
-        params = [p for p in own.parameters.values() if p.name != "shared"]
-        hints = typing.get_type_hints(command, include_extras=True)
-        hints.pop("shared", None)
-        names = [p.name for p in extra]
-        # Keyword-only, so that the sort may put a parameter without a default after one with
-        # a default; Typer passes every value by name.
-        ordered = [
-            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-            for p in sorted([*params, *extra], key=_panel_rank)
-        ]
-
-        @functools.wraps(command)
-        def run(**values: Any) -> R:
-            shared = Shared({name: _plain(values.pop(name)) for name in names})
-            return command(**values, shared=shared)
-
-        run.__signature__ = own.replace(parameters=ordered)  # type: ignore[attr-defined]
-        run.__annotations__ = {**hints, **{p.name: p.annotation for p in extra}}
-        del run.__wrapped__  # Typer must see this signature, not the command's own
-        return run
-
-    return decorate
+# ------------------------------------------------------ what `teacher train` and `distill` share
+# A help text's `{setting}` is the command's config default (see the module docstring).
+Epochs = Annotated[
+    int | None,
+    typer.Option("--epochs", "-e", help="Epochs (default {epochs}).", rich_help_panel=OPTIMISATION),
+]
+BatchSize = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        "-b",
+        help="Most images per process per forward pass (default {batch_size}).",
+        rich_help_panel=OPTIMISATION,
+    ),
+]
+EffectiveBatchSize = Annotated[
+    int | None,
+    typer.Option(
+        "--effective-batch-size",
+        help="Images per optimiser step over all processes (accumulation, and a smaller "
+        "per-process batch where that fits better).",
+        rich_help_panel=OPTIMISATION,
+    ),
+]
+Lr = Annotated[
+    float | None,
+    typer.Option(
+        "--lr", help="Peak AdamW learning rate (default {lr:g}).", rich_help_panel=OPTIMISATION
+    ),
+]
+WeightDecay = Annotated[
+    float | None,
+    typer.Option(
+        "--weight-decay",
+        help="AdamW weight decay (default {weight_decay:g}).",
+        rich_help_panel=OPTIMISATION,
+    ),
+]
+WarmupEpochs = Annotated[
+    float | None,
+    typer.Option(
+        "--warmup-epochs",
+        help="Linear warmup epochs (default {warmup_epochs:g}).",
+        rich_help_panel=OPTIMISATION,
+    ),
+]
+Optimizer = Annotated[
+    str | None,
+    typer.Option(
+        "--optimizer", help="adamw or sgd (default {optimizer}).", rich_help_panel=OPTIMISATION
+    ),
+]
+Schedule = Annotated[
+    str | None,
+    typer.Option(
+        "--schedule",
+        help="cosine (with warmup) or constant (default {schedule}).",
+        rich_help_panel=OPTIMISATION,
+    ),
+]
+LabelSmoothing = Annotated[
+    float | None,
+    typer.Option(
+        "--label-smoothing",
+        help="Label smoothing (default {label_smoothing:g}).",
+        rich_help_panel=LOSS,
+    ),
+]
+MixupAlpha = Annotated[
+    float | None,
+    typer.Option(
+        "--mixup-alpha",
+        help="Mixup alpha, 0 off (default {mixup_alpha:g}).",
+        rich_help_panel=AUGMENTATION,
+    ),
+]
+CutmixAlpha = Annotated[
+    float | None,
+    typer.Option(
+        "--cutmix-alpha",
+        help="CutMix alpha, 0 off (default {cutmix_alpha:g}).",
+        rich_help_panel=AUGMENTATION,
+    ),
+]
+# timm's augmentation knobs (default: chosen from the dataset's images; see README).
+Scale = Annotated[
+    tuple[float, float] | None,
+    typer.Option(
+        "--scale",
+        help="Random resized crop: MIN MAX share of the area.",
+        rich_help_panel=AUGMENTATION,
+    ),
+]
+Ratio = Annotated[
+    tuple[float, float] | None,
+    typer.Option(
+        "--ratio",
+        help="Random resized crop: MIN MAX aspect ratio (3/4 4/3).",
+        rich_help_panel=AUGMENTATION,
+    ),
+]
+Hflip = Annotated[
+    float | None,
+    typer.Option("--hflip", help="Horizontal flip probability.", rich_help_panel=AUGMENTATION),
+]
+Vflip = Annotated[
+    float | None,
+    typer.Option(
+        "--vflip", help="Vertical flip probability (default 0).", rich_help_panel=AUGMENTATION
+    ),
+]
+ColorJitter = Annotated[
+    float | None,
+    typer.Option(
+        "--color-jitter",
+        help="Brightness, contrast and saturation jitter, 0 off.",
+        rich_help_panel=AUGMENTATION,
+    ),
+]
+AutoAugment = Annotated[
+    str | None,
+    typer.Option(
+        "--auto-augment",
+        help="timm's RandAugment or AutoAugment, e.g. rand-m9-mstd0.5 (default none).",
+        rich_help_panel=AUGMENTATION,
+    ),
+]
+Reprob = Annotated[
+    float | None,
+    typer.Option(
+        "--reprob", help="Random erasing probability (default 0).", rich_help_panel=AUGMENTATION
+    ),
+]
+Interpolation = Annotated[
+    str | None,
+    typer.Option(
+        "--interpolation",
+        help="Resampling: bicubic (default), bilinear, random.",
+        rich_help_panel=AUGMENTATION,
+    ),
+]
+SaveFrequency = Annotated[
+    int | None,
+    typer.Option(
+        "--save-frequency",
+        "-s",
+        help="Keep <name>_e<N>.pth every N epochs, 0 never (default {save_frequency}).",
+        rich_help_panel=RUN,
+    ),
+]

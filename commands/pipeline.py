@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -10,10 +11,13 @@ import typer
 from mlkd_cli.core.console import Reporter
 
 from . import options as opt
+from .requests import OutputFlags, RestartFlags, RunFlags, takes
 
 
-@opt.with_options(opt.run_options(), opt.restart_options(), opt.output_options())
-def pipeline(
+@dataclass(kw_only=True)
+class PipelineRequest(OutputFlags, RestartFlags, RunFlags):
+    """`mlkd pipeline`'s flags: the preset names every stage's settings."""
+
     preset: Annotated[
         str,
         typer.Option(
@@ -21,7 +25,7 @@ def pipeline(
             help="A shipped preset name or a YAML file.",
             rich_help_panel=opt.PIPELINE,
         ),
-    ],
+    ]
     run_dir: Annotated[
         Path | None,
         typer.Option(
@@ -29,7 +33,7 @@ def pipeline(
             help="The run folder (default runs/<preset>).",
             rich_help_panel=opt.PIPELINE,
         ),
-    ] = None,
+    ] = None
     baseline: Annotated[
         bool | None,
         typer.Option(
@@ -37,29 +41,30 @@ def pipeline(
             help="Also train a cross-entropy-only student (default: as the preset).",
             rich_help_panel=opt.PIPELINE,
         ),
-    ] = None,
-    data_dir: opt.DataDir = None,
-    *,
-    shared: opt.Shared,
-) -> None:
+    ] = None
+    data_dir: opt.DataDir = None
+
+
+@takes(PipelineRequest)
+def pipeline(request: PipelineRequest) -> None:
     """Run the whole method from a preset; a stopped run continues where it stopped."""
     from mlkd_cli.engine.launch import launcher_rank
     from mlkd_cli.pipeline import PipelineOptions, run_pipeline
 
-    out = shared.output
-    folder = run_dir or Path("runs") / Path(preset).stem
+    out = request.output_options
+    folder = request.run_dir or Path("runs") / Path(request.preset).stem
     summary = run_pipeline(
         PipelineOptions(
-            preset=preset,
+            preset=request.preset,
             run_dir=folder,
-            data_dir=data_dir,
-            baseline=baseline,
-            world_size=shared["world_size"] or 1,
-            device=shared["device"] or "auto",
-            precision=shared["precision"] or "auto",
-            workers=shared["workers"],
+            data_dir=request.data_dir,
+            baseline=request.baseline,
+            world_size=request.world_size or 1,
+            device=request.device or "auto",
+            precision=request.precision or "auto",
+            workers=request.workers,
             output=out,
-            max_restarts=shared["max_restarts"] or 0,
+            max_restarts=request.max_restarts or 0,
         )
     )
     if summary is None or launcher_rank() != 0:

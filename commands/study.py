@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import typer
 
@@ -11,17 +12,23 @@ from mlkd_cli.core.console import Reporter
 from mlkd_cli.engine.config import DistillConfig
 
 from . import options as opt
+from .requests import TrainingFlags, takes
 
-D = DistillConfig(dataset="")
 # The study names every run itself and continues by itself: no --name, --seed, --output-dir,
 # --resume or --overwrite.
 OWN = {"output_dir", "resume", "overwrite", "seed"}
 STUDY = opt.STUDY
 
 
-@opt.with_options([p for p in opt.training_options(D) if p.name not in OWN])
-def study(
-    dataset: opt.Dataset = None,
+@dataclass(kw_only=True)
+class StudyRequest(TrainingFlags):
+    """`mlkd study`'s flags: the arms and seeds, and the base run's `DistillConfig` settings."""
+
+    DEFAULTS: ClassVar[DistillConfig] = DistillConfig(dataset="")
+    SECTION: ClassVar[str] = "distill"
+    COMMAND_ONLY: ClassVar[frozenset[str]] = frozenset({"losses", "seeds", "run_dir"})
+
+    dataset: opt.Dataset = None
     losses: Annotated[
         str,
         typer.Option(
@@ -30,46 +37,37 @@ def study(
             "--list-losses).",
             rich_help_panel=STUDY,
         ),
-    ] = "kd,dkd,dist",
+    ] = "kd,dkd,dist"
     seeds: Annotated[
         str,
         typer.Option("--seeds", help="Seeds each arm runs with.", rich_help_panel=STUDY),
-    ] = "0,1,2",
+    ] = "0,1,2"
     run_dir: Annotated[
         Path,
         typer.Option("--run-dir", help="The study's folder.", rich_help_panel=STUDY),
-    ] = Path("runs/study"),
-    ensemble: opt.EnsembleFile = None,
-    model: opt.TeacherModel = None,
-    checkpoint: opt.TeacherCheckpoint = None,
-    models_dir: opt.ModelsDir = None,
-    teacher_img_size: opt.TeacherImgSize = None,
-    soft_labels: opt.SoftLabels = None,
-    student: opt.Student = None,
-    exits: opt.Exits = None,
-    exit_head: opt.ExitHead = None,
-    alpha: opt.Alpha = None,
-    temperature: opt.Temperature = None,
-    *,
-    shared: opt.Shared,
-) -> None:
+    ] = Path("runs/study")
+    ensemble: opt.EnsembleFile = None
+    teacher_model: opt.TeacherModel = None
+    teacher_checkpoint: opt.TeacherCheckpoint = None
+    models_dir: opt.ModelsDir = None
+    teacher_img_size: opt.TeacherImgSize = None
+    soft_labels: opt.SoftLabels = None
+    student: opt.Student = None
+    exits: opt.Exits = None
+    exit_head: opt.ExitHead = None
+    alpha: opt.Alpha = None
+    temperature: opt.Temperature = None
+
+
+@takes(StudyRequest, without=OWN)
+def study(request: StudyRequest) -> None:
     """Compare cross-entropy and each named loss over seeds; continues where it stopped."""
-    flags = {
-        "dataset": dataset,
-        **opt.teacher_flags(model, checkpoint, ensemble, models_dir, teacher_img_size),
-        "soft_labels": soft_labels,
-        "student": student,
-        "exits": exits,
-        "exit_head": exit_head,
-        "alpha": alpha,
-        "temperature": temperature,
-    }
     from mlkd_cli.engine.launch import launcher_rank
     from mlkd_cli.study import CE, REFERENCE, StudyOptions, parse_losses, parse_seeds, run_study
 
-    arms, chosen_seeds = parse_losses(losses), parse_seeds(seeds)
-    base = shared.own_files_config(DistillConfig, "distill", flags)
-    summary = run_study(StudyOptions(base, arms, chosen_seeds, run_dir, base.output))
+    arms, chosen_seeds = parse_losses(request.losses), parse_seeds(request.seeds)
+    base = request.config()
+    summary = run_study(StudyOptions(base, arms, chosen_seeds, request.run_dir, base.output))
     if summary is None or launcher_rank() != 0:
         return
     report = Reporter(base.output)

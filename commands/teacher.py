@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import typer
 
@@ -15,22 +16,26 @@ from mlkd_cli.core.safeload import shown
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig
 
 from . import options as opt
+from .requests import TrainingFlags, flag_names, takes
 
 app = typer.Typer(help="Train teacher models.", no_args_is_help=True)
-# Defaults live in the config class; the help text reads them from there.
-D = TeacherTrainConfig(dataset="", model="")
 
 
-@app.command("train")
-@opt.with_options(opt.training_options(D))
-def train(
-    dataset: opt.Dataset = None,
+@dataclass(kw_only=True)
+class TeacherTrainRequest(TrainingFlags):
+    """`mlkd teacher train`'s flags: each a `TeacherTrainConfig` setting of its name."""
+
+    # Defaults live in the config class; the help text reads them from there.
+    DEFAULTS: ClassVar[TeacherTrainConfig] = TeacherTrainConfig(dataset="", model="")
+    SECTION: ClassVar[str] = "teacher"
+
+    dataset: opt.Dataset = None
     model: Annotated[
         str | None,
         typer.Option(
             "--model", "-m", help="timm model name, e.g. resnet50.", rich_help_panel=opt.MODEL
         ),
-    ] = None,
+    ] = None
     pretrained: Annotated[
         bool | None,
         typer.Option(
@@ -38,7 +43,7 @@ def train(
             help="Start from timm's hub weights.",
             rich_help_panel=opt.MODEL,
         ),
-    ] = None,
+    ] = None
     init_checkpoint: Annotated[
         Path | None,
         typer.Option(
@@ -46,7 +51,7 @@ def train(
             help="Start from local weights (.pth or .safetensors).",
             rich_help_panel=opt.MODEL,
         ),
-    ] = None,
+    ] = None
     init_ema: Annotated[
         bool | None,
         typer.Option(
@@ -55,7 +60,7 @@ def train(
             "(the default) or the raw ones.",
             rich_help_panel=opt.MODEL,
         ),
-    ] = None,
+    ] = None
     name: Annotated[
         str | None,
         typer.Option(
@@ -64,15 +69,14 @@ def train(
             help="Run name: files are <name>*.pth in --output-dir.",
             rich_help_panel=opt.RUN,
         ),
-    ] = None,
-    *,
-    shared: opt.Shared,
-) -> None:
+    ] = None
+
+
+@app.command("train")
+@takes(TeacherTrainRequest)
+def train(request: TeacherTrainRequest) -> None:
     """Fine-tune any timm model on a dataset; saves the best model by validation top-1."""
-    flags = {"dataset": dataset, "model": model, "name": name, "pretrained": pretrained}
-    flags["init_checkpoint"] = init_checkpoint
-    flags["init_ema"] = init_ema
-    cfg = shared.training_config(TeacherTrainConfig, "teacher", flags)
+    cfg = request.config()
     from mlkd_cli.engine.launch import launcher_rank
     from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
     from mlkd_cli.engine.trainer import launch_training
@@ -110,18 +114,24 @@ LABEL_OPTIONS = {
 STORE = opt.STORE
 
 
-@app.command("label")
-@opt.with_options([p for p in opt.training_options(D) if p.name in LABEL_OPTIONS])
-def label(
+@dataclass(kw_only=True)
+class LabelRequest(TrainingFlags):
+    """`mlkd teacher label`'s flags: the store's own, the teacher, and `LABEL_OPTIONS` of the
+    training flags (each a `DistillConfig` setting); it names and continues its files itself."""
+
+    DEFAULTS: ClassVar[DistillConfig] = DistillConfig(dataset="")
+    SECTION: ClassVar[str] = "distill"
+    COMMAND_ONLY: ClassVar[frozenset[str]] = frozenset({"output", "views", "top_k", "shard_size"})
+
     output: Annotated[
         Path,
         typer.Option("--output", "-o", help="The store folder to write.", rich_help_panel=STORE),
-    ],
-    dataset: opt.Dataset = None,
+    ]
+    dataset: opt.Dataset = None
     views: Annotated[
         int,
         typer.Option("--views", help="Augmented views per image.", rich_help_panel=STORE),
-    ] = DEFAULT_VIEWS,
+    ] = DEFAULT_VIEWS
     top_k: Annotated[
         int | None,
         typer.Option(
@@ -129,32 +139,31 @@ def label(
             help="Largest logits kept per view (default: every class up to 100, else 10).",
             rich_help_panel=STORE,
         ),
-    ] = None,
+    ] = None
     shard_size: Annotated[
         int,
         typer.Option(
             "--shard-size", help="Images per shard (what a resume redoes).", rich_help_panel=STORE
         ),
-    ] = SHARD_SIZE,
-    ensemble: opt.EnsembleFile = None,
-    model: opt.TeacherModel = None,
-    checkpoint: opt.TeacherCheckpoint = None,
-    models_dir: opt.ModelsDir = None,
-    teacher_img_size: opt.TeacherImgSize = None,
-    *,
-    shared: opt.Shared,
-) -> None:
+    ] = SHARD_SIZE
+    ensemble: opt.EnsembleFile = None
+    teacher_model: opt.TeacherModel = None
+    teacher_checkpoint: opt.TeacherCheckpoint = None
+    models_dir: opt.ModelsDir = None
+    teacher_img_size: opt.TeacherImgSize = None
+
+
+@app.command("label")
+@takes(LabelRequest, without=flag_names(TrainingFlags) - LABEL_OPTIONS)
+def label(request: LabelRequest) -> None:
     """Store a teacher's outputs for numbered augmented views of every training image, once."""
-    flags = {
-        "dataset": dataset,
-        **opt.teacher_flags(model, checkpoint, ensemble, models_dir, teacher_img_size),
-    }
-    cfg = shared.own_files_config(DistillConfig, "distill", flags)
+    cfg = request.config()
+    output = request.output
     _check_store_folder(output)
     from mlkd_cli.engine.launch import launcher_rank
     from mlkd_cli.passes.labeling import label_store, plan_labeling
 
-    plan = plan_labeling(cfg, output, views, top_k, shard_size)
+    plan = plan_labeling(cfg, output, request.views, request.top_k, request.shard_size)
     summary = label_store(plan)
     if launcher_rank() != 0:
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.resources
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mlkd_cli.core.constants import DEFAULT_VIEWS
 from mlkd_cli.core.errors import UserError
@@ -18,6 +18,7 @@ from mlkd_cli.engine.config import (
 )
 from mlkd_cli.models.ensemble_config import MAX_MEMBERS
 
+C = TypeVar("C")
 # The repository's presets/ folder, installed inside the package under this name.
 PRESET_PACKAGE = "mlkd_cli.shipped_presets"
 # Top-level keys about the preset itself, not settings of any command.
@@ -99,6 +100,23 @@ def preset_section(name_or_path: str | None, section: str, allowed: set[str]) ->
             f"{origin}: unknown key {quote(unknown[0], 40)} for `{section}`; remove or rename it"
         )
     return merged
+
+
+def settings_config(
+    cls: type[C],
+    section: str,
+    preset: str | None,
+    flags: dict[str, Any],
+    origin: str | None = None,
+) -> C:
+    """A command's config: the class defaults, then the preset's `section`, then `flags`.
+
+    The one place where a preset's section and flags meet (a preset's teacher entries overlay
+    its `teacher:` section the same way, in `resolve_preset`). `origin` names the values'
+    source in errors (default: the preset, else "options").
+    """
+    values = {**preset_section(preset, section, config_field_names(cls)), **flags}
+    return build_config(cls, values, origin=origin or preset or "options")
 
 
 def preset_teachers(name_or_path: str) -> list[dict[str, Any]]:
@@ -194,11 +212,7 @@ def resolve_preset(name_or_path: str) -> Preset:
         raise UserError(f"{origin}: ensemble.fit_temperature must be true or false")
     distill = None
     if "distill" in content:
-        distill = build_config(
-            DistillConfig,
-            preset_section(name_or_path, "distill", config_field_names(DistillConfig)),
-            origin,
-        )
+        distill = settings_config(DistillConfig, "distill", name_or_path, {}, origin)
         distill.validate()
     baseline = content.get("baseline", False)
     if not isinstance(baseline, bool):

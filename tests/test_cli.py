@@ -76,3 +76,43 @@ def test_module_entry_point_runs() -> None:
         [sys.executable, "-m", "mlkd_cli", "--version"], capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == f"mlkd {__version__}"
+
+
+def test_every_flag_of_a_training_request_is_a_setting_of_its_config() -> None:
+    # A request hands every field but its COMMAND_ONLY ones to its config by name, so a flag
+    # added without its config field (or misnamed) is caught here, not by a user.
+    from mlkd_cli.commands import distill, study, teacher
+
+    from mlkd_cli.engine.config import config_field_names
+
+    requests = [
+        distill.DistillRequest,
+        study.StudyRequest,
+        teacher.TeacherTrainRequest,
+        teacher.LabelRequest,
+    ]
+    for request in requests:
+        settings = config_field_names(type(request.DEFAULTS))
+        assert request.setting_names() <= settings, (request, request.setting_names() - settings)
+        assert not request.COMMAND_ONLY & settings, request  # a command-only flag shadows none
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["study", "--seed", "1"], "--seed"),  # the study seeds its runs itself (--seeds)
+        (["study", "--resume"], "--resume"),
+        (["teacher", "label", "-o", "store", "--epochs", "3"], "--epochs"),  # labels, trains not
+    ],
+)
+def test_a_flag_the_command_does_not_take_is_a_usage_error(run_cli, args, flag) -> None:
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert_error_line(result.stderr, f"No such option: {flag}")
+
+
+def test_a_request_names_only_flags_it_has() -> None:
+    from mlkd_cli.commands.requests import TrainingFlags, takes
+
+    with pytest.raises(ValueError, match="no flags \\['sede'\\]"):
+        takes(TrainingFlags, without={"seed", "sede"})

@@ -137,3 +137,49 @@ def test_pipeline_refuses_a_bad_late_stage_before_any_teacher_trains(
     assert result.exit_code == 2
     assert_error_line(result.stderr, "--effective-batch-size 1", "2 processes")
     assert not (run_dir / "models").exists()  # no teacher started
+
+
+@pytest.fixture
+def planned(monkeypatch) -> list:
+    """The configs the training commands plan, caught before any work: each plan is refused."""
+    seen: list = []
+
+    def refuse(config, *args, **kwargs):
+        seen.append(config)
+        raise UserError("planned, not run")
+
+    monkeypatch.setattr("mlkd_cli.engine.teacher.plan_teacher_training", refuse)
+    monkeypatch.setattr("mlkd_cli.engine.distiller.plan_distillation", refuse)
+    return seen
+
+
+def test_flags_win_over_the_preset_and_the_preset_over_the_defaults(run_cli, planned) -> None:
+    # what the slow test above holds after a run, read from the planned config before any work
+    result = run_cli(
+        "teacher", "train", "--preset", "digits", "--model", "test_resnet", "--epochs", "1",
+        "--vflip", "0.25", "--quiet",
+    )  # fmt: skip
+    assert_error_line(result.stderr, "planned, not run")
+    (config,) = planned
+    assert (config.model, config.epochs, config.vflip) == ("test_resnet", 1, 0.25)  # flags
+    assert config.lr == 0.002 and config.batch_size == 32  # the preset's teacher section
+    assert config.label_fraction == 0.1 and config.dataset == "digits"  # its top level
+    assert config.hflip is None and config.seed == 0  # the class defaults
+    assert config.output.quiet and not config.output.json and not config.resume
+
+
+def test_distill_flags_reach_their_settings_under_their_own_names(run_cli, planned) -> None:
+    result = run_cli(
+        "distill", "--preset", "digits", "-m", "test_resnet", "-c", "t.pth", "--alpha", "0.5",
+        "--loss", "dkd", "--loss-param", "nckd_weight=4", "--device", "cpu", "--overwrite",
+    )  # fmt: skip
+    assert_error_line(result.stderr, "planned, not run")
+    (config,) = planned
+    # -m and -c name the teacher; --device arrives as the plain string configs hold
+    assert config.teacher_model == "test_resnet" and config.teacher_checkpoint == Path("t.pth")
+    assert config.device == "cpu" and type(config.device) is str
+    assert (config.alpha, config.loss, config.loss_params) == (0.5, "dkd", {"nckd_weight": 4.0})
+    assert config.temperature == 4.0 and config.student == "test_convnext"  # the preset's
+    assert config.epochs == 15 and config.teacher_cache and not config.augment
+    assert config.overwrite and not config.resume
+    assert "alpha" not in config.recipe_filled and "schedule" in config.recipe_filled
