@@ -19,7 +19,8 @@ from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.config import DistillConfig
-from mlkd_cli.engine.distiller import DistillTask, plan_distillation, teacher_outputs
+from mlkd_cli.engine.distiller import DistillTask, plan_distillation
+from mlkd_cli.engine.teacher_sources import teacher_outputs
 from mlkd_cli.models.teacher import TeacherEnsemble
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -135,9 +136,9 @@ def test_teacher_cache_holds_the_teachers_outputs(cached_plan, pipeline: str) ->
     else:
         subset = TransformedSubset(splits.train, splits.train_indices, build_eval_transform(recipe))
         batches = build_train_batches(subset, 32, CPU, 0, workers=0)
-    cache = teacher_outputs(task.teacher, batches, CPU, loop.Precision(CPU.device), 64, 10)
+    cache = teacher_outputs(task.source.teacher, batches, CPU, loop.Precision(CPU.device), 64, 10)
     batch = next(batches.epoch(0))
-    direct = task.teacher(batch.images)
+    direct = task.source.teacher(batch.images)
     assert torch.allclose(cache[batch.indices], direct, atol=1e-4)
 
 

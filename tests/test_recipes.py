@@ -88,7 +88,7 @@ def test_one_step_of_the_original_recipe_matches_its_formula(
     task = DistillTask(CPU, plan)
     torch.manual_seed(0)
     model = task.build(CPU).train()
-    task.teacher.bf16 = False
+    task.source.teacher.bf16 = False
     mixer = loop.BatchMixer(10, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing)
     images, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
     images, targets, _ = mixer(images, labels)
@@ -97,7 +97,7 @@ def test_one_step_of_the_original_recipe_matches_its_formula(
     named = task.step(model, images, targets)
     torch.manual_seed(1)  # the same forward again (nothing random in eval-free layers)
     heads = list(model(images))
-    expected = _original_formula(heads, task.teacher(images), targets, 10.0, 0.7)
+    expected = _original_formula(heads, task.source.teacher(images), targets, 10.0, 0.7)
     assert len(heads) == 4
     assert abs(named["loss"].item() - expected.item()) <= 1e-6 * max(1.0, abs(expected.item()))
 

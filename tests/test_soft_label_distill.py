@@ -39,7 +39,7 @@ def test_every_batch_is_the_stored_views_with_their_stored_outputs(
     real = distiller.DistillTask.step
 
     def checked(self, model, images, targets, indices=None, mix=1.0):
-        stored = self._stored_logits(indices)
+        stored = self.source.logits(indices)
         with torch.inference_mode():
             now = live(images).float()
         # The stored top class is the live one, but for a near tie that float16 storage can flip.
@@ -69,7 +69,7 @@ def test_mixup_and_cutmix_from_a_store_blend_the_two_views_stored_outputs(
     real, shares = distiller.DistillTask.step, []
 
     def checked(self, model, images, targets, indices=None, mix=1.0):
-        stored, seen = self._stored_logits(indices), {}
+        stored, seen = self.source.logits(indices), {}
         named = self.loss.named
 
         def capture(outputs, teacher_logits, *rest):

@@ -1,5 +1,10 @@
-"""Replaying a soft-label store (`mlkd_cli/data/softlabels.py`) as training targets: the target
-of a Mixup/CutMix image from the stored teacher outputs of its two unmixed views.
+"""Replaying a soft-label store (`mlkd_cli/data/softlabels.py`) as training targets: a batch's
+teacher logits gathered from the store's tables in the images' epoch views, and the target of a
+Mixup/CutMix image from the stored teacher outputs of its two unmixed views.
+
+The tables are the store's top-k logits (images, views, k) with their classes; when the store
+holds every class they are put in class order once (`replay_tables`), so a step only gathers.
+Classes outside a stored top-k take STORE_FILL: probability 0 at any temperature.
 
 A live teacher sees the mixed image. A soft-label store holds the teacher's outputs for the two
 unmixed views only, so a mixed image's target is their blend with the images' own share λ (as
@@ -15,6 +20,44 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+# The logit a class outside a stored top-k takes: exp(-1e4 / T) is 0 in fp32 for any usable T.
+STORE_FILL = -1e4
+
+
+def replay_tables(
+    logits: torch.Tensor, classes: torch.Tensor, num_classes: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A store's tables (`SoftLabelStore.tables`) on `device`, ready for `stored_logits`: with
+    every class stored, the logits in class order and no classes (None); otherwise both."""
+    if logits.shape[-1] == num_classes:
+        # Every class stored: put them in class order once, so a step only gathers.
+        # (An unreadable image's -1s land on class 0; it never trains.)
+        order = classes.long().clamp(min=0)
+        return torch.empty_like(logits).scatter_(2, order, logits).to(device), None
+    return logits.to(device), classes.to(device)
+
+
+def stored_logits(
+    logits: torch.Tensor,
+    classes: torch.Tensor | None,
+    epoch_views: torch.Tensor,
+    indices: torch.Tensor,
+    num_classes: int,
+) -> torch.Tensor:
+    """Full (batch, classes) teacher logits from a store's tables (images, views, k) for the
+    images at `indices` in their `epoch_views`, on the tables' device without a host sync.
+    `classes` None: the tables hold every class in order, a gather is all. Otherwise the
+    classes outside the stored top-k get STORE_FILL (probability 0 at any temperature, and no
+    0 x inf in a KL term)."""
+    index = indices.to(logits.device, non_blocking=True)
+    view = epoch_views[index]
+    top = logits[index, view].float()
+    if classes is None:
+        return top
+    which = classes[index, view].long().clamp(min=0)
+    full = torch.full((index.shape[0], num_classes), STORE_FILL, device=logits.device)
+    return full.scatter_(1, which, top)
 
 
 def mixed_teacher_logits(logits: torch.Tensor, lam: float, temperature: float) -> torch.Tensor:

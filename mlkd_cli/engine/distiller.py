@@ -1,13 +1,14 @@
 """Multi-level knowledge distillation: a multi-exit student learns from a frozen teacher.
 
-The run is the shared `fit` loop with a `DistillTask`: every step the teacher (one model or an
-ensemble) sees exactly the student's augmented batch, once, and every head of the student — the
-final classifier and each exit — takes the KD loss against the teacher's softened outputs.
+The run is the shared `fit` loop with a `DistillTask`: every step the teacher's outputs for the
+student's augmented batch come from the run's teacher source (`teacher_sources.py`: the live
+teacher or ensemble, its cached outputs, or a soft-label store; chosen once when the run is
+planned), and every head of the student — the final classifier and each exit — takes the KD loss
+against the teacher's softened outputs.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,8 +25,7 @@ from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import TrainingBatches
 from mlkd_cli.data.registry import DataSplits, get_dataset_spec, load_splits
-from mlkd_cli.data.replay import mixed_teacher_logits
-from mlkd_cli.data.softlabels import SoftLabelStore, open_store, read_manifest, store_recipe
+from mlkd_cli.data.softlabels import open_store, read_manifest, store_recipe
 from mlkd_cli.data.transforms import ImageRecipe
 from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine import loop
@@ -41,6 +41,7 @@ from mlkd_cli.engine.planning import (
     make_plan,
 )
 from mlkd_cli.engine.provenance import store_identity, teacher_identity
+from mlkd_cli.engine.teacher_sources import build_source, choose_source
 from mlkd_cli.engine.trainer import fit
 from mlkd_cli.losses.registry import build_loss, loss_class
 from mlkd_cli.models.ensemble_config import EnsembleConfig, resolve_teacher
@@ -62,14 +63,10 @@ from mlkd_cli.models.student import (
 from mlkd_cli.models.teacher import (
     InputSpec,
     LoadedMember,
-    build_teacher,
     input_lines,
     input_sizes,
     load_member,
 )
-
-# The logit a class outside a stored top-k takes: exp(-1e4 / T) is 0 in fp32 for any usable T.
-STORE_FILL = -1e4
 
 
 @dataclass(frozen=True)
@@ -83,6 +80,8 @@ class DistillPlan:
     # Feature distillation: per exit, the teacher's feature_info position and width.
     teacher_features: tuple[int, ...] = ()
     teacher_channels: tuple[int, ...] = ()
+    # Where the teacher outputs come from (a name in `teacher_sources.TEACHER_SOURCES`).
+    source: str = "live"
 
     @property
     def config(self) -> TrainConfig:
@@ -159,7 +158,8 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     seen = InputSpec(recipe.img_size, recipe.mean, recipe.std)
     for line in input_lines(loaded, seen, cfg.teacher_img_size):  # all checked: said
         report.once(line)
-    return DistillPlan(run, teacher, tuple(exits), tuple(weights), features, channels)
+    source = choose_source(cfg, features)
+    return DistillPlan(run, teacher, tuple(exits), tuple(weights), features, channels, source)
 
 
 def teacher_record(
@@ -266,23 +266,11 @@ class DistillTask:
         cfg = plan.run.config
         assert isinstance(cfg, DistillConfig)
         self.cfg = cfg
-        recipe = plan.run.recipe
-        student_input = InputSpec(recipe.img_size, recipe.mean, recipe.std)
-        self.teacher: nn.Module | None = None  # placed in `prepare`, once the precision is known
-        if plan.teacher is not None:
-            self.teacher, _ = build_teacher(
-                plan.teacher, plan.run.card.num_classes, student_input, cfg.teacher_img_size
-            )
-        # From a soft-label store: its logits (images, views, k) on the device with their classes
-        # (None when the store holds every class: the logits are then in class order), and the
-        # view each image takes this epoch.
-        self.stored: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self.epoch_views: torch.Tensor | None = None
         self.loss = build_loss(
             cfg.loss, cfg.temperature, cfg.alpha, plan.exit_weights, cfg.loss_params
         )
+        self.source = build_source(plan.source, plan, self.loss.teacher_temperature)
         self.head_names: list[str] = []
-        self.cache: torch.Tensor | None = None
         self.exits_record: dict[str, Any] | None = None
         # Under a label budget: which training images' labels the CE term may use (placed on
         # the device in `prepare`). Mixup and CutMix blend each image with the batch reversed,
@@ -310,62 +298,20 @@ class DistillTask:
     def prepare(
         self, ctx: DistContext, batches: TrainingBatches, precision: loop.Precision
     ) -> None:
-        """With --compile, compile the teacher; with --teacher-cache, fill the output cache."""
-        report = Reporter(self.cfg.output, ctx.rank)
+        """The label budget's mask on the device, and the teacher source made ready (the
+        teacher placed and compiled, its outputs cached, or the store loaded)."""
         labelled = self.plan.run.labelled
         if labelled is not None and self.loss.reads_labels:
             mask = torch.zeros(len(batches), dtype=torch.bool)
             mask[list(labelled)] = True
             self.labelled = mask.to(ctx.device)
-        if self.teacher is None:
-            assert self.cfg.soft_labels is not None
-            store = SoftLabelStore(self.cfg.soft_labels, read_manifest(self.cfg.soft_labels))
-            logits, classes = store.tables()
-            if store.manifest.top_k == self.plan.run.card.num_classes:
-                # Every class stored: put them in class order once, so a step only gathers.
-                # (An unreadable image's -1s land on class 0; it never trains.)
-                order = classes.long().clamp(min=0)
-                self.stored = (
-                    torch.empty_like(logits).scatter_(2, order, logits).to(ctx.device),
-                    None,
-                )
-            else:
-                self.stored = (logits.to(ctx.device), classes.to(ctx.device))
-            report.info(
-                f"teacher outputs from {self.cfg.soft_labels}: {store.manifest.views} views of "
-                f"{len(batches)} images, top {store.manifest.top_k}; no teacher runs"
-            )
-            return
-        precision.place(self.teacher)
-        self.teacher.bf16 = precision.bf16
-        if self.cfg.compile:
-            for member in self.teacher.members:
-                failed = loop.compile_module(member, ctx.device)
-                if failed:
-                    report.warn(f"--compile is not available for the teacher ({failed})")
-                    break
-        if self.cfg.teacher_cache:
-            start = time.perf_counter()
-            self.cache = teacher_outputs(
-                self.teacher,
-                batches,
-                ctx,
-                precision,
-                self.cfg.batch_size,
-                self.plan.run.card.num_classes,
-            )
-            report.info(
-                f"teacher outputs cached for {len(batches)} images in "
-                f"{time.perf_counter() - start:.1f} s; no teacher forward during training"
-            )
+        self.source.prepare(ctx, batches, precision, Reporter(self.cfg.output, ctx.rank))
 
     def start_epoch(self, epoch: int) -> None:
-        """Tell the loss which epoch begins (DKD warms up over the first ones); from a store,
-        choose each image's view for the epoch (the pipeline replays the same ones)."""
+        """Tell the loss which epoch begins (DKD warms up over the first ones), and the teacher
+        source (a store chooses each image's view for the epoch)."""
         self.loss.start_epoch(epoch, self.cfg.epochs)
-        replay = self.plan.run.view_replay
-        if replay is not None and self.stored is not None:
-            self.epoch_views = replay.epoch_views(epoch).to(self.stored[0].device)
+        self.source.start_epoch(epoch)
 
     def step(
         self,
@@ -375,44 +321,24 @@ class DistillTask:
         indices: torch.Tensor | None = None,
         mix: float = 1.0,
     ) -> dict[str, torch.Tensor]:
-        """The loss and its named parts; the teacher sees exactly this augmented batch (or its
-        cached outputs are used). From a store, a batch mixed by Mixup/CutMix (`mix` = λ < 1)
-        learns the stored outputs of its two views blended with the images' own λ."""
-        features = teacher_features = None
-        if self.stored is not None:
-            assert indices is not None and self.epoch_views is not None
-            teacher_logits = mixed_teacher_logits(
-                self._stored_logits(indices), mix, self.loss.teacher_temperature
-            )
-        elif self.plan.teacher_features:
-            teacher_logits, teacher_features = self.teacher.logits_and_features(
-                images, self.plan.teacher_features
-            )
-        elif self.cache is not None and indices is not None:
-            teacher_logits = self.cache[indices.to(self.cache.device, non_blocking=True)]
-        else:
-            teacher_logits = self.teacher(images)
-        labelled = None
-        if self.labelled is not None:
-            # Every pipeline gives the positions; without them no label could be told apart.
-            assert indices is not None, "a label budget needs the batch's dataset positions"
-            labelled = self.labelled[indices.to(self.labelled.device, non_blocking=True)]
-            if self.mixing:
-                labelled = labelled & labelled.flip(0)
-        outputs = model(images)
+        """The loss and its named parts: the teacher's outputs for exactly this augmented batch
+        from the source (`mix` = λ, the batch's Mixup/CutMix share), the student's, the loss."""
+        teacher_logits, teacher_features = self.source.outputs(images, indices, mix)
+        outputs, features = model(images), None
         if teacher_features is not None:
             outputs, features = outputs
         return self.loss.named(
-            outputs, teacher_logits, targets, labelled, features, teacher_features
+            outputs, teacher_logits, targets, self._labelled(indices), features, teacher_features
         )
 
-    def _stored_logits(self, indices: torch.Tensor) -> torch.Tensor:
-        """This batch's stored teacher logits in the images' epoch views (`stored_logits`)."""
-        assert self.stored is not None and self.epoch_views is not None
-        logits, classes = self.stored
-        return stored_logits(
-            logits, classes, self.epoch_views, indices, self.plan.run.card.num_classes
-        )
+    def _labelled(self, indices: torch.Tensor | None) -> torch.Tensor | None:
+        """Under a label budget, which of the batch's (possibly blended) images have labels."""
+        if self.labelled is None:
+            return None
+        # Every pipeline gives the positions; without them no label could be told apart.
+        assert indices is not None, "a label budget needs the batch's dataset positions"
+        labelled = self.labelled[indices.to(self.labelled.device, non_blocking=True)]
+        return labelled & labelled.flip(0) if self.mixing else labelled
 
     def evaluate(
         self, model: nn.Module, loader: DataLoader, ctx: DistContext, precision: loop.Precision
@@ -441,7 +367,8 @@ class DistillTask:
         """The final head's loss against the teacher on a validation batch (summed), with hard
         labels in the CE term, as the original validated."""
         targets = F.one_hot(labels, heads[0].shape[1]).float()
-        loss, _ = self.loss.head_loss(heads[0], self.teacher(images), targets)
+        assert self.source.teacher is not None  # a store is refused with val_kd_loss
+        loss, _ = self.loss.head_loss(heads[0], self.source.teacher(images), targets)
         return loss * labels.shape[0]
 
     def score(self, row: dict[str, Any]) -> float:
@@ -477,48 +404,6 @@ class DistillTask:
             line += f"exit {-i} {top1:.2f}, "
         line += f"{row['images_per_s']:.0f} img/s" + (" *best*" if improved else "")
         report.info(line)
-
-
-def stored_logits(
-    logits: torch.Tensor,
-    classes: torch.Tensor | None,
-    epoch_views: torch.Tensor,
-    indices: torch.Tensor,
-    num_classes: int,
-) -> torch.Tensor:
-    """Full (batch, classes) teacher logits from a store's tables (images, views, k) for the
-    images at `indices` in their `epoch_views`, on the tables' device without a host sync.
-    `classes` None: the tables hold every class in order, a gather is all. Otherwise the
-    classes outside the stored top-k get STORE_FILL (probability 0 at any temperature, and no
-    0 x inf in a KL term)."""
-    index = indices.to(logits.device, non_blocking=True)
-    view = epoch_views[index]
-    top = logits[index, view].float()
-    if classes is None:
-        return top
-    which = classes[index, view].long().clamp(min=0)
-    full = torch.full((index.shape[0], num_classes), STORE_FILL, device=logits.device)
-    return full.scatter_(1, which, top)
-
-
-def teacher_outputs(
-    teacher: nn.Module,
-    batches: TrainingBatches,
-    ctx: DistContext,
-    precision: loop.Precision,
-    batch_size: int,
-    num_classes: int,
-) -> torch.Tensor:
-    """The teacher's logits for every training image, (N, classes) on every rank's device.
-
-    Each rank runs its share; the rows are summed across ranks (the others' rows are zero).
-    """
-    cache = torch.zeros(len(batches), num_classes, device=ctx.device)
-    for batch in batches.shard_in_order(batch_size):
-        if batch.images.shape[0]:
-            logits = teacher(precision.to_device(batch.images)).float()
-            cache[batch.indices.to(ctx.device)] = logits
-    return ctx.all_reduce_sum(cache)
 
 
 def distill_student(ctx: DistContext, plan: DistillPlan) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Replaying a soft-label store as targets (`mlkd_cli/data/replay.py`): a Mixup/CutMix image's
-target blended from its two views' stored outputs."""
+"""Replaying a soft-label store as targets (`mlkd_cli/data/replay.py`): a batch's rows in its
+images' epoch views, and a Mixup/CutMix image's target blended from its two views' stored
+outputs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlkd_cli.data.replay import mixed_teacher_logits
+from mlkd_cli.data.replay import STORE_FILL, mixed_teacher_logits, replay_tables, stored_logits
 from mlkd_cli.losses.kd import kd_terms
 
 
@@ -44,3 +45,29 @@ def test_a_stored_mixup_target_is_the_two_distributions_blended_by_the_images_sh
     pt = (0.3 * F.softmax(logits[0] / 4, 0) + 0.7 * F.softmax(logits[5] / 4, 0)).tolist()
     expected = 16 * _kl(pt, _softmax(student[0].tolist(), 4.0))
     assert kd.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_batch_reads_its_images_stored_views_whole_or_top_k() -> None:
+    """`stored_logits` gathers each image's row in its epoch view: from a store of every class
+    (put in class order once by `replay_tables`) and from its top-k (the rest at STORE_FILL),
+    the same logits where the top-k holds them."""
+    torch.manual_seed(0)
+    images, views, classes = 5, 3, 6
+    full = torch.randn(images, views, classes)
+    order = torch.stack([torch.randperm(classes) for _ in range(images * views)])
+    order = order.view(images, views, classes)
+    stored = full.gather(2, order)  # as a store keeps them: classes in its own order
+    every, none = replay_tables(stored.half(), order.short(), classes, torch.device("cpu"))
+    assert none is None
+    epoch_views = torch.tensor([2, 0, 1, 1, 0])
+    indices = torch.tensor([3, 0, 4])
+    whole = stored_logits(every, None, epoch_views, indices, classes)
+    assert torch.equal(whole, full[indices, epoch_views[indices]].half().float())
+    top, which = replay_tables(
+        stored[..., :2].half(), order[..., :2].short(), classes, every.device
+    )
+    assert which is not None
+    part = stored_logits(top, which, epoch_views, indices, classes)
+    kept = order[indices, epoch_views[indices], :2].long()
+    assert torch.equal(part.gather(1, kept), whole.gather(1, kept))
+    assert (part == STORE_FILL).sum() == len(indices) * (classes - 2)
