@@ -3,5 +3,5 @@
 A module here imports, at its top, only what declaring its flags needs: typer, core/, the config
 dataclasses (their defaults are the help's) and plain constants. The engine, torch and timm are
 imported inside the command function, so `--help` and usage errors never load them
-(tests/test_help.py holds this).
+(tests/cli/test_help.py holds this).
 """
