@@ -6,5 +6,5 @@ and the help panels), turns the request into a config or a job, calls the engine
 renders the result. A module here imports, at its top, only what declaring its flags needs:
 typer, core/, the config dataclasses (their defaults are the help's), presets.py and plain
 constants. The engine, torch and timm are imported inside the command function, so `--help` and
-usage errors never load them (tests/test_help.py holds this).
+usage errors never load them (tests/cli/test_help.py holds this).
 """

@@ -21,7 +21,7 @@ from mlkd_cli.cli import app
 RNG_SEED = 1234
 # Separate runs that a test compares must compute identically; the memory format mlkd would
 # otherwise measure (and could choose differently run to run) is pinned for the whole suite,
-# subprocesses included. tests/test_precision.py tests the measurement itself.
+# subprocesses included. tests/engine/test_precision.py tests the measurement itself.
 os.environ["MLKD_MEMORY_FORMAT"] = "contiguous"
 
 

@@ -6,6 +6,6 @@ each part named); one module per loss holds its formula and its class: `kd` (wit
 original's variant), `dkd`, `dist` and `feature` (the exits' feature terms); `ce` is the
 cross-entropy every training run uses. A new loss is one module here, one entry in
 `registry.LOSSES` and its test in tests/losses/. This package may import torch and
-`mlkd_cli.core` only, never data/, models/ or the engine (tests/test_layers.py holds it), and
+`mlkd_cli.core` only, never data/, models/ or the engine (tests/meta/test_layers.py holds it), and
 this file imports nothing, so that help and config checks read the registry without torch.
 """

@@ -1,4 +1,5 @@
-"""Faults a long run meets: a DDP worker killed mid-run, a loss that diverges."""
+"""Faults a long run meets: a DDP worker killed mid-run, a loss that diverges, a busy master
+port."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -320,3 +322,20 @@ def test_a_signal_while_the_fork_server_imports_stops_the_launch_with_one_line(
         f"{signal.SIGTERM.value} stopped by SIGTERM before the workers started; "
         "nothing was written by this pass"
     ]
+
+
+@pytest.mark.slow
+def test_busy_master_port_does_not_stop_a_ddp_run(
+    run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setenv("MASTER_PORT", str(taken.getsockname()[1]))
+        result = run_cli(
+            "teacher", "train", "--dataset", "digits", "--model", "test_resnet", "--epochs", "1",
+            "--img-size", "16", "--batch-size", "32", "--world-size", "2",
+            "--output-dir", tmp_path, "-q",
+        )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "MASTER_PORT" in result.stderr and "busy" in result.stderr

@@ -1,45 +1,26 @@
-"""The epoch runner, evaluation, samplers, schedules and file writing, on tiny models."""
+"""The epoch runner, evaluation, batch mixing, schedules, stop requests and the launcher, on tiny
+models (checkpoint files: tests/core/test_checkpoint.py; the shard sampler: tests/data/)."""
 
 from __future__ import annotations
 
 import copy
-import math
 import os
-import pickle
 import signal
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mlkd_cli.core.atomic import WriteFailed, atomic_write
-from mlkd_cli.core.checkpoint import load_checkpoint, read_weights
 from mlkd_cli.core.dist import DistContext
-from mlkd_cli.core.errors import RunStopped, UserError
-from mlkd_cli.data.loaders import ShardSampler, collate_readable
+from mlkd_cli.core.errors import RunStopped
+from mlkd_cli.data.loaders import collate_readable
 from mlkd_cli.engine import interrupt, loop
 from mlkd_cli.engine.interrupt import StopRequest
 from mlkd_cli.engine.launch import launch
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 PRECISION = loop.Precision(torch.device("cpu"))
-
-
-def test_shard_sampler_covers_every_item_once_in_whole_batches() -> None:
-    for length in (0, 1, 7, 10, 23):
-        for world in (1, 2, 3):
-            for batch in (1, 4):
-                shards = [list(ShardSampler(length, r, world, batch)) for r in range(world)]
-                assert sorted(i for shard in shards for i in shard) == list(range(length))
-                # Each rank's consecutive runs of `batch` items are batches one process makes.
-                one = list(range(length))
-                batches = [one[i : i + batch] for i in range(0, length, batch)]
-                for r, shard in enumerate(shards):
-                    assert [shard[i : i + batch] for i in range(0, len(shard), batch)] == (
-                        batches[r::world]
-                    )
 
 
 def test_evaluate_matches_a_direct_count() -> None:
@@ -147,50 +128,6 @@ def test_short_final_accumulation_group_still_steps() -> None:
     torch.manual_seed(0)
     steps = _one_epoch(nn.Linear(6, 3), batch_size=4, accum=3)[0]
     assert steps == 2  # batches 1-3, then batch 4 alone
-
-
-def test_atomic_write_failure_keeps_previous_file(tmp_path: Path) -> None:
-    target = tmp_path / "file.bin"
-    atomic_write(target, lambda h: h.write(b"old"))
-
-    def broken(handle) -> None:
-        handle.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(WriteFailed, match="No space left on device.*previous file is intact"):
-        atomic_write(target, broken)
-    assert target.read_bytes() == b"old"
-    assert os.listdir(tmp_path) == ["file.bin"]
-
-
-def test_checkpoint_needing_code_to_unpickle_is_refused(tmp_path: Path) -> None:
-    marker = tmp_path / "ran"
-
-    class Exploit:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
-    path = tmp_path / "evil.pth"
-    torch.save({"state_dict": {}, "payload": Exploit()}, path, pickle_module=pickle)
-    with pytest.raises(UserError, match="arbitrary code"):
-        load_checkpoint(path)
-    assert not marker.exists()
-
-
-def test_truncated_checkpoint_is_a_user_error(tmp_path: Path) -> None:
-    path = tmp_path / "model.pth"
-    torch.save({"state_dict": {"w": torch.ones(100)}}, path)
-    path.write_bytes(path.read_bytes()[:60])
-    with pytest.raises(UserError, match="not a readable checkpoint"):
-        read_weights(path)
-
-
-def test_read_weights_strips_ddp_prefixes(tmp_path: Path) -> None:
-    path = tmp_path / "ddp.pth"
-    torch.save({"module.fc.weight": torch.ones(2)}, path)
-    weights, meta = read_weights(path)
-    assert list(weights) == ["fc.weight"] and meta == {}
-    assert math.isclose(float(weights["fc.weight"].sum()), 2.0)
 
 
 def test_stop_request_records_a_signal_and_a_second_ctrl_c_interrupts(

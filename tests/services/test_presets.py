@@ -15,7 +15,7 @@ from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.config import BatchPlan
 from mlkd_cli.presets import available_presets, resolve_preset
 
-PRESETS = Path(__file__).resolve().parents[1] / "presets"
+PRESETS = Path(__file__).resolve().parents[2] / "presets"
 
 
 def test_the_four_recipes_ship() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Module-name prefix -> layer; the longest matching prefix wins.
 LAYERS = {
     "mlkd_cli": 0,

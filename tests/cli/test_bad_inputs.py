@@ -23,7 +23,7 @@ from mlkd_cli.core.checkpoint import ModelCard, save_exits_model, save_model
 from mlkd_cli.models.exits import exits_record
 from mlkd_cli.models.student import MultiExitStudent
 
-BAD_INPUTS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "bad-inputs.md"
+BAD_INPUTS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "bad-inputs.md"
 TRAIN = ("teacher", "train", "-d", "digits", "-m", "test_resnet", "-e", "1", "-q")
 DISTILL = ("distill", "-d", "digits", "--student", "test_resnet", "-e", "1", "-q")
 FOLDER = ("teacher", "train", "-d", "imagefolder", "-m", "test_resnet", "--data-dir", "pets")
