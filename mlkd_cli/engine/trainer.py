@@ -3,19 +3,18 @@
 `fit` is the one loop behind every command that trains: data, optimiser, schedule, resume, the
 epoch loop, validation and checkpoints. What differs between teacher training and distillation
 is a `Task`: which module trains, what one step's loss is, how validation is scored, and which
-plain model gets saved.
+plain model gets saved. This file holds the run's lifecycle (lock, signals, set-up, epochs,
+summary); what is saved and how a run resumes is `checkpointing.Checkpointer`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any, Protocol
 
 import torch
@@ -25,18 +24,11 @@ from torch.utils.data import DataLoader
 
 from mlkd_cli import __version__
 from mlkd_cli.core.atomic import run_lock
-from mlkd_cli.core.checkpoint import (
-    TRAINING_STATE_FORMAT,
-    ModelCard,
-    atomic_save,
-    load_checkpoint,
-    save_model,
-)
+from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import RunInterrupted, RunStopped, UserError
-from mlkd_cli.core.plots import training_curves_png
-from mlkd_cli.core.rng import rng_state, seed_everything, set_rng_state
+from mlkd_cli.core.rng import seed_everything, set_rng_state
 from mlkd_cli.data.device import DeviceBatches
 from mlkd_cli.data.loaders import (
     ReplayedBatches,
@@ -53,6 +45,12 @@ from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
 from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine import loop
+from mlkd_cli.engine.checkpointing import (
+    Checkpointer,
+    diverged_message,
+    earlier_layout,
+    read_training_state,
+)
 from mlkd_cli.engine.config import TrainConfig
 from mlkd_cli.engine.history import History
 from mlkd_cli.engine.interrupt import StopRequest
@@ -61,12 +59,6 @@ from mlkd_cli.engine.loggers import build_loggers, parse_log_to
 from mlkd_cli.engine.planning import RunFiles, RunPlan, data_pipeline, describe_augmentation
 from mlkd_cli.engine.precision import Precision, choose_layout, keep_idle_tap_convs_fp32
 from mlkd_cli.models.norms import use_fast_group_norms
-
-# The training curves are redrawn at most this often (and after the last epoch).
-CURVES_EVERY_S = 30.0
-# The training state is written after an epoch at most this often (and after the last one, and
-# whenever the run is stopped); see `_TrainingState.save_epoch`.
-STATE_EVERY_S = 5.0
 
 
 class Task(Protocol):
@@ -143,19 +135,6 @@ def build_training_batches(
     transform = build_train_transform(recipe) if cfg.augment else build_eval_transform(recipe)
     train_set = TransformedSubset(splits.train, indices, transform)
     return build_train_batches(train_set, per_process, ctx, cfg.seed, cfg.workers, replay)
-
-
-@dataclass
-class _Resumed:
-    """What a training state gives back: where to start, and a part-done epoch if any."""
-
-    epoch: int = 0
-    best: dict[str, Any] = field(
-        default_factory=lambda: {"top1": -1.0, "epoch": 0, "score": float("-inf")}
-    )
-    progress: loop.EpochProgress | None = None
-    rng: dict[str, Any] | None = None
-    restarts: list[dict[str, Any]] = field(default_factory=list)  # launcher restarts so far
 
 
 def launch_training(worker: Any, plan: Any) -> dict[str, Any]:
@@ -262,8 +241,7 @@ class _Run:
         self.report = Reporter(cfg.output, ctx.rank)
         self.precision = Precision.resolve(cfg.precision, ctx.device, cfg.source_of("precision"))
         # The training state this run continues (--resume, or a launcher restart), read once.
-        continuing = (cfg.resume or ctx.restart > 0) and self.files.last.is_file()
-        self.continued = load_checkpoint(self.files.last) if continuing else None
+        self.continued = read_training_state(plan, ctx)
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
@@ -275,10 +253,6 @@ class _Run:
         self.mixer = loop.BatchMixer(
             plan.card.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing
         )
-        self.state = _TrainingState(
-            plan, task, self.model, self.optimizer, self.scheduler, self.history, ctx
-        )
-        self.state.precision = self.precision
         self.warned: set[str] = set()
         names = parse_log_to(cfg.log_to)
         self.loggers = build_loggers(names, cfg.output_dir, self.files.name) if ctx.is_main else []
@@ -307,7 +281,7 @@ class _Run:
         use_fast_group_norms(model)  # before the layout is timed: it changes channels_last's speed
         size = self.plan.recipe.img_size
         sample = (3, size, size)
-        earlier = self._earlier_layout()
+        earlier = earlier_layout(self.continued)
         if earlier is None:
             self.precision = choose_layout(
                 self.precision, model, sample, self.ctx, train=True, batch=self.cfg.batch_size
@@ -330,15 +304,6 @@ class _Run:
                 self.report.warn(f"--compile is not available here ({failed}); training uncompiled")
         self.task.prepare(self.ctx, self.train_batches, self.precision)
         self.model = model
-
-    def _earlier_layout(self) -> tuple[bool, bool | None] | None:
-        """(channels_last, bf16) as the training state being continued recorded them (bf16 None
-        in states from before auto measured it); None: measure."""
-        state = self.continued or {}
-        if state.get("channels_last") is None:
-            return None
-        bf16 = state.get("bf16")
-        return bool(state["channels_last"]), None if bf16 is None else bool(bf16)
 
     def _setup_optimizer(self) -> None:
         cfg = self.cfg
@@ -368,24 +333,17 @@ class _Run:
                 "model_card": asdict(self.plan.card),
             },
         )
-        self.resumed = _Resumed()
+        # The parts the training state holds, each under its key: a part added here is saved
+        # and resumed with no other edit.
+        parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        self.checkpoints = Checkpointer(
+            self.plan, self.task, ctx, parts, self.history, self.precision
+        )
         # A launcher restart (--max-restarts, or torchrun's) continues from the last saved state.
-        where = "the start"
+        self.resumed = self.checkpoints.restore(self.continued)
         if self.continued is not None:
-            self.resumed = _load_training_state(
-                ctx, self.continued, files, self.model, self.optimizer, self.scheduler, self.history
-            )
-            where = f"after epoch {self.resumed.epoch}"
-            if self.resumed.progress is not None:
-                done = self.resumed.progress.batches_done
-                where = f"in epoch {self.resumed.epoch + 1} after batch {done}"
             top1 = self.resumed.best["top1"]
-            self.report.info(f"resuming {files.name} {where} (best top-1 {top1:.2f})")
-        self.history.run_info["restarts"] = list(self.resumed.restarts)
-        if ctx.restart > 0:
-            self.history.run_info["restarts"].append(
-                {"restart": ctx.restart, "resumed_from": where}
-            )
+            self.report.info(f"resuming {files.name} {self.resumed.where} (best top-1 {top1:.2f})")
         self.best = self.resumed.best
 
     def _announce(self) -> None:
@@ -444,7 +402,7 @@ class _Run:
                     strict_data=cfg.strict_data,
                 )
             except loop.NonFiniteLoss as exc:
-                raise RunStopped(_diverged_message(self.files, epoch, exc.batch)) from None
+                raise RunStopped(diverged_message(self.files, epoch, exc.batch)) from None
             except loop.UnreadableData as exc:
                 raise UserError(
                     f"{exc.image.path} is not a readable image ({exc.image.reason}); remove "
@@ -467,7 +425,7 @@ class _Run:
             stopping = check and stop.agreed(ctx) is not None
             periodic = self.cfg.save_every_steps and step % self.cfg.save_every_steps == 0
             if (stopping or periodic) and batches_done < self.num_batches:
-                self.state.save_mid_epoch(epoch, snapshot(), best)
+                self.checkpoints.save_mid_epoch(epoch, snapshot(), best)
             return stopping
 
         return at_boundary
@@ -503,7 +461,7 @@ class _Run:
         # Agreed before saving: a run that stops here must leave its state of this epoch.
         stopping = epoch + 1 < self.cfg.epochs and stop.agreed(ctx) is not None
         if ctx.is_main:
-            self.state.save_epoch(self.best, row, improved, force_state=stopping)
+            self.checkpoints.save_epoch(self.best, row, improved, force_state=stopping)
         self.task.report_epoch(self.report, row, improved)
         if stopping:
             raise _interrupted(stop, self.files, f"after epoch {epoch + 1}")
@@ -523,20 +481,7 @@ class _Run:
             "best_row": next((r for r in rows if r["epoch"] == best["epoch"]), None),
             "world_size": self.ctx.world_size,
             "effective_batch": self.batch_plan.global_batch,
-            "files": {
-                "best": str(files.best),
-                "last": str(files.last),
-                "history_json": str(files.history_json),
-                "history_csv": str(files.history_csv),
-                "curves": str(files.curves),
-                # Every N epochs (--save-frequency): the plain model as it was then, as found on
-                # disk (a resumed run may have saved at another frequency before).
-                "periodic": [
-                    str(files.periodic(row["epoch"]))
-                    for row in rows
-                    if files.periodic(row["epoch"]).is_file()
-                ],
-            },
+            "files": self.checkpoints.written(),
         }
 
 
@@ -549,151 +494,4 @@ def _interrupted(stop: StopRequest, files: RunFiles, where: str) -> RunInterrupt
         f"stopped by {stop.name} {where}; the training state is saved in {files.last}: "
         "run the same command with --resume to continue",
         stop.signum or signal.SIGTERM,
-    )
-
-
-def stateful_parts(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> dict[str, Any]:
-    """The parts whose `state_dict` a training state holds, by the key it holds them under.
-
-    Saving and resuming both walk this one mapping, so a part added here is saved and restored
-    without touching either (the training state's other keys are the loop's own bookkeeping).
-    """
-    return {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-
-
-def _load_training_state(
-    ctx: DistContext,
-    state: dict[str, Any],
-    files: RunFiles,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    history: History,
-) -> _Resumed:
-    for name, part in stateful_parts(model, optimizer, scheduler).items():
-        part.load_state_dict(state[name])
-    for row in state["history"]:
-        history.append(row)
-    resumed = _Resumed(int(state["epoch"]), dict(state["best"]))
-    resumed.restarts = list(state.get("restarts", []))
-    part = state.get("partial_epoch")
-    if part is not None:
-        if len(part["progress"]) != ctx.world_size:
-            raise UserError(
-                f"{files.last} was saved part-way through an epoch by {len(part['progress'])} "
-                f"processes, not {ctx.world_size}; resume with that many (--world-size "
-                f"{len(part['progress'])})"
-            )
-        resumed.progress = loop.EpochProgress(**part["progress"][ctx.rank])
-        resumed.rng = part["rng"][ctx.rank]
-    return resumed
-
-
-class _TrainingState:
-    """Writes a run's files: the best model, periodic models, the training state, history."""
-
-    def __init__(
-        self,
-        plan: RunPlan,
-        task: Task,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        history: History,
-        ctx: DistContext,
-    ) -> None:
-        self.plan, self.task, self.model = plan, task, model
-        self.optimizer, self.scheduler, self.history, self.ctx = optimizer, scheduler, history, ctx
-        # The run's arithmetic and memory format (set once chosen), recorded in the state so
-        # that a resumed run reuses them.
-        self.precision: Precision | None = None
-        self.curves_drawn = -math.inf  # when the curves were last drawn (time.monotonic)
-        self.state_written = -math.inf  # when the state was last written: the first epoch writes it
-
-    def _write_state(self, epoch: int, best: dict[str, Any], partial: dict | None) -> None:
-        parts = stateful_parts(loop.unwrap(self.model), self.optimizer, self.scheduler)
-        states = {name: part.state_dict() for name, part in parts.items()}
-        states["model"] = {k: v.detach().cpu() for k, v in states["model"].items()}
-        atomic_save(
-            {
-                "format": TRAINING_STATE_FORMAT,
-                **states,
-                "epoch": epoch,
-                "partial_epoch": partial,
-                "best": best,
-                "history": self.history.rows,
-                "restarts": self.history.run_info.get("restarts", []),
-                "channels_last": bool(self.precision and self.precision.channels_last),
-                "bf16": bool(self.precision and self.precision.bf16),
-                "config": self.plan.config.to_record(),
-                "card": asdict(self.plan.card),
-                "mlkd_version": __version__,
-            },
-            self.plan.files.last,
-        )
-
-    def save_mid_epoch(self, epoch: int, progress: loop.EpochProgress, best: dict) -> None:
-        """The state part-way through `epoch` (0-based): every rank's progress and generators.
-
-        A collective: every rank calls it at the same step.
-        """
-        parts = self.ctx.gather_objects((asdict(progress), rng_state(self.ctx.device)))
-        if self.ctx.is_main:
-            partial = {
-                "world_size": self.ctx.world_size,
-                "progress": [p for p, _ in parts],
-                "rng": [r for _, r in parts],
-            }
-            self._write_state(epoch, best, partial)
-        self.ctx.barrier()
-
-    def save_epoch(
-        self, best: dict[str, Any], row: dict[str, Any], improved: bool, force_state: bool = False
-    ) -> None:
-        """After an epoch (rank 0 only): best and periodic models, state, history, curves.
-
-        The training state is written after the last epoch, when `force_state` (the run stops
-        here), and otherwise once STATE_EVERY_S have passed since it last was: writing it takes
-        ~50 ms, as long as a small model's whole epoch on a small dataset. A run killed without
-        warning loses at most the epoch in progress and STATE_EVERY_S of epochs before it.
-        """
-        cfg, files = self.plan.config, self.plan.files
-        plain = self.task.plain_model(loop.unwrap(self.model))
-        metrics = {k: float(v) for k, v in row.items() if k.startswith(("val_", "exit"))}
-        if improved:
-            save_model(files.best, plain, self.plan.card, row["epoch"], metrics)
-            self.task.save_best(
-                loop.unwrap(self.model), files, self.plan.card, row["epoch"], metrics
-            )
-        if cfg.save_frequency and row["epoch"] % cfg.save_frequency == 0:
-            save_model(files.periodic(row["epoch"]), plain, self.plan.card, row["epoch"], metrics)
-        now = time.monotonic()
-        final = row["epoch"] == cfg.epochs
-        if final or force_state or now - self.state_written >= STATE_EVERY_S:
-            self._write_state(row["epoch"], best, None)
-            self.state_written = now
-        self.history.save()
-        # Drawing takes ~0.2 s: every epoch of a small model's run would spend as long drawing
-        # as training. The history files are written every epoch; the figure at the end and at
-        # most every CURVES_EVERY_S in between.
-        if final or now - self.curves_drawn >= CURVES_EVERY_S:
-            training_curves_png(
-                self.history.rows,
-                f"{files.name} ({self.plan.card.arch}, {self.plan.kind})",
-                files.curves,
-            )
-            self.curves_drawn = now
-
-
-def _diverged_message(files: RunFiles, epoch: int, batch: int) -> str:
-    where = f"the loss became NaN/infinite in epoch {epoch + 1} (by batch {batch})"
-    if epoch == 0 or not files.last.is_file():
-        return f"{where}, before any training state was saved; lower --lr or pass --skip-nonfinite"
-    return (
-        f"{where}; the last good training state is {files.last} (epoch {epoch}): "
-        "rerun with --resume and a lower --lr, or pass --skip-nonfinite"
     )

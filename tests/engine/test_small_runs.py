@@ -13,7 +13,7 @@ from conftest import DIGITS_TEACHER, assert_error_line, invoke_cli
 from mlkd_cli.core import cpus
 from mlkd_cli.data.loaders import ReplayedBatches, default_cpu_workers
 from mlkd_cli.data.registry import labelled_positions, load_splits
-from mlkd_cli.engine import launch, planning, trainer
+from mlkd_cli.engine import checkpointing, launch, planning
 from mlkd_cli.engine.config import TeacherTrainConfig
 from mlkd_cli.pipeline import distillation_gain
 
@@ -119,15 +119,15 @@ def test_the_state_is_written_every_few_seconds_and_always_after_the_last_epoch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(trainer, "STATE_EVERY_S", 3600.0)
+    monkeypatch.setattr(checkpointing, "STATE_EVERY_S", 3600.0)
     written = []
-    real = trainer._TrainingState._write_state
+    real = checkpointing.Checkpointer._write_state
 
     def record(self, epoch, best, partial):
         written.append(epoch)
         real(self, epoch, best, partial)
 
-    monkeypatch.setattr(trainer._TrainingState, "_write_state", record)
+    monkeypatch.setattr(checkpointing.Checkpointer, "_write_state", record)
     result = invoke_cli(*DIGITS_TEACHER, "-n", "t", "-e", "4", "-q")
     assert result.exit_code == 0, result.stderr
     assert written == [1, 4]  # the first epoch, then the last: none in between within an hour

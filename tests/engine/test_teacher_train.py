@@ -13,7 +13,7 @@ import torch
 from mlkd_cli.data.loaders import TransformedSubset
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
-from mlkd_cli.engine import loop, trainer
+from mlkd_cli.engine import checkpointing, loop
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def test_same_seed_same_result_and_resume_matches_uninterrupted(
     train(run_cli, tmp_path / "b", "--epochs", "3", "--seed", "5")
     # A 3-epoch run interrupted during its third epoch, then resumed to the end; its state is
     # written after every epoch here (engine/test_small_runs.py: every few seconds by default).
-    monkeypatch.setattr(trainer, "STATE_EVERY_S", 0.0)
+    monkeypatch.setattr(checkpointing, "STATE_EVERY_S", 0.0)
     real_epoch, calls = loop.train_one_epoch, []
 
     def interrupted(*args, **kwargs):

@@ -146,7 +146,12 @@ def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
 # The training tasks and the trainer that runs them: a forward-only pass reuses the launcher,
 # precision, the config and the planning checks (whose validation knows the loss and optimiser
 # names), never a task. `models/` builds the teacher a pass runs.
-TRAINING = ("mlkd_cli.engine.distiller", "mlkd_cli.engine.teacher", "mlkd_cli.engine.trainer")
+TRAINING = (
+    "mlkd_cli.engine.checkpointing",
+    "mlkd_cli.engine.distiller",
+    "mlkd_cli.engine.teacher",
+    "mlkd_cli.engine.trainer",
+)
 
 
 def test_passes_reach_no_training_task() -> None:
