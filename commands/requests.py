@@ -24,6 +24,7 @@ from typing import Any, ClassVar, TypeVar
 from typer.models import ParameterInfo
 
 from mlkd_cli.core.console import OutputOptions
+from mlkd_cli.core.workers import prepare_workers
 from mlkd_cli.presets import settings_config
 
 from . import options as opt
@@ -220,7 +221,11 @@ def takes(
     def decorate(command: Callable[[Q], R]) -> Callable[..., R]:
         @functools.wraps(command)
         def run(**values: Any) -> R:
-            return command(request(**{name: _plain(v) for name, v in values.items()}))
+            filled = request(**{name: _plain(v) for name, v in values.items()})
+            if isinstance(filled, RunFlags):
+                # Workers' imports start now, beside the command's own (core/workers.py).
+                prepare_workers(filled.world_size)
+            return command(filled)
 
         run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         run.__annotations__ = {p.name: p.annotation for p in parameters}

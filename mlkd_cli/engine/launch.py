@@ -6,7 +6,6 @@ one code path: the worker receives a `DistContext` and does the same thing whate
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -34,6 +33,11 @@ from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.cpus import compute_threads
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import RunInterrupted, RunStopped, UserError
+from mlkd_cli.core.workers import (
+    FORKSERVER_PRELOAD,
+    START_METHOD,
+    under_torchrun,
+)
 from mlkd_cli.data.loaders import default_cpu_workers
 
 T = TypeVar("T")
@@ -41,16 +45,13 @@ P = TypeVar("P")
 
 # A collective that waits longer than this is a dead peer, not a slow one.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 # How long workers told to stop (SIGTERM, Ctrl-C) get to finish their step and save their state
 # before they are killed.
 SHUTDOWN_GRACE_S = 120
-# Workers start by fork from one server process that imported torch, timm and mlkd once: the
-# first launch of a command pays those imports once (not once per worker), and every later launch
-# in the same process (a pipeline's next stage, a restart) starts its workers in well under a
-# second instead of ~5 s of imports each. The server holds no CUDA context and no threads.
-START_METHOD = "forkserver"
-FORKSERVER_PRELOAD = ("torch", "timm", "mlkd_cli.engine.launch")
+# Workers start by fork from one server process that imported torch, timm and mlkd once
+# (core/workers.py): every later launch in the same process (a pipeline's next stage, a restart)
+# starts its workers in well under a second instead of ~5 s of imports each. The server holds no
+# CUDA context and no threads.
 # What this module saw of the environment when it was imported. In a forked worker that is the
 # fork server's environment from before the elastic agent added the worker's own variables, which
 # tells those apart (see `_adopt_launcher_environment`).
@@ -87,11 +88,6 @@ def resolve_device(name: str) -> str:
             "--device cuda was asked for but no CUDA device is visible; use --device cpu"
         )
     return name
-
-
-def under_torchrun() -> bool:
-    """True when torchrun (or any launcher setting RANK/WORLD_SIZE/LOCAL_RANK) started us."""
-    return all(v in os.environ for v in TORCHRUN_VARIABLES)
 
 
 def launcher_rank() -> int:
@@ -236,36 +232,6 @@ def _elastic(
         raise AssertionError("unreachable")  # the loop returns or raises
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def prepare_workers(world_size: int) -> None:
-    """Start the fork server's imports now when this run will start local workers (world size
-    above 1, not under torchrun), and return at once.
-
-    A command calls it before it imports torch and checks its plan, so that the server's imports
-    and the launcher's own run side by side instead of one after the other (about 4 s of a DDP
-    command's start on two cores). A command that then stops (a bad value, a signal) takes the
-    server down with it as it exits.
-    """
-    if world_size <= 1 or under_torchrun():
-        return
-    from multiprocessing import forkserver
-
-    mp.set_forkserver_preload(list(FORKSERVER_PRELOAD))
-    forkserver.ensure_running()
-    atexit.register(_stop_fork_server)
-
-
-def _stop_fork_server() -> None:
-    """Kill this process's fork server at exit: one started for a run that never launched would
-    otherwise go on importing torch for seconds after the command ended."""
-    from multiprocessing import forkserver
-
-    # The standard library keeps the server's pid private; without it there is nothing to stop.
-    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
-    if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def _start_fork_server(worker_module: str) -> None:
