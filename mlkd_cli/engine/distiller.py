@@ -198,6 +198,7 @@ def store_replay(
         "images": len(splits.train_indices),
         "classes": list(splits.class_names),
         "img_size": image_config.img_size,
+        # the image config, under the manifest's stored key (see StoreManifest)
         "recipe": store_image_config(image_config, pipeline, cfg.augment),
     }
     manifest = open_store(cfg.soft_labels, expected).manifest

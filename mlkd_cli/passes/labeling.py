@@ -120,6 +120,7 @@ def plan_labeling(
         images=images,
         classes=tuple(splits.class_names),
         img_size=image_config.img_size,
+        # the image config, under the manifest's stored key (see StoreManifest)
         recipe=store_image_config(image_config, pipeline, cfg.augment),
         # the input each member ran at too: a store resumed at another size is another store
         teacher={
