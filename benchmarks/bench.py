@@ -69,7 +69,7 @@ from mlkd_cli.data.loaders import (
 from mlkd_cli.data.registry import get_dataset_spec
 from mlkd_cli.data.replay import mixed_teacher_logits
 from mlkd_cli.data.sources import ArraySource
-from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
+from mlkd_cli.data.transforms import ImageConfig, build_train_transform
 from mlkd_cli.data.views import ViewReplay, view_seed
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.distiller import build_student, stored_logits
@@ -118,7 +118,7 @@ class Worker:
         reference = mode == "reference"
         if reference:
             torch.use_deterministic_algorithms(True)
-        self.recipe = ImageRecipe(img_size=args.img_size, crop_pct=1.0)
+        self.image_config = ImageConfig(img_size=args.img_size, crop_pct=1.0)
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, size=(args.images, 32, 32, 3), dtype=np.uint8)
         self.source = ArraySource(images, rng.integers(0, CLASSES, size=args.images).tolist())
@@ -161,13 +161,13 @@ class Worker:
         """The mode's training pipeline, endlessly."""
         batch = self.args.batch_size
         if self.mode == "reference":
-            transform = build_train_transform(self.recipe)
+            transform = build_train_transform(self.image_config)
             subset = TransformedSubset(self.source, range(len(self.source)), transform)
             workers = 4  # as the original, whatever the core count
             source = build_train_batches(subset, batch, self.ctx, seed=0, workers=workers)
         else:
             indices = range(len(self.source))
-            source = DeviceBatches(self.source, indices, self.recipe, batch, self.ctx, seed=0)
+            source = DeviceBatches(self.source, indices, self.image_config, batch, self.ctx, seed=0)
         epoch = 0
         while True:
             yield from source.epoch(epoch)
@@ -251,7 +251,7 @@ class Worker:
         replay = ViewReplay(0, views, count)
         teacher = self.teachers[size]
         if self.mode == "reference":
-            transform = build_train_transform(self.recipe)
+            transform = build_train_transform(self.image_config)
             subset = TransformedSubset(self.source, range(count), transform)
             seeds = [view_seed(0, v) for v in range(views)]
             keys = [(p, seeds[v]) for v in range(views) for p in range(count)]
@@ -260,7 +260,7 @@ class Worker:
         else:
             images = torch.from_numpy(self.source.images).permute(0, 3, 1, 2).to(self.device)
             draws = replay.draw_table().to(self.device)
-            augment = DeviceAugment(self.recipe, self.device)
+            augment = DeviceAugment(self.image_config, self.device)
             made = (
                 augment(images[first : first + batch], None, draws[v, first : first + batch])
                 for v in range(views)
@@ -285,12 +285,12 @@ class Worker:
         epoch_views = replay.epoch_views(0).to(self.device)
         batch = self.args.batch_size
         if self.mode == "reference":
-            transform = build_train_transform(self.recipe)
+            transform = build_train_transform(self.image_config)
             subset = TransformedSubset(self.source, range(count), transform)
             source = build_train_batches(subset, batch, self.ctx, 0, 4, replay)
         else:
             source = DeviceBatches(
-                self.source, range(count), self.recipe, batch, self.ctx, 0, replay=replay
+                self.source, range(count), self.image_config, batch, self.ctx, 0, replay=replay
             )
 
         def step(model, images, targets, indices, mix):
@@ -404,11 +404,11 @@ def distill_cli(args: argparse.Namespace, console: Console) -> dict[str, dict[st
         write_fake_cifar10(root / "data", CLI_IMAGES_PER_FILE)
         torch.manual_seed(0)
         spec = get_dataset_spec("cifar-10")
-        recipe = ImageRecipe(img_size=224, crop_pct=spec.crop_pct)
+        image_config = ImageConfig(img_size=224, crop_pct=spec.crop_pct)
         card = ModelCard(
             arch=CLI_TEACHER, num_classes=10, class_names=[f"class_{i}" for i in range(10)],
-            dataset="cifar-10", img_size=224, crop_pct=recipe.crop_pct, mean=list(recipe.mean),
-            std=list(recipe.std),
+            dataset="cifar-10", img_size=224, crop_pct=image_config.crop_pct,
+            mean=list(image_config.mean), std=list(image_config.std),
         )  # fmt: skip
         teacher = root / "teacher.pth"
         save_model(teacher, timm.create_model(CLI_TEACHER, num_classes=10), card, 0, {})

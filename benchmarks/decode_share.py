@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
+from mlkd_cli.data.transforms import ImageConfig, build_train_transform
 
 IMAGES = 100
 
@@ -39,7 +39,7 @@ def main() -> None:
     """Print decode and transform time per image, and the decode share, three times."""
     torch.set_num_threads(1)
     files = jpegs(IMAGES)
-    transform = build_train_transform(ImageRecipe(img_size=224))
+    transform = build_train_transform(ImageConfig(img_size=224))
     print(f"{IMAGES} JPEGs of 500x375, {sum(map(len, files)) / IMAGES / 1024:.0f} KB on average")
     for _ in range(3):
         start = time.perf_counter()

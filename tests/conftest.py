@@ -224,11 +224,11 @@ def independent_test_top1(checkpoint: Path) -> float:
     import torch
 
     from mlkd_cli.data.registry import load_splits
-    from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
+    from mlkd_cli.data.transforms import ImageConfig, build_eval_transform
 
     model = timm.create_model("test_resnet", checkpoint_path=str(checkpoint), num_classes=10)
     model.eval()
-    transform = build_eval_transform(ImageRecipe(img_size=16, crop_pct=1.0))
+    transform = build_eval_transform(ImageConfig(img_size=16, crop_pct=1.0))
     test = load_splits("digits", Path("data")).test
     hits = 0
     with torch.no_grad():

@@ -27,7 +27,7 @@ from mlkd_cli.anytime.staged import StagedStudent
 from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.cpus import warn_int8_target
 from mlkd_cli.core.errors import UserError
-from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
+from mlkd_cli.data.transforms import ImageConfig, build_eval_transform
 from mlkd_cli.export.session import open_session
 from mlkd_cli.models.exits import ExitsCheckpoint, exits_header, load_exits_checkpoint
 
@@ -97,7 +97,7 @@ class AnytimeClassifier:
         self.card = card
         self.class_names = list(card.class_names)
         self.transform = build_eval_transform(
-            ImageRecipe(
+            ImageConfig(
                 img_size=card.img_size,
                 crop_pct=card.crop_pct,
                 mean=tuple(card.mean),

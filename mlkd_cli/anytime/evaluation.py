@@ -38,7 +38,7 @@ from mlkd_cli.engine.precision import Precision, prepare_forward
 from mlkd_cli.models.exits import load_exits_checkpoint
 from mlkd_cli.passes.logits import (
     PlannedPass,
-    card_recipe,
+    card_image_config,
     check_split,
     data_dir_for,
     launch_pass,
@@ -171,7 +171,7 @@ def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
         ),
         split=request.split,
         val_fraction=float(card.extra.get("val_fraction", 0.1)),
-        recipe=card_recipe(card),
+        image_config=card_image_config(card),
         batch_size=request.batch_size,
         workers=request.workers,
         precision=request.precision,
@@ -340,10 +340,12 @@ def _timing_setup(
     split in memory on the device (in batches of `batch_size`)."""
     student = load_exits_checkpoint(job.path).student
     ctx = DistContext(0, 1, 0, torch.device(resolve_device(device)))
-    precision = prepare_forward(job.precision, student, job.recipe.img_size, ctx, job.batch_size)
-    staged = StagedStudent(student, job.recipe.img_size)
+    precision = prepare_forward(
+        job.precision, student, job.image_config.img_size, ctx, job.batch_size
+    )
+    staged = StagedStudent(student, job.image_config.img_size)
     splits = load_splits(job.dataset, job.data_dir, False, job.val_fraction)
-    dataset = split_dataset(splits, job.split, job.recipe)
+    dataset = split_dataset(splits, job.split, job.image_config)
     batches, count = [], 0
     for batch in build_eval_loader(dataset, job.batch_size, ctx, job.workers):
         images = batch.images[: job.timing_images - count]

@@ -2,7 +2,7 @@
 
 A model checkpoint is a dict with timm's `state_dict` key beside plain metadata, so
 `timm.create_model(arch, checkpoint_path=path, num_classes=n)` loads it with no mlkd installed,
-and `mlkd eval` knows the architecture, classes and image recipe without being told.
+and `mlkd eval` knows the architecture, classes and image config without being told.
 """
 
 from __future__ import annotations

@@ -25,25 +25,26 @@ from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.rng import derive_seed
 from mlkd_cli.data.loaders import Batch, ResumableSampler
 from mlkd_cli.data.sources import ArraySource
-from mlkd_cli.data.transforms import ImageRecipe
+from mlkd_cli.data.transforms import ImageConfig
 
 CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop, before it falls back to a centre crop
 # Uniform draws one augmented image takes: crop scales and ratios per attempt, position, two
 # flips, one spare, three colour jitters.
 DRAWS_PER_IMAGE = 2 * CROP_ATTEMPTS + 7
-# The recipe's knobs this pipeline cannot follow (only the CPU pipeline, through timm, can).
+# The image config's knobs this pipeline cannot follow (only the CPU pipeline, through timm, can).
 DEVICE_INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # what grid_sample resamples with
 
 
-def device_unsupported(recipe: ImageRecipe) -> list[str]:
-    """The recipe's augmentation flags this pipeline cannot follow (timm's CPU transforms can)."""
+def device_unsupported(image_config: ImageConfig) -> list[str]:
+    """The image config's augmentation flags this pipeline cannot follow (timm's CPU transforms
+    can)."""
     missing = []
-    if recipe.auto_augment:
-        missing.append(f"--auto-augment {recipe.auto_augment}")
-    if recipe.reprob > 0:
-        missing.append(f"--reprob {recipe.reprob:g}")
-    if recipe.interpolation not in DEVICE_INTERPOLATIONS:
-        missing.append(f"--interpolation {recipe.interpolation}")
+    if image_config.auto_augment:
+        missing.append(f"--auto-augment {image_config.auto_augment}")
+    if image_config.reprob > 0:
+        missing.append(f"--reprob {image_config.reprob:g}")
+    if image_config.interpolation not in DEVICE_INTERPOLATIONS:
+        missing.append(f"--interpolation {image_config.interpolation}")
     return missing
 
 
@@ -53,11 +54,13 @@ _GREY = (0.299, 0.587, 0.114)
 class DeviceAugment:
     """Batched augmentation of uint8 images (B, 3, H, W) on their own device."""
 
-    def __init__(self, recipe: ImageRecipe, device: torch.device, augment: bool = True) -> None:
-        self.recipe = recipe
+    def __init__(
+        self, image_config: ImageConfig, device: torch.device, augment: bool = True
+    ) -> None:
+        self.image_config = image_config
         self.augment = augment
-        self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(image_config.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(image_config.std, device=device).view(1, 3, 1, 1)
         self.grey = torch.tensor(_GREY, device=device).view(1, 3, 1, 1)
 
     def __call__(
@@ -66,7 +69,7 @@ class DeviceAugment:
         generator: torch.Generator | None,
         draws: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Float images of the recipe's size, normalised; random only when augmenting.
+        """Float images of the image config's size, normalised; random only when augmenting.
 
         `draws` (B, DRAWS_PER_IMAGE) uniform numbers fix each image's view (a stored view
         replayed); without them they come from `generator`. An image's view depends on its own
@@ -81,7 +84,7 @@ class DeviceAugment:
                 )
             theta = self._crop_boxes(draws, height, width)
             x = self._resample(x, theta)
-            if self.recipe.color_jitter > 0:
+            if self.image_config.color_jitter > 0:
                 x = self._jitter(x, draws[:, -3:])
         else:
             x = self._resample(x, self._centre_box(count, height, width, images.device))
@@ -89,9 +92,9 @@ class DeviceAugment:
 
     def _crop_boxes(self, draws: torch.Tensor, height: int, width: int) -> torch.Tensor:
         # (B, 2, 3) affine maps from output to input coordinates: a random resized crop,
-        # mirrored horizontally / vertically with the recipe's flip probabilities.
-        low, high = self.recipe.crop_scale
-        ratios = self.recipe.crop_ratio
+        # mirrored horizontally / vertically with the image config's flip probabilities.
+        low, high = self.image_config.crop_scale
+        ratios = self.image_config.crop_ratio
         area = height * width
         scale = low + (high - low) * draws[:, :CROP_ATTEMPTS]
         log_ratio = (
@@ -110,28 +113,32 @@ class DeviceAugment:
         base = 2 * CROP_ATTEMPTS
         x0 = draws[:, base] * (width - w)
         y0 = draws[:, base + 1] * (height - h)
-        flip = torch.where(draws[:, base + 2] < self.recipe.hflip, -1.0, 1.0)
-        vflip = torch.where(draws[:, base + 3] < self.recipe.vflip, -1.0, 1.0)
+        flip = torch.where(draws[:, base + 2] < self.image_config.hflip, -1.0, 1.0)
+        vflip = torch.where(draws[:, base + 3] < self.image_config.vflip, -1.0, 1.0)
         return _affine(x0, y0, w, h, height, width, flip, vflip)
 
     def _centre_box(
         self, count: int, height: int, width: int, device: torch.device
     ) -> torch.Tensor:
         # The evaluation view: the central crop_pct of the short side, resized.
-        side = self.recipe.crop_pct * min(height, width)
+        side = self.image_config.crop_pct * min(height, width)
         w = torch.full((count,), side, device=device)
         return _affine((width - w) / 2, (height - w) / 2, w, w, height, width, 1.0, 1.0)
 
     def _resample(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        size = self.recipe.img_size
+        size = self.image_config.img_size
         grid = F.affine_grid(theta, [x.shape[0], 3, size, size], align_corners=False)
         out = F.grid_sample(
-            x, grid, mode=self.recipe.interpolation, padding_mode="border", align_corners=False
+            x,
+            grid,
+            mode=self.image_config.interpolation,
+            padding_mode="border",
+            align_corners=False,
         )
         return out.clamp_(0, 1)  # bicubic overshoots
 
     def _jitter(self, x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-        j = self.recipe.color_jitter
+        j = self.image_config.color_jitter
         factors = max(0.0, 1 - j) + (1 + j - max(0.0, 1 - j)) * draws  # (B, 3)
         brightness, contrast, saturation = (factors[:, i].view(-1, 1, 1, 1) for i in range(3))
         x = (x * brightness).clamp_(0, 1)
@@ -167,7 +174,7 @@ class DeviceBatches:
         self,
         source: ArraySource,
         indices: Sequence[int],
-        recipe: ImageRecipe,
+        image_config: ImageConfig,
         batch_size: int,
         ctx: DistContext,
         seed: int,
@@ -183,7 +190,7 @@ class DeviceBatches:
         targets = torch.as_tensor(np.asarray(source.targets)[chosen], dtype=torch.long)
         self.labels = targets.to(ctx.device)
         self.batch_size, self.seed, self.ctx = batch_size, seed, ctx
-        self.augment = DeviceAugment(recipe, ctx.device, augment)
+        self.augment = DeviceAugment(image_config, ctx.device, augment)
         self.sampler = ResumableSampler(range(len(chosen)), ctx.rank, ctx.world_size, seed)
         self.generator = torch.Generator(device=ctx.device)
 
@@ -213,7 +220,7 @@ class DeviceBatches:
 
     def shard_in_order(self, batch_size: int) -> Iterator[Batch]:
         """This rank's share (items r, r + W, ...) in order, in the evaluation view."""
-        view = DeviceAugment(self.augment.recipe, self.ctx.device, augment=False)
+        view = DeviceAugment(self.augment.image_config, self.ctx.device, augment=False)
         mine = torch.arange(self.ctx.rank, len(self), self.ctx.world_size, device=self.ctx.device)
         for start in range(0, len(mine), batch_size):
             index = mine[start : start + batch_size]

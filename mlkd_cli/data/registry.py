@@ -24,7 +24,7 @@ LABELLED_SEED = 7_919
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One dataset name: its classes, files, and the image recipe it trains with."""
+    """One dataset name: its classes, files, and the image config it trains with."""
 
     name: str
     description: str
@@ -147,7 +147,7 @@ def augmentation_defaults(spec: DatasetSpec, train: sources.ImageSource) -> Augm
     Photos get ImageNet's (the original's): random crops down to 8 % of the area, flips, colour
     jitter 0.4. Small images (longest side <= 64 px) or grayscale ones — digits, glyphs, scans,
     icons — get no flip (a mirrored 2 is not a 2), crops of at least half the area, and no
-    colour jitter when grey: on such data ImageNet's recipe made distillation lose to plain
+    colour jitter when grey: on such data ImageNet's augmentation made distillation lose to plain
     training (issue 14).
     """
     traits = sources.image_traits(train)

@@ -3,8 +3,8 @@
 
 A store is a folder:
 - `manifest.json`: what the store is for (dataset, split, image count, class names, image size,
-  augmentation recipe and pipeline, teacher identity, views per image, top-k, seed) and how it is
-  cut into shards (`shard_size` images each, in training-split order);
+  image config and pipeline, teacher identity, views per image, top-k, seed) and how it is cut
+  into shards (`shard_size` images each, in training-split order);
 - per shard `shard-NNNNN.logits.npy` (float16, images x views x k: the teacher's k largest
   logits), `shard-NNNNN.classes.npy` (their classes: int16, or int32 past 32,767 classes; -1
   for an unreadable image) and `shard-NNNNN.json`, its record: the shard's number and training
@@ -48,7 +48,7 @@ from mlkd_cli.core.atomic import atomic_write, atomic_write_text
 from mlkd_cli.core.constants import MAX_CLASSES, MAX_IMG_SIZE
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import clip
-from mlkd_cli.data.transforms import ImageRecipe
+from mlkd_cli.data.transforms import ImageConfig
 
 # Format 2: shard records bind positions and manifest (format 1 is refused: see above).
 STORE_FORMAT = "mlkd-soft-labels/2"
@@ -61,7 +61,8 @@ MAX_SHARDS = 1_000_000
 MAX_VIEWS = 1_000
 MAX_DEPTH = 32  # lists and objects in a manifest's recipe/teacher/extra (mlkd writes 2)
 SCAN_ROWS = 1 << 20  # array entries (images x views x k) checked at a time
-# What a run must share with the store it trains from; named in the refusal when one differs.
+# What a run must share with the store it trains from; named in the refusal when one differs
+# ("recipe": the stored key of the image config, see `StoreManifest`).
 MATCHED = ("dataset", "split", "images", "classes", "img_size", "recipe")
 
 
@@ -74,7 +75,9 @@ class StoreManifest:
     images: int
     classes: tuple[str, ...]
     img_size: int
-    recipe: dict[str, Any]  # the augmentation recipe and pipeline the views were drawn with
+    # The image config (`ImageConfig`) and pipeline the views were drawn with. Stored under the
+    # key "recipe", the name every store so far was written with: kept so they still open.
+    recipe: dict[str, Any]
     teacher: dict[str, Any]  # architectures, checkpoint hashes, weights, temperature
     views: int
     top_k: int
@@ -110,10 +113,10 @@ def manifest_difference(found: StoreManifest, wanted: StoreManifest) -> str | No
     return None
 
 
-def store_recipe(recipe: ImageRecipe, pipeline: str, augment: bool) -> dict[str, Any]:
-    """The augmentation a store's views were drawn with, as its manifest records it (and as a
-    distillation run's must match)."""
-    return {**asdict(recipe), "pipeline": pipeline, "augment": augment}
+def store_image_config(image_config: ImageConfig, pipeline: str, augment: bool) -> dict[str, Any]:
+    """The augmentation a store's views were drawn with, as its manifest records it under the key
+    "recipe" (and as a distillation run's must match)."""
+    return {**asdict(image_config), "pipeline": pipeline, "augment": augment}
 
 
 def _shard_name(shard: int) -> str:
@@ -258,7 +261,7 @@ def _check_manifest(manifest: StoreManifest, path: Path, relabel: str) -> None:
     for key, value in texts.items():
         if not isinstance(value, str):
             raise UserError(f"{clip(path)} records {key} {clip(value)}, not a name: {relabel}")
-    for key in ("recipe", "teacher", "extra"):
+    for key in ("recipe", "teacher", "extra"):  # "recipe": the image config's stored key
         if not isinstance(getattr(manifest, key), dict):
             raise UserError(f"{clip(path)} records {key} that is not a JSON object: {relabel}")
         if _depth(getattr(manifest, key)) > MAX_DEPTH:

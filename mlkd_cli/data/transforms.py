@@ -14,8 +14,11 @@ from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD
 
 
 @dataclass(frozen=True)
-class ImageRecipe:
+class ImageConfig:
     """How images are sized, augmented and normalised for one run.
+
+    Named after timm's data config (`resolve_data_config`, a model's `pretrained_cfg`): it holds
+    those fields plus timm's train-transform arguments ("recipe" is `--recipe`'s training recipe).
 
     The sizing and normalisation (img_size, crop_pct, mean, std, interpolation) are recorded in
     every checkpoint so that evaluation views images as training did; the rest says how training
@@ -36,34 +39,36 @@ class ImageRecipe:
     reprob: float = 0.0  # random erasing probability
 
 
-def build_train_transform(recipe: ImageRecipe) -> Callable:
-    """timm's training transform for the recipe: random resized crop, flips, colour jitter or
+def build_train_transform(image_config: ImageConfig) -> Callable:
+    """timm's training transform for the image config: random resized crop, flips, colour jitter or
     auto-augment, normalisation, random erasing."""
     return create_transform(
-        recipe.img_size,
+        image_config.img_size,
         is_training=True,
-        scale=recipe.crop_scale,
-        ratio=recipe.crop_ratio,
-        hflip=recipe.hflip,
-        vflip=recipe.vflip,
-        color_jitter=recipe.color_jitter or None,
-        auto_augment=recipe.auto_augment,
-        interpolation=recipe.interpolation,
-        mean=recipe.mean,
-        std=recipe.std,
-        re_prob=recipe.reprob,
+        scale=image_config.crop_scale,
+        ratio=image_config.crop_ratio,
+        hflip=image_config.hflip,
+        vflip=image_config.vflip,
+        color_jitter=image_config.color_jitter or None,
+        auto_augment=image_config.auto_augment,
+        interpolation=image_config.interpolation,
+        mean=image_config.mean,
+        std=image_config.std,
+        re_prob=image_config.reprob,
         re_mode="pixel",
     )
 
 
-def build_eval_transform(recipe: ImageRecipe) -> T.Compose:
+def build_eval_transform(image_config: ImageConfig) -> T.Compose:
     """Resize to img_size / crop_pct, centre crop to img_size, normalise."""
-    resize = int(round(recipe.img_size / recipe.crop_pct))
+    resize = int(round(image_config.img_size / image_config.crop_pct))
     return T.Compose(
         [
-            T.Resize(resize, interpolation=InterpolationMode(recipe.interpolation), antialias=True),
-            T.CenterCrop(recipe.img_size),
+            T.Resize(
+                resize, interpolation=InterpolationMode(image_config.interpolation), antialias=True
+            ),
+            T.CenterCrop(image_config.img_size),
             T.ToTensor(),
-            T.Normalize(recipe.mean, recipe.std),
+            T.Normalize(image_config.mean, image_config.std),
         ]
     )

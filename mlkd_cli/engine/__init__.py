@@ -1,4 +1,4 @@
-"""Training only: the run's config, planning (run files, recipe, card, the checks before any
+"""Training only: the run's config, planning (run files, image config, card, the checks before any
 work), launching (single process, spawned DDP, torchrun), precision, the loop and its optimisers
 and schedules, the trainer and its checkpoints, and the two tasks (teacher training, distillation)
 with the distillation's teacher sources behind one seam (`teacher_sources.py`).

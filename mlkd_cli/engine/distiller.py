@@ -25,8 +25,8 @@ from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import TrainingBatches
 from mlkd_cli.data.registry import DataSplits, get_dataset_spec, load_splits
-from mlkd_cli.data.softlabels import open_store, read_manifest, store_recipe
-from mlkd_cli.data.transforms import ImageRecipe
+from mlkd_cli.data.softlabels import open_store, read_manifest, store_image_config
+from mlkd_cli.data.transforms import ImageConfig
 from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.config import DistillConfig, TrainConfig
@@ -34,10 +34,10 @@ from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.planning import (
     RunFiles,
     RunPlan,
+    check_image_config,
     check_output_files,
-    check_recipe,
     data_pipeline,
-    dataset_recipe,
+    dataset_image_config,
     make_plan,
 )
 from mlkd_cli.engine.provenance import store_identity, teacher_identity
@@ -131,31 +131,37 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     for member in loaded:
         if member.note:
             report.info(f"teacher {member.note}")
-    recipe = dataset_recipe(cfg, splits)
-    pipeline = data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
-    check_recipe(recipe)
-    replay = None if cfg.soft_labels is None else store_replay(cfg, splits, recipe, pipeline)
+    image_config = dataset_image_config(cfg, splits)
+    pipeline = data_pipeline(cfg, splits, resolve_device(cfg.device), image_config)
+    check_image_config(image_config)
+    replay = None if cfg.soft_labels is None else store_replay(cfg, splits, image_config, pipeline)
     # Built once here, on the CPU, so that an unsuitable student is refused before any worker.
     student = build_student(
         cfg.student,
         splits.num_classes,
         None,
-        recipe.img_size,
+        image_config.img_size,
         False,
         cfg.student_checkpoint,
         cfg.exits,
         cfg.exit_head,
     )
-    check_input_size(student.backbone, cfg.student, recipe.img_size)
+    check_input_size(student.backbone, cfg.student, image_config.img_size)
     exits = parse_exits(cfg.exits, find_stages(student.backbone, cfg.student), cfg.student)
     weights = parse_exit_weights(cfg.exit_weights, len(exits))
     features, channels = feature_pairs(cfg, loaded, student, exits)
-    taught_by = teacher_record(cfg, teacher, loaded, recipe)
+    taught_by = teacher_record(cfg, teacher, loaded, image_config)
     run = make_plan(
-        cfg, cfg.student, splits, recipe, "student", learns_from_unlabelled=True, teacher=taught_by
+        cfg,
+        cfg.student,
+        splits,
+        image_config,
+        "student",
+        learns_from_unlabelled=True,
+        teacher=taught_by,
     )
     run = replace(run, view_replay=replay)
-    seen = InputSpec(recipe.img_size, recipe.mean, recipe.std)
+    seen = InputSpec(image_config.img_size, image_config.mean, image_config.std)
     for line in input_lines(loaded, seen, cfg.teacher_img_size):  # all checked: said
         report.once(line)
     source = choose_source(cfg, features)
@@ -166,7 +172,7 @@ def teacher_record(
     cfg: DistillConfig,
     teacher: EnsembleConfig | None,
     loaded: Sequence[LoadedMember],
-    recipe: ImageRecipe,
+    image_config: ImageConfig,
 ) -> dict[str, Any]:
     """What taught the student, for its provenance: the teacher's identity with the input each
     member ran at, or the soft-label store's; the loss and temperature it was learnt with."""
@@ -174,14 +180,14 @@ def teacher_record(
         assert cfg.soft_labels is not None
         source = store_identity(cfg.soft_labels, read_manifest(cfg.soft_labels))
     else:
-        seen = InputSpec(recipe.img_size, recipe.mean, recipe.std)
+        seen = InputSpec(image_config.img_size, image_config.mean, image_config.std)
         sizes = input_sizes(loaded, seen, cfg.teacher_img_size)
         source = {**teacher_identity(teacher), "img_size": sizes}
     return {**source, "loss": cfg.loss, "distill_temperature": cfg.temperature}
 
 
 def store_replay(
-    cfg: DistillConfig, splits: DataSplits, recipe: ImageRecipe, pipeline: str
+    cfg: DistillConfig, splits: DataSplits, image_config: ImageConfig, pipeline: str
 ) -> ViewReplay:
     """The soft-label store checked against this run (data, classes, size, augmentation and
     pipeline, completeness, checksums): which views the run replays."""
@@ -191,8 +197,9 @@ def store_replay(
         "split": "train",
         "images": len(splits.train_indices),
         "classes": list(splits.class_names),
-        "img_size": recipe.img_size,
-        "recipe": store_recipe(recipe, pipeline, cfg.augment),
+        "img_size": image_config.img_size,
+        # the image config, under the manifest's stored key (see StoreManifest)
+        "recipe": store_image_config(image_config, pipeline, cfg.augment),
     }
     manifest = open_store(cfg.soft_labels, expected).manifest
     return ViewReplay(manifest.seed, manifest.views, manifest.images)
@@ -285,7 +292,7 @@ class DistillTask:
             cfg.student,
             self.plan.run.card.num_classes,
             list(self.plan.exits),
-            self.plan.run.recipe.img_size,
+            self.plan.run.image_config.img_size,
             cfg.pretrained,
             cfg.student_checkpoint,
             exit_head=cfg.exit_head,

@@ -1,6 +1,7 @@
 """Planning a training run, in the launching process before any worker: where its files go,
-the image recipe and model card derived from the data, which data pipeline runs, and the checks
-that refuse a run before it starts (output files, recipe). Every training command uses these."""
+the image config and model card derived from the data, which data pipeline runs, and the checks
+that refuse a run before it starts (output files, image config). Every training command uses
+these."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from mlkd_cli.data.registry import (
     labelled_positions,
 )
 from mlkd_cli.data.sources import ArraySource
-from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
+from mlkd_cli.data.transforms import ImageConfig, build_train_transform
 from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine.config import TrainConfig
 from mlkd_cli.engine.launch import launcher_rank
@@ -114,7 +115,7 @@ class RunPlan:
 
     config: TrainConfig
     card: ModelCard
-    recipe: ImageRecipe
+    image_config: ImageConfig
     files: RunFiles
     kind: str  # "teacher" or "student": what the history files say the run made
     # Under a label budget, the positions in the training split whose labels the run may use
@@ -136,7 +137,7 @@ def make_card(
     cfg: TrainConfig,
     arch: str,
     splits: DataSplits,
-    recipe: ImageRecipe,
+    image_config: ImageConfig,
     teacher: dict[str, Any] | None = None,
 ) -> ModelCard:
     """The model card a run's checkpoints carry, with the run's provenance (`teacher`: the
@@ -154,11 +155,11 @@ def make_card(
         num_classes=splits.num_classes,
         class_names=list(splits.class_names),
         dataset=cfg.dataset,
-        img_size=recipe.img_size,
-        crop_pct=recipe.crop_pct,
-        mean=list(recipe.mean),
-        std=list(recipe.std),
-        interpolation=recipe.interpolation,
+        img_size=image_config.img_size,
+        crop_pct=image_config.crop_pct,
+        mean=list(image_config.mean),
+        std=list(image_config.std),
+        interpolation=image_config.interpolation,
         extra=extra,
     )
 
@@ -167,7 +168,7 @@ def make_plan(
     cfg: TrainConfig,
     arch: str,
     splits: DataSplits,
-    recipe: ImageRecipe,
+    image_config: ImageConfig,
     kind: str,
     learns_from_unlabelled: bool = False,
     teacher: dict[str, Any] | None = None,
@@ -179,8 +180,8 @@ def make_plan(
         labelled = tuple(labelled_positions(splits, cfg.label_fraction))
     plan = RunPlan(
         cfg,
-        make_card(cfg, arch, splits, recipe, teacher),
-        recipe,
+        make_card(cfg, arch, splits, image_config, teacher),
+        image_config,
         RunFiles(cfg.output_dir, cfg.run_name),
         kind,
         labelled,
@@ -200,12 +201,12 @@ def make_plan(
     return plan
 
 
-def dataset_recipe(cfg: TrainConfig, splits: DataSplits) -> ImageRecipe:
-    """The run's image recipe: the dataset's size and augmentation, then the flags given."""
+def dataset_image_config(cfg: TrainConfig, splits: DataSplits) -> ImageConfig:
+    """The run's image config: the dataset's size and augmentation, then the flags given."""
     spec = splits.spec
     default = augmentation_defaults(spec, splits.train)
-    base = ImageRecipe(img_size=cfg.img_size or spec.img_size, crop_pct=spec.crop_pct)
-    return ImageRecipe(
+    base = ImageConfig(img_size=cfg.img_size or spec.img_size, crop_pct=spec.crop_pct)
+    return ImageConfig(
         img_size=base.img_size,
         crop_pct=base.crop_pct,
         interpolation=cfg.interpolation or base.interpolation,
@@ -219,30 +220,30 @@ def dataset_recipe(cfg: TrainConfig, splits: DataSplits) -> ImageRecipe:
     )
 
 
-def describe_augmentation(recipe: ImageRecipe, cfg: TrainConfig) -> str:
+def describe_augmentation(image_config: ImageConfig, cfg: TrainConfig) -> str:
     """One line: how training images are augmented (and mixed)."""
     if not cfg.augment:
         parts = ["none (--no-augment): the evaluation view"]
     else:
-        low, high = recipe.crop_scale
+        low, high = image_config.crop_scale
         parts = [
             f"crop {low:g}-{high:g} of the area",
-            f"hflip {recipe.hflip:g}",
-            f"vflip {recipe.vflip:g}",
-            f"colour jitter {recipe.color_jitter:g}",
+            f"hflip {image_config.hflip:g}",
+            f"vflip {image_config.vflip:g}",
+            f"colour jitter {image_config.color_jitter:g}",
         ]
-        if recipe.auto_augment:
-            parts.append(f"auto-augment {recipe.auto_augment}")
-        if recipe.reprob:
-            parts.append(f"random erasing {recipe.reprob:g}")
+        if image_config.auto_augment:
+            parts.append(f"auto-augment {image_config.auto_augment}")
+        if image_config.reprob:
+            parts.append(f"random erasing {image_config.reprob:g}")
     mixing = f"Mixup {cfg.mixup_alpha:g}, CutMix {cfg.cutmix_alpha:g}"
     return f"augmentation: {', '.join(parts)}; {mixing}"
 
 
-def check_recipe(recipe: ImageRecipe) -> None:
+def check_image_config(image_config: ImageConfig) -> None:
     """Build the training transform once, so that a bad knob is refused before any work."""
     try:
-        build_train_transform(recipe)
+        build_train_transform(image_config)
     except Exception as exc:  # timm raises assorted errors for a spec it cannot parse
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
@@ -294,7 +295,7 @@ def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, .
 
 
 def data_pipeline(
-    cfg: TrainConfig, splits: DataSplits, device_type: str, recipe: ImageRecipe
+    cfg: TrainConfig, splits: DataSplits, device_type: str, image_config: ImageConfig
 ) -> str:
     """Which training pipeline a run uses: "device" or "cpu" (refusing what cannot work)."""
     in_memory = isinstance(splits.train, ArraySource)
@@ -303,7 +304,7 @@ def data_pipeline(
             f"--data-pipeline device needs a dataset held in memory (cifar-10, cifar-100, "
             f"digits); {cfg.dataset} is decoded from files: use --data-pipeline cpu"
         )
-    missing = device_unsupported(recipe) if cfg.augment else []
+    missing = device_unsupported(image_config) if cfg.augment else []
     if cfg.data_pipeline == "device" and missing:
         raise UserError(
             f"the device data pipeline does not do {', '.join(missing)}; use --data-pipeline "

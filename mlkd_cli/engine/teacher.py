@@ -39,20 +39,20 @@ def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
     files = planning.RunFiles(cfg.output_dir, cfg.run_name)
     planning.check_output_files(cfg, files, identity=("model", "dataset"))
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
-    recipe = planning.dataset_recipe(cfg, splits)
-    planning.data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
-    planning.check_recipe(recipe)
+    image_config = planning.dataset_image_config(cfg, splits)
+    planning.data_pipeline(cfg, splits, resolve_device(cfg.device), image_config)
+    planning.check_image_config(image_config)
     # Built once here, on the CPU, so a bad checkpoint or image size fails before any worker.
     model = build_model(
         cfg.model, splits.num_classes, init_checkpoint=cfg.init_checkpoint, init_ema=cfg.init_ema
     )
-    check_input_size(model, cfg.model, recipe.img_size)
+    check_input_size(model, cfg.model, image_config.img_size)
     if cfg.init_checkpoint is not None:
         _, meta = read_weights(cfg.init_checkpoint, cfg.init_ema)
         note = weights_note(cfg.init_checkpoint, meta, "--no-init-ema")
         if note:
             Reporter(cfg.output).info(f"--init-checkpoint {note}")
-    return planning.make_plan(cfg, cfg.model, splits, recipe, "teacher")
+    return planning.make_plan(cfg, cfg.model, splits, image_config, "teacher")
 
 
 class TeacherTask:

@@ -90,8 +90,8 @@ class LiveTeacher:
         assert isinstance(cfg, DistillConfig) and plan.teacher is not None
         self.cfg = cfg
         self.plan = plan
-        recipe = plan.run.recipe
-        student_input = InputSpec(recipe.img_size, recipe.mean, recipe.std)
+        image_config = plan.run.image_config
+        student_input = InputSpec(image_config.img_size, image_config.mean, image_config.std)
         # Placed in `prepare`, once the precision is known.
         self.teacher, _ = build_teacher(
             plan.teacher, plan.run.card.num_classes, student_input, cfg.teacher_img_size

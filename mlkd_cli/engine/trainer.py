@@ -42,7 +42,7 @@ from mlkd_cli.data.registry import (
     load_splits,
 )
 from mlkd_cli.data.sources import ArraySource
-from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
+from mlkd_cli.data.transforms import ImageConfig, build_eval_transform, build_train_transform
 from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.checkpointing import (
@@ -109,7 +109,7 @@ class Task(Protocol):
 def build_training_batches(
     cfg: TrainConfig,
     splits: DataSplits,
-    recipe: ImageRecipe,
+    image_config: ImageConfig,
     ctx: DistContext,
     positions: list[int] | None = None,
     replay: ViewReplay | None = None,
@@ -120,19 +120,21 @@ def build_training_batches(
     indices = splits.train_indices
     if positions is not None:
         indices = [indices[p] for p in positions]
-    if data_pipeline(cfg, splits, ctx.device.type, recipe) == "device":
+    if data_pipeline(cfg, splits, ctx.device.type, image_config) == "device":
         assert isinstance(splits.train, ArraySource)
         return DeviceBatches(
             splits.train,
             indices,
-            recipe,
+            image_config,
             per_process,
             ctx,
             cfg.seed,
             cfg.augment,
             replay,
         )
-    transform = build_train_transform(recipe) if cfg.augment else build_eval_transform(recipe)
+    transform = (
+        build_train_transform(image_config) if cfg.augment else build_eval_transform(image_config)
+    )
     train_set = TransformedSubset(splits.train, indices, transform)
     return build_train_batches(train_set, per_process, ctx, cfg.seed, cfg.workers, replay)
 
@@ -259,14 +261,14 @@ class _Run:
         self._announce()
 
     def _setup_data(self) -> None:
-        cfg, ctx, recipe = self.cfg, self.ctx, self.plan.recipe
+        cfg, ctx, image_config = self.cfg, self.ctx, self.plan.image_config
         splits = load_splits(cfg.dataset, cfg.data_dir, False, cfg.val_fraction)
         positions = self.plan.training_positions(len(splits.train_indices))
         self.train_batches = build_training_batches(
-            cfg, splits, recipe, ctx, positions, self.plan.view_replay
+            cfg, splits, image_config, ctx, positions, self.plan.view_replay
         )
         self.val_set = TransformedSubset(
-            splits.val, splits.val_indices, build_eval_transform(recipe)
+            splits.val, splits.val_indices, build_eval_transform(image_config)
         )
         self.val_loader = ReplayedBatches(
             build_eval_loader(self.val_set, cfg.batch_size * 2, ctx, cfg.workers)
@@ -279,7 +281,7 @@ class _Run:
         seed_everything(self.cfg.seed, 0, -1)  # identical initial weights on every rank
         model = self.task.build(self.ctx)
         use_fast_group_norms(model)  # before the layout is timed: it changes channels_last's speed
-        size = self.plan.recipe.img_size
+        size = self.plan.image_config.img_size
         sample = (3, size, size)
         earlier = earlier_layout(self.continued)
         if earlier is None:
@@ -368,7 +370,7 @@ class _Run:
             f"({plan.per_process} each, {passes}), data pipeline "
             f"{_pipeline_name(self.train_batches)}"
         )
-        views, _, mixing = describe_augmentation(self.plan.recipe, cfg).rpartition("; ")
+        views, _, mixing = describe_augmentation(self.plan.image_config, cfg).rpartition("; ")
         self.report.info(views)  # within 80 columns: the views, then how images are mixed
         self.report.info(f"  {mixing}")
 

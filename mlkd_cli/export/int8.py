@@ -32,7 +32,7 @@ from mlkd_cli.data.transforms import build_eval_transform
 from mlkd_cli.export.agreement import cascade_decisions, check_agreement, saved_operating_point
 from mlkd_cli.export.int8_plan import Int8Plan, Int8Target
 from mlkd_cli.export.session import open_session
-from mlkd_cli.passes.logits import card_recipe, split_dataset
+from mlkd_cli.passes.logits import card_image_config, split_dataset
 
 BATCH = 32  # images a calibration or comparison batch holds
 CALIBRATION_SEED = 0
@@ -55,7 +55,7 @@ def calibration_batches(plan: Int8Plan) -> list[np.ndarray]:
     """`calibration_images` training images (a seeded draw), as the model sees them."""
     splits = plan.splits
     train = TransformedSubset(
-        splits.train, splits.train_indices, build_eval_transform(card_recipe(plan.card))
+        splits.train, splits.train_indices, build_eval_transform(card_image_config(plan.card))
     )
     generator = torch.Generator().manual_seed(CALIBRATION_SEED)
     order = torch.randperm(len(train), generator=generator).tolist()
@@ -140,7 +140,7 @@ def compare_on_validation(plan: Int8Plan, fp32: Path, int8: Path) -> dict[str, A
     and, where the fp32 file carries an operating point, of the cascade's decisions (`cascade`);
     each model's top-1 of the final head."""
     splits = plan.splits
-    val = split_dataset(splits, "val", card_recipe(plan.card))
+    val = split_dataset(splits, "val", card_image_config(plan.card))
     batches = _batches(val, list(range(len(val))))
     labels = np.concatenate([batch_labels for _, batch_labels in batches])
     sessions = [open_session(p) for p in (fp32, int8)]

@@ -1,6 +1,6 @@
 """Forward-only jobs over a split: a model or an ensemble is run, nothing is trained. `logits`
 (the shared pass: a split's dataset, one model's logits gathered over every rank, the data
-folder and image recipe a checkpoint's card implies), `evaluation` (the `mlkd eval` job on a
+folder and image config a checkpoint's card implies), `evaluation` (the `mlkd eval` job on a
 checkpoint or an ensemble file), `ensemble` (every member's logits on a split, the fitted weights
 and temperature, the ensemble table) and `labeling` (`mlkd teacher label`: a teacher's outputs
 for K views of each training image, written into the soft-label store). They sit above the

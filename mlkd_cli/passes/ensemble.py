@@ -21,7 +21,7 @@ from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.metrics import classification_metrics
 from mlkd_cli.data.registry import DEFAULT_VAL_FRACTION, get_dataset_spec, load_splits
-from mlkd_cli.data.transforms import ImageRecipe
+from mlkd_cli.data.transforms import ImageConfig
 from mlkd_cli.engine.launch import launch, launcher_rank, resolve_device
 from mlkd_cli.engine.precision import check_precision, prepare_forward
 from mlkd_cli.models.ensemble_config import (
@@ -100,20 +100,22 @@ def plan_ensemble_run(request: LogitsRequest, config: EnsembleConfig) -> Ensembl
     spec = splits.spec
     first = cards[0] if cards else None
     img_size = max((c.img_size for c in cards), default=spec.img_size)
-    recipe = ImageRecipe(
+    image_config = ImageConfig(
         img_size=img_size,
         crop_pct=first.crop_pct if first else spec.crop_pct,
         mean=tuple(first.mean) if first else DEFAULT_MEAN,
         std=tuple(first.std) if first else DEFAULT_STD,
     )
-    split_dataset(splits, split, recipe)  # refuses an unknown or absent split, before any worker
+    split_dataset(
+        splits, split, image_config
+    )  # refuses an unknown or absent split, before any worker
     return EnsemblePlan(
         config=config,
         dataset=dataset,
         data_dir=data_dir,
         split=split,
         val_fraction=val_fraction,
-        recipe=recipe,
+        image_config=image_config,
         batch_size=batch_size,
         workers=request.workers,
         precision=request.precision,
@@ -124,10 +126,14 @@ def plan_ensemble_run(request: LogitsRequest, config: EnsembleConfig) -> Ensembl
 def collect_member_logits(ctx: DistContext, plan: EnsemblePlan) -> dict[str, Any]:
     """Every member's logits over the plan's split, gathered in dataset order (rank 0 returns)."""
     splits = load_splits(plan.dataset, plan.data_dir, False, plan.val_fraction)
-    dataset = split_dataset(splits, plan.split, plan.recipe)
-    input_spec = InputSpec(plan.recipe.img_size, plan.recipe.mean, plan.recipe.std)
+    dataset = split_dataset(splits, plan.split, plan.image_config)
+    input_spec = InputSpec(
+        plan.image_config.img_size, plan.image_config.mean, plan.image_config.std
+    )
     teacher, loaded = build_teacher(plan.config, splits.num_classes, input_spec)
-    precision = prepare_forward(plan.precision, teacher, plan.recipe.img_size, ctx, plan.batch_size)
+    precision = prepare_forward(
+        plan.precision, teacher, plan.image_config.img_size, ctx, plan.batch_size
+    )
     report = Reporter(plan.output, ctx.rank)
     report.precision(precision.describe(), precision.headline())
     logits, labels, _ = split_logits(

@@ -13,7 +13,7 @@ from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.metrics import classification_metrics
 from mlkd_cli.data.registry import DataSplits, get_dataset_spec
-from mlkd_cli.data.transforms import ImageRecipe
+from mlkd_cli.data.transforms import ImageConfig
 from mlkd_cli.models.ensemble_config import EnsembleConfig, read_ensemble_config
 from mlkd_cli.models.factory import load_trained_model
 from mlkd_cli.models.teacher import InputSpec, build_teacher
@@ -21,7 +21,7 @@ from mlkd_cli.passes.ensemble import LogitsRequest, plan_ensemble_run
 from mlkd_cli.passes.logits import (
     DEFAULT_DATA_DIR,
     PlannedPass,
-    card_recipe,
+    card_image_config,
     check_split,
     data_dir_for,
     launch_pass,
@@ -67,9 +67,9 @@ def plan_model_job(request: EvalRequest) -> EvalJob:
         raise UserError(f"{path} does not record its dataset; pass --dataset")
     spec = get_dataset_spec(dataset)
     if card is not None:
-        recipe = card_recipe(card)
+        image_config = card_image_config(card)
     else:
-        recipe = ImageRecipe(img_size=spec.img_size, crop_pct=spec.crop_pct)
+        image_config = ImageConfig(img_size=spec.img_size, crop_pct=spec.crop_pct)
     if request.img_size is not None:
         if card is not None and request.img_size != card.img_size:
             # The user asked for it, so it runs; but the figure describes another model than the
@@ -79,7 +79,7 @@ def plan_model_job(request: EvalRequest) -> EvalJob:
                 f"{request.img_size} px (--img-size): top-1 at another size than the training "
                 "one is usually far lower; drop --img-size to use the card's"
             )
-        recipe = replace(recipe, img_size=request.img_size)
+        image_config = replace(image_config, img_size=request.img_size)
     classes = card.num_classes if card else num_classes
     data_dir = data_dir_for(request.data_dir, request.dataset, card, path, request.output)
     job = EvalJob(
@@ -87,7 +87,7 @@ def plan_model_job(request: EvalRequest) -> EvalJob:
         data_dir=data_dir,
         dataset=dataset,
         val_fraction=float(card.extra.get("val_fraction", 0.1)) if card else 0.1,
-        recipe=recipe,
+        image_config=image_config,
         arch=arch or (card.arch if card else None),
         num_classes=classes,
     )
@@ -113,7 +113,9 @@ def run_eval_job(ctx: DistContext, job: EvalJob) -> dict[str, Any]:
 
     def build(splits: DataSplits) -> torch.nn.Module:
         if job.ensemble is not None:
-            input_spec = InputSpec(job.recipe.img_size, job.recipe.mean, job.recipe.std)
+            input_spec = InputSpec(
+                job.image_config.img_size, job.image_config.mean, job.image_config.std
+            )
             return build_teacher(job.ensemble, splits.num_classes, input_spec)[0]
         return load_trained_model(job.path, job.arch, job.num_classes)[0].eval()
 
@@ -141,7 +143,7 @@ def plan_eval_job(request: EvalRequest) -> EvalJob:
         ),
         config,
     )
-    checked = {name: getattr(plan, name) for name in ("dataset", "val_fraction", "recipe")}
+    checked = {name: getattr(plan, name) for name in ("dataset", "val_fraction", "image_config")}
     return EvalJob(**_job_basics(request), **checked, data_dir=plan.data_dir, ensemble=config)
 
 
@@ -169,7 +171,7 @@ def measure(job: EvalJob, world_size: int, device: str) -> Measured | None:
         "checkpoint": str(job.path),
         "dataset": job.dataset,
         "split": job.split,
-        "img_size": job.recipe.img_size,
+        "img_size": job.image_config.img_size,
         **metrics,
     }
     return Measured(result, logits, labels, collected["class_names"])

@@ -1,8 +1,8 @@
 """`mlkd teacher label`: a teacher's outputs for K numbered views of every training image, written
 once into a soft-label store (`mlkd_cli/data/softlabels.py`) for students to replay.
 
-The views are the ones the distillation run would draw, from the same recipe and pipeline: view v
-of image i is fixed by (seed, v) (`mlkd_cli/data/views.py`), so a student replays it exactly.
+The views are the ones the distillation run would draw, from the same image config and pipeline:
+view v of image i is fixed by (seed, v) (`mlkd_cli/data/views.py`), so a student replays it exactly.
 Every rank labels its own shards (rank r: shards r, r + W, ...), skipping those already done, so
 a stopped labelling continues shard by shard.
 """
@@ -35,15 +35,15 @@ from mlkd_cli.data.softlabels import (
     done_shards,
     shards_of_rank,
     start_store,
-    store_recipe,
+    store_image_config,
     write_shard,
 )
 from mlkd_cli.data.sources import ArraySource
-from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform, build_train_transform
+from mlkd_cli.data.transforms import ImageConfig, build_eval_transform, build_train_transform
 from mlkd_cli.data.views import ViewReplay, view_seed
 from mlkd_cli.engine.config import DistillConfig
 from mlkd_cli.engine.launch import launch, resolve_device
-from mlkd_cli.engine.planning import check_recipe, data_pipeline, dataset_recipe
+from mlkd_cli.engine.planning import check_image_config, data_pipeline, dataset_image_config
 from mlkd_cli.engine.precision import Precision, check_precision, prepare_forward
 from mlkd_cli.engine.provenance import teacher_identity
 from mlkd_cli.models.ensemble_config import EnsembleConfig, resolve_teacher
@@ -62,11 +62,11 @@ FULL_TOP_K = 100  # class counts up to this are stored whole by default; above, 
 
 @dataclass(frozen=True)
 class LabelPlan:
-    """A checked labelling: the run's settings, teacher, recipe, pipeline and store."""
+    """A checked labelling: the run's settings, teacher, image config, pipeline and store."""
 
     config: DistillConfig
     teacher: EnsembleConfig
-    recipe: ImageRecipe
+    image_config: ImageConfig
     pipeline: str  # "cpu" or "device": the pipeline whose views are stored
     manifest: StoreManifest
     output: Path
@@ -88,7 +88,7 @@ def resolve_top_k(top_k: int | None, classes: int) -> int:
 def plan_labeling(
     cfg: DistillConfig, output: Path, views: int, top_k: int | None, shard_size: int = SHARD_SIZE
 ) -> LabelPlan:
-    """Check flags, teacher, data, recipe and the store folder before any worker starts."""
+    """Check flags, teacher, data, image config and the store folder before any worker starts."""
     cfg.validate()
     if not 1 <= views <= MAX_VIEWS:
         raise UserError(f"--views must be from 1 to {MAX_VIEWS}, got {views}")
@@ -101,12 +101,12 @@ def plan_labeling(
     )
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     loaded = [load_member(spec, splits.num_classes) for spec in teacher.members]
-    recipe = dataset_recipe(cfg, splits)
-    pipeline = data_pipeline(cfg, splits, resolve_device(cfg.device), recipe)
-    check_recipe(recipe)
+    image_config = dataset_image_config(cfg, splits)
+    pipeline = data_pipeline(cfg, splits, resolve_device(cfg.device), image_config)
+    check_image_config(image_config)
     check_precision(cfg.precision, resolve_device(cfg.device))
     classes = splits.num_classes
-    seen = InputSpec(recipe.img_size, recipe.mean, recipe.std)
+    seen = InputSpec(image_config.img_size, image_config.mean, image_config.std)
     k = resolve_top_k(top_k, classes)
     images = len(splits.train_indices)
     if -(-images // shard_size) > MAX_SHARDS:
@@ -119,8 +119,9 @@ def plan_labeling(
         split="train",
         images=images,
         classes=tuple(splits.class_names),
-        img_size=recipe.img_size,
-        recipe=store_recipe(recipe, pipeline, cfg.augment),
+        img_size=image_config.img_size,
+        # the image config, under the manifest's stored key (see StoreManifest)
+        recipe=store_image_config(image_config, pipeline, cfg.augment),
         # the input each member ran at too: a store resumed at another size is another store
         teacher={
             **teacher_identity(teacher),
@@ -136,7 +137,7 @@ def plan_labeling(
         check_records(output, manifest)
     for line in input_lines(loaded, seen, cfg.teacher_img_size):  # all checked: said
         Reporter(cfg.output).once(line)
-    return LabelPlan(cfg, teacher, recipe, pipeline, manifest, output)
+    return LabelPlan(cfg, teacher, image_config, pipeline, manifest, output)
 
 
 def _shard_views(
@@ -159,7 +160,7 @@ def _shard_views(
         chosen = np.asarray(splits.train_indices[start:stop], dtype=np.int64)
         raw = torch.from_numpy(splits.train.images[chosen]).permute(0, 3, 1, 2)
         images = raw.contiguous().to(ctx.device)
-        augment = DeviceAugment(plan.recipe, ctx.device, cfg.augment)
+        augment = DeviceAugment(plan.image_config, ctx.device, cfg.augment)
         for view in range(manifest.views):
             rows = draws[view, start:stop].to(ctx.device)
             for first in range(0, count, batch_size):
@@ -234,9 +235,11 @@ def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
     cfg, manifest = plan.config, plan.manifest
     report = Reporter(cfg.output, ctx.rank)
     splits = load_splits(cfg.dataset, cfg.data_dir, False, cfg.val_fraction)
-    spec = InputSpec(plan.recipe.img_size, plan.recipe.mean, plan.recipe.std)
+    spec = InputSpec(plan.image_config.img_size, plan.image_config.mean, plan.image_config.std)
     teacher, _ = build_teacher(plan.teacher, splits.num_classes, spec, cfg.teacher_img_size)
-    precision = prepare_forward(cfg.precision, teacher, plan.recipe.img_size, ctx, cfg.batch_size)
+    precision = prepare_forward(
+        cfg.precision, teacher, plan.image_config.img_size, ctx, cfg.batch_size
+    )
     report.precision(precision.describe(), precision.headline())
     if ctx.is_main:
         start_store(plan.output, manifest)
@@ -248,7 +251,7 @@ def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
         draws = ViewReplay(manifest.seed, manifest.views, manifest.images).draw_table()
     else:
         transform = build_train_transform if cfg.augment else build_eval_transform
-        subset = TransformedSubset(splits.train, splits.train_indices, transform(plan.recipe))
+        subset = TransformedSubset(splits.train, splits.train_indices, transform(plan.image_config))
     started, images = time.perf_counter(), 0
     with report.step_progress(f"labelling {len(mine)} shards", len(mine)) as on_step:
         for count, shard in enumerate(mine, start=1):

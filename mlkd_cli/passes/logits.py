@@ -20,7 +20,7 @@ from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.loaders import ShardSampler, TransformedSubset, build_eval_loader
 from mlkd_cli.data.registry import DataSplits, load_splits
-from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
+from mlkd_cli.data.transforms import ImageConfig, build_eval_transform
 from mlkd_cli.engine.launch import launch, launcher_rank, resolve_device
 from mlkd_cli.engine.precision import Precision, check_precision, prepare_forward
 
@@ -35,21 +35,23 @@ class PlannedPass:
     data_dir: Path
     split: str
     val_fraction: float
-    recipe: ImageRecipe
+    image_config: ImageConfig
     batch_size: int = 128
     workers: int | None = None
     precision: str = "auto"  # --precision: auto, bf16 or fp32
     output: OutputOptions = field(default_factory=OutputOptions)
 
 
-def split_dataset(splits: DataSplits, split: str, recipe: ImageRecipe) -> TransformedSubset:
+def split_dataset(splits: DataSplits, split: str, image_config: ImageConfig) -> TransformedSubset:
     """The evaluation-transformed images of one split ('val' or 'test')."""
     if split == "val":
-        return TransformedSubset(splits.val, splits.val_indices, build_eval_transform(recipe))
+        return TransformedSubset(splits.val, splits.val_indices, build_eval_transform(image_config))
     if split == "test":
         if splits.test is None:
             raise UserError(f"{splits.spec.name} has no test split here; use --split val")
-        return TransformedSubset(splits.test, range(len(splits.test)), build_eval_transform(recipe))
+        return TransformedSubset(
+            splits.test, range(len(splits.test)), build_eval_transform(image_config)
+        )
     raise UserError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
 
 
@@ -62,7 +64,7 @@ def check_split(path: Path, job: PlannedPass, classes: int | None) -> None:
             f"{path} predicts {classes} classes but {job.dataset} has {splits.num_classes}; "
             "pass the --dataset it was trained on"
         )
-    split_dataset(splits, job.split, job.recipe)  # refuses an absent split
+    split_dataset(splits, job.split, job.image_config)  # refuses an absent split
 
 
 def model_pass(
@@ -77,9 +79,11 @@ def model_pass(
     (heads, images, classes). `logits`, `labels`, `seconds` are complete on rank 0, beside the
     split's `class_names` and the model's `params`."""
     splits = load_splits(job.dataset, job.data_dir, False, job.val_fraction)
-    dataset = split_dataset(splits, job.split, job.recipe)
+    dataset = split_dataset(splits, job.split, job.image_config)
     model = build(splits)
-    precision = prepare_forward(job.precision, model, job.recipe.img_size, ctx, job.batch_size)
+    precision = prepare_forward(
+        job.precision, model, job.image_config.img_size, ctx, job.batch_size
+    )
     report = Reporter(job.output, ctx.rank)
     report.precision(precision.describe(), precision.headline())
     logits, labels, seconds = split_logits(
@@ -228,9 +232,9 @@ def data_dir_for(
     return DEFAULT_DATA_DIR
 
 
-def card_recipe(card: ModelCard) -> ImageRecipe:
-    """The evaluation recipe a model card records."""
-    return ImageRecipe(
+def card_image_config(card: ModelCard) -> ImageConfig:
+    """The evaluation image config a model card records."""
+    return ImageConfig(
         img_size=card.img_size,
         crop_pct=card.crop_pct,
         mean=tuple(card.mean),

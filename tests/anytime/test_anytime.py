@@ -27,7 +27,7 @@ from mlkd_cli.core.checkpoint import load_checkpoint
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.models.exits import load_exits_checkpoint
 from mlkd_cli.models.student import MultiExitStudent
-from mlkd_cli.passes.logits import card_recipe, split_dataset
+from mlkd_cli.passes.logits import card_image_config, split_dataset
 
 STUDENTS = [
     ("test_convnext", 32, "original"),
@@ -249,7 +249,7 @@ def test_distill_writes_the_student_with_its_exits_and_their_macs(exits_run: Pat
 def _split_heads(path: Path, split: str) -> HeadOutputs:
     loaded = load_exits_checkpoint(path)
     splits = load_splits("digits", Path("data"), False, 0.1)
-    dataset = split_dataset(splits, split, card_recipe(loaded.card))
+    dataset = split_dataset(splits, split, card_image_config(loaded.card))
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
     with torch.no_grad():
@@ -366,7 +366,7 @@ def test_anytime_classifier_predicts_what_the_eval_cascade_scores(exits_ckpt: Pa
     classifier = AnytimeClassifier.load(exits_ckpt, thresholds=thresholds)
     loaded = load_exits_checkpoint(exits_ckpt)
     splits = load_splits("digits", Path("data"), False, 0.1)
-    dataset = split_dataset(splits, "test", card_recipe(loaded.card))
+    dataset = split_dataset(splits, "test", card_image_config(loaded.card))
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     result = classifier.predict(images)
     taken = exits_taken(heads.confidence_of("max_softmax"), thresholds)
@@ -386,7 +386,7 @@ def test_anytime_classifier_predicts_what_the_eval_cascade_scores(exits_ckpt: Pa
 def _test_images(path: Path) -> list:
     loaded = load_exits_checkpoint(path)
     splits = load_splits("digits", Path("data"), False, 0.1)
-    dataset = split_dataset(splits, "test", card_recipe(loaded.card))
+    dataset = split_dataset(splits, "test", card_image_config(loaded.card))
     return [dataset[i] for i in range(len(dataset))]
 
 

@@ -17,7 +17,7 @@ from mlkd_cli.data.loaders import (
     collate_readable,
 )
 from mlkd_cli.data.sources import ArraySource, UnreadableImage, load_image_folder
-from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
+from mlkd_cli.data.transforms import ImageConfig, build_train_transform
 
 
 def _damage(path: Path) -> Path:
@@ -38,15 +38,17 @@ def test_unreadable_image_is_left_out_of_its_batch(damaged_folder: tuple[Path, P
     raw = load_image_folder(root)
     position = raw.train.paths.index(bad)
     assert isinstance(raw.train[position], UnreadableImage)
-    subset = TransformedSubset(raw.train, range(len(raw.train)), build_train_transform(_recipe()))
+    subset = TransformedSubset(
+        raw.train, range(len(raw.train)), build_train_transform(_image_config())
+    )
     batch = collate_readable([subset[i] for i in range(position - 1, position + 2)])
     assert batch.images.shape == (2, 3, 16, 16)
     assert [s.path for s in batch.skipped] == [str(bad)]
     assert batch.kept.tolist() == [0, 2]
 
 
-def _recipe() -> ImageRecipe:
-    return ImageRecipe(img_size=16, crop_pct=1.0)
+def _image_config() -> ImageConfig:
+    return ImageConfig(img_size=16, crop_pct=1.0)
 
 
 def _train_args(root: Path, out: Path, *extra: str) -> list[object]:
@@ -111,7 +113,7 @@ def test_eval_leaves_out_an_unreadable_test_image(run_cli, tmp_path: Path) -> No
 def test_per_image_seeds_make_augmentation_independent_of_order() -> None:
     images = torch.randint(0, 256, (6, 20, 20, 3), dtype=torch.uint8).numpy()
     subset = TransformedSubset(
-        ArraySource(images, [0, 1, 2, 0, 1, 2]), range(6), build_train_transform(_recipe())
+        ArraySource(images, [0, 1, 2, 0, 1, 2]), range(6), build_train_transform(_image_config())
     )
     forward = [subset[(i, 7)] for i in range(6)]
     torch.manual_seed(123)  # the process's generator plays no part
@@ -123,7 +125,7 @@ def test_per_image_seeds_make_augmentation_independent_of_order() -> None:
 def test_loader_workers_see_each_epochs_seed(damaged_folder: tuple[Path, Path]) -> None:
     root, _ = damaged_folder
     raw = load_image_folder(root)
-    subset = TransformedSubset(raw.val, range(len(raw.val)), build_train_transform(_recipe()))
+    subset = TransformedSubset(raw.val, range(len(raw.val)), build_train_transform(_image_config()))
     ctx = DistContext(0, 1, 0, torch.device("cpu"))
     in_process = build_train_batches(subset, 4, ctx, seed=1, workers=0)
     with_workers = build_train_batches(subset, 4, ctx, seed=1, workers=2)  # persistent workers

@@ -14,10 +14,10 @@ from mlkd_cli.data.device import DeviceAugment, DeviceBatches
 from mlkd_cli.data.loaders import TransformedSubset, build_train_batches
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.data.sources import ArraySource
-from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
+from mlkd_cli.data.transforms import ImageConfig, build_eval_transform
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-RECIPE = ImageRecipe(img_size=24, crop_pct=0.875)
+IMAGE_CONFIG = ImageConfig(img_size=24, crop_pct=0.875)
 
 
 def _images(count: int = 8, size: int = 12) -> torch.Tensor:
@@ -25,12 +25,12 @@ def _images(count: int = 8, size: int = 12) -> torch.Tensor:
 
 
 def test_device_augmentation_shapes_ranges_and_seeds() -> None:
-    augment = DeviceAugment(RECIPE, CPU.device)
+    augment = DeviceAugment(IMAGE_CONFIG, CPU.device)
     images = _images()
     first = augment(images, torch.Generator().manual_seed(1))
     assert first.shape == (8, 3, 24, 24) and first.dtype == torch.float32
-    low = (0 - torch.tensor(RECIPE.mean)) / torch.tensor(RECIPE.std)
-    high = (1 - torch.tensor(RECIPE.mean)) / torch.tensor(RECIPE.std)
+    low = (0 - torch.tensor(IMAGE_CONFIG.mean)) / torch.tensor(IMAGE_CONFIG.std)
+    high = (1 - torch.tensor(IMAGE_CONFIG.mean)) / torch.tensor(IMAGE_CONFIG.std)
     per_channel = first.transpose(0, 1).flatten(1)
     assert (per_channel.min(1).values >= low - 1e-5).all()
     assert (per_channel.max(1).values <= high + 1e-5).all()
@@ -45,14 +45,14 @@ def test_device_augmentation_shapes_ranges_and_seeds() -> None:
 
 
 def test_crop_boxes_stay_inside_the_image() -> None:
-    augment = DeviceAugment(RECIPE, CPU.device)
+    augment = DeviceAugment(IMAGE_CONFIG, CPU.device)
     draws = torch.rand(4096, 26, generator=torch.Generator().manual_seed(0))
     theta = augment._crop_boxes(draws, 12, 20)
     for axis in (0, 1):
         reach = theta[:, axis, axis].abs() + theta[:, axis, 2].abs()
         assert (reach <= 1 + 1e-5).all()
     areas = (theta[:, 0, 0].abs() * theta[:, 1, 1]).numpy()  # share of the image each crop covers
-    assert areas.min() >= RECIPE.crop_scale[0] - 1e-4 and areas.max() <= 1 + 1e-5
+    assert areas.min() >= IMAGE_CONFIG.crop_scale[0] - 1e-4 and areas.max() <= 1 + 1e-5
     assert np.mean(theta[:, 0, 0].numpy() < 0) == pytest.approx(0.5, abs=0.05)  # flips
 
 
@@ -61,8 +61,8 @@ def test_without_augmentation_the_device_view_is_the_evaluation_view() -> None:
     coarse = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     smooth = torch.nn.functional.interpolate(coarse, size=16, mode="bilinear")
     images = smooth.mul(255).round().to(torch.uint8)
-    device_view = DeviceAugment(RECIPE, CPU.device, augment=False)(images, None)
-    cpu_transform = build_eval_transform(RECIPE)
+    device_view = DeviceAugment(IMAGE_CONFIG, CPU.device, augment=False)(images, None)
+    cpu_transform = build_eval_transform(IMAGE_CONFIG)
     source = ArraySource(images.permute(0, 2, 3, 1).numpy(), [0] * 4)
     cpu_view = torch.stack([cpu_transform(source[i][0]) for i in range(4)])
     assert (device_view - cpu_view).abs().mean() < 0.08  # in normalised units (std 0.5)
@@ -71,8 +71,10 @@ def test_without_augmentation_the_device_view_is_the_evaluation_view() -> None:
 
 def test_device_batches_follow_the_cpu_order_and_resume_part_way() -> None:
     splits = load_splits("digits", Path("data"))
-    device = DeviceBatches(splits.train, splits.train_indices, RECIPE, 32, CPU, seed=5)
-    subset = TransformedSubset(splits.train, splits.train_indices, build_eval_transform(RECIPE))
+    device = DeviceBatches(splits.train, splits.train_indices, IMAGE_CONFIG, 32, CPU, seed=5)
+    subset = TransformedSubset(
+        splits.train, splits.train_indices, build_eval_transform(IMAGE_CONFIG)
+    )
     cpu = build_train_batches(subset, 32, CPU, seed=5, workers=0)
     assert device.batches_per_epoch == cpu.batches_per_epoch
     cpu_batches = list(cpu.epoch(2))

@@ -24,14 +24,14 @@ from mlkd_cli.data.softlabels import (
     write_shard,
 )
 
-RECIPE = {"pipeline": "cpu", "crop_scale": [0.5, 1.0], "hflip": 0.0, "color_jitter": 0.0}
+IMAGE_CONFIG = {"pipeline": "cpu", "crop_scale": [0.5, 1.0], "hflip": 0.0, "color_jitter": 0.0}
 MANIFEST_OF = StoreManifest(
     dataset="digits",
     split="train",
     images=2_500,  # three shards of 1,000, the last one short
     classes=tuple(str(c) for c in range(10)),
     img_size=32,
-    recipe=RECIPE,
+    recipe=IMAGE_CONFIG,
     teacher={"archs": ["resnet10t"], "sha256": ["ab12"], "weights": [1.0], "temperature": 1.0},
     views=4,
     top_k=5,
@@ -44,7 +44,7 @@ EXPECTED = {
     "images": 2_500,
     "classes": [str(c) for c in range(10)],
     "img_size": 32,
-    "recipe": RECIPE,
+    "recipe": IMAGE_CONFIG,
 }
 
 
@@ -103,7 +103,7 @@ def test_an_incomplete_store_names_its_missing_shards_and_how_to_finish(tmp_path
         ("img_size", 64, "img_size 32, and this run has img_size 64"),
         ("images", 2_400, "images 2500"),
         ("classes", [str(c) for c in range(9)], "classes [10 entries]"),
-        ("recipe", {**RECIPE, "hflip": 0.5}, "labelled for recipe"),
+        ("recipe", {**IMAGE_CONFIG, "hflip": 0.5}, "labelled for recipe"),
     ],
 )
 def test_a_store_for_another_run_is_refused_naming_what_differs(

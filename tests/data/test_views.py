@@ -16,21 +16,21 @@ from mlkd_cli.data.registry import load_splits
 from mlkd_cli.data.transforms import build_train_transform
 from mlkd_cli.data.views import chosen_views, view_draws, view_seed
 from mlkd_cli.engine.config import TeacherTrainConfig, build_config
-from mlkd_cli.engine.planning import dataset_recipe
+from mlkd_cli.engine.planning import dataset_image_config
 
 SEED = 7
 
 
-def _recipe(**flags: object):
+def _image_config(**flags: object):
     values = {"dataset": "digits", "model": "test_resnet", "color_jitter": 0.3, **flags}
     cfg = build_config(TeacherTrainConfig, values, origin="test")
     splits = load_splits("digits", Path("data"))
-    return splits, dataset_recipe(cfg, splits)
+    return splits, dataset_image_config(cfg, splits)
 
 
 def test_a_cpu_view_is_the_same_alone_in_a_batch_through_workers_and_after_other_draws() -> None:
-    splits, recipe = _recipe(hflip=0.5)
-    subset = TransformedSubset(splits.train, range(200), build_train_transform(recipe))
+    splits, image_config = _image_config(hflip=0.5)
+    subset = TransformedSubset(splits.train, range(200), build_train_transform(image_config))
     seeds = [view_seed(SEED, v) for v in range(3)]
     alone = {(i, v): subset[(i, seeds[v])] for i in (0, 5, 199) for v in range(3)}
     # The process's generators moved on, other images drawn in between: nothing changes.
@@ -55,8 +55,8 @@ def test_a_cpu_view_is_the_same_alone_in_a_batch_through_workers_and_after_other
 
 
 def test_a_device_view_depends_on_its_own_draws_only() -> None:
-    splits, recipe = _recipe()
-    augment = DeviceAugment(recipe, torch.device("cpu"))
+    splits, image_config = _image_config()
+    augment = DeviceAugment(image_config, torch.device("cpu"))
     images = torch.from_numpy(splits.train.images[:64]).permute(0, 3, 1, 2).contiguous()
     draws = view_draws(SEED, 1, 64)
     assert draws.shape == (64, DRAWS_PER_IMAGE) and torch.equal(draws, view_draws(SEED, 1, 64))

@@ -13,7 +13,7 @@ from torch import nn
 
 from mlkd_cli.core.checkpoint import TRAINING_STATE_FORMAT, ModelCard, load_checkpoint
 from mlkd_cli.core.dist import DistContext
-from mlkd_cli.data.transforms import ImageRecipe
+from mlkd_cli.data.transforms import ImageConfig
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.checkpointing import Checkpointer
 from mlkd_cli.engine.config import TeacherTrainConfig
@@ -64,7 +64,7 @@ def _parts(seed: int) -> dict:
 def _checkpointer(folder: Path, parts: dict, restart: int = 0) -> Checkpointer:
     cfg = TeacherTrainConfig(dataset="digits", model="test_resnet", output_dir=folder, epochs=2)
     card = ModelCard("test_resnet", 3, ["a", "b", "c"], "digits", 16, 1.0, [0.5] * 3, [0.5] * 3)
-    plan = RunPlan(cfg, card, ImageRecipe(img_size=16), RunFiles(folder, "t"), "teacher")
+    plan = RunPlan(cfg, card, ImageConfig(img_size=16), RunFiles(folder, "t"), "teacher")
     ctx = DistContext(0, 1, 0, CPU, restart)
     history = History(folder, "t", {})
     precision = Precision.resolve("fp32", CPU)

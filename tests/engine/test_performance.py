@@ -16,7 +16,7 @@ from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.device import DeviceBatches
 from mlkd_cli.data.loaders import TransformedSubset, build_train_batches
 from mlkd_cli.data.registry import load_splits
-from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
+from mlkd_cli.data.transforms import ImageConfig, build_eval_transform
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.config import DistillConfig
 from mlkd_cli.engine.distiller import DistillTask, plan_distillation
@@ -24,12 +24,12 @@ from mlkd_cli.engine.teacher_sources import teacher_outputs
 from mlkd_cli.models.teacher import TeacherEnsemble
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-RECIPE = ImageRecipe(img_size=24, crop_pct=0.875)
+IMAGE_CONFIG = ImageConfig(img_size=24, crop_pct=0.875)
 
 
 def test_mixing_device_batches_gives_soft_targets() -> None:
     splits = load_splits("digits", Path("data"))
-    device = DeviceBatches(splits.train, splits.train_indices, RECIPE, 16, CPU, seed=0)
+    device = DeviceBatches(splits.train, splits.train_indices, IMAGE_CONFIG, 16, CPU, seed=0)
     mixer = loop.BatchMixer(10, mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.0)
     batch = next(device.epoch(0))
     np.random.seed(0)
@@ -64,11 +64,13 @@ def cached_plan(digits_teacher: Path, tmp_path: Path):
 def test_teacher_cache_holds_the_teachers_outputs(cached_plan, pipeline: str) -> None:
     task = DistillTask(CPU, cached_plan)
     splits = load_splits("digits", Path("data"))
-    recipe = cached_plan.run.recipe
+    image_config = cached_plan.run.image_config
     if pipeline == "device":
-        batches = DeviceBatches(splits.train, splits.train_indices, recipe, 32, CPU, 0, False)
+        batches = DeviceBatches(splits.train, splits.train_indices, image_config, 32, CPU, 0, False)
     else:
-        subset = TransformedSubset(splits.train, splits.train_indices, build_eval_transform(recipe))
+        subset = TransformedSubset(
+            splits.train, splits.train_indices, build_eval_transform(image_config)
+        )
         batches = build_train_batches(subset, 32, CPU, 0, workers=0)
     cache = teacher_outputs(task.source.teacher, batches, CPU, loop.Precision(CPU.device), 64, 10)
     batch = next(batches.epoch(0))
@@ -146,8 +148,8 @@ def test_the_training_step_reads_nothing_back_but_the_logged_loss(
     task = DistillTask(CPU, cached_plan)
     model = task.build(CPU)
     splits = load_splits("digits", Path("data"))
-    recipe = ImageRecipe(img_size=16)
-    batches = DeviceBatches(splits.train, splits.train_indices, recipe, 16, CPU, 0)
+    image_config = ImageConfig(img_size=16)
+    batches = DeviceBatches(splits.train, splits.train_indices, image_config, 16, CPU, 0)
     optimizer = loop.build_optimizer(model, 1e-3, 1e-4)
     scheduler = loop.build_scheduler(optimizer, 100, 5, 0.1)
     mixer = loop.BatchMixer(10, 1.0, 1.0, 0.1)

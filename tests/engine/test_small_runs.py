@@ -87,11 +87,11 @@ def test_the_distillation_gain_compares_the_student_with_its_baseline() -> None:
 def test_in_memory_data_is_augmented_in_batches_on_a_cpu_too() -> None:
     cfg = TeacherTrainConfig(dataset="digits", model="test_resnet")
     splits = load_splits("digits", Path("data"))
-    recipe = planning.dataset_recipe(cfg, splits)
-    assert planning.data_pipeline(cfg, splits, "cpu", recipe) == "device"
+    image_config = planning.dataset_image_config(cfg, splits)
+    assert planning.data_pipeline(cfg, splits, "cpu", image_config) == "device"
     erasing = TeacherTrainConfig(dataset="digits", model="test_resnet", reprob=0.25)
-    recipe = planning.dataset_recipe(erasing, splits)
-    assert planning.data_pipeline(erasing, splits, "cpu", recipe) == "cpu"  # timm's only
+    image_config = planning.dataset_image_config(erasing, splits)
+    assert planning.data_pipeline(erasing, splits, "cpu", image_config) == "cpu"  # timm's only
 
 
 def test_a_small_validation_split_is_transformed_once_and_replayed() -> None:

@@ -12,7 +12,7 @@ import torch
 
 from mlkd_cli.data.loaders import TransformedSubset
 from mlkd_cli.data.registry import load_splits
-from mlkd_cli.data.transforms import ImageRecipe, build_eval_transform
+from mlkd_cli.data.transforms import ImageConfig, build_eval_transform
 from mlkd_cli.engine import checkpointing, loop
 
 pytestmark = pytest.mark.slow
@@ -122,8 +122,8 @@ def _independent_val_count(checkpoint: Path) -> tuple[int, float, int]:
     model.load_state_dict(state["model"])
     model.eval()
     splits = load_splits("digits", Path("data"))
-    recipe = ImageRecipe(img_size=16, crop_pct=1.0)
-    val = TransformedSubset(splits.val, splits.val_indices, build_eval_transform(recipe))
+    image_config = ImageConfig(img_size=16, crop_pct=1.0)
+    val = TransformedSubset(splits.val, splits.val_indices, build_eval_transform(image_config))
     hits, nll = 0, 0.0
     with torch.no_grad():
         for index in range(len(val)):

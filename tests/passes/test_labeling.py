@@ -16,7 +16,7 @@ from mlkd_cli.data.device import DeviceAugment
 from mlkd_cli.data.loaders import TransformedSubset
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.data.softlabels import open_store, read_manifest
-from mlkd_cli.data.transforms import ImageRecipe, build_train_transform
+from mlkd_cli.data.transforms import ImageConfig, build_train_transform
 from mlkd_cli.data.views import view_draws, view_seed
 from mlkd_cli.models.ensemble_config import EnsembleConfig, MemberSpec
 from mlkd_cli.models.teacher import InputSpec, build_teacher
@@ -29,16 +29,18 @@ def _label(teacher: Path, out: Path, *extra: object):
                       "--json", *extra)  # fmt: skip
 
 
-def _recipe(store: Path) -> ImageRecipe:
+def _image_config(store: Path) -> ImageConfig:
     fields = dict(read_manifest(store).recipe)
     fields.pop("pipeline"), fields.pop("augment")
     tuples = ("mean", "std", "crop_scale", "crop_ratio")
-    return ImageRecipe(**{k: tuple(v) if k in tuples else v for k, v in fields.items()})
+    return ImageConfig(**{k: tuple(v) if k in tuples else v for k, v in fields.items()})
 
 
-def _teacher(checkpoint: Path, recipe: ImageRecipe):
+def _teacher(checkpoint: Path, image_config: ImageConfig):
     config = EnsembleConfig(path=checkpoint, members=(MemberSpec(checkpoint, "test_resnet", 1.0),))
-    teacher, _ = build_teacher(config, 10, InputSpec(recipe.img_size, recipe.mean, recipe.std))
+    teacher, _ = build_teacher(
+        config, 10, InputSpec(image_config.img_size, image_config.mean, image_config.std)
+    )
     return teacher
 
 
@@ -55,21 +57,21 @@ def test_the_store_holds_the_teachers_outputs_on_the_views_a_student_replays(
     assert summary["shards"] == manifest.shard_count == 3 and summary["skipped"] == 0
     labelled = open_store(store, {"dataset": "digits", "images": manifest.images})
     # Replay some views by hand, as distillation will make them, and run the teacher on them.
-    recipe = _recipe(store)
+    image_config = _image_config(store)
     splits = load_splits("digits", Path("data"))
-    teacher = _teacher(digits_teacher, recipe)
+    teacher = _teacher(digits_teacher, image_config)
     positions, views = torch.tensor([0, 501, 1000, manifest.images - 1]), torch.tensor([0, 2, 1, 2])
     pairs = list(zip(positions.tolist(), views.tolist(), strict=True))
     if pipeline == "cpu":
         subset = TransformedSubset(
-            splits.train, splits.train_indices, build_train_transform(recipe)
+            splits.train, splits.train_indices, build_train_transform(image_config)
         )
         images = torch.stack([subset[(p, view_seed(manifest.seed, v))][0] for p, v in pairs])
     else:
         chosen = np.asarray(splits.train_indices, dtype=np.int64)[positions.numpy()]
         raw = torch.from_numpy(splits.train.images[chosen]).permute(0, 3, 1, 2).contiguous()
         draws = torch.stack([view_draws(manifest.seed, v, manifest.images)[p] for p, v in pairs])
-        images = DeviceAugment(recipe, torch.device("cpu"))(raw, None, draws)
+        images = DeviceAugment(image_config, torch.device("cpu"))(raw, None, draws)
     with torch.inference_mode():
         expected = teacher(images).float()
     all_logits, all_classes = labelled.tables()
