@@ -192,6 +192,20 @@ def reaped(job: subprocess.Popen) -> Iterator[subprocess.Popen]:
             job.wait()
 
 
+def process_table() -> dict[int, tuple[int, bytes]]:
+    """Every live process: pid -> (parent pid, command line)."""
+    table: dict[int, tuple[int, bytes]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            table[int(entry.name)] = (int(stat[1]), (entry / "cmdline").read_bytes())
+        except (OSError, IndexError, ValueError):
+            continue
+    return table
+
+
 def ended_after(job: subprocess.Popen, seconds: float) -> tuple[str, float]:
     """Wait (at most `seconds`) for the job to end: its stderr and how long it took."""
     start = time.monotonic()

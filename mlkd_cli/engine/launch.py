@@ -39,6 +39,7 @@ from mlkd_cli.core.workers import (
     under_torchrun,
 )
 from mlkd_cli.data.loaders import default_cpu_workers
+from mlkd_cli.engine.interrupt import HANDLED
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -56,7 +57,6 @@ SHUTDOWN_GRACE_S = 120
 # fork server's environment from before the elastic agent added the worker's own variables, which
 # tells those apart (see `_adopt_launcher_environment`).
 _IMPORT_ENVIRON = dict(os.environ)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Variables the elastic agent sets for each worker (kept even where equal to the server's).
 _AGENT_VARIABLES = (
     "RANK",
@@ -253,7 +253,7 @@ def _start_fork_server(worker_module: str) -> None:
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+        previous = {signum: signal.signal(signum, stop) for signum in HANDLED}
     try:
         probe = mp.get_context(START_METHOD).Process(target=_fork_server_ready, daemon=True)
         probe.start()

@@ -22,6 +22,7 @@ from conftest import (
     assert_same_weights,
     ended_after,
     invoke_cli,
+    process_table,
     reaped,
 )
 
@@ -33,23 +34,9 @@ pytestmark = pytest.mark.slow
 MLKD = [sys.executable, "-m", "mlkd_cli"]  # a command of its own, for the tests that signal it
 
 
-def _process_table() -> dict[int, tuple[int, bytes]]:
-    """Every live process: pid -> (parent pid, command line)."""
-    table: dict[int, tuple[int, bytes]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            table[int(entry.name)] = (int(stat[1]), (entry / "cmdline").read_bytes())
-        except OSError:
-            continue
-    return table
-
-
 def _fork_server_of(launcher: int) -> int | None:
     """The launcher's fork server (engine/launch.py), if it has started one."""
-    table = _process_table()
+    table = process_table()
     return next(
         (pid for pid, (ppid, cmd) in table.items() if ppid == launcher and b"forkserver" in cmd),
         None,
@@ -59,7 +46,7 @@ def _fork_server_of(launcher: int) -> int | None:
 def _spawned_workers(launcher: int) -> list[int]:
     """PIDs of the launcher's DDP workers: the children of its fork server."""
     server = _fork_server_of(launcher)
-    return [pid for pid, (ppid, _) in _process_table().items() if ppid == server]
+    return [pid for pid, (ppid, _) in process_table().items() if ppid == server]
 
 
 def _ddp_command(out: Path) -> list[str]:

@@ -25,6 +25,7 @@ from conftest import (
     assert_same_weights,
     ended_after,
     invoke_cli,
+    process_table,
     reaped,
     working_dir,
     write_cifar,
@@ -109,15 +110,7 @@ def test_ensemble_build_and_eval_on_two_processes_equal_one(big: Path) -> None:
 
 def _descendants(pid: int) -> list[int]:
     """Every live process below `pid` (children, their children, ...)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int(
-                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-                )
-            except (OSError, IndexError, ValueError):
-                continue
+    parents = {child: parent for child, (parent, _) in process_table().items()}
     found, frontier = [], [pid]
     while frontier:
         current = frontier.pop()
