@@ -41,8 +41,9 @@ from mlkd_cli.engine.planning import (
     make_plan,
 )
 from mlkd_cli.engine.provenance import store_identity, teacher_identity
-from mlkd_cli.engine.teacher_sources import build_source, choose_source
+from mlkd_cli.engine.teacher_sources import SourceSetup, build_source, choose_source
 from mlkd_cli.engine.trainer import fit
+from mlkd_cli.losses.heads import Head
 from mlkd_cli.losses.registry import build_loss, loss_class
 from mlkd_cli.models.ensemble_config import EnsembleConfig, resolve_teacher
 from mlkd_cli.models.exits import exits_record
@@ -312,7 +313,9 @@ class DistillTask:
             mask = torch.zeros(len(batches), dtype=torch.bool)
             mask[list(labelled)] = True
             self.labelled = mask.to(ctx.device)
-        self.source.prepare(ctx, batches, precision, Reporter(self.cfg.output, ctx.rank))
+        self.source.prepare(
+            SourceSetup(ctx, batches, precision, Reporter(self.cfg.output, ctx.rank))
+        )
 
     def start_epoch(self, epoch: int) -> None:
         """Tell the loss which epoch begins (DKD warms up over the first ones), and the teacher
@@ -375,7 +378,7 @@ class DistillTask:
         labels in the CE term, as the original validated."""
         targets = F.one_hot(labels, heads[0].shape[1]).float()
         assert self.source.teacher is not None  # a store is refused with val_kd_loss
-        loss, _ = self.loss.head_loss(heads[0], self.source.teacher(images), targets)
+        loss, _ = self.loss.head_loss(Head(heads[0], self.source.teacher(images), targets))
         return loss * labels.shape[0]
 
     def score(self, row: dict[str, Any]) -> float:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -35,6 +35,15 @@ from mlkd_cli.models.teacher import InputSpec, TeacherEnsemble, build_teacher
 
 # A batch's teacher outputs: logits (batch, classes), and the maps at the exits or None.
 Outputs = tuple[torch.Tensor, Sequence[torch.Tensor] | None]
+
+
+class SourceSetup(NamedTuple):
+    """What a source is made ready with, on the training device before training."""
+
+    ctx: DistContext
+    batches: TrainingBatches
+    precision: loop.Precision
+    report: Reporter
 
 
 class SourcePlan(Protocol):
@@ -62,13 +71,7 @@ class TeacherSource(Protocol):
         loss) takes its teacher outputs from this source."""
         ...
 
-    def prepare(
-        self,
-        ctx: DistContext,
-        batches: TrainingBatches,
-        precision: loop.Precision,
-        report: Reporter,
-    ) -> None:
+    def prepare(self, setup: SourceSetup) -> None:
         """Once before training, on the training device: place, compile, cache or load."""
         ...
 
@@ -102,21 +105,15 @@ class LiveTeacher:
         """Any run with a teacher to run."""
         return cfg.soft_labels is None
 
-    def prepare(
-        self,
-        ctx: DistContext,
-        batches: TrainingBatches,
-        precision: loop.Precision,
-        report: Reporter,
-    ) -> None:
+    def prepare(self, setup: SourceSetup) -> None:
         """The teacher on the device in the run's precision; with --compile, compiled."""
-        precision.place(self.teacher)
-        self.teacher.bf16 = precision.bf16
+        setup.precision.place(self.teacher)
+        self.teacher.bf16 = setup.precision.bf16
         if self.cfg.compile:
             for member in self.teacher.members:
-                failed = loop.compile_module(member, ctx.device)
+                failed = loop.compile_module(member, setup.ctx.device)
                 if failed:
-                    report.warn(f"--compile is not available for the teacher ({failed})")
+                    setup.report.warn(f"--compile is not available for the teacher ({failed})")
                     break
 
     def start_epoch(self, epoch: int) -> None:
@@ -152,15 +149,10 @@ class CachedOutputs(LiveTeacher):
         """--teacher-cache with a teacher to run."""
         return cfg.soft_labels is None and cfg.teacher_cache
 
-    def prepare(
-        self,
-        ctx: DistContext,
-        batches: TrainingBatches,
-        precision: loop.Precision,
-        report: Reporter,
-    ) -> None:
+    def prepare(self, setup: SourceSetup) -> None:
         """The live teacher's set-up, then one pass over the training split to fill the cache."""
-        super().prepare(ctx, batches, precision, report)
+        super().prepare(setup)
+        ctx, batches, precision, report = setup
         start = time.perf_counter()
         self.cache = teacher_outputs(
             self.teacher,
@@ -207,14 +199,9 @@ class StoredOutputs:
         """--soft-labels STORE."""
         return cfg.soft_labels is not None
 
-    def prepare(
-        self,
-        ctx: DistContext,
-        batches: TrainingBatches,
-        precision: loop.Precision,
-        report: Reporter,
-    ) -> None:
+    def prepare(self, setup: SourceSetup) -> None:
         """The whole store's tables on the device."""
+        ctx, batches, _, report = setup
         store = SoftLabelStore(self.folder, read_manifest(self.folder))
         logits, classes = store.tables()
         self.tables = replay_tables(logits, classes, self.num_classes, ctx.device)

@@ -8,8 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mlkd_cli.core.atomic import check_new_files, check_writable
 from mlkd_cli.core.checkpoint import read_weights
 from mlkd_cli.core.constants import FORMATS
@@ -20,7 +18,7 @@ from mlkd_cli.export.int8_plan import Int8Options, Int8Plan, plan_int8
 from mlkd_cli.export.onnx_graph import head_output_names, write_exits_onnx, write_onnx
 from mlkd_cli.export.safetensors_folder import write_exits_safetensors, write_safetensors
 from mlkd_cli.export.torchscript import write_torchscript
-from mlkd_cli.export.verify import probe_batches, refuse_if_far
+from mlkd_cli.export.verify import probe, refuse_if_far
 from mlkd_cli.models.exits import is_exits_checkpoint, load_exits_checkpoint
 from mlkd_cli.models.factory import card_of, load_trained_model
 
@@ -54,10 +52,7 @@ def export_checkpoint(
     model, card = load_trained_model(checkpoint, arch, num_classes)
     model.eval()
     size = img_size or (card.img_size if card else 224)
-    example, check = probe_batches(size)
-    with torch.no_grad():
-        expected = model(check)
-    diff, checked_with = WRITERS[fmt](model, card, example, check, expected, destination)
+    diff, checked_with = WRITERS[fmt](model, card, probe(model, size), destination)
     refuse_if_far(diff, fmt)
     return {
         "format": fmt,
@@ -177,15 +172,11 @@ def export_exits_checkpoint(
     for fmt, destination in destinations.items():
         check_destination(checkpoint, fmt, destination, overwrite, exits=True)
     loaded = load_exits_checkpoint(checkpoint)
-    student = loaded.student
-    size = loaded.card.img_size
-    example, check = probe_batches(size)
-    with torch.no_grad():
-        expected = student(check)
+    checks = probe(loaded.student, loaded.card.img_size)
     results = []
     for fmt, destination in destinations.items():
         writer = write_exits_safetensors if fmt == "safetensors" else write_exits_onnx
-        diff, checked_with = writer(loaded, example, check, expected, destination)
+        diff, checked_with = writer(loaded, checks, destination)
         refuse_if_far(diff, fmt)
         results.append(
             {
@@ -193,8 +184,8 @@ def export_exits_checkpoint(
                 "output": str(destination),
                 "max_abs_diff": diff,
                 "checked_with": checked_with,
-                "img_size": size,
-                "outputs": list(head_output_names(len(expected))),
+                "img_size": loaded.card.img_size,
+                "outputs": list(head_output_names(len(checks.expected))),
             }
         )
     return results

@@ -19,7 +19,7 @@ from torch import nn
 from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.export.session import open_session
-from mlkd_cli.export.verify import largest_diff, verified_file
+from mlkd_cli.export.verify import Probe, largest_diff, verified_file
 from mlkd_cli.models.exits import ExitsCheckpoint
 
 ONNX_OPSET = 18  # onnxruntime >= 1.16 and every current runtime run it
@@ -73,8 +73,7 @@ def _checked(
     onnx: Any,
     destination: Path,
     write: Any,
-    check: torch.Tensor,
-    expected: tuple[torch.Tensor, ...],
+    probe: Probe,
     names: list[str],
 ) -> tuple[float, str]:
     """Write with `write`, check the file's structure, run it in onnxruntime (where installed)
@@ -90,48 +89,37 @@ def _checked(
         checked_with.append("onnxruntime")
         if [o.name for o in session.get_outputs()] != names:
             return float("inf")
-        got = session.run(None, {session.get_inputs()[0].name: check.numpy()})
-        return largest_diff([torch.from_numpy(g) for g in got], expected)
+        got = session.run(None, {session.get_inputs()[0].name: probe.check.numpy()})
+        return largest_diff([torch.from_numpy(g) for g in got], probe.expected)
 
     diff = verified_file(destination, write, verify)
     return diff, " + ".join(checked_with)
 
 
 def write_onnx(
-    model: nn.Module,
-    card: ModelCard | None,
-    example: torch.Tensor,
-    check: torch.Tensor,
-    expected: torch.Tensor,
-    destination: Path,
+    model: nn.Module, card: ModelCard | None, probe: Probe, destination: Path
 ) -> tuple[float, str]:
     """A plain classifier as ONNX (output `logits`), its card inside; the difference from
     PyTorch and what checked it."""
     onnx = onnx_module()
 
     def write(path: Path) -> None:
-        export_onnx(model, example, path, ["logits"])
+        export_onnx(model, probe.example, path, ["logits"])
         if card is not None:  # the card (provenance included) travels inside the file
             add_metadata(onnx, path, {"mlkd": asdict(card)})
 
-    return _checked(onnx, destination, write, check, (expected,), ["logits"])
+    return _checked(onnx, destination, write, probe, ["logits"])
 
 
-def write_exits_onnx(
-    loaded: ExitsCheckpoint,
-    example: torch.Tensor,
-    check: torch.Tensor,
-    expected: tuple[torch.Tensor, ...],
-    destination: Path,
-) -> tuple[float, str]:
+def write_exits_onnx(loaded: ExitsCheckpoint, probe: Probe, destination: Path) -> tuple[float, str]:
     """A student with exits as ONNX, one output per head, its card and exits record inside."""
     onnx = onnx_module()
-    names = head_output_names(len(expected))
+    names = head_output_names(len(probe.expected))
 
     def write(path: Path) -> None:
-        export_onnx(loaded.student, example, path, names)
+        export_onnx(loaded.student, probe.example, path, names)
         # The card and the exits record (rule, thresholds, MACs) travel inside the file, as
         # ONNX metadata, so a runtime needs nothing beside it to run the cascade.
         add_metadata(onnx, path, {"mlkd": asdict(loaded.card), "mlkd_exits": loaded.exits})
 
-    return _checked(onnx, destination, write, check, expected, names)
+    return _checked(onnx, destination, write, probe, names)

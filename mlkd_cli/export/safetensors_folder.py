@@ -18,7 +18,7 @@ from torch import nn
 from mlkd_cli.core.atomic import atomic_write_text
 from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.constants import DEFAULT_MEAN, DEFAULT_STD
-from mlkd_cli.export.verify import TOLERANCE, largest_diff, verified_file
+from mlkd_cli.export.verify import TOLERANCE, Probe, largest_diff, verified_file
 from mlkd_cli.models.exits import ExitsCheckpoint, load_exits_safetensors
 
 
@@ -47,12 +47,7 @@ def timm_config(model: nn.Module, card: ModelCard | None, size: int) -> dict[str
 
 
 def write_safetensors(
-    model: nn.Module,
-    card: ModelCard | None,
-    example: torch.Tensor,
-    check: torch.Tensor,
-    expected: torch.Tensor,
-    destination: Path,
+    model: nn.Module, card: ModelCard | None, probe: Probe, destination: Path
 ) -> tuple[float, str]:
     """A plain classifier's folder; the difference from PyTorch and what checked it."""
     from safetensors.torch import load_file, save_file
@@ -66,12 +61,13 @@ def write_safetensors(
         import timm
 
         fresh = timm.create_model(
-            timm_config(model, card, check.shape[-1])["architecture"], num_classes=model.num_classes
+            timm_config(model, card, probe.check.shape[-1])["architecture"],
+            num_classes=model.num_classes,
         )
         fresh.load_state_dict(load_file(str(path)))
         fresh.eval()
         with torch.no_grad():
-            return float((fresh(check) - expected).abs().max())
+            return largest_diff([fresh(probe.check)], probe.expected)
 
     diff = verified_file(
         destination / "model.safetensors",
@@ -79,17 +75,13 @@ def write_safetensors(
         verify,
     )
     if diff <= TOLERANCE:
-        config = timm_config(model, card, check.shape[-1])
+        config = timm_config(model, card, probe.check.shape[-1])
         atomic_write_text(destination / "config.json", json.dumps(config, indent=2) + "\n")
     return diff, "timm.create_model + safetensors"
 
 
 def write_exits_safetensors(
-    loaded: ExitsCheckpoint,
-    example: torch.Tensor,
-    check: torch.Tensor,
-    expected: tuple[torch.Tensor, ...],
-    destination: Path,
+    loaded: ExitsCheckpoint, probe: Probe, destination: Path
 ) -> tuple[float, str]:
     """A student with exits' folder; the difference from PyTorch and what checked it."""
     from safetensors.torch import save_file
@@ -104,7 +96,7 @@ def write_exits_safetensors(
     def verify(path: Path) -> float:
         fresh = load_exits_safetensors(path)
         with torch.no_grad():
-            return largest_diff(list(fresh.student(check)), expected)
+            return largest_diff(list(fresh.student(probe.check)), probe.expected)
 
     diff = verified_file(
         destination / "model.safetensors",

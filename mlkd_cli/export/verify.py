@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from mlkd_cli.core.atomic import plain_file_mode
 from mlkd_cli.core.errors import UserError
@@ -19,12 +21,24 @@ from mlkd_cli.core.errors import UserError
 TOLERANCE = 1e-4
 
 
-def probe_batches(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch an export is traced on, and another of another size that checks it (the batch
-    axis must be dynamic)."""
+@dataclass(frozen=True)
+class Probe:
+    """What every writer checks its file with: the batch it is traced on, another of another
+    size (the batch axis must be dynamic), and PyTorch's outputs on that one (every head's)."""
+
+    example: torch.Tensor
+    check: torch.Tensor
+    expected: tuple[torch.Tensor, ...]
+
+
+def probe(model: nn.Module, size: int) -> Probe:
+    """Random batches at `size` px and `model`'s outputs on the checking one."""
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, size, size, generator=generator)
-    return example, torch.randn(3, 3, size, size, generator=generator)
+    check = torch.randn(3, 3, size, size, generator=generator)
+    with torch.no_grad():
+        expected = model(check)
+    return Probe(example, check, tuple(expected) if isinstance(expected, Sequence) else (expected,))
 
 
 def verified_file(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mlkd_cli.losses.heads import MultiExitLoss
+from mlkd_cli.losses.heads import Head, MultiExitLoss
 from mlkd_cli.losses.registry import LOSSES
 
 EPS = 1e-8
@@ -50,15 +50,9 @@ class MultiExitDISTLoss(MultiExitLoss):
         """DIST reads the teacher at its own τ."""
         return self.params["tau"]
 
-    def distill_terms(
-        self,
-        logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def distill_terms(self, head: Head) -> dict[str, torch.Tensor]:
         """`inter` and `intra`, each weighted."""
-        inter, intra = dist_terms(logits, teacher_logits, self.params["tau"])
+        inter, intra = dist_terms(head.logits, head.teacher_logits, self.params["tau"])
         return {
             "inter": self.params["inter_weight"] * inter,
             "intra": self.params["intra_weight"] * intra,

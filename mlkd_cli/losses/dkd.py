@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from mlkd_cli.losses.heads import MultiExitLoss
+from mlkd_cli.losses.heads import Head, MultiExitLoss
 from mlkd_cli.losses.registry import LOSSES
 
 
@@ -97,14 +97,9 @@ class MultiExitDKDLoss(MultiExitLoss):
         span = self.params["warmup"] * epochs
         self.warmup = 1.0 if span <= 0 else min(1.0, (epoch + 1) / span)
 
-    def distill_terms(
-        self,
-        logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def distill_terms(self, head: Head) -> dict[str, torch.Tensor]:
         """`tckd` and `nckd`, each weighted (warm-up included)."""
+        logits, teacher_logits, targets, labelled = head
         if labelled is not None:
             guess = F.one_hot(teacher_logits.argmax(dim=1), targets.shape[1]).to(targets.dtype)
             targets = torch.where(labelled[:, None], targets, guess)

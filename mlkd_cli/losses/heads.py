@@ -9,12 +9,23 @@ from its registry entry (`mlkd_cli/losses/registry.py`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from mlkd_cli.losses.ce import soft_cross_entropy
 from mlkd_cli.losses.params import CE_WEIGHT, FEATURE_PARAM, LossParam
+
+
+class Head(NamedTuple):
+    """One head's batch, as a loss reads it: the head's logits, the teacher's, the (soft)
+    targets, and which images' labels may be read (None: all)."""
+
+    logits: torch.Tensor
+    teacher_logits: torch.Tensor
+    targets: torch.Tensor
+    labelled: torch.Tensor | None = None
 
 
 class MultiExitLoss(nn.Module):
@@ -76,13 +87,7 @@ class MultiExitLoss(nn.Module):
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Told before each epoch (0-based) of `epochs`; for losses that change over a run."""
 
-    def distill_terms(
-        self,
-        logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def distill_terms(self, head: Head) -> dict[str, torch.Tensor]:
         """What one head learns from the teacher, by name (their sum is its distillation loss)."""
         raise NotImplementedError(f"{type(self).__name__} must say what a head learns")
 
@@ -115,7 +120,7 @@ class MultiExitLoss(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         total = None
         for head, (weight, logits) in enumerate(zip(self.head_weights, outputs, strict=True)):
-            loss, head_parts = self.head_loss(logits, teacher_logits, targets, labelled)
+            loss, head_parts = self.head_loss(Head(logits, teacher_logits, targets, labelled))
             if head == 0:
                 parts.update(head_parts)
             else:
@@ -129,20 +134,14 @@ class MultiExitLoss(nn.Module):
                 total = total + term
         return {"loss": total, **parts}
 
-    def head_loss(
-        self,
-        logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def head_loss(self, head: Head) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One head's `w·distill + c·CE` (`mixing`), with its named terms (no `ce` when c = 0)."""
-        parts = self.distill_terms(logits, teacher_logits, targets, labelled)
+        parts = self.distill_terms(head)
         distill = torch.stack(list(parts.values())).sum()
         weight, ce_weight = self.mixing
         if ce_weight <= 0:
             return weight * distill, parts
-        ce = soft_cross_entropy(logits, targets, labelled)
+        ce = soft_cross_entropy(head.logits, head.targets, head.labelled)
         return weight * distill + ce_weight * ce, {**parts, "ce": ce}
 
     def forward(

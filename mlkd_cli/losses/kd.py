@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mlkd_cli.losses.ce import soft_cross_entropy
-from mlkd_cli.losses.heads import MultiExitLoss
+from mlkd_cli.losses.heads import Head, MultiExitLoss
 from mlkd_cli.losses.registry import LOSSES
 
 
@@ -64,15 +64,11 @@ class MultiExitKDLoss(MultiExitLoss):
     PARAMS = LOSSES["kd"].PARAMS
     class_mean = False  # see `kd_terms`
 
-    def distill_terms(
-        self,
-        logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        labelled: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def distill_terms(self, head: Head) -> dict[str, torch.Tensor]:
         """`kd`, the head's KL term (it reads no label)."""
-        kd, _ = kd_terms(logits, teacher_logits, targets, self.temperature, False, self.class_mean)
+        kd, _ = kd_terms(
+            head.logits, head.teacher_logits, head.targets, self.temperature, False, self.class_mean
+        )
         return {"kd": kd}
 
 

@@ -24,19 +24,9 @@ from mlkd_cli.engine.precision import Precision
 CPU = torch.device("cpu")
 # The keys of `<name>_last.pth` beside the parts' state dicts, as every saved state holds them:
 # states written before the checkpointing component must still resume.
-BOOKKEEPING = {
-    "format",
-    "epoch",
-    "partial_epoch",
-    "best",
-    "history",
-    "restarts",
-    "channels_last",
-    "bf16",
-    "config",
-    "card",
-    "mlkd_version",
-}
+POSITION_KEYS = {"format", "epoch", "partial_epoch", "best", "history", "restarts"}
+ABOUT_KEYS = {"channels_last", "bf16", "config", "card", "mlkd_version"}
+BOOKKEEPING = POSITION_KEYS | ABOUT_KEYS
 
 
 class PlainTask:

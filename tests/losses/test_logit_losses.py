@@ -13,6 +13,7 @@ from conftest import assert_error_line, invoke_cli
 
 from mlkd_cli.losses.dist import dist_terms
 from mlkd_cli.losses.dkd import dkd_per_image, dkd_terms
+from mlkd_cli.losses.heads import Head
 from mlkd_cli.losses.kd import kd_terms
 from mlkd_cli.losses.registry import LOSSES
 
@@ -154,8 +155,8 @@ def test_dkd_under_a_label_budget_never_reads_a_hidden_label() -> None:
     labelled = torch.tensor([True, False, True, False, False, True])
     labels = torch.randint(0, 5, (6,))
     other = torch.where(labelled, labels, (labels + 1) % 5)  # the hidden labels changed
-    first = loss.distill_terms(student, teacher, F.one_hot(labels, 5).float(), labelled)
-    second = loss.distill_terms(student, teacher, F.one_hot(other, 5).float(), labelled)
+    first = loss.distill_terms(Head(student, teacher, F.one_hot(labels, 5).float(), labelled))
+    second = loss.distill_terms(Head(student, teacher, F.one_hot(other, 5).float(), labelled))
     assert all(torch.equal(first[k], second[k]) for k in ("tckd", "nckd"))
     # The hidden images take the teacher's top class as their target.
     guessed = torch.where(labelled, labels, teacher.argmax(1))
@@ -171,7 +172,7 @@ def test_dkd_and_dist_add_to_cross_entropy_and_refuse_alpha(digits_teacher: Path
     ce = F.cross_entropy(logits, targets).item()
     for name in ("dkd", "dist"):
         loss = LOSSES[name](4.0, 0.9, [], ce_weight=0.5)  # α is not DKD's or DIST's mix
-        total, parts = loss.head_loss(logits, teacher, targets)
+        total, parts = loss.head_loss(Head(logits, teacher, targets))
         terms = sum(v.item() for k, v in parts.items() if k != "ce")
         assert total.item() == pytest.approx(terms + 0.5 * ce, rel=1e-6)
         assert not LOSSES[name](4.0, 0.9, [], ce_weight=0.0).mixing[1]
