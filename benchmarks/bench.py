@@ -67,15 +67,15 @@ from mlkd_cli.data.loaders import (
     build_train_batches,
 )
 from mlkd_cli.data.registry import get_dataset_spec
-from mlkd_cli.data.replay import mixed_teacher_logits
+from mlkd_cli.data.replay import mixed_teacher_logits, stored_logits
 from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageConfig, build_train_transform
 from mlkd_cli.data.views import ViewReplay, view_seed
 from mlkd_cli.engine import loop
-from mlkd_cli.engine.distiller import build_student, stored_logits
 from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.precision import Precision, choose_layout
 from mlkd_cli.losses.kd import MultiExitKDLoss
+from mlkd_cli.models.student import build_student
 from mlkd_cli.models.teacher import TeacherEnsemble
 
 # The original project's five-member ensemble (its README's config.json); the first three form

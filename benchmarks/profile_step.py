@@ -19,9 +19,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mlkd_cli.engine import loop
-from mlkd_cli.engine.distiller import build_student
 from mlkd_cli.losses.kd import MultiExitKDLoss
-from mlkd_cli.models.student import PatchConv2d
+from mlkd_cli.models.student import PatchConv2d, build_student
 
 CLASSES = 100
 

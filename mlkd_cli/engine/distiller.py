@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,7 +47,6 @@ from mlkd_cli.losses.registry import build_loss, loss_class
 from mlkd_cli.models.ensemble_config import EnsembleConfig, resolve_teacher
 from mlkd_cli.models.exits import exits_record
 from mlkd_cli.models.factory import (
-    build_model,
     check_input_size,
     check_model_name,
     pretrained_source,
@@ -56,6 +54,7 @@ from mlkd_cli.models.factory import (
 from mlkd_cli.models.student import (
     FeatureAdaptedStudent,
     MultiExitStudent,
+    build_student,
     find_stages,
     parse_exit_weights,
     parse_exits,
@@ -88,24 +87,6 @@ class DistillPlan:
     def config(self) -> TrainConfig:
         """The run's settings (what the launcher reads: world size, restarts, batch)."""
         return self.run.config
-
-
-def build_student(
-    arch: str,
-    num_classes: int,
-    exits: list[int] | None,
-    img_size: int,
-    pretrained: bool = False,
-    init_checkpoint: Path | None = None,
-    exits_text: str | None = None,
-    exit_head: str = "original",
-) -> MultiExitStudent:
-    """A timm model wrapped with exits (`exit_head`, see `EXIT_HEADS`) after the chosen stages
-    (default: all but the last)."""
-    backbone = build_model(arch, num_classes, pretrained, init_checkpoint)
-    if exits is None:
-        exits = parse_exits(exits_text, find_stages(backbone, arch), arch)
-    return MultiExitStudent(backbone, arch, exits, num_classes, img_size, exit_head)
 
 
 def plan_distillation(cfg: DistillConfig) -> DistillPlan:

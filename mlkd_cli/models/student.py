@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.models.factory import build_model
 
 # Feature maps finer than this are stems (ResNet's act1, stem convs), not stages.
 MIN_STAGE_REDUCTION = 4
@@ -348,3 +350,21 @@ def unwrap_student(model: nn.Module) -> MultiExitStudent:
         model = model.student
     assert isinstance(model, MultiExitStudent)
     return model
+
+
+def build_student(
+    arch: str,
+    num_classes: int,
+    exits: list[int] | None,
+    img_size: int,
+    pretrained: bool = False,
+    init_checkpoint: Path | None = None,
+    exits_text: str | None = None,
+    exit_head: str = "original",
+) -> MultiExitStudent:
+    """A timm model wrapped with exits (`exit_head`, see `EXIT_HEADS`) after the chosen stages
+    (default: all but the last)."""
+    backbone = build_model(arch, num_classes, pretrained, init_checkpoint)
+    if exits is None:
+        exits = parse_exits(exits_text, find_stages(backbone, arch), arch)
+    return MultiExitStudent(backbone, arch, exits, num_classes, img_size, exit_head)

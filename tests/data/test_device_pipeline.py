@@ -15,6 +15,8 @@ from mlkd_cli.data.loaders import TransformedSubset, build_train_batches
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.data.sources import ArraySource
 from mlkd_cli.data.transforms import ImageConfig, build_eval_transform
+from mlkd_cli.engine import planning
+from mlkd_cli.engine.config import TeacherTrainConfig
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 IMAGE_CONFIG = ImageConfig(img_size=24, crop_pct=0.875)
@@ -86,3 +88,13 @@ def test_device_batches_follow_the_cpu_order_and_resume_part_way() -> None:
     assert all(
         torch.equal(a.images, b.images) for a, b in zip(tail, device_batches[30:], strict=True)
     )
+
+
+def test_in_memory_data_is_augmented_in_batches_on_a_cpu_too() -> None:
+    cfg = TeacherTrainConfig(dataset="digits", model="test_resnet")
+    splits = load_splits("digits", Path("data"))
+    image_config = planning.dataset_image_config(cfg, splits)
+    assert planning.data_pipeline(cfg, splits, "cpu", image_config) == "device"
+    erasing = TeacherTrainConfig(dataset="digits", model="test_resnet", reprob=0.25)
+    image_config = planning.dataset_image_config(erasing, splits)
+    assert planning.data_pipeline(erasing, splits, "cpu", image_config) == "cpu"  # timm's only

@@ -3,6 +3,7 @@ training state's keys as files on disk have them, and a refused resume."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from torch import nn
 from mlkd_cli.core.checkpoint import TRAINING_STATE_FORMAT, ModelCard, load_checkpoint
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.transforms import ImageConfig
-from mlkd_cli.engine import loop
+from mlkd_cli.engine import checkpointing, loop
 from mlkd_cli.engine.checkpointing import Checkpointer
 from mlkd_cli.engine.config import TeacherTrainConfig
 from mlkd_cli.engine.history import History
@@ -153,3 +154,23 @@ def test_a_part_may_not_take_a_key_of_the_state_itself(tmp_path: Path, name: str
     parts[name] = parts.pop("ema")
     with pytest.raises(ValueError, match=f"may not be named \\['{name}'\\]"):
         _checkpointer(tmp_path, parts)
+
+
+def test_the_state_is_written_every_few_seconds_and_always_after_the_last_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpointing, "STATE_EVERY_S", 3600.0)
+    written = []
+    real = checkpointing.Checkpointer._write_state
+
+    def record(self, epoch, best, partial):
+        written.append(epoch)
+        real(self, epoch, best, partial)
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "_write_state", record)
+    result = invoke_cli(*DIGITS_TEACHER, "-n", "t", "-e", "4", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert written == [1, 4]  # the first epoch, then the last: none in between within an hour
+    history = json.loads((tmp_path / "models" / "t_history.json").read_text())
+    assert len(history["epochs"]) == 4  # the history is written every epoch

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.data.loaders import collate_readable
 from mlkd_cli.engine import loop
-from mlkd_cli.engine.distiller import build_student
 from mlkd_cli.engine.launch import launch
 from mlkd_cli.losses.kd import MultiExitKDLoss
+from mlkd_cli.models.student import build_student
 from mlkd_cli.models.teacher import TeacherEnsemble
 
 # ----------------------------------------------------------------------------- DDP

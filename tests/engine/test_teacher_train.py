@@ -73,7 +73,7 @@ def test_same_seed_same_result_and_resume_matches_uninterrupted(
     train(run_cli, tmp_path / "a", "--epochs", "3", "--seed", "5")
     train(run_cli, tmp_path / "b", "--epochs", "3", "--seed", "5")
     # A 3-epoch run interrupted during its third epoch, then resumed to the end; its state is
-    # written after every epoch here (engine/test_small_runs.py: every few seconds by default).
+    # written after every epoch here (engine/test_checkpointing.py: every few seconds by default).
     monkeypatch.setattr(checkpointing, "STATE_EVERY_S", 0.0)
     real_epoch, calls = loop.train_one_epoch, []
 

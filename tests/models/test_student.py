@@ -9,8 +9,13 @@ import torch
 from torch import nn
 
 from mlkd_cli.core.errors import UserError
-from mlkd_cli.engine.distiller import build_student
-from mlkd_cli.models.student import PatchConv2d, find_stages, parse_exit_weights, parse_exits
+from mlkd_cli.models.student import (
+    PatchConv2d,
+    build_student,
+    find_stages,
+    parse_exit_weights,
+    parse_exits,
+)
 
 
 @pytest.mark.parametrize(

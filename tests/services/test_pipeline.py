@@ -181,3 +181,15 @@ def test_a_pipeline_whose_student_cannot_learn_from_a_store_is_refused_first(
     assert result.exit_code == 2
     assert_error_line(result.stderr, "soft_labels", "between 1 and the 10 classes, got 11")
     assert not (run / "models").exists()
+
+
+def test_the_distillation_gain_compares_the_student_with_its_baseline() -> None:
+    rows = [
+        {"role": "teacher", "top1": 99.0, "nll": 0.01},
+        {"role": "student", "top1": 96.5, "nll": 0.12},
+        {"role": "exit", "top1": 90.0, "nll": 0.3},
+        {"role": "baseline", "top1": 90.0, "nll": 0.40},
+    ]
+    gain = pipeline.distillation_gain(rows)
+    assert gain["top1_points"] == pytest.approx(6.5) and gain["nll_change"] == pytest.approx(-0.28)
+    assert pipeline.distillation_gain(rows[:3]) is None
