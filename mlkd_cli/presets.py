@@ -7,15 +7,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mlkd_cli.core.coerce import build_config, config_field_names
 from mlkd_cli.core.constants import DEFAULT_VIEWS
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import load_yaml, quote, read_text_file
-from mlkd_cli.engine.config import (
-    DistillConfig,
-    TeacherTrainConfig,
-    build_config,
-    config_field_names,
-)
+from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig
 from mlkd_cli.models.ensemble_config import MAX_MEMBERS
 
 C = TypeVar("C")

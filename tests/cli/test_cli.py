@@ -83,7 +83,7 @@ def test_every_flag_of_a_training_request_is_a_setting_of_its_config() -> None:
     # added without its config field (or misnamed) is caught here, not by a user.
     from mlkd_cli.commands import distill, study, teacher
 
-    from mlkd_cli.engine.config import config_field_names
+    from mlkd_cli.core.coerce import config_field_names
 
     requests = [
         distill.DistillRequest,

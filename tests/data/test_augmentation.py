@@ -14,11 +14,12 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
+from mlkd_cli.core.coerce import build_config
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.device import DeviceAugment
 from mlkd_cli.data.registry import augmentation_defaults, get_dataset_spec, load_splits
 from mlkd_cli.data.transforms import ImageConfig, build_train_transform
-from mlkd_cli.engine.config import TeacherTrainConfig, build_config
+from mlkd_cli.engine.config import TeacherTrainConfig
 from mlkd_cli.engine.planning import data_pipeline, dataset_image_config
 
 CPU = torch.device("cpu")

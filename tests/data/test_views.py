@@ -10,12 +10,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mlkd_cli.core.coerce import build_config
 from mlkd_cli.data.device import DRAWS_PER_IMAGE, DeviceAugment
 from mlkd_cli.data.loaders import TransformedSubset, collate_readable
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.data.transforms import build_train_transform
 from mlkd_cli.data.views import chosen_views, view_draws, view_seed
-from mlkd_cli.engine.config import TeacherTrainConfig, build_config
+from mlkd_cli.engine.config import TeacherTrainConfig
 from mlkd_cli.engine.planning import dataset_image_config
 
 SEED = 7

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from conftest import invoke_cli
 from torch import nn
 
+from mlkd_cli.core.coerce import build_config
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.engine import loop
-from mlkd_cli.engine.config import DistillConfig, build_config
+from mlkd_cli.engine.config import DistillConfig
 from mlkd_cli.engine.distiller import DistillTask, plan_distillation
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
