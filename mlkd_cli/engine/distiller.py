@@ -116,7 +116,7 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     image_config = dataset_image_config(cfg, splits)
     pipeline = data_pipeline(cfg, splits, resolve_device(cfg.device), image_config)
     check_image_config(image_config)
-    replay = None if cfg.soft_labels is None else store_replay(cfg, splits, image_config, pipeline)
+    replay, taught_by = learns_from(cfg, teacher, loaded, splits, image_config, pipeline)
     # Built once here, on the CPU, so that an unsuitable student is refused before any worker.
     student = build_student(
         cfg.student,
@@ -132,7 +132,6 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     exits = parse_exits(cfg.exits, find_stages(student.backbone, cfg.student), cfg.student)
     weights = parse_exit_weights(cfg.exit_weights, len(exits))
     features, channels = feature_pairs(cfg, loaded, student, exits)
-    taught_by = teacher_record(cfg, teacher, loaded, image_config)
     run = make_plan(
         cfg,
         cfg.student,
@@ -150,22 +149,28 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
     return DistillPlan(run, teacher, tuple(exits), tuple(weights), features, channels, source)
 
 
-def teacher_record(
+def learns_from(
     cfg: DistillConfig,
     teacher: EnsembleConfig | None,
     loaded: Sequence[LoadedMember],
+    splits: DataSplits,
     image_config: ImageConfig,
-) -> dict[str, Any]:
-    """What taught the student, for its provenance: the teacher's identity with the input each
-    member ran at, or the soft-label store's; the loss and temperature it was learnt with."""
+    pipeline: str,
+) -> tuple[ViewReplay | None, dict[str, Any]]:
+    """What the student learns from, checked: a soft-label store (None as `teacher`) and the
+    views the run replays, or the teacher. With it, what taught the student, for its provenance:
+    the store's identity, or the teacher's with the input each member ran at; the loss and
+    temperature it was learnt with."""
+    replay = None
     if teacher is None:
         assert cfg.soft_labels is not None
+        replay = store_replay(cfg, splits, image_config, pipeline)
         source = store_identity(cfg.soft_labels, read_manifest(cfg.soft_labels))
     else:
         seen = InputSpec(image_config.img_size, image_config.mean, image_config.std)
         sizes = input_sizes(loaded, seen, cfg.teacher_img_size)
         source = {**teacher_identity(teacher), "img_size": sizes}
-    return {**source, "loss": cfg.loss, "distill_temperature": cfg.temperature}
+    return replay, {**source, "loss": cfg.loss, "distill_temperature": cfg.temperature}
 
 
 def store_replay(
