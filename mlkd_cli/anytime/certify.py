@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mlkd_cli.anytime.rules import EXIT_RULES, exits_taken
+from mlkd_cli.anytime.rules import EXIT_RULES
 from mlkd_cli.anytime.thresholds import (
     THRESHOLD_GRID,
     HeadOutputs,
@@ -145,17 +145,31 @@ def images_needed(rate: float, max_rate: float, level: float) -> int | None:
     return high
 
 
-def _path_harms(heads: HeadOutputs, rule: str) -> list[int]:
-    """Harms (final right, cascade wrong) at each shared threshold of the path, in its order."""
+@dataclass(frozen=True)
+class _Step:
+    """One step of a rule's path on the split: harms (final right, cascade wrong), hits, and
+    the total MACs of its images."""
+
+    harms: int
+    hits: int
+    macs: float
+
+
+def _path_steps(heads: HeadOutputs, rule: str, cascade_macs: Sequence[int]) -> list[_Step]:
+    """Each shared threshold of the path, in its order, on the split (every step at once, by
+    `rules.exits_taken`'s arithmetic)."""
     confidence = heads.confidence_of(rule)
     correct = heads.correct
-    final = correct[-1]
-    images = torch.arange(len(heads.labels))
-    harms = []
-    for t in CERTIFY_PATH:
-        taken = exits_taken(confidence, [t] * heads.exit_count)
-        harms.append(int((final & ~correct[taken, images]).sum()))
-    return harms
+    limits = torch.tensor(CERTIFY_PATH, dtype=torch.float32)[:, None, None]
+    stay = confidence[None, :-1] < limits  # (steps, exits, images)
+    taken = stay.int().cumprod(dim=1).sum(dim=1)  # (steps, images): exits passed before leaving
+    hits = correct[taken, torch.arange(len(heads.labels))]
+    harms = (correct[-1] & ~hits).sum(dim=1)
+    macs = torch.tensor(list(cascade_macs), dtype=torch.float64)[taken].sum(dim=1)
+    return [
+        _Step(int(k), int(h), float(m))
+        for k, h, m in zip(harms, hits.sum(dim=1), macs, strict=True)
+    ]
 
 
 def certified_steps(harms: Sequence[int], images: int, max_rate: float, level: float) -> int:
@@ -186,27 +200,41 @@ def certify_operating_point(
     n = len(heads.labels)
     level = risk / len(rules)
     max_rate = max_drop / 100.0
-    path_harms = {rule: _path_harms(heads, rule) for rule in rules}
-    found: list[tuple[OperatingPoint, int, int]] = []  # point, its harms, the rule's steps
-    for rule, harms in path_harms.items():
-        steps = certified_steps(harms, n, max_rate, level)
-        for position in range(steps):
-            shared = [CERTIFY_PATH[position]] * heads.exit_count
-            result = evaluate_cascade(heads, shared, cascade_macs, plain_macs, rule)
-            found.append((OperatingPoint(rule, result, True), harms[position], steps))
-    if found:
-        point, harms_at, steps = min(found, key=lambda f: (f[0].result.macs, -f[0].result.top1))
-        harm = 100.0 * harms_at / max(n, 1)
-        return point, Certificate(risk, max_drop, True, max_drop, n, harm, steps)
+    paths = {rule: _path_steps(heads, rule, cascade_macs) for rule in rules}
+    found: list[tuple[str, int, int]] = []  # rule, certified position, the rule's steps
+    for rule, path in paths.items():
+        steps = certified_steps([step.harms for step in path], n, max_rate, level)
+        found += [(rule, position, steps) for position in range(steps)]
+    if found:  # the fewest MACs, then the most hits, on the split
+        rule, position, steps = min(
+            found, key=lambda f: (paths[f[0]][f[1]].macs, -paths[f[0]][f[1]].hits)
+        )
+        harm = 100.0 * paths[rule][position].harms / max(n, 1)
+        return _point(heads, rule, position, cascade_macs, plain_macs, True), Certificate(
+            risk, max_drop, True, max_drop, n, harm, steps
+        )
     # Not even the most cautious cascade: what the split certifies for it (each rule's bound
     # holds at `level`, so the least of them at `risk`), and the size that would certify it.
-    rule = min(rules, key=lambda r: path_harms[r][0])
-    harms_at = path_harms[rule][0]
-    shared = [CERTIFY_PATH[0]] * heads.exit_count
-    result = evaluate_cascade(heads, shared, cascade_macs, plain_macs, rule)
+    rule = min(rules, key=lambda r: paths[r][0].harms)
+    harms_at = paths[rule][0].harms
     bound = 100.0 * harm_upper_bound(harms_at, n, level)
     needed = images_needed(harms_at / max(n, 1), max_rate, level)
     harm = 100.0 * harms_at / max(n, 1)
-    return OperatingPoint(rule, result, False), Certificate(
+    return _point(heads, rule, 0, cascade_macs, plain_macs, False), Certificate(
         risk, max_drop, False, bound, n, harm, 0, needed
+    )
+
+
+def _point(
+    heads: HeadOutputs,
+    rule: str,
+    position: int,
+    cascade_macs: Sequence[int],
+    plain_macs: int,
+    met: bool,
+) -> OperatingPoint:
+    """The operating point at a step of the rule's path, with its figures on the split."""
+    shared = [CERTIFY_PATH[position]] * heads.exit_count
+    return OperatingPoint(
+        rule, evaluate_cascade(heads, shared, cascade_macs, plain_macs, rule), met
     )
