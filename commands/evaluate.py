@@ -415,23 +415,22 @@ def _render_certificate(report: Reporter, certificate: dict[str, Any]) -> None:
     confidence = f"{100 * (1 - risk):g} %"
     if certificate["certified"]:
         report.info(
-            f"certified: on new images top-1 stays within {drop:g} points of the final head's "
-            f"with probability >= {confidence} (risk {risk:g}; {images} validation images, of "
-            f"which the cascade got {certificate['harm']:.2f} % wrong that the final head got "
-            "right)"
+            f"certified: on new images top-1 stays within {drop:g} {_points(drop)} of the final "
+            f"head's with probability >= {confidence} (risk {risk:g}; {images} validation "
+            f"images, of which the cascade got {certificate['harm']:.2f} % wrong that the final "
+            "head got right)"
         )
         return
     needed = certificate["images_needed"]
     would = (
         f"about {needed:,} would"
         if needed is not None
-        else "no size would: the most cautious thresholds already lose that much on it"
+        else "no size would: the most cautious thresholds already lose that much on the split"
     )
     report.warn(
         f"--risk {risk:g}: {images} validation images cannot certify a drop of {drop:g} "
-        f"{_points(drop)} "
-        f"(the most cautious thresholds, kept, are certified to {certificate['bound']:.2f} "
-        f"points); {would}"
+        f"{_points(drop)} (the most cautious thresholds, kept, are certified to "
+        f"{certificate['bound']:.2f} points); {would}"
     )
 
 
