@@ -11,9 +11,11 @@ to Achieve Risk Control", 2021, arXiv:2110.01052) with fixed-sequence testing.
 The loss. For thresholds t, per image: h_i(t) = 1[final head right and cascade wrong], in {0, 1}.
 Its mean over the distribution, the harm rate H(t), bounds the drop from above:
     drop(t) = P(final right) - P(cascade right) = H(t) - P(cascade right, final wrong) <= H(t).
-So H(t) <= D implies drop(t) <= D. (The signed loss 1[final right] - 1[cascade right] has the
-drop as its mean, but it lies in [-1, 1] and Hoeffding-type bounds on it need ~4x the images;
-fixes elsewhere do not buy harms, as the point estimate counts too.)
+So H(t) <= D (D points as a rate, D / 100) implies drop(t) <= D. (The signed loss 1[final
+right] - 1[cascade right] has the drop itself as its mean, but it lies in [-1, 1]: a Hoeffding
+bound on it needs 4x the images one on a [0, 1] loss needs, and far more than the exact binomial
+tail below at small rates. The cascade's fixes elsewhere do not buy harms here, as the point
+estimate counts them too.)
 
 The p-value. The harms k(t) = sum_i h_i(t) are Binomial(n, H(t)). For the null H0(t): H(t) > D,
     p(t) = P(Binomial(n, D) <= k(t))
@@ -24,14 +26,15 @@ it is smaller than both terms).
 The path. Thresholds are tested along an order fixed before any data is seen: one threshold
 shared by every exit, the grid `THRESHOLD_GRID` from the strictest (1.0: only certain images
 leave) to the loosest (0.01), one path per exit rule. Loosening a shared threshold only lets
-more images leave, earlier, so each step is cheaper and riskier than the one before. Fixed-
-sequence testing rejects H0(t1), H0(t2), ... at level a while p(t) <= a and stops at the first
-that is not; any rejected true null would need the first true null on the path to be rejected,
-which happens with probability <= a: so with probability >= 1 - a every certified t has
-H(t) <= D. Each rule's path is tested at a = R / (number of rules) (Bonferroni), so the
-guarantee holds for every certified (rule, t) together, and the one chosen (the fewest mean
-MACs on validation, then the higher top-1) keeps it. Per-exit threshold vectors are not on the
-path: ordering them would take the validation data (or a split of it).
+more images leave, earlier, so each step costs no more MACs than the one before (and usually
+harms more). Fixed-sequence testing rejects H0(t1), H0(t2), ... at level a while p(t) <= a and
+stops at the first that is not; rejecting any true null needs the first true null on the path to
+be rejected, which happens with probability <= a (whatever the harms do along the path): so with
+probability >= 1 - a every certified t has H(t) <= D. Each rule's path is tested at
+a = R / (number of rules) (Bonferroni), so the guarantee holds for every certified (rule, t)
+together, and the one chosen (the fewest mean MACs on validation, then the higher top-1) keeps
+it. Per-exit threshold vectors are not on the path: ordering them would take the validation
+data (or a split of it).
 
 Too small a split. Where even the strictest thresholds are not certified, the answer is the
 most cautious cascade (threshold 1.0, as an unmet `--max-drop` falls back to), the drop the
