@@ -411,6 +411,8 @@ def _points(value: float) -> str:
 
 def _render_certificate(report: Reporter, certificate: dict[str, Any]) -> None:
     """One line: the drop --risk certified, or that the split is too small and what would do."""
+    from mlkd_cli.anytime.certify import MAX_SUGGESTED
+
     risk, drop, images = certificate["risk"], certificate["max_drop"], certificate["images"]
     confidence = f"{100 * (1 - risk):g} %"
     if certificate["certified"]:
@@ -422,11 +424,12 @@ def _render_certificate(report: Reporter, certificate: dict[str, Any]) -> None:
         )
         return
     needed = certificate["images_needed"]
-    would = (
-        f"about {needed:,} would"
-        if needed is not None
-        else "no size would: the most cautious thresholds already lose that much on the split"
-    )
+    if needed is not None:
+        would = f"about {needed:,} would"
+    elif certificate["harm"] < drop:
+        would = f"more than {MAX_SUGGESTED:,} would be needed"
+    else:
+        would = "no size would: the most cautious thresholds already lose that much on the split"
     report.warn(
         f"--risk {risk:g}: {images} validation images cannot certify a drop of {drop:g} "
         f"{_points(drop)} (the most cautious thresholds, kept, are certified to "

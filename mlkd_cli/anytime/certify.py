@@ -60,8 +60,9 @@ from mlkd_cli.anytime.thresholds import (
 
 # The path, strictest first: the grid loosened one step at a time.
 CERTIFY_PATH = tuple(sorted(THRESHOLD_GRID, reverse=True))
-# Validation sizes suggested are searched up to this many images.
-MAX_SUGGESTED = 10**9
+# Validation sizes suggested are searched up to this many images (the search's memory and time
+# stay small); beyond it the size is None and said as "more than".
+MAX_SUGGESTED = 10**7
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ class Certificate:
     """What `--risk` certified: the drop `bound` (top-1 points; `max_drop` where certified,
     else what the split certifies for the most cautious thresholds) at `risk`, from `images`
     validation images, and, where not certified, the size that would be (None: no size would,
-    the most cautious thresholds already harm more than `max_drop` % of the split)."""
+    the most cautious thresholds already harm `max_drop` % of the split or more, or more than
+    `MAX_SUGGESTED` would be needed)."""
 
     risk: float
     max_drop: float
@@ -130,7 +132,7 @@ def harm_upper_bound(harms: int, images: int, level: float) -> float:
 
 def images_needed(rate: float, max_rate: float, level: float) -> int | None:
     """The fewest validation images at which an observed harm rate `rate` certifies `max_rate`
-    at `level` (None where `rate` >= `max_rate`: no size would)."""
+    at `level` (None where `rate` >= `max_rate`, when no size would, or above `MAX_SUGGESTED`)."""
     if rate >= max_rate or max_rate <= 0:
         return None
 
