@@ -86,6 +86,16 @@ class EvaluateRequest(OutputFlags, RunFlags):
             rich_help_panel=opt.EARLY_EXIT,
         ),
     ] = None
+    risk: Annotated[
+        float | None,
+        typer.Option(
+            "--risk",
+            help="--early-exit certifies --max-drop on new images with probability at least 1 "
+            "minus this, e.g. 0.1 (Learn-then-Test on the validation split); without it, the "
+            "drop holds on the split itself.",
+            rich_help_panel=opt.EARLY_EXIT,
+        ),
+    ] = None
     exit_rule: Annotated[
         str | None,
         typer.Option(
@@ -174,6 +184,7 @@ def evaluate(request: EvaluateRequest) -> None:
                 early_exit=request.early_exit,
                 max_drop=request.max_drop,
                 budget=request.budget,
+                risk=request.risk,
                 exit_rule=request.exit_rule,
                 thresholds=given,
                 timing_images=request.timing_images,
@@ -380,7 +391,9 @@ def _render_anytime(report: Reporter, result: dict[str, Any], job: AnytimeJob) -
             f"{chosen['top1']:.2f} (final head {chosen['final_top1']:.2f}), "
             f"{chosen['macs_pct']:.1f} % of the plain model's MACs; written into {job.path}"
         )
-        if not chosen.get("met", True) and job.budget is not None:
+        if chosen.get("certificate"):
+            _render_certificate(report, chosen["certificate"])
+        elif not chosen.get("met", True) and job.budget is not None:
             report.warn(
                 f"no thresholds kept the mean MACs within {job.budget:g} of the plain model's; "
                 "these are the cheapest found"
@@ -390,6 +403,38 @@ def _render_anytime(report: Reporter, result: dict[str, Any], job: AnytimeJob) -
                 f"no thresholds kept top-1 within {job.max_drop:g} points of the final head; "
                 "these are the most cautious ones"
             )
+
+
+def _points(value: float) -> str:
+    return "point" if value == 1 else "points"
+
+
+def _render_certificate(report: Reporter, certificate: dict[str, Any]) -> None:
+    """One line: the drop --risk certified, or that the split is too small and what would do."""
+    from mlkd_cli.anytime.certify import MAX_SUGGESTED
+
+    risk, drop, images = certificate["risk"], certificate["max_drop"], certificate["images"]
+    confidence = f"{100 * (1 - risk):g} %"
+    if certificate["certified"]:
+        report.info(
+            f"certified: on new images top-1 stays within {drop:g} {_points(drop)} of the final "
+            f"head's with probability >= {confidence} (risk {risk:g}; {images} validation "
+            f"images, of which the cascade got {certificate['harm']:.2f} % wrong that the final "
+            "head got right)"
+        )
+        return
+    needed = certificate["images_needed"]
+    if needed is not None:
+        would = f"about {needed:,} would"
+    elif certificate["harm"] < drop:
+        would = f"more than {MAX_SUGGESTED:,} would be needed"
+    else:
+        would = "no size would: the most cautious thresholds already lose that much on the split"
+    report.warn(
+        f"--risk {risk:g}: {images} validation images cannot certify a drop of {drop:g} "
+        f"{_points(drop)} (the most cautious thresholds, kept, are certified to "
+        f"{certificate['bound']:.2f} points); {would}"
+    )
 
 
 def _render_frontiers(report: Reporter, frontiers: dict[str, list[dict[str, Any]]]) -> None:

@@ -2,14 +2,15 @@
 early stage. `rules` (how sure a head is; where an image leaves; the rule registry), `costs`
 (MACs per image of each part), `staged` (the backbone cut at its exits, run stage by stage),
 `thresholds` (threshold search: operating points and frontiers from every head's logits),
-`evaluation` (the `mlkd eval` job on an exits checkpoint), `timing` (throughput and latency on
-this machine) and `classifier` (the deploy-time `AnytimeClassifier`). The exit heads are built in
+`certify` (thresholds certified on new images at a risk: Learn-then-Test), `evaluation` (the
+`mlkd eval` job on an exits checkpoint), `timing` (throughput and latency on this machine) and
+`classifier` (the deploy-time `AnytimeClassifier`). The exit heads are built in
 `models/student.py` and the exits file format lives in `models/exits.py`. `rules`, `costs` and
 `staged` sit in the models layer (the file format records a rule and counted MACs): they import
 only torch, `core` and `models.student`. The rest may also import `data`, `engine` (precision,
 launch) and `passes` (a pass over a split), never `commands`, Typer or rich. This file imports
-nothing, so `from mlkd_cli.anytime import AnytimeClassifier` loads the classifier only when asked
-for.
+nothing, so `from mlkd_cli.anytime import AnytimeClassifier` loads the classifier only when
+asked for.
 """
 
 from __future__ import annotations

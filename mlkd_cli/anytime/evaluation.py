@@ -1,7 +1,7 @@
 """`mlkd eval` of a student with exits: every head, the cascade at several thresholds, each exit
 rule's accuracy-against-MACs frontier, the operating point chosen on validation for a top-1 bound
-or a compute budget (rule and thresholds, written into the checkpoint), and speeds measured with
-real early stopping."""
+(on the split, or certified on new images with --risk) or a compute budget (rule and thresholds,
+written into the checkpoint), and speeds measured with real early stopping."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mlkd_cli.anytime.certify import Certificate, certify_operating_point
 from mlkd_cli.anytime.costs import ExitCosts
 from mlkd_cli.anytime.rules import EXIT_RULE, EXIT_RULES, check_rule, check_thresholds
 from mlkd_cli.anytime.staged import StagedStudent
@@ -64,6 +65,9 @@ class AnytimeRequest:
     max_drop: float | None = None
     budget: float | None = None
     exit_rule: str | None = None  # None: --early-exit tries every rule; else this one
+    # With max_drop: certify it with probability >= 1 - risk on new images (anytime/certify.py);
+    # None: the point estimate on the split.
+    risk: float | None = None
     thresholds: tuple[float, ...] | None = None  # a cascade to evaluate besides the table's
     timing_images: int = 512  # images timed per configuration; 0 skips timing
     timing_budget_s: float = TIMING_BUDGET_S  # about how long timing every configuration takes
@@ -87,6 +91,7 @@ class AnytimeJob(PlannedPass):
     max_drop: float | None
     budget: float | None
     exit_rule: str | None
+    risk: float | None
     thresholds: tuple[float, ...] | None
     timing_images: int
     timing_budget_s: float = TIMING_BUDGET_S
@@ -112,7 +117,32 @@ def _criterion(request: AnytimeRequest) -> tuple[float | None, float | None]:
         )
     if budget is not None and not request.early_exit:
         raise UserError("--budget chooses thresholds: add --early-exit (on --split val)")
-    return (DEFAULT_MAX_DROP if budget is None and max_drop is None else max_drop), budget
+    max_drop = DEFAULT_MAX_DROP if budget is None and max_drop is None else max_drop
+    _check_risk(request.risk, request.early_exit, budget, max_drop)
+    return max_drop, budget
+
+
+def _check_risk(
+    risk: float | None, early_exit: bool, budget: float | None, max_drop: float | None
+) -> None:
+    """--risk is a probability in (0, 1) that certifies a positive --max-drop with --early-exit."""
+    if risk is None:
+        return
+    if not (math.isfinite(risk) and 0 < risk < 1):
+        raise UserError(
+            f"--risk is the chance the guarantee fails, like 0.1, and must lie strictly between "
+            f"0 and 1, not {risk:g}"
+        )
+    if not early_exit:
+        raise UserError("--risk certifies the thresholds --early-exit chooses: add --early-exit")
+    if budget is not None:
+        raise UserError(
+            "--risk certifies a top-1 drop, not a budget: pass --max-drop, not --budget"
+        )
+    if not max_drop:
+        raise UserError(
+            "--risk cannot certify a drop of 0 points from a sample; pass --max-drop above 0"
+        )
 
 
 def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
@@ -183,6 +213,7 @@ def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
         max_drop=max_drop,
         budget=budget,
         exit_rule=request.exit_rule,
+        risk=request.risk,
         thresholds=thresholds,
         timing_images=request.timing_images,
         timing_budget_s=request.timing_budget_s,
@@ -276,11 +307,17 @@ def _cascade_rows(
     chosen_record, frontiers = None, None
     rule = job.exit_rule or EXIT_RULE
     if job.early_exit:
-        point = choose_operating_point(
-            outputs, cascade_macs, plain, max_drop=job.max_drop, budget=job.budget,
-            rules=[job.exit_rule] if job.exit_rule else list(EXIT_RULES),
-        )  # fmt: skip
-        chosen_record = _save_thresholds(job, point, final_top1)
+        rules = [job.exit_rule] if job.exit_rule else list(EXIT_RULES)
+        certificate = None
+        if job.risk is not None and job.max_drop is not None:
+            point, certificate = certify_operating_point(
+                outputs, cascade_macs, plain, max_drop=job.max_drop, risk=job.risk, rules=rules
+            )
+        else:
+            point = choose_operating_point(
+                outputs, cascade_macs, plain, max_drop=job.max_drop, budget=job.budget, rules=rules
+            )
+        chosen_record = _save_thresholds(job, point, final_top1, certificate)
         rule = point.rule
         rows.append(("chosen", rule, point.result))
         frontiers = {
@@ -310,9 +347,11 @@ def _cascade_rows(
     return rows, rule, chosen_record, frontiers
 
 
-def _save_thresholds(job: AnytimeJob, point: OperatingPoint, final_top1: float) -> dict[str, Any]:
-    """Write the chosen operating point into the exits checkpoint's card (atomically); returns
-    it."""
+def _save_thresholds(
+    job: AnytimeJob, point: OperatingPoint, final_top1: float, certificate: Certificate | None
+) -> dict[str, Any]:
+    """Write the chosen operating point (and what --risk certified of it) into the exits
+    checkpoint's card (atomically); returns it."""
     result = point.result
     record = {
         "values": list(result.thresholds),
@@ -326,6 +365,8 @@ def _save_thresholds(job: AnytimeJob, point: OperatingPoint, final_top1: float) 
         "final_top1": final_top1,
         "macs_pct": result.macs_pct,
         "exit_shares": list(result.shares),
+        "risk": job.risk,
+        "certificate": None if certificate is None else certificate.to_record(),
     }
     content = load_checkpoint(job.path)
     content["exits"] = {**content["exits"], "thresholds": record}
