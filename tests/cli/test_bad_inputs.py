@@ -377,6 +377,12 @@ CASES = [
         _exits_checkpoint,
     ),
     Case(
+        "--risk outside (0, 1)",
+        ("eval", "s_exits.pth", "--split", "val", "--early-exit", "--risk", "1.5"),
+        ("--risk is the chance the guarantee fails", "strictly between 0 and 1"),
+        _exits_checkpoint,
+    ),
+    Case(
         "thresholds chosen on the test split",
         ("eval", "s_exits.pth", "--early-exit"),
         ("never on the test split", "--split val"),
