@@ -148,6 +148,13 @@ def export(request: ExportRequest) -> None:
         ],
     )
     for r in results:
+        if r.get("staged"):
+            staged = r["staged"]
+            report.info(
+                f"staged onnx: {staged['output']} ({len(staged['segments'])} segments + "
+                f"manifest.json, max |diff| {staged['max_abs_diff']:.2e}): onnxruntime runs an "
+                "image only as far as its exit"
+            )
         if r["format"] == "onnx-int8":
             _report_int8(report, r)
     if any(r["format"] == "onnx" and "onnxruntime" not in r["checked_with"] for r in results):

@@ -17,9 +17,10 @@ from mlkd_cli.export.int8 import quantize_export
 from mlkd_cli.export.int8_plan import Int8Options, Int8Plan, plan_int8
 from mlkd_cli.export.onnx_graph import head_output_names, write_exits_onnx, write_onnx
 from mlkd_cli.export.safetensors_folder import write_exits_safetensors, write_safetensors
+from mlkd_cli.export.staged_onnx import check_staged_destination, prepared_staged, staged_folder
 from mlkd_cli.export.torchscript import write_torchscript
-from mlkd_cli.export.verify import probe, refuse_if_far
-from mlkd_cli.models.exits import is_exits_checkpoint, load_exits_checkpoint
+from mlkd_cli.export.verify import Probe, probe, refuse_if_far
+from mlkd_cli.models.exits import ExitsCheckpoint, is_exits_checkpoint, load_exits_checkpoint
 from mlkd_cli.models.factory import card_of, load_trained_model
 
 # What `mlkd export` writes of a student with exits when no --format is given: both.
@@ -171,21 +172,48 @@ def export_exits_checkpoint(
     destinations = {f: output or default_output(checkpoint, f) for f in formats}
     for fmt, destination in destinations.items():
         check_destination(checkpoint, fmt, destination, overwrite, exits=True)
+        if fmt == "onnx":  # the staged form goes beside the one-graph file
+            check_staged_destination(staged_folder(destination), overwrite)
     loaded = load_exits_checkpoint(checkpoint)
     checks = probe(loaded.student, loaded.card.img_size)
     results = []
     for fmt, destination in destinations.items():
-        writer = write_exits_safetensors if fmt == "safetensors" else write_exits_onnx
-        diff, checked_with = writer(loaded, checks, destination)
-        refuse_if_far(diff, fmt)
-        results.append(
-            {
-                "format": fmt,
-                "output": str(destination),
-                "max_abs_diff": diff,
-                "checked_with": checked_with,
-                "img_size": loaded.card.img_size,
-                "outputs": list(head_output_names(len(checks.expected))),
-            }
-        )
+        if fmt == "onnx":
+            result = _exits_onnx(loaded, checks, destination)
+        else:
+            diff, checked_with = write_exits_safetensors(loaded, checks, destination)
+            refuse_if_far(diff, fmt)
+            result = _exits_result(fmt, destination, diff, checked_with, loaded, checks)
+        results.append(result)
     return results
+
+
+def _exits_onnx(loaded: ExitsCheckpoint, checks: Probe, destination: Path) -> dict[str, Any]:
+    """The one-graph ONNX file and its staged folder: the segments are written and verified
+    first, in a scratch folder, and placed only once the one-graph file is too."""
+    with prepared_staged(loaded, checks, staged_folder(destination)) as staged:
+        diff, checked_with = write_exits_onnx(loaded, checks, destination)
+        refuse_if_far(diff, "onnx")
+        staged.place()
+    result = _exits_result("onnx", destination, diff, checked_with, loaded, checks)
+    result["staged"] = staged.result()
+    return result
+
+
+def _exits_result(
+    fmt: str,
+    destination: Path,
+    diff: float,
+    checked_with: str,
+    loaded: ExitsCheckpoint,
+    checks: Probe,
+) -> dict[str, Any]:
+    """What the export of a student with exits reports for one format."""
+    return {
+        "format": fmt,
+        "output": str(destination),
+        "max_abs_diff": diff,
+        "checked_with": checked_with,
+        "img_size": loaded.card.img_size,
+        "outputs": list(head_output_names(len(checks.expected))),
+    }
