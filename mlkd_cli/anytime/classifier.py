@@ -32,15 +32,14 @@ from mlkd_cli.anytime.rules import (
     cascade_from_outputs,
     check_rule,
     check_thresholds,
-    exit_confidence,
 )
 from mlkd_cli.anytime.staged import StagedStudent
 from mlkd_cli.core.checkpoint import ModelCard
-from mlkd_cli.core.cpus import warn_int8_target
+from mlkd_cli.core.cpus import INT8_TARGET_KEY, warn_int8_target
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.transforms import ImageConfig, build_eval_transform
 from mlkd_cli.export.session import open_session
-from mlkd_cli.export.staged_onnx import StagedManifest, is_staged, read_manifest
+from mlkd_cli.export.staged_onnx import StagedSessions, is_staged, read_manifest
 from mlkd_cli.models.exits import ExitsCheckpoint, exits_header, load_exits_checkpoint
 
 
@@ -168,6 +167,8 @@ class AnytimeClassifier:
     ) -> AnytimeClassifier:
         _need_onnxruntime(path)
         manifest = read_manifest(path)
+        if manifest.int8_target is not None:  # an int8 folder for a CPU this one is not
+            warn_int8_target({INT8_TARGET_KEY: manifest.int8_target}, manifest.folder)
         self = cls.__new__(cls)
         self.checkpoint, self.staged, self.session = None, None, None
         self.device = torch.device("cpu")
@@ -235,48 +236,3 @@ def _need_onnxruntime(path: Path) -> None:
         import onnxruntime  # noqa: F401  (here only to say what is missing)
     except ImportError:
         raise UserError(f"{path} needs onnx and onnxruntime: pip install 'mlkd[export]'") from None
-
-
-class StagedSessions:
-    """A staged export in onnxruntime: one session per segment, run as a cascade."""
-
-    def __init__(self, manifest: StagedManifest) -> None:
-        self.manifest = manifest
-        # Not spinning: the segments run one after another, and an idle session's spinning
-        # threads would take the cores from the one running.
-        self.sessions = [open_session(s.path, spinning=False) for s in manifest.segments]
-        for segment, session in zip(manifest.segments, self.sessions, strict=True):
-            names_in = [i.name for i in session.get_inputs()]
-            names_out = [o.name for o in session.get_outputs()]
-            if names_in != [segment.input] or names_out != list(segment.outputs):
-                raise UserError(
-                    f"{segment.path} does not take {segment.input} and give "
-                    f"{', '.join(segment.outputs)} as its manifest says; export the student again"
-                )
-
-    def cascade(
-        self, images: torch.Tensor, thresholds: Sequence[float], rule: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of the head each image left at, and that head (exits 0.., final last): each
-        segment runs only on the images that have not left at an earlier exit."""
-        count = images.shape[0]
-        last = len(self.sessions) - 1
-        taken = torch.full((count,), last, dtype=torch.long)
-        logits = torch.zeros(count, self.manifest.card.num_classes)
-        x, positions = images.float().cpu().numpy(), torch.arange(count)
-        for level, (segment, session) in enumerate(
-            zip(self.manifest.segments, self.sessions, strict=True)
-        ):
-            if positions.numel() == 0:
-                break
-            outputs = session.run(list(segment.outputs), {segment.input: x})
-            head = torch.from_numpy(outputs[0]).float()
-            if level == last:
-                logits[positions] = head
-                break
-            leave = exit_confidence(head, rule) >= thresholds[level]
-            logits[positions[leave]] = head[leave]
-            taken[positions[leave]] = level
-            stay = ~leave
-            x, positions = outputs[1][stay.numpy()], positions[stay]
-        return logits, taken

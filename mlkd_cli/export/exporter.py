@@ -17,6 +17,7 @@ from mlkd_cli.export.int8 import quantize_export
 from mlkd_cli.export.int8_plan import Int8Options, Int8Plan, plan_int8
 from mlkd_cli.export.onnx_graph import head_output_names, write_exits_onnx, write_onnx
 from mlkd_cli.export.safetensors_folder import write_exits_safetensors, write_safetensors
+from mlkd_cli.export.staged_int8 import prepared_staged_int8
 from mlkd_cli.export.staged_onnx import check_staged_destination, prepared_staged, staged_folder
 from mlkd_cli.export.torchscript import write_torchscript
 from mlkd_cli.export.verify import Probe, probe, refuse_if_far
@@ -121,6 +122,8 @@ def export_any(
     if plan is not None:  # the int8 file is checked with the ONNX one, before either is written
         onnx = output or default_output(checkpoint, "onnx")
         check_destination(checkpoint, "onnx", onnx, overwrite, exits, (_int8_path(onnx),))
+        if exits:  # and the int8 staged folder beside it
+            check_staged_destination(staged_folder(_int8_path(onnx)), overwrite)
     if exits:
         if arch is not None or num_classes is not None or img_size is not None:
             raise UserError(
@@ -136,8 +139,21 @@ def export_any(
         ]
     if plan is not None:
         fp32 = Path(next(r["output"] for r in results if r["format"] == "onnx"))
-        results.append(quantize_export(plan, fp32, _int8_path(fp32)))
+        results.append(_quantize(plan, fp32, exits))
     return results
+
+
+def _quantize(plan: Int8Plan, fp32: Path, exits: bool) -> dict[str, Any]:
+    """The int8 copy of the ONNX export `fp32`; of a student with exits, its staged form too,
+    quantized and compared first and placed only once the one-graph int8 file is."""
+    if not exits:
+        return quantize_export(plan, fp32, _int8_path(fp32))
+    int8_folder = staged_folder(_int8_path(fp32))
+    with prepared_staged_int8(plan, staged_folder(fp32), int8_folder) as staged:
+        result = quantize_export(plan, fp32, _int8_path(fp32))
+        staged.place()
+    result["staged"] = staged.result()
+    return result
 
 
 def _int8_path(onnx: Path) -> Path:

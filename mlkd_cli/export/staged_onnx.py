@@ -26,18 +26,21 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from mlkd_cli.anytime.rules import exit_confidence
 from mlkd_cli.anytime.staged import StagedStudent
 from mlkd_cli.core.atomic import atomic_write_text, check_new_files, check_writable
 from mlkd_cli.core.checkpoint import ModelCard
+from mlkd_cli.core.cpus import INT8_TARGET_KEY
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import clip, load_data_file, shown
 from mlkd_cli.export.onnx_graph import ONNX_OPSET, export_onnx, onnx_module
@@ -226,6 +229,7 @@ class StagedManifest:
     segments: tuple[StagedSegment, ...]
     card: ModelCard
     exits: dict[str, Any]
+    int8_target: str | None = None  # the CPU an int8 staged export was quantized for
 
 
 def is_staged(path: Path) -> bool:
@@ -262,7 +266,8 @@ def read_manifest(path: Path) -> StagedManifest:
     segments = tuple(
         _segment(entry, index, count, folder, manifest) for index, entry in enumerate(entries)
     )
-    return StagedManifest(folder, segments, card, exits)
+    target = record.get(INT8_TARGET_KEY)
+    return StagedManifest(folder, segments, card, exits, clip(target) if target else None)
 
 
 def _segment(entry: Any, index: int, count: int, folder: Path, manifest: Path) -> StagedSegment:
@@ -283,3 +288,59 @@ def _segment(entry: Any, index: int, count: int, folder: Path, manifest: Path) -
     if not path.is_file():
         raise UserError(f"{shown(manifest)} names {file}, which is missing; export again")
     return StagedSegment(path, name_in, tuple(names_out))
+
+
+class StagedSessions:
+    """A staged export in onnxruntime: one session per segment, run as a cascade."""
+
+    def __init__(self, manifest: StagedManifest) -> None:
+        self.manifest = manifest
+        # Not spinning: the segments run one after another, and an idle session's spinning
+        # threads would take the cores from the one running.
+        self.sessions = [open_session(s.path, spinning=False) for s in manifest.segments]
+        for segment, session in zip(manifest.segments, self.sessions, strict=True):
+            names_in = [i.name for i in session.get_inputs()]
+            names_out = [o.name for o in session.get_outputs()]
+            if names_in != [segment.input] or names_out != list(segment.outputs):
+                raise UserError(
+                    f"{segment.path} does not take {segment.input} and give "
+                    f"{', '.join(segment.outputs)} as its manifest says; export the student again"
+                )
+
+    def cascade(
+        self, images: torch.Tensor, thresholds: Sequence[float], rule: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the head each image left at, and that head (exits 0.., final last): each
+        segment runs only on the images that have not left at an earlier exit."""
+        count = images.shape[0]
+        last = len(self.sessions) - 1
+        taken = torch.full((count,), last, dtype=torch.long)
+        logits = torch.zeros(count, self.manifest.card.num_classes)
+        x, positions = images.float().cpu().numpy(), torch.arange(count)
+        for level, (segment, session) in enumerate(
+            zip(self.manifest.segments, self.sessions, strict=True)
+        ):
+            if positions.numel() == 0:
+                break
+            outputs = session.run(list(segment.outputs), {segment.input: x})
+            head = torch.from_numpy(outputs[0]).float()
+            if level == last:
+                logits[positions] = head
+                break
+            leave = exit_confidence(head, rule) >= thresholds[level]
+            logits[positions[leave]] = head[leave]
+            taken[positions[leave]] = level
+            stay = ~leave
+            x, positions = outputs[1][stay.numpy()], positions[stay]
+        return logits, taken
+
+    def heads(self, images: np.ndarray) -> list[np.ndarray]:
+        """Every head's logits on every image (no early exit): the exits in order, then the
+        final head."""
+        outputs, x = [], images
+        for segment, session in zip(self.manifest.segments, self.sessions, strict=True):
+            got = session.run(list(segment.outputs), {segment.input: x})
+            outputs.append(got[0])
+            if len(got) > 1:
+                x = got[1]
+        return outputs

@@ -243,3 +243,81 @@ def test_a_segment_that_differs_from_pytorch_leaves_nothing_behind(
     assert_error_line(result.stderr, "staged onnx (segment 0) export differs from PyTorch")
     # Neither the staged folder, nor the one-graph file, nor any scratch file is left.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s_exits.pth"]
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+def _with_thresholds(exported: Path, folder: Path) -> Path:
+    """A copy of the student whose card records thresholds that let images leave at every exit
+    on the validation split (as `mlkd eval --split val --early-exit` would write them)."""
+    loaded = load_exits_checkpoint(exported / "s_exits.pth")
+    splits = load_splits("digits", Path("data"), False, 0.1)
+    val = split_dataset(splits, "val", card_image_config(loaded.card))
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    values, _ = _thresholds_leaving_at_every_exit(
+        _pytorch_confidence(exported, images, "max_softmax"), "max_softmax"
+    )
+    content = torch.load(exported / "s_exits.pth", weights_only=True)
+    content["exits"]["thresholds"] = {"rule": "max_softmax", "values": values}
+    torch.save(content, folder / "s_exits.pth")
+    return folder / "s_exits.pth"
+
+
+# 7-bit weights (avx2), which no CPU saturates. The bar is low: this untrained student's heads
+# have near-ties that quantization flips (95-97 % agreement); what is tested is that each staged
+# segment is quantized, judged on every head and on the staged cascade, and runs.
+INT8 = ("--format", "onnx", "--int8", "--int8-target", "avx2", "--calibration-images", "64")
+
+
+@pytest.mark.slow
+def test_the_int8_staged_export_is_judged_on_every_head_and_the_staged_cascade(
+    exported: Path, tmp_path: Path
+) -> None:
+    from mlkd_cli.anytime import AnytimeClassifier
+
+    checkpoint = _with_thresholds(exported, tmp_path)
+    result = invoke_cli("export", checkpoint, *INT8, "--min-agreement", "80", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    int8 = {e["format"]: e for e in json.loads(result.stdout)["exports"]}["onnx-int8"]
+    staged = int8["staged"]
+    folder = tmp_path / "s_exits.int8_staged"
+    assert staged["output"] == str(folder) and staged["images"] == 144
+    assert staged["heads"] == ["staged final", "staged exit1", "staged exit2", "staged exit3"]
+    assert min(staged["agreement"]) >= 80.0 and staged["cascade"]["agreement"] >= 80.0
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["mlkd_int8_target"] == "avx2" and "7-bit" in manifest["quantized"]
+    import onnx
+
+    for k in range(4):  # every segment is quantized
+        types = {n.op_type for n in onnx.load(str(folder / f"segment{k}.onnx")).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= types, k
+    # The classifier runs it with the recorded operating point, early exit and all.
+    fp32 = AnytimeClassifier.load(tmp_path / "s_exits_staged")
+    quantized = AnytimeClassifier.load(folder)
+    assert (quantized.rule, quantized.thresholds) == (fp32.rule, fp32.thresholds)
+    images = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    got, want = quantized.predict(images), fp32.predict(images)
+    assert got.exits.shape == (40,) and float((got.exits == want.exits).double().mean()) >= 0.8
+
+
+@pytest.mark.slow
+def test_an_int8_staged_folder_below_the_bound_is_refused_and_leaves_no_int8_file(
+    exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlkd_cli.export import staged_int8
+
+    real = staged_int8.compare_staged
+
+    def poor(*args, **kwargs):
+        parity = real(*args, **kwargs)
+        return {**parity, "cascade": {**parity["cascade"], "agreement": 42.0}}
+
+    monkeypatch.setattr(staged_int8, "compare_staged", poor)
+    checkpoint = _with_thresholds(exported, tmp_path)
+    result = invoke_cli("export", checkpoint, *INT8, "--min-agreement", "50")
+    assert result.exit_code == 2
+    assert_error_line(result.stderr, "42.00 % (the cascade's exits and classes)", "not written")
+    # Neither int8 form is left (the fp32 ones are written first, as for the one-graph file).
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["s_exits.onnx", "s_exits.pth", "s_exits_staged"]
