@@ -1,6 +1,7 @@
 """What `mlkd export` does: check every destination before any work, load the checkpoint, write
 each format (`safetensors_folder`, `onnx_graph`, `torchscript`), each verified against PyTorch
-before it is placed (`verify`), and with --int8 quantize the ONNX file (`int8`).
+before it is placed (`verify`), and with --int8 quantize the ONNX file (`int8`). A student with
+exits' ONNX export has its staged form beside it (`staged_onnx`, `staged_int8`).
 """
 
 from __future__ import annotations
