@@ -139,21 +139,23 @@ def export_any(
             )
         ]
     if plan is not None:
-        fp32 = Path(next(r["output"] for r in results if r["format"] == "onnx"))
-        results.append(_quantize(plan, fp32, exits))
+        onnx_result = next(r for r in results if r["format"] == "onnx")
+        results.append(
+            _quantize(plan, Path(onnx_result["output"]), bool(onnx_result.get("staged")))
+        )
     return results
 
 
-def _quantize(plan: Int8Plan, fp32: Path, exits: bool) -> dict[str, Any]:
-    """The int8 copy of the ONNX export `fp32`; of a student with exits, its staged form too,
-    quantized and compared first and placed only once the one-graph int8 file is."""
-    if not exits:
+def _quantize(plan: Int8Plan, fp32: Path, staged: bool) -> dict[str, Any]:
+    """The int8 copy of the ONNX export `fp32`; with its `staged` form, that too, quantized and
+    compared first and placed only once the one-graph int8 file is."""
+    if not staged:
         return quantize_export(plan, fp32, _int8_path(fp32))
     int8_folder = staged_folder(_int8_path(fp32))
-    with prepared_staged_int8(plan, staged_folder(fp32), int8_folder) as staged:
+    with prepared_staged_int8(plan, staged_folder(fp32), int8_folder) as folder:
         result = quantize_export(plan, fp32, _int8_path(fp32))
-        staged.place()
-    result["staged"] = staged.result()
+        folder.place()
+    result["staged"] = folder.result()
     return result
 
 
@@ -207,7 +209,15 @@ def export_exits_checkpoint(
 
 def _exits_onnx(loaded: ExitsCheckpoint, checks: Probe, destination: Path) -> dict[str, Any]:
     """The one-graph ONNX file and its staged folder: the segments are written and verified
-    first, in a scratch folder, and placed only once the one-graph file is too."""
+    first, in a scratch folder, and placed only once the one-graph file is too. A student whose
+    backbone cannot be run stage by stage (no MACs recorded) gets the one-graph file alone."""
+    if loaded.costs is None:
+        diff, checked_with = write_exits_onnx(loaded, checks, destination)
+        refuse_if_far(diff, "onnx")
+        return {
+            **_exits_result("onnx", destination, diff, checked_with, loaded, checks),
+            "staged": None,
+        }
     with prepared_staged(loaded, checks, staged_folder(destination)) as staged:
         diff, checked_with = write_exits_onnx(loaded, checks, destination)
         refuse_if_far(diff, "onnx")

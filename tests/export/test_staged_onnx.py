@@ -321,3 +321,16 @@ def test_an_int8_staged_folder_below_the_bound_is_refused_and_leaves_no_int8_fil
     # Neither int8 form is left (the fp32 ones are written first, as for the one-graph file).
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["s_exits.onnx", "s_exits.pth", "s_exits_staged"]
+
+
+def test_a_student_without_counted_stages_gets_the_one_graph_file_alone(
+    exported: Path, tmp_path: Path
+) -> None:
+    # A backbone that cannot be run stage by stage is saved without MACs (models/exits.py).
+    content = torch.load(exported / "s_exits.pth", weights_only=True)
+    content["exits"]["macs"] = None
+    torch.save(content, tmp_path / "s_exits.pth")
+    result = invoke_cli("export", tmp_path / "s_exits.pth", "--format", "onnx", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["staged"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s_exits.onnx", "s_exits.pth"]
