@@ -248,16 +248,18 @@ def test_a_segment_that_differs_from_pytorch_leaves_nothing_behind(
 # ----------------------------------------------------------------------------- int8
 
 
-def _with_thresholds(exported: Path, folder: Path) -> Path:
-    """A copy of the student whose card records thresholds that let images leave at every exit
-    on the validation split (as `mlkd eval --split val --early-exit` would write them)."""
-    loaded = load_exits_checkpoint(exported / "s_exits.pth")
-    splits = load_splits("digits", Path("data"), False, 0.1)
-    val = split_dataset(splits, "val", card_image_config(loaded.card))
-    images = torch.stack([val[i][0] for i in range(len(val))])
-    values, _ = _thresholds_leaving_at_every_exit(
-        _pytorch_confidence(exported, images, "max_softmax"), "max_softmax"
-    )
+def _with_thresholds(exported: Path, folder: Path, values: list[float] | None = None) -> Path:
+    """A copy of the student whose card records `values`, by default thresholds that let images
+    leave at every exit on the validation split (as `mlkd eval --split val --early-exit` would
+    write them)."""
+    if values is None:
+        loaded = load_exits_checkpoint(exported / "s_exits.pth")
+        splits = load_splits("digits", Path("data"), False, 0.1)
+        val = split_dataset(splits, "val", card_image_config(loaded.card))
+        images = torch.stack([val[i][0] for i in range(len(val))])
+        values, _ = _thresholds_leaving_at_every_exit(
+            _pytorch_confidence(exported, images, "max_softmax"), "max_softmax"
+        )
     content = torch.load(exported / "s_exits.pth", weights_only=True)
     content["exits"]["thresholds"] = {"rule": "max_softmax", "values": values}
     torch.save(content, folder / "s_exits.pth")
@@ -307,17 +309,21 @@ def test_an_int8_staged_folder_below_the_bound_is_refused_and_leaves_no_int8_fil
 ) -> None:
     from mlkd_cli.export import staged_int8
 
-    real = staged_int8.compare_staged
+    real, seen = staged_int8.compare_staged, []
 
     def poor(*args, **kwargs):
-        parity = real(*args, **kwargs)
-        return {**parity, "cascade": {**parity["cascade"], "agreement": 42.0}}
+        seen.append(real(*args, **kwargs))
+        return {**seen[-1], "cascade": {**seen[-1]["cascade"], "agreement": 42.0}}
 
     monkeypatch.setattr(staged_int8, "compare_staged", poor)
-    checkpoint = _with_thresholds(exported, tmp_path)
+    # Every image leaves at the first exit: that head is judged, the unused ones only reported.
+    checkpoint = _with_thresholds(exported, tmp_path, [1e-6] * 3)
     result = invoke_cli("export", checkpoint, *INT8, "--min-agreement", "50")
     assert result.exit_code == 2
     assert_error_line(result.stderr, "42.00 % (the cascade's exits and classes)", "not written")
+    (parity,) = seen
+    assert parity["heads"] == ["staged exit1"] and len(parity["agreement"]) == 1
+    assert set(parity["unused_heads"]) == {"staged final", "staged exit2", "staged exit3"}
     # Neither int8 form is left (the fp32 ones are written first, as for the one-graph file).
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["s_exits.onnx", "s_exits.pth", "s_exits_staged"]
