@@ -27,12 +27,7 @@ from pathlib import Path
 import torch
 
 from mlkd_cli.anytime.costs import ExitCosts
-from mlkd_cli.anytime.rules import (
-    EXIT_RULE,
-    cascade_from_outputs,
-    check_rule,
-    check_thresholds,
-)
+from mlkd_cli.anytime.rules import EXIT_RULE, cascade_from_outputs, check_rule, check_thresholds
 from mlkd_cli.anytime.staged import StagedStudent
 from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.cpus import INT8_TARGET_KEY, warn_int8_target
