@@ -150,6 +150,13 @@ def export(request: ExportRequest) -> None:
     for r in results:
         if r["format"] == "onnx-int8":
             _report_int8(report, r)
+        elif r.get("staged"):
+            staged = r["staged"]
+            report.info(
+                f"staged onnx: {staged['output']} ({len(staged['segments'])} segments + "
+                f"manifest.json, max |diff| {staged['max_abs_diff']:.2e}): onnxruntime runs an "
+                "image only as far as its exit"
+            )
     if any(r["format"] == "onnx" and "onnxruntime" not in r["checked_with"] for r in results):
         report.warn("onnxruntime is not installed: the file passed the checker but was not run")
     report.result(results[0] if len(results) == 1 else {"exports": results})
@@ -163,15 +170,17 @@ def _report_int8(report: Reporter, r: dict) -> None:
         [head, target, f"{a:.2f}", images]
         for head, a in zip(r["heads"], r["agreement"], strict=True)
     ]
-    if r.get("cascade"):
-        rows.append(
-            [
-                f"cascade ({r['cascade']['rule']})",
-                target,
-                f"{r['cascade']['agreement']:.2f}",
-                images,
-            ]
+    if r.get("staged"):
+        staged = r["staged"]
+        rows.extend(
+            [head, target, f"{a:.2f}", images]
+            for head, a in zip(staged["heads"], staged["agreement"], strict=True)
         )
+    for part in (r, r.get("staged") or {}):
+        if part.get("cascade"):
+            name = "staged cascade" if part is not r else "cascade"
+            agreement = part["cascade"]["agreement"]
+            rows.append([f"{name} ({part['cascade']['rule']})", target, f"{agreement:.2f}", images])
     report.table(
         "int8 against fp32, head by head",
         ["int8 head", "target", "agrees with fp32 %", "validation images"],
@@ -182,3 +191,7 @@ def _report_int8(report: Reporter, r: dict) -> None:
         f"{r['fp32_bytes'] / 1e6:.1f} MB), {r['calibration_images']} calibration images; "
         f"top-1 {r['top1_int8']:.2f} (fp32 {r['top1_fp32']:.2f})"
     )
+    if r.get("staged"):
+        report.info(
+            f"int8 staged: {r['staged']['output']} ({len(r['staged']['segments'])} segments)"
+        )

@@ -7,6 +7,10 @@ line.
     result = classifier.predict(classifier.preprocess(images))  # PIL images, or a tensor
     result.labels, result.exits, result.macs  # class indices, the exit each took, MACs spent
 
+From the staged ONNX folder `mlkd export` writes (`<name>_exits_staged/`), onnxruntime runs the
+student segment by segment and passes on only the images that have not exited, so the work done
+is the cascade's, as in PyTorch's staged run.
+
 Each image leaves at the first exit whose confidence under the exit rule (the top softmax
 probability, the margin between the top two, or one minus the normalised entropy) reaches that
 exit's threshold — the rule and thresholds `mlkd eval --split val --early-exit` chose and wrote
@@ -15,7 +19,8 @@ into the checkpoint, unless others are given; the rest of the batch runs on to t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +30,11 @@ from mlkd_cli.anytime.costs import ExitCosts
 from mlkd_cli.anytime.rules import EXIT_RULE, cascade_from_outputs, check_rule, check_thresholds
 from mlkd_cli.anytime.staged import StagedStudent
 from mlkd_cli.core.checkpoint import ModelCard
-from mlkd_cli.core.cpus import warn_int8_target
+from mlkd_cli.core.cpus import INT8_TARGET_KEY, warn_int8_target
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.transforms import ImageConfig, build_eval_transform
 from mlkd_cli.export.session import open_session
+from mlkd_cli.export.staged_onnx import StagedSessions, is_staged, read_manifest
 from mlkd_cli.models.exits import ExitsCheckpoint, exits_header, load_exits_checkpoint
 
 
@@ -54,6 +60,9 @@ class AnytimeClassifier:
     and an image that leaves costs only what it ran. From the ONNX file `mlkd export` writes
     (fp32 or `--int8`), onnxruntime runs the graph, which computes every head for every image:
     the decisions, labels and counted MACs are the cascade's, its speed that of the whole graph.
+    From the staged folder beside it (`<name>_exits_staged/`, or its `manifest.json`),
+    onnxruntime runs one session per segment and only the images still in the cascade reach
+    the next one: the work is the cascade's.
     An int8 file quantized for VNNI (`--int8-target vnni`), loaded on an x86 CPU without it,
     prints one warning line: such a CPU saturates its 8-bit weights.
     """
@@ -70,6 +79,7 @@ class AnytimeClassifier:
         student = checkpoint.student.to(self.device).eval()
         self.staged: StagedStudent | None = StagedStudent(student, checkpoint.card.img_size)
         self.session = None
+        self.segments: StagedSessions | None = None
         self._setup(checkpoint.card, checkpoint.exits, checkpoint.path, thresholds, rule)
 
     def _setup(
@@ -115,23 +125,22 @@ class AnytimeClassifier:
         rule: str | None = None,
     ) -> AnytimeClassifier:
         """From `<name>_exits.pth`, the folder `mlkd export` writes from it, or its ONNX file
-        (`<name>_exits.onnx`, `<name>_exits.int8.onnx`: run by onnxruntime on the CPU)."""
+        (`<name>_exits.onnx`, `<name>_exits.int8.onnx`: run by onnxruntime on the CPU), or its
+        staged folder (`<name>_exits_staged/` or its `manifest.json`: segment by segment)."""
         path = Path(path)
         if path.suffix == ".onnx":
             return cls._from_onnx(path, thresholds, rule)
+        if is_staged(path):
+            return cls._from_staged(path, thresholds, rule)
         return cls(load_exits_checkpoint(path), thresholds, device, rule)
 
     @classmethod
     def _from_onnx(
         cls, path: Path, thresholds: Sequence[float] | None, rule: str | None
     ) -> AnytimeClassifier:
-        try:
-            import onnx
-            import onnxruntime  # noqa: F401  (here only to say what is missing)
-        except ImportError:
-            raise UserError(
-                f"{path} needs onnx and onnxruntime: pip install 'mlkd[export]'"
-            ) from None
+        _need_onnxruntime(path)
+        import onnx
+
         if not path.is_file():
             raise UserError(f"no file {path}")
         meta = {
@@ -143,7 +152,23 @@ class AnytimeClassifier:
         self.checkpoint, self.staged = None, None
         self.device = torch.device("cpu")
         self.session = open_session(path)
+        self.segments = None
         self._setup(card, exits, path, thresholds, rule)
+        return self
+
+    @classmethod
+    def _from_staged(
+        cls, path: Path, thresholds: Sequence[float] | None, rule: str | None
+    ) -> AnytimeClassifier:
+        _need_onnxruntime(path)
+        manifest = read_manifest(path)
+        if manifest.int8_target is not None:  # an int8 folder for a CPU this one is not
+            warn_int8_target({INT8_TARGET_KEY: manifest.int8_target}, manifest.folder)
+        self = cls.__new__(cls)
+        self.checkpoint, self.staged, self.session = None, None, None
+        self.device = torch.device("cpu")
+        self._setup(manifest.card, manifest.exits, manifest.folder, thresholds, rule)
+        self.segments = StagedSessions(manifest)
         return self
 
     @property
@@ -159,6 +184,8 @@ class AnytimeClassifier:
         """Logits of the head each image left at, and that head (exits 0.., final last)."""
         if self.staged is not None:
             return self.staged.cascade(images.to(self.device), self.thresholds, self.rule)
+        if self.segments is not None:
+            return self.segments.cascade(images, self.thresholds, self.rule)
         assert self.session is not None
         name = self.session.get_inputs()[0].name
         outputs = self.session.run(None, {name: images.float().cpu().numpy()})
@@ -169,11 +196,38 @@ class AnytimeClassifier:
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> AnytimePrediction:
         """Run the cascade on a preprocessed batch (N, 3, H, W)."""
-        logits, taken = self._cascade(images)
-        probs = logits.softmax(dim=1)
+        # On ONNX files onnxruntime does the work; the decision's few small torch ops then run on
+        # one thread, else torch's thread pool wakes (softmax does, even on 64x10) and spins
+        # against onnxruntime's threads: measured 2x slower per batch of 64 on a 2-core CPU.
+        with _one_torch_thread(self.staged is None):
+            logits, taken = self._cascade(images)
+            probs = logits.softmax(dim=1)
         return AnytimePrediction(
             labels=probs.argmax(dim=1).cpu(),
             probs=probs.cpu(),
             exits=taken.cpu(),
             macs=self._macs[taken.cpu()],
         )
+
+
+@contextmanager
+def _one_torch_thread(active: bool) -> Iterator[None]:
+    """torch on one thread in the block (when `active`), its setting restored after."""
+    threads = torch.get_num_threads()
+    if not active or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _need_onnxruntime(path: Path) -> None:
+    """An ONNX export needs onnx and onnxruntime: say how to install them."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401  (here only to say what is missing)
+    except ImportError:
+        raise UserError(f"{path} needs onnx and onnxruntime: pip install 'mlkd[export]'") from None

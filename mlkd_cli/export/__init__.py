@@ -1,10 +1,12 @@
 """Export: a trained classifier or a student with exits as files that run without mlkd.
 `exporter` is what `mlkd export` does (destinations checked before any work, then each format);
 the formats are `safetensors_folder` (timm's hub folder, or weights + exits.json), `onnx_graph`
-(plain, or one output per exit; card and exits record in the metadata) and `torchscript`; each
-is checked against PyTorch by `verify` before it is placed. `int8_plan` checks --int8's flags,
-target CPU and data up front, `int8` quantizes and compares, `agreement` decides whether the
-int8 file is kept. `session` is the one onnxruntime session opener, which the deploy-time
+(plain, or one output per exit; card and exits record in the metadata), `staged_onnx` (beside a
+student's ONNX file, one file per segment and a manifest, so onnxruntime stops early too; its
+reader and runner) and `torchscript`; each is checked against PyTorch by `verify` before it is
+placed. `int8_plan` checks --int8's flags, target CPU and data up front, `int8` quantizes and
+compares (`staged_int8`: each segment), `agreement` decides whether the int8 file is kept.
+`session` is the one onnxruntime session opener, which the deploy-time
 `anytime` classifier and timing import too. These modules may import `core`, `data`, `models`,
 the pure parts of `anytime` (rules) and the passes over a split; never `commands`, Typer or
 rich. This file imports nothing at load (the names below load on first use), so importing

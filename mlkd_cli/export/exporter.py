@@ -1,6 +1,7 @@
 """What `mlkd export` does: check every destination before any work, load the checkpoint, write
 each format (`safetensors_folder`, `onnx_graph`, `torchscript`), each verified against PyTorch
-before it is placed (`verify`), and with --int8 quantize the ONNX file (`int8`).
+before it is placed (`verify`), and with --int8 quantize the ONNX file (`int8`). A student with
+exits' ONNX export has its staged form beside it (`staged_onnx`, `staged_int8`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from mlkd_cli.export.int8 import quantize_export
 from mlkd_cli.export.int8_plan import Int8Options, Int8Plan, plan_int8
 from mlkd_cli.export.onnx_graph import head_output_names, write_exits_onnx, write_onnx
 from mlkd_cli.export.safetensors_folder import write_exits_safetensors, write_safetensors
+from mlkd_cli.export.staged_int8 import prepared_staged_int8
+from mlkd_cli.export.staged_onnx import check_staged_destination, prepared_staged, staged_folder
 from mlkd_cli.export.torchscript import write_torchscript
-from mlkd_cli.export.verify import probe, refuse_if_far
-from mlkd_cli.models.exits import is_exits_checkpoint, load_exits_checkpoint
+from mlkd_cli.export.verify import Probe, probe, refuse_if_far
+from mlkd_cli.models.exits import ExitsCheckpoint, is_exits_checkpoint, load_exits_checkpoint
 from mlkd_cli.models.factory import card_of, load_trained_model
 
 # What `mlkd export` writes of a student with exits when no --format is given: both.
@@ -120,6 +123,8 @@ def export_any(
     if plan is not None:  # the int8 file is checked with the ONNX one, before either is written
         onnx = output or default_output(checkpoint, "onnx")
         check_destination(checkpoint, "onnx", onnx, overwrite, exits, (_int8_path(onnx),))
+        if exits:  # and the int8 staged folder beside it
+            check_staged_destination(staged_folder(_int8_path(onnx)), overwrite)
     if exits:
         if arch is not None or num_classes is not None or img_size is not None:
             raise UserError(
@@ -134,9 +139,24 @@ def export_any(
             )
         ]
     if plan is not None:
-        fp32 = Path(next(r["output"] for r in results if r["format"] == "onnx"))
-        results.append(quantize_export(plan, fp32, _int8_path(fp32)))
+        onnx_result = next(r for r in results if r["format"] == "onnx")
+        results.append(
+            _quantize(plan, Path(onnx_result["output"]), bool(onnx_result.get("staged")))
+        )
     return results
+
+
+def _quantize(plan: Int8Plan, fp32: Path, staged: bool) -> dict[str, Any]:
+    """The int8 copy of the ONNX export `fp32`; with its `staged` form, that too, quantized and
+    compared first and placed only once the one-graph int8 file is."""
+    if not staged:
+        return quantize_export(plan, fp32, _int8_path(fp32))
+    int8_folder = staged_folder(_int8_path(fp32))
+    with prepared_staged_int8(plan, staged_folder(fp32), int8_folder) as folder:
+        result = quantize_export(plan, fp32, _int8_path(fp32))
+        folder.place()
+    result["staged"] = folder.result()
+    return result
 
 
 def _int8_path(onnx: Path) -> Path:
@@ -171,21 +191,56 @@ def export_exits_checkpoint(
     destinations = {f: output or default_output(checkpoint, f) for f in formats}
     for fmt, destination in destinations.items():
         check_destination(checkpoint, fmt, destination, overwrite, exits=True)
+        if fmt == "onnx":  # the staged form goes beside the one-graph file
+            check_staged_destination(staged_folder(destination), overwrite)
     loaded = load_exits_checkpoint(checkpoint)
     checks = probe(loaded.student, loaded.card.img_size)
     results = []
     for fmt, destination in destinations.items():
-        writer = write_exits_safetensors if fmt == "safetensors" else write_exits_onnx
-        diff, checked_with = writer(loaded, checks, destination)
-        refuse_if_far(diff, fmt)
-        results.append(
-            {
-                "format": fmt,
-                "output": str(destination),
-                "max_abs_diff": diff,
-                "checked_with": checked_with,
-                "img_size": loaded.card.img_size,
-                "outputs": list(head_output_names(len(checks.expected))),
-            }
-        )
+        if fmt == "onnx":
+            result = _exits_onnx(loaded, checks, destination)
+        else:
+            diff, checked_with = write_exits_safetensors(loaded, checks, destination)
+            refuse_if_far(diff, fmt)
+            result = _exits_result(fmt, destination, diff, checked_with, loaded, checks)
+        results.append(result)
     return results
+
+
+def _exits_onnx(loaded: ExitsCheckpoint, checks: Probe, destination: Path) -> dict[str, Any]:
+    """The one-graph ONNX file and its staged folder: the segments are written and verified
+    first, in a scratch folder, and placed only once the one-graph file is too. A student whose
+    backbone cannot be run stage by stage (no MACs recorded) gets the one-graph file alone."""
+    if loaded.costs is None:
+        diff, checked_with = write_exits_onnx(loaded, checks, destination)
+        refuse_if_far(diff, "onnx")
+        return {
+            **_exits_result("onnx", destination, diff, checked_with, loaded, checks),
+            "staged": None,
+        }
+    with prepared_staged(loaded, checks, staged_folder(destination)) as staged:
+        diff, checked_with = write_exits_onnx(loaded, checks, destination)
+        refuse_if_far(diff, "onnx")
+        staged.place()
+    result = _exits_result("onnx", destination, diff, checked_with, loaded, checks)
+    result["staged"] = staged.result()
+    return result
+
+
+def _exits_result(
+    fmt: str,
+    destination: Path,
+    diff: float,
+    checked_with: str,
+    loaded: ExitsCheckpoint,
+    checks: Probe,
+) -> dict[str, Any]:
+    """What the export of a student with exits reports for one format."""
+    return {
+        "format": fmt,
+        "output": str(destination),
+        "max_abs_diff": diff,
+        "checked_with": checked_with,
+        "img_size": loaded.card.img_size,
+        "outputs": list(head_output_names(len(checks.expected))),
+    }

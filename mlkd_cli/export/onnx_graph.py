@@ -41,7 +41,13 @@ def head_output_names(count: int) -> list[str]:
     return ["final", *(f"exit{i}" for i in range(1, count))]
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, outputs: list[str]) -> None:
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    outputs: list[str],
+    inputs: tuple[str, ...] = ("images",),
+) -> None:
     """torch.onnx's exporter with a dynamic batch axis, its progress kept off stdout."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     # The exporter prints its progress on stdout, which --json reserves for the result.
@@ -50,7 +56,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, outputs: li
             model,
             (example,),
             str(path),
-            input_names=["images"],
+            input_names=list(inputs),
             output_names=outputs,
             opset_version=ONNX_OPSET,
             dynamo=True,
