@@ -1,0 +1,78 @@
+"""Run a training program and record when each of its optimiser steps ended (for peers.py).
+
+    python benchmarks/peers_stamp.py STAMPS.json [--profile OUT.prof] -m MODULE ARGS...
+    python benchmarks/peers_stamp.py STAMPS.json [--profile OUT.prof] SCRIPT.py ARGS...
+
+The same clock for every tool, with nothing of theirs edited: a global post-hook on
+`torch.optim.Optimizer.step` (torch's `register_optimizer_step_post_hook`) stamps each step
+with `time.time()`, per optimiser object; at exit the stamps go to STAMPS.json. A tool that
+steps a throw-away optimiser before training (a speed probe) shows as a second optimiser, so
+the one with the most steps is the training run's. Loader workers forked from the process
+write nothing (only the process that started writes the file).
+"""
+
+from __future__ import annotations
+
+import atexit
+import cProfile
+import json
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    """Install the hook, run the target as __main__, write the stamps at exit."""
+    args = sys.argv[1:]
+    out = Path(args.pop(0))
+    profile_out = None
+    if args[0] == "--profile":
+        args.pop(0)
+        profile_out = args.pop(0)
+    began = time.time()
+    steps: dict[int, list[float]] = {}
+    owner = os.getpid()
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def stamp(optimizer: object, *_: object) -> None:
+        steps.setdefault(id(optimizer), []).append(time.time())
+
+    register_optimizer_step_post_hook(stamp)
+    profiler = cProfile.Profile() if profile_out else None
+
+    def write() -> None:
+        if os.getpid() != owner:
+            return
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_out)
+        runs = sorted(steps.values(), key=len, reverse=True)
+        out.write_text(
+            json.dumps(
+                {
+                    "began": began,
+                    "steps": runs[0] if runs else [],
+                    "other_steps": sum(len(r) for r in runs[1:]),
+                }
+            )
+        )
+
+    atexit.register(write)
+    if args[0] == "-m":
+        target, argv0 = args[1], args[1]
+        sys.argv = [argv0, *args[2:]]
+        run = lambda: runpy.run_module(target, run_name="__main__", alter_sys=True)  # noqa: E731
+    else:
+        sys.argv = list(args)
+        sys.path.insert(0, str(Path(args[0]).resolve().parent))
+        run = lambda: runpy.run_path(args[0], run_name="__main__")  # noqa: E731
+    if profiler is not None:
+        profiler.enable()
+    run()
+
+
+if __name__ == "__main__":
+    main()
