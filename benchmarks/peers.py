@@ -39,9 +39,11 @@ tool edited), so each tool is timed by one clock:
 --original DIR runs the original project's `mlkd.py` (from DIR: a clone or a bare mirror, read at
 run time) on its own job beside `mlkd distill`: fake CIFAR-10 in the real on-disk format, 320
 training images, 224 px, `resnetv2_50x1_bit` student with exits, the resnet18 teacher, batch 32,
-1 epoch. The original asks torchvision for CIFAR-10 with download=True, which checks the real
-archive's MD5 sums; the fake files cannot match them, so its process runs with torchvision's
-CIFAR integrity check answering yes (peers_stamp.py --trust-cifar), nothing else changed.
+1 epoch (its own flags otherwise: AdamW, Mixup/CutMix, 4 loader workers, fp32, 128 images an
+optimiser step). Its files are read at run time into the work folder, none changed; two things
+are shimmed around it (peers_stamp.py --original): it moves everything with `.to(rank)`, CUDA
+device 0, which goes to the CPU here, and it asks torchvision for CIFAR-10 with download=True,
+whose MD5 check of the real archive's files the fake ones cannot pass, so that check says yes.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import csv
 import json
 import math
 import os
+import pickle
 import platform
 import shutil
 import statistics
@@ -60,6 +63,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
@@ -253,18 +257,20 @@ def run_stamped(
     cmd: list[str],
     env: dict[str, str],
     out: Path,
-    trust_cifar: bool = False,
     cwd: Path | None = None,
     profile: Path | None = None,
+    setup: list[tuple[str, Path]] = (),
 ) -> Run:
     """Run `cmd` (a script or `-m module` with its arguments) under peers_stamp.py, stamping
     every line it prints on arrival; the clock starts before the interpreter does."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    (out / "models").mkdir()
+    for name, target in setup:
+        (out / name).symlink_to(target)
     stamps = out.parent / f"{out.name}.stamps.json"
     stamps.unlink(missing_ok=True)
-    pre = ["--trust-cifar"] if trust_cifar else []
-    pre += ["--profile", str(profile)] if profile else []
+    pre = ["--profile", str(profile)] if profile else []
     full = [sys.executable, str(STAMP), str(stamps), *pre, *cmd]
     environ = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     log: list[tuple[float, str]] = []
@@ -425,13 +431,92 @@ def _print_rows(head: list[str], rows: list[list[str]], markdown: bool) -> None:
 # --- the original's job -----------------------------------------------------------------------
 
 ORIGINAL_TITLE = (
-    "the original's job: fake CIFAR-10, 320 images, 224 px, resnetv2_50x1_bit with exits"
+    "the original's job: fake CIFAR-10 (320 train images), 224 px, resnetv2_50x1_bit with "
+    "exits, resnet18 teacher, batch 32, 1 epoch"
 )
+ORIGINAL_IMAGES, ORIGINAL_TEST = 320, 64
+
+
+def write_fake_cifar10(root: Path) -> Path:
+    """CIFAR-10 in its on-disk format (python pickles of uint8 rows), random pixels: 320 train
+    images over the five data batches, 64 test images. Returns the folder holding
+    cifar-10-batches-py."""
+    folder = root / "cifar-10-batches-py"
+    if (folder / "test_batch").exists():
+        return root
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    per = ORIGINAL_IMAGES // 5
+    names = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
+    for name in names:
+        count = ORIGINAL_TEST if name == "test_batch" else per
+        batch = {
+            "batch_label": name,
+            "labels": [int(x) for x in rng.integers(0, 10, count)],
+            "data": rng.integers(0, 256, (count, 3 * 32 * 32), dtype=np.uint8),
+            "filenames": [f"{name}_{i}.png" for i in range(count)],
+        }
+        with (folder / name).open("wb") as f:
+            pickle.dump(batch, f)  # the format's own encoding; we only write it
+    meta = {"label_names": [f"class_{i}" for i in range(10)], "num_cases_per_batch": per}
+    with (folder / "batches.meta").open("wb") as f:
+        pickle.dump(meta, f)
+    return root
+
+
+def extract_original(repo: Path, work: Path) -> Path:
+    """The original's files (mlkd.py and utils/) from a clone or a bare mirror, at HEAD."""
+    out = work / "original_src"
+    if (out / "mlkd.py").exists():
+        return out
+    out.mkdir(parents=True)
+    if (repo / "mlkd.py").is_file():
+        shutil.copytree(repo, out, dirs_exist_ok=True)
+        return out
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", "HEAD"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
 
 
 def original_job(args: argparse.Namespace) -> list[Run]:
-    """The original's mlkd.py beside `mlkd distill` on the original's job."""
-    raise NotImplementedError
+    """The original's mlkd.py beside `mlkd distill` on the original's job, in turns."""
+    work = args.work / "original"
+    data = write_fake_cifar10(work / "data")
+    teacher = work / "teachers" / "resnet18_224.pth"
+    if not teacher.exists():
+        cmd = [*mlkd_cmd(), "teacher", "train", "-d", "cifar-10", "--data-dir", str(data)]
+        cmd += ["--img-size", "224", "-m", "resnet18", "-n", teacher.stem, "-e", "1"]
+        cmd += ["--output-dir", str(teacher.parent), "-q", "--overwrite"]
+        print(f"training the original job's teacher: {' '.join(cmd[2:])}", flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    runs = []
+    for rnd in range(1, args.rounds + 1):
+        for tool in [t for t in args.tools if t in ORIGINAL_TOOLS]:
+            out = work / "runs" / f"{tool}_r{rnd}"
+            if tool == "original":
+                if args.original is None:
+                    sys.exit("peers.py: the original row needs --original DIR (MLKD)")
+                src = extract_original(args.original, args.work)
+                cmd = ["--original", str(src / "mlkd.py"), "-d", "cifar-10", "-b", "32"]
+                cmd += ["-e", "1", "-n", "student", "-c", str(teacher), "-m", "resnet18"]
+                # It reads data/ and writes models/ under its working folder.
+                cwd = out
+                setup = [("data", data)]
+            else:
+                cmd = ["-m", "mlkd_cli", "distill", "-d", "cifar-10", "--data-dir", str(data)]
+                cmd += ["--student", "resnetv2_50x1_bit", "-c", str(teacher), "-b", "32"]
+                cmd += ["-e", "1", "--output-dir", str(out / "models"), "-n", "run"]
+                cwd, setup = out, []
+            run = run_stamped(tool, rnd, cmd, {}, out, cwd=cwd, setup=setup)
+            # The original steps once every 128 images (4 batches of 32); mlkd a step a batch.
+            per_step = 128 if tool == "original" else 32
+            run.rate = stamped_rate(getattr(run, "steps", []), 1, per_step)
+            run.own = own_rate(tool, run, out / "models")
+            runs.append(run)
+            print(f"  round {rnd} {tool}: {run.wall:.1f} s {run.note}", flush=True)
+    return runs
 
 
 # --- main ------------------------------------------------------------------------------------
