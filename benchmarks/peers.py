@@ -1,9 +1,12 @@
 """`make bench` peers row: the same KD job run by mlkd and by the tool a user would pick instead.
 
 Not a test. The job (issue #36): real handwritten digits as an image folder of 28 px grayscale
-PNGs (train/, val/, test/), trained at --size px, a resnet18 teacher trained once by `mlkd teacher
-train` (cached in the work folder), a `test_efficientnet` student (--student), batch 64, T = 4,
-KD weight 0.9, seed 0. The tools take turns over --rounds rounds, each run a whole process:
+PNGs (train/, val/, test/), trained at --size px. The digits are the 1,797 UCI digits mlkd embeds
+(8x8, upscaled): 1,438 training sources, so --images 4000 writes each up to three times, shifted
+by a pixel (val: every 10th source with its copies, 401 images; test: the 359 test digits). A
+resnet18 teacher trained once by `mlkd teacher train` (cached in the work folder), a
+`test_efficientnet` student (--student), batch 64, T = 4, KD weight 0.9, seed 0. The tools take
+turns over --rounds rounds, each run a whole process:
 
   timm       timm's own `train.py`, extracted at run time from --timm-repo (a clone or a bare
              mirror of pytorch-image-models; never a copy kept in this repository): logit KD
@@ -117,9 +120,9 @@ class Run:
 
 
 def write_digits(out: Path, images: int) -> dict[str, int]:
-    """The embedded UCI digits (1,437 train / 360 test source images, 8x8 upscaled to 28 px) as
+    """The embedded UCI digits (1,438 train / 359 test source images, 8x8 upscaled to 28 px) as
     PNGs: `images` train+val images, each source digit also written shifted by 1-2 px where the
-    sources are too few; val is every 10th source digit with all its copies; test the 360 test
+    sources are too few; val is every 10th source digit with all its copies; test the 359 test
     digits as they are. Written once (a finished folder holds DONE)."""
     done = out / "DONE"
     if done.exists():
