@@ -31,6 +31,8 @@ tool edited), so each tool is timed by one clock:
              time from the end of step 1 to the end of step N (loader start, validation and saving
              between epochs fall outside); `own` is what the tool itself reports (timm: its
              logged average per epoch, mlkd: its history's images_per_s), mean over epochs
+  probes s   mlkd's layout and precision measurement: from its teacher line to its `precision:`
+             line, printed once both are measured (the student's build falls in it too)
   after      the end of the last step to the exit (last validation, checkpoints, reports)
   MB         what the run wrote into its output folder
 
@@ -343,6 +345,15 @@ def own_rate(tool: str, run: Run, out: Path) -> float:
     return statistics.mean(last.values()) if last else math.nan
 
 
+def probe_seconds(run: Run) -> float:
+    """mlkd's layout and precision measurement, part of its start-up: from the line before its
+    `precision:` line (the teacher loaded) to that line, which follows the measurement."""
+    for (before, _), (at, line) in zip(run.log, run.log[1:], strict=False):
+        if line.startswith("precision:"):
+            return at - before
+    return math.nan
+
+
 def precision_note(run: Run) -> str:
     """What mlkd chose (its first line), shortened; timm's settings for timm."""
     for _, line in run.log:
@@ -374,14 +385,15 @@ def machine() -> str:
 
 def print_table(runs: list[Run], title: str, markdown: bool) -> None:
     """Every run, then each tool's mean and its ratio to the first tool's."""
-    head = ["tool", "round", "wall s", "first step s", "img/s", "own img/s", "after s", "MB"]
-    head += ["largest file", "precision / note"]
+    head = ["tool", "round", "wall s", "first step s", "probes s", "img/s", "own img/s"]
+    head += ["after s", "MB", "largest file", "precision / note"]
     rows = [
         [
             r.tool,
             str(r.round),
             f"{r.wall:.1f}",
             f"{r.first:.1f}",
+            f"{probe_seconds(r):.1f}",
             _rate(r.rate),
             _rate(r.own),
             f"{r.after:.1f}",
