@@ -6,6 +6,10 @@ MLKD   := $(VENV)/bin/mlkd
 # The torch build this workplace resolves from local disk; users elsewhere may bring any torch>=2.1.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
+# `make bench TIMM_REPO=DIR`: a clone or mirror of pytorch-image-models, whose train.py the peers
+# row runs beside mlkd (without it, that row times mlkd's two settings alone).
+TIMM_REPO ?=
+comma := ,
 
 .PHONY: install test test-fast demo bench lint format clean
 
@@ -34,6 +38,7 @@ bench: install
 	$(PY) benchmarks/small_models.py
 	$(PY) benchmarks/bench.py
 	$(PY) benchmarks/teacher_input.py
+	$(PY) benchmarks/peers.py --quick $(if $(TIMM_REPO),--timm-repo $(TIMM_REPO),--tools mlkd-timm$(comma)mlkd)
 
 lint: install
 	$(VENV)/bin/ruff format --check .
