@@ -46,6 +46,10 @@ LAYOUT_VARIABLE = "MLKD_MEMORY_FORMAT"
 # channels_last must be this much faster to be chosen: a near tie is timing noise, and keeping
 # NCHW then makes repeated runs choose (and compute) the same way.
 LAYOUT_MARGIN = 1.1
+# A CPU measurement may cost at most this share of the images the run itself processes: a short
+# run at a large size (the original's one-epoch job on 320 images at 224 px spent 190 s timing
+# candidates, longer than its training) keeps the usual choice untimed, and says so.
+PROBE_SHARE = 0.1
 # Under --precision auto, bf16 must be this much faster than fp32 to be kept: a near tie goes to
 # fp32, whose arithmetic is exact, so that auto never runs slower than fp32 by timing noise.
 BF16_MARGIN = 1.05
@@ -153,6 +157,7 @@ def choose_layout(
     *,
     train: bool,
     batch: int = LAYOUT_BATCH,
+    run_images: int | None = None,
 ) -> Precision:
     """`precision` with the memory format — and under `auto`, the arithmetic — that runs `model`
     fastest on its device.
@@ -161,7 +166,9 @@ def choose_layout(
     left as they were) in each candidate — forward and backward when `train`, forward only
     otherwise — and every rank takes its answer, so all ranks run the same arithmetic.
     channels_last must win by LAYOUT_MARGIN, bf16 (under auto) by BF16_MARGIN. On CUDA the copy
-    runs the run's batch (`batch`), on a CPU at most LAYOUT_BATCH images.
+    runs the run's batch (`batch`), on a CPU at most LAYOUT_BATCH images. On a CPU, where the
+    timing would cost more than PROBE_SHARE of `run_images` (the images the run processes on this
+    process), nothing is timed: NCHW, and the arithmetic `precision` already has.
     """
     pinned = os.environ.get(LAYOUT_VARIABLE)
     if pinned:
@@ -175,6 +182,12 @@ def choose_layout(
         batch = min(batch, LAYOUT_BATCH)
     arithmetics = (True, False) if precision.bf16 and precision.auto else (precision.bf16,)
     candidates = [(bf16, layout) for bf16 in arithmetics for layout in (False, True)]
+    if precision.device.type == "cpu" and run_images is not None:
+        # Every rank decides alike: the numbers are the same on each, no timing involved.
+        timed = len(candidates) * (1 + LAYOUT_STEPS) * batch  # warm-up and every round
+        if timed > PROBE_SHARE * run_images:
+            why = f"{precision.why}; NCHW, not timed: a run of {run_images} images is too short"
+            return replace(precision, channels_last=False, why=why)
     # (channels_last, bf16, layout speed-up, bf16 speed-up): NCCL broadcasts device tensors only.
     verdict = torch.zeros(4, device=precision.device)
     if ctx.is_main:
@@ -279,7 +292,12 @@ def keep_idle_tap_convs_fp32(
 
 
 def prepare_forward(
-    requested: str, model: nn.Module, img_size: int, ctx: DistContext, batch: int
+    requested: str,
+    model: nn.Module,
+    img_size: int,
+    ctx: DistContext,
+    batch: int,
+    images: int | None = None,
 ) -> Precision:
     """Place a model that only runs forward (evaluation, logits passes) for `--precision
     requested`, in the faster layout; returns the precision its inputs must use.
@@ -287,7 +305,8 @@ def prepare_forward(
     On a CPU, `auto` is fp32 here: what a forward pass measures (top-1, NLL, an ensemble's
     fitted weights) must not depend on which arithmetic a timing picked — the same checkpoint
     read 90.81 and 91.36 % top-1 in two runs whose probes chose differently. `--precision bf16`
-    still runs it in bf16.
+    still runs it in bf16. `images`: how many the pass runs on this process, if known (a short
+    pass is not worth timing: `choose_layout`).
     """
     if requested == "auto" and ctx.device.type == "cpu":
         precision = Precision.resolve(
@@ -296,7 +315,9 @@ def prepare_forward(
     else:
         precision = Precision.resolve(requested, ctx.device)
     shape = (3, img_size, img_size)
-    precision = choose_layout(precision, model, shape, ctx, train=False, batch=batch)
+    precision = choose_layout(
+        precision, model, shape, ctx, train=False, batch=batch, run_images=images
+    )
     precision.place(model)
     if hasattr(model, "bf16"):  # a TeacherEnsemble runs its own autocast
         model.bf16 = precision.bf16

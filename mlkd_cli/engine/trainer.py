@@ -285,8 +285,15 @@ class _Run:
         sample = (3, size, size)
         earlier = earlier_layout(self.continued)
         if earlier is None:
+            run_images = self.cfg.epochs * self.num_batches * self.cfg.batch_size
             self.precision = choose_layout(
-                self.precision, model, sample, self.ctx, train=True, batch=self.cfg.batch_size
+                self.precision,
+                model,
+                sample,
+                self.ctx,
+                train=True,
+                batch=self.cfg.batch_size,
+                run_images=run_images,
             )
         else:  # a resumed or restarted run computes as the run it continues did
             channels_last, bf16 = earlier

@@ -132,7 +132,12 @@ def collect_member_logits(ctx: DistContext, plan: EnsemblePlan) -> dict[str, Any
     )
     teacher, loaded = build_teacher(plan.config, splits.num_classes, input_spec)
     precision = prepare_forward(
-        plan.precision, teacher, plan.image_config.img_size, ctx, plan.batch_size
+        plan.precision,
+        teacher,
+        plan.image_config.img_size,
+        ctx,
+        plan.batch_size,
+        images=-(-len(dataset) // ctx.world_size),
     )
     report = Reporter(plan.output, ctx.rank)
     report.precision(precision.describe(), precision.headline())

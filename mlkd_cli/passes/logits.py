@@ -82,7 +82,12 @@ def model_pass(
     dataset = split_dataset(splits, job.split, job.image_config)
     model = build(splits)
     precision = prepare_forward(
-        job.precision, model, job.image_config.img_size, ctx, job.batch_size
+        job.precision,
+        model,
+        job.image_config.img_size,
+        ctx,
+        job.batch_size,
+        images=-(-len(dataset) // ctx.world_size),
     )
     report = Reporter(job.output, ctx.rank)
     report.precision(precision.describe(), precision.headline())

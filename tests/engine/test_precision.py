@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import time
+from dataclasses import replace
 
 import pytest
 import timm
@@ -34,6 +36,8 @@ def measured_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     afresh (a process remembers what it measured)."""
     monkeypatch.delenv(precision_module.LAYOUT_VARIABLE, raising=False)
     monkeypatch.setattr(precision_module, "_MEASURED", {})
+    # Their one-epoch runs are short enough to go untimed (PROBE_SHARE): timed all the same.
+    monkeypatch.setattr(precision_module, "PROBE_SHARE", math.inf)
 
 
 def test_the_layout_can_be_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -314,3 +318,41 @@ def test_eval_under_auto_on_a_bf16_cpu_is_fp32_so_its_figures_do_not_follow_a_ti
     auto = json.loads(invoke_cli("eval", digits_teacher, "--json").stdout)
     fp32 = json.loads(invoke_cli("eval", digits_teacher, "--json", "--precision", "fp32").stdout)
     assert (auto["top1"], auto["nll"]) == (fp32["top1"], fp32["nll"])
+
+
+def test_a_run_too_short_to_pay_for_the_timing_is_not_timed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(precision_module, "PROBE_SHARE", 0.1)
+    timed = []
+    real = precision_module._measure
+
+    def counting(*args):
+        timed.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(precision_module, "_measure", counting)
+    model = timm.create_model("test_resnet", num_classes=3)
+    base = Precision.resolve("fp32", CPU)
+    # 2 candidates x (warm-up + LAYOUT_STEPS rounds) x 32 images = 256 images of timing.
+    short = choose_layout(base, model, (3, 16, 16), CTX, train=True, batch=32, run_images=2559)
+    assert timed == [] and not short.channels_last
+    assert "NCHW, not timed: a run of 2559 images is too short" in short.why
+    long = choose_layout(base, model, (3, 16, 16), CTX, train=True, batch=32, run_images=2560)
+    assert timed == [1] and "channels_last measured" in long.why
+    # bf16 under auto is kept as the CPU offers it, untimed too.
+    auto = replace(base, bf16=True, auto=True, why="this CPU has avx512_bf16")
+    untimed = choose_layout(auto, model, (3, 16, 16), CTX, train=True, batch=32, run_images=100)
+    assert untimed.bf16 and timed == [1] and "not timed" in untimed.why
+
+
+def test_a_short_runs_first_line_says_the_layout_was_not_timed(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(precision_module, "PROBE_SHARE", 0.1)
+    monkeypatch.chdir(tmp_path)
+    result = invoke_cli(*TRAIN, "--precision", "fp32", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("precision: fp32, contiguous (NCHW) on cpu"), first
+    assert "not timed" in first and "too short" in first
