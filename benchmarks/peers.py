@@ -60,6 +60,7 @@ import math
 import os
 import pickle
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -531,6 +532,7 @@ def original_job(args: argparse.Namespace) -> list[Run]:
                 cmd = ["-m", "mlkd_cli", "distill", "-d", "cifar-10", "--data-dir", str(data)]
                 cmd += ["--student", "resnetv2_50x1_bit", "-c", str(teacher), "-b", "32"]
                 cmd += ["-e", "1", "--output-dir", str(out / "models"), "-n", "run"]
+                cmd += shlex.split(args.mlkd_flags)
                 cwd, setup = out, []
             run = run_stamped(tool, rnd, cmd, {}, out, cwd=cwd, setup=setup)
             # The original steps once every 128 images (4 batches of 32); mlkd a step a batch.
@@ -566,6 +568,8 @@ def peers(args: argparse.Namespace, job: Job) -> list[Run]:
         for tool in args.tools:
             out = job.work / "runs" / f"{tool}_{job.size}_{job.student}_r{rnd}"
             cmd, env = tool_command(tool, job, out, ctx)
+            if tool != "timm":
+                cmd += shlex.split(args.mlkd_flags)
             profile = job.work / f"{tool}_{job.size}.prof" if args.profile and rnd == 1 else None
             run = run_stamped(tool, rnd, cmd, env, out, profile=profile)
             run.rate = stamped_rate(getattr(run, "steps", []), job.epochs, job.batch)
@@ -596,6 +600,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="cProfile round 1 into the work folder")
     p.add_argument("--quick", action="store_true", help="400 images, 1 epoch, 1 round")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument(
+        "--mlkd-flags",
+        default="",
+        help="more flags for every mlkd run, e.g. '--precision fp32' (as on a CPU without bf16)",
+    )
     args = p.parse_args()
     if args.quick:
         args.images, args.epochs, args.rounds, args.teacher_epochs = 400, 1, 1, 1
