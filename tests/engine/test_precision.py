@@ -269,10 +269,9 @@ def test_bf16_training_on_tiny_maps_keeps_finite_weights(cpu_bf16: None) -> None
     assert torch.isfinite(plain.eval()(images)).all()
 
 
-def test_a_model_of_the_same_shape_is_measured_once_a_process(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    measured = []
+def _count_measurements(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one each time a layout is timed."""
+    measured: list[int] = []
     real = precision_module._measure
 
     def counting(*args):
@@ -280,6 +279,13 @@ def test_a_model_of_the_same_shape_is_measured_once_a_process(
         return real(*args)
 
     monkeypatch.setattr(precision_module, "_measure", counting)
+    return measured
+
+
+def test_a_model_of_the_same_shape_is_measured_once_a_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    measured = _count_measurements(monkeypatch)
     base = Precision.resolve("fp32", CPU)
     first = choose_layout(base, timm.create_model("test_resnet", num_classes=3), (3, 16, 16), CTX,
                           train=False)  # fmt: skip
@@ -324,14 +330,7 @@ def test_a_run_too_short_to_pay_for_the_timing_is_not_timed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(precision_module, "PROBE_SHARE", 0.1)
-    timed = []
-    real = precision_module._measure
-
-    def counting(*args):
-        timed.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(precision_module, "_measure", counting)
+    timed = _count_measurements(monkeypatch)
     model = timm.create_model("test_resnet", num_classes=3)
     base = Precision.resolve("fp32", CPU)
     # 2 candidates x (warm-up + LAYOUT_STEPS rounds) x 32 images = 256 images of timing.
