@@ -23,14 +23,14 @@ from mlkd_cli.core.metrics import classification_metrics
 from mlkd_cli.data.registry import DEFAULT_VAL_FRACTION, get_dataset_spec, load_splits
 from mlkd_cli.data.transforms import ImageConfig
 from mlkd_cli.engine.launch import launch, launcher_rank, resolve_device
-from mlkd_cli.engine.precision import check_precision, prepare_forward
+from mlkd_cli.engine.precision import check_precision
 from mlkd_cli.models.ensemble_config import (
     EnsembleConfig,
     read_ensemble_config,
     write_ensemble_config,
 )
 from mlkd_cli.models.teacher import InputSpec, build_teacher, combine_logits, load_member
-from mlkd_cli.passes.logits import PlannedPass, split_dataset, split_logits
+from mlkd_cli.passes.logits import PlannedPass, place_for_pass, split_dataset, split_logits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,16 +131,7 @@ def collect_member_logits(ctx: DistContext, plan: EnsemblePlan) -> dict[str, Any
         plan.image_config.img_size, plan.image_config.mean, plan.image_config.std
     )
     teacher, loaded = build_teacher(plan.config, splits.num_classes, input_spec)
-    precision = prepare_forward(
-        plan.precision,
-        teacher,
-        plan.image_config.img_size,
-        ctx,
-        plan.batch_size,
-        images=-(-len(dataset) // ctx.world_size),
-    )
-    report = Reporter(plan.output, ctx.rank)
-    report.precision(precision.describe(), precision.headline())
+    precision, report = place_for_pass(plan, teacher, ctx, len(dataset))
     logits, labels, _ = split_logits(
         ctx,
         teacher.member_logits,

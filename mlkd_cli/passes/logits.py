@@ -67,6 +67,24 @@ def check_split(path: Path, job: PlannedPass, classes: int | None) -> None:
     split_dataset(splits, job.split, job.image_config)  # refuses an absent split
 
 
+def place_for_pass(
+    job: PlannedPass, model: torch.nn.Module, ctx: DistContext, images: int
+) -> tuple[Precision, Reporter]:
+    """`model` placed for the pass's precision (its layout timed only where the pass over
+    `images` is long enough to pay for it), and the pass's reporter, which has said it."""
+    precision = prepare_forward(
+        job.precision,
+        model,
+        job.image_config.img_size,
+        ctx,
+        job.batch_size,
+        images=-(-images // ctx.world_size),
+    )
+    report = Reporter(job.output, ctx.rank)
+    report.precision(precision.describe(), precision.headline())
+    return precision, report
+
+
 def model_pass(
     ctx: DistContext,
     job: PlannedPass,
@@ -81,16 +99,7 @@ def model_pass(
     splits = load_splits(job.dataset, job.data_dir, False, job.val_fraction)
     dataset = split_dataset(splits, job.split, job.image_config)
     model = build(splits)
-    precision = prepare_forward(
-        job.precision,
-        model,
-        job.image_config.img_size,
-        ctx,
-        job.batch_size,
-        images=-(-len(dataset) // ctx.world_size),
-    )
-    report = Reporter(job.output, ctx.rank)
-    report.precision(precision.describe(), precision.headline())
+    precision, report = place_for_pass(job, model, ctx, len(dataset))
     logits, labels, seconds = split_logits(
         ctx,
         (lambda images: torch.stack(model(images))) if heads else model,
