@@ -125,7 +125,7 @@ class TrainingFlags(OutputFlags, RestartFlags, RunFlags):
     @classmethod
     def setting_names(cls) -> set[str]:
         """The fields that are settings of the config (all but the command's own)."""
-        return {f.name for f in fields(cls)} - cls.COMMAND_ONLY - cls.NOT_SETTINGS
+        return flag_names(cls) - cls.COMMAND_ONLY - cls.NOT_SETTINGS
 
     def settings(self) -> dict[str, Any]:
         """The settings the user gave on the command line (a flag left out is None)."""

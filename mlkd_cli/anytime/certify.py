@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mlkd_cli.anytime.rules import EXIT_RULES
+from mlkd_cli.anytime.rules import EXIT_RULES, exits_taken
 from mlkd_cli.anytime.thresholds import (
     THRESHOLD_GRID,
     HeadOutputs,
@@ -161,13 +161,12 @@ class _Step:
 
 
 def _path_steps(heads: HeadOutputs, rule: str, cascade_macs: Sequence[int]) -> list[_Step]:
-    """Each shared threshold of the path, in its order, on the split (every step at once, by
-    `rules.exits_taken`'s arithmetic)."""
+    """Each shared threshold of the path, in its order, on the split."""
     confidence = heads.confidence_of(rule)
     correct = heads.correct
-    limits = torch.tensor(CERTIFY_PATH, dtype=torch.float32)[:, None, None]
-    stay = confidence[None, :-1] < limits  # (steps, exits, images)
-    taken = stay.int().cumprod(dim=1).sum(dim=1)  # (steps, images): exits passed before leaving
+    exits = heads.exit_count
+    # (steps, images): the head each image leaves at, one row a threshold of the path
+    taken = torch.stack([exits_taken(confidence, [limit] * exits) for limit in CERTIFY_PATH])
     hits = correct[taken, torch.arange(len(heads.labels))]
     harms = (correct[-1] & ~hits).sum(dim=1)
     macs = torch.tensor(list(cascade_macs), dtype=torch.float64)[taken].sum(dim=1)

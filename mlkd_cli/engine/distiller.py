@@ -43,7 +43,7 @@ from mlkd_cli.engine.provenance import store_identity, teacher_identity
 from mlkd_cli.engine.teacher_sources import SourceSetup, build_source, choose_source
 from mlkd_cli.engine.trainer import fit
 from mlkd_cli.losses.heads import Head
-from mlkd_cli.losses.registry import build_loss, loss_class
+from mlkd_cli.losses.registry import build_loss, loss_spec
 from mlkd_cli.models.ensemble_config import EnsembleConfig, resolve_teacher
 from mlkd_cli.models.exits import exits_record
 from mlkd_cli.models.factory import (
@@ -194,7 +194,7 @@ def store_replay(
 
 def check_feature_loss(cfg: DistillConfig, teachers: int) -> None:
     """Refuse what a loss with feature terms cannot run with (before any work)."""
-    if not loss_class(cfg.loss).has_features():
+    if not loss_spec(cfg.loss).has_features():
         return
     logit_loss = cfg.loss.split("+")[0]
     if teachers != 1:
@@ -224,7 +224,7 @@ def feature_pairs(
     """For a loss with feature terms: per exit, the teacher stage it matches (feature_info
     position, width); the stages pair in order, so teacher and student need as many."""
     check_feature_loss(cfg, len(teachers))
-    if not loss_class(cfg.loss).has_features():
+    if not loss_spec(cfg.loss).has_features():
         return (), ()
     (teacher,) = teachers
     logit_loss = cfg.loss.split("+")[0]

@@ -182,8 +182,13 @@ def choose_layout(
         batch = min(batch, LAYOUT_BATCH)
     arithmetics = (True, False) if precision.bf16 and precision.auto else (precision.bf16,)
     candidates = [(bf16, layout) for bf16 in arithmetics for layout in (False, True)]
-    if precision.device.type == "cpu" and run_images is not None:
-        # Every rank decides alike: the numbers are the same on each, no timing involved.
+    shape = (batch, *image_shape)
+    # A timing this process already made costs nothing: used, however short the run. Only rank
+    # 0 times (and remembers), so with several processes every rank decides by the numbers alone.
+    known = (
+        ctx.world_size == 1 and _timing_key(model, shape, precision, candidates, train) in _MEASURED
+    )
+    if precision.device.type == "cpu" and run_images is not None and not known:
         timed = len(candidates) * (1 + LAYOUT_STEPS) * batch  # warm-up and every round
         if timed > PROBE_SHARE * run_images:
             why = f"{precision.why}; NCHW, not timed: a run of {run_images} images is too short"
@@ -191,7 +196,7 @@ def choose_layout(
     # (channels_last, bf16, layout speed-up, bf16 speed-up): NCCL broadcasts device tensors only.
     verdict = torch.zeros(4, device=precision.device)
     if ctx.is_main:
-        times = _time_candidates(model, (batch, *image_shape), precision, candidates, train)
+        times = _time_candidates(model, shape, precision, candidates, train)
         verdict.copy_(torch.tensor(_verdict(times, precision.bf16)))
     ctx.broadcast_(verdict)
     channels_last, bf16 = bool(verdict[0]), bool(verdict[1])
@@ -305,8 +310,8 @@ def prepare_forward(
     On a CPU, `auto` is fp32 here: what a forward pass measures (top-1, NLL, an ensemble's
     fitted weights) must not depend on which arithmetic a timing picked — the same checkpoint
     read 90.81 and 91.36 % top-1 in two runs whose probes chose differently. `--precision bf16`
-    still runs it in bf16. `images`: how many the pass runs on this process, if known (a short
-    pass is not worth timing: `choose_layout`).
+    still runs it in bf16. `images`: how many the whole pass runs, if known (each process runs
+    its share; a short pass is not worth timing: `choose_layout`).
     """
     if requested == "auto" and ctx.device.type == "cpu":
         precision = Precision.resolve(
@@ -316,7 +321,13 @@ def prepare_forward(
         precision = Precision.resolve(requested, ctx.device)
     shape = (3, img_size, img_size)
     precision = choose_layout(
-        precision, model, shape, ctx, train=False, batch=batch, run_images=images
+        precision,
+        model,
+        shape,
+        ctx,
+        train=False,
+        batch=batch,
+        run_images=None if images is None else -(-images // ctx.world_size),
     )
     precision.place(model)
     if hasattr(model, "bf16"):  # a TeacherEnsemble runs its own autocast
@@ -334,9 +345,7 @@ def _time_candidates(
     """Seconds per step of a copy of `model` in each (bf16, channels_last) candidate: the
     fastest of its timed steps, the candidates taking turns round by round (once a process for
     a model of the same kind and parameter shapes, input and candidates)."""
-    device = precision.device
-    shapes = tuple(tuple(p.shape) for p in model.parameters())
-    key = (type(model).__qualname__, shapes, shape, train, str(device), tuple(candidates))
+    key = _timing_key(model, shape, precision, candidates, train)
     if key not in _MEASURED:
         images = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
         _MEASURED[key] = _measure(model, images, precision, candidates, train)
@@ -344,6 +353,22 @@ def _time_candidates(
 
 
 _MEASURED: dict[tuple, dict[tuple[bool, bool], float]] = {}
+
+
+def _timing_key(
+    model: nn.Module, shape: tuple[int, ...], precision: Precision, candidates: list, train: bool
+) -> tuple:
+    """What makes two timings the same: the model's kind and parameter shapes, input, mode,
+    device and candidates."""
+    shapes = tuple(tuple(p.shape) for p in model.parameters())
+    return (
+        type(model).__qualname__,
+        shapes,
+        shape,
+        train,
+        str(precision.device),
+        tuple(candidates),
+    )
 
 
 def _measure(

@@ -46,6 +46,7 @@ from mlkd_cli.data.transforms import ImageConfig, build_eval_transform, build_tr
 from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.checkpointing import (
+    MODEL,
     Checkpointer,
     diverged_message,
     earlier_layout,
@@ -344,7 +345,11 @@ class _Run:
         )
         # The parts the training state holds, each under its key: a part added here is saved
         # and resumed with no other edit.
-        parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        parts = {
+            MODEL: self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+        }
         self.checkpoints = Checkpointer(
             self.plan, self.task, ctx, parts, self.history, self.precision
         )

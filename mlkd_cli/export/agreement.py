@@ -20,7 +20,17 @@ def saved_operating_point(metadata: dict[str, str], heads: int) -> tuple[list[fl
     """The thresholds and exit rule an exported student with exits carries (`mlkd eval --split
     val --early-exit` chose them), None for a plain model or a student without them."""
     try:
-        chosen = (json.loads(metadata.get("mlkd_exits", "null")) or {}).get("thresholds") or {}
+        exits = json.loads(metadata.get("mlkd_exits", "null"))
+    except ValueError:
+        return None
+    return operating_point(exits, heads)
+
+
+def operating_point(exits: Any, heads: int) -> tuple[list[float], str] | None:
+    """The thresholds and exit rule in an exits record (`models/exits.py`) for a student with
+    `heads` heads, None where it records none (or not one for every exit)."""
+    try:
+        chosen = (exits or {}).get("thresholds") or {}
         values = [float(v) for v in chosen.get("values") or []]
     except (ValueError, TypeError, AttributeError):
         return None

@@ -75,7 +75,7 @@ def add_metadata(onnx: Any, path: Path, entries: dict[str, Any]) -> None:
     onnx.save(model, str(path))
 
 
-def _checked(
+def checked_onnx(
     onnx: Any,
     destination: Path,
     write: Any,
@@ -114,7 +114,7 @@ def write_onnx(
         if card is not None:  # the card (provenance included) travels inside the file
             add_metadata(onnx, path, {"mlkd": asdict(card)})
 
-    return _checked(onnx, destination, write, probe, ["logits"])
+    return checked_onnx(onnx, destination, write, probe, ["logits"])
 
 
 def write_exits_onnx(loaded: ExitsCheckpoint, probe: Probe, destination: Path) -> tuple[float, str]:
@@ -128,4 +128,4 @@ def write_exits_onnx(loaded: ExitsCheckpoint, probe: Probe, destination: Path) -
         # ONNX metadata, so a runtime needs nothing beside it to run the cascade.
         add_metadata(onnx, path, {"mlkd": asdict(loaded.card), "mlkd_exits": loaded.exits})
 
-    return _checked(onnx, destination, write, probe, names)
+    return checked_onnx(onnx, destination, write, probe, names)

@@ -27,15 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from mlkd_cli.anytime.rules import EXIT_RULE
 from mlkd_cli.core.atomic import atomic_write_text
 from mlkd_cli.core.cpus import INT8_TARGET_KEY
-from mlkd_cli.export.agreement import check_agreement
+from mlkd_cli.export.agreement import cascade_decisions, check_agreement, operating_point
 from mlkd_cli.export.int8 import _batches, _quiet_root_logger, calibration_batches
 from mlkd_cli.export.int8_plan import Int8Plan
 from mlkd_cli.export.onnx_graph import head_output_names
-from mlkd_cli.export.staged_onnx import MANIFEST, StagedSessions, read_manifest
+from mlkd_cli.export.staged_onnx import MANIFEST, StagedManifest, StagedSessions, read_manifest
 from mlkd_cli.passes.logits import card_image_config, split_dataset
 
 
@@ -113,7 +113,7 @@ def prepared_staged_int8(
                 )
                 prepared.unlink()
                 files.append(segment.path.name)
-        _write_manifest(fp32_folder / MANIFEST, scratch / MANIFEST, plan)
+        _write_manifest(fp32.manifest, scratch / MANIFEST, plan)
         parity = compare_staged(plan, fp32, StagedSessions(read_manifest(scratch)))
         check_agreement(parity, plan.options.min_agreement, plan.target)
         yield PreparedStagedInt8(scratch, destination, files, parity)
@@ -121,9 +121,9 @@ def prepared_staged_int8(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _write_manifest(source: Path, target: Path, plan: Int8Plan) -> None:
+def _write_manifest(source: StagedManifest, target: Path, plan: Int8Plan) -> None:
     """The fp32 manifest with the quantization and the target CPU recorded."""
-    manifest = json.loads(source.read_text())
+    manifest = dict(source.record or {})
     weights = "7-bit weights" if plan.target.reduce_range else "8-bit weights"
     manifest["quantized"] = f"int8 (onnxruntime static, QDQ, per channel, {weights})"
     manifest[INT8_TARGET_KEY] = plan.target.name
@@ -133,10 +133,11 @@ def _write_manifest(source: Path, target: Path, plan: Int8Plan) -> None:
 def compare_staged(plan: Int8Plan, fp32: StagedSessions, int8: StagedSessions) -> dict[str, Any]:
     """On the validation split: the top-1 agreement (%) of every head (final first, as the
     one-graph file names them) and, where an operating point is recorded, of the cascade's
-    decisions run segment by segment; each model's top-1 of the final head."""
+    decisions (from every head's logits, as `agreement.cascade_decisions` makes them for the
+    one-graph file); each model's top-1 of the final head."""
     val = split_dataset(plan.splits, "val", card_image_config(plan.card))
-    chosen = fp32.manifest.exits.get("thresholds") or {}
-    thresholds, rule = chosen.get("values"), chosen.get("rule", "max_softmax")
+    point = operating_point(fp32.manifest.exits, len(fp32.manifest.segments))
+    thresholds, rule = point or (None, EXIT_RULE)
     tops: list[list[np.ndarray]] = [[], []]
     decisions: list[list[np.ndarray]] = [[], []]
     labels = []
@@ -144,10 +145,10 @@ def compare_staged(plan: Int8Plan, fp32: StagedSessions, int8: StagedSessions) -
         labels.append(batch_labels)
         for which, runner in enumerate((fp32, int8)):
             heads = runner.heads(batch)
-            tops[which].append(np.stack([h.argmax(axis=1) for h in [heads[-1], *heads[:-1]]]))
+            final_first = [heads[-1], *heads[:-1]]
+            tops[which].append(np.stack([h.argmax(axis=1) for h in final_first]))
             if thresholds:
-                logits, taken = runner.cascade(torch.from_numpy(batch), thresholds, rule)
-                decisions[which].append(np.stack([taken.numpy(), logits.argmax(1).numpy()]))
+                decisions[which].append(cascade_decisions(final_first, thresholds, rule))
     top = [np.concatenate(t, axis=1) for t in tops]
     truth = np.concatenate(labels)
     names = head_output_names(top[0].shape[0])

@@ -43,9 +43,9 @@ from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.cpus import INT8_TARGET_KEY
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import clip, load_data_file, shown
-from mlkd_cli.export.onnx_graph import ONNX_OPSET, export_onnx, onnx_module
+from mlkd_cli.export.onnx_graph import ONNX_OPSET, checked_onnx, export_onnx, onnx_module
 from mlkd_cli.export.session import open_session
-from mlkd_cli.export.verify import Probe, largest_diff, refuse_if_far, verified_file
+from mlkd_cli.export.verify import Probe, refuse_if_far
 from mlkd_cli.models.exits import ExitsCheckpoint, exits_header
 
 MANIFEST = "manifest.json"
@@ -122,20 +122,12 @@ def _write_segment(
     """Segment `module` as ONNX at `path`, verified in onnxruntime against PyTorch on `check`."""
     name_in, names_out = names
     with torch.no_grad():
-        expected = module(check)
+        probe = Probe(example, check, tuple(module(check)))
 
     def write(tmp: Path) -> None:
         export_onnx(module, example, tmp, names_out, inputs=(name_in,))
 
-    def verify(tmp: Path) -> float:
-        onnx.checker.check_model(onnx.load(str(tmp)))
-        session = open_session(tmp)
-        if [o.name for o in session.get_outputs()] != names_out:
-            return float("inf")
-        got = session.run(names_out, {name_in: check.numpy()})
-        return largest_diff([torch.from_numpy(g) for g in got], expected)
-
-    return verified_file(path, write, verify)
+    return checked_onnx(onnx, path, write, probe, list(names_out))[0]
 
 
 @dataclass
@@ -230,6 +222,7 @@ class StagedManifest:
     card: ModelCard
     exits: dict[str, Any]
     int8_target: str | None = None  # the CPU an int8 staged export was quantized for
+    record: dict[str, Any] | None = None  # the manifest as read (limits applied)
 
 
 def is_staged(path: Path) -> bool:
@@ -267,7 +260,8 @@ def read_manifest(path: Path) -> StagedManifest:
         _segment(entry, index, count, folder, manifest) for index, entry in enumerate(entries)
     )
     target = record.get(INT8_TARGET_KEY)
-    return StagedManifest(folder, segments, card, exits, clip(target) if target else None)
+    target = clip(target) if target else None
+    return StagedManifest(folder, segments, card, exits, target, record)
 
 
 def _segment(entry: Any, index: int, count: int, folder: Path, manifest: Path) -> StagedSegment:

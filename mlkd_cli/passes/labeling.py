@@ -237,14 +237,13 @@ def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
     splits = load_splits(cfg.dataset, cfg.data_dir, False, cfg.val_fraction)
     spec = InputSpec(plan.image_config.img_size, plan.image_config.mean, plan.image_config.std)
     teacher, _ = build_teacher(plan.teacher, splits.num_classes, spec, cfg.teacher_img_size)
-    images = plan.manifest.views * plan.manifest.images  # what the whole job labels
     precision = prepare_forward(
         cfg.precision,
         teacher,
         plan.image_config.img_size,
         ctx,
         cfg.batch_size,
-        images=-(-images // ctx.world_size),
+        images=manifest.views * manifest.images,  # what the whole job labels
     )
     report.precision(precision.describe(), precision.headline())
     if ctx.is_main:

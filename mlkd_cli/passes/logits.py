@@ -78,7 +78,7 @@ def place_for_pass(
         job.image_config.img_size,
         ctx,
         job.batch_size,
-        images=-(-images // ctx.world_size),
+        images=images,
     )
     report = Reporter(job.output, ctx.rank)
     report.precision(precision.describe(), precision.headline())

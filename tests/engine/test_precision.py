@@ -339,6 +339,9 @@ def test_a_run_too_short_to_pay_for_the_timing_is_not_timed(
     assert "NCHW, not timed: a run of 2559 images is too short" in short.why
     long = choose_layout(base, model, (3, 16, 16), CTX, train=True, batch=32, run_images=2560)
     assert timed == [1] and "channels_last measured" in long.why
+    # Timed once, the answer is kept for a short run too, at no cost.
+    again = choose_layout(base, model, (3, 16, 16), CTX, train=True, batch=32, run_images=100)
+    assert timed == [1] and again == long
     # bf16 under auto is kept as the CPU offers it, untimed too.
     auto = replace(base, bf16=True, auto=True, why="this CPU has avx512_bf16")
     untimed = choose_layout(auto, model, (3, 16, 16), CTX, train=True, batch=32, run_images=100)

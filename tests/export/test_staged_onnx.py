@@ -236,7 +236,12 @@ def test_a_segment_that_differs_from_pytorch_leaves_nothing_behind(
 ) -> None:
     from mlkd_cli.export import staged_onnx
 
-    monkeypatch.setattr(staged_onnx, "largest_diff", lambda got, expected: 0.5)
+    real = staged_onnx.checked_onnx
+
+    def far(*args):  # each segment written and checked, then found 0.5 away
+        return 0.5, real(*args)[1]
+
+    monkeypatch.setattr(staged_onnx, "checked_onnx", far)
     checkpoint = shutil.copy(exported / "s_exits.pth", tmp_path / "s_exits.pth")
     result = invoke_cli("export", checkpoint, "--format", "onnx")
     assert result.exit_code == 2
