@@ -189,7 +189,7 @@ def _download(download_fn: Any, data_dir: Path) -> None:
 OXFORD_FOLDER = "oxford-iiit-pet"
 
 
-class _ListedImages(Dataset):
+class ImageFiles(Dataset):
     """Image files with labels, decoded on access."""
 
     def __init__(self, paths: Sequence[Path], targets: Sequence[int]) -> None:
@@ -275,8 +275,8 @@ def load_oxford_pet(data_dir: Path, download: bool, download_fn: Any) -> RawSpli
             f"class ids in {root / 'annotations'} are not contiguous; re-download the dataset"
         )
 
-    def source(entries: list[tuple[str, int]]) -> _ListedImages:
-        return _ListedImages(
+    def source(entries: list[tuple[str, int]]) -> ImageFiles:
+        return ImageFiles(
             [root / "images" / f"{image_id}.jpg" for image_id, _ in entries],
             [label for _, label in entries],
         )
@@ -331,7 +331,7 @@ def load_image_folder(data_dir: Path) -> RawSplits:
             "train/<class>/<image> (and optionally val/ and test/)"
         )
     classes, paths, targets = _scan_folder(train_dir)
-    extra: dict[str, _ListedImages | None] = {}
+    extra: dict[str, ImageFiles | None] = {}
     for split in ("val", "test"):
         folder = data_dir / split
         if not folder.is_dir():
@@ -343,8 +343,8 @@ def load_image_folder(data_dir: Path) -> RawSplits:
                 f"{folder} has classes {split_classes[:5]}... but train/ has {classes[:5]}...; "
                 "the split folders must hold the same class subfolders"
             )
-        extra[split] = _ListedImages(split_paths, split_targets)
-    return RawSplits(_ListedImages(paths, targets), extra["test"], classes, val=extra["val"])
+        extra[split] = ImageFiles(split_paths, split_targets)
+    return RawSplits(ImageFiles(paths, targets), extra["test"], classes, val=extra["val"])
 
 
 # ----------------------------------------------------------------------------- CSV lists
@@ -389,7 +389,7 @@ def load_csv_dataset(data_dir: Path) -> RawSplits:
     index = {name: i for i, name in enumerate(classes)}
     if (data_dir / "classes.txt").is_file():  # integer labels index classes.txt
         index = {**{str(i): i for i in range(len(classes))}, **index}
-    sources: dict[str, _ListedImages] = {}
+    sources: dict[str, ImageFiles] = {}
     for split, rows in tables.items():
         csv_path = data_dir / f"{split}.csv"
         paths, targets = [], []
@@ -408,7 +408,7 @@ def load_csv_dataset(data_dir: Path) -> RawSplits:
                 )
             paths.append(image)
             targets.append(index[label])
-        sources[split] = _ListedImages(paths, targets)
+        sources[split] = ImageFiles(paths, targets)
     return RawSplits(sources["train"], sources.get("test"), classes)
 
 

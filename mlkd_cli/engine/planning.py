@@ -19,6 +19,7 @@ from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import shown
 from mlkd_cli.data.device import device_unsupported
+from mlkd_cli.data.memory import why_not_held
 from mlkd_cli.data.registry import (
     HOLDOUT_SEED,
     DataSplits,
@@ -298,11 +299,22 @@ def data_pipeline(
     cfg: TrainConfig, splits: DataSplits, device_type: str, image_config: ImageConfig
 ) -> str:
     """Which training pipeline a run uses: "device" or "cpu" (refusing what cannot work)."""
-    in_memory = isinstance(splits.train, ArraySource)
-    if cfg.data_pipeline == "device" and not in_memory:
+    return choose_data_pipeline(cfg, splits, image_config)[0]
+
+
+def choose_data_pipeline(
+    cfg: TrainConfig, splits: DataSplits, image_config: ImageConfig
+) -> tuple[str, str]:
+    """The training pipeline ("device" or "cpu") and why, in words for the run's line.
+
+    The device pipeline needs the training images in memory: CIFAR and digits are; image files
+    of one small size are decoded into memory first (`data.memory`).
+    """
+    not_held = why_not_held(splits.train, image_config.img_size, cfg.world_size)
+    if cfg.data_pipeline == "device" and not_held:
         raise UserError(
-            f"--data-pipeline device needs a dataset held in memory (cifar-10, cifar-100, "
-            f"digits); {cfg.dataset} is decoded from files: use --data-pipeline cpu"
+            f"--data-pipeline device needs the training images in memory, and {cfg.dataset} "
+            f"cannot be held: {not_held}; use --data-pipeline cpu"
         )
     missing = device_unsupported(image_config) if cfg.augment else []
     if cfg.data_pipeline == "device" and missing:
@@ -310,9 +322,16 @@ def data_pipeline(
             f"the device data pipeline does not do {', '.join(missing)}; use --data-pipeline "
             "cpu (timm's transforms on loader workers) or drop them"
         )
-    if cfg.data_pipeline == "auto":
-        # In memory, one batched pass beats per-image transforms on any device: on a 2-core CPU
-        # test_convnext at 32 px trained at 2,000+ img/s this way against 570 through timm's
-        # per-image transforms in the main process (BENCHMARKS.md, "Small models").
-        return "device" if in_memory and not missing else "cpu"
-    return cfg.data_pipeline
+    held = "" if isinstance(splits.train, ArraySource) else ", image files held in memory"
+    if cfg.data_pipeline == "cpu":
+        return "cpu", "cpu (--data-pipeline cpu)"
+    if cfg.data_pipeline == "device":
+        return "device", f"device (--data-pipeline device{held})"
+    # In memory, one batched pass beats per-image transforms on any device: on a 2-core CPU
+    # test_convnext at 32 px trained at 2,000+ img/s this way against 570 through timm's
+    # per-image transforms in the main process (BENCHMARKS.md, "Small models").
+    if missing:
+        return "cpu", f"cpu (timm's transforms: the device pipeline lacks {missing[0]})"
+    if not_held:
+        return "cpu", f"cpu (timm's transforms: {not_held})"
+    return "device", f"device (batched augmentation{held})"

@@ -26,6 +26,7 @@ from mlkd_cli import __version__
 from mlkd_cli.core.atomic import run_lock
 from mlkd_cli.core.checkpoint import ModelCard
 from mlkd_cli.core.console import Reporter
+from mlkd_cli.core.cpus import cores_per_process
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import RunInterrupted, RunStopped, UserError
 from mlkd_cli.core.rng import seed_everything, set_rng_state
@@ -37,6 +38,7 @@ from mlkd_cli.data.loaders import (
     build_eval_loader,
     build_train_batches,
 )
+from mlkd_cli.data.memory import hold_splits
 from mlkd_cli.data.registry import (
     DataSplits,
     load_splits,
@@ -57,7 +59,12 @@ from mlkd_cli.engine.history import History
 from mlkd_cli.engine.interrupt import StopRequest
 from mlkd_cli.engine.launch import launch, launcher_rank
 from mlkd_cli.engine.loggers import build_loggers, parse_log_to
-from mlkd_cli.engine.planning import RunFiles, RunPlan, data_pipeline, describe_augmentation
+from mlkd_cli.engine.planning import (
+    RunFiles,
+    RunPlan,
+    choose_data_pipeline,
+    describe_augmentation,
+)
 from mlkd_cli.engine.precision import Precision, choose_layout, keep_idle_tap_convs_fp32
 from mlkd_cli.models.norms import use_fast_group_norms
 
@@ -114,14 +121,16 @@ def build_training_batches(
     ctx: DistContext,
     positions: list[int] | None = None,
     replay: ViewReplay | None = None,
+    pipeline: str = "cpu",
 ) -> TrainingBatches:
-    """This rank's training batches from the pipeline the run asked for, over the training
-    split's `positions` (default all of it); with `replay`, each image in a stored view."""
+    """This rank's training batches from `pipeline` ("device" needs the training images in
+    memory), over the training split's `positions` (default all of it); with `replay`, each
+    image in a stored view."""
     per_process = cfg.batch_plan(ctx.world_size).per_process
     indices = splits.train_indices
     if positions is not None:
         indices = [indices[p] for p in positions]
-    if data_pipeline(cfg, splits, ctx.device.type, image_config) == "device":
+    if pipeline == "device":
         assert isinstance(splits.train, ArraySource)
         return DeviceBatches(
             splits.train,
@@ -264,9 +273,12 @@ class _Run:
     def _setup_data(self) -> None:
         cfg, ctx, image_config = self.cfg, self.ctx, self.plan.image_config
         splits = load_splits(cfg.dataset, cfg.data_dir, False, cfg.val_fraction)
+        pipeline, self.pipeline_why = choose_data_pipeline(cfg, splits, image_config)
+        if pipeline == "device" and not isinstance(splits.train, ArraySource):
+            splits, pipeline = self._hold_in_memory(splits)
         positions = self.plan.training_positions(len(splits.train_indices))
         self.train_batches = build_training_batches(
-            cfg, splits, image_config, ctx, positions, self.plan.view_replay
+            cfg, splits, image_config, ctx, positions, self.plan.view_replay, pipeline
         )
         self.val_set = TransformedSubset(
             splits.val, splits.val_indices, build_eval_transform(image_config)
@@ -277,6 +289,26 @@ class _Run:
         self.num_batches = self.train_batches.batches_per_epoch
         if self.num_batches == 0:
             raise UserError(f"{cfg.dataset} has no training batches; lower --batch-size")
+
+    def _hold_in_memory(self, splits: DataSplits) -> tuple[DataSplits, str]:
+        """The splits with the training image files decoded into memory for the device
+        pipeline; where one breaks the plan's sample (another size, unreadable), timm's
+        transforms instead, said in one line, unless nothing else will do."""
+        held = hold_splits(splits, cores_per_process(self.ctx.world_size))
+        if not isinstance(held, str):
+            return held, "device"
+        if self.cfg.data_pipeline == "device" or self.plan.view_replay is not None:
+            asked = (
+                "--data-pipeline device"
+                if self.cfg.data_pipeline == "device"
+                else ("replaying the store's views")
+            )
+            raise UserError(
+                f"{asked} needs the training images in memory, and they cannot be held: "
+                f"{held}; use --data-pipeline cpu (and a store labelled with it)"
+            )
+        self.pipeline_why = f"cpu (timm's transforms: {held})"
+        return splits, "cpu"
 
     def _setup_model(self) -> None:
         seed_everything(self.cfg.seed, 0, -1)  # identical initial weights on every rank
@@ -379,9 +411,9 @@ class _Run:
         passes = f"{self.accum} pass" + ("es" if self.accum > 1 else "")
         self.report.info(
             f"  {processes} on {ctx.device.type}, effective batch {plan.global_batch} "
-            f"({plan.per_process} each, {passes}), data pipeline "
-            f"{_pipeline_name(self.train_batches)}"
+            f"({plan.per_process} each, {passes})"
         )
+        self.report.info(f"  data pipeline {self.pipeline_why}")
         views, _, mixing = describe_augmentation(self.plan.image_config, cfg).rpartition("; ")
         self.report.info(views)  # within 80 columns: the views, then how images are mixed
         self.report.info(f"  {mixing}")
@@ -497,10 +529,6 @@ class _Run:
             "effective_batch": self.batch_plan.global_batch,
             "files": self.checkpoints.written(),
         }
-
-
-def _pipeline_name(batches: TrainingBatches) -> str:
-    return "device" if isinstance(batches, DeviceBatches) else "cpu"
 
 
 def _interrupted(stop: StopRequest, files: RunFiles, where: str) -> RunInterrupted:

@@ -20,11 +20,13 @@ import torch
 
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.constants import SHARD_SIZE
+from mlkd_cli.core.cpus import cores_per_process
 from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import clip
 from mlkd_cli.data.device import DeviceAugment
 from mlkd_cli.data.loaders import TransformedSubset, build_keyed_loader
+from mlkd_cli.data.memory import hold_splits
 from mlkd_cli.data.registry import DataSplits, load_splits
 from mlkd_cli.data.softlabels import (
     MAX_SHARDS,
@@ -230,6 +232,18 @@ def _check_outputs(
         )
 
 
+def _held(splits: DataSplits, ctx: DistContext) -> DataSplits:
+    """The splits with the training image files decoded into memory (the device pipeline's
+    views are drawn from them); a file that breaks the plan's sample stops the job."""
+    held = hold_splits(splits, cores_per_process(ctx.world_size))
+    if isinstance(held, str):
+        raise UserError(
+            f"the device pipeline needs the training images in memory, and they cannot be "
+            f"held: {held}; label with --data-pipeline cpu"
+        )
+    return held
+
+
 def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
     """The worker `mlkd teacher label` launches on every rank: label this rank's missing shards."""
     cfg, manifest = plan.config, plan.manifest
@@ -253,6 +267,7 @@ def label_worker(ctx: DistContext, plan: LabelPlan) -> dict[str, Any]:
     mine = [s for s in shards_of_rank(manifest, ctx.rank, ctx.world_size) if s not in done]
     subset = draws = None
     if plan.pipeline == "device":
+        splits = _held(splits, ctx)
         draws = ViewReplay(manifest.seed, manifest.views, manifest.images).draw_table()
     else:
         transform = build_train_transform if cfg.augment else build_eval_transform

@@ -109,6 +109,11 @@ def _corrupt_image(root: Path) -> None:
     image.write_bytes(image.read_bytes()[:50])
 
 
+def _mixed_sizes(root: Path) -> None:
+    write_image_folder(root / "pets", {"train": 4, "val": 2})
+    Image.new("RGB", (30, 24)).save(root / "pets" / "train" / "cat" / "2.png")
+
+
 def _csv(table: str, classes: str | None = None) -> Callable[[Path], None]:
     """data/train.csv holding `table`, beside one real image data/img/a.png."""
 
@@ -255,10 +260,14 @@ CASES = [
         ("--data-pipeline", "'gpu' is not one of 'auto', 'device', 'cpu'"),
     ),
     Case(
-        "device pipeline for images decoded from files",
+        "device pipeline for image files that cannot all be held in memory",
         (*FOLDER, "--data-pipeline", "device"),
-        ("--data-pipeline device needs a dataset held in memory", "--data-pipeline cpu"),
-        _corrupt_image,
+        (
+            "--data-pipeline device needs the training images in memory",
+            "differ in size (24x24, 30x24)",
+            "--data-pipeline cpu",
+        ),
+        _mixed_sizes,
     ),  # fmt: skip
     Case(
         "teacher cache with random augmentation",
