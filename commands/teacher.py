@@ -8,6 +8,7 @@ from typing import Annotated, ClassVar
 
 import typer
 
+from mlkd_cli import api
 from mlkd_cli.core.atomic import check_writable
 from mlkd_cli.core.console import Reporter, saved_lines
 from mlkd_cli.core.constants import DEFAULT_VIEWS, SHARD_SIZE
@@ -77,13 +78,11 @@ class TeacherTrainRequest(TrainingFlags):
 def train(request: TeacherTrainRequest) -> None:
     """Fine-tune any timm model on a dataset; saves the best model by validation top-1."""
     cfg = request.config()
-    from mlkd_cli.engine.launch import launcher_rank
-    from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
-    from mlkd_cli.engine.trainer import launch_training
-
-    plan = plan_teacher_training(cfg)
-    summary = launch_training(train_teacher, plan)
-    report = Reporter(cfg.output, rank=launcher_rank())
+    result = api.train_teacher(cfg)
+    if result is None:  # a torchrun rank other than 0
+        return
+    summary = result.record
+    report = Reporter(cfg.output)
     best = summary["best_row"] or {}
     report.table(
         f"teacher {summary['name']}: {summary['model']} on {summary['dataset']}",
