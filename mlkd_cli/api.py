@@ -30,7 +30,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from mlkd_cli.core.atomic import check_new_files, check_writable
 from mlkd_cli.core.coerce import config_field_names
 from mlkd_cli.core.console import OutputOptions, Reporter, new_run
-from mlkd_cli.core.constants import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MIN_AGREEMENT
+from mlkd_cli.core.constants import (
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_MIN_AGREEMENT,
+    DEFAULT_VIEWS,
+    SHARD_SIZE,
+)
 from mlkd_cli.core.cpus import prefer_short_spin
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.safeload import quote, shown
@@ -143,6 +148,20 @@ class DistillResult(TrainingResult):
     def exit_top1(self) -> list[float | None]:
         """Validation top-1 (%) of each exit at the best epoch, first exit first."""
         return [self.best.get(f"exit{i}_top1") for i in range(1, len(self.exits) + 1)]
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    """A soft-label store: a teacher's outputs for numbered augmented views of every image."""
+
+    store: Path
+    manifest: Path
+    images: int
+    views: int
+    top_k: int
+    shards: int
+    skipped: int  # shards already written (a continued labelling)
+    record: dict[str, Any] = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -340,6 +359,66 @@ def distill(
     if summary is None or launcher_rank() != 0:
         return None
     return DistillResult.from_summary(summary)
+
+
+def label(
+    config: DistillConfig | None = None,
+    /,
+    *,
+    output: PathLike,
+    views: int = DEFAULT_VIEWS,
+    top_k: int | None = None,
+    shard_size: int = SHARD_SIZE,
+    preset: str | None = None,
+    progress: Progress = False,
+    **settings: Any,
+) -> LabelResult | None:
+    """Store a teacher's outputs for `views` augmented views of every training image in the
+    folder `output` (`mlkd teacher label`); `distill(soft_labels=output)` replays them. A
+    store left unfinished is continued.
+
+    `settings` are the `DistillConfig` fields that name the data, the teacher (ensemble, or
+    teacher_model and teacher_checkpoint), the augmentation and how processes run.
+    """
+    new_run()
+    cfg = _config(DistillConfig, "distill", config, preset, settings, progress)
+    store = Path(output)
+    _check_store_folder(store)
+    from mlkd_cli.engine.launch import launcher_rank
+    from mlkd_cli.passes.labeling import label_store, plan_labeling
+
+    plan = plan_labeling(cfg, store, views, top_k, shard_size)
+    summary = label_store(plan)
+    if summary is None or launcher_rank() != 0:
+        return None
+    manifest = plan.manifest
+    return LabelResult(
+        store=store,
+        manifest=store / "manifest.json",
+        images=manifest.images,
+        views=manifest.views,
+        top_k=manifest.top_k,
+        shards=manifest.shard_count,
+        skipped=summary["skipped"],
+        record={**summary, "manifest": str(store / "manifest.json")},
+    )
+
+
+def _check_store_folder(output: Path) -> None:
+    """Before any work: the store is a folder that can be written, new, empty, or a store
+    (which the labelling continues; one made with other settings is refused when planned)."""
+    from mlkd_cli.data.softlabels import MANIFEST
+
+    if output.exists() and not output.is_dir():
+        raise UserError(
+            f"--output {shown(output)} is a file; a soft-label store is a folder: name a new one"
+        )
+    check_writable(output, "--output")
+    if output.is_dir() and not (output / MANIFEST).is_file() and any(output.iterdir()):
+        raise UserError(
+            f"--output {shown(output)} holds files but no {MANIFEST}, so it is no soft-label "
+            "store; name a new or empty folder"
+        )
 
 
 # ------------------------------------------------------------------------------ ensembles

@@ -83,6 +83,10 @@ MISTAKES = {
         lambda: api.evaluate("t.pth", batch_size=0),
         ("eval", "t.pth", "--batch-size", "0"),
     ),
+    "views": (
+        lambda: api.label(output="store", dataset="digits", views=0),
+        ("teacher", "label", "-o", "store", "-d", "digits", "--views", "0"),
+    ),
     "in-place": (
         lambda: api.build_ensemble("e.json", output="out.json", in_place=True),
         ("ensemble", "build", "e.json", "--output", "out.json", "--in-place"),
