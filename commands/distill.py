@@ -8,6 +8,7 @@ from typing import Annotated, ClassVar
 
 import typer
 
+from mlkd_cli import api
 from mlkd_cli.core.console import OutputOptions, Reporter, saved_lines
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.engine.config import DistillConfig
@@ -129,13 +130,11 @@ def distill(request: DistillRequest) -> None:
         show_losses(request.output_options)
         return
     cfg = request.config(loss_params=parse_loss_params(request.loss_param))
-    from mlkd_cli.engine.distiller import distill_student, plan_distillation
-    from mlkd_cli.engine.launch import launcher_rank
-    from mlkd_cli.engine.trainer import launch_training
-
-    plan = plan_distillation(cfg)
-    summary = launch_training(distill_student, plan)
-    report = Reporter(cfg.output, rank=launcher_rank())
+    result = api.distill(cfg)
+    if result is None:  # a torchrun rank other than 0
+        return
+    summary = result.record
+    report = Reporter(cfg.output)
     best = summary["best_row"] or {}
     rows = [["final", _pct(best.get("val_top1")), best.get("val_nll")]]
     for i in range(1, len(summary["exits"]) + 1):

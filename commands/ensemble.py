@@ -8,12 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mlkd_cli.core.atomic import check_new_files, check_writable
+from mlkd_cli import api
 from mlkd_cli.core.console import Reporter
-from mlkd_cli.core.errors import UserError
-from mlkd_cli.core.safeload import shown
-from mlkd_cli.models.ensemble_config import ORIGINAL, read_ensemble_config
-from mlkd_cli.presets import resolve_preset
 
 from . import options as opt
 from .requests import OutputFlags, RunFlags, takes
@@ -68,32 +64,6 @@ def _render(
             ]
         )
     report.table(title, ["member", "architecture", "weight", "top-1 %", "NLL"], lines)
-
-
-def _check_destination(
-    config_path: Path, output: Path | None, overwrite: bool, models_dir: Path | None
-) -> None:
-    """Before any work: the fitted file's folder exists and is writable, and --output is
-    neither an existing file (unless --overwrite) nor CONFIG (which --in-place rewrites) nor a
-    member's checkpoint (ever)."""
-    destination = output or config_path
-    folder = destination.parent
-    if not folder.is_dir():
-        raise UserError(
-            f"cannot write {shown(destination)}: folder {shown(folder)} does not exist; "
-            "create it first"
-        )
-    check_writable(folder, "--output" if output is not None else "--in-place")
-    if output is None:
-        return  # --in-place: CONFIG is rewritten with its weights, by request
-    if config_path.exists() and output.resolve() == config_path.resolve():
-        raise UserError(
-            f"--output {shown(output)} is CONFIG itself; drop --output (or pass --in-place) "
-            "to rewrite it"
-        )
-    members = read_ensemble_config(config_path, models_dir).members
-    inputs = [config_path, *(m.checkpoint for m in members)]
-    check_new_files([output], overwrite, "--output", sources=inputs)
 
 
 @dataclass(kw_only=True)
@@ -197,53 +167,39 @@ class EnsembleEvalRequest(EnsembleRequest):
 @takes(EnsembleBuildRequest)
 def build(request: EnsembleBuildRequest) -> None:
     """Fit member weights on the held-out validation split and write them into the file."""
-    config_path, output, preset = request.config_path, request.output, request.preset
-    if output is not None and request.in_place:
-        raise UserError("--output writes a new file and --in-place rewrites CONFIG; pass one")
-    _check_destination(config_path, output, request.overwrite, request.models_dir)
-    dataset, fit_temperature = request.dataset, request.fit_temperature
-    if preset is not None:  # the preset's dataset and ensemble settings, under the flags given
-        resolved = resolve_preset(preset)
-        dataset = dataset or (resolved.distill.dataset if resolved.distill else None)
-        if fit_temperature is None:
-            fit_temperature = resolved.fit_temperature
-    fit_temperature = bool(fit_temperature)
-    out = request.output_options
-    from mlkd_cli.passes.ensemble import fit_and_write, run_logits_pass
-
-    run = run_logits_pass(request.logits_request(config_path, "val", dataset))
-    if run is None:
+    r = request
+    fitted = api.build_ensemble(
+        r.config_path,
+        output=r.output,
+        in_place=r.in_place,
+        dataset=r.dataset,
+        data_dir=r.data_dir,
+        models_dir=r.models_dir,
+        val_fraction=r.val_fraction,
+        batch_size=r.batch_size,
+        teacher_ema=r.teacher_ema,
+        fit_temperature=r.fit_temperature,
+        preset=r.preset,
+        overwrite=r.overwrite,
+        world_size=r.world_size,
+        device=r.device,
+        precision=r.precision,
+        workers=r.workers,
+        progress=r.output_options,
+    )
+    if fitted is None:  # a torchrun rank other than 0
         return
-    config, plan, labels = run.config, run.plan, run.labels
-    report = Reporter(out)
-    destination = output or config_path
-    fit, rows = fit_and_write(run, fit_temperature, destination)
-    moved = destination.resolve().parent != config_path.resolve().parent
-    if moved and config.layout == ORIGINAL:
-        report.warn(
-            f"{destination}'s names resolve against models/ beside it; "
-            f"pass --models-dir {config.members[0].checkpoint.parent} when using it"
-        )
-    title = f"ensemble on {plan.dataset} val ({len(labels)} images)"
-    _render(report, title, rows, fit.weights)
-    temperature = f", temperature {fit.temperature:.4f}" if fit.temperature is not None else ""
+    report = Reporter(r.output_options)
+    title = f"ensemble on {fitted.dataset} val ({fitted.images} images)"
+    _render(report, title, fitted.members, fitted.weights)
+    temperature = (
+        f", temperature {fitted.temperature:.4f}" if fitted.temperature is not None else ""
+    )
     report.info(
-        f"held-out NLL {fit.equal_nll:.4f} with equal weights, {fit.fitted_nll:.4f} fitted"
-        f"{temperature}; wrote {destination}"
+        f"held-out NLL {fitted.equal_nll:.4f} with equal weights, {fitted.fitted_nll:.4f} fitted"
+        f"{temperature}; wrote {fitted.written}"
     )
-    report.result(
-        {
-            "dataset": plan.dataset,
-            "split": "val",
-            "images": len(labels),
-            "weights": fit.weights,
-            "temperature": fit.temperature,
-            "equal_nll": fit.equal_nll,
-            "fitted_nll": fit.fitted_nll,
-            "written": str(destination),
-            "rows": rows,
-        }
-    )
+    report.result(fitted.record)
 
 
 @app.command("eval")

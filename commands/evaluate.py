@@ -8,17 +8,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mlkd_cli.core.atomic import check_new_files, check_writable
+from mlkd_cli import api
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.errors import UserError
-from mlkd_cli.core.safeload import shown
 
 from . import options as opt
 from .requests import OutputFlags, RunFlags, takes
 
 if TYPE_CHECKING:  # the engine loads when a command runs, not for --help
     from mlkd_cli.anytime.evaluation import AnytimeJob
-    from mlkd_cli.passes.evaluation import EvalJob, Measured
 
 
 @dataclass(kw_only=True)
@@ -148,115 +146,50 @@ class EvaluateRequest(OutputFlags, RunFlags):
 def evaluate(request: EvaluateRequest) -> None:
     """Top-1, top-5, NLL, calibration (ECE) and the worst classes of a model on a split; for a
     student with exits, every exit and the early-exit cascade too."""
-    checkpoints, plots = request.checkpoints, request.plots
-    out = request.output_options
-    if request.provenance:
-        show_provenance(checkpoints, Reporter(out))
+    r = request
+    out = r.output_options
+    if r.provenance:
+        show_provenance(r.checkpoints, Reporter(out))
         return
-    if request.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
-    given = _parse_thresholds(request.thresholds)
-    anytime = _students_with_exits(checkpoints, request.early_exit, given is not None)
-    plain_flags = (request.model, request.num_classes, request.img_size)
-    if anytime and any(flag is not None for flag in plain_flags):
-        raise UserError(
-            f"{anytime[0]} records its student and size; drop --model, --num-classes, --img-size"
-        )
-    if plots is not None:
-        _check_plots(plots, checkpoints, anytime, request.overwrite)
-    from mlkd_cli.anytime.evaluation import AnytimeRequest, plan_anytime_job
-    from mlkd_cli.engine.launch import launcher_rank
-    from mlkd_cli.passes.evaluation import EvalRequest, plan_eval_job
-
-    common = {
-        "dataset": request.dataset,
-        "data_dir": request.data_dir,
-        "split": request.split,
-        "batch_size": request.batch_size,
-        "workers": request.workers,
-        "precision": request.precision or "auto",
-        "output": out,
-    }
-    jobs: list[EvalJob | AnytimeJob] = [
-        plan_anytime_job(
-            AnytimeRequest(
-                path=path,
-                early_exit=request.early_exit,
-                max_drop=request.max_drop,
-                budget=request.budget,
-                risk=request.risk,
-                exit_rule=request.exit_rule,
-                thresholds=given,
-                timing_images=request.timing_images,
-                latency=request.latency,
-                **common,
-            )
-        )
-        if path in anytime
-        else plan_eval_job(
-            EvalRequest(
-                path=path,
-                arch=request.model,
-                num_classes=request.num_classes,
-                img_size=request.img_size,
-                models_dir=request.models_dir,
-                **common,
-            )
-        )
-        for path in checkpoints
-    ]
-    world_size, device = request.world_size or 1, request.device or "auto"
-    results = [_run_job(job, world_size, device, plots, Reporter(out)) for job in jobs]
-    results = [r for r in results if r is not None]
-    if launcher_rank() != 0:
+    results = api.evaluate(
+        r.checkpoints,
+        dataset=r.dataset,
+        split=r.split,
+        data_dir=r.data_dir,
+        model=r.model,
+        num_classes=r.num_classes,
+        img_size=r.img_size,
+        models_dir=r.models_dir,
+        batch_size=r.batch_size,
+        plots=r.plots,
+        early_exit=r.early_exit,
+        max_drop=r.max_drop,
+        budget=r.budget,
+        risk=r.risk,
+        exit_rule=r.exit_rule,
+        thresholds=_parse_thresholds(r.thresholds),
+        timing_images=r.timing_images,
+        latency=r.latency,
+        overwrite=r.overwrite,
+        world_size=r.world_size,
+        device=r.device,
+        precision=r.precision,
+        workers=r.workers,
+        progress=out,
+    )
+    if results is None:  # a torchrun rank other than 0
         return
-    plain_results = [r for r in results if "heads" not in r]
+    for result in results:  # a student with exits: its own tables
+        if result.heads is not None:
+            _render_anytime(Reporter(out), result.record, result.job)
+    plain_results = [result.record for result in results if result.heads is None]
     if plain_results:
         _render(Reporter(out), plain_results)
     report = Reporter(out)
     if len(results) == 1:
-        report.result(results[0])
+        report.result(results[0].record)
     else:
-        report.result({"results": results})
-
-
-def _run_job(
-    job: EvalJob | AnytimeJob, world_size: int, device: str, plots: Path | None, report: Reporter
-) -> dict[str, Any] | None:
-    """One job's result (None off rank 0); a student with exits is rendered at once."""
-    from mlkd_cli.anytime.evaluation import AnytimeJob, measure_anytime
-    from mlkd_cli.passes.evaluation import measure
-
-    if isinstance(job, AnytimeJob):
-        result = measure_anytime(job, world_size, device)
-        if result is None:
-            return None
-        if plots is not None:
-            result["plots"] = _anytime_plot(plots, job, result)
-        _render_anytime(report, result, job)
-        return result
-    measured = measure(job, world_size, device)
-    if measured is None:
-        return None
-    result = measured.result
-    if plots is not None:
-        result["plots"] = _plots(plots, job, measured)
-    return result
-
-
-def _students_with_exits(checkpoints: list[Path], early_exit: bool, given: bool) -> list[Path]:
-    """The checkpoints that hold a student with exits; the exit flags need every one to."""
-    from mlkd_cli.models.exits import is_exits_checkpoint
-
-    anytime = [path for path in checkpoints if is_exits_checkpoint(path)]
-    plain = [path for path in checkpoints if path not in anytime]
-    if (early_exit or given) and plain:
-        flag = "--early-exit" if early_exit else "--thresholds"
-        raise UserError(
-            f"{flag} needs a student with exits, and {plain[0]} has none; pass the "
-            "<name>_exits.pth that mlkd distill writes beside <name>.pth"
-        )
-    return anytime
+        report.result({"results": [result.record for result in results]})
 
 
 def _parse_thresholds(text: str | None) -> tuple[float, ...] | None:
@@ -266,40 +199,6 @@ def _parse_thresholds(text: str | None) -> tuple[float, ...] | None:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
         raise UserError(f"--thresholds takes numbers like 0.9,0.9,0.95, not {text!r}") from None
-
-
-def _plot_files(folder: Path, path: Path, anytime: bool) -> list[Path]:
-    """The PNGs --plots writes for one checkpoint."""
-    kinds = ("anytime",) if anytime else ("confusion", "reliability")
-    return [folder / f"{path.stem}_{kind}.png" for kind in kinds]
-
-
-def _check_plots(
-    folder: Path, checkpoints: list[Path], anytime: list[Path], overwrite: bool
-) -> None:
-    """Before any work: the --plots folder can be written, and no figure in it exists (unless
-    --overwrite) or would be written twice; then the folder is created."""
-    check_writable(folder, "--plots")
-    files = [f for path in checkpoints for f in _plot_files(folder, path, path in anytime)]
-    twice = next((f for i, f in enumerate(files) if f in files[:i]), None)
-    if twice is not None:
-        raise UserError(
-            f"--plots would write {shown(twice)} twice (two checkpoints named "
-            f"{shown(twice.stem.rsplit('_', 1)[0])}); evaluate them one at a time"
-        )
-    check_new_files(files, overwrite, "--plots", sources=checkpoints)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --plots {shown(folder)} ({exc.strerror or exc})") from None
-
-
-def _anytime_plot(folder: Path, job: AnytimeJob, result: dict[str, Any]) -> dict[str, str]:
-    from mlkd_cli.core.plots import anytime_png
-
-    (path,) = _plot_files(folder, job.path, anytime=True)
-    anytime_png(result, f"{job.label} on {job.dataset} {job.split}", path)
-    return {"accuracy_vs_macs": str(path)}
 
 
 def _rate(value: float | None) -> str | None:
@@ -463,19 +362,6 @@ def _thresholds_label(cascade: dict[str, Any]) -> str:
     values = cascade["thresholds"]
     text = f"{values[0]:g}" if len(set(values)) == 1 else ",".join(f"{v:g}" for v in values)
     return text if cascade["rule"] not in ("chosen", "given") else f"{text} ({cascade['rule']})"
-
-
-def _plots(folder: Path, job: EvalJob, measured: Measured) -> dict[str, str]:
-    from mlkd_cli.core.metrics import confusion_matrix, reliability_bins
-    from mlkd_cli.core.plots import confusion_matrix_png, reliability_png
-
-    title = f"{job.label} on {job.dataset} {job.split}"
-    confusion, reliability = _plot_files(folder, job.path, anytime=False)
-    logits, labels = measured.logits, measured.labels
-    confusion_matrix_png(confusion_matrix(logits, labels), measured.class_names, title, confusion)
-    bins = reliability_bins(logits.double().softmax(1), labels)
-    reliability_png(bins, measured.result["ece"], title, reliability)
-    return {"confusion_matrix": str(confusion), "reliability": str(reliability)}
 
 
 def _render(report: Reporter, results: list[dict[str, Any]]) -> None:

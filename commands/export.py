@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from mlkd_cli import api
 from mlkd_cli.core.console import Reporter
 from mlkd_cli.core.constants import (
     DEFAULT_CALIBRATION_IMAGES,
@@ -16,7 +17,6 @@ from mlkd_cli.core.constants import (
     FORMATS,
     INT8_TARGETS,
 )
-from mlkd_cli.core.errors import UserError
 
 from . import options as opt
 from .requests import OutputFlags, takes
@@ -110,27 +110,24 @@ def export(request: ExportRequest) -> None:
     """Export a checkpoint to safetensors, ONNX or TorchScript, checked against PyTorch; with
     --int8, an int8 ONNX checked against the fp32 one too."""
     r = request
-    if r.int8_target is not None and not r.int8:
-        raise UserError("--int8-target chooses how --int8 quantizes: add --int8")
-    target = r.int8_target or "auto"
-    from mlkd_cli.export import TOLERANCE, Int8Options, export_any
-
-    options = (
-        Int8Options(r.data_dir, r.calibration_images, r.min_agreement, target, r.output_options)
-        if r.int8
-        else None
-    )
-    checkpoint = r.checkpoint
-    results = export_any(
-        checkpoint,
-        r.fmt,
-        r.output,
-        r.model,
-        r.num_classes,
-        r.img_size,
-        options,
+    exported = api.export(
+        r.checkpoint,
+        format=r.fmt,
+        output=r.output,
+        model=r.model,
+        num_classes=r.num_classes,
+        img_size=r.img_size,
+        int8=r.int8,
+        calibration_images=r.calibration_images,
+        min_agreement=r.min_agreement,
+        int8_target=r.int8_target,
+        data_dir=r.data_dir,
         overwrite=r.overwrite,
+        progress=r.output_options,
     )
+    from mlkd_cli.export import TOLERANCE
+
+    checkpoint, results = r.checkpoint, [e.record for e in exported]
     report = Reporter(r.output_options)
     report.table(
         f"export of {checkpoint}",

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from mlkd_cli import api
 from mlkd_cli.core.console import Reporter
 
 from . import options as opt
@@ -48,27 +49,22 @@ class PipelineRequest(OutputFlags, RestartFlags, RunFlags):
 @takes(PipelineRequest)
 def pipeline(request: PipelineRequest) -> None:
     """Run the whole method from a preset; a stopped run continues where it stopped."""
-    from mlkd_cli.engine.launch import launcher_rank
-    from mlkd_cli.pipeline import PipelineOptions, run_pipeline
-
     out = request.output_options
-    folder = request.run_dir or Path("runs") / Path(request.preset).stem
-    summary = run_pipeline(
-        PipelineOptions(
-            preset=request.preset,
-            run_dir=folder,
-            data_dir=request.data_dir,
-            baseline=request.baseline,
-            world_size=request.world_size or 1,
-            device=request.device or "auto",
-            precision=request.precision or "auto",
-            workers=request.workers,
-            output=out,
-            max_restarts=request.max_restarts or 0,
-        )
+    result = api.pipeline(
+        request.preset,
+        run_dir=request.run_dir,
+        data_dir=request.data_dir,
+        baseline=request.baseline,
+        world_size=request.world_size,
+        device=request.device,
+        precision=request.precision,
+        workers=request.workers,
+        max_restarts=request.max_restarts,
+        progress=out,
     )
-    if summary is None or launcher_rank() != 0:
+    if result is None:  # a torchrun rank other than 0
         return
+    summary = result.record
     report = Reporter(out)
     report.table(
         f"{summary['preset']}: test split ({summary['run_dir']})",

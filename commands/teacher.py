@@ -8,11 +8,9 @@ from typing import Annotated, ClassVar
 
 import typer
 
-from mlkd_cli.core.atomic import check_writable
+from mlkd_cli import api
 from mlkd_cli.core.console import Reporter, saved_lines
 from mlkd_cli.core.constants import DEFAULT_VIEWS, SHARD_SIZE
-from mlkd_cli.core.errors import UserError
-from mlkd_cli.core.safeload import shown
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig
 
 from . import options as opt
@@ -77,13 +75,11 @@ class TeacherTrainRequest(TrainingFlags):
 def train(request: TeacherTrainRequest) -> None:
     """Fine-tune any timm model on a dataset; saves the best model by validation top-1."""
     cfg = request.config()
-    from mlkd_cli.engine.launch import launcher_rank
-    from mlkd_cli.engine.teacher import plan_teacher_training, train_teacher
-    from mlkd_cli.engine.trainer import launch_training
-
-    plan = plan_teacher_training(cfg)
-    summary = launch_training(train_teacher, plan)
-    report = Reporter(cfg.output, rank=launcher_rank())
+    result = api.train_teacher(cfg)
+    if result is None:  # a torchrun rank other than 0
+        return
+    summary = result.record
+    report = Reporter(cfg.output)
     best = summary["best_row"] or {}
     report.table(
         f"teacher {summary['name']}: {summary['model']} on {summary['dataset']}",
@@ -158,39 +154,21 @@ class LabelRequest(TrainingFlags):
 def label(request: LabelRequest) -> None:
     """Store a teacher's outputs for numbered augmented views of every training image, once."""
     cfg = request.config()
-    output = request.output
-    _check_store_folder(output)
-    from mlkd_cli.engine.launch import launcher_rank
-    from mlkd_cli.passes.labeling import label_store, plan_labeling
-
-    plan = plan_labeling(cfg, output, request.views, request.top_k, request.shard_size)
-    summary = label_store(plan)
-    if launcher_rank() != 0:
+    labelled = api.label(
+        cfg,
+        output=request.output,
+        views=request.views,
+        top_k=request.top_k,
+        shard_size=request.shard_size,
+    )
+    if labelled is None:  # a torchrun rank other than 0
         return
     report = Reporter(cfg.output)
-    manifest = plan.manifest
     report.info(
-        f"{output}: {manifest.images} images x {manifest.views} views, top {manifest.top_k} "
-        f"logits each, {manifest.shard_count} shards ({summary['skipped']} already done)"
+        f"{labelled.store}: {labelled.images} images x {labelled.views} views, top "
+        f"{labelled.top_k} logits each, {labelled.shards} shards ({labelled.skipped} already done)"
     )
-    report.result({**summary, "manifest": str(output / "manifest.json")})
-
-
-def _check_store_folder(output: Path) -> None:
-    """Before any work: --output is a folder that can be written, new, empty, or a store (which
-    the labelling continues; one made with other settings is refused when planned)."""
-    from mlkd_cli.data.softlabels import MANIFEST
-
-    if output.exists() and not output.is_dir():
-        raise UserError(
-            f"--output {shown(output)} is a file; a soft-label store is a folder: name a new one"
-        )
-    check_writable(output, "--output")
-    if output.is_dir() and not (output / MANIFEST).is_file() and any(output.iterdir()):
-        raise UserError(
-            f"--output {shown(output)} holds files but no {MANIFEST}, so it is no soft-label "
-            "store; name a new or empty folder"
-        )
+    report.result(labelled.record)
 
 
 def _pct(value: float | None) -> str | None:

@@ -5,7 +5,8 @@ line.
 
     classifier = AnytimeClassifier.load("models/student_exits.pth")  # or its export folder
     result = classifier.predict(classifier.preprocess(images))  # PIL images, or a tensor
-    result.labels, result.exits, result.macs  # class indices, the exit each took, MACs spent
+    result.names, result.labels  # each image's class name (the card's) and index
+    result.exits, result.macs  # the exit each took, the MACs it cost
 
 From the staged ONNX folder `mlkd export` writes (`<name>_exits_staged/`), onnxruntime runs the
 student segment by segment and passes on only the images that have not exited, so the work done
@@ -46,6 +47,7 @@ class AnytimePrediction:
     probs: torch.Tensor  # (N, classes) softmax of the head each image left at
     exits: torch.Tensor  # (N,) the head taken: 0.. for the exits, `exit_count` for the final
     macs: torch.Tensor  # (N,) multiply-accumulates each image cost, at the training size
+    names: tuple[str, ...] = ()  # (N,) the class name of each label, from the student's card
 
     @property
     def mean_macs(self) -> float:
@@ -202,11 +204,13 @@ class AnytimeClassifier:
         with _one_torch_thread(self.staged is None):
             logits, taken = self._cascade(images)
             probs = logits.softmax(dim=1)
+        labels = probs.argmax(dim=1).cpu()
         return AnytimePrediction(
-            labels=probs.argmax(dim=1).cpu(),
+            labels=labels,
             probs=probs.cpu(),
             exits=taken.cpu(),
             macs=self._macs[taken.cpu()],
+            names=tuple(self.class_names[i] for i in labels.tolist()),
         )
 
 

@@ -1,5 +1,5 @@
 """The package's layers import one way only: core <- data, models, losses <- engine <- passes <-
-services <- commands; data/, models/ and losses/ share a layer and do not import each other.
+services <- api <- commands; data/, models/ and losses/ share a layer and do not import each other.
 
 Walks every module's imports with `ast` (those inside functions too), so the rule lasts.
 """
@@ -38,12 +38,23 @@ LAYERS = {
     "mlkd_cli.export": 4,
     "mlkd_cli.anytime": 4,
     "mlkd_cli.presets": 4,
-    "mlkd_cli.commands": 5,
-    "mlkd_cli.shipped_presets": 5,
-    "mlkd_cli.cli": 5,
-    "mlkd_cli.__main__": 5,
+    # The Python API: what each command does, as functions over the services; the commands call
+    # it and render what it returns.
+    "mlkd_cli.api": 5,
+    "mlkd_cli.commands": 6,
+    "mlkd_cli.shipped_presets": 6,
+    "mlkd_cli.cli": 6,
+    "mlkd_cli.__main__": 6,
 }
-NAMES = {0: "core", 1: "data/models/losses", 2: "engine", 3: "passes", 4: "services", 5: "commands"}
+NAMES = {
+    0: "core",
+    1: "data/models/losses",
+    2: "engine",
+    3: "passes",
+    4: "services",
+    5: "api",
+    6: "commands",
+}
 # Layer-1 prefixes that count as one concept with models/ (others on layer 1 do not import each
 # other).
 SIBLINGS = {"mlkd_cli.anytime.rules", "mlkd_cli.anytime.costs", "mlkd_cli.anytime.staged"}
