@@ -408,15 +408,13 @@ EffectiveBatchSize = Annotated[
 ]
 Lr = Annotated[
     float | None,
-    typer.Option(
-        "--lr", help="Peak AdamW learning rate (default {lr:g}).", rich_help_panel=OPTIMISATION
-    ),
+    typer.Option("--lr", help="Peak learning rate (default {lr:g}).", rich_help_panel=OPTIMISATION),
 ]
 WeightDecay = Annotated[
     float | None,
     typer.Option(
         "--weight-decay",
-        help="AdamW weight decay (default {weight_decay:g}).",
+        help="Weight decay, none on biases and norms (default {weight_decay:g}).",
         rich_help_panel=OPTIMISATION,
     ),
 ]
@@ -431,14 +429,71 @@ WarmupEpochs = Annotated[
 Optimizer = Annotated[
     str | None,
     typer.Option(
-        "--optimizer", help="adamw or sgd (default {optimizer}).", rich_help_panel=OPTIMISATION
+        "--optimizer",
+        "--opt",
+        help="adamw, or sgd (Nesterov, momentum 0.9) (default {optimizer}).",
+        rich_help_panel=OPTIMISATION,
     ),
 ]
 Schedule = Annotated[
     str | None,
     typer.Option(
         "--schedule",
+        "--sched",
         help="cosine (with warmup) or constant (default {schedule}).",
+        rich_help_panel=OPTIMISATION,
+    ),
+]
+# timm train.py's regularisers and stabilisers, under timm's names and meanings.
+DropPath = Annotated[
+    float | None,
+    typer.Option(
+        "--drop-path",
+        help="Stochastic depth: timm's drop_path_rate of the model that trains (default: the "
+        "architecture's, 0 for ResNets).",
+        rich_help_panel=OPTIMISATION,
+    ),
+]
+ClipGrad = Annotated[
+    float | None,
+    typer.Option(
+        "--clip-grad",
+        help="Clip the gradients before each step: their total norm, or each value, to this "
+        "(default: no clipping).",
+        rich_help_panel=OPTIMISATION,
+    ),
+]
+ClipMode = Annotated[
+    str | None,
+    typer.Option(
+        "--clip-mode",
+        help="What --clip-grad bounds: norm (clip_grad_norm_) or value (clip_grad_value_) "
+        "(default norm).",
+        rich_help_panel=OPTIMISATION,
+    ),
+]
+ModelEma = Annotated[
+    bool | None,
+    typer.Option(
+        "--model-ema/--no-model-ema",
+        help="Also keep timm's ModelEmaV3 average of the weights, validate it every epoch and "
+        "save whichever of it and the raw weights scores better (default off).",
+        rich_help_panel=OPTIMISATION,
+    ),
+]
+ModelEmaDecay = Annotated[
+    float | None,
+    typer.Option(
+        "--model-ema-decay",
+        help="The EMA's decay per optimiser step (default {model_ema_decay:g}).",
+        rich_help_panel=OPTIMISATION,
+    ),
+]
+ModelEmaWarmup = Annotated[
+    bool | None,
+    typer.Option(
+        "--model-ema-warmup/--no-model-ema-warmup",
+        help="Ramp the EMA's decay up over the first steps, as timm (default off).",
         rich_help_panel=OPTIMISATION,
     ),
 ]
@@ -446,6 +501,7 @@ LabelSmoothing = Annotated[
     float | None,
     typer.Option(
         "--label-smoothing",
+        "--smoothing",
         help="Label smoothing (default {label_smoothing:g}).",
         rich_help_panel=LOSS,
     ),
@@ -454,6 +510,7 @@ MixupAlpha = Annotated[
     float | None,
     typer.Option(
         "--mixup-alpha",
+        "--mixup",
         help="Mixup alpha, 0 off (default {mixup_alpha:g}).",
         rich_help_panel=AUGMENTATION,
     ),
@@ -462,6 +519,7 @@ CutmixAlpha = Annotated[
     float | None,
     typer.Option(
         "--cutmix-alpha",
+        "--cutmix",
         help="CutMix alpha, 0 off (default {cutmix_alpha:g}).",
         rich_help_panel=AUGMENTATION,
     ),
@@ -505,6 +563,7 @@ AutoAugment = Annotated[
     str | None,
     typer.Option(
         "--auto-augment",
+        "--aa",
         help="timm's RandAugment or AutoAugment, e.g. rand-m9-mstd0.5 (default none).",
         rich_help_panel=AUGMENTATION,
     ),

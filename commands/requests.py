@@ -97,6 +97,12 @@ class TrainingFlags(OutputFlags, RestartFlags, RunFlags):
     warmup_epochs: opt.WarmupEpochs = None
     optimizer: opt.Optimizer = None
     schedule: opt.Schedule = None
+    drop_path: opt.DropPath = None
+    clip_grad: opt.ClipGrad = None
+    clip_mode: opt.ClipMode = None
+    model_ema: opt.ModelEma = None
+    model_ema_decay: opt.ModelEmaDecay = None
+    model_ema_warmup: opt.ModelEmaWarmup = None
     label_smoothing: opt.LabelSmoothing = None
     augment: opt.Augment = None
     mixup_alpha: opt.MixupAlpha = None
