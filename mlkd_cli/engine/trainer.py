@@ -527,10 +527,14 @@ class _Run:
         row = self._row_of(best["epoch"])
         if self.ema is None or row is None:
             return
+        where = f"{self.files.best.name} holds the"
+        if "ema_val_top1" not in row:  # the best epoch came before a resume added the EMA
+            self.report.info(f"{where} raw weights of epoch {best['epoch']} (no EMA then)")
+            return
         ema, raw = row["ema_val_top1"], row["val_top1"]
-        which = "the EMA weights" if best.get("weights") == EMA else "the raw weights"
+        which = "EMA" if best.get("weights") == EMA else "raw"
         self.report.info(
-            f"{self.files.best.name} holds {which} of epoch {best['epoch']} "
+            f"{where} {which} weights of epoch {best['epoch']} "
             f"(validation top-1: EMA {ema:.2f}, raw {raw:.2f})"
         )
 
