@@ -228,6 +228,7 @@ def _teacher(out: Path, *extra: object) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_the_ema_is_validated_saved_when_better_and_resumed_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -290,3 +291,29 @@ def test_a_state_without_an_ema_is_continued_by_a_run_with_one(tmp_path: Path) -
     assert resumed.missing_parts == ["ema"] and resumed.epoch == 1
     average.restart_from(model)  # what the trainer does with a missing average
     assert torch.equal(average.module.weight, model.weight) and average.updates == 0
+
+
+@pytest.mark.slow
+def test_a_distillation_with_timm_s_knobs_records_each(
+    digits_teacher: Path, tmp_path: Path
+) -> None:
+    result = invoke_cli(
+        "distill", "-d", "digits", "--model", "test_resnet", "--checkpoint", digits_teacher,
+        "--student", "test_resnet", "--img-size", "16", "-e", "1", "-n", "s", "--output-dir",
+        tmp_path, "--json", "--opt", "sgd", "--sched", "cosine", "--drop-path", "0.1",
+        "--clip-grad", "1", "--model-ema",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    history = json.loads((tmp_path / "s_history.json").read_text())
+    knobs = ("optimizer", "schedule", "drop_path", "clip_grad", "clip_mode", "model_ema")
+    assert [history["config"][k] for k in knobs] == ["sgd", "cosine", 0.1, 1.0, "norm", True]
+    (row,) = history["epochs"]
+    assert {"ema_val_top1", "ema_val_nll", "ema_exit1_top1"} <= set(row)
+    assert row["weights"] == summary["best_weights"]
+    # The plain student saved is the backbone of the weights chosen.
+    state = load_checkpoint(tmp_path / "s_last.pth")
+    chosen = state["ema"]["weights"] if row["weights"] == "ema" else state["model"]
+    saved = torch.load(tmp_path / "s.pth", weights_only=True)["state_dict"]
+    for key, value in saved.items():
+        assert torch.equal(value, chosen[f"backbone.{key}"]), key
