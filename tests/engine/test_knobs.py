@@ -1,5 +1,5 @@
 """timm's names and knobs: train.py's flag names as aliases, drop-path, gradient clipping and the
-model EMA in teacher training and distillation (docs/training.md, "timm's names and knobs")."""
+model EMA in teacher training and distillation (docs/distilling.md, "timm's names and knobs")."""
 
 from __future__ import annotations
 
@@ -317,3 +317,16 @@ def test_a_distillation_with_timm_s_knobs_records_each(
     saved = torch.load(tmp_path / "s.pth", weights_only=True)["state_dict"]
     for key, value in saved.items():
         assert torch.equal(value, chosen[f"backbone.{key}"]), key
+
+
+def test_a_preset_sets_the_knobs_and_a_flag_wins(monkeypatch, tmp_path: Path) -> None:
+    preset = tmp_path / "knobs.yaml"
+    preset.write_text(
+        "distill:\n  drop_path: 0.05\n  clip_grad: 2\n  clip_mode: value\n"
+        "  model_ema: true\n  model_ema_decay: 0.99\n  model_ema_warmup: true\n"
+    )
+    cfg = _config_of(monkeypatch, "distill", "--preset", preset, "--clip-grad", "0.5")
+    assert (cfg.drop_path, cfg.clip_grad, cfg.clip_mode) == (0.05, 0.5, "value")
+    assert (cfg.model_ema, cfg.model_ema_decay, cfg.model_ema_warmup) == (True, 0.99, True)
+    off = _config_of(monkeypatch, "distill", "--preset", preset, "--no-model-ema")
+    assert off.model_ema is False
