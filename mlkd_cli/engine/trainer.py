@@ -516,7 +516,7 @@ class _Run:
             )
         self.task.report_epoch(self.report, row, improved)
         if self.ema is not None:
-            kept = " (kept over the raw weights)" if weights == EMA else ""
+            kept = " (better than the raw weights)" if weights == EMA else ""
             self.report.info(f"  model EMA: top-1 {row['ema_val_top1']:.2f}{kept}")
         if stopping:
             raise _interrupted(stop, self.files, f"after epoch {epoch + 1}")
