@@ -6,8 +6,9 @@ signature and calls the command with the filled request. The flag groups several
 (`RunFlags`, `RestartFlags`, `OutputFlags`, `TrainingFlags`) are dataclasses the requests inherit.
 A training request turns itself into its run's config with `config()`: every field is a config
 setting of the same name unless listed in `COMMAND_ONLY`, so adding a setting takes its config
-field and one field here. May import typer, core/, the config dataclasses and presets.py; never
-torch or the engine's runtime.
+field and one field here. timm train.py's names for settings (`--opt`, ...) are hidden fields
+of their own, merged into their setting by `settings()` (`TIMM_ALIASES`). May import typer,
+core/, the config dataclasses and presets.py; never torch or the engine's runtime.
 """
 
 from __future__ import annotations
