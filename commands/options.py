@@ -29,6 +29,7 @@ STUDENT = "Student and exits"
 ENSEMBLE = "Ensemble"
 EARLY_EXIT = "Early exit"
 OPTIMISATION = "Optimisation"
+MODEL_EMA = "Model EMA"
 LOSS = "Loss"
 AUGMENTATION = "Augmentation"
 PROCESSES = "Processes and devices"
@@ -46,6 +47,7 @@ PANELS = (
     ENSEMBLE,
     EARLY_EXIT,
     OPTIMISATION,
+    MODEL_EMA,
     LOSS,
     AUGMENTATION,
     PROCESSES,
@@ -408,15 +410,13 @@ EffectiveBatchSize = Annotated[
 ]
 Lr = Annotated[
     float | None,
-    typer.Option(
-        "--lr", help="Peak AdamW learning rate (default {lr:g}).", rich_help_panel=OPTIMISATION
-    ),
+    typer.Option("--lr", help="Peak learning rate (default {lr:g}).", rich_help_panel=OPTIMISATION),
 ]
 WeightDecay = Annotated[
     float | None,
     typer.Option(
         "--weight-decay",
-        help="AdamW weight decay (default {weight_decay:g}).",
+        help="Weight decay, none on biases and norms (default {weight_decay:g}).",
         rich_help_panel=OPTIMISATION,
     ),
 ]
@@ -431,22 +431,77 @@ WarmupEpochs = Annotated[
 Optimizer = Annotated[
     str | None,
     typer.Option(
-        "--optimizer", help="adamw or sgd (default {optimizer}).", rich_help_panel=OPTIMISATION
+        "--optimizer",
+        help="adamw, or sgd (Nesterov, momentum 0.9) (default {optimizer}; timm: --opt).",
+        rich_help_panel=OPTIMISATION,
     ),
 ]
 Schedule = Annotated[
     str | None,
     typer.Option(
         "--schedule",
-        help="cosine (with warmup) or constant (default {schedule}).",
+        help="cosine (with warmup) or constant (default {schedule}; timm: --sched).",
         rich_help_panel=OPTIMISATION,
+    ),
+]
+# timm train.py's regularisers and stabilisers, under timm's names and meanings.
+DropPath = Annotated[
+    float | None,
+    typer.Option(
+        "--drop-path",
+        help="Stochastic depth: timm's drop_path_rate of the model that trains (default: the "
+        "architecture's, 0 for ResNets).",
+        rich_help_panel=OPTIMISATION,
+    ),
+]
+ClipGrad = Annotated[
+    float | None,
+    typer.Option(
+        "--clip-grad",
+        help="Clip the gradients before each step: their total norm, or each value, to this "
+        "(default: no clipping).",
+        rich_help_panel=OPTIMISATION,
+    ),
+]
+ClipMode = Annotated[
+    str | None,
+    typer.Option(
+        "--clip-mode",
+        help="What --clip-grad bounds: norm (clip_grad_norm_) or value (clip_grad_value_) "
+        "(default norm).",
+        rich_help_panel=OPTIMISATION,
+    ),
+]
+ModelEma = Annotated[
+    bool | None,
+    typer.Option(
+        "--model-ema/--no-model-ema",
+        help="Also keep timm's ModelEmaV3 average of the weights, validate it every epoch and "
+        "save whichever of it and the raw weights scores better (default off).",
+        rich_help_panel=MODEL_EMA,
+    ),
+]
+ModelEmaDecay = Annotated[
+    float | None,
+    typer.Option(
+        "--model-ema-decay",
+        help="The EMA's decay per optimiser step (default {model_ema_decay:g}).",
+        rich_help_panel=MODEL_EMA,
+    ),
+]
+ModelEmaWarmup = Annotated[
+    bool | None,
+    typer.Option(
+        "--model-ema-warmup",
+        help="Ramp the EMA's decay up over the first steps, as timm (default off).",
+        rich_help_panel=MODEL_EMA,
     ),
 ]
 LabelSmoothing = Annotated[
     float | None,
     typer.Option(
         "--label-smoothing",
-        help="Label smoothing (default {label_smoothing:g}).",
+        help="Label smoothing (default {label_smoothing:g}; timm: --smoothing).",
         rich_help_panel=LOSS,
     ),
 ]
@@ -454,7 +509,7 @@ MixupAlpha = Annotated[
     float | None,
     typer.Option(
         "--mixup-alpha",
-        help="Mixup alpha, 0 off (default {mixup_alpha:g}).",
+        help="Mixup alpha, 0 off (default {mixup_alpha:g}; timm: --mixup).",
         rich_help_panel=AUGMENTATION,
     ),
 ]
@@ -462,7 +517,7 @@ CutmixAlpha = Annotated[
     float | None,
     typer.Option(
         "--cutmix-alpha",
-        help="CutMix alpha, 0 off (default {cutmix_alpha:g}).",
+        help="CutMix alpha, 0 off (default {cutmix_alpha:g}; timm: --cutmix).",
         rich_help_panel=AUGMENTATION,
     ),
 ]
@@ -505,7 +560,7 @@ AutoAugment = Annotated[
     str | None,
     typer.Option(
         "--auto-augment",
-        help="timm's RandAugment or AutoAugment, e.g. rand-m9-mstd0.5 (default none).",
+        help="timm's RandAugment or AutoAugment, e.g. rand-m9-mstd0.5 (default none; timm: --aa).",
         rich_help_panel=AUGMENTATION,
     ),
 ]
@@ -532,3 +587,21 @@ SaveFrequency = Annotated[
         rich_help_panel=RUN,
     ),
 ]
+
+
+# timm train.py's names for the settings above, taken as they are and shown in their help only
+# (at 80 columns a second name beside each would squeeze the panels' text): see
+# `requests.TIMM_ALIASES`, which maps each to its setting.
+def _timm_name(flag: str, kind: type, setting: str, panel: str) -> object:
+    return Annotated[
+        kind | None,
+        typer.Option(flag, hidden=True, help=f"timm's name for {setting}.", rich_help_panel=panel),
+    ]
+
+
+TimmOpt = _timm_name("--opt", str, "--optimizer", OPTIMISATION)
+TimmSched = _timm_name("--sched", str, "--schedule", OPTIMISATION)
+TimmSmoothing = _timm_name("--smoothing", float, "--label-smoothing", LOSS)
+TimmMixup = _timm_name("--mixup", float, "--mixup-alpha", AUGMENTATION)
+TimmCutmix = _timm_name("--cutmix", float, "--cutmix-alpha", AUGMENTATION)
+TimmAa = _timm_name("--aa", str, "--auto-augment", AUGMENTATION)

@@ -6,8 +6,9 @@ signature and calls the command with the filled request. The flag groups several
 (`RunFlags`, `RestartFlags`, `OutputFlags`, `TrainingFlags`) are dataclasses the requests inherit.
 A training request turns itself into its run's config with `config()`: every field is a config
 setting of the same name unless listed in `COMMAND_ONLY`, so adding a setting takes its config
-field and one field here. May import typer, core/, the config dataclasses and presets.py; never
-torch or the engine's runtime.
+field and one field here. timm train.py's names for settings (`--opt`, ...) are hidden fields
+of their own, merged into their setting by `settings()` (`TIMM_ALIASES`). May import typer,
+core/, the config dataclasses and presets.py; never torch or the engine's runtime.
 """
 
 from __future__ import annotations
@@ -24,10 +25,23 @@ from typing import Any, ClassVar, TypeVar
 from typer.models import ParameterInfo
 
 from mlkd_cli.core.console import OutputOptions
+from mlkd_cli.core.errors import UserError
 from mlkd_cli.core.workers import prepare_workers
 from mlkd_cli.presets import settings_config
 
 from . import options as opt
+
+# timm train.py's names for settings mlkd names otherwise (`--opt` for `--optimizer`, ...): the
+# request field of each hidden timm flag -> (its flag, the setting it gives). Each means what
+# mlkd's flag means, which is what timm's does (timm's train.py, read for each).
+TIMM_ALIASES: dict[str, tuple[str, str]] = {
+    "timm_opt": ("--opt", "optimizer"),
+    "timm_sched": ("--sched", "schedule"),
+    "timm_smoothing": ("--smoothing", "label_smoothing"),
+    "timm_mixup": ("--mixup", "mixup_alpha"),
+    "timm_cutmix": ("--cutmix", "cutmix_alpha"),
+    "timm_aa": ("--aa", "auto_augment"),
+}
 
 R = TypeVar("R")
 Q = TypeVar("Q")
@@ -81,7 +95,7 @@ class TrainingFlags(OutputFlags, RestartFlags, RunFlags):
     COMMAND_ONLY: ClassVar[frozenset[str]] = frozenset()
     # Where the settings come from and what happens to the run's files, not settings themselves.
     NOT_SETTINGS: ClassVar[frozenset[str]] = frozenset(
-        {"preset", "resume", "overwrite", "quiet", "json"}
+        {"preset", "resume", "overwrite", "quiet", "json", *TIMM_ALIASES}
     )
 
     data_dir: opt.DataDir = None
@@ -97,6 +111,18 @@ class TrainingFlags(OutputFlags, RestartFlags, RunFlags):
     warmup_epochs: opt.WarmupEpochs = None
     optimizer: opt.Optimizer = None
     schedule: opt.Schedule = None
+    timm_opt: opt.TimmOpt = None
+    timm_sched: opt.TimmSched = None
+    timm_smoothing: opt.TimmSmoothing = None
+    timm_mixup: opt.TimmMixup = None
+    timm_cutmix: opt.TimmCutmix = None
+    timm_aa: opt.TimmAa = None
+    drop_path: opt.DropPath = None
+    clip_grad: opt.ClipGrad = None
+    clip_mode: opt.ClipMode = None
+    model_ema: opt.ModelEma = None
+    model_ema_decay: opt.ModelEmaDecay = None
+    model_ema_warmup: opt.ModelEmaWarmup = None
     label_smoothing: opt.LabelSmoothing = None
     augment: opt.Augment = None
     mixup_alpha: opt.MixupAlpha = None
@@ -130,7 +156,16 @@ class TrainingFlags(OutputFlags, RestartFlags, RunFlags):
     def settings(self) -> dict[str, Any]:
         """The settings the user gave on the command line (a flag left out is None)."""
         values = {name: getattr(self, name) for name in self.setting_names()}
-        return {name: value for name, value in values.items() if value is not None}
+        given = {name: value for name, value in values.items() if value is not None}
+        for field_name, (flag, setting) in TIMM_ALIASES.items():
+            value = getattr(self, field_name, None)
+            if value is None:
+                continue
+            if given.get(setting, value) != value:
+                mlkd_flag = "--" + setting.replace("_", "-")
+                raise UserError(f"{flag} is timm's name for {mlkd_flag}: give one of them")
+            given[setting] = value
+        return given
 
     def config(self, **computed: Any) -> Any:
         """The run's config: class defaults, then the preset's section, then every flag given.

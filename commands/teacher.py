@@ -105,7 +105,7 @@ LABEL_OPTIONS = {
     "data_dir", "img_size", "val_fraction", "download", "batch_size", "augment", "scale",
     "ratio", "hflip", "vflip", "color_jitter", "auto_augment", "reprob", "interpolation",
     "world_size", "device", "precision", "workers", "max_restarts", "data_pipeline", "preset",
-    "seed", "quiet", "json",
+    "seed", "quiet", "json", "timm_aa",
 }  # fmt: skip
 STORE = opt.STORE
 

@@ -95,6 +95,8 @@ class Resumed:
     progress: loop.EpochProgress | None = None
     rng: dict[str, Any] | None = None
     restarts: list[dict[str, Any]] = field(default_factory=list)  # launcher restarts so far
+    # Parts of this run the state holds none of (the run it continues had no model EMA).
+    missing_parts: list[str] = field(default_factory=list)
 
     @property
     def where(self) -> str:
@@ -165,11 +167,16 @@ class Checkpointer:
         return resumed
 
     def _load(self, state: dict[str, Any]) -> Resumed:
+        missing = [name for name in self.parts if name not in state]
+        if MODEL in missing:  # every training state has the model: this is no such state
+            raise UserError(f"{self.files.last} holds no model weights; drop --resume")
         for name, part in self.parts.items():
-            part.load_state_dict(state[name])
+            if name not in missing:
+                part.load_state_dict(state[name])
         for row in state["history"]:
             self.history.append(row)
         resumed = Resumed(int(state["epoch"]), dict(state["best"]))
+        resumed.missing_parts = missing
         resumed.restarts = list(state.get("restarts", []))
         partial = state.get("partial_epoch")
         if partial is not None:
@@ -232,9 +239,17 @@ class Checkpointer:
         self.ctx.barrier()
 
     def save_epoch(
-        self, best: dict[str, Any], row: dict[str, Any], improved: bool, force_state: bool = False
+        self,
+        best: dict[str, Any],
+        row: dict[str, Any],
+        improved: bool,
+        force_state: bool = False,
+        weights: nn.Module | None = None,
     ) -> None:
         """After an epoch (rank 0 only): best and periodic models, state, history, curves.
+
+        The models saved are `weights` (the model EMA's, where they scored better; None: the
+        trained model's), with `row`'s validation metrics (theirs).
 
         The training state is written after the last epoch, when `force_state` (the run stops
         here), and otherwise once STATE_EVERY_S have passed since it last was: writing it takes
@@ -242,11 +257,12 @@ class Checkpointer:
         warning loses at most the epoch in progress and STATE_EVERY_S of epochs before it.
         """
         cfg, files, card = self.plan.config, self.files, self.plan.card
-        plain = self.task.plain_model(self.model)
+        model = self.model if weights is None else weights
+        plain = self.task.plain_model(model)
         metrics = {k: float(v) for k, v in row.items() if k.startswith(("val_", "exit"))}
         if improved:
             save_model(files.best, plain, card, row["epoch"], metrics)
-            self.task.save_best(self.model, files, card, row["epoch"], metrics)
+            self.task.save_best(model, files, card, row["epoch"], metrics)
         if cfg.save_frequency and row["epoch"] % cfg.save_frequency == 0:
             save_model(files.periodic(row["epoch"]), plain, card, row["epoch"], metrics)
         now = time.monotonic()

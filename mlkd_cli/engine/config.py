@@ -17,6 +17,8 @@ from mlkd_cli.losses.registry import FORMER_NAMES, LOSSES, loss_param_problem, l
 # defaults) without them. The loss registry is torch-free.
 
 DATA_PIPELINES = ("auto", "device", "cpu")
+# What --clip-grad bounds, as timm's train.py (its third mode, agc, is not offered).
+CLIP_MODES = ("norm", "value")
 # Loader processes per run process: a preset's `workers: 100000` would fork that many.
 MAX_WORKERS = 64
 
@@ -117,6 +119,15 @@ class TrainConfig:
     schedule: str = "cosine"  # a name in loop.SCHEDULES: warmup + cosine, or constant
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
+    # timm train.py's knobs: stochastic depth (timm's drop_path_rate; None: the architecture's
+    # own), gradient clipping before each optimiser step, and an EMA of the weights (timm's
+    # ModelEmaV3) validated beside them, the better of the two saved.
+    drop_path: float | None = None
+    clip_grad: float | None = None  # None: no clipping
+    clip_mode: str = "norm"  # a name in CLIP_MODES
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998  # timm's default
+    model_ema_warmup: bool = False
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
@@ -217,11 +228,35 @@ class TrainConfig:
                 f"not {quote(self.data_pipeline, 40)}"
             )
         self._check_augmentation()
+        self._check_knobs()
         if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.batch_size < 2:
             raise UserError("Mixup/CutMix mixes pairs of images: use --batch-size 2 or more")
         if self.resume and self.overwrite:
             raise UserError("--resume continues a run and --overwrite replaces it; pass one")
         self.batch_plan(self.world_size)
+
+    def _check_knobs(self) -> None:
+        """Drop-path, gradient clipping and the EMA, as timm's train.py takes them."""
+        if self.drop_path is not None and not 0 <= self.drop_path < 1:
+            raise UserError(
+                f"--drop-path is the share of residual branches dropped and must be in [0, 1), "
+                f"got {self.drop_path}"
+            )
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise UserError(
+                f"--clip-grad is the most a gradient's norm (or value) may be and must be "
+                f"positive, got {self.clip_grad}; leave it out not to clip"
+            )
+        if self.clip_mode not in CLIP_MODES:
+            why = " (timm's adaptive clipping is not offered)" if self.clip_mode == "agc" else ""
+            raise UserError(
+                f"--clip-mode must be norm or value, not {quote(self.clip_mode, 40)}{why}"
+            )
+        if not 0 < self.model_ema_decay < 1:
+            raise UserError(
+                f"--model-ema-decay is the share of the average kept each step and must be in "
+                f"(0, 1), got {self.model_ema_decay}"
+            )
 
     def _check_augmentation(self) -> None:
         for flag, value in {

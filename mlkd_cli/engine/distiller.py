@@ -127,6 +127,7 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
         cfg.student_checkpoint,
         cfg.exits,
         cfg.exit_head,
+        cfg.drop_path,
     )
     check_input_size(student.backbone, cfg.student, image_config.img_size)
     exits = parse_exits(cfg.exits, find_stages(student.backbone, cfg.student), cfg.student)
@@ -283,6 +284,7 @@ class DistillTask:
             cfg.pretrained,
             cfg.student_checkpoint,
             exit_head=cfg.exit_head,
+            drop_path_rate=cfg.drop_path,
         )
         self.head_names = student.head_names
         if self.plan.teacher_channels:

@@ -79,6 +79,40 @@ class BatchMixer:
         return images, mixup_target(labels, self.num_classes, lam, self.label_smoothing), lam
 
 
+@dataclass(frozen=True)
+class GradientClip:
+    """`--clip-grad` / `--clip-mode`, as timm's train.py: the gradients' total norm
+    (`clip_grad_norm_`) or each of their values (`clip_grad_value_`) bounded by `limit`, after
+    the last backward pass of a step (DDP has averaged them) and before the optimiser uses them.
+    mlkd's mixed precision is bf16 autocast, which scales no loss: there is nothing to unscale.
+    """
+
+    limit: float
+    mode: str = "norm"
+
+    def __call__(self, model: nn.Module) -> None:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if self.mode == "value":
+            nn.utils.clip_grad_value_(params, self.limit)
+        else:
+            nn.utils.clip_grad_norm_(params, self.limit)
+
+
+def _optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    clip: GradientClip | None,
+    after_step: Callable[[], None] | None,
+) -> None:
+    """One optimiser step on the accumulated gradients: clipped first, then `after_step` (the
+    model EMA's update)."""
+    if clip is not None:
+        clip(model)
+    optimizer.step()
+    if after_step is not None:
+        after_step()
+
+
 class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; `batch` is the 1-based batch of the epoch where seen."""
 
@@ -220,6 +254,8 @@ def train_one_epoch(
     at_boundary: BoundaryFn | None = None,
     skip_nonfinite: bool = False,
     strict_data: bool = False,
+    clip: GradientClip | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train on `batches`, the rest of an epoch of `num_batches`; returns the epoch's metrics.
 
@@ -232,6 +268,7 @@ def train_one_epoch(
     takes no optimiser step (its gradients are dropped), counted in `nonfinite_skipped`.
     Unreadable images are left out of their batch and listed, or raise `UnreadableData` under
     `strict_data`. The result's `stopped` is True when `at_boundary` ended the epoch early.
+    `clip` bounds the gradients before each optimiser step; `after_step` runs after each one.
     """
     model.train()
     done = resume_from or EpochProgress()
@@ -280,7 +317,7 @@ def train_one_epoch(
                     sums.add(parts, images.shape[0], bad)
         if closes_group:
             if not group_bad:
-                optimizer.step()
+                _optimizer_step(model, optimizer, clip, after_step)
                 optimizer_steps += 1
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()  # the schedule follows the data, skipped steps or not

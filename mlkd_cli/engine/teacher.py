@@ -44,7 +44,11 @@ def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
     planning.check_image_config(image_config)
     # Built once here, on the CPU, so a bad checkpoint or image size fails before any worker.
     model = build_model(
-        cfg.model, splits.num_classes, init_checkpoint=cfg.init_checkpoint, init_ema=cfg.init_ema
+        cfg.model,
+        splits.num_classes,
+        init_checkpoint=cfg.init_checkpoint,
+        init_ema=cfg.init_ema,
+        drop_path_rate=cfg.drop_path,
     )
     check_input_size(model, cfg.model, image_config.img_size)
     if cfg.init_checkpoint is not None:
@@ -66,7 +70,12 @@ class TeacherTask:
         cfg = self.plan.config
         assert isinstance(cfg, TeacherTrainConfig)
         return build_model(
-            cfg.model, self.plan.card.num_classes, cfg.pretrained, cfg.init_checkpoint, cfg.init_ema
+            cfg.model,
+            self.plan.card.num_classes,
+            cfg.pretrained,
+            cfg.init_checkpoint,
+            cfg.init_ema,
+            cfg.drop_path,
         )
 
     def start_epoch(self, epoch: int) -> None:

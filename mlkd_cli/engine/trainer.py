@@ -55,6 +55,7 @@ from mlkd_cli.engine.checkpointing import (
     read_training_state,
 )
 from mlkd_cli.engine.config import TrainConfig
+from mlkd_cli.engine.ema import EMA, RAW, ModelEma, better_weights, ema_metrics
 from mlkd_cli.engine.history import History
 from mlkd_cli.engine.interrupt import StopRequest
 from mlkd_cli.engine.launch import launch, launcher_rank
@@ -236,6 +237,7 @@ def _fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
             metrics = run.train_epoch(epoch, stop)
             run.finish_epoch(epoch, metrics, stop)
     ctx.barrier()
+    run.say_weights()
     return run.summary()
 
 
@@ -340,6 +342,12 @@ class _Run:
             )
         self.precision = keep_idle_tap_convs_fp32(self.precision, model, sample)
         self.precision.place(model)
+        # The average copies the placed model, before compiling (a copy of a compiled module
+        # would call the original's compiled forward).
+        cfg = self.cfg
+        self.ema = (
+            ModelEma(model, cfg.model_ema_decay, cfg.model_ema_warmup) if cfg.model_ema else None
+        )
         if self.cfg.compile:
             failed = loop.compile_module(model, self.ctx.device)
             if failed:
@@ -358,6 +366,9 @@ class _Run:
             total_steps=cfg.epochs * self.steps_per_epoch,
             warmup_steps=int(cfg.warmup_epochs * self.steps_per_epoch),
             min_lr_ratio=cfg.min_lr_ratio,
+        )
+        self.clip = (
+            None if cfg.clip_grad is None else loop.GradientClip(cfg.clip_grad, cfg.clip_mode)
         )
 
     def _setup_history(self) -> None:
@@ -382,11 +393,18 @@ class _Run:
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
         }
+        if self.ema is not None:
+            parts["ema"] = self.ema
         self.checkpoints = Checkpointer(
             self.plan, self.task, ctx, parts, self.history, self.precision
         )
         # A launcher restart (--max-restarts, or torchrun's) continues from the last saved state.
         self.resumed = self.checkpoints.restore(self.continued)
+        if self.ema is not None and "ema" in self.resumed.missing_parts:
+            self.ema.restart_from(loop.unwrap(self.model))
+            self.report.warn(
+                "the run continued had no --model-ema: the average starts from its weights now"
+            )
         if self.continued is not None:
             top1 = self.resumed.best["top1"]
             self.report.info(f"resuming {files.name} {self.resumed.where} (best top-1 {top1:.2f})")
@@ -417,6 +435,9 @@ class _Run:
         views, _, mixing = describe_augmentation(self.plan.image_config, cfg).rpartition("; ")
         self.report.info(views)  # within 80 columns: the views, then how images are mixed
         self.report.info(f"  {mixing}")
+        knobs = _describe_knobs(cfg)
+        if knobs:
+            self.report.info(f"  {knobs}")
 
     def train_epoch(self, epoch: int, stop: StopRequest) -> dict[str, Any]:
         """One epoch (or the rest of a part-done one); raises on a stop, divergence or bad data."""
@@ -446,6 +467,8 @@ class _Run:
                     at_boundary=self._boundary(epoch, stop),
                     skip_nonfinite=cfg.skip_nonfinite,
                     strict_data=cfg.strict_data,
+                    clip=self.clip,
+                    after_step=self._update_ema if self.ema is not None else None,
                 )
             except loop.NonFiniteLoss as exc:
                 raise RunStopped(diverged_message(self.files, epoch, exc.batch)) from None
@@ -458,6 +481,10 @@ class _Run:
             where = f"in epoch {epoch + 1} after batch {metrics['batches_done']}"
             raise _interrupted(stop, self.files, f"{where} of {self.num_batches}")
         return metrics
+
+    def _update_ema(self) -> None:
+        assert self.ema is not None
+        self.ema.update(loop.unwrap(self.model))
 
     def _boundary(self, epoch: int, stop: StopRequest) -> loop.BoundaryFn:
         """What runs after each optimiser step: stop requests and mid-epoch saves."""
@@ -497,24 +524,62 @@ class _Run:
             "images_per_s": metrics["images_per_s"],
             "epoch_time_s": metrics["epoch_time_s"],
         }
+        score, weights = self.task.score(row), RAW
+        if self.ema is not None:
+            ema_row = self.task.evaluate(self.ema.module, self.val_loader, ctx, self.precision)
+            row.update({f"ema_{k}": v for k, v in ema_row.items()})
+            weights = better_weights(score, self.task.score(ema_row))
+            row["weights"] = weights  # the ones this epoch would save
+            score = max(score, self.task.score(ema_row))
         self.history.append(row)
         for logger in self.loggers:
             logger.log_epoch(row)
-        score = self.task.score(row)
         improved = score > self.best.get("score", self.best["top1"])
+        chosen = row if weights == RAW else {**row, **ema_metrics(row)}
         if improved:
-            self.best = {"top1": row["val_top1"], "epoch": epoch + 1, "score": score}
+            self.best = {"top1": chosen["val_top1"], "epoch": epoch + 1, "score": score}
+            self.best["weights"] = weights
         # Agreed before saving: a run that stops here must leave its state of this epoch.
         stopping = epoch + 1 < self.cfg.epochs and stop.agreed(ctx) is not None
         if ctx.is_main:
-            self.checkpoints.save_epoch(self.best, row, improved, force_state=stopping)
+            module = None if weights == RAW else self.ema.module  # type: ignore[union-attr]
+            self.checkpoints.save_epoch(
+                self.best, chosen, improved, force_state=stopping, weights=module
+            )
         self.task.report_epoch(self.report, row, improved)
+        if self.ema is not None:
+            kept = " (better than the raw weights)" if weights == EMA else ""
+            self.report.info(f"  model EMA: top-1 {row['ema_val_top1']:.2f}{kept}")
         if stopping:
             raise _interrupted(stop, self.files, f"after epoch {epoch + 1}")
 
+    def say_weights(self) -> None:
+        """With --model-ema: one line saying which weights the best model holds, and why."""
+        best = self.best
+        row = self._row_of(best["epoch"])
+        if self.ema is None or row is None:
+            return
+        where = f"{self.files.best.name} holds the"
+        if "ema_val_top1" not in row:  # the best epoch came before a resume added the EMA
+            self.report.info(f"{where} raw weights of epoch {best['epoch']} (no EMA then)")
+            return
+        ema, raw = row["ema_val_top1"], row["val_top1"]
+        which = "EMA" if best.get("weights") == EMA else "raw"
+        self.report.info(
+            f"{where} {which} weights of epoch {best['epoch']} "
+            f"(validation top-1: EMA {ema:.2f}, raw {raw:.2f})"
+        )
+
+    def _row_of(self, epoch: int) -> dict[str, Any] | None:
+        return next((r for r in self.history.rows if r["epoch"] == epoch), None)
+
     def summary(self) -> dict[str, Any]:
-        """What the command prints and returns."""
+        """What the command prints and returns; the best row's validation metrics are those of
+        the weights saved (the EMA's, where --model-ema chose them)."""
         files, rows, best = self.files, self.history.rows, self.best
+        best_row = self._row_of(best["epoch"])
+        if best_row is not None and best_row.get("weights") == EMA:
+            best_row = {**best_row, **ema_metrics(best_row)}
         return {
             "name": files.name,
             "kind": self.plan.kind,
@@ -524,11 +589,25 @@ class _Run:
             "best_epoch": best["epoch"],
             "best_val_top1": best["top1"],
             "last": rows[-1] if rows else None,
-            "best_row": next((r for r in rows if r["epoch"] == best["epoch"]), None),
+            "best_row": best_row,
+            "best_weights": best.get("weights", RAW),
             "world_size": self.ctx.world_size,
             "effective_batch": self.batch_plan.global_batch,
             "files": self.checkpoints.written(),
         }
+
+
+def _describe_knobs(cfg: TrainConfig) -> str:
+    """timm's knobs the run uses, in one line (empty: none)."""
+    knobs = []
+    if cfg.drop_path is not None:
+        knobs.append(f"drop-path {cfg.drop_path:g}")
+    if cfg.clip_grad is not None:
+        knobs.append(f"gradients clipped to {cfg.clip_grad:g} ({cfg.clip_mode})")
+    if cfg.model_ema:
+        warmup = ", warmup" if cfg.model_ema_warmup else ""
+        knobs.append(f"model EMA (decay {cfg.model_ema_decay:g}{warmup})")
+    return ", ".join(knobs)
 
 
 def _interrupted(stop: StopRequest, files: RunFiles, where: str) -> RunInterrupted:

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import timm
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from mlkd_cli.core.checkpoint import EMA_KEY, EXITS_FORMAT, MODEL_FORMAT, ModelCard, read_weights
@@ -47,33 +48,68 @@ def build_model(
     pretrained: bool = False,
     init_checkpoint: Path | None = None,
     init_ema: bool = True,
+    drop_path_rate: float | None = None,
 ) -> nn.Module:
     """A timm model with a classifier for `num_classes`.
 
     `pretrained` downloads timm's weights; `init_checkpoint` loads local weights (a timm
     train.py checkpoint's EMA weights unless `init_ema` is False), keeping everything but a
-    classifier whose shape does not fit (which is then freshly initialised).
+    classifier whose shape does not fit (which is then freshly initialised). `drop_path_rate`
+    is timm's stochastic depth (None: the architecture's default), refused in one line by an
+    architecture that has none.
     """
     check_model_name(arch)
     if pretrained and init_checkpoint is not None:
         raise UserError("--pretrained and --init-checkpoint both give initial weights; pass one")
-    if pretrained:
-        return build_pretrained(arch, num_classes)
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    # As timm's train.py: a rate left out is not passed, so the architecture's default applies.
+    options = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
+    try:
+        if pretrained:
+            return _with_drop_path(build_pretrained(arch, num_classes, **options), arch, options)
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **options)
+    except TypeError as exc:
+        if "drop_path_rate" not in str(exc):
+            raise
+        raise _no_drop_path(arch) from None
     if init_checkpoint is not None:
         load_backbone(model, init_checkpoint, init_ema)
+    return _with_drop_path(model, arch, options)
+
+
+def _no_drop_path(arch: str) -> UserError:
+    return UserError(f"{arch} has no stochastic depth (drop path) to set: drop --drop-path")
+
+
+def _with_drop_path(model: nn.Module, arch: str, options: dict[str, float]) -> nn.Module:
+    """`model`, checked to hold the stochastic-depth layers a positive rate asked for (an
+    architecture may take the argument and build none)."""
+    if options.get("drop_path_rate", 0) > 0 and drop_path_rate_of(model) == 0:
+        raise _no_drop_path(arch)
     return model
 
 
-def build_pretrained(arch: str, num_classes: int) -> nn.Module:
+def drop_path_rate_of(model: nn.Module) -> float:
+    """The highest rate of the model's stochastic-depth layers (timm's DropPath; 0: none)."""
+    return max(
+        (float(m.drop_prob) for m in model.modules() if isinstance(m, DropPath)), default=0.0
+    )
+
+
+def build_pretrained(arch: str, num_classes: int, **options: float) -> nn.Module:
     """`arch` with timm's pretrained weights: from the local cache when they are there, else
     downloaded, after one quick check that the host answers; offline, one line at once instead
     of minutes of the hub client's retries."""
     overlay = pretrained_source(arch)
     try:
         return timm.create_model(
-            arch, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay
+            arch,
+            pretrained=True,
+            num_classes=num_classes,
+            pretrained_cfg_overlay=overlay,
+            **options,
         )
+    except TypeError:
+        raise  # a keyword the architecture does not take: the caller says which
     except Exception as exc:  # hub, network and cache errors have no common base class
         first_line = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
         raise UserError(

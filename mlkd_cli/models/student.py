@@ -361,10 +361,13 @@ def build_student(
     init_checkpoint: Path | None = None,
     exits_text: str | None = None,
     exit_head: str = "original",
+    drop_path_rate: float | None = None,
 ) -> MultiExitStudent:
     """A timm model wrapped with exits (`exit_head`, see `EXIT_HEADS`) after the chosen stages
-    (default: all but the last)."""
-    backbone = build_model(arch, num_classes, pretrained, init_checkpoint)
+    (default: all but the last); `drop_path_rate` is timm's, for the backbone."""
+    backbone = build_model(
+        arch, num_classes, pretrained, init_checkpoint, drop_path_rate=drop_path_rate
+    )
     if exits is None:
         exits = parse_exits(exits_text, find_stages(backbone, arch), arch)
     return MultiExitStudent(backbone, arch, exits, num_classes, img_size, exit_head)

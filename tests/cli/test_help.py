@@ -12,6 +12,7 @@ import pytest
 import typer.main
 import typer.rich_utils
 from mlkd_cli.commands import options as opt
+from mlkd_cli.commands import requests
 from typer.testing import CliRunner
 
 from mlkd_cli.cli import app
@@ -77,6 +78,8 @@ def test_every_option_name_is_shown_whole(render_help, path: tuple[str, ...]) ->
     text = render_help(*path)
     shown = {name for names in _panels(text).values() for name in names}
     for param in _options(COMMANDS[path]):
+        if param.hidden:  # timm's names: their mlkd flag's help names them (test below)
+            continue
         for name in [*param.opts, *param.secondary_opts]:
             assert name in shown, f"`mlkd {' '.join(path)} --help` cuts {name}:\n{text}"
     assert "…" not in text, f"`mlkd {' '.join(path)} --help` cuts a cell:\n{text}"
@@ -100,6 +103,7 @@ def test_distill_panels_put_the_common_flags_first(render_help) -> None:
         opt.TEACHER,
         opt.STUDENT,
         opt.OPTIMISATION,
+        opt.MODEL_EMA,
         opt.LOSS,
         opt.AUGMENTATION,
         opt.PROCESSES,
@@ -122,6 +126,22 @@ def test_teacher_train_panels(render_help) -> None:
     assert opt.TEACHER not in panels and opt.STUDENT not in panels
     assert panels[opt.MODEL][:2] == ["--model", "-m"]
     assert "--effective-batch-size" in panels[opt.OPTIMISATION]
+
+
+@pytest.mark.parametrize("path", [("distill",), ("teacher", "train"), ("study",)], ids=" ".join)
+def test_help_names_timm_flags_beside_mlkd_ones(render_help, path: tuple[str, ...]) -> None:
+    text = re.sub(r"\s+", " ", render_help(*path, width=200))
+    for flag, setting in requests.TIMM_ALIASES.values():
+        mlkd_flag = "--" + setting.replace("_", "-")
+        # the mlkd flag's row says timm's name, which the command takes
+        row = text[text.index(f"{mlkd_flag} ") :].split("│ --")[0]
+        assert f"timm: {flag})" in row, row
+        assert flag in {o for p in _options(COMMANDS[path]) for o in p.opts}
+    for flag in ("--lr", "--weight-decay", "--warmup-epochs", "--reprob", "--drop-path"):
+        assert f"{flag} " in text  # timm's own name already
+    for flag in ("--clip-grad", "--clip-mode", "--model-ema", "--model-ema-decay"):
+        assert f"{flag} " in text
+    assert "--model-ema-warmup" in text
 
 
 def test_help_text_keeps_square_brackets(render_help) -> None:
