@@ -143,8 +143,8 @@ def _index_shard(path: Path, number: int, classes: int, index: _Index) -> None:
             return
         where = f"{shown(path, 70)} sample {clip(repr(key), 40)}"
         if image is None or label is None:
-            missing = "an image (.png, .jpg, ...)" if image is None else "a .cls class number"
-            raise UserError(f"{where} has no {missing}; every sample needs both")
+            missing = "image (.png, .jpg, ...)" if image is None else ".cls class number"
+            raise UserError(f"{where} has no {missing}; every sample needs an image and a .cls")
         index.shard.append(number)
         index.offset.append(image[0])
         index.size.append(image[1])
