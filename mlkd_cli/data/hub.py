@@ -4,7 +4,8 @@ NAME is a local folder in the Hub's layout — `data/train-*.parquet` (or `.arro
 `data/validation-*`, `data/test-*` — looked for as given, then under --data-dir; anything else is
 a Hub dataset name, downloaded by `datasets` into --data-dir (its cache) on first use. Each split
 needs an `image` column (the Hub's image: a struct of PNG/JPEG bytes) and a `label` column (a
-ClassLabel, whose names are the class names; plain integers or strings are accepted too).
+ClassLabel, whose names are the class names; plain integers or strings are accepted too). A
+validation or test split labelled -1 throughout (the Hub's "no label") is left out.
 
 `datasets` keeps the rows in memory-mapped Arrow files in its cache: only the label column is
 read whole; an image's bytes are read and decoded when a loader asks for that row. The set has a
@@ -161,6 +162,11 @@ def _labels(table: Any, where: str) -> np.ndarray | list[str]:
     return column.to_pylist()
 
 
+def _unlabelled(labels: np.ndarray | list[str]) -> bool:
+    """Every label is -1, the Hub's "no label"."""
+    return isinstance(labels, np.ndarray) and len(labels) > 0 and bool((labels == -1).all())
+
+
 def _targets(values: Any, names: list[str], where: str) -> list[int]:
     """Labels as class numbers; a value outside the class list is refused with its row."""
     if isinstance(values, np.ndarray) and values.dtype.kind == "i":
@@ -257,6 +263,9 @@ def load_hub_dataset(name: str, data_dir: Path) -> RawSplits:
     sources: dict[str, HubImages] = {}
     for split, table in tables.items():
         where = f"{origin} {split}"
-        targets = _targets(_labels(table, where), names, where)
+        labels = _labels(table, where)
+        if split != "train" and _unlabelled(labels):
+            continue  # the Hub's -1, "no label" (ImageNet's test split): there is nothing to score
+        targets = _targets(labels, names, where)
         sources[split] = HubImages(_image_table(table, where), targets, where, trust_paths)
     return RawSplits(sources["train"], sources.get("test"), names, val=sources.get("val"))

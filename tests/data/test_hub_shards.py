@@ -245,3 +245,12 @@ def test_teacher_trains_at_world_size_2_from_shards(
     assert summary["last"]["val_images"] == SHARD_VAL
     assert test["images"] == SHARD_TEST
     assert {row["class"] for row in test["worst_classes"]} <= set(HUB_CLASSES)
+
+
+def test_a_hub_test_split_without_labels_is_left_out(run_cli, tmp_path: Path) -> None:
+    _hub(tmp_path, count=20)
+    test = tmp_path / "h" / "data" / "test-00000-of-00001.parquet"
+    write_hub_split(test, 6)
+    _rewrite_column(test, "label", [-1] * 6)  # the Hub's "no label", as ImageNet's test split
+    info = _info(run_cli, "hfds/h", "--data-dir", tmp_path)
+    assert info["counts"] == {"train": 18, "val": 2, "test": None}
