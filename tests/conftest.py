@@ -295,12 +295,12 @@ def write_hub_split(path: Path, count: int, names=HUB_CLASSES, labels=None) -> N
     table.to_parquet(str(path))
 
 
-HUB_TRAIN, HUB_TEST = 2_000, 500
+HUB_TRAIN, HUB_TEST = 1_600, 400
 
 
 @pytest.fixture(scope="session")
 def hub_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """<tmp>/pets: data/train-*.parquet (2,000 images, two files) and data/test-*.parquet (500),
+    """<tmp>/pets: data/train-*.parquet (1,600 images, two files) and data/test-*.parquet (400),
     in the Hub's layout (read-only: share it; pass --data-dir as the `datasets` cache)."""
     root = tmp_path_factory.mktemp("hub") / "pets"
     half = HUB_TRAIN // 2
