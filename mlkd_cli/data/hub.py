@@ -50,7 +50,7 @@ def looks_in(name: str, data_dir: Path) -> str:
     """Where `hfds/NAME` reads from."""
     folder = local_folder(name, data_dir)
     if folder is not None:
-        return f"{folder}/data/{{train,validation,test}}-*.parquet"
+        return f"{folder}/data/{{train,validation,test}}-*.parquet (or .arrow)"
     return f"the Hub's {clip(name, 60)}, cached in {data_dir}"
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import array
 import io
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -107,12 +107,14 @@ class _Index:
         self.offset = array.array("q")
 
 
-def _sample_key(name: str) -> tuple[str | None, str | None]:
-    # webdataset's own split of a member name into (key, extensions), so samples group here as
-    # they do in its readers.
-    from webdataset.tariterators import base_plus_ext
-
-    return base_plus_ext(name)
+def _key_splitter() -> Callable[[str], tuple[str | None, str | None]]:
+    """webdataset's own split of a member name into (key, extensions), so that samples group
+    here as they do in its readers."""
+    try:
+        from webdataset.tariterators import base_plus_ext
+    except ImportError:
+        raise UserError("wds/ shards are read with `webdataset`; pip install 'mlkd[wds]'") from None
+    return base_plus_ext
 
 
 def _cls_value(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str, classes: int) -> int:
@@ -150,12 +152,13 @@ def _index_shard(path: Path, number: int, classes: int, index: _Index) -> None:
         index.size.append(image[1])
         index.target.append(label)
 
+    split_key = _key_splitter()
     with path.open("rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
         while (member := tar.next()) is not None:
             tar.members.clear()  # the index keeps what it needs: memory stays per sample
             if not member.isfile():
                 continue
-            name, ext = _sample_key(member.name)
+            name, ext = split_key(member.name)
             if name is None or ext is None:
                 continue  # a file without an extension belongs to no sample (as in webdataset)
             if name != key:

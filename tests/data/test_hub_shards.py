@@ -5,6 +5,7 @@ at --world-size 2. The files are real: parquet written by `datasets`, shards by 
 from __future__ import annotations
 
 import json
+import sys
 import tarfile
 from pathlib import Path
 
@@ -254,3 +255,19 @@ def test_a_hub_test_split_without_labels_is_left_out(run_cli, tmp_path: Path) ->
     _rewrite_column(test, "label", [-1] * 6)  # the Hub's "no label", as ImageNet's test split
     info = _info(run_cli, "hfds/h", "--data-dir", tmp_path)
     assert info["counts"] == {"train": 18, "val": 2, "test": None}
+
+
+@pytest.mark.parametrize(
+    ("module", "dataset", "extra"),
+    [("datasets", "hfds/h", "mlkd[hf]"), ("webdataset", "wds/s", "mlkd[wds]")],
+)
+def test_a_missing_reader_names_its_extra(
+    run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, dataset: str, extra: str
+) -> None:
+    _hub(tmp_path)
+    write_shards(tmp_path / "s", "train", 4, 4, labels=[0, 0, 0, 0])
+    _classes(tmp_path / "s", "ant\n")
+    for name in [m for m in sys.modules if m == module or m.startswith(f"{module}.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as when it is not installed
+    _refused(run_cli, dataset, extra, data_dir=tmp_path)
