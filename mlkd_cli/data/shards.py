@@ -99,6 +99,28 @@ class ShardImages(Dataset):
         return image if isinstance(image, UnreadableImage) else (image, self.targets[index])
 
 
+MAX_HEADER_BYTES = 64 << 10  # a pax or GNU long-name header: names and a few attributes
+_EXTENDED_HEADERS = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A member header that refuses an extended header (pax, GNU long name) over
+    MAX_HEADER_BYTES: tarfile would read it whole into memory, whatever size it declares."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED_HEADERS and self.size > MAX_HEADER_BYTES:
+            raise tarfile.TarError(
+                f"an extended header of {self.size:,} bytes, over {MAX_HEADER_BYTES:,}"
+            )
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
 class _Index:
     """What a split's scan keeps: four numbers a sample."""
 
@@ -153,7 +175,10 @@ def _index_shard(path: Path, number: int, classes: int, index: _Index) -> None:
         index.target.append(label)
 
     split_key = _key_splitter()
-    with path.open("rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+    with (
+        path.open("rb") as raw,
+        tarfile.open(fileobj=raw, mode="r:", tarinfo=_BoundedTarInfo) as tar,
+    ):
         while (member := tar.next()) is not None:
             tar.members.clear()  # the index keeps what it needs: memory stays per sample
             if not member.isfile():

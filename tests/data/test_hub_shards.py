@@ -271,3 +271,10 @@ def test_a_missing_reader_names_its_extra(
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, module, None)  # import fails as when it is not installed
     _refused(run_cli, dataset, extra, data_dir=tmp_path)
+
+
+def test_a_shard_header_past_its_limit_is_refused_unread(run_cli, tmp_path: Path) -> None:
+    _classes(tmp_path / "s", "ant\n")
+    with tarfile.open(tmp_path / "s" / "train-000000.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(_png_file(tmp_path), arcname="k" * 70_000 + ".png")  # a 70 KB pax header
+    _refused(run_cli, "wds/s", "not a readable tar shard", "over 65,536", data_dir=tmp_path)
