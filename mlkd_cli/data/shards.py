@@ -16,6 +16,7 @@ rank reading the folder (a local or shared disk).
 from __future__ import annotations
 
 import array
+import functools
 import io
 import tarfile
 from collections.abc import Callable, Sequence
@@ -199,7 +200,18 @@ def _index_shard(path: Path, number: int, classes: int, index: _Index) -> None:
 
 
 def index_split(paths: Sequence[Path], classes: int) -> ShardImages:
-    """Index a split's shards into a source (images read on access)."""
+    """Index a split's shards into a source (images read on access).
+
+    A process reads a dataset more than once (a run's plan, then its training): the index of
+    shards whose names, sizes and modification times are unchanged is kept, not scanned again.
+    """
+    stamps = tuple((str(p), st.st_size, st.st_mtime_ns) for p in paths for st in [p.stat()])
+    return _indexed(stamps, classes)
+
+
+@functools.lru_cache(maxsize=8)
+def _indexed(stamps: tuple[tuple[str, int, int], ...], classes: int) -> ShardImages:
+    paths = [Path(name) for name, _, _ in stamps]
     index = _Index()
     for number, path in enumerate(paths):
         try:

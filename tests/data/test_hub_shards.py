@@ -5,6 +5,7 @@ at --world-size 2. The files are real: parquet written by `datasets`, shards by 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -278,3 +279,15 @@ def test_a_shard_header_past_its_limit_is_refused_unread(run_cli, tmp_path: Path
     with tarfile.open(tmp_path / "s" / "train-000000.tar", "w", format=tarfile.PAX_FORMAT) as tar:
         tar.add(_png_file(tmp_path), arcname="k" * 70_000 + ".png")  # a 70 KB pax header
     _refused(run_cli, "wds/s", "not a readable tar shard", "over 65,536", data_dir=tmp_path)
+
+
+def test_shards_are_indexed_once_until_they_change(tmp_path: Path) -> None:
+    write_shards(tmp_path / "s", "train", 30, 10, labels=[0, 1, 2] * 10)
+    _classes(tmp_path / "s", "ant\nbee\ncat\n")
+    first = load_splits("wds/s", tmp_path).train
+    assert load_splits("wds/s", tmp_path).train is first  # the scan is kept
+    shutil.rmtree(tmp_path / "s")
+    write_shards(tmp_path / "s", "train", 20, 10, labels=[2, 1] * 10)
+    _classes(tmp_path / "s", "ant\nbee\ncat\n")
+    again = load_splits("wds/s", tmp_path).train
+    assert len(again) == 20 and again.targets[:2] == [2, 1]
