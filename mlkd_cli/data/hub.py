@@ -64,6 +64,10 @@ def _datasets() -> Any:
     # Its progress bars and notes would break the one-line-a-message output of every command.
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    # huggingface_hub (a dependency of datasets) logs each retry of an unreachable Hub.
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
     return datasets
 
 
