@@ -4,7 +4,8 @@ NAME is a local folder in the Hub's layout — `data/train-*.parquet` (or `.arro
 `data/validation-*`, `data/test-*` — looked for as given, then under --data-dir; anything else is
 a Hub dataset name, downloaded by `datasets` into --data-dir (its cache) on first use. Each split
 needs an `image` column (the Hub's image: a struct of PNG/JPEG bytes) and a `label` column (a
-ClassLabel, whose names are the class names; plain integers or strings are accepted too). A
+ClassLabel, whose names are the class names; plain integers or strings are accepted too); a split
+without them uses its only Image column and its ClassLabel of the most classes. A
 validation or test split labelled -1 throughout (the Hub's "no label") is left out.
 
 `datasets` keeps the rows in memory-mapped Arrow files in its cache: only the label column is
@@ -251,9 +252,29 @@ def _image_table(table: Any, where: str) -> Any:
     )
 
 
+def _standard_columns(table: Any) -> Any:
+    """The split with its image and label columns named `image` and `label`: where it has no
+    such column, its only Image column, and its ClassLabel column of the most classes (the
+    finest labelling: `fine_label` of the Hub's CIFAR-100, not `coarse_label`)."""
+    datasets = _datasets()
+    features = table.features
+    renames = {}
+    if IMAGE_COLUMN not in features:
+        images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
+        if len(images) == 1:
+            renames[images[0]] = IMAGE_COLUMN
+    if LABEL_COLUMN not in features:
+        labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
+        sizes = sorted((features[c].num_classes for c in labels), reverse=True)
+        if labels and (len(sizes) == 1 or sizes[0] > sizes[1]):
+            renames[max(labels, key=lambda c: features[c].num_classes)] = LABEL_COLUMN
+    return table.rename_columns(renames) if renames else table
+
+
 def load_hub_dataset(name: str, data_dir: Path) -> RawSplits:
     """Read `hfds/NAME`: its splits, class names and labels (images stay in the Arrow files)."""
     tables, origin, trust_paths = _load(name, data_dir)
+    tables = {split: _standard_columns(table) for split, table in tables.items()}
     for split, table in tables.items():
         missing = [c for c in (IMAGE_COLUMN, LABEL_COLUMN) if c not in table.column_names]
         if missing:

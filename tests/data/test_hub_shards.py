@@ -22,6 +22,7 @@ from conftest import (
     SHARD_TRAIN,
     SHARD_VAL,
     assert_error_line,
+    tiny_png,
     write_hub_split,
     write_shards,
 )
@@ -291,3 +292,30 @@ def test_shards_are_indexed_once_until_they_change(tmp_path: Path) -> None:
     _classes(tmp_path / "s", "ant\nbee\ncat\n")
     again = load_splits("wds/s", tmp_path).train
     assert len(again) == 20 and again.targets[:2] == [2, 1]
+
+
+def test_hub_columns_named_otherwise_take_the_image_and_the_finest_labels(tmp_path: Path) -> None:
+    import datasets  # the Hub's CIFAR-100 shape: img, fine_label (100), coarse_label (20)
+
+    rng = np.random.default_rng(0)
+    fine, coarse = [f"f{i}" for i in range(6)], ["c0", "c1"]
+    labels = [i % 6 for i in range(24)]
+    features = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "fine_label": datasets.ClassLabel(names=fine),
+            "coarse_label": datasets.ClassLabel(names=coarse),
+        }
+    )
+    rows = {
+        "img": [{"bytes": tiny_png(label, rng), "path": None} for label in labels],
+        "fine_label": labels,
+        "coarse_label": [label // 3 for label in labels],
+    }
+    path = tmp_path / "c" / "data" / "train-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    splits = load_splits("hfds/c", tmp_path, val_fraction=0.25)
+    assert splits.class_names == fine
+    assert [splits.train.targets[i] for i in range(6)] == labels[:6]
+    _colour_matches_label(splits.train)
