@@ -1,8 +1,9 @@
 """WebDataset shards (`--dataset wds/FOLDER`): tar files whose samples are an image and its class.
 
-FOLDER holds `train-*.tar` (and optionally `val-*.tar`, `test-*.tar`) and `classes.txt`, one
-class name a line; each sample is an image (`.png`, `.jpg`, ...) and a `.cls` file holding its
-class number, grouped by key as webdataset groups them (its own `base_plus_ext`).
+FOLDER holds `train-*.tar` (and optionally `val-*.tar`, `test-*.tar`; timm's names, such as
+`imagenet1k-validation-0000.tar`, are read too) and `classes.txt`, one class name a line; each
+sample is an image (`.png`, `.jpg`, ...) and a `.cls` file holding its class number, grouped by key
+as webdataset groups them (its own `base_plus_ext`).
 
 The shards are indexed, not streamed: each process scans their tar headers once (the image data
 is seeked over, only the small `.cls` members are read) and keeps four numbers a sample (shard,
@@ -30,6 +31,9 @@ from mlkd_cli.core.safeload import clip, shown
 from mlkd_cli.data.sources import RawSplits, UnreadableImage, decode_image, read_class_list
 
 SPLIT_PATTERNS = {"train": "train-*.tar", "val": "val-*.tar", "test": "test-*.tar"}
+# Also read: shards named as timm's ImageNet shards are (`imagenet1k-validation-0000.tar`).
+_ALSO = {"train": ("*-train-*.tar",), "val": ("validation-*.tar", "*-validation-*.tar",
+         "*-val-*.tar"), "test": ("*-test-*.tar",)}  # fmt: skip
 CLASSES_FILE = "classes.txt"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
 CLASS_EXTENSION = "cls"
@@ -53,7 +57,8 @@ def looks_in(name: str, data_dir: Path) -> str:
 
 def shard_paths(folder: Path, split: str) -> list[Path]:
     """A split's shards in name order (empty when it has none)."""
-    paths = sorted(p for p in folder.glob(SPLIT_PATTERNS[split]) if p.is_file())
+    patterns = (SPLIT_PATTERNS[split], *_ALSO[split])
+    paths = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
     if len(paths) > MAX_SHARDS:
         raise UserError(
             f"{shown(folder)} holds {len(paths):,} {SPLIT_PATTERNS[split]} shards, over "

@@ -319,3 +319,11 @@ def test_hub_columns_named_otherwise_take_the_image_and_the_finest_labels(tmp_pa
     assert splits.class_names == fine
     assert [splits.train.targets[i] for i in range(6)] == labels[:6]
     _colour_matches_label(splits.train)
+
+
+def test_shards_named_as_timms_are_read(run_cli, tmp_path: Path) -> None:
+    write_shards(tmp_path / "s", "imagenet1k-train", 12, 6)
+    write_shards(tmp_path / "s", "imagenet1k-validation", 6, 6)
+    _classes(tmp_path / "s", "ant\nbee\ncat\n")
+    info = _info(run_cli, "wds/s", "--data-dir", tmp_path)
+    assert info["counts"] == {"train": 12, "val": 6, "test": None}
