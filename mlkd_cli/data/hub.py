@@ -62,13 +62,14 @@ def _datasets() -> Any:
         raise UserError(
             "hfds/ datasets are read with Hugging Face `datasets`; pip install 'mlkd[hf]'"
         ) from None
-    # Its progress bars and notes would break the one-line-a-message output of every command.
+    # Its progress bars and log lines (an unreadable file is logged, then raised) would break the
+    # one-line error and the output of every command: what it raises is said once, by mlkd.
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     # huggingface_hub (a dependency of datasets) logs each retry of an unreachable Hub.
     from huggingface_hub.utils import logging as hub_logging
 
-    hub_logging.set_verbosity_error()
+    hub_logging.set_verbosity(hub_logging.CRITICAL)
     return datasets
 
 

@@ -327,3 +327,9 @@ def test_shards_named_as_timms_are_read(run_cli, tmp_path: Path) -> None:
     _classes(tmp_path / "s", "ant\nbee\ncat\n")
     info = _info(run_cli, "wds/s", "--data-dir", tmp_path)
     assert info["counts"] == {"train": 12, "val": 6, "test": None}
+
+
+def test_a_hub_file_that_is_not_parquet_is_refused(run_cli, tmp_path: Path) -> None:
+    (tmp_path / "h" / "data").mkdir(parents=True)
+    (tmp_path / "h" / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 junk" * 300)
+    _refused(run_cli, "hfds/h", "could not be read", "not a parquet file", data_dir=tmp_path)
