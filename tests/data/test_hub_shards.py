@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import (
     HUB_CLASSES,
     HUB_TEST,
@@ -211,7 +212,9 @@ def _png_file(tmp_path: Path) -> Path:
 # ----------------------------------------------------------------------------- training
 
 
-def _train_and_eval(run_cli, dataset: str, tmp_path: Path, *args: object) -> tuple[dict, dict]:
+def _train_and_eval(
+    run_cli, dataset: str, tmp_path: Path, *args: object
+) -> tuple[dict, dict, dict]:
     out = tmp_path / "models"
     trained = run_cli(
         "teacher", "train", "-d", dataset, "-m", "test_resnet", "--img-size", "16",
@@ -223,16 +226,20 @@ def _train_and_eval(run_cli, dataset: str, tmp_path: Path, *args: object) -> tup
         "eval", summary["files"]["best"], "--split", "test", "--world-size", "2", "--json", *args
     )
     assert evaluated.exit_code == 0, evaluated.stderr
-    return summary, json.loads(evaluated.stdout)
+    card = torch.load(summary["files"]["best"], weights_only=True)
+    assert card["class_names"] == list(HUB_CLASSES) and card["num_classes"] == len(HUB_CLASSES)
+    return summary, json.loads(evaluated.stdout), card["extra"]["provenance"]["data"]
 
 
 @pytest.mark.slow
 def test_teacher_trains_at_world_size_2_from_a_hub_folder(
     run_cli, hub_folder: Path, tmp_path: Path
 ) -> None:
-    summary, test = _train_and_eval(
+    summary, test, data = _train_and_eval(
         run_cli, f"hfds/{hub_folder}", tmp_path, "--data-dir", tmp_path / "cache"
     )
+    held = round(0.1 * HUB_TRAIN)
+    assert (data["train"], data["val"], data["test"]) == (HUB_TRAIN - held, held, HUB_TEST)
     assert summary["name"] == "hfds-pets_test_resnet" and summary["world_size"] == 2
     assert summary["last"]["val_images"] == round(0.1 * HUB_TRAIN)
     assert test["images"] == HUB_TEST and test["dataset"] == f"hfds/{hub_folder}"
@@ -243,7 +250,8 @@ def test_teacher_trains_at_world_size_2_from_a_hub_folder(
 def test_teacher_trains_at_world_size_2_from_shards(
     run_cli, shard_folder: Path, tmp_path: Path
 ) -> None:
-    summary, test = _train_and_eval(run_cli, f"wds/{shard_folder}", tmp_path)
+    summary, test, data = _train_and_eval(run_cli, f"wds/{shard_folder}", tmp_path)
+    assert (data["train"], data["val"], data["test"]) == (SHARD_TRAIN, SHARD_VAL, SHARD_TEST)
     assert summary["name"] == "wds-shards_test_resnet" and summary["world_size"] == 2
     assert summary["last"]["val_images"] == SHARD_VAL
     assert test["images"] == SHARD_TEST
