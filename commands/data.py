@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from mlkd_cli.core.console import OutputOptions, Reporter
+from mlkd_cli.core.safeload import clip
 
 from . import options as opt
 
@@ -20,7 +21,7 @@ def list_datasets(
     json: opt.Json = False,
 ) -> None:
     """The registered datasets: classes, splits and where each looks for its files."""
-    from mlkd_cli.data.registry import DATASETS
+    from mlkd_cli.data.registry import DATASETS, PREFIXED_SPLITS, PREFIXES
 
     root = data_dir or Path("data")
     rows = [
@@ -32,6 +33,16 @@ def list_datasets(
             "description": spec.description,
         }
         for spec in DATASETS.values()
+    ] + [
+        {
+            "name": f"{prefix}/{'FOLDER' if prefix == 'wds' else 'NAME'}",
+            "classes": None,
+            "splits": PREFIXED_SPLITS,
+            "looks_in": "the folder named (or under --data-dir)"
+            + (", else the Hub" if prefix == "hfds" else ""),
+            "description": description,
+        }
+        for prefix, description in PREFIXES.items()
     ]
     report = Reporter(OutputOptions(json=json))
     report.table(
@@ -66,12 +77,14 @@ def info(
     report = Reporter(OutputOptions(json=json))
     shown = ", ".join(splits.class_names[:5]) + (", ..." if splits.num_classes > 5 else "")
     report.table(
-        name,
+        clip(name, 40),
         ["split", "images"],
         [[split, "absent" if n is None else n] for split, n in counts.items()],
     )
     report.info(f"files: {spec.looks_in(root)}")
     report.info(f"{splits.num_classes} classes: {shown}")
+    if splits.val is splits.train:
+        report.info(f"val: {val_fraction:g} of train, held out with a fixed seed (--val-fraction)")
     report.result(
         {
             "name": name,

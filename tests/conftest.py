@@ -261,3 +261,79 @@ def assert_same_weights(a: Path, b: Path, key: str) -> None:
     assert left.keys() == right.keys()
     for name in left:
         assert torch.equal(left[name], right[name]), name
+
+
+# Hugging Face and WebDataset layouts (`--dataset hfds/...`, `wds/...`): three classes of 8x8
+# images, each class its own colour, so that a model can tell them apart.
+HUB_CLASSES = ("ant", "bee", "cat")
+
+
+def tiny_png(label: int, rng: np.random.Generator) -> bytes:
+    """An 8x8 PNG whose dominant channel is its class."""
+    import io
+
+    pixels = rng.integers(0, 60, size=(8, 8, 3), dtype=np.uint8)
+    pixels[..., label % 3] += 150
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_hub_split(path: Path, count: int, names=HUB_CLASSES, labels=None) -> None:
+    """A parquet file as the Hub holds a split: an Image column of PNG bytes and a ClassLabel."""
+    import datasets
+
+    rng = np.random.default_rng(RNG_SEED + count)
+    labels = [i % len(names) for i in range(count)] if labels is None else labels
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(names))}
+    )
+    images = [{"bytes": tiny_png(label, rng), "path": None} for label in labels]
+    table = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.disable_progress_bars()
+    table.to_parquet(str(path))
+
+
+HUB_TRAIN, HUB_TEST = 1_600, 400
+
+
+@pytest.fixture(scope="session")
+def hub_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """<tmp>/pets: data/train-*.parquet (1,600 images, two files) and data/test-*.parquet (400),
+    in the Hub's layout (read-only: share it; pass --data-dir as the `datasets` cache)."""
+    root = tmp_path_factory.mktemp("hub") / "pets"
+    half = HUB_TRAIN // 2
+    write_hub_split(root / "data" / "train-00000-of-00002.parquet", half)
+    write_hub_split(root / "data" / "train-00001-of-00002.parquet", HUB_TRAIN - half)
+    write_hub_split(root / "data" / "test-00000-of-00001.parquet", HUB_TEST)
+    return root
+
+
+def write_shards(folder: Path, split: str, count: int, per_shard: int, labels=None) -> None:
+    """`split`-000000.tar, ...: WebDataset shards of (png, cls) samples, written by its writer."""
+    import webdataset
+
+    rng = np.random.default_rng(RNG_SEED + count)
+    labels = [i % len(HUB_CLASSES) for i in range(count)] if labels is None else labels
+    folder.mkdir(parents=True, exist_ok=True)
+    pattern = str(folder / f"{split}-%06d.tar")
+    with webdataset.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
+        for i, label in enumerate(labels):
+            sink.write({"__key__": f"{split}{i:06d}", "png": tiny_png(label, rng),
+                        "cls": str(label).encode()})  # fmt: skip
+
+
+SHARD_TRAIN, SHARD_VAL, SHARD_TEST = 600, 90, 120
+
+
+@pytest.fixture(scope="session")
+def shard_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """<tmp>/shards: train-*.tar (600 samples in 3 shards), val-*.tar (90), test-*.tar (120) and
+    classes.txt (read-only: share it)."""
+    root = tmp_path_factory.mktemp("wds") / "shards"
+    write_shards(root, "train", SHARD_TRAIN, 200)
+    write_shards(root, "val", SHARD_VAL, 100)
+    write_shards(root, "test", SHARD_TEST, 100)
+    (root / "classes.txt").write_text("\n".join(HUB_CLASSES) + "\n")
+    return root

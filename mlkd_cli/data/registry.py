@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,12 +166,76 @@ def augmentation_defaults(spec: DatasetSpec, train: sources.ImageSource) -> Augm
     )
 
 
+# Datasets named by a prefix and a place: `hfds/NAME` (a Hugging Face dataset: a Hub name or a
+# local folder in the Hub's layout, `data.hub`) and `wds/FOLDER` (WebDataset tar shards,
+# `data.shards`). Their readers import `datasets` / `webdataset` only when used.
+PREFIXES = {
+    "hfds": "a Hugging Face dataset: a Hub name, or a folder of data/train-*.parquet",
+    "wds": "WebDataset shards: FOLDER/train-*.tar (image + .cls) and classes.txt",
+}
+PREFIXED_SPLITS = "train, val (its own, or held out), test (if present)"
+MAX_PLACE_CHARS = 1000  # the NAME / FOLDER after a prefix
+
+
+def _hub_spec(name: str, place: str) -> DatasetSpec:
+    from mlkd_cli.data import hub
+
+    return DatasetSpec(
+        name=name,
+        description=PREFIXES["hfds"],
+        num_classes=None,
+        looks_in=lambda d: hub.looks_in(place, d),
+        read=lambda d, dl: hub.load_hub_dataset(place, d),
+        splits=PREFIXED_SPLITS,
+        downloadable=True,  # a Hub name is fetched by `datasets` into --data-dir on first use
+    )
+
+
+def _shard_spec(name: str, place: str) -> DatasetSpec:
+    from mlkd_cli.data import shards
+
+    return DatasetSpec(
+        name=name,
+        description=PREFIXES["wds"],
+        num_classes=None,
+        looks_in=lambda d: shards.looks_in(place, d),
+        read=lambda d, dl: shards.load_shards(shards.folder_of(place, d)),
+        splits=PREFIXED_SPLITS,
+    )
+
+
+def _prefixed_spec(name: str) -> DatasetSpec | None:
+    """The spec of `hfds/NAME` or `wds/FOLDER`; None for any other name."""
+    prefix, slash, place = name.partition("/")
+    if not slash or prefix not in PREFIXES:
+        return None
+    if not place.strip() or len(place) > MAX_PLACE_CHARS or "\x00" in place:
+        raise UserError(
+            f"--dataset {prefix}/ needs a name after it ({prefix}/NAME), of at most "
+            f"{MAX_PLACE_CHARS} characters"
+        )
+    return _hub_spec(name, place) if prefix == "hfds" else _shard_spec(name, place)
+
+
+def run_label(dataset: str) -> str:
+    """The dataset as a run's default file name holds it: a prefixed name's last part, without
+    slashes (`wds/data/pets` -> `wds-pets`); any other name as it is."""
+    prefix, slash, place = dataset.partition("/")
+    if not slash or prefix not in PREFIXES:
+        return dataset
+    last = Path(place.rstrip("/\\")).name or "data"
+    return f"{prefix}-{re.sub(r'[^A-Za-z0-9._-]', '_', last)[:60]}"
+
+
 def get_dataset_spec(name: str) -> DatasetSpec:
     """The registered dataset called `name`, or a UserError listing the known names."""
+    prefixed = _prefixed_spec(name)
+    if prefixed is not None:
+        return prefixed
     try:
         return DATASETS[name]
     except KeyError:
-        known = ", ".join(DATASETS)
+        known = ", ".join([*DATASETS, "hfds/NAME", "wds/FOLDER"])
         shown = name if len(name) <= 60 else f"{name[:57]}..."
         close = difflib.get_close_matches(name.lower(), DATASETS, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}? " if close else ""

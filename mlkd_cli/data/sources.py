@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, BinaryIO, NamedTuple, Protocol
 
 import numpy as np
 from PIL import Image
@@ -25,6 +25,51 @@ from mlkd_cli.core.safeload import clip, quote, shown
 # decoding and a larger image is treated as unreadable: left out with a warning naming it, or
 # the run stopped under --strict-data.
 MAX_IMAGE_PIXELS = 50_000_000
+
+
+# A dataset's class names, whatever file lists them (classes.txt, a Hub ClassLabel): a list past
+# these is a mistake, and an error line quoting one stays short.
+MAX_CLASSES = 100_000
+MAX_CLASS_NAME_CHARS = 200
+MAX_CLASS_LIST_BYTES = MAX_CLASSES * 64
+
+
+def check_class_names(names: Sequence[str], origin: str) -> list[str]:
+    """`names` as a dataset's class list: some, at most MAX_CLASSES, each a short line, no twice."""
+    if not names:
+        raise UserError(f"{origin} names no class; list one class name per line")
+    if len(names) > MAX_CLASSES:
+        raise UserError(f"{origin} names {len(names):,} classes, over {MAX_CLASSES:,}")
+    seen: set[str] = set()
+    for number, name in enumerate(names, start=1):
+        if len(name) > MAX_CLASS_NAME_CHARS:
+            raise UserError(
+                f"{origin} class {number} is {len(name):,} characters long; "
+                f"use at most {MAX_CLASS_NAME_CHARS}"
+            )
+        if name in seen:
+            raise UserError(f"{origin} names class {clip(repr(name), 60)} twice")
+        seen.add(name)
+    return list(names)
+
+
+def read_class_list(path: Path) -> list[str]:
+    """Class names, one a line (blank lines skipped), read with the limits above."""
+    with path.open("rb") as handle:
+        data = handle.read(MAX_CLASS_LIST_BYTES + 1)
+    if len(data) > MAX_CLASS_LIST_BYTES:
+        raise UserError(
+            f"{shown(path)} is over {MAX_CLASS_LIST_BYTES:,} bytes; list one short class "
+            "name per line"
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{shown(path)} is not UTF-8 text ({exc.reason}); save it as UTF-8"
+        ) from exc
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    return check_class_names(names, shown(path))
 
 
 class UnreadableImage(NamedTuple):
@@ -201,23 +246,31 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int] | UnreadableImage:
         path = self.paths[index]
-        try:
-            with warnings.catch_warnings():  # mlkd's own limit below replaces PIL's warning
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(path)  # reads the header only
-            with image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    return UnreadableImage(
-                        str(path),
-                        f"{image.width}x{image.height} pixels, over the limit of "
-                        f"{MAX_IMAGE_PIXELS:,}; shrink the image",
-                    )
-                return image.convert("RGB"), self.targets[index]
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            # PIL reports damaged files as OSError (truncated data, unidentified format) or
-            # SyntaxError/ValueError (malformed headers); the loaders leave such images out.
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return UnreadableImage(str(path), reason)
+        image = decode_image(path, str(path))
+        return image if isinstance(image, UnreadableImage) else (image, self.targets[index])
+
+
+def decode_image(file: Path | BinaryIO, where: str) -> Image.Image | UnreadableImage:
+    """The RGB image in `file` (a path or an open binary file), or an UnreadableImage naming
+    `where` when it is damaged, not an image, or over MAX_IMAGE_PIXELS (checked from the header,
+    before decoding)."""
+    try:
+        with warnings.catch_warnings():  # mlkd's own limit below replaces PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(file)  # reads the header only
+        with image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                return UnreadableImage(
+                    where,
+                    f"{image.width}x{image.height} pixels, over the limit of "
+                    f"{MAX_IMAGE_PIXELS:,}; shrink the image",
+                )
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        # PIL reports damaged files as OSError (truncated data, unidentified format) or
+        # SyntaxError/ValueError (malformed headers); the loaders leave such images out.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return UnreadableImage(where, reason)
 
 
 class ImageTraits(NamedTuple):

@@ -169,7 +169,9 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         """The name the run's files carry: `--name`, or a default of the run's kind."""
-        return self.name or self.dataset
+        from mlkd_cli.data.registry import run_label  # here: data/ loads torch, help must not
+
+        return self.name or run_label(self.dataset)
 
     def batch_plan(self, world_size: int) -> BatchPlan:
         """How each optimiser step is made up at this world size (see `BatchPlan`)."""
@@ -303,7 +305,9 @@ class TeacherTrainConfig(TrainConfig):
     @property
     def run_name(self) -> str:
         """`--name`, or `<dataset>_<model>`."""
-        return self.name or f"{self.dataset}_{self.model}"
+        from mlkd_cli.data.registry import run_label
+
+        return self.name or f"{run_label(self.dataset)}_{self.model}"
 
 
 # The original project's distillation recipe.

@@ -31,7 +31,10 @@ def test_data_list_json_names_every_dataset(run_cli) -> None:
     result = run_cli("data", "list", "--json")
     assert result.exit_code == 0
     names = [d["name"] for d in json.loads(result.stdout)["datasets"]]
-    assert names == ["cifar-10", "cifar-100", "oxford-iiit", "imagefolder", "csv", "digits"]
+    assert names == [
+        *("cifar-10", "cifar-100", "oxford-iiit", "imagefolder", "csv", "digits"),
+        *("hfds/NAME", "wds/FOLDER"),
+    ]
 
 
 def test_data_info_counts_a_real_layout(run_cli, cifar10_dir: Path) -> None:
