@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,12 +67,16 @@ def _tag(key: str) -> str:
 
 def final_figures(summary: dict[str, Any]) -> dict[str, float]:
     """What a run ends with: the best epoch and its validation figures (`best_val_top1`, ...)."""
-    figures: dict[str, float] = {"best_epoch": summary["best_epoch"]}
-    for key, value in (summary.get("best_row") or {}).items():
-        if _tag(key).startswith("val/") and isinstance(value, (int, float)):
-            figures[f"best_{key}"] = value
-    figures["best_val_top1"] = summary["best_val_top1"]
-    return figures
+    best = {f"best_{key}": value for key, value in (summary.get("best_row") or {}).items()}
+    best.update(best_epoch=summary.get("best_epoch"), best_val_top1=summary.get("best_val_top1"))
+    return {
+        key: value
+        for key, value in sorted(best.items())
+        if (key == "best_epoch" or _tag(key.removeprefix("best_")).startswith("val/"))
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    }
 
 
 def log_final(loggers: list[MetricLogger], summary: dict[str, Any]) -> None:
@@ -79,6 +84,11 @@ def log_final(loggers: list[MetricLogger], summary: dict[str, Any]) -> None:
     step = summary["last"]["epoch"] if summary.get("last") else 0
     for logger in loggers:
         logger.log_final(final_figures(summary), step)
+
+
+def _param_key(key: str) -> str:
+    """An MLflow parameter name: letters, digits and `_-. /` only, at most 250 characters."""
+    return re.sub(r"[^\w\-. /]", "_", key)[:250]
 
 
 def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -173,7 +183,7 @@ class WandbLogger:
                 settings=wandb.Settings(**settings),
             )
         except (wandb.errors.Error, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
             raise UserError(
                 f"--log-to wandb could not start a run ({first}); check WANDB_* settings "
                 "or set WANDB_MODE=offline"
@@ -230,7 +240,7 @@ class MlflowLogger:
             ).info.run_id
         except MlflowException as exc:
             self._restore_env()
-            first = str(exc).strip().splitlines()[0][:200]
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
             raise UserError(
                 f"--log-to mlflow could not start a run in {uri[:100]} ({first}); check "
                 "MLFLOW_TRACKING_URI"
@@ -239,9 +249,14 @@ class MlflowLogger:
         if self.default_store:
             where = f"local file store {output_dir / 'mlruns'} (MLFLOW_TRACKING_URI for another)"
         self.where = f"mlflow: experiment {experiment}, {where}"
-        params = [Param(k, v) for k, v in flat_config(config).items()]
-        for start in range(0, len(params), PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=params[start : start + PARAMS_PER_BATCH])
+        params = [Param(_param_key(k), v) for k, v in flat_config(config).items()]
+        try:
+            for start in range(0, len(params), PARAMS_PER_BATCH):
+                batch = params[start : start + PARAMS_PER_BATCH]
+                self.client.log_batch(self.run_id, params=batch)
+        except BaseException:
+            self.close(FAILED)
+            raise
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         """The row's scalars at step = epoch."""
