@@ -174,11 +174,13 @@ class WandbLogger:
             settings["console"] = "off"  # mlkd's progress bars; the history holds the numbers
         if "WANDB_SILENT" not in os.environ:
             settings["silent"] = True  # stdout stays mlkd's (--json prints only JSON there)
+        folder = Path(os.environ.get("WANDB_DIR") or output_dir)
+        folder.mkdir(parents=True, exist_ok=True)  # else W&B warns of a missing "git root"
         try:
             self.run = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", "mlkd"),
                 name=name,
-                dir=os.environ.get("WANDB_DIR") or str(output_dir),
+                dir=str(folder),
                 config=config,
                 settings=wandb.Settings(**settings),
             )
@@ -201,8 +203,15 @@ class WandbLogger:
 
     def close(self, outcome: str) -> None:
         """Finish the run; W&B marks one with a non-zero exit code failed."""
+        import wandb
+
         self.run.summary["outcome"] = outcome
         self.run.finish(exit_code={FINISHED: 0, FAILED: 1, KILLED: 130}[outcome])
+        # finish() can return before W&B's service has written the run's last records (seen
+        # offline: a run file of its header alone), and a worker process ends without W&B's
+        # exit hook; shutting the service down waits for them. Not while another run is live.
+        if wandb.run is None:
+            wandb.teardown()
 
 
 class MlflowLogger:

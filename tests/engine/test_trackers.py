@@ -236,3 +236,41 @@ def test_a_run_that_ends_early_closes_its_mlflow_run_as_failed_or_killed(
     ]
     _, run = _mlflow_run(tmp_path, monkeypatch)
     assert run.info.status == status and run.data.params == {"lr": "0.1"}
+
+
+def test_mlflow_tracking_uri_is_honoured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mlkd_cli.engine.loggers import tracking
+
+    _quiet_tracking_env(monkeypatch, tmp_path)
+    store = tmp_path / "elsewhere"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's choice, left as it is
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "digits")
+    out = tmp_path / "models"
+    with tracking(["mlflow"], out, "r", {"lr": 0.1}, lambda line: None) as (logger,):
+        logger.log_epoch({"epoch": 1, "val_top1": 12.5})
+    assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"
+    assert not out.exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store.as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics == {"val/top1": 12.5}
+
+
+def test_a_failed_run_ends_its_wandb_run_failed_in_wandb_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from mlkd_cli.engine.loggers import tracking
+
+    _quiet_tracking_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
+    out = tmp_path / "models"
+    with pytest.raises(ValueError), tracking(["wandb"], out, "r", {"lr": 0.1}, print) as (logger,):
+        logger.log_epoch({"epoch": 1, "val_top1": 12.5})
+        raise ValueError("a bug")
+    assert not out.exists()
+    run = _wandb_run(tmp_path / "elsewhere")
+    assert run["name"] == "r" and run["config"]["lr"] == 0.1
+    assert run["history"][1]["val/top1"] == 12.5
+    assert run["exit_code"] == 1 and run["summary"]["outcome"] == "failed"
