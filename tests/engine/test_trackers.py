@@ -1,8 +1,9 @@
 """`--log-to tensorboard,wandb,mlflow`: each tracker read back with its own library, no network.
 
-One tiny training run (two processes, so only rank 0 may log) feeds all three trackers; the tests
-read W&B's offline run file, MLflow's local file store and TensorBoard's event file and compare
-them with the run's own history. The refusals are checked before any training.
+One tiny training run (two processes, so only rank 0 may log) feeds all three trackers; the slow
+tests read W&B's offline run file, MLflow's local file store and TensorBoard's event file and
+compare them with the run's own history. The refusals are checked before any training; how a run
+that ends early closes its trackers, with the trackers alone.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def _wandb_run(out: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_all_three_trackers_hold_the_runs_per_epoch_top1(tracked: dict[str, Any]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -155,6 +157,7 @@ def test_all_three_trackers_hold_the_runs_per_epoch_top1(tracked: dict[str, Any]
     assert [history[step]["val/top1"] for step in (1, 2)] == pytest.approx(top1)
 
 
+@pytest.mark.slow
 def test_mlflow_run_holds_settings_losses_and_final_figures(tracked: dict[str, Any]) -> None:
     out, rows, summary = tracked["out"], tracked["rows"], tracked["summary"]
     with pytest.MonkeyPatch.context() as mp:
@@ -171,6 +174,7 @@ def test_mlflow_run_holds_settings_losses_and_final_figures(tracked: dict[str, A
     assert final["final/best_epoch"] == summary["best_epoch"]
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_settings_and_final_figures(tracked: dict[str, Any]) -> None:
     out, rows, summary = tracked["out"], tracked["rows"], tracked["summary"]
     run = _wandb_run(out)
@@ -183,6 +187,7 @@ def test_wandb_offline_run_holds_settings_and_final_figures(tracked: dict[str, A
     assert run["summary"]["outcome"] == "finished"
 
 
+@pytest.mark.slow
 def test_trackers_write_only_inside_the_output_folder(tracked: dict[str, Any]) -> None:
     out = tracked["out"]
     assert {p.name for p in out.parent.iterdir()} - {".cache"} == {"models"}
