@@ -370,8 +370,10 @@ LogTo = Annotated[
     typer.Option(
         "--log-to",
         # escaped: rich would read [tensorboard] as markup and drop it
-        help="Also send each epoch's metrics to: tensorboard (into <name>_tensorboard/ in "
-        "--output-dir; needs pip install 'mlkd\\[tensorboard]').",
+        help="Also track the run in tensorboard, wandb and/or mlflow (comma-separated; "
+        "pip install 'mlkd\\[tensorboard]', or \\[wandb], \\[mlflow]): its settings, each "
+        "epoch's metrics and the final figures, into --output-dir's <name>_tensorboard/, "
+        "wandb/ and mlruns/ (unless WANDB_DIR or MLFLOW_TRACKING_URI say otherwise).",
         rich_help_panel=RUN,
     ),
 ]

@@ -59,7 +59,13 @@ from mlkd_cli.engine.ema import EMA, RAW, ModelEma, better_weights, ema_metrics
 from mlkd_cli.engine.history import History
 from mlkd_cli.engine.interrupt import StopRequest
 from mlkd_cli.engine.launch import launch, launcher_rank
-from mlkd_cli.engine.loggers import build_loggers, parse_log_to
+from mlkd_cli.engine.loggers import (
+    MetricLogger,
+    log_final,
+    parse_log_to,
+    run_config,
+    tracking,
+)
 from mlkd_cli.engine.planning import (
     RunFiles,
     RunPlan,
@@ -230,15 +236,20 @@ def _deterministic() -> Iterator[None]:
 
 def _fit(ctx: DistContext, plan: RunPlan, task: Task) -> dict[str, Any]:
     run = _Run(ctx, plan, task)
-    with StopRequest() as stop, contextlib.ExitStack() as closing:
-        for logger in run.loggers:
-            closing.callback(logger.close)
-        for epoch in range(run.resumed.epoch, plan.config.epochs):
+    cfg = plan.config
+    names = parse_log_to(cfg.log_to) if ctx.is_main else []  # trackers: rank 0 only
+    config = run_config(run.history.run_info, cfg.output_dir, ctx.world_size)
+    trackers = tracking(names, cfg.output_dir, run.files.name, config, run.report.info)
+    with StopRequest() as stop, trackers as loggers:
+        run.loggers = loggers
+        for epoch in range(run.resumed.epoch, cfg.epochs):
             metrics = run.train_epoch(epoch, stop)
             run.finish_epoch(epoch, metrics, stop)
+        summary = run.summary()
+        log_final(loggers, summary)
     ctx.barrier()
     run.say_weights()
-    return run.summary()
+    return summary
 
 
 class _Run:
@@ -268,8 +279,7 @@ class _Run:
             plan.card.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing
         )
         self.warned: set[str] = set()
-        names = parse_log_to(cfg.log_to)
-        self.loggers = build_loggers(names, cfg.output_dir, self.files.name) if ctx.is_main else []
+        self.loggers: list[MetricLogger] = []  # `_fit` opens the run's trackers
         self._announce()
 
     def _setup_data(self) -> None:

@@ -159,7 +159,7 @@ import typer.main
 from typer.testing import CliRunner
 from mlkd_cli.cli import app
 
-HEAVY = ("torch", "timm", "torchvision", "numpy")
+HEAVY = ("torch", "timm", "torchvision", "numpy", "wandb", "mlflow")
 def walk(group, path=()):
     yield path
     for name, command in sorted(getattr(group, "commands", {}).items()):

@@ -204,9 +204,9 @@ def test_tensorboard_receives_the_loss_by_component(small_teacher: Path, tmp_pat
 
 def test_unknown_metric_logger_is_refused(run_cli, tmp_path: Path) -> None:
     result = run_cli(
-        "teacher", "train", "-d", "digits", "-m", "test_resnet", "--log-to", "mlflow",
+        "teacher", "train", "-d", "digits", "-m", "test_resnet", "--log-to", "comet",
         "--output-dir", tmp_path,
     )  # fmt: skip
     assert result.exit_code == 2
-    assert_error_line(result.stderr, "--log-to mlflow", "tensorboard")
+    assert_error_line(result.stderr, "--log-to comet", "mlflow, tensorboard, wandb")
     assert not any(tmp_path.iterdir())
