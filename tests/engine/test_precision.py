@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import replace
 
 import pytest
@@ -176,6 +175,7 @@ def test_a_busy_moment_during_the_timing_does_not_decide_it(
     model = timm.create_model("test_resnet", num_classes=3)
     monkeypatch.setattr(precision_module, "LAYOUT_SECONDS", 0.0)  # the minimum rounds only
     calls = {"channels_last": 0}
+    clock = [0.0]  # a step's time is what it adds to this clock: no sleeping, no real load
 
     def step(trial, images, precision, train):  # the step's time alone, no arithmetic
         cl = images.is_contiguous(memory_format=torch.channels_last) and images.shape[1] > 1
@@ -183,9 +183,10 @@ def test_a_busy_moment_during_the_timing_does_not_decide_it(
             calls["channels_last"] += 1
         # NCHW 10 ms a step, channels_last 5 ms, but its first timed step (after the warm-up)
         # catches a busy moment: 100 ms.
-        time.sleep(0.1 if cl and calls["channels_last"] == 2 else 0.005 if cl else 0.01)
+        clock[0] += 0.1 if cl and calls["channels_last"] == 2 else 0.005 if cl else 0.01
 
     monkeypatch.setattr(precision_module, "_one_step", step)
+    monkeypatch.setattr(precision_module.time, "perf_counter", lambda: clock[0])
     chosen = choose_layout(Precision.resolve("fp32", CPU), model, (3, 16, 16), CTX, train=True)
     assert chosen.channels_last, chosen.why
     assert calls["channels_last"] == 1 + precision_module.LAYOUT_ROUNDS
