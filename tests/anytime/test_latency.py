@@ -10,39 +10,23 @@ import shutil
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from conftest import assert_error_line, invoke_cli
 
 from mlkd_cli.anytime import timing
 from mlkd_cli.anytime.rules import exit_confidence
-from mlkd_cli.core.checkpoint import ModelCard, save_exits_model
-from mlkd_cli.models.exits import exits_record, load_exits_checkpoint
-from mlkd_cli.models.student import MultiExitStudent
+from mlkd_cli.models.exits import load_exits_checkpoint
 
 pytest.importorskip("onnxruntime")
 
-CLASSES = 10
 ROW_KEYS = {"runtime", "model", "batch", "images_per_s", "p50_ms", "p95_ms", "macs_pct"}
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def exported(staged_export: Path) -> Path:
     """An untrained 32 px test_convnext digits student with exits after `mlkd export
-    s_exits.pth --format onnx` (s_exits.onnx and s_exits_staged/), read-only."""
-    folder = tmp_path_factory.mktemp("latency")
-    torch.manual_seed(0)
-    backbone = timm.create_model("test_convnext", num_classes=CLASSES)
-    student = MultiExitStudent(backbone, "test_convnext", [0, 1, 2], CLASSES, 32)
-    card = ModelCard(
-        "test_convnext", CLASSES, [str(d) for d in range(CLASSES)], "digits", 32, 1.0,
-        [0.5] * 3, [0.5] * 3,
-    )  # fmt: skip
-    checkpoint = folder / "s_exits.pth"
-    save_exits_model(checkpoint, student, card, exits_record(student, [0, 1, 2], 32), 1, {})
-    result = invoke_cli("export", checkpoint, "--format", "onnx", "--quiet")
-    assert result.exit_code == 0, result.stderr
-    return folder
+    s_exits.pth --format onnx` (s_exits.onnx and s_exits_staged/), read-only: conftest's."""
+    return staged_export
 
 
 def _copy(exported: Path, folder: Path, *names: str) -> Path:
