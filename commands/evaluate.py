@@ -337,10 +337,8 @@ def _render_latency(report: Reporter, result: dict) -> None:
             for r in result["latency"]
         ],
     )
-    report.info(
-        "staged cascade: segment by segment, only images still in go on; one-graph: every "
-        "head run, then decided; MACs %: the timed images' work, of the plain model's"
-    )
+    report.info("staged cascade: segments run on the images still in; one-graph: every head")
+    report.info("MACs %: the work the timed images took, of the plain model's")
     for line in result.get("latency_missing") or []:
         report.info(line)
 

@@ -49,7 +49,7 @@ ROUNDS = 3  # passes over the requests, interleaved across configurations
 # staged ONNX folder: only the images still in it reach the next segment); the one-graph ONNX
 # file's cascade, which computes every head for every image and decides afterwards.
 PLAIN, CASCADE, STAGED, ONE_GRAPH = "plain", "cascade", "staged cascade", "one-graph cascade"
-PRECISIONS = (("fp32", ".onnx", ""), ("int8", ".int8.onnx", " --int8"))
+PRECISIONS = (("fp32", ".onnx"), ("int8", ".int8.onnx"))
 
 
 @dataclass(frozen=True)
@@ -92,40 +92,54 @@ def latency_sources(checkpoint: Path) -> LatencySources:
     except ImportError:
         return LatencySources((), ("no onnxruntime rows: pip install 'mlkd[export]'",))
     found: list[tuple[str, str, Path]] = []
-    missing: list[str] = []
     plain_name = checkpoint.stem.removesuffix("_exits")
-    for precision, suffix, flag in PRECISIONS:
+    named = plain_name != checkpoint.stem  # the plain student is found beside <name>_exits.pth
+    absent: dict[str, list[tuple[str, str]]] = {PLAIN: [], STAGED: []}
+    for precision, suffix in PRECISIONS:
         runtime = f"onnxruntime {precision}"
         plain = checkpoint.with_name(plain_name + suffix)
-        if plain_name != checkpoint.stem and plain.is_file():
+        if named and plain.is_file():
             found.append((runtime, PLAIN, plain))
-        elif plain_name != checkpoint.stem:
-            again = (
-                " --overwrite" if flag and plain.with_name(plain_name + ".onnx").is_file() else ""
-            )
-            missing.append(
-                f"no plain {precision} row: {plain.name} not found; mlkd export "
-                f"{clip(str(checkpoint.with_name(plain_name + '.pth')))} --format onnx{flag}{again}"
-            )
+        elif named:
+            absent[PLAIN].append((precision, plain.name))
         one_graph = checkpoint.with_suffix(suffix)
-        staged = staged_folder(one_graph)
         if one_graph.is_file():
             found.append((runtime, ONE_GRAPH, one_graph))
+        staged = staged_folder(one_graph)
         if is_staged(staged):
             read_manifest(staged)
             found.append((runtime, STAGED, staged))
         else:
-            again = " --overwrite" if flag and checkpoint.with_suffix(".onnx").is_file() else ""
-            missing.append(
-                f"no staged {precision} row: {staged.name}/ not found; mlkd export "
-                f"{clip(str(checkpoint))} --format onnx{flag}{again}"
-            )
-    if plain_name == checkpoint.stem:
+            absent[STAGED].append((precision, f"{staged.name}/"))
+    fp32_staged = checkpoint.with_suffix(".onnx")
+    missing = [
+        _missing_line("plain", absent[PLAIN], checkpoint.with_name(plain_name + ".pth"),
+                      checkpoint.with_name(plain_name + ".onnx").is_file()),
+        _missing_line("staged", absent[STAGED], checkpoint,
+                      fp32_staged.is_file() or is_staged(staged_folder(fp32_staged))),
+    ]  # fmt: skip
+    if not named:
         missing.append(
             f"no plain onnxruntime rows: the plain student's ONNX is looked for as <name>.onnx "
             f"beside a <name>_exits.pth, and {clip(checkpoint.name)} is not named so"
         )
-    return LatencySources(tuple(found), tuple(missing))
+    return LatencySources(tuple(found), tuple(line for line in missing if line))
+
+
+def _missing_line(kind: str, absent: list[tuple[str, str]], source: Path, fp32_there: bool) -> str:
+    """One line for the `kind` forms not found ((precision, name) each), naming the export that
+    writes them: with --int8 where int8 is among them (it writes fp32 too), and --overwrite
+    where an fp32 form it would replace is there. Empty when nothing is absent."""
+    if not absent:
+        return ""
+    int8 = any(precision == "int8" for precision, _ in absent)
+    flags = (" --int8" if int8 else "") + (" --overwrite" if int8 and fp32_there else "")
+    precisions = " and ".join(precision for precision, _ in absent)
+    rows = "rows" if len(absent) > 1 else "row"
+    return (
+        f"no {kind} {precisions} {rows}: {', '.join(name for _, name in absent)} not found; "
+        f"mlkd export {clip(str(source))} --format onnx{flags}"
+    )
 
 
 @dataclass(frozen=True)
