@@ -111,13 +111,18 @@ def latency_sources(checkpoint: Path) -> LatencySources:
             found.append((runtime, STAGED, staged))
         else:
             absent[STAGED].append((precision, f"{staged.name}/"))
-    fp32_staged = checkpoint.with_suffix(".onnx")
+    plain_pth = checkpoint.with_name(plain_name + ".pth")
+    writes = {  # what each export writes, by precision (--int8 writes fp32 too)
+        PLAIN: {p: [checkpoint.with_name(plain_name + suffix)] for p, suffix in PRECISIONS},
+        STAGED: {
+            p: [checkpoint.with_suffix(suffix), staged_folder(checkpoint.with_suffix(suffix))]
+            for p, suffix in PRECISIONS
+        },
+    }
     missing = [
-        _missing_line("plain", absent[PLAIN], checkpoint.with_name(plain_name + ".pth"),
-                      checkpoint.with_name(plain_name + ".onnx").is_file()),
-        _missing_line("staged", absent[STAGED], checkpoint,
-                      fp32_staged.is_file() or is_staged(staged_folder(fp32_staged))),
-    ]  # fmt: skip
+        _missing_line("plain", absent[PLAIN], plain_pth, writes[PLAIN]),
+        _missing_line("staged", absent[STAGED], checkpoint, writes[STAGED]),
+    ]
     if not named:
         missing.append(
             f"no plain onnxruntime rows: the plain student's ONNX is looked for as <name>.onnx "
@@ -126,14 +131,19 @@ def latency_sources(checkpoint: Path) -> LatencySources:
     return LatencySources(tuple(found), tuple(line for line in missing if line))
 
 
-def _missing_line(kind: str, absent: list[tuple[str, str]], source: Path, fp32_there: bool) -> str:
+def _missing_line(
+    kind: str, absent: list[tuple[str, str]], source: Path, writes: dict[str, list[Path]]
+) -> str:
     """One line for the `kind` forms not found ((precision, name) each), naming the export that
     writes them: with --int8 where int8 is among them (it writes fp32 too), and --overwrite
-    where an fp32 form it would replace is there. Empty when nothing is absent."""
+    where something it writes (`writes`, by precision) is there. Empty when nothing is absent."""
     if not absent:
         return ""
     int8 = any(precision == "int8" for precision, _ in absent)
-    flags = (" --int8" if int8 else "") + (" --overwrite" if int8 and fp32_there else "")
+    written = writes["fp32"] + (writes["int8"] if int8 else [])
+    flags = (" --int8" if int8 else "") + (
+        " --overwrite" if any(p.exists() for p in written) else ""
+    )
     precisions = " and ".join(precision for precision, _ in absent)
     rows = "rows" if len(absent) > 1 else "row"
     return (

@@ -67,6 +67,13 @@ def test_each_onnx_form_not_found_is_one_line_naming_the_export_that_writes_it(
         f"no staged int8 row: s_exits.int8_staged/ not found; mlkd export {bare} --format onnx "
         "--int8 --overwrite",
     ]
+    # An export from before the staged folders (the one-graph file alone): replacing it needs
+    # --overwrite too.
+    shutil.rmtree(tmp_path / "s_exits_staged")
+    assert timing.latency_sources(bare).missing[-1] == (
+        "no staged fp32 and int8 rows: s_exits_staged/, s_exits.int8_staged/ not found; "
+        f"mlkd export {bare} --format onnx --int8 --overwrite"
+    )
 
 
 def test_eval_latency_has_the_staged_rows_and_says_what_is_missing(
