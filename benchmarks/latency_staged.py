@@ -187,7 +187,9 @@ def measure(exits: Path, images: list[torch.Tensor]) -> list[timing.LatencyRow]:
     loaded = load_exits_checkpoint(exits)
     assert loaded.costs is not None
     staged = StagedStudent(loaded.student.eval(), loaded.card.img_size)
-    chosen = loaded.exits["thresholds"]
+    chosen = loaded.exits.get("thresholds")
+    if not chosen:
+        raise SystemExit(f"{exits} has no thresholds: mlkd eval {exits} --split val --early-exit")
     precision = Precision.resolve("fp32", torch.device("cpu"), "the benchmark")
     result = timing.measure_latency(
         staged, precision, images, chosen["values"], chosen["rule"], exits, loaded.costs
@@ -229,7 +231,6 @@ def main() -> None:
     calibration = 16 if args.quick else 64
     if args.quick:
         timing.ROUNDS, timing.SINGLE_IMAGES = 1, 16
-    torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
     lines = []
     with tempfile.TemporaryDirectory(prefix="latency_staged.") as scratch:
