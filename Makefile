@@ -38,6 +38,7 @@ bench: install
 	$(PY) benchmarks/small_models.py
 	$(PY) benchmarks/bench.py
 	$(PY) benchmarks/teacher_input.py
+	$(PY) benchmarks/latency_staged.py --quick
 	$(PY) benchmarks/peers.py --quick $(if $(TIMM_REPO),--timm-repo $(TIMM_REPO),--tools mlkd-timm$(comma)mlkd)
 
 lint: install

@@ -126,7 +126,8 @@ class EvaluateRequest(OutputFlags, RunFlags):
             "--latency",
             help="For a student with exits: images/s and per-request latency (p50, p95) of the "
             "plain model and the cascade, 1 and --batch-size images a request, in PyTorch and "
-            "in onnxruntime where the exports lie beside the checkpoint.",
+            "in onnxruntime (fp32 and int8; plain, one-graph and staged cascade) where mlkd "
+            "export wrote them beside the checkpoint.",
             rich_help_panel=opt.EARLY_EXIT,
         ),
     ] = False
@@ -261,27 +262,7 @@ def _render_anytime(report: Reporter, result: dict[str, Any], job: AnytimeJob) -
     if result.get("frontiers"):
         _render_frontiers(report, result["frontiers"])
     if result.get("latency"):
-        report.table(
-            "latency on this machine: images in memory; a request is 1 image or a batch, and "
-            "each of its images waits for the whole of it",
-            ["runtime", "model", "images a request", "img/s", "p50 ms", "p95 ms"],
-            [
-                [
-                    r["runtime"],
-                    r["model"]
-                    + (
-                        " (every head computed)"
-                        if "onnx" in r["runtime"] and r["model"] == "cascade"
-                        else ""
-                    ),
-                    str(r["batch"]),
-                    f"{r['images_per_s']:.0f}",
-                    f"{r['p50_ms']:.2f}",
-                    f"{r['p95_ms']:.2f}",
-                ]
-                for r in result["latency"]
-            ],
-        )
+        _render_latency(report, result)
     chosen = result.get("chosen")
     if job.early_exit and chosen:
         values = ",".join(f"{v:g}" for v in chosen["values"])
@@ -334,6 +315,32 @@ def _render_certificate(report: Reporter, certificate: dict[str, Any]) -> None:
         f"{_points(drop)} (the most cautious thresholds, kept, are certified to "
         f"{certificate['bound']:.2f} points); {would}"
     )
+
+
+def _render_latency(report: Reporter, result: dict) -> None:
+    """The latency table (one row per runtime, model and request size), what its models are,
+    and one line per ONNX form not found beside the checkpoint."""
+    report.table(
+        "latency on this machine: images in memory; a request is 1 image or a batch, and "
+        "each of its images waits for the whole of it",
+        ["runtime", "model", "batch", "img/s", "p50 ms", "p95 ms", "MACs %"],
+        [
+            [
+                r["runtime"],
+                r["model"],
+                str(r["batch"]),
+                f"{r['images_per_s']:.0f}",
+                f"{r['p50_ms']:.2f}",
+                f"{r['p95_ms']:.2f}",
+                f"{r['macs_pct']:.1f}",
+            ]
+            for r in result["latency"]
+        ],
+    )
+    report.info("staged cascade: segments run on the images still in; one-graph: every head")
+    report.info("MACs %: the work the timed images took, of the plain model's")
+    for line in result.get("latency_missing") or []:
+        report.info(line)
 
 
 def _render_frontiers(report: Reporter, frontiers: dict[str, list[dict[str, Any]]]) -> None:

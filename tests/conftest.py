@@ -337,3 +337,43 @@ def shard_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_shards(root, "test", SHARD_TEST, 100)
     (root / "classes.txt").write_text("\n".join(HUB_CLASSES) + "\n")
     return root
+
+
+STAGED_SPREAD = 40.0  # how much the staged export's students' classifier weights are scaled
+
+
+@pytest.fixture(scope="session")
+def staged_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of an untrained 32 px test_convnext digits student with exits, as mlkd distill
+    writes it (thresholds not chosen yet), after `mlkd export s_exits.pth --format onnx`:
+    s_exits.pth, s_exits.onnx and s_exits_staged/. Read-only: the session exports it once (five
+    verified ONNX traces) for tests/export/test_staged_onnx.py and tests/anytime/test_latency.py."""
+    import json
+
+    import timm
+    import torch
+
+    from mlkd_cli.core.checkpoint import ModelCard, save_exits_model
+    from mlkd_cli.models.exits import exits_record
+    from mlkd_cli.models.student import MultiExitStudent
+
+    folder = tmp_path_factory.mktemp("staged")
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_convnext", num_classes=10)
+    student = MultiExitStudent(backbone, "test_convnext", [0, 1, 2], 10, 32)
+    card = ModelCard(
+        "test_convnext", 10, [str(d) for d in range(10)], "digits", 32, 1.0, [0.5] * 3, [0.5] * 3
+    )
+    # Untrained heads are all near 1/10 sure of every image; scaled up, their confidences spread
+    # over (0, 1) as a trained student's do, so thresholds can stand clear of every image.
+    with torch.no_grad():
+        for classifier in (*(e.fc for e in student.exits), student.backbone.get_classifier()):
+            classifier.weight.mul_(STAGED_SPREAD)
+    checkpoint = folder / "s_exits.pth"
+    save_exits_model(checkpoint, student, card, exits_record(student, [0, 1, 2], 32), 1, {})
+    result = invoke_cli("export", checkpoint, "--format", "onnx", "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    staged = json.loads(result.stdout)["staged"]
+    assert staged["output"] == str(folder / "s_exits_staged")
+    assert staged["max_abs_diff"] <= 1e-4
+    return folder

@@ -25,7 +25,12 @@ from mlkd_cli.anytime.thresholds import (
     evaluate_cascade,
     frontier,
 )
-from mlkd_cli.anytime.timing import TIMING_BUDGET_S, measure_latency, time_anytime
+from mlkd_cli.anytime.timing import (
+    TIMING_BUDGET_S,
+    latency_sources,
+    measure_latency,
+    time_anytime,
+)
 from mlkd_cli.core.atomic import check_writable
 from mlkd_cli.core.checkpoint import atomic_save, load_checkpoint
 from mlkd_cli.core.console import OutputOptions
@@ -145,6 +150,18 @@ def _check_risk(
         )
 
 
+def _check_latency(request: AnytimeRequest, has_thresholds: bool) -> None:
+    """--latency needs the cascade's thresholds (given, recorded or chosen by this run); the
+    staged folders beside the checkpoint are read here, so a damaged manifest is refused before
+    any work."""
+    if not (request.early_exit or has_thresholds):
+        raise UserError(
+            f"--latency times the cascade at its thresholds and {request.path} has none yet: "
+            "add --early-exit (on --split val) or --thresholds"
+        )
+    latency_sources(request.path)
+
+
 def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
     """Check the checkpoint, the split and every threshold flag before any work starts."""
     max_drop, budget = _criterion(request)
@@ -171,13 +188,8 @@ def plan_anytime_job(request: AnytimeRequest) -> AnytimeJob:
     thresholds: tuple[float, ...] | None = None
     if request.thresholds is not None:
         thresholds = tuple(check_thresholds(request.thresholds, exit_count))
-    if request.latency and not (
-        request.early_exit or thresholds is not None or checkpoint.thresholds is not None
-    ):
-        raise UserError(
-            f"--latency times the cascade at its thresholds and {request.path} has none yet: "
-            "add --early-exit (on --split val) or --thresholds"
-        )
+    if request.latency:
+        _check_latency(request, thresholds is not None or checkpoint.thresholds is not None)
     if request.early_exit:
         if thresholds is not None:
             raise UserError("--thresholds and --early-exit both set the thresholds; pass one")
@@ -271,13 +283,16 @@ def measure_anytime(job: AnytimeJob, world_size: int, device: str) -> dict[str, 
         }
         for i, (label, exit_rule, result) in enumerate(rows)
     ]
-    latency = None
+    latency, latency_missing = None, None
     if job.latency and timing is not None and timing[2]:  # the chosen (else given) cascade
         _, point_rule, point = next(r for r in rows if r[0] in ("chosen", "given"))
-        measured = measure_latency(*timing, point.thresholds, point_rule, job.path)
-        latency = [row.to_record() for row in measured]
+        measured = measure_latency(*timing, point.thresholds, point_rule, job.path, costs)
+        latency = [row.to_record() for row in measured.rows]
+        latency_missing = list(measured.missing)
     return {
         "latency": latency,
+        # One line per ONNX form not found beside the checkpoint, naming the export that writes it.
+        "latency_missing": latency_missing,
         "checkpoint": str(job.path),
         "dataset": job.dataset,
         "split": job.split,

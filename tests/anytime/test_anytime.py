@@ -590,12 +590,18 @@ def test_int8_export_of_a_student_with_exits_agrees_with_fp32_and_carries_its_ex
     rows = json.loads(timed.stdout)["latency"]
     seen = {(r["runtime"], r["model"], r["batch"]) for r in rows}
     assert seen == {
-        ("pytorch", "plain", 1), ("pytorch", "cascade", 1), ("pytorch", "plain", 8),
-        ("pytorch", "cascade", 8), ("onnxruntime fp32", "cascade", 1),
-        ("onnxruntime fp32", "cascade", 8), ("onnxruntime int8", "cascade", 1),
-        ("onnxruntime int8", "cascade", 8), ("onnxruntime fp32", "plain", 1),
-        ("onnxruntime fp32", "plain", 8),
+        (runtime, model, batch)
+        for batch in (1, 8)
+        for runtime, model in [
+            ("pytorch", "plain"), ("pytorch", "cascade"), ("onnxruntime fp32", "plain"),
+            ("onnxruntime fp32", "one-graph cascade"), ("onnxruntime fp32", "staged cascade"),
+            ("onnxruntime int8", "one-graph cascade"), ("onnxruntime int8", "staged cascade"),
+        ]
     }  # fmt: skip
+    assert json.loads(timed.stdout)["latency_missing"] == [
+        f"no plain int8 row: s.int8.onnx not found; mlkd export {exits_ckpt.parent / 's.pth'} "
+        "--format onnx --int8 --overwrite"
+    ]
     assert all(r["images_per_s"] > 0 and 0 < r["p50_ms"] <= r["p95_ms"] for r in rows)
 
 

@@ -10,56 +10,25 @@ import shutil
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from conftest import assert_error_line, invoke_cli
 
 from mlkd_cli.anytime.rules import EXIT_RULES, exit_confidence
-from mlkd_cli.core.checkpoint import ModelCard, save_exits_model
 from mlkd_cli.core.errors import UserError
 from mlkd_cli.data.registry import load_splits
-from mlkd_cli.models.exits import exits_record, load_exits_checkpoint
-from mlkd_cli.models.student import MultiExitStudent
+from mlkd_cli.models.exits import load_exits_checkpoint
 from mlkd_cli.passes.logits import card_image_config, split_dataset
 
 pytest.importorskip("onnxruntime")
 
 CLASSES = 10
-SPREAD = 40.0  # how much the heads' classifier weights are scaled
-
-
-def _write_student(path: Path) -> Path:
-    """An untrained test_convnext digits student with exits at 32 px, as mlkd distill writes it
-    (thresholds not chosen yet)."""
-    torch.manual_seed(0)
-    student = MultiExitStudent(
-        timm.create_model("test_convnext", num_classes=CLASSES), "test_convnext", [0, 1, 2],
-        CLASSES, 32,
-    )  # fmt: skip
-    card = ModelCard(
-        "test_convnext", CLASSES, [str(d) for d in range(CLASSES)], "digits", 32, 1.0,
-        [0.5] * 3, [0.5] * 3,
-    )  # fmt: skip
-    # Untrained heads are all near 1/10 sure of every image; scaled up, their confidences spread
-    # over (0, 1) as a trained student's do, so thresholds can stand clear of every image.
-    with torch.no_grad():
-        for classifier in (*(e.fc for e in student.exits), student.backbone.get_classifier()):
-            classifier.weight.mul_(SPREAD)
-    save_exits_model(path, student, card, exits_record(student, [0, 1, 2], 32), 1, {})
-    return path
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The student's folder after `mlkd export s_exits.pth --format onnx` (read-only)."""
-    folder = tmp_path_factory.mktemp("staged")
-    checkpoint = _write_student(folder / "s_exits.pth")
-    result = invoke_cli("export", checkpoint, "--format", "onnx", "--json", "--quiet")
-    assert result.exit_code == 0, result.stderr
-    staged = json.loads(result.stdout)["staged"]
-    assert staged["output"] == str(folder / "s_exits_staged")
-    assert staged["max_abs_diff"] <= 1e-4
-    return folder
+def exported(staged_export: Path) -> Path:
+    """The student's folder after `mlkd export s_exits.pth --format onnx` (read-only; the
+    session's one export, shared with tests/anytime/test_latency.py)."""
+    return staged_export
 
 
 @pytest.fixture(scope="module")
