@@ -6,9 +6,10 @@ waits on CPU decoding and there are no loader workers. Randomness comes from a g
 per (seed, epoch, rank, batch), so a batch is the same whenever it is made: a resumed run skips
 batches without drawing them. Nothing here reads a device value back to the host.
 
-Differences from the CPU pipeline (torchvision): crop boxes are continuous rather than whole
-pixels, the three colour jitters are applied in a fixed order rather than a random one, and
-resampling has no antialiasing (the in-memory datasets are upscaled, where it plays no part).
+Differences from the CPU pipeline (torchvision) in the random views: crop boxes are continuous
+rather than whole pixels, the three colour jitters are applied in a fixed order rather than a
+random one, and resampling has no antialiasing (images held in memory are upscaled, where it
+plays no part). The evaluation view (no augmentation) is the CPU's, resized as PIL resizes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mlkd_cli.core.dist import DistContext
 from mlkd_cli.core.rng import derive_seed
 from mlkd_cli.data.loaders import Batch, ResumableSampler
 from mlkd_cli.data.sources import ArraySource
-from mlkd_cli.data.transforms import ImageConfig
+from mlkd_cli.data.transforms import ImageConfig, eval_resize
 
 CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop, before it falls back to a centre crop
 # Uniform draws one augmented image takes: crop scales and ratios per attempt, position, two
@@ -87,7 +88,7 @@ class DeviceAugment:
             if self.image_config.color_jitter > 0:
                 x = self._jitter(x, draws[:, -3:])
         else:
-            x = self._resample(x, self._centre_box(count, height, width, images.device))
+            x = self._evaluation_view(x)
         return (x - self.mean) / self.std
 
     def _crop_boxes(self, draws: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -116,6 +117,31 @@ class DeviceAugment:
         flip = torch.where(draws[:, base + 2] < self.image_config.hflip, -1.0, 1.0)
         vflip = torch.where(draws[:, base + 3] < self.image_config.vflip, -1.0, 1.0)
         return _affine(x0, y0, w, h, height, width, flip, vflip)
+
+    def _evaluation_view(self, x: torch.Tensor) -> torch.Tensor:
+        """The CPU pipeline's evaluation view (`transforms.build_eval_transform`): the short side
+        resized to img_size / crop_pct with antialiasing, then the centre img_size square.
+
+        torch's antialiased bicubic and bilinear are PIL's filters (a = -0.5), so the view is
+        the CPU's to within PIL's rounding to whole grey levels: a model trained on it is
+        evaluated on what it saw (grid_sample's bicubic, a = -0.75 and a slightly smaller crop,
+        was 0.09 in normalised units away, and a student trained on it lost a point on 32 px
+        digits, BENCHMARKS.md "Issue 36").
+        """
+        mode = self.image_config.interpolation
+        if mode == "nearest":  # no antialiasing to match: the crop box and grid_sample
+            count, _, height, width = x.shape
+            return self._resample(x, self._centre_box(count, height, width, x.device))
+        size = self.image_config.img_size
+        height, width = x.shape[-2:]
+        # torchvision's Resize(int): the short side to `short`, the long one truncated
+        short = eval_resize(self.image_config)
+        long = int(short * max(height, width) / min(height, width))
+        target = (short, long) if height <= width else (long, short)
+        x = F.interpolate(x, size=target, mode=mode, antialias=True, align_corners=False)
+        # torchvision's CenterCrop's offsets, rounded as it rounds them (half to even)
+        top, left = (int(round((side - size) / 2.0)) for side in target)
+        return x[..., top : top + size, left : left + size].clamp_(0, 1)
 
     def _centre_box(
         self, count: int, height: int, width: int, device: torch.device

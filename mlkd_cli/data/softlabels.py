@@ -115,8 +115,16 @@ def manifest_difference(found: StoreManifest, wanted: StoreManifest) -> str | No
 
 def store_image_config(image_config: ImageConfig, pipeline: str, augment: bool) -> dict[str, Any]:
     """The augmentation a store's views were drawn with, as its manifest records it under the key
-    "recipe" (and as a distillation run's must match)."""
-    return {**asdict(image_config), "pipeline": pipeline, "augment": augment}
+    "recipe" (and as a distillation run's must match).
+
+    The device pipeline's unaugmented view is marked with how it resizes: it became PIL's
+    antialiased resize (it was grid_sample's), so a store labelled on the older views is told
+    apart instead of replayed on images its teacher never saw.
+    """
+    recipe = {**asdict(image_config), "pipeline": pipeline, "augment": augment}
+    if pipeline == "device" and not augment:
+        recipe["view"] = "antialiased resize"
+    return recipe
 
 
 def _shard_name(shard: int) -> str:

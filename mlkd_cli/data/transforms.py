@@ -59,13 +59,19 @@ def build_train_transform(image_config: ImageConfig) -> Callable:
     )
 
 
+def eval_resize(image_config: ImageConfig) -> int:
+    """The short side an evaluation view resizes to before its centre crop."""
+    return int(round(image_config.img_size / image_config.crop_pct))
+
+
 def build_eval_transform(image_config: ImageConfig) -> T.Compose:
     """Resize to img_size / crop_pct, centre crop to img_size, normalise."""
-    resize = int(round(image_config.img_size / image_config.crop_pct))
     return T.Compose(
         [
             T.Resize(
-                resize, interpolation=InterpolationMode(image_config.interpolation), antialias=True
+                eval_resize(image_config),
+                interpolation=InterpolationMode(image_config.interpolation),
+                antialias=True,
             ),
             T.CenterCrop(image_config.img_size),
             T.ToTensor(),

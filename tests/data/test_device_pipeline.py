@@ -59,7 +59,8 @@ def test_crop_boxes_stay_inside_the_image() -> None:
 
 
 def test_without_augmentation_the_device_view_is_the_evaluation_view() -> None:
-    # Smooth images, upscaled as CIFAR is (grid_sample vs PIL's bicubic: close, not equal).
+    # Smooth images, upscaled as CIFAR is: torch's antialiased bicubic is PIL's, to within
+    # PIL's rounding to whole grey levels.
     coarse = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     smooth = torch.nn.functional.interpolate(coarse, size=16, mode="bilinear")
     images = smooth.mul(255).round().to(torch.uint8)
@@ -67,7 +68,7 @@ def test_without_augmentation_the_device_view_is_the_evaluation_view() -> None:
     cpu_transform = build_eval_transform(IMAGE_CONFIG)
     source = ArraySource(images.permute(0, 2, 3, 1).numpy(), [0] * 4)
     cpu_view = torch.stack([cpu_transform(source[i][0]) for i in range(4)])
-    assert (device_view - cpu_view).abs().mean() < 0.08  # in normalised units (std 0.5)
+    assert (device_view - cpu_view).abs().max() < 0.02  # in normalised units (std 0.5)
     assert (device_view - cpu_view.roll(1, 0)).abs().mean() > 0.3  # other images: far
 
 
