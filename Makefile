@@ -25,11 +25,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# pytest-xdist: the suite in TEST_WORKERS processes (auto: one a core; 0: this one). Most tests spend
+# their time starting processes, importing torch and writing files, which overlap well.
+TEST_WORKERS ?= auto
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 demo: install
 	$(MLKD) pipeline --preset digits --run-dir runs/demo
