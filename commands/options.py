@@ -295,9 +295,10 @@ DataPipeline = Annotated[
     PipelineChoice | None,
     typer.Option(
         "--data-pipeline",
-        help="device: hold an in-memory dataset (cifar-10/100, digits) on the run's device and "
-        "augment whole batches there; cpu: timm's transforms on loader workers; auto (default): "
-        "device where the dataset and augmentation allow.",
+        help="device: hold the training images (cifar-10/100, digits, or image files of one "
+        "small size, decoded once) on the run's device and augment whole batches there; cpu: "
+        "timm's transforms on loader workers; auto (default): device where the data and "
+        "augmentation allow.",
         rich_help_panel=PROCESSES,
     ),
 ]
