@@ -22,22 +22,25 @@ from mlkd_cli.core.errors import UserError
 RECIPE_FILE = "recipe.yaml"  # beside the run: `mlkd pipeline --preset RUN_DIR/recipe.yaml`
 LINE_WIDTH = 80
 
-# Per-image cost of one training step (forward, backward, optimiser; batch 32, 32 px, bf16
-# autocast, images decoded in memory), in milliseconds, measured with `mlkd teacher train` on
-# the 2-core AMD EPYC of BENCHMARKS.md ("Your own data: the pipeline with no preset"). The time
-# the recipe expects scales these by pixels and cores; on a GPU by GPU_SPEEDUP, a rough guess.
+# Per-image cost of one training epoch (steps and the validation pass; batch 32, 32 px, images
+# decoded in memory), in milliseconds: the best epoch of each model in `mlkd pipeline -d
+# imagefolder` on the 28 px digits folder, on the 2-core AMD EPYC of BENCHMARKS.md ("Your own
+# data: one command") while other jobs shared it (load 5); resnet26d and resnet50 scaled from
+# resnet18 by their MACs. The time a recipe expects scales these by pixels and cores; on a GPU
+# by GPU_SPEEDUP, a rough guess.
 STEP_MS_2_CORES = {
-    "resnet10t": 1.6,
-    "resnet18": 2.4,
-    "resnet26d": 6.0,
-    "resnet50": 9.0,
-    "test_efficientnet": 0.9,
-    "test_convnext": 0.7,
+    "resnet10t": 4.0,
+    "resnet18": 4.0,
+    "resnet26d": 9.0,
+    "resnet50": 13.0,
+    "test_efficientnet": 4.0,
+    "test_convnext": 3.0,
 }
 GPU_SPEEDUP = 40.0
-# Seconds a pipeline spends beyond training steps on a CPU: process and model start-up for six
-# stages, the ensemble fit, every test evaluation, the early-exit timing and the export.
-OVERHEAD_S = 45.0
+# Seconds a pipeline spends beyond training epochs (measured in the same run: 80 s): process and
+# model start-up for every stage, the ensemble fit, the test evaluations, the early-exit timing
+# and the export.
+OVERHEAD_S = 80.0
 # Images each model trains on in all (epochs x training images), before the epoch bounds: about
 # the benchmarked short schedule on 1,294 digits (teachers 8 epochs at batch 64, the student 4
 # at batch 32: BENCHMARKS.md, "Your own data"), sized so that a few thousand small images
