@@ -226,9 +226,11 @@ def choose_recipe(shape: DataShape, machine: Machine) -> Recipe:
         "student": student_why,
         "schedule": "long runs use it" if gpu else "best on short runs",
         "time": (
-            f"rough: CPU table / {GPU_SPEEDUP:g}"
+            f"rough: a 2-core CPU table / {GPU_SPEEDUP:g}"
             if gpu
-            else f"table of 2-core step costs, x {2 / machine.cores:.2g} for cores"
+            else "a table of 2-core costs"
+            if machine.cores == 2
+            else f"a table of 2-core costs scaled to {machine.cores}"
         ),
     }
     return Recipe(
