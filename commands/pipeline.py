@@ -33,7 +33,7 @@ class PipelineRequest(OutputFlags, RestartFlags, RunFlags):
         Path | None,
         typer.Option(
             "--run-dir",
-            help="The run folder (default runs/<preset>).",
+            help="The run folder (default runs/<preset>, or runs/<name of --data-dir>).",
             rich_help_panel=opt.PIPELINE,
         ),
     ] = None

@@ -11,7 +11,6 @@ schedules, the student at batch 32, teacher outputs cached, the baseline trained
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,8 +327,3 @@ def _same_plan(path: Path, recipe: Recipe) -> bool:
         return load_preset(str(path))[0] == recipe.preset()
     except UserError:
         return False
-
-
-def expected_total(recipe: Recipe) -> int:
-    """The expected seconds, rounded up (for records)."""
-    return math.ceil(recipe.expected_s)
