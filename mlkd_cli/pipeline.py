@@ -142,9 +142,13 @@ def from_store(student: DistillConfig, store: Path) -> DistillConfig:
 
 
 def baseline_config(
-    student: DistillConfig, common: dict[str, Any], data_dir: Path | None
+    student: DistillConfig,
+    common: dict[str, Any],
+    data_dir: Path | None,
+    settings: dict[str, Any] | None = None,
 ) -> TeacherTrainConfig:
-    """The cross-entropy student: the student's architecture, data and budget, no teacher.
+    """The cross-entropy student: the student's architecture, data and budget, no teacher, and
+    the preset's `baseline: {...}` settings (a recipe's: no random crops, as its student).
 
     Under a label budget it trains on the labelled images alone, as many times over as makes
     the student's number of training images: epochs / label fraction."""
@@ -158,9 +162,7 @@ def baseline_config(
         seed=student.seed,
         val_fraction=student.val_fraction,
         label_fraction=student.label_fraction,
-        # Trained as the student is (on short schedules the recipe turns random crops off for
-        # both): a fair comparison changes only the loss.
-        augment=student.augment,
+        **(settings or {}),
         **common,
         **({"data_dir": student.data_dir} if data_dir is None else {}),
     )
@@ -248,7 +250,11 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
     teachers = [replace(t, **common) for t in resolved.teachers]
     student = replace(distill, **common, ensemble=ensemble_path, models_dir=models)
     use_baseline = resolved.baseline if options.baseline is None else options.baseline
-    baseline = baseline_config(student, common, options.data_dir) if use_baseline else None
+    baseline = (
+        baseline_config(student, common, options.data_dir, resolved.baseline_settings)
+        if use_baseline
+        else None
+    )
     store = run_dir / STORE_DIR
     learner = student if resolved.soft_labels is None else from_store(student, store)
     # Every stage is checked now, so that a bad setting of a late stage is not found only

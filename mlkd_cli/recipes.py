@@ -109,7 +109,8 @@ class Recipe:
             "dataset": self.shape.dataset,
             **({} if self.shape.data_dir is None else {"data_dir": str(self.shape.data_dir)}),
             "img_size": self.img_size,
-            "baseline": True,
+            # the cross-entropy student trains as the distilled one does: only the loss differs
+            "baseline": {"augment": self.augment},
             "teacher": {
                 "model": self.teachers[0],
                 "epochs": self.teacher_epochs,

@@ -11,6 +11,7 @@ import pytest
 from conftest import assert_error_line, invoke_cli, working_dir, write_image_folder
 
 from mlkd_cli.core.errors import UserError
+from mlkd_cli.pipeline import baseline_config
 from mlkd_cli.presets import resolve_preset
 from mlkd_cli.recipes import (
     LINE_WIDTH,
@@ -106,6 +107,10 @@ def test_the_written_recipe_reloads_as_a_preset_with_the_same_plan(tmp_path: Pat
         recipe.img_size,
     )
     assert student.teacher_cache and not student.augment
+    # the cross-entropy baseline trains as the student does: only the loss differs
+    assert resolved.baseline_settings == {"augment": False}
+    ce = baseline_config(student, {}, None, resolved.baseline_settings)
+    assert (ce.model, ce.epochs, ce.batch_size, ce.augment) == (recipe.student, 4, 32, False)
     # the same plan again is kept (a rerun continues); another one needs --overwrite
     assert not write_recipe(recipe, path, overwrite=False)
     other = choose_recipe(replace(DIGITS_LIKE, train_images=400), TWO_CORES)
@@ -113,6 +118,14 @@ def test_the_written_recipe_reloads_as_a_preset_with_the_same_plan(tmp_path: Pat
         write_recipe(other, path, overwrite=False)
     assert write_recipe(other, path, overwrite=True)
     assert resolve_preset(str(path)).teachers[0].epochs == other.teacher_epochs
+
+
+@pytest.mark.parametrize("value", ["{epochs: 3}", "{augment: 1}", "3"])
+def test_a_baseline_mapping_takes_only_its_settings(tmp_path: Path, value: str) -> None:
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"dataset: digits\nbaseline: {value}\n")
+    with pytest.raises(UserError, match="baseline"):
+        resolve_preset(str(preset))
 
 
 def test_the_shape_is_read_from_the_folder(tmp_path: Path) -> None:
