@@ -17,21 +17,23 @@ from .requests import OutputFlags, RestartFlags, RunFlags, takes
 
 @dataclass(kw_only=True)
 class PipelineRequest(OutputFlags, RestartFlags, RunFlags):
-    """`mlkd pipeline`'s flags: the preset names every stage's settings."""
+    """`mlkd pipeline`'s flags: a preset names every stage's settings; without one, `-d`
+    chooses a recipe for the data and writes it beside the run."""
 
     preset: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--preset",
-            help="A shipped preset name or a YAML file.",
+            help="A shipped preset name or a YAML file (default: a recipe chosen for -d).",
             rich_help_panel=opt.PIPELINE,
         ),
-    ]
+    ] = None
+    dataset: opt.Dataset = None
     run_dir: Annotated[
         Path | None,
         typer.Option(
             "--run-dir",
-            help="The run folder (default runs/<preset>).",
+            help="The run folder (default runs/<preset>, or runs/<name of --data-dir>).",
             rich_help_panel=opt.PIPELINE,
         ),
     ] = None
@@ -44,16 +46,27 @@ class PipelineRequest(OutputFlags, RestartFlags, RunFlags):
         ),
     ] = None
     data_dir: opt.DataDir = None
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace the run folder's recipe.yaml when the data or machine chose another.",
+            rich_help_panel=opt.PIPELINE,
+        ),
+    ] = False
 
 
 @takes(PipelineRequest)
 def pipeline(request: PipelineRequest) -> None:
-    """Run the whole method from a preset; a stopped run continues where it stopped."""
+    """Run the whole method from a preset, or on your data with a recipe chosen for it
+    (`-d imagefolder --data-dir DIR`); a stopped run continues where it stopped."""
     out = request.output_options
     result = api.pipeline(
         request.preset,
+        dataset=request.dataset,
         run_dir=request.run_dir,
         data_dir=request.data_dir,
+        overwrite=request.overwrite,
         baseline=request.baseline,
         world_size=request.world_size,
         device=request.device,

@@ -788,10 +788,12 @@ def export(
 
 
 def pipeline(
-    preset: str,
+    preset: str | None = None,
     *,
+    dataset: str | None = None,
     run_dir: PathLike | None = None,
     data_dir: PathLike | None = None,
+    overwrite: bool = False,
     baseline: bool | None = None,
     world_size: int | None = None,
     device: str | None = None,
@@ -801,14 +803,21 @@ def pipeline(
     progress: Progress = False,
 ) -> PipelineResult | None:
     """The whole method from a preset into one run folder (`mlkd pipeline`): teachers,
-    ensemble, student, baseline, test-split comparison and export; a stopped run continues."""
+    ensemble, student, baseline, test-split comparison and export; a stopped run continues.
+    Without a preset, `dataset` (and `data_dir`) gets a recipe chosen for the data and this
+    machine, written as `recipe.yaml` in the run folder (default runs/<data folder's name>)."""
     new_run()
     from mlkd_cli.pipeline import PipelineOptions, run_pipeline
 
+    if run_dir is None:
+        named = preset or (Path(data_dir).name if data_dir is not None else dataset) or "run"
+        run_dir = Path("runs") / Path(named).stem
     summary = run_pipeline(
         PipelineOptions(
             preset=preset,
-            run_dir=Path(run_dir) if run_dir is not None else Path("runs") / Path(preset).stem,
+            dataset=dataset,
+            overwrite=overwrite,
+            run_dir=Path(run_dir),
             data_dir=None if data_dir is None else Path(data_dir),
             baseline=baseline,
             world_size=world_size or 1,

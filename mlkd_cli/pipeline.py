@@ -22,6 +22,7 @@ from mlkd_cli.core.atomic import atomic_write_text
 from mlkd_cli.core.console import OutputOptions, Reporter
 from mlkd_cli.core.errors import RunInterrupted, UserError
 from mlkd_cli.core.plots import comparison_png
+from mlkd_cli.core.safeload import quote
 from mlkd_cli.data.registry import load_splits
 from mlkd_cli.engine.config import DistillConfig, TeacherTrainConfig, TrainConfig
 from mlkd_cli.engine.distiller import check_feature_loss, distill_student, plan_distillation
@@ -35,6 +36,13 @@ from mlkd_cli.passes.ensemble import LogitsRequest, fit_and_write, run_logits_pa
 from mlkd_cli.passes.evaluation import EvalRequest, measure, plan_eval_job
 from mlkd_cli.passes.labeling import label_store, plan_labeling, resolve_top_k
 from mlkd_cli.presets import SoftLabelSettings, resolve_preset
+from mlkd_cli.recipes import (
+    RECIPE_FILE,
+    choose_recipe,
+    detect_machine,
+    measure_shape,
+    write_recipe,
+)
 
 ENSEMBLE_FILE = "ensemble.json"
 STORE_DIR = "soft_labels"  # the run folder's soft-label store (preset key `soft_labels`)
@@ -50,10 +58,12 @@ BASELINE_KIND = "cross-entropy baseline"
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    """What `mlkd pipeline` was asked to do."""
+    """What `mlkd pipeline` was asked to do: a preset, or a dataset to choose a recipe for."""
 
-    preset: str
+    preset: str | None
     run_dir: Path
+    dataset: str | None = None  # without a preset: the recipe is chosen from this data
+    overwrite: bool = False  # replace a recipe.yaml of another plan in the run folder
     data_dir: Path | None = None
     baseline: bool | None = None  # None: as the preset says
     world_size: int = 1
@@ -132,9 +142,13 @@ def from_store(student: DistillConfig, store: Path) -> DistillConfig:
 
 
 def baseline_config(
-    student: DistillConfig, common: dict[str, Any], data_dir: Path | None
+    student: DistillConfig,
+    common: dict[str, Any],
+    data_dir: Path | None,
+    settings: dict[str, Any] | None = None,
 ) -> TeacherTrainConfig:
-    """The cross-entropy student: the student's architecture, data and budget, no teacher.
+    """The cross-entropy student: the student's architecture, data and budget, no teacher, and
+    the preset's `baseline: {...}` settings (a recipe's: no random crops, as its student).
 
     Under a label budget it trains on the labelled images alone, as many times over as makes
     the student's number of training images: epochs / label fraction."""
@@ -148,6 +162,7 @@ def baseline_config(
         seed=student.seed,
         val_fraction=student.val_fraction,
         label_fraction=student.label_fraction,
+        **(settings or {}),
         **common,
         **({"data_dir": student.data_dir} if data_dir is None else {}),
     )
@@ -179,8 +194,39 @@ def _check_stages(
             raise UserError(f"{options.preset}: soft_labels: {exc}") from None
 
 
+def chosen_preset(options: PipelineOptions, report: Reporter) -> PipelineOptions:
+    """The options with a preset: the one given (checked against `-d`), else a recipe chosen
+    from the data and this machine, printed and written as `recipe.yaml` in the run folder."""
+    if options.preset is not None:
+        if options.dataset is not None:
+            named = resolve_preset(options.preset).teachers
+            if named and named[0].dataset != options.dataset:
+                raise UserError(
+                    f"preset {quote(options.preset)} trains on {quote(named[0].dataset, 40)}, "
+                    f"not -d {quote(options.dataset, 40)}: drop -d, or drop --preset to get "
+                    "a recipe for your data"
+                )
+        return options
+    if options.dataset is None:
+        raise UserError(
+            "mlkd pipeline needs -d DATASET (a recipe is chosen for it) or --preset NAME"
+        )
+    recipe = choose_recipe(
+        measure_shape(options.dataset, options.data_dir), detect_machine(options.device)
+    )
+    path = options.run_dir / RECIPE_FILE
+    written = write_recipe(recipe, path, options.overwrite)  # refuses another plan first
+    for line in recipe.lines():
+        report.info(line)
+    report.info(f"{'wrote' if written else 'kept'} {path}: edit it and rerun with --preset {path}")
+    return replace(options, preset=str(path))
+
+
 def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
-    """Run (or finish) every stage of the preset; returns the comparison on the test split."""
+    """Run (or finish) every stage of the preset (or of a recipe chosen for `options.dataset`);
+    returns the comparison on the test split."""
+    options = chosen_preset(options, Reporter(options.output))
+    assert options.preset is not None  # chosen_preset gives one or raises
     resolved = resolve_preset(options.preset)
     distill = resolved.distill
     if distill is None or not resolved.teachers:
@@ -204,7 +250,11 @@ def run_pipeline(options: PipelineOptions) -> dict[str, Any] | None:
     teachers = [replace(t, **common) for t in resolved.teachers]
     student = replace(distill, **common, ensemble=ensemble_path, models_dir=models)
     use_baseline = resolved.baseline if options.baseline is None else options.baseline
-    baseline = baseline_config(student, common, options.data_dir) if use_baseline else None
+    baseline = (
+        baseline_config(student, common, options.data_dir, resolved.baseline_settings)
+        if use_baseline
+        else None
+    )
     store = run_dir / STORE_DIR
     learner = student if resolved.soft_labels is None else from_store(student, store)
     # Every stage is checked now, so that a bad setting of a late stage is not found only

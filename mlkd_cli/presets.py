@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,7 +20,11 @@ PRESET_PACKAGE = "mlkd_cli.shipped_presets"
 # Top-level keys about the preset itself, not settings of any command.
 PRESET_META_KEYS = {"description", "baseline", "soft_labels"}
 # Sections a preset may hold: one per command it feeds, plus the list of teachers.
-PRESET_SECTIONS = {"teacher", "teachers", "ensemble", "distill", "soft_labels"}
+PRESET_SECTIONS = {"teacher", "teachers", "ensemble", "distill", "soft_labels", "baseline"}
+# `baseline:` in a preset: `true`, `false`, or a mapping of these settings, in which the
+# cross-entropy student differs from its default (the student's data and budget, augmentation
+# on): a recipe whose student trains without random crops trains its baseline alike.
+BASELINE_KEYS = {"augment"}
 # `soft_labels:` in a preset: `true` (the defaults) or a mapping of these.
 SOFT_LABEL_KEYS = {"views", "top_k"}
 
@@ -173,6 +177,20 @@ def _soft_label_settings(value: Any, origin: str) -> SoftLabelSettings | None:
     return SoftLabelSettings(views, value.get("top_k"))
 
 
+def _baseline(value: Any, origin: str) -> tuple[bool, dict[str, Any]]:
+    """The preset's `baseline:`: true or false, or a mapping of BASELINE_KEYS (true)."""
+    if isinstance(value, bool):
+        return value, {}
+    if not isinstance(value, dict) or set(value) - BASELINE_KEYS:
+        raise UserError(
+            f"{origin}: baseline must be true, false or a mapping of {sorted(BASELINE_KEYS)}"
+        )
+    for key, setting in value.items():
+        if not isinstance(setting, bool):
+            raise UserError(f"{origin}: baseline.{key} must be true or false")
+    return True, dict(value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Preset:
     """A preset resolved into the checked settings of every command it feeds."""
@@ -183,6 +201,8 @@ class Preset:
     fit_temperature: bool  # the ensemble section's setting
     distill: DistillConfig | None
     baseline: bool  # whether the pipeline also trains a cross-entropy student
+    # Settings the cross-entropy student takes from `baseline: {...}` (BASELINE_KEYS).
+    baseline_settings: dict[str, Any] = field(default_factory=dict)
     # The pipeline labels a store once and distils from it (None: the live teacher).
     soft_labels: SoftLabelSettings | None = None
 
@@ -210,9 +230,7 @@ def resolve_preset(name_or_path: str) -> Preset:
     if "distill" in content:
         distill = settings_config(DistillConfig, "distill", name_or_path, {}, origin)
         distill.validate()
-    baseline = content.get("baseline", False)
-    if not isinstance(baseline, bool):
-        raise UserError(f"{origin}: baseline must be true or false")
+    baseline, baseline_settings = _baseline(content.get("baseline", False), origin)
     return Preset(
         origin=origin,
         description=str(content.get("description", "")).strip(),
@@ -220,6 +238,7 @@ def resolve_preset(name_or_path: str) -> Preset:
         fit_temperature=bool(ensemble.get("fit_temperature", False)),
         distill=distill,
         baseline=baseline,
+        baseline_settings=baseline_settings,
         soft_labels=_soft_label_settings(content.get("soft_labels"), origin),
     )
 
@@ -231,6 +250,6 @@ def resolved_record(resolved: Preset) -> dict[str, Any]:
         "teachers": [t.to_record() for t in resolved.teachers],
         "ensemble": {"fit_temperature": resolved.fit_temperature},
         "distill": resolved.distill.to_record() if resolved.distill else None,
-        "baseline": resolved.baseline,
+        "baseline": resolved.baseline_settings or resolved.baseline,
         "soft_labels": asdict(resolved.soft_labels) if resolved.soft_labels else None,
     }

@@ -38,6 +38,8 @@ LAYERS = {
     "mlkd_cli.export": 4,
     "mlkd_cli.anytime": 4,
     "mlkd_cli.presets": 4,
+    # A pipeline recipe chosen from the data and the machine: a preset made, not written.
+    "mlkd_cli.recipes": 4,
     # The Python API: what each command does, as functions over the services; the commands call
     # it and render what it returns.
     "mlkd_cli.api": 5,
