@@ -23,6 +23,11 @@ RNG_SEED = 1234
 # otherwise measure (and could choose differently run to run) is pinned for the whole suite,
 # subprocesses included. tests/engine/test_precision.py tests the measurement itself.
 os.environ["MLKD_MEMORY_FORMAT"] = "contiguous"
+# Under pytest-xdist (`make test`: one worker a core) every worker, and every process it starts,
+# computes on one thread: two workers' OpenMP teams on the same cores wait for each other at
+# every barrier (a 25 s training test took 256 s with two threads a worker on 2 cores).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
