@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # the engine's runtime loads when a function runs
 prefer_short_spin()
 
 C = TypeVar("C", TeacherTrainConfig, DistillConfig)
+R = TypeVar("R", bound="TrainingResult")
 PathLike = str | Path
 # `progress=`: False (warnings only), True (the commands' lines and bars on stderr), or the
 # command line's own --quiet/--json as `OutputOptions`.
@@ -324,15 +325,10 @@ def train_teacher(
     """
     new_run()
     cfg = _config(TeacherTrainConfig, "teacher", config, preset, settings, progress)
-    from mlkd_cli.engine.launch import launcher_rank
     from mlkd_cli.engine.teacher import plan_teacher_training
     from mlkd_cli.engine.teacher import train_teacher as worker
-    from mlkd_cli.engine.trainer import launch_training
 
-    summary = launch_training(worker, plan_teacher_training(cfg))
-    if summary is None or launcher_rank() != 0:
-        return None
-    return TrainingResult.from_summary(summary)
+    return _launched(worker, plan_teacher_training(cfg), TrainingResult)
 
 
 def distill(
@@ -352,13 +348,20 @@ def distill(
     new_run()
     cfg = _config(DistillConfig, "distill", config, preset, settings, progress)
     from mlkd_cli.engine.distiller import distill_student, plan_distillation
+
+    return _launched(distill_student, plan_distillation(cfg), DistillResult)
+
+
+def _launched(worker: Any, plan: Any, result: type[R]) -> R | None:
+    """Run a planned training `worker` on the run's processes; its result on rank 0 (None on
+    the other ranks of a torchrun launch)."""
     from mlkd_cli.engine.launch import launcher_rank
     from mlkd_cli.engine.trainer import launch_training
 
-    summary = launch_training(distill_student, plan_distillation(cfg))
+    summary = launch_training(worker, plan)
     if summary is None or launcher_rank() != 0:
         return None
-    return DistillResult.from_summary(summary)
+    return result.from_summary(summary)
 
 
 def label(
