@@ -382,3 +382,14 @@ def staged_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert staged["output"] == str(folder / "s_exits_staged")
     assert staged["max_abs_diff"] <= 1e-4
     return folder
+
+
+class CountedSession:
+    """An onnxruntime session that counts the images (rows) it is fed, run by run."""
+
+    def __init__(self, session: object) -> None:
+        self.session, self.rows = session, []
+
+    def run(self, names: list[str], feeds: dict) -> list:
+        self.rows.extend(value.shape[0] for value in feeds.values())
+        return self.session.run(names, feeds)

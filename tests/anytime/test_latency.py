@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_error_line, invoke_cli
+from conftest import CountedSession, assert_error_line, invoke_cli
 
 from mlkd_cli.anytime import timing
 from mlkd_cli.anytime.rules import exit_confidence
@@ -125,17 +125,6 @@ def test_a_damaged_staged_manifest_is_refused_before_any_work(
     assert_error_line(refused.stderr, "is not a staged export written by mlkd export")
 
 
-class _Counted:
-    """An onnxruntime session that counts the images it is fed."""
-
-    def __init__(self, session: object) -> None:
-        self.session, self.rows = session, []
-
-    def run(self, names: list[str], feeds: dict) -> list:
-        self.rows.extend(value.shape[0] for value in feeds.values())
-        return self.session.run(names, feeds)
-
-
 def test_each_segment_runs_on_the_images_still_in_and_the_work_counts_them(
     exported: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -144,7 +133,7 @@ def test_each_segment_runs_on_the_images_still_in_and_the_work_counts_them(
     class Counting(timing.StagedSessions):
         def __init__(self, manifest) -> None:
             super().__init__(manifest)
-            self.sessions = [_Counted(s) for s in self.sessions]
+            self.sessions = [CountedSession(s) for s in self.sessions]
             sessions.append(self)
 
     monkeypatch.setattr(timing, "StagedSessions", Counting)

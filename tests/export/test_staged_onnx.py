@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_error_line, invoke_cli
+from conftest import CountedSession, assert_error_line, invoke_cli
 
 from mlkd_cli.anytime.rules import EXIT_RULES, exit_confidence
 from mlkd_cli.core.errors import UserError
@@ -99,17 +99,6 @@ def test_the_staged_onnx_cascade_decides_as_pytorchs_on_every_image(
     assert torch.equal(again.predict(images[:37]).exits, expected.exits[:37])
 
 
-class _Counted:
-    """An onnxruntime session that counts the rows it is fed."""
-
-    def __init__(self, session: object) -> None:
-        self.session, self.rows = session, []
-
-    def run(self, names: list[str], feeds: dict) -> list:
-        self.rows.extend(value.shape[0] for value in feeds.values())
-        return self.session.run(names, feeds)
-
-
 def test_only_the_images_still_in_the_cascade_reach_the_next_segment(
     exported: Path, images: torch.Tensor
 ) -> None:
@@ -121,7 +110,7 @@ def test_only_the_images_still_in_the_cascade_reach_the_next_segment(
     )
     classifier = AnytimeClassifier.load(exported / "s_exits_staged", thresholds=thresholds)
     assert classifier.segments is not None
-    counted = [_Counted(s) for s in classifier.segments.sessions]
+    counted = [CountedSession(s) for s in classifier.segments.sessions]
     classifier.segments.sessions = counted
     result = classifier.predict(images)
     assert [c.rows for c in counted] == [[n] for n in reaching]
