@@ -29,7 +29,6 @@ from mlkd_cli.data.transforms import ImageConfig
 from mlkd_cli.data.views import ViewReplay
 from mlkd_cli.engine import loop
 from mlkd_cli.engine.config import DistillConfig, TrainConfig
-from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.planning import (
     RunFiles,
     RunPlan,
@@ -114,7 +113,7 @@ def plan_distillation(cfg: DistillConfig) -> DistillPlan:
         if member.note:
             report.info(f"teacher {member.note}")
     image_config = dataset_image_config(cfg, splits)
-    pipeline = data_pipeline(cfg, splits, resolve_device(cfg.device), image_config)
+    pipeline = data_pipeline(cfg, splits, image_config)
     check_image_config(image_config)
     replay, taught_by = learns_from(cfg, teacher, loaded, splits, image_config, pipeline)
     # Built once here, on the CPU, so that an unsuitable student is refused before any worker.

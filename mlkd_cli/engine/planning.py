@@ -295,9 +295,7 @@ def check_output_files(cfg: TrainConfig, files: RunFiles, identity: tuple[str, .
         )
 
 
-def data_pipeline(
-    cfg: TrainConfig, splits: DataSplits, device_type: str, image_config: ImageConfig
-) -> str:
+def data_pipeline(cfg: TrainConfig, splits: DataSplits, image_config: ImageConfig) -> str:
     """Which training pipeline a run uses: "device" or "cpu" (refusing what cannot work)."""
     return choose_data_pipeline(cfg, splits, image_config)[0]
 

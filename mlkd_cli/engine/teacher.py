@@ -17,7 +17,6 @@ from mlkd_cli.data.loaders import TrainingBatches
 from mlkd_cli.data.registry import get_dataset_spec, load_splits
 from mlkd_cli.engine import loop, planning, trainer
 from mlkd_cli.engine.config import TeacherTrainConfig
-from mlkd_cli.engine.launch import resolve_device
 from mlkd_cli.engine.planning import RunFiles, RunPlan
 from mlkd_cli.models.factory import (
     build_model,
@@ -40,7 +39,7 @@ def plan_teacher_training(cfg: TeacherTrainConfig) -> RunPlan:
     planning.check_output_files(cfg, files, identity=("model", "dataset"))
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     image_config = planning.dataset_image_config(cfg, splits)
-    planning.data_pipeline(cfg, splits, resolve_device(cfg.device), image_config)
+    planning.data_pipeline(cfg, splits, image_config)
     planning.check_image_config(image_config)
     # Built once here, on the CPU, so a bad checkpoint or image size fails before any worker.
     model = build_model(

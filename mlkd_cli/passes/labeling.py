@@ -104,7 +104,7 @@ def plan_labeling(
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     loaded = [load_member(spec, splits.num_classes) for spec in teacher.members]
     image_config = dataset_image_config(cfg, splits)
-    pipeline = data_pipeline(cfg, splits, resolve_device(cfg.device), image_config)
+    pipeline = data_pipeline(cfg, splits, image_config)
     check_image_config(image_config)
     check_precision(cfg.precision, resolve_device(cfg.device))
     classes = splits.num_classes

@@ -112,13 +112,10 @@ def test_the_device_pipeline_refuses_what_it_cannot_do() -> None:
     with pytest.raises(
         UserError, match=r"does not do --auto-augment rand-m9-mstd0.5, --reprob 0.2"
     ):
-        data_pipeline(config, splits, "cuda", dataset_image_config(config, splits))
+        data_pipeline(config, splits, dataset_image_config(config, splits))
     auto = _config(reprob=0.2)
-    assert data_pipeline(auto, splits, "cuda", dataset_image_config(auto, splits)) == "cpu"
-    assert (
-        data_pipeline(_config(), splits, "cuda", dataset_image_config(_config(), splits))
-        == "device"
-    )
+    assert data_pipeline(auto, splits, dataset_image_config(auto, splits)) == "cpu"
+    assert data_pipeline(_config(), splits, dataset_image_config(_config(), splits)) == "device"
 
 
 @pytest.mark.parametrize(

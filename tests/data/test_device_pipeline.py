@@ -95,7 +95,7 @@ def test_in_memory_data_is_augmented_in_batches_on_a_cpu_too() -> None:
     cfg = TeacherTrainConfig(dataset="digits", model="test_resnet")
     splits = load_splits("digits", Path("data"))
     image_config = planning.dataset_image_config(cfg, splits)
-    assert planning.data_pipeline(cfg, splits, "cpu", image_config) == "device"
+    assert planning.data_pipeline(cfg, splits, image_config) == "device"
     erasing = TeacherTrainConfig(dataset="digits", model="test_resnet", reprob=0.25)
     image_config = planning.dataset_image_config(erasing, splits)
-    assert planning.data_pipeline(erasing, splits, "cpu", image_config) == "cpu"  # timm's only
+    assert planning.data_pipeline(erasing, splits, image_config) == "cpu"  # timm's only
